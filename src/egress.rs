@@ -1,0 +1,294 @@
+//! Egress policy: which addresses the proxy may dial. The check runs on the
+//! resolved socket address that is then dialled, so DNS rebinding between
+//! check and connect cannot happen.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+/// A host name pattern: `example.com` (exact) or `*.example.com` (any
+/// subdomain, not the apex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    Exact(String),
+    Suffix(String), // ".example.com"
+}
+
+impl HostPattern {
+    pub fn parse(s: &str) -> Result<HostPattern, String> {
+        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let bare = s.strip_prefix("*.").unwrap_or(&s);
+        if bare.is_empty()
+            || bare.contains('*')
+            || !bare.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        {
+            return Err("not a host name or *.suffix pattern".into());
+        }
+        Ok(match s.strip_prefix('*') {
+            Some(suffix) => HostPattern::Suffix(suffix.to_string()),
+            None => HostPattern::Exact(s),
+        })
+    }
+
+    /// `host` must already be lower-case (as `url` normalises it).
+    pub fn matches(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.');
+        match self {
+            HostPattern::Exact(h) => host == h,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries in the mapped (`::ffff:a.b.c.d`),
+/// compatible (`::a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`) forms.
+fn embedded_v4(ip: &Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let tail = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(tail),
+        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => Some(tail),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] | [0x64, 0xff9b, 1, ..] => Some(tail),
+        _ => None,
+    }
+}
+
+/// The address as the policy judges it: embedded IPv4 forms as that IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => embedded_v4(&v6).map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Whether an address is outside the public internet (loopback, private,
+/// link-local, CGNAT, unique-local, multicast, unspecified, broadcast,
+/// documentation, benchmarking, reserved), judging embedded IPv4 forms as
+/// the IPv4 they carry.
+pub fn is_non_public(ip: IpAddr) -> bool {
+    match canonical_ip(ip) {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_documentation()
+                || o[0] == 0                                   // 0.0.0.0/8 "this network"
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)        // 100.64.0.0/10 CGNAT
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)     // 192.0.0.0/24 IETF protocol
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)        // 198.18.0.0/15 benchmarking
+                || o[0] >= 240 // 240.0.0.0/4 reserved
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00                   // fc00::/7 unique-local
+                || (s[0] & 0xffc0) == 0xfe80                   // fe80::/10 link-local
+                || (s[0] & 0xffc0) == 0xfec0                   // fec0::/10 site-local (deprecated)
+                || (s[0] == 0x2001 && s[1] == 0x0db8)          // 2001:db8::/32 documentation
+                || (s[0] == 0x0100 && s[1] == 0 && s[2] == 0 && s[3] == 0) // 100::/64 discard
+                || (s[0] == 0x2001 && s[1] < 0x0200)           // 2001::/23 IETF special purpose (incl. Teredo)
+                || s[0] == 0x2002 // 6to4 can embed any IPv4
+        }
+    }
+}
+
+/// Why a destination was refused (for logs; the client sees only 403).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    DeniedHost(String),
+    DeniedAddress(IpAddr),
+    NoAddress(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::DeniedHost(h) => write!(f, "host {h} is in egress.deny_hosts"),
+            Refusal::DeniedAddress(ip) => write!(f, "address {ip} is not public and not in egress.allow_cidrs"),
+            Refusal::NoAddress(h) => write!(f, "{h} resolved to no address"),
+        }
+    }
+}
+
+/// The configured policy.
+#[derive(Debug, Clone, Default)]
+pub struct Egress {
+    allow: Vec<IpNet>,
+    deny_hosts: Vec<HostPattern>,
+}
+
+impl Egress {
+    pub fn new(allow_cidrs: &[String], deny_hosts: &[String]) -> Result<Egress, String> {
+        Ok(Egress {
+            allow: allow_cidrs
+                .iter()
+                .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c}: {e}")))
+                .collect::<Result<_, _>>()?,
+            deny_hosts: deny_hosts.iter().map(|h| HostPattern::parse(h)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn host_allowed(&self, host: &str) -> Result<(), Refusal> {
+        if self.deny_hosts.iter().any(|p| p.matches(host)) {
+            return Err(Refusal::DeniedHost(host.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let canon = canonical_ip(ip);
+        let listed = self.allow.iter().any(|n| n.contains(&canon) || n.contains(&ip));
+        if is_non_public(ip) && !listed {
+            return Err(Refusal::DeniedAddress(ip));
+        }
+        Ok(())
+    }
+}
+
+/// A host as `url` parsed it.
+pub enum UrlHost<'a> {
+    Name(&'a str),
+    Ip(IpAddr),
+}
+
+impl<'a> UrlHost<'a> {
+    pub fn of(u: &'a url::Url) -> Option<UrlHost<'a>> {
+        match u.host()? {
+            url::Host::Domain(d) => Some(UrlHost::Name(d)),
+            url::Host::Ipv4(a) => Some(UrlHost::Ip(IpAddr::V4(a))),
+            url::Host::Ipv6(a) => Some(UrlHost::Ip(IpAddr::V6(a))),
+        }
+    }
+}
+
+/// Resolves `host:port` without blocking the event loop and returns the
+/// first address the policy allows (`trusted` skips the address check, for
+/// operator-configured upstreams). `Err(None)` means DNS failed.
+pub async fn resolve(
+    policy: &Egress,
+    host: &UrlHost<'_>,
+    port: u16,
+    trusted: bool,
+) -> Result<SocketAddr, Result<Refusal, std::io::Error>> {
+    let addrs: Vec<SocketAddr> = match host {
+        UrlHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
+        UrlHost::Name(name) => {
+            if !trusted {
+                policy.host_allowed(name).map_err(Ok)?;
+            }
+            tokio::net::lookup_host((*name, port)).await.map_err(Err)?.collect()
+        }
+    };
+    if trusted {
+        return addrs
+            .first()
+            .copied()
+            .ok_or_else(|| Ok(Refusal::NoAddress(host_label(host))));
+    }
+    let mut first_refusal = None;
+    for a in &addrs {
+        match policy.ip_allowed(a.ip()) {
+            Ok(()) => return Ok(*a),
+            Err(r) => {
+                first_refusal.get_or_insert(r);
+            }
+        }
+    }
+    Err(Ok(first_refusal.unwrap_or_else(|| Refusal::NoAddress(host_label(host)))))
+}
+
+fn host_label(h: &UrlHost<'_>) -> String {
+    match h {
+        UrlHost::Name(n) => n.to_string(),
+        UrlHost::Ip(ip) => ip.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn deny_table() {
+        for s in [
+            "127.0.0.1", "127.1.2.3", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+            "169.254.169.254", "100.64.0.1", "100.127.255.255", "0.0.0.0", "0.1.2.3",
+            "255.255.255.255", "224.0.0.1", "239.255.255.250", "192.0.2.1", "198.51.100.1",
+            "203.0.113.9", "198.18.0.1", "198.19.255.1", "240.0.0.1", "192.0.0.8",
+            "::1", "::", "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "2001:db8::1",
+            "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1",
+            "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:7f00:1::", "fec0::1", "100::1",
+        ] {
+            assert!(is_non_public(ip(s)), "{s} should be denied");
+        }
+        for s in [
+            "1.1.1.1", "8.8.8.8", "100.63.255.255", "100.128.0.1", "172.15.0.1", "172.32.0.1",
+            "192.169.0.1", "198.20.0.1", "2606:4700::1111", "2a00:1450::1", "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
+            assert!(!is_non_public(ip(s)), "{s} should be allowed");
+        }
+    }
+
+    #[test]
+    fn allow_cidrs_open_holes_and_judge_mapped_forms_as_v4() {
+        let e = Egress::new(&["127.0.0.0/8".into()], &[]).unwrap();
+        assert!(e.ip_allowed(ip("127.0.0.1")).is_ok());
+        assert!(e.ip_allowed(ip("::ffff:127.0.0.1")).is_ok());
+        assert!(e.ip_allowed(ip("::1")).is_err());
+        assert!(e.ip_allowed(ip("10.0.0.1")).is_err());
+        let none = Egress::default();
+        assert_eq!(none.ip_allowed(ip("::ffff:7f00:1")), Err(Refusal::DeniedAddress(ip("::ffff:127.0.0.1"))));
+    }
+
+    #[test]
+    fn host_patterns() {
+        let exact = HostPattern::parse("VOE.sx").unwrap();
+        let sub = HostPattern::parse("*.voe.sx").unwrap();
+        assert!(exact.matches("voe.sx"));
+        assert!(exact.matches("voe.sx."));
+        assert!(!exact.matches("a.voe.sx"));
+        assert!(sub.matches("a.voe.sx"));
+        assert!(sub.matches("a.b.voe.sx"));
+        assert!(!sub.matches("voe.sx"));
+        assert!(!sub.matches("evilvoe.sx"));
+        assert!(HostPattern::parse("*").is_err());
+        assert!(HostPattern::parse("a.*.b").is_err());
+        assert!(HostPattern::parse("").is_err());
+        let e = Egress::new(&[], &["*.internal".into()]).unwrap();
+        assert!(e.host_allowed("db.internal").is_err());
+        assert!(e.host_allowed("internal.example").is_ok());
+    }
+
+    #[test]
+    fn url_spellings_of_loopback_are_ip_hosts() {
+        for s in ["http://2130706433/", "http://0x7f000001/", "http://127.1/", "http://[::ffff:127.0.0.1]/"] {
+            let u = url::Url::parse(s).unwrap();
+            match UrlHost::of(&u).unwrap() {
+                UrlHost::Ip(a) => assert!(is_non_public(a), "{s}"),
+                UrlHost::Name(n) => panic!("{s} parsed as name {n}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn resolve_checks_the_dialled_address() {
+        let deny = Egress::default();
+        let r = resolve(&deny, &UrlHost::Name("localhost"), 80, false).await;
+        assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
+        let trusted = resolve(&deny, &UrlHost::Name("localhost"), 80, true).await.unwrap();
+        assert!(trusted.ip().is_loopback());
+        let allow = Egress::new(&["127.0.0.0/8".into(), "::1/128".into()], &[]).unwrap();
+        assert!(resolve(&allow, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
+    }
+}

@@ -1,0 +1,22 @@
+//! anibridge-proxy: a streaming HTTP video proxy on Pingora.
+//!
+//! Pure policy lives in small modules with unit tests ([`auth`], [`headers`],
+//! [`content_type`], [`hls`], [`egress`], [`routing`], [`config`]); the
+//! [`proxy`] module wires them into Pingora's `ProxyHttp`, and [`upstream`]
+//! drives Pingora's pooled connector.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod content_type;
+pub mod cors;
+pub mod egress;
+pub mod headers;
+pub mod hls;
+pub mod metrics;
+pub mod providers;
+pub mod proxy;
+pub mod resolver;
+pub mod routing;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,46 @@
+//! `anibridge-proxy --config FILE [--check]`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use anibridge_proxy::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Streaming HTTP video proxy: range-exact relay, HLS rewriting, signed URLs.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The YAML configuration file.
+    #[arg(long, short, default_value = "conf/anibridge-proxy.yaml")]
+    config: PathBuf,
+    /// Validate the configuration and exit: 0 when valid, 1 with the reason.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,access=off")).init();
+    let cli = Cli::parse();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.check {
+        println!("{}: configuration is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    match anibridge_proxy::server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot start: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

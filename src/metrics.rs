@@ -1,0 +1,107 @@
+//! Prometheus metrics, registered once per process and updated from the
+//! `logging` hook (off the streaming hot path).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub upstream_header_seconds: Histogram,
+    pub bytes_relayed: IntCounter,
+    pub active_streams: IntGauge,
+    pub upstream_connections: IntCounterVec,
+    pub retries: IntCounter,
+    pub refreshes: IntCounter,
+    pub redirects: IntCounter,
+    pub egress_refusals: IntCounter,
+    pub auth_failures: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("anibridge_requests_total", "Requests by route and status class"),
+            &["route", "status"],
+        )
+        .unwrap();
+        let upstream_header_seconds = Histogram::with_opts(
+            HistogramOpts::new("anibridge_upstream_header_seconds", "Time from request to upstream response header")
+                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .unwrap();
+        let bytes_relayed =
+            IntCounter::new("anibridge_bytes_relayed_total", "Response body bytes sent to clients").unwrap();
+        let active_streams = IntGauge::new("anibridge_active_streams", "Responses being streamed now").unwrap();
+        let upstream_connections = IntCounterVec::new(
+            Opts::new("anibridge_upstream_connections_total", "Upstream connections by whether they were reused"),
+            &["reused"],
+        )
+        .unwrap();
+        let retries = IntCounter::new("anibridge_upstream_retries_total", "Upstream attempts retried").unwrap();
+        let refreshes =
+            IntCounter::new("anibridge_resolver_refreshes_total", "Resolved URLs refreshed after a failure").unwrap();
+        let redirects = IntCounter::new("anibridge_redirects_followed_total", "Upstream redirects followed").unwrap();
+        let egress_refusals =
+            IntCounter::new("anibridge_egress_refusals_total", "Destinations refused by egress policy").unwrap();
+        let auth_failures = IntCounterVec::new(
+            Opts::new("anibridge_auth_failures_total", "Requests refused by authentication"),
+            &["reason"],
+        )
+        .unwrap();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upstream_header_seconds.clone()),
+            Box::new(bytes_relayed.clone()),
+            Box::new(active_streams.clone()),
+            Box::new(upstream_connections.clone()),
+            Box::new(retries.clone()),
+            Box::new(refreshes.clone()),
+            Box::new(redirects.clone()),
+            Box::new(egress_refusals.clone()),
+            Box::new(auth_failures.clone()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        Metrics {
+            registry,
+            requests,
+            upstream_header_seconds,
+            bytes_relayed,
+            active_streams,
+            upstream_connections,
+            retries,
+            refreshes,
+            redirects,
+            egress_refusals,
+            auth_failures,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(4096);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `2xx`, `4xx`, ... for a status code (0 when nothing was sent).
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}

@@ -1,0 +1,136 @@
+//! Which route a request path names, and how a static route maps a request
+//! onto its upstream.
+
+use url::Url;
+
+pub const RELAY_PREFIX: &str = "/strm/proxy/";
+pub const STREAM_PATH: &str = "/strm/stream";
+
+/// Query parameters that carry credentials and are never forwarded upstream.
+pub const CREDENTIAL_PARAMS: [&str; 4] = ["sig", "exp", "apikey", "api_key"];
+
+/// A configured static route, validated.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub prefix: String,
+    /// Always ends with '/'.
+    pub upstream: Url,
+    pub auth: bool,
+}
+
+impl Route {
+    pub fn new(prefix: &str, upstream: &str, auth: bool) -> Result<Route, String> {
+        let mut up = Url::parse(upstream).map_err(|e| e.to_string())?;
+        if !up.path().ends_with('/') {
+            let p = format!("{}/", up.path());
+            up.set_path(&p);
+        }
+        Ok(Route { prefix: prefix.to_string(), upstream: up, auth })
+    }
+
+    /// The upstream URL for `rest` (the raw path after the prefix, still
+    /// percent-encoded) and the raw client query minus credentials.
+    pub fn target(&self, rest: &str, raw_query: Option<&str>) -> Result<Url, String> {
+        let mut s = String::with_capacity(self.upstream.as_str().len() + rest.len() + 32);
+        s.push_str(self.upstream.as_str());
+        s.push_str(rest.trim_start_matches('/'));
+        if let Some(q) = raw_query.map(strip_credentials).filter(|q| !q.is_empty()) {
+            s.push('?');
+            s.push_str(&q);
+        }
+        let u = Url::parse(&s).map_err(|e| e.to_string())?;
+        // `..` segments must not climb out of the route's base path.
+        if !u.path().starts_with(self.upstream.path()) || u.origin() != self.upstream.origin() {
+            return Err("path escapes the route".into());
+        }
+        Ok(u)
+    }
+
+    /// Whether `u` is on this route's own upstream (scheme, host, port),
+    /// which is operator-trusted.
+    pub fn owns(&self, u: &Url) -> bool {
+        u.origin() == self.upstream.origin()
+    }
+}
+
+/// Drops credential parameters from a raw query, keeping the rest byte for
+/// byte.
+pub fn strip_credentials(raw: &str) -> String {
+    raw.split('&')
+        .filter(|part| {
+            let key = part.split('=').next().unwrap_or("");
+            let key = url::form_urlencoded::parse(key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            !part.is_empty() && !CREDENTIAL_PARAMS.contains(&key.as_str())
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The percent-decoded request path, as bound into route signatures.
+pub fn decoded_path(path: &str) -> String {
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned()
+}
+
+/// What a request path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// `/strm/proxy/{hint}`
+    Relay { hint: &'a str },
+    /// `/strm/stream`
+    Stream,
+    /// A static route and the path after its prefix.
+    Route { index: usize, rest: &'a str },
+}
+
+/// Classifies a path; static routes match by longest prefix.
+pub fn classify<'a>(path: &'a str, routes: &[Route]) -> Option<Target<'a>> {
+    if let Some(hint) = path.strip_prefix(RELAY_PREFIX) {
+        return Some(Target::Relay { hint });
+    }
+    if path == STREAM_PATH {
+        return Some(Target::Stream);
+    }
+    routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| path.starts_with(&r.prefix))
+        .max_by_key(|(_, r)| r.prefix.len())
+        .map(|(index, r)| Target::Route { index, rest: &path[r.prefix.len()..] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_paths() {
+        let routes = vec![
+            Route::new("/cdn/", "https://cdn.example.com/", true).unwrap(),
+            Route::new("/cdn/special/", "http://10.0.0.5:8080/base", false).unwrap(),
+        ];
+        assert_eq!(classify("/strm/proxy/seg-001.ts", &routes), Some(Target::Relay { hint: "seg-001.ts" }));
+        assert_eq!(classify("/strm/proxy/", &routes), Some(Target::Relay { hint: "" }));
+        assert_eq!(classify("/strm/stream", &routes), Some(Target::Stream));
+        assert_eq!(classify("/strm/streamx", &routes), None);
+        assert_eq!(classify("/cdn/a/b.mp4", &routes), Some(Target::Route { index: 0, rest: "a/b.mp4" }));
+        assert_eq!(classify("/cdn/special/x.ts", &routes), Some(Target::Route { index: 1, rest: "x.ts" }));
+        assert_eq!(classify("/other", &routes), None);
+    }
+
+    #[test]
+    fn route_targets() {
+        let r = Route::new("/cdn/", "http://10.0.0.5:8080/base", true).unwrap();
+        assert_eq!(r.upstream.as_str(), "http://10.0.0.5:8080/base/");
+        let t = r.target("dir/a%20b.ts", Some("x=1&sig=ab&exp=2&apikey=k&api_key=k&y=%2F")).unwrap();
+        assert_eq!(t.as_str(), "http://10.0.0.5:8080/base/dir/a%20b.ts?x=1&y=%2F");
+        assert!(r.target("../../etc/passwd", None).is_err());
+        assert!(r.target("%2e%2e/secret", None).is_err());
+        assert!(r.owns(&Url::parse("http://10.0.0.5:8080/elsewhere").unwrap()));
+        assert!(!r.owns(&Url::parse("http://10.0.0.5:8081/base/").unwrap()));
+        assert_eq!(strip_credentials("sig=1&exp=2"), "");
+        assert_eq!(decoded_path("/cdn/a%20b%2Fc.ts"), "/cdn/a b/c.ts");
+    }
+}

@@ -1,0 +1,146 @@
+//! Assembling the Pingora server from a [`Config`]: the proxy listener(s),
+//! the admin listener, and shutdown. Also an embedded mode that serves on
+//! an already-bound socket, for tests and benchmarks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::services::listening::Service;
+use tokio::net::TcpListener;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, State};
+
+/// Builds the proxy application for a validated config.
+pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, String> {
+    Ok(Proxy::new(Arc::new(State::from_config(cfg, metrics)?)))
+}
+
+/// Runs the server until SIGTERM/SIGINT; returns when it has shut down.
+pub fn run(cfg: Config) -> Result<(), String> {
+    let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
+    conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
+    conf.graceful_shutdown_timeout_seconds = Some(1);
+    // One work-stealing runtime per service; measured faster than pinned.
+    conf.work_stealing = true;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let metrics = Arc::new(Metrics::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    let proxy = build(&cfg, metrics.clone())?;
+    let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
+    for addr in cfg.listen_addrs() {
+        svc.add_tcp(&addr.to_string());
+    }
+    let mut admin = Service::new("admin".to_string(), Admin { metrics: metrics.clone(), draining: draining.clone() });
+    admin.threads = Some(1);
+    admin.add_tcp(&cfg.admin_listen);
+    server.add_service(svc);
+    server.add_service(admin);
+    log::info!(
+        "anibridge-proxy listening on {:?}, admin on {}, auth mode {:?}",
+        cfg.listen_addrs(),
+        cfg.admin_listen,
+        cfg.auth.mode
+    );
+    server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
+    Ok(())
+}
+
+/// SIGTERM and SIGINT both drain gracefully: `/healthz` turns 503, the
+/// listeners stop accepting, and the process exits 0 as soon as no stream
+/// is active or the grace period is over. SIGQUIT hands the listening
+/// sockets to a new process (Pingora's graceful upgrade).
+struct Signals {
+    draining: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    grace: std::time::Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let kind = tokio::select! {
+            _ = term.recv() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => ShutdownSignal::GracefulTerminate,
+            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+        };
+        self.draining.store(true, Ordering::Relaxed);
+        log::info!("shutdown requested: draining for at most {:?}", self.grace);
+        // Pingora sleeps the whole grace period; end it early once idle.
+        let metrics = self.metrics.clone();
+        let grace = self.grace;
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + grace;
+            // Let the listeners close first.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            while std::time::Instant::now() < until {
+                if metrics.active_streams.get() <= 0 {
+                    log::info!("no active streams; exiting");
+                    std::process::exit(0);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        kind
+    }
+}
+
+/// The proxy served on a tokio listener inside the caller's runtime; for
+/// tests and benchmarks (an ephemeral port, no process-wide server).
+pub struct Embedded {
+    pub addr: std::net::SocketAddr,
+    pub metrics: Arc<Metrics>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl Embedded {
+    pub async fn start(cfg: &Config) -> Result<Embedded, String> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let metrics = Arc::new(Metrics::new());
+        let proxy = build(cfg, metrics.clone())?;
+        let conf = Arc::new(ServerConf::default());
+        let app = Arc::new(pingora::proxy::http_proxy(&conf, proxy));
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut stop = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.changed() => break,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let app = app.clone();
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let mut stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
+                    // Keep-alive: serve the connection until it is not reusable.
+                    while let Some(next) = app.process_new(stream, &rx).await {
+                        stream = next;
+                    }
+                });
+            }
+        });
+        Ok(Embedded { addr, metrics, shutdown: tx })
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
