@@ -701,6 +701,10 @@ async fn pump(
 }
 
 async fn write_down(down: &mut HttpSession, bytes: &[u8]) -> Result<()> {
+    // A zero-length write would end a chunked response early.
+    if bytes.is_empty() {
+        return Ok(());
+    }
     match down {
         HttpSession::H1(s) => s.write_body(bytes).await.map(|_| ()),
         other => other.write_response_body(Bytes::copy_from_slice(bytes), false).await,

@@ -1,0 +1,582 @@
+//! Test support: a scriptable HTTP/1.1 origin over raw loopback sockets
+//! (so it can send exactly the bytes a test needs: dying bodies, stalls,
+//! hop-by-hop headers), a raw client that reports whether a response was
+//! cleanly terminated, and a harness that runs the real proxy in-process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anibridge_proxy::auth::{sign, Query};
+use anibridge_proxy::config::Config;
+use anibridge_proxy::server::Embedded;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const SECRET: &str = "test-secret";
+
+/// The deterministic byte at `offset` of every generated body.
+pub fn pattern_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(31).wrapping_add(offset >> 13) % 251) as u8
+}
+
+pub fn pattern(start: u64, len: u64) -> Vec<u8> {
+    (start..start + len).map(pattern_byte).collect()
+}
+
+/// Compares bodies by length and hash (never prints megabytes).
+#[track_caller]
+pub fn assert_body(got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "body length");
+    assert!(got == want, "body differs (sha {} vs {})", sha(got), sha(want));
+}
+
+pub fn sha(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// A request as the origin saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub method: String,
+    pub target: String,
+    /// Header names lower-cased, in order.
+    pub headers: Vec<(String, String)>,
+    pub conn_id: usize,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+}
+
+/// What the origin sends back.
+pub enum Body {
+    /// With `Content-Length`.
+    Bytes(Vec<u8>),
+    /// Generated pattern bytes `[start, start+len)` with `Content-Length`,
+    /// written in 64 KiB pieces (never held in memory whole).
+    Pattern { start: u64, len: u64 },
+    /// `Transfer-Encoding: chunked`, properly terminated.
+    Chunked(Vec<u8>),
+    /// Close-delimited (no length, `Connection: close`).
+    UntilClose(Vec<u8>),
+    /// Declares `declared` bytes, sends `sent`, then closes.
+    DieAfter { declared: u64, sent: Vec<u8> },
+    /// Chunked, sends `sent`, then closes without the last chunk.
+    ChunkedDie(Vec<u8>),
+    /// Declares `declared`, sends `sent`, then stalls (keeps the socket).
+    Stall { declared: u64, sent: Vec<u8> },
+    /// No body (HEAD answers, 204, 304).
+    Empty { content_length: Option<u64> },
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Body,
+}
+
+impl Resp {
+    pub fn new(status: u16, body: Body) -> Resp {
+        Resp { status, headers: Vec::new(), body }
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Resp {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+/// What a handler may do instead of answering.
+pub enum Action {
+    Respond(Resp),
+    /// Write these exact bytes, then close.
+    Raw(Vec<u8>),
+    /// Read the request, never answer (until the client closes).
+    Hang,
+}
+
+impl From<Resp> for Action {
+    fn from(r: Resp) -> Action {
+        Action::Respond(r)
+    }
+}
+
+type Handler = dyn Fn(&SeenRequest) -> Action + Send + Sync;
+
+/// A scriptable origin on 127.0.0.1:ephemeral.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+    pub connections: Arc<AtomicUsize>,
+    /// Connections that are currently open.
+    pub open_connections: Arc<AtomicUsize>,
+    /// Body bytes written to sockets so far (all responses).
+    pub body_bytes_written: Arc<AtomicU64>,
+}
+
+impl Origin {
+    pub async fn start(handler: impl Fn(&SeenRequest) -> Action + Send + Sync + 'static) -> Origin {
+        Self::start_with_sndbuf(handler, None).await
+    }
+
+    /// With a small socket send buffer, so writes block soon when the
+    /// reader stops (for backpressure tests).
+    pub async fn start_with_sndbuf(
+        handler: impl Fn(&SeenRequest) -> Action + Send + Sync + 'static,
+        sndbuf: Option<u32>,
+    ) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let open_connections = Arc::new(AtomicUsize::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (s, c, o, w) = (seen.clone(), connections.clone(), open_connections.clone(), written.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else { return };
+                if let Some(n) = sndbuf {
+                    let sref = socket2::SockRef::from(&sock);
+                    let _ = sref.set_send_buffer_size(n as usize);
+                }
+                let id = c.fetch_add(1, Ordering::SeqCst);
+                o.fetch_add(1, Ordering::SeqCst);
+                let (h, s, o, w) = (handler.clone(), s.clone(), o.clone(), w.clone());
+                tokio::spawn(async move {
+                    let _ = serve_conn(sock, id, h, s, w).await;
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Origin { addr, seen, connections, open_connections, body_bytes_written: written }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self, path: &str) -> usize {
+        self.requests().iter().filter(|r| r.path() == path).count()
+    }
+}
+
+async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(pos) = find(buf, b"\r\n\r\n") {
+            let head = buf[..pos + 4].to_vec();
+            buf.drain(..pos + 4);
+            return Some(head);
+        }
+        let mut tmp = [0u8; 8192];
+        let n = sock.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn serve_conn(
+    mut sock: TcpStream,
+    id: usize,
+    handler: Arc<Handler>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
+    written: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let Some(head) = read_head(&mut sock, &mut buf).await else { return Ok(()) };
+        let text = String::from_utf8_lossy(&head).to_string();
+        let mut lines = text.split("\r\n");
+        let start = lines.next().unwrap_or("");
+        let mut parts = start.split(' ');
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let req = SeenRequest { method: method.clone(), target, headers, conn_id: id };
+        seen.lock().unwrap().push(req.clone());
+        let is_head = method == "HEAD";
+        match handler(&req) {
+            Action::Hang => {
+                let mut sink = [0u8; 1024];
+                while sock.read(&mut sink).await? > 0 {}
+                return Ok(());
+            }
+            Action::Raw(bytes) => {
+                sock.write_all(&bytes).await?;
+                return Ok(());
+            }
+            Action::Respond(resp) => {
+                let keep = write_response(&mut sock, resp, is_head, &written).await?;
+                if !keep {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Writes a response; returns whether the connection may be reused.
+async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written: &AtomicU64) -> std::io::Result<bool> {
+    let mut head = format!("HTTP/1.1 {} X\r\n", resp.status);
+    for (k, v) in &resp.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let framing = match &resp.body {
+        Body::Bytes(b) => format!("Content-Length: {}\r\n", b.len()),
+        Body::Pattern { len, .. } => format!("Content-Length: {len}\r\n"),
+        Body::Chunked(_) | Body::ChunkedDie(_) => "Transfer-Encoding: chunked\r\n".to_string(),
+        Body::UntilClose(_) => "Connection: close\r\n".to_string(),
+        Body::DieAfter { declared, .. } | Body::Stall { declared, .. } => format!("Content-Length: {declared}\r\n"),
+        Body::Empty { content_length: Some(n) } => format!("Content-Length: {n}\r\n"),
+        Body::Empty { content_length: None } => String::new(),
+    };
+    head.push_str(&framing);
+    head.push_str("\r\n");
+    sock.write_all(head.as_bytes()).await?;
+    if is_head {
+        return Ok(!matches!(resp.body, Body::UntilClose(_) | Body::DieAfter { .. } | Body::ChunkedDie(_)));
+    }
+    let count = |n: usize| written.fetch_add(n as u64, Ordering::SeqCst);
+    match resp.body {
+        Body::Bytes(b) => {
+            sock.write_all(&b).await?;
+            count(b.len());
+            Ok(true)
+        }
+        Body::Pattern { start, len } => {
+            let mut off = start;
+            let end = start + len;
+            while off < end {
+                let n = (end - off).min(65536);
+                let piece = pattern(off, n);
+                sock.write_all(&piece).await?;
+                count(piece.len());
+                off += n;
+            }
+            Ok(true)
+        }
+        Body::Chunked(b) => {
+            for piece in b.chunks(1000) {
+                sock.write_all(format!("{:x}\r\n", piece.len()).as_bytes()).await?;
+                sock.write_all(piece).await?;
+                sock.write_all(b"\r\n").await?;
+                count(piece.len());
+            }
+            sock.write_all(b"0\r\n\r\n").await?;
+            Ok(true)
+        }
+        Body::UntilClose(b) => {
+            sock.write_all(&b).await?;
+            count(b.len());
+            Ok(false)
+        }
+        Body::DieAfter { sent, .. } => {
+            sock.write_all(&sent).await?;
+            count(sent.len());
+            sock.flush().await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(false)
+        }
+        Body::ChunkedDie(b) => {
+            sock.write_all(format!("{:x}\r\n", b.len()).as_bytes()).await?;
+            sock.write_all(&b).await?;
+            sock.write_all(b"\r\n").await?;
+            count(b.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(false)
+        }
+        Body::Stall { sent, .. } => {
+            sock.write_all(&sent).await?;
+            count(sent.len());
+            let mut sink = [0u8; 1024];
+            while sock.read(&mut sink).await? > 0 {}
+            Ok(false)
+        }
+        Body::Empty { .. } => Ok(true),
+    }
+}
+
+/// A file of `total` pattern bytes, with single-range support, ETag and
+/// Last-Modified, like a static file server.
+pub fn serve_file(req: &SeenRequest, total: u64, content_type: Option<&str>) -> Resp {
+    let with_meta = |r: Resp| {
+        let r = r
+            .header("Accept-Ranges", "bytes")
+            .header("ETag", "\"v1\"")
+            .header("Last-Modified", "Tue, 01 Jul 2025 10:00:00 GMT")
+            .header("Cache-Control", "public, max-age=60");
+        match content_type {
+            Some(ct) => r.header("Content-Type", ct),
+            None => r,
+        }
+    };
+    let head = req.method == "HEAD";
+    let range = req.header("range").and_then(parse_single_range);
+    match (req.header("range"), range) {
+        (Some(_), Some((start, end_incl))) => {
+            if start >= total {
+                return Resp::new(416, Body::Bytes(Vec::new())).header("Content-Range", &format!("bytes */{total}"));
+            }
+            let end = end_incl.unwrap_or(total - 1).min(total - 1);
+            let len = end - start + 1;
+            let body = if head { Body::Empty { content_length: Some(len) } } else { Body::Pattern { start, len } };
+            with_meta(Resp::new(206, body)).header("Content-Range", &format!("bytes {start}-{end}/{total}"))
+        }
+        // Unparsable or multi-range: ignore the header, send it all.
+        _ => {
+            let body = if head { Body::Empty { content_length: Some(total) } } else { Body::Pattern { start: 0, len: total } };
+            with_meta(Resp::new(200, body))
+        }
+    }
+}
+
+fn parse_single_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let spec = v.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let start: u64 = a.parse().ok()?;
+    let end = if b.is_empty() { None } else { Some(b.parse().ok()?) };
+    Some((start, end))
+}
+
+/// A response as the client received it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body ended as its framing said (length reached, last chunk seen,
+    /// or close-delimited EOF). False for an aborted response.
+    pub complete: bool,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.header(name).is_some()
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection.
+pub struct Client {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> Client {
+        Client { sock: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    pub async fn send_raw(&mut self, raw: &[u8]) {
+        self.sock.write_all(raw).await.unwrap();
+    }
+
+    /// Sends a request and reads one response.
+    pub async fn request(&mut self, method: &str, target: &str, headers: &[(&str, &str)]) -> Got {
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: proxy.test\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.send_raw(req.as_bytes()).await;
+        self.read_response(method == "HEAD").await
+    }
+
+    pub async fn read_response(&mut self, head_request: bool) -> Got {
+        let head = read_head(&mut self.sock, &mut self.buf).await.expect("response header");
+        let text = String::from_utf8_lossy(&head).to_string();
+        let mut lines = text.split("\r\n");
+        let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let mut got = Got { status, headers: headers.clone(), body: Vec::new(), complete: true };
+        if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+            return got;
+        }
+        if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+            got.complete = self.read_chunked(&mut got.body).await;
+        } else if let Some(cl) = get("content-length") {
+            let cl: usize = cl.parse().unwrap();
+            got.complete = self.read_exact_or_eof(cl, &mut got.body).await;
+        } else {
+            self.read_to_eof(&mut got.body).await;
+        }
+        got
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut tmp = vec![0u8; 65536];
+        match self.sock.read(&mut tmp).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+        }
+    }
+
+    async fn read_exact_or_eof(&mut self, n: usize, out: &mut Vec<u8>) -> bool {
+        while out.len() + self.buf.len() < n {
+            if !self.fill().await {
+                out.append(&mut self.buf);
+                return false;
+            }
+        }
+        let take = n - out.len();
+        out.extend(self.buf.drain(..take));
+        true
+    }
+
+    async fn read_to_eof(&mut self, out: &mut Vec<u8>) {
+        while self.fill().await {}
+        out.append(&mut self.buf);
+    }
+
+    async fn read_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(p) = find(&self.buf, b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..p]).to_string();
+                self.buf.drain(..p + 2);
+                return Some(line);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    async fn read_chunked(&mut self, out: &mut Vec<u8>) -> bool {
+        loop {
+            let Some(line) = self.read_line().await else { return false };
+            let Ok(size) = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16) else { return false };
+            if size == 0 {
+                // trailers until empty line
+                loop {
+                    match self.read_line().await {
+                        Some(l) if l.is_empty() => return true,
+                        Some(_) => continue,
+                        None => return false,
+                    }
+                }
+            }
+            let mut chunk = Vec::new();
+            if !self.read_exact_or_eof(size, &mut chunk).await {
+                out.extend(chunk);
+                return false;
+            }
+            out.extend(chunk);
+            if self.read_line().await.is_none() {
+                return false;
+            }
+        }
+    }
+
+    /// Whether the server closed this connection (reads EOF within `wait`).
+    pub async fn is_closed(&mut self, wait: Duration) -> bool {
+        let mut tmp = [0u8; 1];
+        matches!(tokio::time::timeout(wait, self.sock.read(&mut tmp)).await, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
+    pub fn into_inner(self) -> TcpStream {
+        self.sock
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn get(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Got {
+    Client::connect(addr).await.request(method, target, headers).await
+}
+
+/// The proxy, in-process on an ephemeral port.
+pub struct Proxy {
+    pub server: Embedded,
+    pub cfg: Config,
+}
+
+impl Proxy {
+    /// `yaml` is the whole config; `SECRET` is available as the env secret.
+    pub async fn start(yaml: &str) -> Proxy {
+        let cfg = Config::from_yaml("test.yaml", yaml, |k| (k == "ANIBRIDGE_PROXY_SECRET").then(|| SECRET.to_string()))
+            .expect("test config is valid");
+        let server = Embedded::start(&cfg).await.expect("proxy starts");
+        Proxy { server, cfg }
+    }
+
+    /// Open mode, loopback origins allowed.
+    pub async fn open() -> Proxy {
+        Self::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await
+    }
+
+    /// Token mode (secret `SECRET`), loopback origins allowed.
+    pub async fn token() -> Proxy {
+        Self::start("auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+}
+
+/// `/strm/proxy/{hint}?u=...` (unsigned).
+pub fn relay_path(hint: &str, upstream: &str) -> String {
+    format!("/strm/proxy/{hint}?{}", Query(vec![("u".into(), upstream.into())]).encode())
+}
+
+/// `/strm/proxy/{hint}?u=...&exp=...&sig=...` signed with `SECRET`.
+pub fn signed_relay_path(hint: &str, upstream: &str, exp: Option<u64>) -> String {
+    let mut q = Query(vec![("u".into(), upstream.into())]);
+    if let Some(e) = exp {
+        q.0.push(("exp".into(), e.to_string()));
+    }
+    let s = sign(SECRET.as_bytes(), &q);
+    q.0.push(("sig".into(), s));
+    format!("/strm/proxy/{hint}?{}", q.encode())
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// Counts of requests per path, for assertions.
+pub fn per_path(origin: &Origin) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for r in origin.requests() {
+        *m.entry(r.path().to_string()).or_insert(0) += 1;
+    }
+    m
+}

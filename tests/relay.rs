@@ -1,0 +1,404 @@
+//! DESIGN.md "Response semantics", row by row, through the real proxy
+//! against a real local origin.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+
+const MB: u64 = 1024 * 1024;
+
+/// An origin with the usual endpoints.
+async fn origin() -> Origin {
+    Origin::start(|req| {
+        let p = req.path();
+        match p {
+            "/big.mp4" => serve_file(req, 5 * MB + 123, Some("video/mp4")).into(),
+            "/small.mp4" => serve_file(req, 1000, Some("video/mp4")).into(),
+            "/nohead.mp4" | "/nohead501.mp4" if req.method == "HEAD" => {
+                Resp::new(if p == "/nohead.mp4" { 405 } else { 501 }, Body::Bytes(b"no HEAD here".to_vec())).into()
+            }
+            "/nohead.mp4" | "/nohead501.mp4" => serve_file(req, 777_777, Some("video/mp4")).into(),
+            "/notype.mkv" | "/get" | "/dir.v2/get" => serve_file(req, 100, None).into(),
+            "/meta" => Resp::new(200, Body::Bytes(b"meta".to_vec()))
+                .header("Content-Type", "video/webm")
+                .header("Content-Disposition", "attachment; filename=\"ep 1.webm\"")
+                .header("Expires", "Wed, 21 Oct 2026 07:28:00 GMT")
+                .header("Cache-Control", "max-age=3600")
+                .header("ETag", "W/\"meta\"")
+                .header("Last-Modified", "Tue, 01 Jul 2025 10:00:00 GMT")
+                .header("Vary", "Accept-Encoding")
+                .header("Content-Encoding", "identity")
+                .header("Accept-Ranges", "bytes")
+                .into(),
+            "/hop" => Resp::new(200, Body::Bytes(b"hop".to_vec()))
+                .header("Connection", "X-Custom-Hop")
+                .header("X-Custom-Hop", "secret")
+                .header("Keep-Alive", "timeout=5")
+                .header("Proxy-Connection", "keep-alive")
+                .header("Upgrade", "h2c")
+                .header("Trailer", "X-Checksum")
+                .header("TE", "trailers")
+                .header("Proxy-Authenticate", "Basic")
+                .header("Proxy-Authorization", "Basic Zm9v")
+                .header("Access-Control-Allow-Origin", "https://hoster.example")
+                .header("Set-Cookie", "tracker=1")
+                .header("X-Kept", "yes")
+                .into(),
+            "/chunked" => Resp::new(200, Body::Chunked(pattern(0, 300_000))).header("Content-Type", "video/mp2t").into(),
+            "/close" => Resp::new(200, Body::UntilClose(pattern(0, 200_000))).header("Content-Type", "video/mp2t").into(),
+            "/die" => Resp::new(200, Body::DieAfter { declared: 1_000_000, sent: pattern(0, 100_000) })
+                .header("Content-Type", "video/mp4")
+                .into(),
+            "/chunkdie" => Resp::new(200, Body::ChunkedDie(pattern(0, 50_000))).header("Content-Type", "video/mp4").into(),
+            "/stall" => Resp::new(200, Body::Stall { declared: 1_000_000, sent: pattern(0, 10_000) })
+                .header("Content-Type", "video/mp4")
+                .into(),
+            "/hang" => Action::Hang,
+            "/garbage" => Action::Raw(b"HTTP/1.1 abc\r\n\r\n".to_vec()),
+            "/nocontent" => Resp::new(204, Body::Empty { content_length: None }).into(),
+            "/notmodified" => Resp::new(304, Body::Empty { content_length: None }).header("ETag", "\"v1\"").into(),
+            _ => {
+                if let Some(code) = p.strip_prefix("/status/") {
+                    let code: u16 = code.parse().unwrap();
+                    Resp::new(code, Body::Bytes(format!("origin says {code}").into_bytes()))
+                        .header("Content-Type", "text/plain")
+                        .into()
+                } else {
+                    Resp::new(404, Body::Bytes(b"nope".to_vec())).into()
+                }
+            }
+        }
+    })
+    .await
+}
+
+async fn setup() -> (Origin, Proxy) {
+    (origin().await, Proxy::open().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_is_forwarded_byte_for_byte_and_206_passed_through() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/big.mp4")), &[("Range", "bytes=100-199")]).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.header("content-range"), Some(&*format!("bytes 100-199/{}", 5 * MB + 123)));
+    assert_eq!(got.header("content-length"), Some("100"));
+    assert_body(&got.body, &pattern(100, 100));
+    assert!(got.complete);
+    let seen = o.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("range"), Some("bytes=100-199"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_range_is_never_added_and_full_body_is_exact() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/big.mp4")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some(&*(5 * MB + 123).to_string()));
+    assert!(got.complete);
+    assert_eq!(sha(&got.body), sha(&pattern(0, 5 * MB + 123)));
+    assert_eq!(o.requests()[0].header("range"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_ranges_are_forwarded_as_is_and_upstream_decides() {
+    let (o, p) = setup().await;
+    for range in ["bytes=abc", "bytes=0-0,5-9", "bytes=-0", "  bytes=1-2 "] {
+        let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[("Range", range)]).await;
+        // The origin ignores what it cannot parse: 200, whole body.
+        assert!(matches!(got.status, 200 | 206), "{range}: {}", got.status);
+        let seen = o.requests();
+        assert_eq!(seen.last().unwrap().header("range"), Some(range.trim()), "{range}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsatisfiable_range_gives_416_with_content_range() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[("Range", "bytes=5000-")]).await;
+    assert_eq!(got.status, 416);
+    assert_eq!(got.header("content-range"), Some("bytes */1000"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caching_and_length_headers_are_preserved() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/meta")), &[]).await;
+    assert_eq!(got.status, 200);
+    for (k, v) in [
+        ("content-type", "video/webm"),
+        ("content-length", "4"),
+        ("content-disposition", "attachment; filename=\"ep 1.webm\""),
+        ("expires", "Wed, 21 Oct 2026 07:28:00 GMT"),
+        ("cache-control", "max-age=3600"),
+        ("etag", "W/\"meta\""),
+        ("last-modified", "Tue, 01 Jul 2025 10:00:00 GMT"),
+        ("vary", "Accept-Encoding"),
+        ("content-encoding", "identity"),
+        ("accept-ranges", "bytes"),
+    ] {
+        assert_eq!(got.header(k), Some(v), "{k}");
+    }
+    assert_eq!(got.body, b"meta");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_dropped() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/hop")), &[]).await;
+    assert_eq!(got.status, 200);
+    for h in [
+        "x-custom-hop", "keep-alive", "proxy-connection", "upgrade", "trailer", "te",
+        "proxy-authenticate", "proxy-authorization", "set-cookie", "transfer-encoding",
+    ] {
+        assert!(!got.has(h), "{h} leaked: {:?}", got.headers);
+    }
+    // The proxy's own Connection header is about the client hop only.
+    assert!(got.header("connection").is_none_or(|c| !c.contains("X-Custom")));
+    assert_eq!(got.header("x-kept"), Some("yes"));
+    assert_eq!(got.body, b"hop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sees_exactly_the_allowed_request_headers() {
+    let (o, p) = setup().await;
+    let got = get(
+        p.addr(),
+        "GET",
+        &relay_path("v.mp4", &o.url("/small.mp4")),
+        &[
+            ("Range", "bytes=0-9"),
+            ("If-Range", "\"v1\""),
+            ("If-None-Match", "\"v0\""),
+            ("If-Modified-Since", "Tue, 01 Jul 2025 10:00:00 GMT"),
+            ("Accept", "video/*"),
+            ("Accept-Encoding", "gzip, br"),
+            ("User-Agent", "mpv 0.38"),
+            ("Cookie", "session=abc"),
+            ("Authorization", "Bearer t"),
+            ("X-Forwarded-For", "203.0.113.7"),
+            ("X-Real-IP", "203.0.113.7"),
+            ("Via", "1.1 edge"),
+            ("Referer", "https://jellyfin.local/"),
+            ("Connection", "keep-alive, X-Nominated"),
+            ("X-Nominated", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Proxy-Authorization", "Basic x"),
+            ("X-Api-Key", "k"),
+        ],
+    )
+    .await;
+    assert_eq!(got.status, 206);
+    let seen = &o.requests()[0];
+    let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["host", "range", "if-range", "if-none-match", "if-modified-since", "accept", "accept-encoding", "user-agent"]
+    );
+    assert_eq!(seen.header("host"), Some(&*o.addr.to_string()));
+    assert_eq!(seen.header("accept-encoding"), Some("identity"));
+    assert_eq!(seen.header("user-agent"), Some("mpv 0.38"));
+    assert_eq!(seen.header("range"), Some("bytes=0-9"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_is_forwarded_as_head() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "HEAD", &relay_path("v.mp4", &o.url("/big.mp4")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some(&*(5 * MB + 123).to_string()));
+    assert_eq!(got.header("content-type"), Some("video/mp4"));
+    assert_eq!(got.header("etag"), Some("\"v1\""));
+    assert!(got.body.is_empty());
+    let seen = o.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].method, "HEAD");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_refused_upstream_falls_back_to_ranged_get() {
+    let (o, p) = setup().await;
+    for path in ["/nohead.mp4", "/nohead501.mp4"] {
+        let mut c = Client::connect(p.addr()).await;
+        let got = c.request("HEAD", &relay_path("v.mp4", &o.url(path)), &[]).await;
+        assert_eq!(got.status, 200, "{path}");
+        assert_eq!(got.header("content-length"), Some("777777"), "{path}");
+        assert!(!got.has("content-range"));
+        assert_eq!(got.header("etag"), Some("\"v1\""));
+        assert_eq!(got.header("content-type"), Some("video/mp4"));
+        // The connection stays usable: nothing was left unread.
+        let again = c.request("GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[]).await;
+        assert_eq!(again.status, 200);
+        assert_body(&again.body, &pattern(0, 1000));
+    }
+    let seen: Vec<_> = o.requests().into_iter().filter(|r| r.path().starts_with("/nohead")).collect();
+    assert_eq!(seen.len(), 4);
+    assert_eq!(seen[0].method, "HEAD");
+    assert_eq!(seen[1].method, "GET");
+    assert_eq!(seen[1].header("range"), Some("bytes=0-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_with_range_falls_back_with_the_clients_range() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "HEAD", &relay_path("v.mp4", &o.url("/nohead.mp4")), &[("Range", "bytes=10-19")]).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.header("content-range"), Some("bytes 10-19/777777"));
+    assert_eq!(got.header("content-length"), Some("10"));
+    assert!(got.body.is_empty());
+    let fallback = o.requests().into_iter().find(|r| r.method == "GET").unwrap();
+    assert_eq!(fallback.header("range"), Some("bytes=10-19"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_type_from_upstream_path_then_hint_then_octet_stream() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("ep.mp4", &o.url("/notype.mkv")), &[]).await;
+    assert_eq!(got.header("content-type"), Some("video/x-matroska"));
+    let got = get(p.addr(), "GET", &relay_path("seg-001.ts", &o.url("/get")), &[]).await;
+    assert_eq!(got.header("content-type"), Some("video/mp2t"));
+    let got = get(p.addr(), "GET", &relay_path("file", &o.url("/dir.v2/get")), &[]).await;
+    assert_eq!(got.header("content-type"), Some("application/octet-stream"));
+    // An upstream type is never overridden by the extension.
+    let got = get(p.addr(), "GET", &relay_path("ep.mkv", &o.url("/small.mp4")), &[]).await;
+    assert_eq!(got.header("content-type"), Some("video/mp4"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_statuses_pass_through_unchanged() {
+    let (o, p) = setup().await;
+    for code in [403u16, 404, 410, 429, 500, 502, 503] {
+        let got = get(p.addr(), "GET", &relay_path("x", &o.url(&format!("/status/{code}"))), &[]).await;
+        assert_eq!(got.status, code);
+        assert_eq!(got.text(), format!("origin says {code}"));
+        assert_eq!(got.header("content-type"), Some("text/plain"));
+    }
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/nocontent")), &[]).await;
+    assert_eq!(got.status, 204);
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/notmodified")), &[("If-None-Match", "\"v1\"")]).await;
+    assert_eq!(got.status, 304);
+    assert_eq!(got.header("etag"), Some("\"v1\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_and_close_delimited_upstreams_are_relayed_complete() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("x.ts", &o.url("/chunked")), &[]).await;
+    assert_eq!(got.status, 200, "{:?}", got.headers);
+    assert_eq!(got.header("transfer-encoding"), Some("chunked"), "{:?}", got.headers);
+    assert!(got.complete);
+    assert_body(&got.body, &pattern(0, 300_000));
+    let got = get(p.addr(), "GET", &relay_path("x.ts", &o.url("/close")), &[]).await;
+    assert!(got.complete);
+    assert_body(&got.body, &pattern(0, 200_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_port_is_502_and_hang_is_504() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n").await;
+    // A port nobody listens on: bind, learn it, close.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let got = get(p.addr(), "GET", &relay_path("x", &format!("http://{dead}/x.mp4")), &[]).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.text(), "upstream unreachable\n");
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/hang")), &[]).await;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.text(), "upstream timeout\n");
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/garbage")), &[]).await;
+    assert_eq!(got.status, 502);
+    // Still healthy afterwards.
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/small.mp4")), &[]).await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_dying_mid_body_aborts_the_client_response() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/die")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some("1000000"));
+    assert!(!got.complete, "a short body must not look complete");
+    assert!(got.body.len() < 1_000_000);
+    assert_body(&got.body, &pattern(0, got.body.len() as u64));
+
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/chunkdie")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert!(!got.complete, "chunked stream must not be terminated");
+    assert_body(&got.body, &pattern(0, got.body.len() as u64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_body_is_aborted_after_read_timeout() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"300ms\"}\n").await;
+    let got = tokio::time::timeout(Duration::from_secs(20), get(p.addr(), "GET", &relay_path("x", &o.url("/stall")), &[]))
+        .await
+        .expect("the proxy gives up on a stalled upstream");
+    assert_eq!(got.status, 200);
+    assert!(!got.complete);
+    assert_body(&got.body, &pattern(0, 10_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_downstream_and_pooled_upstream() {
+    let (o, p) = setup().await;
+    let mut c = Client::connect(p.addr()).await;
+    for i in 0..5u64 {
+        let range = format!("bytes={}-{}", i * 10, i * 10 + 9);
+        let got = c.request("GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[("Range", &range)]).await;
+        assert_eq!(got.status, 206);
+        assert_body(&got.body, &pattern(i * 10, 10));
+    }
+    // Five sequential requests, one upstream connection.
+    assert_eq!(o.connections.load(Ordering::SeqCst), 1);
+    let conns: std::collections::HashSet<_> = o.requests().iter().map(|r| r.conn_id).collect();
+    assert_eq!(conns.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_going_away_drops_the_upstream_connection() {
+    let o = Origin::start_with_sndbuf(|req| serve_file(req, 500 * MB, Some("video/mp4")).into(), Some(65536)).await;
+    let p = Proxy::open().await;
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("v.mp4", &o.url("/v.mp4"))).as_bytes()).await;
+    // Read a little, then hang up.
+    let mut sock = c.into_inner();
+    let mut buf = vec![0u8; 256 * 1024];
+    use tokio::io::AsyncReadExt;
+    let mut got = 0;
+    while got < 1_000_000 {
+        got += sock.read(&mut buf).await.unwrap();
+    }
+    assert_eq!(o.open_connections.load(Ordering::SeqCst), 1);
+    drop(sock);
+    let mut closed = false;
+    for _ in 0..100 {
+        if o.open_connections.load(Ordering::SeqCst) == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the upstream connection must be closed, not drained");
+    // Far less than the 500 MiB file was pulled from the origin.
+    assert!(o.body_bytes_written.load(Ordering::SeqCst) < 64 * MB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods() {
+    let (o, p) = setup().await;
+    let got = get(p.addr(), "GET", "/nothing/here", &[]).await;
+    assert_eq!(got.status, 404);
+    let got = get(p.addr(), "POST", &relay_path("x", &o.url("/small.mp4")), &[("Content-Length", "0")]).await;
+    assert_eq!(got.status, 405);
+    assert_eq!(got.header("allow"), Some("GET, HEAD, OPTIONS"));
+    let got = get(p.addr(), "DELETE", &relay_path("x", &o.url("/small.mp4")), &[]).await;
+    assert_eq!(got.status, 405);
+    assert!(o.requests().is_empty());
+}
