@@ -1,0 +1,255 @@
+//! Auth (token, apikey, none), signatures made by Python, static routes
+//! with path-bound signatures, CORS, and malformed input.
+
+mod common;
+
+use anibridge_proxy::auth::{canonical_query, sign, Query};
+use common::*;
+
+async fn origin() -> Origin {
+    Origin::start(|req| match req.path() {
+        "/cors.mp4" => serve_file(req, 64, Some("video/mp4")).header("Access-Control-Allow-Origin", "https://hoster.example").into(),
+        _ => serve_file(req, 64, Some("video/mp4")).into(),
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+struct Fixtures {
+    secret: String,
+    cases: Vec<Case>,
+}
+#[derive(serde::Deserialize)]
+struct Case {
+    params: Vec<(String, String)>,
+    canonical: String,
+    sig: String,
+    query: String,
+}
+
+fn fixtures() -> Fixtures {
+    serde_json::from_str(include_str!("fixtures/python_signatures.json")).unwrap()
+}
+
+#[test]
+fn python_signatures_verify_byte_for_byte() {
+    let f = fixtures();
+    for c in &f.cases {
+        let q = Query(c.params.clone());
+        assert_eq!(canonical_query(&q), c.canonical);
+        assert_eq!(sign(f.secret.as_bytes(), &q), c.sig);
+        // The query string Python would send parses back to the same params.
+        let parsed = Query::parse(Some(&c.query));
+        assert_eq!(parsed.get("sig"), Some(c.sig.as_str()));
+        assert_eq!(canonical_query(&parsed), c.canonical);
+        assert_eq!(anibridge_proxy::auth::verify_token(f.secret.as_bytes(), &parsed, 0), Ok(()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_signed_urls_pass_auth_end_to_end() {
+    // The fixture URLs point at *.example hosts; deny_hosts refuses them
+    // before any DNS lookup, so passing auth shows up as 403, failing as 401.
+    let f = fixtures();
+    let yaml = format!(
+        "auth: {{mode: token, secret: \"{}\"}}\negress: {{deny_hosts: [\"*.example\"]}}\n",
+        f.secret
+    );
+    let p = Proxy::start(&yaml).await;
+    let mut checked = 0;
+    for c in f.cases.iter().filter(|c| c.params.iter().any(|(k, v)| k == "u" && v.contains(".example/") && !v.contains(' '))) {
+        let got = get(p.addr(), "GET", &format!("/strm/proxy/x?{}", c.query), &[]).await;
+        assert_eq!(got.status, 403, "{}: {}", c.query, got.text());
+        assert_eq!(got.text(), "destination not allowed\n");
+        let tampered = c.query.replace("sig=", "sig=0");
+        let got = get(p.addr(), "GET", &format!("/strm/proxy/x?{tampered}"), &[]).await;
+        assert_eq!(got.status, 401);
+        checked += 1;
+    }
+    assert!(checked >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mode_failures_are_401_with_a_reason() {
+    let o = origin().await;
+    let p = Proxy::token().await;
+    let u = o.url("/v.mp4");
+    let ok = get(p.addr(), "GET", &signed_relay_path("v.mp4", &u, Some(now() + 60)), &[]).await;
+    assert_eq!(ok.status, 200);
+    let ok = get(p.addr(), "GET", &signed_relay_path("v.mp4", &u, None), &[]).await;
+    assert_eq!(ok.status, 200, "exp is optional");
+
+    let cases = [
+        (relay_path("v.mp4", &u), "missing signature"),
+        (format!("{}&sig=", relay_path("v.mp4", &u)), "missing signature"),
+        (format!("{}&sig=deadbeef", relay_path("v.mp4", &u)), "invalid signature"),
+        (signed_relay_path("v.mp4", &u, Some(now() - 1)), "token expired"),
+        (signed_relay_path("v.mp4", &u, Some(now() + 60)).replace("v.mp4?u=http", "v.mp4?u=https"), "invalid signature"),
+    ];
+    for (path, reason) in cases {
+        let got = get(p.addr(), "GET", &path, &[]).await;
+        assert_eq!(got.status, 401, "{path}");
+        assert_eq!(got.text(), format!("{reason}\n"), "{path}");
+        assert!(!got.text().contains("127.0.0.1"), "no URL in error bodies");
+    }
+    // A non-numeric exp that is correctly signed.
+    let mut q = Query(vec![("u".into(), u.clone()), ("exp".into(), "tomorrow".into())]);
+    let s = sign(SECRET.as_bytes(), &q);
+    q.0.push(("sig".into(), s));
+    let got = get(p.addr(), "GET", &format!("/strm/proxy/v.mp4?{}", q.encode()), &[]).await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.text(), "invalid token expiry\n");
+    // Nothing reached the origin but the two good requests.
+    assert_eq!(o.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apikey_mode_accepts_query_and_header() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: apikey, api_key: \"k-123\"}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    let base = relay_path("v.mp4", &o.url("/v.mp4"));
+    assert_eq!(get(p.addr(), "GET", &format!("{base}&apikey=k-123"), &[]).await.status, 200);
+    assert_eq!(get(p.addr(), "GET", &format!("{base}&api_key=k-123"), &[]).await.status, 200);
+    assert_eq!(get(p.addr(), "GET", &base, &[("X-Api-Key", "k-123")]).await.status, 200);
+    for (path, hdr) in [(format!("{base}&apikey=k-12"), None), (base.clone(), None), (base.clone(), Some("nope"))] {
+        let h: Vec<(&str, &str)> = hdr.map(|v| vec![("X-Api-Key", v)]).unwrap_or_default();
+        let got = get(p.addr(), "GET", &path, &h).await;
+        assert_eq!(got.status, 401);
+        assert_eq!(got.text(), "invalid api key\n");
+    }
+    // The key never goes upstream.
+    for r in o.requests() {
+        assert!(!r.target.contains("k-123") && r.header("x-api-key").is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_queries_get_a_clear_400() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let cases = [
+        ("/strm/proxy/x", "missing parameter u"),
+        ("/strm/proxy/x?u=", "missing parameter u"),
+        ("/strm/proxy/x?u=not%20a%20url", "invalid parameter u"),
+        ("/strm/proxy/x?u=http%3A%2F%2F127.0.0.1%2Fa%0D%0AX-Injected%3A%201", "invalid parameter u"),
+        ("/strm/proxy/x?u=http%3A%2F%2F127.0.0.1%2Fa%20b", "invalid parameter u"),
+        ("/strm/proxy/x?u=ftp%3A%2F%2F127.0.0.1%2Ff", "unsupported scheme"),
+        ("/strm/proxy/x?u=file%3A%2F%2F%2Fetc%2Fpasswd", "unsupported scheme"),
+        ("/strm/proxy/x?u=javascript%3Aalert(1)", "unsupported scheme"),
+    ];
+    for (path, reason) in cases {
+        let got = get(p.addr(), "GET", path, &[]).await;
+        assert_eq!(got.status, 400, "{path}");
+        assert_eq!(got.text(), format!("{reason}\n"), "{path}");
+    }
+    assert!(o.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_bind_the_signature_to_the_path_and_strip_credentials() {
+    let o = origin().await;
+    let yaml = format!(
+        "auth: {{mode: token}}\nroutes:\n  - {{prefix: \"/cdn/\", upstream: \"{}\"}}\n  - {{prefix: \"/open/\", upstream: \"{}\", auth: false}}\n",
+        o.url("/base/"),
+        o.url("/pub")
+    );
+    let p = Proxy::start(&yaml).await;
+    let signed = |path: &str, extra: &[(&str, &str)]| {
+        let mut q = Query(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let mut bound = q.clone();
+        bound.0.push(("_path".into(), anibridge_proxy::routing::decoded_path(path)));
+        q.0.push(("sig".into(), sign(SECRET.as_bytes(), &bound)));
+        format!("{path}?{}", q.encode())
+    };
+    // A routed request: private upstream allowed (trusted), query forwarded
+    // minus credentials, path appended to the base.
+    let target = signed("/cdn/show/ep%201.mp4", &[("quality", "hd"), ("exp", &(now() + 60).to_string())]);
+    let got = get(p.addr(), "GET", &target, &[("Range", "bytes=0-9")]).await;
+    assert_eq!(got.status, 206, "{}", got.text());
+    let seen = o.requests().pop().unwrap();
+    assert_eq!(seen.target, "/base/show/ep%201.mp4?quality=hd");
+
+    // The same signature does not unlock another file.
+    let other = target.replace("ep%201.mp4", "ep%202.mp4");
+    assert_eq!(get(p.addr(), "GET", &other, &[]).await.status, 401);
+    // A client-sent _path is refused.
+    let forged = signed("/cdn/a.mp4", &[("_path", "/cdn/b.mp4")]);
+    let got = get(p.addr(), "GET", &forged, &[]).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.text(), "reserved parameter _path\n");
+    // Unsigned is refused; an open route needs nothing.
+    assert_eq!(get(p.addr(), "GET", "/cdn/a.mp4", &[]).await.status, 401);
+    let got = get(p.addr(), "GET", "/open/a.mp4?x=1&sig=zz", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(o.requests().pop().unwrap().target, "/pub/a.mp4?x=1");
+    // `..` cannot climb out of the route's base.
+    let got = get(p.addr(), "GET", "/open/../../secret", &[]).await;
+    assert!(matches!(got.status, 400 | 404), "{}", got.status);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_and_response_headers() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("v.mp4", &o.url("/cors.mp4"));
+    let pre = get(
+        p.addr(),
+        "OPTIONS",
+        &path,
+        &[("Origin", "https://app.example"), ("Access-Control-Request-Method", "GET"), ("Access-Control-Request-Headers", "range")],
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(pre.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(pre.header("access-control-allow-methods"), Some("GET, HEAD, OPTIONS"));
+    let allowed = pre.header("access-control-allow-headers").unwrap().to_ascii_lowercase();
+    for h in ["range", "if-range", "if-none-match", "if-modified-since", "x-api-key"] {
+        assert!(allowed.contains(h), "{h} not in {allowed}");
+    }
+    assert!(pre.has("access-control-max-age"));
+    assert!(o.requests().is_empty(), "preflight never goes upstream");
+
+    let got = get(p.addr(), "GET", &path, &[("Origin", "https://app.example")]).await;
+    assert_eq!(got.status, 200);
+    let acao: Vec<_> = got.headers.iter().filter(|(k, _)| k == "access-control-allow-origin").collect();
+    assert_eq!(acao.len(), 1, "exactly one ACAO: {:?}", got.headers);
+    assert_eq!(acao[0].1, "*");
+    assert_eq!(got.header("access-control-expose-headers"), Some("Content-Length, Content-Range, Accept-Ranges, ETag"));
+    let no_origin = get(p.addr(), "GET", &path, &[]).await;
+    assert!(!no_origin.has("access-control-allow-origin"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_with_an_origin_list_echoes_and_varies() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncors: {allow_origins: [\"https://app.example\"]}\n").await;
+    let path = signed_relay_path("v.mp4", &o.url("/cors.mp4"), None);
+    // Preflight needs no credentials.
+    let pre = get(p.addr(), "OPTIONS", "/strm/proxy/v.mp4?u=x", &[("Origin", "https://app.example")]).await;
+    assert_eq!(pre.status, 204);
+    assert_eq!(pre.header("access-control-allow-origin"), Some("https://app.example"));
+    assert_eq!(pre.header("vary"), Some("Origin"));
+    let got = get(p.addr(), "GET", &path, &[("Origin", "https://app.example")]).await;
+    assert_eq!(got.header("access-control-allow-origin"), Some("https://app.example"));
+    assert_eq!(got.header("vary"), Some("Origin"));
+    let got = get(p.addr(), "GET", &path, &[("Origin", "https://evil.example")]).await;
+    assert!(!got.has("access-control-allow-origin"));
+    // Errors are readable by the allowed origin too.
+    let got = get(p.addr(), "GET", "/strm/proxy/v.mp4?u=x", &[("Origin", "https://app.example")]).await;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.header("access-control-allow-origin"), Some("https://app.example"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_disabled_means_no_headers_and_options_405() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncors: {allow_origins: []}\n").await;
+    let path = relay_path("v.mp4", &o.url("/cors.mp4"));
+    let pre = get(p.addr(), "OPTIONS", &path, &[("Origin", "https://app.example")]).await;
+    assert_eq!(pre.status, 405);
+    assert_eq!(pre.header("allow"), Some("GET, HEAD, OPTIONS"));
+    assert!(!pre.has("access-control-allow-origin"));
+    let got = get(p.addr(), "GET", &path, &[("Origin", "https://app.example")]).await;
+    assert_eq!(got.status, 200);
+    assert!(got.headers.iter().all(|(k, _)| !k.starts_with("access-control-")), "{:?}", got.headers);
+}
