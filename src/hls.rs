@@ -27,6 +27,14 @@ pub fn hint_for(u: &Url) -> &str {
 /// left exactly as they were. The output has as many lines as the input.
 pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&Url) -> String) -> String {
     let mut out = String::with_capacity(playlist.len() + playlist.len() / 2);
+    // A byte-order mark is kept, and does not make `#EXTM3U` a URI line.
+    let playlist = match playlist.strip_prefix('\u{feff}') {
+        Some(rest) => {
+            out.push('\u{feff}');
+            rest
+        }
+        None => playlist,
+    };
     for line in playlist.split_inclusive('\n') {
         let (content, ending) = split_ending(line);
         let trimmed = content.trim();
@@ -172,6 +180,8 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
     fn data_uris_and_detection() {
         let src = "#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"data:text/plain;base64,AAAA\"\ndata:,x\n";
         assert_eq!(rewrite(src, &base(), mark), src);
+        let bom = "\u{feff}#EXTM3U\nseg.ts\n";
+        assert_eq!(rewrite(bom, &base(), mark), "\u{feff}#EXTM3U\nP[seg.ts|https://cdn.example/hls/v1/seg.ts]\n");
         assert!(looks_like_playlist(b"#EXTM3U\n"));
         assert!(looks_like_playlist(b"\xEF\xBB\xBF#EXTM3U\r\n"));
         assert!(!looks_like_playlist(b"\x47\x40\x00"));
