@@ -52,7 +52,7 @@ async fn origin() -> Origin {
 /// The proxied URIs of a playlist (lines and URI="..." values).
 fn uris(playlist: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for line in playlist.lines() {
+    for line in playlist.trim_start_matches('\u{feff}').lines() {
         if line.starts_with('#') {
             let mut rest = line;
             while let Some(i) = rest.find("URI=\"") {
