@@ -441,7 +441,12 @@ impl Proxy {
                 is_playlist = url_says_hls || type_says_hls;
             } else {
                 let head = peek(&mut resp, 16).await.map_err(|e| self.fetch_failed(e))?;
-                is_playlist = hls::looks_like_playlist(&head);
+                // A compressed body cannot be sniffed: URL or type decide.
+                let encoded = out
+                    .headers
+                    .get(header::CONTENT_ENCODING)
+                    .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                is_playlist = hls::looks_like_playlist(&head) || (encoded && (url_says_hls || type_says_hls));
                 first = Some(head);
             }
         }
