@@ -102,6 +102,8 @@ pub enum Action {
     Raw(Vec<u8>),
     /// Read the request, never answer (until the client closes).
     Hang,
+    /// Answer after a pause.
+    Delayed(Duration, Resp),
 }
 
 impl From<Resp> for Action {
@@ -227,6 +229,12 @@ async fn serve_conn(
             Action::Raw(bytes) => {
                 sock.write_all(&bytes).await?;
                 return Ok(());
+            }
+            Action::Delayed(pause, resp) => {
+                tokio::time::sleep(pause).await;
+                if !write_response(&mut sock, resp, is_head, &written).await? {
+                    return Ok(());
+                }
             }
             Action::Respond(resp) => {
                 let keep = write_response(&mut sock, resp, is_head, &written).await?;

@@ -1,0 +1,213 @@
+//! `/strm/stream`: resolve, cache (single-flight), and refresh-on-failure
+//! exactly once.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anibridge_proxy::auth::{sign, Query};
+use common::*;
+
+/// A resolver that answers with `answer(call_number, query)`.
+async fn resolver(
+    answer: impl Fn(usize, &str) -> Action + Send + Sync + 'static,
+) -> (Origin, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let o = Origin::start(move |req| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        answer(n, req.target.split_once('?').map(|(_, q)| q).unwrap_or(""))
+    })
+    .await;
+    (o, calls)
+}
+
+fn json(url: &str, ttl: u64) -> Action {
+    let body = format!(r#"{{"url":"{url}","headers":{{"Referer":"https://hoster.example/"}},"ttl_seconds":{ttl}}}"#);
+    Resp::new(200, Body::Bytes(body.into_bytes())).header("Content-Type", "application/json").into()
+}
+
+async fn media() -> Origin {
+    Origin::start(|req| match req.path() {
+        "/stale.mp4" => Resp::new(403, Body::Bytes(b"expired link".to_vec())).into(),
+        "/gone.mp4" => Resp::new(404, Body::Bytes(b"gone".to_vec())).into(),
+        "/busy.mp4" => Resp::new(503, Body::Bytes(b"busy".to_vec())).into(),
+        _ => serve_file(req, 10_000, Some("video/mp4")).into(),
+    })
+    .await
+}
+
+async fn proxy(resolver: &Origin, mode: &str) -> Proxy {
+    Proxy::start(&format!(
+        "auth: {{mode: {mode}}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\", timeout: \"2s\"}}\n",
+        resolver.url("/resolve")
+    ))
+    .await
+}
+
+const EPISODE: &str = "site=aniworld.to&slug=kaguya-sama&s=1&e=3&lang=German+Dub&provider=VOE";
+
+fn signed(query: &str) -> String {
+    let mut q = Query::parse(Some(query));
+    let s = sign(SECRET.as_bytes(), &q);
+    q.0.push(("sig".into(), s));
+    format!("/strm/stream?{}", q.encode())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_url_is_refreshed_once_then_served() {
+    let m = media().await;
+    let (stale, good) = (m.url("/stale.mp4"), m.url("/fresh.mp4"));
+    let (r, calls) = resolver(move |n, _| json(if n == 0 { &stale } else { &good }, 300)).await;
+    let p = proxy(&r, "token").await;
+    let got = get(p.addr(), "GET", &signed(EPISODE), &[("Range", "bytes=0-99")]).await;
+    assert_eq!(got.status, 206, "{}", got.text());
+    assert_body(&got.body, &pattern(0, 100));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(m.requests().len(), 2, "exactly two upstream attempts");
+    // The resolver's headers went upstream; the resolver saw no sig.
+    assert!(m.requests().iter().all(|r| r.header("referer") == Some("https://hoster.example/")));
+    assert!(r.requests().iter().all(|q| !q.target.contains("sig=")));
+    assert!(r.requests()[0].target.contains("slug=kaguya-sama"));
+    // The refreshed answer is cached now.
+    let got = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_is_passed_through_after_exactly_two_attempts() {
+    let m = media().await;
+    let gone = m.url("/gone.mp4");
+    let (r, calls) = resolver(move |_, _| json(&gone, 300)).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.text(), "gone");
+    assert_eq!(m.requests().len(), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // 503 is not a stale-URL signal: no refresh.
+    let busy = m.url("/busy.mp4");
+    let (r, calls) = resolver(move |_, _| json(&busy, 300)).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failure_is_refreshed() {
+    let m = media().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let good = m.url("/fresh.mp4");
+    let (r, calls) = resolver(move |n, _| json(&if n == 0 { format!("http://{dead}/x.mp4") } else { good.clone() }, 300)).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_resolver_call() {
+    let m = media().await;
+    let good = m.url("/fresh.mp4");
+    let (r, calls) = resolver(move |_, _| match json(&good, 300) {
+        Action::Respond(resp) => Action::Delayed(Duration::from_millis(300), resp),
+        other => other,
+    })
+    .await;
+    let p = proxy(&r, "none").await;
+    let addr = p.addr();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| tokio::spawn(async move { get(addr, "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await }))
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, 206);
+        assert_body(&got.body, &pattern(0, 10));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // exp is not part of the cache key.
+    let got = get(addr, "GET", &format!("/strm/stream?{EPISODE}&exp=99999999999"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_zero_is_not_cached_and_head_works() {
+    let m = Origin::start(|req| {
+        if req.method == "HEAD" {
+            Resp::new(405, Body::Bytes(Vec::new())).into()
+        } else {
+            serve_file(req, 4242, Some("video/mp4")).into()
+        }
+    })
+    .await;
+    let good = m.url("/v.mp4");
+    let (r, calls) = resolver(move |_, _| json(&good, 0)).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "HEAD", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some("4242"));
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolver_failures_are_502() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = Proxy::start(&format!(
+        "auth: {{mode: none}}\nresolver: {{url: \"http://{dead}/resolve\", timeout: \"1s\"}}\n"
+    ))
+    .await;
+    let got = get(down.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.text(), "resolver unavailable\n");
+    for answer in [
+        Resp::new(500, Body::Bytes(b"oops".to_vec())),
+        Resp::new(200, Body::Bytes(b"{not json".to_vec())),
+        Resp::new(200, Body::Bytes(br#"{"url":"ftp://x/y"}"#.to_vec())),
+    ] {
+        let once = std::sync::Mutex::new(Some(answer));
+        let (r, _) = resolver(move |_, _| once.lock().unwrap().take().map(Action::Respond).unwrap_or(Action::Hang)).await;
+        let p = proxy(&r, "none").await;
+        let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+        assert_eq!(got.status, 502);
+        assert_eq!(got.text(), "resolver unavailable\n");
+    }
+    // A resolver that hangs: the resolver timeout answers.
+    let (r, _) = resolver(|_, _| Action::Hang).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_and_auth() {
+    let m = media().await;
+    let good = m.url("/fresh.mp4");
+    let (r, calls) = resolver(move |_, _| json(&good, 300)).await;
+    let p = proxy(&r, "token").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 401);
+    let got = get(p.addr(), "GET", &signed("site=aniworld.to&s=1"), &[]).await;
+    assert_eq!(got.status, 400);
+    assert_eq!(got.text(), "missing parameter slug\n");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolved_urls_are_subject_to_egress() {
+    let m = media().await;
+    let url = m.url("/fresh.mp4");
+    let (r, _) = resolver(move |_, _| json(&url, 300)).await;
+    // No allow_cidrs: the resolver (operator config) is reachable, the
+    // loopback hoster URL it returns is not.
+    let p = Proxy::start(&format!("auth: {{mode: none}}\nresolver: {{url: \"{}\"}}\n", r.url("/resolve"))).await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 403);
+    assert_eq!(m.connections.load(Ordering::SeqCst), 0);
+}
