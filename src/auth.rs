@@ -2,7 +2,6 @@
 //! AniBridge's Python `urlencode(sorted(params.items()))`) and API keys.
 
 use hmac::{Hmac, Mac};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
@@ -43,12 +42,59 @@ impl Query {
     }
 }
 
-/// What Python's `quote_plus` leaves bare: `A-Za-z0-9_.-~`.
-const PY_QUOTE_PLUS: &AsciiSet = &NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(b'-').remove(b'~');
-
-/// Python `quote_plus(s, safe='')`.
+/// Python `quote_plus(s, safe='')`: `A-Za-z0-9_.-~` stay bare, space is
+/// `+`, every other byte of the UTF-8 encoding is `%XX` (upper-case hex).
 pub fn quote_plus(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, PY_QUOTE_PLUS).to_string().replace("%20", "+")
+    let mut out = String::with_capacity(s.len() + s.len() / 2);
+    quote_plus_into(s, &mut out);
+    out
+}
+
+/// Bytes `quote_plus` leaves bare.
+const BARE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'~');
+        i += 1;
+    }
+    t
+};
+
+fn quote_plus_into(s: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let bytes = s.as_bytes();
+    let mut run = 0; // start of the current run of bare bytes
+    for (i, &b) in bytes.iter().enumerate() {
+        if BARE[b as usize] {
+            continue;
+        }
+        // Runs end on char boundaries: a multi-byte char is all escaped.
+        if run < i {
+            out.push_str(&s[run..i]);
+        }
+        run = i + 1;
+        if b == b' ' {
+            out.push('+');
+        } else {
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+    if run < bytes.len() {
+        out.push_str(&s[run..]);
+    }
+}
+
+/// Lower-case hex, appended.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
+    }
 }
 
 /// `k=v&k=v` with Python's `urlencode` escaping.
@@ -58,9 +104,9 @@ pub fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Stri
         if !out.is_empty() {
             out.push('&');
         }
-        out.push_str(&quote_plus(k));
+        quote_plus_into(k, &mut out);
         out.push('=');
-        out.push_str(&quote_plus(v));
+        quote_plus_into(v, &mut out);
     }
     out
 }
@@ -120,8 +166,15 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Verifies `sig` (and `exp`, when present) of a query at unix time `now`.
 pub fn verify_token(secret: &[u8], q: &Query, now: u64) -> Result<(), AuthError> {
+    verify_with(&Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length"), q, now)
+}
+
+fn verify_with(keyed: &Hmac<Sha256>, q: &Query, now: u64) -> Result<(), AuthError> {
     let sig = q.get("sig").filter(|s| !s.is_empty()).ok_or(AuthError::MissingSignature)?;
-    let expected = sign(secret, q);
+    let mut mac = keyed.clone();
+    mac.update(canonical_query(q).as_bytes());
+    let mut expected = String::with_capacity(64);
+    push_hex(&mut expected, &mac.finalize().into_bytes());
     // Accept upper-case hex too: the bytes are what matter.
     if !ct_eq(expected.as_bytes(), sig.to_ascii_lowercase().as_bytes()) {
         return Err(AuthError::InvalidSignature);
@@ -148,7 +201,8 @@ pub fn verify_api_key(expected: &str, q: &Query, header: Option<&[u8]>) -> Resul
 #[derive(Clone)]
 pub struct Auth {
     pub mode: AuthMode,
-    secret: Vec<u8>,
+    /// HMAC keyed once; cloned per signature (saves the key schedule).
+    mac: Hmac<Sha256>,
     api_key: String,
     pub token_ttl: u64,
 }
@@ -163,7 +217,8 @@ impl Auth {
     pub fn new(mode: AuthMode, secret: Option<&str>, api_key: Option<&str>, token_ttl: u64) -> Auth {
         Auth {
             mode,
-            secret: secret.unwrap_or_default().as_bytes().to_vec(),
+            mac: Hmac::<Sha256>::new_from_slice(secret.unwrap_or_default().as_bytes())
+                .expect("HMAC accepts any key length"),
             api_key: api_key.unwrap_or_default().to_string(),
             token_ttl,
         }
@@ -174,28 +229,99 @@ impl Auth {
     pub fn check(&self, q: &Query, api_key_header: Option<&[u8]>, now: u64) -> Result<(), AuthError> {
         match self.mode {
             AuthMode::None => Ok(()),
-            AuthMode::Token => verify_token(&self.secret, q, now),
+            AuthMode::Token => verify_with(&self.mac, q, now),
             AuthMode::Apikey => verify_api_key(&self.api_key, q, api_key_header),
         }
     }
 
-    /// Credentials for a URL the proxy hands out (playlist children): in
-    /// token mode `exp` and `sig` over `params`; in apikey mode the key the
-    /// client itself used; nothing in none mode. Returns the full query.
-    pub fn credentials_for(&self, mut params: Query, client_key: Option<&str>, now: u64) -> Query {
+    /// The query string of a URL the proxy hands out (playlist children):
+    /// `params` plus, in token mode, `exp` and `sig`; in apikey mode the key
+    /// the client itself used; nothing more in none mode.
+    pub fn child_query(&self, params: &[(&str, &str)], client_key: Option<&str>, now: u64) -> String {
+        let exp = (now + self.token_ttl).to_string();
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(params.len() + 1);
+        pairs.extend_from_slice(params);
         match self.mode {
-            AuthMode::None => params,
-            AuthMode::Apikey => {
-                if let Some(k) = client_key {
-                    params.0.push(("apikey".into(), k.into()));
+            AuthMode::None => {}
+            AuthMode::Apikey => pairs.extend(client_key.map(|k| ("apikey", k))),
+            AuthMode::Token => pairs.push(("exp", &exp)),
+        }
+        // Each pair is encoded once into `query` (arrival order); the
+        // canonical string reuses those pieces sorted by raw (name, value).
+        let mut query = String::with_capacity(params.iter().map(|(k, v)| k.len() + v.len() * 3 / 2 + 2).sum::<usize>() + 96);
+        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(pairs.len());
+        for (k, v) in &pairs {
+            if !query.is_empty() {
+                query.push('&');
+            }
+            let start = query.len();
+            quote_plus_into(k, &mut query);
+            query.push('=');
+            quote_plus_into(v, &mut query);
+            spans.push((start, query.len()));
+        }
+        if self.mode == AuthMode::Token {
+            let mut order: Vec<usize> = (0..pairs.len()).collect();
+            order.sort_unstable_by(|&a, &b| pairs[a].cmp(&pairs[b]));
+            let mut mac = self.mac.clone();
+            for (n, &i) in order.iter().enumerate() {
+                if n > 0 {
+                    mac.update(b"&");
                 }
-                params
+                mac.update(&query.as_bytes()[spans[i].0..spans[i].1]);
+            }
+            query.push_str("&sig=");
+            push_hex(&mut query, &mac.finalize().into_bytes());
+        }
+        query
+    }
+}
+
+/// Signs many playlist children at one instant: the `exp` and the HMAC
+/// state after the constant prefix `exp=...&u=` are computed once, so each
+/// child costs one encoding of its URL and the rest of one HMAC.
+pub struct ChildSigner<'a> {
+    auth: &'a Auth,
+    client_key: Option<&'a str>,
+    exp: String,
+    prefixed: Option<Hmac<Sha256>>,
+}
+
+impl<'a> ChildSigner<'a> {
+    pub fn new(auth: &'a Auth, client_key: Option<&'a str>, now: u64) -> ChildSigner<'a> {
+        let exp = (now + auth.token_ttl).to_string();
+        // Canonical order is by name: "exp" < "u".
+        let prefixed = (auth.mode == AuthMode::Token).then(|| {
+            let mut mac = auth.mac.clone();
+            mac.update(b"exp=");
+            mac.update(exp.as_bytes());
+            mac.update(b"&u=");
+            mac
+        });
+        ChildSigner { auth, client_key, exp, prefixed }
+    }
+
+    /// Appends the query for child URL `u` to `out`; the same string as
+    /// `Auth::child_query(&[("u", u)], ..)`.
+    pub fn push_query(&self, u: &str, out: &mut String) {
+        out.push_str("u=");
+        let start = out.len();
+        quote_plus_into(u, out);
+        match self.auth.mode {
+            AuthMode::None => {}
+            AuthMode::Apikey => {
+                if let Some(k) = self.client_key {
+                    out.push_str("&apikey=");
+                    quote_plus_into(k, out);
+                }
             }
             AuthMode::Token => {
-                params.0.push(("exp".into(), (now + self.token_ttl).to_string()));
-                let sig = sign(&self.secret, &params);
-                params.0.push(("sig".into(), sig));
-                params
+                let mut mac = self.prefixed.clone().expect("token mode has a keyed prefix");
+                mac.update(&out.as_bytes()[start..]);
+                out.push_str("&exp=");
+                out.push_str(&self.exp);
+                out.push_str("&sig=");
+                push_hex(out, &mac.finalize().into_bytes());
             }
         }
     }
@@ -271,15 +397,61 @@ mod tests {
     }
 
     #[test]
-    fn credentials_for_children() {
+    fn child_queries() {
         let a = Auth::new(AuthMode::Token, Some("s"), None, 900);
-        let c = a.credentials_for(q(&[("u", "https://x/y.ts")]), None, 1000);
-        assert_eq!(c.get("exp"), Some("1900"));
-        assert_eq!(a.check(&c, None, 1000), Ok(()));
+        let c = a.child_query(&[("u", "https://x/a b.ts")], None, 1000);
+        let parsed = Query::parse(Some(&c));
+        assert_eq!(parsed.get("exp"), Some("1900"));
+        assert_eq!(parsed.get("u"), Some("https://x/a b.ts"));
+        assert!(c.starts_with("u=https%3A%2F%2Fx%2Fa+b.ts&exp=1900&sig="), "{c}");
+        assert_eq!(a.check(&parsed, None, 1000), Ok(()));
+        assert_eq!(parsed.get("sig"), Some(sign(b"s", &parsed).as_str()));
         let a = Auth::new(AuthMode::Apikey, None, Some("k"), 900);
-        let c = a.credentials_for(q(&[("u", "x")]), Some("k"), 0);
-        assert_eq!(c.encode(), "u=x&apikey=k");
+        assert_eq!(a.child_query(&[("u", "x")], Some("k"), 0), "u=x&apikey=k");
         let a = Auth::new(AuthMode::None, None, None, 900);
-        assert_eq!(a.credentials_for(q(&[("u", "x")]), None, 0).encode(), "u=x");
+        assert_eq!(a.child_query(&[("u", "x")], None, 0), "u=x");
+    }
+
+    #[test]
+    fn quote_plus_matches_python() {
+        // python3 -c "from urllib.parse import quote_plus as q; print(q('a b/~*é%+', safe=''))"
+        assert_eq!(quote_plus("a b/~*é%+"), "a+b%2F~%2A%C3%A9%25%2B");
+    }
+
+    proptest::proptest! {
+        /// The hand-rolled encoder equals the reference definition.
+        #[test]
+        fn quote_plus_is_the_reference(s in "\\PC{0,40}") {
+            const SET: &percent_encoding::AsciiSet =
+                &percent_encoding::NON_ALPHANUMERIC.remove(b'_').remove(b'.').remove(b'-').remove(b'~');
+            let reference = percent_encoding::utf8_percent_encode(&s, SET).to_string().replace("%20", "+");
+            proptest::prop_assert_eq!(quote_plus(&s), reference);
+        }
+
+        /// Whatever the parameters, a child query verifies after a round
+        /// trip through its own encoding, and a changed value does not.
+        #[test]
+        fn child_queries_verify(u in "\\PC{1,60}", extra in "\\PC{0,10}") {
+            let a = Auth::new(AuthMode::Token, Some("k"), None, 60);
+            let q = a.child_query(&[("u", &u), ("x", &extra)], None, 1000);
+            let parsed = Query::parse(Some(&q));
+            proptest::prop_assert_eq!(parsed.get("u"), Some(u.as_str()));
+            proptest::prop_assert_eq!(a.check(&parsed, None, 1000), Ok(()));
+            let mut tampered = parsed.clone();
+            tampered.0[0].1.push('!');
+            proptest::prop_assert_eq!(a.check(&tampered, None, 1000), Err(AuthError::InvalidSignature));
+        }
+    }
+
+    proptest::proptest! {
+        /// The per-playlist signer gives exactly the general child query.
+        #[test]
+        fn child_signer_is_child_query(u in "\\PC{0,60}", mode in 0..3u8, key in proptest::option::of("[a-z]{1,8}")) {
+            let mode = [AuthMode::Token, AuthMode::Apikey, AuthMode::None][mode as usize];
+            let a = Auth::new(mode, Some("k"), Some("x"), 60);
+            let mut fast = String::new();
+            ChildSigner::new(&a, key.as_deref(), 1000).push_query(&u, &mut fast);
+            proptest::prop_assert_eq!(fast, a.child_query(&[("u", &u)], key.as_deref(), 1000));
+        }
     }
 }

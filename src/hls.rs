@@ -1,6 +1,8 @@
 //! HLS playlist rewriting: every URI a player would follow is pointed back
 //! through the proxy, so segments, keys and renditions never bypass it.
 
+use std::borrow::Cow;
+
 use url::Url;
 
 /// Whether a body is an HLS playlist (`#EXTM3U`, optionally after a BOM).
@@ -11,8 +13,36 @@ pub fn looks_like_playlist(body: &[u8]) -> bool {
 
 /// The cosmetic file name for a child URL: its last path segment, so
 /// `seg001.ts` keeps its extension.
-pub fn hint_for(u: &Url) -> &str {
-    let seg = u.path_segments().and_then(|mut s| s.next_back()).unwrap_or("");
+pub fn hint_for(url: &str) -> &str {
+    let b = url.as_bytes();
+    // Skip "scheme://authority"; the path runs to '?' or '#'.
+    let after_scheme = if b.starts_with(b"https://") {
+        8
+    } else if b.starts_with(b"http://") {
+        7
+    } else {
+        url.find("://").map(|i| i + 3).unwrap_or(0)
+    };
+    let mut path_start = None;
+    let mut last_slash = None;
+    let mut end = b.len();
+    for (i, &c) in b.iter().enumerate().skip(after_scheme) {
+        match c {
+            b'/' => {
+                path_start.get_or_insert(i);
+                last_slash = Some(i);
+            }
+            b'?' | b'#' => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    let seg = match (path_start, last_slash) {
+        (Some(_), Some(l)) => &url[l + 1..end],
+        _ => "",
+    };
     if seg.is_empty() || seg == "." || seg == ".." {
         "stream"
     } else {
@@ -20,13 +50,138 @@ pub fn hint_for(u: &Url) -> &str {
     }
 }
 
+/// The playlist URL's pieces that relative references resolve against.
+struct Base<'a> {
+    url: &'a Url,
+    /// http or https: only then is the concatenation shortcut exact.
+    special: bool,
+    /// `scheme://authority`
+    origin: &'a str,
+    /// Everything up to and including the last `/` of the path.
+    dir: &'a str,
+}
+
+impl<'a> Base<'a> {
+    fn new(url: &'a Url) -> Base<'a> {
+        let s = url.as_str();
+        let origin = &s[..url[..url::Position::BeforePath].len()];
+        let path_end = url[..url::Position::AfterPath].len();
+        let dir = &s[..s[..path_end].rfind('/').map(|i| i + 1).unwrap_or(path_end)];
+        Base { url, special: matches!(url.scheme(), "http" | "https"), origin, dir }
+    }
+
+    /// The absolute http(s) URL a player would fetch for `uri`, or `None`
+    /// for other schemes (`skd://`, `data:`) and unparsable references.
+    fn resolve<'u>(&self, uri: &'u str) -> Option<Cow<'u, str>> {
+        if let Some(fast) = self.resolve_plain(uri) {
+            return Some(fast);
+        }
+        let u = self.url.join(uri).ok()?;
+        matches!(u.scheme(), "http" | "https").then(|| Cow::Owned(u.into()))
+    }
+
+    /// The common shapes, resolved by concatenation exactly as `Url::join`
+    /// would: a relative path, a root-relative path, or an already
+    /// canonical absolute http(s) URL — made only of characters the URL
+    /// parser leaves alone and without dot segments. `None`: not plain.
+    fn resolve_plain<'u>(&self, uri: &'u str) -> Option<Cow<'u, str>> {
+        if !self.special || !is_plain(uri) {
+            return None;
+        }
+        if let Some(rest) = uri.strip_prefix("http://").or_else(|| uri.strip_prefix("https://")) {
+            // Host: lower-case name, no port, userinfo or IP literal forms;
+            // a path must follow.
+            let slash = rest.find('/')?;
+            let host = &rest[..slash];
+            let plain_host = !host.is_empty()
+                && host.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && !host.starts_with('.')
+                && !host.ends_with('.')
+                && !host.contains("..")
+                && !host.split('.').any(|l| l.starts_with("xn--") || l.is_empty());
+            return plain_host.then_some(Cow::Borrowed(uri));
+        }
+        let first = uri.as_bytes()[0];
+        let mut out = String::with_capacity(self.dir.len() + uri.len());
+        if first == b'/' {
+            if uri.starts_with("//") {
+                return None;
+            }
+            out.push_str(self.origin);
+        } else {
+            // A scheme ("name:") before any '/' or '?' makes it absolute.
+            let delim = uri.find(['/', '?']).unwrap_or(uri.len());
+            if first == b'?' || uri[..delim].contains(':') {
+                return None;
+            }
+            out.push_str(self.dir);
+        }
+        out.push_str(uri);
+        Some(Cow::Owned(out))
+    }
+}
+
+/// Non-empty, only bytes the URL parser copies unchanged, and no `.`/`..`
+/// segment (also percent-encoded) in the path — one pass.
+fn is_plain(uri: &str) -> bool {
+    let b = uri.as_bytes();
+    if b.is_empty() {
+        return false;
+    }
+    let mut in_path = true;
+    let mut seg_start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if !PLAIN[c as usize] {
+            return false;
+        }
+        if !in_path {
+            continue;
+        }
+        match c {
+            b'/' | b'?' => {
+                let seg = &b[seg_start..i];
+                if (seg.len() == 1 && seg[0] == b'.') || (seg.len() == 2 && seg[0] == b'.' && seg[1] == b'.') {
+                    return false;
+                }
+                seg_start = i + 1;
+                in_path = c == b'/';
+            }
+            b'%' if i + 2 < b.len() && b[i + 1] == b'2' && (b[i + 2] | 0x20) == b'e' => return false,
+            _ => {}
+        }
+    }
+    if in_path {
+        let seg = &b[seg_start..];
+        if (seg.len() == 1 && seg[0] == b'.') || (seg.len() == 2 && seg[0] == b'.' && seg[1] == b'.') {
+            return false;
+        }
+    }
+    true
+}
+
+/// Bytes the URL parser copies unchanged in paths and queries.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'(' | b')'
+            | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'@' | b'/' | b'?' | b'%');
+        i += 1;
+    }
+    t
+};
+
 /// Rewrites a playlist. `base` is the final upstream URL (after redirects);
-/// `proxied` turns an absolute child URL into the URL the client should
-/// use. Lines keep their endings; comments, tags without URIs, blank lines
+/// `proxied` appends the URL the client should use for an absolute child
+/// URL to the output. Lines keep their endings; comments, tags without URIs, blank lines
 /// and URIs that are not http(s) after resolution (`skd://`, `data:`) are
 /// left exactly as they were. The output has as many lines as the input.
-pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&Url) -> String) -> String {
-    let mut out = String::with_capacity(playlist.len() + playlist.len() / 2);
+pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&str, &mut String)) -> String {
+    let base = Base::new(base);
+    // URI lines roughly double or triple (signed query); avoid regrowth.
+    let mut out = String::with_capacity(playlist.len() * 3);
     // A byte-order mark is kept, and does not make `#EXTM3U` a URI line.
     let playlist = match playlist.strip_prefix('\u{feff}') {
         Some(rest) => {
@@ -41,19 +196,20 @@ pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&Url) -> Stri
         if trimmed.is_empty() {
             out.push_str(line);
         } else if trimmed.starts_with('#') {
-            if trimmed.starts_with("#EXT") && content.contains("URI=\"") {
-                rewrite_uri_attributes(content, base, &mut proxied, &mut out);
+            // #EXTINF (every other line of a media playlist) never has URIs.
+            if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
+                rewrite_uri_attributes(content, &base, &mut proxied, &mut out);
                 out.push_str(ending);
             } else {
                 out.push_str(line);
             }
         } else {
-            match resolve(trimmed, base) {
+            match base.resolve(trimmed) {
                 Some(child) => {
                     // Keep surrounding whitespace; replace only the URI.
-                    let start = content.find(trimmed).unwrap_or(0);
+                    let start = content.len() - content.trim_start().len();
                     out.push_str(&content[..start]);
-                    out.push_str(&proxied(&child));
+                    proxied(&child, &mut out);
                     out.push_str(&content[start + trimmed.len()..]);
                     out.push_str(ending);
                 }
@@ -74,15 +230,8 @@ fn split_ending(line: &str) -> (&str, &str) {
     }
 }
 
-/// A URI resolved against the playlist URL, if the player would fetch it
-/// over http(s).
-fn resolve(uri: &str, base: &Url) -> Option<Url> {
-    let u = base.join(uri).ok()?;
-    matches!(u.scheme(), "http" | "https").then_some(u)
-}
-
 /// Rewrites each `URI="..."` attribute of a tag line into `out`.
-fn rewrite_uri_attributes(line: &str, base: &Url, proxied: &mut impl FnMut(&Url) -> String, out: &mut String) {
+fn rewrite_uri_attributes(line: &str, base: &Base<'_>, proxied: &mut impl FnMut(&str, &mut String), out: &mut String) {
     let mut rest = line;
     while let Some(pos) = rest.find("URI=\"") {
         let attr_start = pos == 0 || matches!(rest.as_bytes()[pos - 1], b':' | b',' | b' ');
@@ -90,8 +239,8 @@ fn rewrite_uri_attributes(line: &str, base: &Url, proxied: &mut impl FnMut(&Url)
         let Some(len) = rest[value_start..].find('"') else { break };
         out.push_str(&rest[..value_start]);
         let value = &rest[value_start..value_start + len];
-        match resolve(value, base).filter(|_| attr_start) {
-            Some(child) => out.push_str(&proxied(&child)),
+        match base.resolve(value).filter(|_| attr_start) {
+            Some(child) => proxied(&child, out),
             None => out.push_str(value),
         }
         rest = &rest[value_start + len..];
@@ -107,8 +256,8 @@ mod tests {
         Url::parse("https://cdn.example/hls/v1/index.m3u8?tok=abc").unwrap()
     }
 
-    fn mark(u: &Url) -> String {
-        format!("P[{}|{}]", hint_for(u), u)
+    fn mark(u: &str, out: &mut String) {
+        out.push_str(&format!("P[{}|{}]", hint_for(u), u));
     }
 
     #[test]
@@ -190,9 +339,66 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
 
     #[test]
     fn hints() {
-        assert_eq!(hint_for(&Url::parse("https://a/b/seg001.ts?x=1").unwrap()), "seg001.ts");
-        assert_eq!(hint_for(&Url::parse("https://a/b/").unwrap()), "stream");
-        assert_eq!(hint_for(&Url::parse("https://a").unwrap()), "stream");
-        assert_eq!(hint_for(&Url::parse("https://a/x%20y.ts").unwrap()), "x%20y.ts");
+        assert_eq!(hint_for("https://a/b/seg001.ts?x=1"), "seg001.ts");
+        assert_eq!(hint_for("https://a/b/"), "stream");
+        assert_eq!(hint_for("https://a"), "stream");
+        assert_eq!(hint_for("https://a?x=/y.ts"), "stream");
+        assert_eq!(hint_for("https://a/x%20y.ts#f"), "x%20y.ts");
+    }
+
+    #[test]
+    fn plain_resolution_equals_url_join_on_known_shapes() {
+        let bases = ["https://cdn.example/hls/v1/index.m3u8?tok=abc", "http://cdn.example:8080/a/b", "https://h.example/"];
+        let uris = [
+            "seg-001.ts", "seg-001.ts?token=a&b=c", "sub/dir/x.ts", "/root/x.ts", "/", "?only=query",
+            "https://other.example/x.ts", "https://Other.example/x.ts", "https://other.example:443/x.ts",
+            "http://other.example", "HTTPS://other.example/x", "./x.ts", "../x.ts", "a/./b", "a/%2e%2e/b",
+            "x y.ts", "x\\y.ts", "//other.example/x.ts", "data:,x", "skd://key", "a:b/c", "x.ts#frag",
+            "https://192.168.0.1/x", "https://xn--bcher-kva.example/x", "%41.ts", "x'y.ts", "~u/x.ts",
+        ];
+        for b in bases {
+            let url = Url::parse(b).unwrap();
+            let base = Base::new(&url);
+            for u in uris {
+                let slow = url.join(u).ok().filter(|j| matches!(j.scheme(), "http" | "https")).map(String::from);
+                assert_eq!(base.resolve(u).map(Cow::into_owned), slow, "base {b} uri {u}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4000))]
+
+        /// The fast path is an optimisation only: whatever the reference,
+        /// the result is exactly what `Url::join` gives.
+        #[test]
+        fn resolve_is_url_join(
+            uri in "(https?://|/|//|\\.\\./|\\./)?[a-zA-Z0-9._~%:@/?&=+!$'()*,; #-]{0,24}",
+            base in proptest::sample::select(vec![
+                "https://cdn.example/hls/v1/index.m3u8?tok=abc",
+                "http://cdn.example:8080/a/b",
+                "https://h.example/",
+                "http://10.0.0.1/x/y/",
+            ]),
+        ) {
+            let url = Url::parse(base).unwrap();
+            let slow = url.join(&uri).ok().filter(|j| matches!(j.scheme(), "http" | "https")).map(String::from);
+            proptest::prop_assert_eq!(Base::new(&url).resolve(&uri).map(Cow::into_owned), slow);
+        }
+
+        /// Rewriting never panics, keeps the line count and every non-URI
+        /// line byte for byte.
+        #[test]
+        fn rewrite_keeps_structure(lines in proptest::collection::vec("(#EXT[A-Z-]{0,8}:[ -~]{0,20}|#[ -~]{0,10}|[ -~]{0,30}|)", 0..20), crlf in proptest::bool::ANY) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let text = lines.join(nl);
+            let out = rewrite(&text, &base(), |u, o| o.push_str(&format!("<{u}>")));
+            proptest::prop_assert_eq!(out.split(nl).count(), text.split(nl).count());
+            for (a, b) in text.split(nl).zip(out.split(nl)) {
+                if a.trim().is_empty() || (a.trim_start().starts_with('#') && !a.contains("URI=\"")) {
+                    proptest::prop_assert_eq!(a, b);
+                }
+            }
+        }
     }
 }

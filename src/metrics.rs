@@ -11,6 +11,7 @@ pub struct Metrics {
     pub upstream_header_seconds: Histogram,
     pub bytes_relayed: IntCounter,
     pub active_streams: IntGauge,
+    pub in_flight: IntGauge,
     pub upstream_connections: IntCounterVec,
     pub retries: IntCounter,
     pub refreshes: IntCounter,
@@ -35,6 +36,7 @@ impl Metrics {
         let bytes_relayed =
             IntCounter::new("anibridge_bytes_relayed_total", "Response body bytes sent to clients").unwrap();
         let active_streams = IntGauge::new("anibridge_active_streams", "Responses being streamed now").unwrap();
+        let in_flight = IntGauge::new("anibridge_requests_in_flight", "Requests being handled now").unwrap();
         let upstream_connections = IntCounterVec::new(
             Opts::new("anibridge_upstream_connections_total", "Upstream connections by whether they were reused"),
             &["reused"],
@@ -56,6 +58,7 @@ impl Metrics {
             Box::new(upstream_header_seconds.clone()),
             Box::new(bytes_relayed.clone()),
             Box::new(active_streams.clone()),
+            Box::new(in_flight.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(retries.clone()),
             Box::new(refreshes.clone()),
@@ -71,6 +74,7 @@ impl Metrics {
             upstream_header_seconds,
             bytes_relayed,
             active_streams,
+            in_flight,
             upstream_connections,
             retries,
             refreshes,

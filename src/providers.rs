@@ -6,9 +6,12 @@ use http::header::{HeaderName, HeaderValue};
 use crate::config::ProviderConf;
 use crate::egress::HostPattern;
 
+/// Host patterns and the headers they get.
+type Profile = (Vec<HostPattern>, Vec<(HeaderName, HeaderValue)>);
+
 #[derive(Debug, Clone, Default)]
 pub struct Providers {
-    profiles: Vec<(Vec<HostPattern>, Vec<(HeaderName, HeaderValue)>)>,
+    profiles: Vec<Profile>,
 }
 
 impl Providers {

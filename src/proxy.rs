@@ -20,7 +20,7 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use url::Url;
 
-use crate::auth::{Auth, AuthError, Query};
+use crate::auth::{Auth, AuthError, ChildSigner, Query};
 use crate::config::{AuthMode, Config};
 use crate::content_type;
 use crate::cors::{self, Cors};
@@ -152,6 +152,8 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
+        // Balanced in `logging`, which Pingora runs last for every request.
+        self.state.metrics.in_flight.inc();
         Ctx::new()
     }
 
@@ -192,6 +194,7 @@ impl ProxyHttp for Proxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let m = &self.state.metrics;
+        m.in_flight.dec();
         let status = if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
         m.requests.with_label_values(&[ctx.route, status_class(status)]).inc();
         m.bytes_relayed.inc_by(ctx.body_bytes);
@@ -555,12 +558,7 @@ impl Proxy {
     /// credentials.
     pub fn rewrite_playlist(&self, text: &str, base: &Url, client_key: Option<&str>) -> String {
         let st = &*self.state;
-        let prefix = st.public_base.as_deref().unwrap_or("");
-        let now = now_unix();
-        hls::rewrite(text, base, |child| {
-            let q = st.auth.credentials_for(Query(vec![("u".into(), child.to_string())]), client_key, now);
-            format!("{prefix}{}{}?{}", routing::RELAY_PREFIX, hls::hint_for(child), q.encode())
-        })
+        rewrite_playlist(&st.auth, st.public_base.as_deref().unwrap_or(""), text, base, client_key, now_unix())
     }
 
     async fn preflight(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
@@ -617,6 +615,19 @@ impl Proxy {
         }
         Ok(())
     }
+}
+
+/// Rewrites a playlist so each child is `{prefix}/strm/proxy/{hint}?u=...`
+/// with the credentials `auth` hands out.
+pub fn rewrite_playlist(auth: &Auth, prefix: &str, text: &str, base: &Url, client_key: Option<&str>, now: u64) -> String {
+    let signer = ChildSigner::new(auth, client_key, now);
+    hls::rewrite(text, base, |child, out| {
+        out.push_str(prefix);
+        out.push_str(routing::RELAY_PREFIX);
+        out.push_str(hls::hint_for(child));
+        out.push('?');
+        signer.push_query(child, out);
+    })
 }
 
 /// The `u=` parameter, checked: present, free of whitespace and control

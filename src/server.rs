@@ -55,6 +55,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// How long `/healthz` reports draining before the listeners close.
+const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// SIGTERM and SIGINT both drain gracefully: `/healthz` turns 503, the
 /// listeners stop accepting, and the process exits 0 as soon as no stream
 /// is active or the grace period is over. SIGQUIT hands the listening
@@ -78,21 +81,28 @@ impl ShutdownSignalWatch for Signals {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         };
         self.draining.store(true, Ordering::Relaxed);
-        log::info!("shutdown requested: draining for at most {:?}", self.grace);
-        // Pingora sleeps the whole grace period; end it early once idle.
+        log::info!("shutdown requested: /healthz answers 503, draining for at most {:?}", self.grace);
+        // Give load balancers a moment to see /healthz fail before the
+        // listeners close (skipped when nothing is in flight).
+        let notice = std::time::Instant::now() + NOTICE.min(self.grace);
+        while std::time::Instant::now() < notice && self.metrics.in_flight.get() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Pingora then sleeps the whole grace period; end it once idle.
         let metrics = self.metrics.clone();
         let grace = self.grace;
         std::thread::spawn(move || {
             let until = std::time::Instant::now() + grace;
             // Let the listeners close first.
-            std::thread::sleep(std::time::Duration::from_millis(200));
+            std::thread::sleep(std::time::Duration::from_millis(100));
             while std::time::Instant::now() < until {
-                if metrics.active_streams.get() <= 0 {
-                    log::info!("no active streams; exiting");
+                if metrics.in_flight.get() <= 0 {
+                    log::info!("no requests in flight; exiting");
                     std::process::exit(0);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                std::thread::sleep(std::time::Duration::from_millis(50));
             }
+            log::warn!("grace period over with {} requests in flight", metrics.in_flight.get());
         });
         kind
     }

@@ -18,7 +18,7 @@ async fn origin() -> Origin {
             if n == 0 {
                 return serve_file(req, 1000, Some("video/mp4")).into();
             }
-            let loc = if n % 2 == 0 { format!("/chain/{}", n - 1) } else { format!("{}", n - 1) };
+            let loc = if n.is_multiple_of(2) { format!("/chain/{}", n - 1) } else { format!("{}", n - 1) };
             return Resp::new(302, Body::Bytes(b"moved".to_vec())).header("Location", &loc).into();
         }
         match p {
@@ -150,10 +150,8 @@ async fn every_redirect_hop_is_checked_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_profiles_apply_per_hop_host() {
     let o = origin().await;
-    let yaml = format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nupstream: {{user_agent: \"anibridge-default\"}}\nproviders:\n  - hosts: [\"127.0.0.1\"]\n    headers: {{Referer: \"https://first.example/\", Origin: \"https://first.example\"}}\n  - hosts: [\"localhost\"]\n    headers: {{Referer: \"https://second.example/\", User-Agent: \"Mozilla/5.0 test\"}}\n"
-    );
-    let p = Proxy::start(&yaml).await;
+    let yaml = "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {user_agent: \"anibridge-default\"}\nproviders:\n  - hosts: [\"127.0.0.1\"]\n    headers: {Referer: \"https://first.example/\", Origin: \"https://first.example\"}\n  - hosts: [\"localhost\"]\n    headers: {Referer: \"https://second.example/\", User-Agent: \"Mozilla/5.0 test\"}\n";
+    let p = Proxy::start(yaml).await;
     let got = get(p.addr(), "GET", &relay_path("h", &o.url("/headers")), &[("Referer", "https://client/")]).await;
     let text = got.text();
     assert!(text.contains("referer: https://first.example/\n"), "{text}");

@@ -75,6 +75,9 @@ pub enum Body {
     ChunkedDie(Vec<u8>),
     /// Declares `declared`, sends `sent`, then stalls (keeps the socket).
     Stall { declared: u64, sent: Vec<u8> },
+    /// Pattern bytes `[0, len)` with `Content-Length`, in `piece`-sized
+    /// writes `pause` apart.
+    Slow { len: u64, piece: u64, pause: Duration },
     /// No body (HEAD answers, 204, 304).
     Empty { content_length: Option<u64> },
 }
@@ -254,7 +257,7 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
     }
     let framing = match &resp.body {
         Body::Bytes(b) => format!("Content-Length: {}\r\n", b.len()),
-        Body::Pattern { len, .. } => format!("Content-Length: {len}\r\n"),
+        Body::Pattern { len, .. } | Body::Slow { len, .. } => format!("Content-Length: {len}\r\n"),
         Body::Chunked(_) | Body::ChunkedDie(_) => "Transfer-Encoding: chunked\r\n".to_string(),
         Body::UntilClose(_) => "Connection: close\r\n".to_string(),
         Body::DieAfter { declared, .. } | Body::Stall { declared, .. } => format!("Content-Length: {declared}\r\n"),
@@ -283,6 +286,17 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
                 sock.write_all(&piece).await?;
                 count(piece.len());
                 off += n;
+            }
+            Ok(true)
+        }
+        Body::Slow { len, piece, pause } => {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(piece);
+                sock.write_all(&pattern(off, n)).await?;
+                count(n as usize);
+                off += n;
+                tokio::time::sleep(pause).await;
             }
             Ok(true)
         }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, integration (real proxy, real local origins,
+# real ffmpeg), property tests, and the criterion benches run once as tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh cmake ffmpeg nginx-light ca-certificates
+# Loopback only: make sure no proxy variable sends test traffic elsewhere.
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
+export PATH="$PATH:/usr/sbin"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# Benches first (each runs once, as a smoke test), then every test target.
+cargo test --benches --locked
+cargo test --lib --bins --tests --locked 2>&1 | tee "$log"
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
