@@ -187,6 +187,13 @@ impl ProxyHttp for Proxy {
         FailToProxy { error_code: 0, can_reuse_downstream: false }
     }
 
+    /// What Pingora prints beside its own error lines: method and path
+    /// only, never the query (`u`, `sig`, `apikey` live there).
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!("{} {} route={}", req.method, req.uri.path(), ctx.route)
+    }
+
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
         // Clients going away mid-stream is ordinary for media players.
         matches!(e.esource(), pingora_error::ErrorSource::Downstream)

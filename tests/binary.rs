@@ -65,6 +65,7 @@ fn free_port() -> u16 {
 
 struct Running {
     child: Child,
+    log: Option<tempfile::NamedTempFile>,
     port: u16,
     admin: u16,
     _cfg: tempfile::NamedTempFile,
@@ -72,16 +73,26 @@ struct Running {
 
 impl Running {
     async fn start(extra: &str) -> Running {
+        Self::start_logging(extra, None, &[]).await
+    }
+
+    /// With `RUST_LOG=rust_log` written to a file, and extra environment.
+    async fn start_logging(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)]) -> Running {
         let (port, admin) = (free_port(), free_port());
         let cfg = config_file(&format!(
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nshutdown_grace: \"10s\"\n{extra}"
         ));
+        let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
         let child = Command::new(BIN)
             .arg("--config")
             .arg(cfg.path())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log.unwrap_or("warn"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(match &log {
+                Some(f) => Stdio::from(f.reopen().unwrap()),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -91,7 +102,7 @@ impl Running {
             assert!(Instant::now() < deadline, "proxy did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Running { child, port, admin, _cfg: cfg }
+        Running { child, log, port, admin, _cfg: cfg }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
@@ -246,4 +257,40 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_secrets_or_upstream_urls() {
+    let o = Origin::start(|req| match req.path() {
+        "/die-secret-path.mp4" => Resp::new(200, Body::DieAfter { declared: 100_000, sent: pattern(0, 1000) }).into(),
+        _ => serve_file(req, 1000, Some("video/mp4")).into(),
+    })
+    .await;
+    let secret = "s3cr3t-VALUE-42";
+    let mut p = Running::start_logging(
+        "auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n",
+        Some("debug,access=info"),
+        &[("ANIBRIDGE_PROXY_SECRET", secret)],
+    )
+    .await;
+    let signed = |path: &str| {
+        let mut q = anibridge_proxy::auth::Query(vec![("u".into(), o.url(path))]);
+        let s = anibridge_proxy::auth::sign(secret.as_bytes(), &q);
+        q.0.push(("sig".into(), s));
+        (format!("/strm/proxy/v.mp4?{}", q.encode()), q.get("sig").unwrap().to_string())
+    };
+    let (ok, sig_ok) = signed("/secret-path.mp4");
+    assert_eq!(get(p.addr(), "GET", &ok, &[]).await.status, 200);
+    let (dies, sig_dies) = signed("/die-secret-path.mp4");
+    assert!(!get(p.addr(), "GET", &dies, &[]).await.complete);
+    let bad = format!("{}&sig=0123456789abcdef-BADSIG", relay_path("v.mp4", &o.url("/secret-path.mp4")));
+    assert_eq!(get(p.addr(), "GET", &bad, &[("X-Api-Key", "KEY-should-not-log")]).await.status, 401);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("route=relay status=200"), "access lines are written: {log}");
+    for needle in [secret, &sig_ok, &sig_dies, "BADSIG", "secret-path", "KEY-should-not-log", "u=http"] {
+        assert!(!log.contains(needle), "log contains {needle:?}:\n{log}");
+    }
 }
