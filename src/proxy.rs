@@ -662,14 +662,18 @@ fn client_key(q: &Query, header: Option<&[u8]>) -> Option<String> {
         .or_else(|| header.and_then(|h| std::str::from_utf8(h).ok()).map(str::to_string))
 }
 
-/// The downstream header: upstream status and every header the policy keeps.
+/// The downstream header: the upstream's, minus what the policy drops.
 fn downstream_header(up: &ResponseHeader) -> Result<ResponseHeader> {
     let nominated = headers::connection_nominated(&up.headers);
-    let mut out = ResponseHeader::build(up.status, Some(up.headers.len()))?;
-    for (name, value) in up.headers.iter() {
-        if headers::keep_response_header(name.as_str(), &nominated) {
-            out.append_header(name.clone(), value.clone())?;
-        }
+    let mut out = up.clone();
+    let dropped: Vec<http::HeaderName> = up
+        .headers
+        .keys()
+        .filter(|name| !headers::keep_response_header(name.as_str(), &nominated))
+        .cloned()
+        .collect();
+    for name in &dropped {
+        out.remove_header(name);
     }
     Ok(out)
 }
@@ -728,10 +732,12 @@ async fn write_down(down: &mut HttpSession, bytes: &[u8]) -> Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    match down {
+    let written = match down {
         HttpSession::H1(s) => s.write_body(bytes).await.map(|_| ()),
         other => other.write_response_body(Bytes::copy_from_slice(bytes), false).await,
-    }
+    };
+    // A failed write is the client's side (gone, or too slow).
+    written.map_err(|e| e.into_down())
 }
 
 /// Undoes a `Content-Encoding` (servers may ignore our `identity`), bounded.

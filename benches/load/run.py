@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Side-by-side load benchmark: direct origin vs nginx proxy vs anibridge-proxy.
+
+Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
+  1. small Range GETs (64 KiB of 1 MiB files, random offsets), 64 connections
+  2. one 1 GiB download
+  3. 500 slow clients (~64 KiB/s each) of 100 MiB files for 30 s: peak RSS
+     and the upstream read rate seen at the origin side
+  4. CPU seconds per GB relayed (from phase 2)
+Prints one table and writes BENCHMARKS.md (run from the repository root).
+"""
+import argparse, asyncio, hashlib, hmac, json, os, platform, random, re, shutil, signal
+import socket, subprocess, sys, tempfile, time
+from urllib.parse import urlencode
+
+ROOT = os.getcwd()
+BIN = os.path.join(ROOT, "target/release/anibridge-proxy")
+SECRET = "bench-secret"
+ORIGIN, NGINX, PROXY, ADMIN = 18081, 18082, 18083, 18084
+N_FILES = 16
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def wait_port(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"port {port} did not open")
+
+
+def signed(path):
+    params = [("u", f"http://127.0.0.1:{ORIGIN}{path}")]
+    sig = hmac.new(SECRET.encode(), urlencode(sorted(params)).encode(), hashlib.sha256).hexdigest()
+    hint = path.split("?")[0].rsplit("/", 1)[-1]
+    return f"/strm/proxy/{hint}?" + urlencode(params + [("sig", sig)])
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def rss(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def children(pid):
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class Target:
+    def __init__(self, name, port, path_for, pids):
+        self.name, self.port, self.path_for, self.pids = name, port, path_for, pids
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{self.path_for(path)}"
+
+
+def wrk(target, seconds, lua_dir):
+    paths = [target.path_for(f"/f{i}.bin") for i in range(N_FILES)]
+    script = os.path.join(lua_dir, f"{target.name}.lua")
+    with open(script, "w") as f:
+        f.write("local paths = {" + ",".join(json.dumps(p) for p in paths) + "}\n")
+        f.write(
+            "math.randomseed(os.time())\n"
+            "request = function()\n"
+            "  local p = paths[math.random(#paths)]\n"
+            "  local n = math.random(0, 1048576 - 65536)\n"
+            '  return wrk.format("GET", p, {["Range"] = "bytes=" .. n .. "-" .. (n + 65535)})\n'
+            "end\n"
+            "response = function(status, headers, body)\n"
+            '  if status ~= 206 then error("status " .. status) end\n'
+            "end\n"
+        )
+    out = sh(f"wrk -t2 -c64 -d{seconds}s --latency -s {script} http://127.0.0.1:{target.port}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        v, unit = float(m.group(1)), m.group(2)
+        return v * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": errors.group(0) if errors else ""}
+
+
+def download(target, path):
+    cpu0 = cpu_seconds(target.pids())
+    out = sh(f"curl -s -o /dev/null -w '%{{size_download}} %{{time_total}}' '{target.url(path)}'")
+    cpu1 = cpu_seconds(target.pids())
+    size, secs = out.split()
+    return int(size), float(secs), cpu1 - cpu0
+
+
+async def slow_client(target, path, rate, stop_at, counters):
+    reader, writer = await asyncio.open_connection("127.0.0.1", target.port, limit=1 << 16)
+    writer.write(f"GET {target.path_for(path)} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    await writer.drain()
+    start, got = time.monotonic(), 0
+    try:
+        while time.monotonic() < stop_at:
+            allowed = (time.monotonic() - start) * rate - got
+            if allowed < 16384:
+                await asyncio.sleep(0.1)
+                continue
+            data = await reader.read(int(min(allowed, 65536)))
+            if not data:
+                counters["closed"] += 1
+                break
+            got += len(data)
+    finally:
+        counters["bytes"] += got
+        writer.close()
+
+
+def origin_bytes_sent(work, tag):
+    """What the origin wrote for the slow requests tagged `tag` (logged by
+    nginx when each request ends, aborted ones included)."""
+    total = 0
+    try:
+        for line in open(os.path.join(work, "origin_slow.log")):
+            t, n = line.split()
+            if t == tag:
+                total += int(n)
+    except FileNotFoundError:
+        pass
+    return total
+
+
+async def slow_phase(target, clients, seconds, rate, work):
+    counters = {"bytes": 0, "closed": 0}
+    stop_at = time.monotonic() + seconds
+    samples = []
+    tasks = [asyncio.create_task(slow_client(target, f"/h{i % 4}.bin?t={target.name}", rate, stop_at, counters))
+             for i in range(clients)]
+    while time.monotonic() < stop_at:
+        await asyncio.sleep(0.5)
+        samples.append(rss(target.pids()))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(2)  # let the proxy abort its upstream requests
+    upstream = origin_bytes_sent(work, target.name)
+    third = max(1, len(samples) // 3)
+    return {
+        "peak_rss": max(samples),
+        "rss_first": sum(samples[:third]) / third,
+        "rss_last": sum(samples[-third:]) / third,
+        "client_rate": counters["bytes"] / seconds / clients,
+        "upstream_rate": upstream / seconds / clients,
+        "closed": counters["closed"],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="short phases (smoke run)")
+    ap.add_argument("--threads", type=int, default=2, help="anibridge-proxy worker threads")
+    ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    args = ap.parse_args()
+    dur = 5 if args.quick else 15
+    slow_secs = 8 if args.quick else 30
+    clients = 100 if args.quick else 500
+
+    work = tempfile.mkdtemp(prefix="anibridge-bench-")
+    os.chmod(work, 0o755)  # nginx workers run as nobody
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    for i in range(N_FILES):
+        with open(os.path.join(data, f"f{i}.bin"), "wb") as f:
+            f.write(os.urandom(1 << 20))
+    with open(os.path.join(data, "big.bin"), "wb") as f:  # 1 GiB of real bytes
+        block = os.urandom(1 << 20)
+        for _ in range(1024):
+            f.write(block)
+    for i in range(4):  # 100 MiB each
+        with open(os.path.join(data, f"h{i}.bin"), "wb") as f:
+            block = os.urandom(1 << 20)
+            for _ in range(100):
+                f.write(block)
+
+    procs = []
+    try:
+        run_phases(args, work, data, procs, dur, slow_secs, clients)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_phases(args, work, data, procs, dur, slow_secs, clients):
+    def nginx(name, port, workers, body):
+        conf = os.path.join(work, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(f"""
+worker_processes {workers};
+pid {work}/{name}.pid;
+error_log {work}/{name}.err warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  tcp_nodelay on;
+  keepalive_requests 100000;
+  client_body_temp_path {work}/{name}_body;
+  proxy_temp_path {work}/{name}_proxy;
+  {body}
+}}""")
+        p = subprocess.Popen(["nginx", "-c", conf, "-p", work], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        wait_port(port)
+        return p
+
+    origin = nginx("origin", ORIGIN, 1, f"""
+  sendfile on; tcp_nopush off;  # TCP_CORK stalls ranged replies 40 ms
+  log_format bytes '$arg_t $bytes_sent';
+  server {{
+    listen 127.0.0.1:{ORIGIN}; root {data};
+    location ~ ^/h {{ access_log {work}/origin_slow.log bytes; }}
+  }}""")
+    ngx = nginx("nginx", NGINX, 2, f"""
+  upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{NGINX};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_buffer_size 64k;
+      proxy_buffers 8 64k;
+    }}
+  }}""")
+    cfg = os.path.join(work, "anibridge.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"""listen: "127.0.0.1:{PROXY}"
+admin_listen: "127.0.0.1:{ADMIN}"
+threads: {args.threads}
+auth: {{mode: token, secret: "{SECRET}"}}
+egress: {{allow_cidrs: ["127.0.0.0/8"]}}
+""")
+    ab = subprocess.Popen([BIN, "--config", cfg], env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(ab)
+    wait_port(PROXY)
+
+    targets = [
+        Target("direct", ORIGIN, lambda p: p, lambda: [origin.pid] + children(origin.pid)),
+        Target("nginx", NGINX, lambda p: p, lambda: [ngx.pid] + children(ngx.pid)),
+        Target("anibridge", PROXY, signed, lambda: [ab.pid]),
+    ]
+    results = {t.name: {} for t in targets}
+    # Sanity: identical bytes through every target.
+    want = hashlib.sha256(open(os.path.join(data, "f3.bin"), "rb").read()[100:200]).hexdigest()
+    for t in targets:
+        body = subprocess.run(["curl", "-s", "-H", "Range: bytes=100-199", t.url("/f3.bin")], capture_output=True).stdout
+        assert hashlib.sha256(body).hexdigest() == want, f"{t.name} returned wrong bytes"
+
+    for t in targets:
+        wrk(t, 3, work)  # warm-up
+        results[t.name].update(wrk(t, dur, work))
+        print(f"[1] {t.name}: {results[t.name]}", flush=True)
+    for t in targets:
+        download(t, "/big.bin")  # warm the page cache and pools
+        size, secs, cpu = download(t, "/big.bin")
+        assert size == 1 << 30, f"{t.name}: got {size} bytes"
+        results[t.name].update({"gib_s": size / secs / (1 << 30), "cpu_per_gb": cpu / (size / 1e9)})
+        print(f"[2] {t.name}: {secs:.2f}s cpu {cpu:.2f}s", flush=True)
+    for t in targets[1:]:
+        r = asyncio.run(slow_phase(t, clients, slow_secs, 64 * 1024, work))
+        results[t.name].update(r)
+        print(f"[3] {t.name}: {r}", flush=True)
+    report(args, results, clients)
+
+
+def report(args, results, clients):
+    d, n, a = results["direct"], results["nginx"], results["anibridge"]
+    MiB = 1 << 20
+    rows = [
+        ("small Range GETs: req/s", f"{d['rps']:.0f}", f"{n['rps']:.0f}", f"{a['rps']:.0f}", f"{a['rps'] / n['rps']:.2f}x"),
+        ("small Range GETs: p50 ms", f"{d['p50']:.2f}", f"{n['p50']:.2f}", f"{a['p50']:.2f}", f"{a['p50'] / n['p50']:.2f}x"),
+        ("small Range GETs: p99 ms", f"{d['p99']:.2f}", f"{n['p99']:.2f}", f"{a['p99']:.2f}", f"{a['p99'] / n['p99']:.2f}x"),
+        ("1 GiB download: GiB/s", f"{d['gib_s']:.2f}", f"{n['gib_s']:.2f}", f"{a['gib_s']:.2f}", f"{a['gib_s'] / n['gib_s']:.2f}x"),
+        ("CPU seconds per GB relayed", f"{d['cpu_per_gb']:.3f}", f"{n['cpu_per_gb']:.3f}", f"{a['cpu_per_gb']:.3f}", f"{a['cpu_per_gb'] / n['cpu_per_gb']:.2f}x"),
+        (f"{clients} slow clients: peak RSS MiB", "-", f"{n['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / n['peak_rss']:.2f}x"),
+        (f"{clients} slow clients: RSS first/last third MiB", "-",
+         f"{n['rss_first'] / MiB:.1f} / {n['rss_last'] / MiB:.1f}", f"{a['rss_first'] / MiB:.1f} / {a['rss_last'] / MiB:.1f}", ""),
+        (f"{clients} slow clients: client KiB/s each", "-", f"{n['client_rate'] / 1024:.1f}", f"{a['client_rate'] / 1024:.1f}", ""),
+        (f"{clients} slow clients: upstream KiB/s each (origin side)", "-", f"{n['upstream_rate'] / 1024:.1f}", f"{a['upstream_rate'] / 1024:.1f}", ""),
+    ]
+    table = "| measure | direct | nginx | anibridge-proxy | anibridge / nginx |\n|---|---|---|---|---|\n"
+    table += "".join(f"| {' | '.join(r)} |\n" for r in rows)
+    errs = {k: v.get("errors") for k, v in results.items() if v.get("errors")}
+    print(table)
+    if errs:
+        print("errors:", errs)
+
+    if args.no_write or args.quick:
+        return
+    cpu_model = sh("grep -m1 'model name' /proc/cpuinfo").split(":")[1].strip()
+    machine = (
+        f"- machine: {os.cpu_count()} cores, {cpu_model}, "
+        f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30))} GiB, Linux {platform.release()}\n"
+        f"- versions: {sh('nginx -v 2>&1').strip()}, {sh('wrk -v 2>&1 | head -1').strip()}, {sh('rustc --version').strip()}, "
+        f"pingora 0.9.1; anibridge-proxy threads: {args.threads}\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `benches/load/run.sh`\n"
+    )
+    text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
+    start, end = "<!-- load:begin -->", "<!-- load:end -->"
+    block = f"{start}\n{machine}\n{table}{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += "\n## Latest load run\n\n" + block + "\n"
+    open("BENCHMARKS.md", "w").write(text)
+    print("wrote BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
