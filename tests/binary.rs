@@ -35,6 +35,9 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
     let out = Command::new(BIN).args(["--config", "conf/anibridge-proxy.yaml", "--check"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    let container = std::fs::read_to_string("conf/container.yaml").unwrap();
+    assert!(check(&container, Some("x")).0, "conf/container.yaml is valid with a secret");
+    assert!(!check(&container, None).0, "and refused without one");
     let (ok, msg) = check("auth: {mode: token}\n", None);
     assert!(!ok);
     assert!(msg.contains("auth.secret") && msg.contains("ANIBRIDGE_PROXY_SECRET"), "{msg}");

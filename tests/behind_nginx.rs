@@ -1,0 +1,121 @@
+//! The real nginx, running conf/nginx.conf, in front of the proxy: Range,
+//! HEAD and playlists come through unchanged, and bodies are not buffered.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncReadExt;
+
+struct Nginx {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx_bin() -> String {
+    for p in ["nginx", "/usr/sbin/nginx"] {
+        if Command::new(p).arg("-v").output().is_ok_and(|o| o.status.success()) {
+            return p.to_string();
+        }
+    }
+    panic!("nginx is required for this test (.ci/run installs it: apt-get install nginx-light)");
+}
+
+/// Runs conf/nginx.conf with its listen port and upstream address replaced.
+async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
+    let snippet = std::fs::read_to_string("conf/nginx.conf").unwrap();
+    assert!(snippet.contains("listen 80;") && snippet.contains("server 127.0.0.1:8080;"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let snippet = snippet
+        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+        .replace("server 127.0.0.1:8080;", &format!("server {proxy};"));
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(dir.path().join("site.conf"), snippet).unwrap();
+    std::fs::write(
+        dir.path().join("main.conf"),
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n include {d}/site.conf; }}\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(nginx_bin())
+        .args(["-c", &format!("{d}/main.conf"), "-p", &d])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(format!("{d}/error.log")).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Nginx { child, port, _dir: dir }
+}
+
+const PLAYLIST: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nseg0.ts\n#EXT-X-ENDLIST\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
+    let o = Origin::start(|req| match req.path() {
+        "/live/index.m3u8" => Resp::new(200, Body::Bytes(PLAYLIST.into())).header("Content-Type", "application/vnd.apple.mpegurl").into(),
+        "/slow.ts" => Resp::new(200, Body::Slow { len: 8 * 65536, piece: 65536, pause: Duration::from_millis(400) })
+            .header("Content-Type", "video/mp2t")
+            .into(),
+        _ => serve_file(req, 2_000_000, Some("video/mp4")).into(),
+    })
+    .await;
+    // The proxy learns the public URL nginx serves it under.
+    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\npublic_base_url: \"http://nginx.test/anibridge\"\n").await;
+    let n = nginx_in_front_of(p.addr()).await;
+    let front: std::net::SocketAddr = ([127, 0, 0, 1], n.port).into();
+    let via = |path: String| format!("/anibridge{path}");
+
+    let got = get(front, "GET", &via(relay_path("v.mp4", &o.url("/v.mp4"))), &[("Range", "bytes=1000-1999")]).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.header("content-range"), Some("bytes 1000-1999/2000000"));
+    assert_body(&got.body, &pattern(1000, 1000));
+    assert_eq!(o.requests().last().unwrap().header("range"), Some("bytes=1000-1999"));
+
+    let got = get(front, "HEAD", &via(relay_path("v.mp4", &o.url("/v.mp4"))), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some("2000000"));
+    assert_eq!(o.requests().last().unwrap().method, "HEAD");
+
+    let got = get(front, "GET", &via(relay_path("index.m3u8", &o.url("/live/index.m3u8"))), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-type"), Some("application/vnd.apple.mpegurl"));
+    let child = got.text().lines().find(|l| l.contains("seg0.ts")).unwrap().to_string();
+    assert!(child.starts_with("http://nginx.test/anibridge/strm/proxy/seg0.ts?u="), "{child}");
+    // The child URL works through nginx too.
+    let child_path = child.trim_start_matches("http://nginx.test");
+    let seg = get(front, "GET", child_path, &[("Range", "bytes=0-9")]).await;
+    assert_eq!(seg.status, 206);
+
+    // Unbuffered: the first bytes arrive while the origin is still sending.
+    let mut c = Client::connect(front).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", via(relay_path("s.ts", &o.url("/slow.ts")))).as_bytes()).await;
+    let mut sock = c.into_inner();
+    let mut buf = vec![0u8; 65536];
+    let mut seen = Vec::new();
+    while find(&seen, b"\r\n\r\n").is_none_or(|h| seen.len() < h + 4 + 1000) {
+        let k = sock.read(&mut buf).await.unwrap();
+        assert!(k > 0);
+        seen.extend_from_slice(&buf[..k]);
+    }
+    let written = o.body_bytes_written.load(Ordering::SeqCst);
+    assert!(written < 8 * 65536, "nginx or the proxy buffered the whole body before sending ({written} bytes written)");
+}
