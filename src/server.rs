@@ -10,6 +10,7 @@ use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::services::listening::Service;
 use tokio::net::TcpListener;
 
@@ -17,6 +18,11 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, State};
+
+/// Per-connection downstream read buffer (request headers only).
+const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
+/// Per-connection downstream write buffer: Pingora's default (one segment).
+const DOWNSTREAM_WRITE_BUFFER: usize = 1460;
 
 /// Builds the proxy application for a validated config.
 pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, String> {
@@ -38,7 +44,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let proxy = build(&cfg, metrics.clone())?;
     let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
     for addr in cfg.listen_addrs() {
-        svc.add_tcp(&addr.to_string());
+        // The downstream read buffer only ever holds request headers here
+        // (bodies are not proxied): 64 KiB per connection is Pingora's
+        // default, 8 KiB is plenty and matters with many idle players.
+        svc.add_listener(
+            ListenerConfig::tcp(addr.to_string())
+                .l4_buffer(L4BufferSettings::new(DOWNSTREAM_READ_BUFFER, DOWNSTREAM_WRITE_BUFFER)),
+        );
     }
     let mut admin = Service::new("admin".to_string(), Admin { metrics: metrics.clone(), draining: draining.clone() });
     admin.threads = Some(1);
