@@ -535,4 +535,22 @@ mod tests {
         let c = Config::from_yaml("conf/anibridge-proxy.yaml", text, |_| None).unwrap();
         assert_eq!(c.listen_addrs(), vec!["127.0.0.1:8080".parse().unwrap()]);
     }
+
+    proptest::proptest! {
+        /// Loading never panics, whatever the text: it is a config or an
+        /// error naming the file.
+        #[test]
+        fn loading_never_panics(text in "[ -~\\n]{0,200}") {
+            if let Err(e) = load(&text) {
+                proptest::prop_assert!(e.to_string().starts_with("t.yaml"));
+            }
+        }
+
+        #[test]
+        fn durations_round_trip(n in 0u64..1_000_000, unit in proptest::sample::select(vec!["ms", "s", "m", "h"])) {
+            let d = parse_duration(&format!("{n}{unit}")).unwrap();
+            let ms = match unit { "ms" => n, "s" => n * 1000, "m" => n * 60_000, _ => n * 3_600_000 };
+            proptest::prop_assert_eq!(d, Duration::from_millis(ms));
+        }
+    }
 }

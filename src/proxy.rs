@@ -162,6 +162,9 @@ impl ProxyHttp for Proxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         session.set_write_timeout(Some(self.state.downstream_write_timeout));
+        // Players pipeline: keep bytes of the next request that arrive
+        // while this response streams, instead of failing this one.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         match self.handle(session, ctx).await {
             Ok(()) => Ok(true),
             Err(Outcome::Reply(Reply(status, reason))) => {
@@ -262,6 +265,8 @@ impl Proxy {
         if method != Method::GET && method != Method::HEAD {
             return Err(Reply(405, "method not allowed").into());
         }
+        drain_request_body(session).await.map_err(Outcome::Abort)?;
+        let req = session.req_header();
         let path = req.uri.path().to_string();
         let raw_query = req.uri.query().map(str::to_string);
         let target = routing::classify(&path, &st.routes).ok_or(Reply(404, "not found"))?;
@@ -678,6 +683,21 @@ fn downstream_header(up: &ResponseHeader) -> Result<ResponseHeader> {
     Ok(out)
 }
 
+/// A body on GET/HEAD means nothing and is never forwarded; reading it (up
+/// to 64 KiB) before answering keeps the client connection reusable. A
+/// larger one is left for Pingora, which then closes the connection.
+async fn drain_request_body(session: &mut Session) -> Result<()> {
+    let down = session.as_downstream_mut();
+    let mut left: usize = 64 * 1024;
+    while !down.is_body_done() {
+        match down.read_request_body().await? {
+            Some(b) if b.len() <= left => left -= b.len(),
+            Some(_) | None => break,
+        }
+    }
+    Ok(())
+}
+
 /// Reads the first `at_least` bytes of the body (or all of a shorter one).
 async fn peek(resp: &mut upstream::Response, at_least: usize) -> std::result::Result<Bytes, FetchError> {
     let mut buf = Vec::new();
@@ -706,14 +726,23 @@ async fn pump(
         write_down(down, &f).await?;
         ctx.body_bytes += f.len() as u64;
     }
+    // A request body (never forwarded) is read and dropped while we wait;
+    // after it, the client socket is watched for a hang-up. Bytes of a
+    // pipelined next request are kept by Pingora for that request.
+    let mut request_body_done = down.is_body_done();
     loop {
         let chunk = tokio::select! {
             biased;
             r = resp.session.read_body_ref() => r?,
-            gone = down.read_body_or_idle(true) => {
-                return Err(gone.err().unwrap_or_else(|| {
-                    Error::explain(ErrorType::ConnectionClosed, "client sent data mid-response")
-                }).into_down());
+            client = down.read_body_or_idle(request_body_done) => {
+                match client {
+                    Ok(Some(_discarded)) => continue,
+                    Ok(None) => {
+                        request_body_done = true;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into_down()),
+                }
             }
         };
         match chunk {

@@ -1,0 +1,128 @@
+//! The fault matrix: each failure ends as a careful engineer would choose,
+//! and the proxy stays healthy afterwards (a normal request still works).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+async fn origin() -> Origin {
+    Origin::start(|req| match req.path() {
+        // Sends 2000 bytes after declaring 1000, then keeps the connection.
+        "/longer" => {
+            let mut raw = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: video/mp4\r\n\r\n".to_vec();
+            raw.extend(pattern(0, 2000));
+            Action::Raw(raw)
+        }
+        "/huge-headers" => {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..2000 {
+                raw.extend(format!("X-Filler-{i}: {}\r\n", "y".repeat(600)).as_bytes());
+            }
+            raw.extend(b"Content-Length: 0\r\n\r\n");
+            Action::Raw(raw)
+        }
+        "/bad-header" => Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nxyz".to_vec()),
+        "/two-lengths" => Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde".to_vec()),
+        "/informational" => {
+            let mut raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n".to_vec();
+            raw.extend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello");
+            Action::Raw(raw)
+        }
+        "/empty-reply" => Action::Raw(Vec::new()),
+        _ => serve_file(req, 5000, Some("video/mp4")).into(),
+    })
+    .await
+}
+
+async fn healthy(p: &Proxy, o: &Origin) {
+    let got = get(p.addr(), "GET", &relay_path("ok.mp4", &o.url("/ok.mp4")), &[("Range", "bytes=0-99")]).await;
+    assert_eq!(got.status, 206, "the proxy stays healthy");
+    assert_body(&got.body, &pattern(0, 100));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_protocol_faults() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    // Longer than declared: exactly the declared length is relayed.
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/longer")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some("1000"));
+    assert_body(&got.body, &pattern(0, 1000));
+    healthy(&p, &o).await;
+    for path in ["/huge-headers", "/bad-header", "/two-lengths", "/empty-reply"] {
+        let got = get(p.addr(), "GET", &relay_path("x", &o.url(path)), &[]).await;
+        assert_eq!(got.status, 502, "{path}");
+        healthy(&p, &o).await;
+    }
+    // Interim 1xx responses are consumed; the final one is relayed.
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/informational")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+
+    // Pipelined: two requests in one write, answered in order.
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\nGET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=10-19\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    let first = c.read_response(false).await;
+    let second = c.read_response(false).await;
+    assert_eq!((first.status, second.status), (206, 206));
+    assert_body(&first.body, &pattern(0, 10));
+    assert_body(&second.body, &pattern(10, 10));
+
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_with_a_body_keeps_the_connection_in_sync() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nRange: bytes=0-9\r\n\r\nhello").as_bytes()).await;
+    let got = c.read_response(false).await;
+    assert_eq!(got.status, 206);
+    assert_ne!(got.header("connection"), Some("close"), "the body was read, the connection stays usable");
+    let again = c.request("GET", &path, &[("Range", "bytes=5-9")]).await;
+    assert_eq!(again.status, 206);
+    assert_body(&again.body, &pattern(5, 5));
+    assert!(o.requests().iter().all(|r| r.header("content-length").is_none()), "a GET body never goes upstream");
+
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_request_header_is_refused() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let mut c = Client::connect(p.addr()).await;
+    let big = "a".repeat(2 * 1024 * 1024);
+    c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    let closed_or_refused = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut sock = c.into_inner();
+        let mut buf = vec![0u8; 4096];
+        use tokio::io::AsyncReadExt;
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => true,
+            Ok(n) => {
+                let head = String::from_utf8_lossy(&buf[..n]);
+                head.starts_with("HTTP/1.1 4")
+            }
+        }
+    })
+    .await
+    .expect("the proxy answers or closes");
+    assert!(closed_or_refused);
+    healthy(&p, &o).await;
+}
