@@ -325,9 +325,9 @@ impl Proxy {
         key_header: Option<&[u8]>,
     ) -> std::result::Result<(), Outcome> {
         let resolver = self.state.resolver.as_ref().ok_or(Reply(404, "not found"))?;
-        for p in ["site", "slug"] {
-            if query.get(p).is_none_or(str::is_empty) {
-                return Err(Reply(400, if p == "site" { "missing parameter site" } else { "missing parameter slug" }).into());
+        for (param, reason) in [("site", "missing parameter site"), ("slug", "missing parameter slug")] {
+            if query.get(param).is_none_or(str::is_empty) {
+                return Err(Reply(400, reason).into());
             }
         }
         let params = query.without(&["sig"]);
