@@ -14,6 +14,9 @@ use serde::Deserialize;
 pub const SECRET_ENV: &str = "ANIBRIDGE_PROXY_SECRET";
 /// Environment variable that supplies `auth.api_key` when the file does not.
 pub const API_KEY_ENV: &str = "ANIBRIDGE_PROXY_API_KEY";
+/// `<VAR>_FILE` names a file holding the value instead (Docker/Kubernetes
+/// secrets); a trailing newline is ignored.
+pub const FILE_SUFFIX: &str = "_FILE";
 
 /// A configuration problem, reported as `file: key: reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,10 +293,10 @@ impl Config {
             })?
         };
         if cfg.auth.secret.is_none() {
-            cfg.auth.secret = env(SECRET_ENV).filter(|s| !s.is_empty());
+            cfg.auth.secret = from_env(&env, SECRET_ENV).map_err(|r| err("auth.secret", r))?;
         }
         if cfg.auth.api_key.is_none() {
-            cfg.auth.api_key = env(API_KEY_ENV).filter(|s| !s.is_empty());
+            cfg.auth.api_key = from_env(&env, API_KEY_ENV).map_err(|r| err("auth.api_key", r))?;
         }
         cfg.validate().map_err(|(key, reason)| err(key, reason))?;
         Ok(cfg)
@@ -338,7 +341,7 @@ impl Config {
                 if self.auth.secret.as_deref().is_none_or(str::is_empty) {
                     return Err((
                         "auth.secret",
-                        format!("token mode needs a secret (set auth.secret or {SECRET_ENV})"),
+                        format!("token mode needs a secret (set auth.secret, {SECRET_ENV} or {SECRET_ENV}{FILE_SUFFIX})"),
                     ));
                 }
             }
@@ -451,6 +454,25 @@ impl Config {
     }
 }
 
+/// A secret from `VAR`, or from the file `VAR_FILE` names.
+fn from_env(env: &impl Fn(&str) -> Option<String>, var: &str) -> Result<Option<String>, String> {
+    if let Some(v) = env(var).filter(|s| !s.is_empty()) {
+        return Ok(Some(v));
+    }
+    let file_var = format!("{var}{FILE_SUFFIX}");
+    match env(&file_var).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(path) => {
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {file_var} ({path}): {e}"))?;
+            let v = text.trim_end_matches(['\n', '\r']).to_string();
+            if v.is_empty() {
+                return Err(format!("{file_var} ({path}) is empty"));
+            }
+            Ok(Some(v))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +542,24 @@ mod tests {
         let e = load("listen: \"0.0.0.0:8080\"\nauth: {mode: none}\n").unwrap_err();
         assert_eq!(e.key, "auth.mode");
         assert!(load("listen: [\"0.0.0.0:8080\"]\nauth: {mode: none, allow_open: true}\n").is_ok());
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("anibridge-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret");
+        std::fs::write(&f, "from-a-file\n").unwrap();
+        let path = f.display().to_string();
+        let c = Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).unwrap();
+        assert_eq!(c.auth.secret.as_deref(), Some("from-a-file"));
+        let e = Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| "/nonexistent/s".into()))
+            .unwrap_err();
+        assert_eq!(e.key, "auth.secret");
+        assert!(e.reason.contains("ANIBRIDGE_PROXY_SECRET_FILE"), "{e}");
+        std::fs::write(&f, "\n").unwrap();
+        assert!(Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -22,7 +22,7 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
 fn check(text: &str, env_secret: Option<&str>) -> (bool, String) {
     let f = config_file(text);
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(f.path()).arg("--check").env_remove("ANIBRIDGE_PROXY_SECRET");
+    cmd.arg("--config").arg(f.path()).arg("--check").env_remove("ANIBRIDGE_PROXY_SECRET").env_remove("ANIBRIDGE_PROXY_SECRET_FILE");
     if let Some(s) = env_secret {
         cmd.env("ANIBRIDGE_PROXY_SECRET", s);
     }
