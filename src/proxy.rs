@@ -98,7 +98,7 @@ pub struct Proxy {
     pub state: Arc<State>,
 }
 
-/// Per-request facts, for the access log and metrics.
+/// Per-request facts, for the access log and metrics (opaque outside).
 pub struct Ctx {
     route: &'static str,
     start: Instant,

@@ -297,3 +297,163 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
         assert!(!log.contains(needle), "log contains {needle:?}:\n{log}");
     }
 }
+
+/// Soak: two rounds of 10 000+ mixed requests (random ranges, full bodies, HEADs,
+/// playlists, slow readers, early disconnects, injected upstream faults)
+/// from 32 concurrent clients against the real binary. Every completed
+/// body is checked byte for byte; RSS and open fds are reported before and
+/// after. Bounded (a few minutes); run it with
+///   cargo test --release --test binary soak -- --ignored --nocapture
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long-running soak; run explicitly (see BENCHMARKS.md)"]
+async fn soak_mixed_requests_with_faults() {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    const FILE: u64 = 4 * MB;
+    let o = Origin::start(|req| match req.path() {
+        "/list.m3u8" => {
+            let mut s = String::from("#EXTM3U\n#EXT-X-TARGETDURATION:2\n");
+            for i in 0..200 {
+                s.push_str(&format!("#EXTINF:2.0,\nseg{i:03}.ts\n"));
+            }
+            Resp::new(200, Body::Bytes(s.into_bytes())).header("Content-Type", "application/vnd.apple.mpegurl").into()
+        }
+        "/die.mp4" => Resp::new(200, Body::DieAfter { declared: 1_000_000, sent: pattern(0, 50_000) }).into(),
+        "/busy" => Resp::new(503, Body::Bytes(b"busy".to_vec())).into(),
+        _ => serve_file(req, FILE, Some("video/mp4")).into(),
+    })
+    .await;
+    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    let pid = p.child.id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let rss = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    };
+    let (fds0, rss0) = (fds(), rss());
+    let addr = p.addr();
+    let file = Arc::new(o.url("/v.mp4"));
+    let list = Arc::new(o.url("/list.m3u8"));
+    let die = Arc::new(o.url("/die.mp4"));
+    let busy = Arc::new(o.url("/busy"));
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let counts: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
+    // 0 ok, 1 corrupted, 2 unexpected status, 3 disconnects, 4 faults seen as expected, 5 aborted (expected), 6 bytes
+    let mut after_round = Vec::new();
+    for _round in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let per_worker = 330;
+        let mut tasks = Vec::new();
+        for w in 0..32u64 {
+            let (file, list, die, busy, counts) = (file.clone(), list.clone(), die.clone(), busy.clone(), counts.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut rng = w.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+                let mut next = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng
+                };
+                for _ in 0..per_worker {
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    let kind = next() % 10;
+                    let c = &counts;
+                    match kind {
+                        0..=3 => {
+                            let start = next() % (FILE - 1);
+                            let len = 1 + next() % (256 * 1024).min(FILE - start);
+                            let range = format!("bytes={}-{}", start, start + len - 1);
+                            let got = get(addr, "GET", &relay_path("v.mp4", &file), &[("Range", &range)]).await;
+                            if got.status != 206 {
+                                c[2].fetch_add(1, Ordering::Relaxed);
+                            } else if got.complete && got.body == pattern(start, len) {
+                                c[0].fetch_add(1, Ordering::Relaxed);
+                                c[6].fetch_add(len, Ordering::Relaxed);
+                            } else {
+                                c[1].fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        4 => {
+                            let got = get(addr, "HEAD", &relay_path("v.mp4", &file), &[]).await;
+                            let ok = got.status == 200 && got.header("content-length") == Some(&*FILE.to_string());
+                            c[if ok { 0 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+                        }
+                        5 => {
+                            let got = get(addr, "GET", &relay_path("list.m3u8", &list), &[]).await;
+                            let ok = got.status == 200 && got.complete && got.text().lines().filter(|l| l.starts_with("/strm/proxy/seg")).count() == 200;
+                            c[if ok { 0 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+                        }
+                        6 => {
+                            // Early disconnect after the first bytes.
+                            let mut cl = Client::connect(addr).await;
+                            cl.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("v.mp4", &file)).as_bytes()).await;
+                            let mut sock = cl.into_inner();
+                            let mut buf = vec![0u8; 16 * 1024];
+                            let _ = sock.read(&mut buf).await;
+                            drop(sock);
+                            c[3].fetch_add(1, Ordering::Relaxed);
+                        }
+                        7 => {
+                            // Slow reader of 512 KiB.
+                            let start = next() % (FILE - 512 * 1024);
+                            let range = format!("bytes={}-{}", start, start + 512 * 1024 - 1);
+                            let mut cl = Client::connect(addr).await;
+                            cl.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n", relay_path("v.mp4", &file)).as_bytes()).await;
+                            let mut sock = cl.into_inner();
+                            let mut data = Vec::new();
+                            let mut buf = vec![0u8; 32 * 1024];
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                                match sock.read(&mut buf).await {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => data.extend_from_slice(&buf[..n]),
+                                }
+                                if let Some(h) = find(&data, b"\r\n\r\n") {
+                                    if data.len() >= h + 4 + 512 * 1024 {
+                                        break;
+                                    }
+                                }
+                            }
+                            let h = find(&data, b"\r\n\r\n").map(|h| h + 4).unwrap_or(data.len());
+                            let body = &data[h..];
+                            c[if body == pattern(start, 512 * 1024).as_slice() { 0 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+                        }
+                        8 => {
+                            // Upstream dies mid-body: the client must see an aborted response.
+                            let got = get(addr, "GET", &relay_path("d.mp4", &die), &[]).await;
+                            let prefix_ok = got.body == pattern(0, got.body.len() as u64);
+                            c[if got.status == 200 && !got.complete && prefix_ok { 5 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            let (target, want) = if next() % 2 == 0 { (busy.to_string(), 503) } else { (format!("http://{dead}/x"), 502) };
+                            let got = get(addr, "GET", &relay_path("x", &target), &[]).await;
+                            c[if got.status == want { 4 } else { 2 }].fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        after_round.push((fds(), rss()));
+    }
+    let (fds1, rss1) = after_round[1];
+
+    let c: Vec<u64> = counts.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+    let total: u64 = c[..6].iter().sum();
+    eprintln!(
+        "SOAK requests={total} ok={} corrupted={} unexpected_status={} early_disconnects={} expected_fault_statuses={} expected_aborts={} verified_bytes={} fds {fds0} -> {} -> {fds1} rss_mib {rss0} -> {} -> {rss1}",
+        c[0], c[1], c[2], c[3], c[4], c[5], c[6], after_round[0].0, after_round[0].1
+    );
+    assert!(total >= 20_000, "only {total} requests ran before the time bound");
+    assert_eq!(c[1], 0, "corrupted responses");
+    assert_eq!(c[2], 0, "unexpected statuses");
+    assert!(fds1 <= fds0 + 80, "fds grew {fds0} -> {fds1}");
+    // The second round (same load) must not grow memory beyond the first's
+    // warm-up by more than noise.
+    assert!(rss1 <= after_round[0].1 + 16, "RSS grew between identical rounds: {:?}", after_round);
+}
