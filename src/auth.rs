@@ -51,16 +51,7 @@ pub fn quote_plus(s: &str) -> String {
 }
 
 /// Bytes `quote_plus` leaves bare.
-const BARE: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'~');
-        i += 1;
-    }
-    t
-};
+const BARE: [bool; 256] = crate::charclass::alnum_and(b"_.-~");
 
 fn quote_plus_into(s: &str, out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";

@@ -140,8 +140,7 @@ fn is_plain(uri: &str) -> bool {
         }
         match c {
             b'/' | b'?' => {
-                let seg = &b[seg_start..i];
-                if (seg.len() == 1 && seg[0] == b'.') || (seg.len() == 2 && seg[0] == b'.' && seg[1] == b'.') {
+                if is_dot_segment(&b[seg_start..i]) {
                     return false;
                 }
                 seg_start = i + 1;
@@ -151,27 +150,15 @@ fn is_plain(uri: &str) -> bool {
             _ => {}
         }
     }
-    if in_path {
-        let seg = &b[seg_start..];
-        if (seg.len() == 1 && seg[0] == b'.') || (seg.len() == 2 && seg[0] == b'.' && seg[1] == b'.') {
-            return false;
-        }
-    }
-    true
+    !(in_path && is_dot_segment(&b[seg_start..]))
+}
+
+fn is_dot_segment(seg: &[u8]) -> bool {
+    seg == b"." || seg == b".."
 }
 
 /// Bytes the URL parser copies unchanged in paths and queries.
-const PLAIN: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut i = 0;
-    while i < 256 {
-        let b = i as u8;
-        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'(' | b')'
-            | b'*' | b'+' | b',' | b';' | b'=' | b':' | b'@' | b'/' | b'?' | b'%');
-        i += 1;
-    }
-    t
-};
+const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 
 /// Rewrites a playlist. `base` is the final upstream URL (after redirects);
 /// `proxied` appends the URL the client should use for an absolute child

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+mod charclass;
 pub mod config;
 pub mod content_type;
 pub mod cors;

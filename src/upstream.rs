@@ -116,6 +116,16 @@ pub struct Response {
     pub reused: bool,
 }
 
+/// One upstream request as sent on a hop (the method and URL change along
+/// redirects and the HEAD fallback).
+struct Hop<'a> {
+    method: &'a Method,
+    url: &'a Url,
+    client_headers: &'a HeaderMap,
+    extra: &'a [(HeaderName, HeaderValue)],
+    range_override: Option<HeaderValue>,
+}
+
 /// Dials upstreams through one shared Pingora connection pool.
 pub struct Client {
     connector: Connector,
@@ -159,9 +169,14 @@ impl Client {
             } else {
                 None
             };
-            let (session, peer, reused) = self
-                .exchange(&method, &url, req.client_headers, req.extra_headers, range_override, trusted)
-                .await?;
+            let hop = Hop {
+                method: &method,
+                url: &url,
+                client_headers: req.client_headers,
+                extra: req.extra_headers,
+                range_override,
+            };
+            let (session, peer, reused) = self.exchange(&hop, trusted).await?;
             let status = session.resp_header().map(|h| h.status).unwrap_or(StatusCode::BAD_GATEWAY);
 
             if is_redirect(status) {
@@ -204,15 +219,8 @@ impl Client {
     /// One request/response header exchange on a pooled connection. A
     /// reused connection that fails before any response byte is retried
     /// once on a fresh one (the server may have closed it while idle).
-    async fn exchange(
-        &self,
-        method: &Method,
-        url: &Url,
-        client_headers: &HeaderMap,
-        extra: &[(HeaderName, HeaderValue)],
-        range_override: Option<HeaderValue>,
-        trusted: bool,
-    ) -> Result<(HttpSession, HttpPeer, bool), FetchError> {
+    async fn exchange(&self, hop: &Hop<'_>, trusted: bool) -> Result<(HttpSession, HttpPeer, bool), FetchError> {
+        let url = hop.url;
         let host = UrlHost::of(url).ok_or(FetchError::BadRedirect)?;
         let port = url.port_or_known_default().unwrap_or(80);
         let addr = egress::resolve(&self.egress, &host, port, trusted).await.map_err(|e| match e {
@@ -220,7 +228,7 @@ impl Client {
             Err(io) => FetchError::Dns(io),
         })?;
         let peer = self.peer_for(addr, url);
-        let request = self.request_header(method, url, client_headers, extra, range_override)?;
+        let request = self.request_header(hop)?;
 
         let mut fresh_only = false;
         loop {
@@ -283,24 +291,18 @@ impl Client {
         peer
     }
 
-    fn request_header(
-        &self,
-        method: &Method,
-        url: &Url,
-        client_headers: &HeaderMap,
-        extra: &[(HeaderName, HeaderValue)],
-        range_override: Option<HeaderValue>,
-    ) -> Result<Box<RequestHeader>, FetchError> {
+    fn request_header(&self, hop: &Hop<'_>) -> Result<Box<RequestHeader>, FetchError> {
+        let url = hop.url;
         let path = &url[Position::BeforePath..Position::AfterQuery];
-        let mut req = RequestHeader::build(method.clone(), path.as_bytes(), Some(8))
+        let mut req = RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(8))
             .map_err(FetchError::Unreachable)?;
         let host = headers::host_header(url);
         req.insert_header(header::HOST, host).map_err(FetchError::Unreachable)?;
         let profile = self.providers.headers_for(url.host_str().unwrap_or_default());
-        for (name, value) in headers::upstream_request_headers(client_headers, self.default_ua.as_ref(), profile, extra) {
+        for (name, value) in headers::upstream_request_headers(hop.client_headers, self.default_ua.as_ref(), profile, hop.extra) {
             req.append_header(name, value).map_err(FetchError::Unreachable)?;
         }
-        if let Some(range) = range_override {
+        if let Some(range) = hop.range_override.clone() {
             req.insert_header(header::RANGE, range).map_err(FetchError::Unreachable)?;
         }
         Ok(Box::new(req))
