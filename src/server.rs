@@ -70,10 +70,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
 /// How long `/healthz` reports draining before the listeners close.
 const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// SIGTERM and SIGINT both drain gracefully: `/healthz` turns 503, the
-/// listeners stop accepting, and the process exits 0 as soon as no stream
-/// is active or the grace period is over. SIGQUIT hands the listening
-/// sockets to a new process (Pingora's graceful upgrade).
+/// SIGTERM, SIGINT and SIGQUIT all drain gracefully: `/healthz` turns 503,
+/// the listeners stop accepting, and the process exits 0 as soon as nothing
+/// is in flight or the grace period is over. (Pingora's socket-passing
+/// upgrade is not wired up: zero-downtime restarts run two instances and
+/// restart them one at a time.)
 struct Signals {
     draining: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -87,11 +88,11 @@ impl ShutdownSignalWatch for Signals {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-        let kind = tokio::select! {
-            _ = term.recv() => ShutdownSignal::GracefulTerminate,
-            _ = int.recv() => ShutdownSignal::GracefulTerminate,
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
-        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = quit.recv() => {}
+        }
         self.draining.store(true, Ordering::Relaxed);
         log::info!("shutdown requested: /healthz answers 503, draining for at most {:?}", self.grace);
         // Give load balancers a moment to see /healthz fail before the
@@ -116,7 +117,7 @@ impl ShutdownSignalWatch for Signals {
             }
             log::warn!("grace period over with {} requests in flight", metrics.in_flight.get());
         });
-        kind
+        ShutdownSignal::GracefulTerminate
     }
 }
 
