@@ -36,7 +36,7 @@ fn nginx_bin() -> String {
 async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
     let snippet = std::fs::read_to_string("conf/nginx.conf").unwrap();
     assert!(snippet.contains("listen 80;") && snippet.contains("server 127.0.0.1:8080;"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = unused_addr().port();
     let snippet = snippet
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
         .replace("server 127.0.0.1:8080;", &format!("server {proxy};"));

@@ -62,10 +62,6 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 struct Running {
     child: Child,
     log: Option<tempfile::NamedTempFile>,
@@ -81,7 +77,7 @@ impl Running {
 
     /// With `RUST_LOG=rust_log` written to a file, and extra environment.
     async fn start_logging(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)]) -> Running {
-        let (port, admin) = (free_port(), free_port());
+        let (port, admin) = (unused_addr().port(), unused_addr().port());
         let cfg = config_file(&format!(
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nshutdown_grace: \"10s\"\n{extra}"
         ));
@@ -336,7 +332,7 @@ async fn soak_mixed_requests_with_faults() {
     let list = Arc::new(o.url("/list.m3u8"));
     let die = Arc::new(o.url("/die.mp4"));
     let busy = Arc::new(o.url("/busy"));
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = unused_addr();
     let counts: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
     // 0 ok, 1 corrupted, 2 unexpected status, 3 disconnects, 4 faults seen as expected, 5 aborted (expected), 6 bytes
     let mut after_round = Vec::new();

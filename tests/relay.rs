@@ -303,7 +303,7 @@ async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;
     let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n").await;
     // A port nobody listens on: bind, learn it, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = unused_addr();
     let got = get(p.addr(), "GET", &relay_path("x", &format!("http://{dead}/x.mp4")), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "upstream unreachable\n");

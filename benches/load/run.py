@@ -175,7 +175,9 @@ async def slow_phase(target, clients, seconds, rate, work):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short phases (smoke run)")
-    ap.add_argument("--threads", type=int, default=2, help="anibridge-proxy worker threads")
+    # 1 by default: on a 2-core box that also runs wrk and the origin, a
+    # second work-stealing worker measured slower (see BENCHMARKS.md).
+    ap.add_argument("--threads", type=int, default=1, help="anibridge-proxy worker threads")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
     args = ap.parse_args()

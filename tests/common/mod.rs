@@ -590,6 +590,12 @@ pub fn signed_relay_path(hint: &str, upstream: &str, exp: Option<u64>) -> String
     format!("/strm/proxy/{hint}?{}", q.encode())
 }
 
+/// A loopback address nobody listens on (bound, learned, released): a
+/// refused port, or a free port to start something on.
+pub fn unused_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
