@@ -6,6 +6,8 @@
 //! at a time with end-to-end backpressure.
 
 use std::sync::Arc;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -13,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode, Version};
 use pingora::modules::http::HttpModules;
-use pingora::protocols::http::ServerSession as HttpSession;
+use pingora::protocols::http::{HttpTask, ServerSession as HttpSession};
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
@@ -731,17 +733,28 @@ async fn pump(
     // pipelined next request are kept by Pingora for that request.
     let mut request_body_done = down.is_body_done();
     loop {
-        let chunk = tokio::select! {
-            biased;
-            r = resp.session.read_body_ref() => r?,
-            client = down.read_body_or_idle(request_body_done) => {
-                match client {
-                    Ok(Some(_discarded)) => continue,
-                    Ok(None) => {
-                        request_body_done = true;
-                        continue;
+        let mut read = std::pin::pin!(resp.session.read_body_ref());
+        // Upstream data already there: write on (small pieces coalesce in
+        // the write buffer). About to wait: flush first, so the client has
+        // everything received so far, then wait for upstream or the client.
+        let ready = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        let chunk = match ready {
+            Poll::Ready(r) => r?,
+            Poll::Pending => {
+                flush_down(down).await?;
+                tokio::select! {
+                    biased;
+                    r = &mut read => r?,
+                    client = down.read_body_or_idle(request_body_done) => {
+                        match client {
+                            Ok(Some(_discarded)) => continue,
+                            Ok(None) => {
+                                request_body_done = true;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into_down()),
+                        }
                     }
-                    Err(e) => return Err(e.into_down()),
                 }
             }
         };
@@ -754,6 +767,23 @@ async fn pump(
         }
     }
     down.finish_body().await
+}
+
+/// Sends whatever the downstream write buffer holds. Pingora 0.9's v1
+/// server session has no public flush; a `Failed` task makes
+/// `response_duplex_vec` flush the stream and hand that same error back,
+/// changing nothing else (tests/binary.rs checks the effect on the wire).
+async fn flush_down(down: &mut HttpSession) -> Result<()> {
+    const MARKER: ErrorType = ErrorType::Custom("anibridge-flush");
+    if let HttpSession::H1(s) = down {
+        let tasks = vec![HttpTask::Body(None, false), HttpTask::Failed(Error::new(MARKER))];
+        match s.response_duplex_vec(tasks).await {
+            Err(e) if *e.etype() == MARKER => {}
+            Err(e) => return Err(e.into_down()),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
 }
 
 async fn write_down(down: &mut HttpSession, bytes: &[u8]) -> Result<()> {

@@ -21,8 +21,13 @@ use crate::proxy::{Proxy, State};
 
 /// Per-connection downstream read buffer (request headers only).
 const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
-/// Per-connection downstream write buffer: Pingora's default (one segment).
-const DOWNSTREAM_WRITE_BUFFER: usize = 1460;
+/// Per-connection downstream write buffer: room for the response header
+/// plus the body bytes that arrived with the upstream header (Pingora reads
+/// headers 4 KiB at a time), so both leave in one send. The relay flushes it
+/// whenever it would wait for upstream (`proxy::flush_down`), so nothing is
+/// held back from a trickling upstream. Measured: 4 → 3 sends per small
+/// response, ~+16 % req/s (BENCHMARKS.md).
+const DOWNSTREAM_WRITE_BUFFER: usize = 8 * 1024;
 
 /// Builds the proxy application for a validated config.
 pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, String> {

@@ -453,3 +453,35 @@ async fn soak_mixed_requests_with_faults() {
     // warm-up by more than noise.
     assert!(rss1 <= after_round[0].1 + 16, "RSS grew between identical rounds: {:?}", after_round);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_upstream_is_never_held_back() {
+    // 1000-byte pieces, 2 s apart: each must reach the client while the
+    // origin is still pausing, not wait in the proxy's write buffer.
+    let o = Origin::start(|_| {
+        let body = Body::Slow { len: 3000, piece: 1000, pause: Duration::from_secs(2) };
+        Resp::new(200, body).header("Content-Type", "video/mp2t").into()
+    })
+    .await;
+    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("live.ts", &o.url("/live.ts"))).as_bytes()).await;
+    let mut sock = c.into_inner();
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    for want in [1000usize, 2000] {
+        loop {
+            if let Some(h) = find(&seen, b"\r\n\r\n") {
+                if seen.len() - (h + 4) >= want {
+                    break;
+                }
+            }
+            let n = sock.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // The origin has not sent the next piece yet: what the client holds
+        // was flushed while the upstream paused.
+        assert_eq!(o.body_bytes_written.load(Ordering::SeqCst), want as u64);
+    }
+}
