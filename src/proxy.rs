@@ -492,7 +492,7 @@ impl Proxy {
             return Ok(());
         }
         self.state.metrics.active_streams.inc();
-        let pumped = pump(session, &mut resp, first, ctx).await;
+        let pumped = pump(session, &mut resp, first, ctx, self.state.downstream_write_timeout).await;
         self.state.metrics.active_streams.dec();
         pumped.map_err(Outcome::Abort)?;
         self.state.client.release(resp.session, &resp.peer).await;
@@ -722,6 +722,7 @@ async fn pump(
     resp: &mut upstream::Response,
     first: Option<Bytes>,
     ctx: &mut Ctx,
+    write_timeout: Duration,
 ) -> Result<()> {
     let down: &mut HttpSession = session.as_downstream_mut();
     if let Some(f) = first.filter(|f| !f.is_empty()) {
@@ -741,7 +742,12 @@ async fn pump(
         let chunk = match ready {
             Poll::Ready(r) => r?,
             Poll::Pending => {
-                flush_down(down).await?;
+                // Bounded like every other downstream write: a client that
+                // stopped reading must not park the stream forever.
+                match tokio::time::timeout(write_timeout, flush_down(down)).await {
+                    Ok(flushed) => flushed?,
+                    Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "flushing to the client").map_err(|e| e.into_down()),
+                }
                 tokio::select! {
                     biased;
                     r = &mut read => r?,
