@@ -485,3 +485,31 @@ async fn a_trickling_upstream_is_never_held_back() {
         assert_eq!(o.body_bytes_written.load(Ordering::SeqCst), want as u64);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
+    // ~200 KB/s for ~4 minutes, in small pieces (the relay flushes between them).
+    let o = Origin::start(|_| {
+        let body = Body::Slow { len: 50 * MB, piece: 2000, pause: Duration::from_millis(10) };
+        Resp::new(200, body).header("Content-Type", "video/mp2t").into()
+    })
+    .await;
+    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {write_timeout: \"1s\"}\n").await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(p.addr()).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    stream
+        .write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("live.ts", &o.url("/live.ts"))).as_bytes())
+        .await
+        .unwrap();
+    // Never read. The proxy must give up on this client and drop the upstream.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while o.connections.load(Ordering::SeqCst) == 0 || o.open_connections.load(Ordering::SeqCst) > 0 {
+        assert!(Instant::now() < deadline, "stalled client still held after 60 s ({} bytes sent by the origin)",
+            o.body_bytes_written.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(o.body_bytes_written.load(Ordering::SeqCst) < 40 * MB);
+    drop(stream);
+}
