@@ -180,9 +180,14 @@ fn verify_with(keyed: &Hmac<Sha256>, q: &Query, now: u64) -> Result<(), AuthErro
 }
 
 /// Verifies an API key from `apikey`/`api_key` or the `X-Api-Key` header.
+/// The API key a request presents: `apikey`, then `api_key`, then the
+/// `X-Api-Key` header.
+pub fn presented_api_key<'a>(q: &'a Query, header: Option<&'a [u8]>) -> Option<&'a [u8]> {
+    q.get("apikey").or_else(|| q.get("api_key")).map(str::as_bytes).or(header)
+}
+
 pub fn verify_api_key(expected: &str, q: &Query, header: Option<&[u8]>) -> Result<(), AuthError> {
-    let given = q.get("apikey").or_else(|| q.get("api_key")).map(str::as_bytes).or(header);
-    match given {
+    match presented_api_key(q, header) {
         Some(k) if ct_eq(k, expected.as_bytes()) => Ok(()),
         _ => Err(AuthError::InvalidApiKey),
     }

@@ -419,7 +419,7 @@ impl Proxy {
     ) -> std::result::Result<(), Outcome> {
         let client_head = session.req_header().method == Method::HEAD;
         let client_range = session.req_header().headers.contains_key(header::RANGE);
-        let mut out = downstream_header(&resp.header).map_err(Outcome::Abort)?;
+        let mut out = downstream_header(&resp.header);
 
         if resp.head_fallback && !client_range && out.status == StatusCode::PARTIAL_CONTENT {
             // HEAD answered through `GET` + `Range: bytes=0-0`: report the
@@ -663,14 +663,11 @@ fn parse_u(q: &Query) -> std::result::Result<Url, Reply> {
 
 /// The key the client authenticated with (handed on to playlist children).
 fn client_key(q: &Query, header: Option<&[u8]>) -> Option<String> {
-    q.get("apikey")
-        .or_else(|| q.get("api_key"))
-        .map(str::to_string)
-        .or_else(|| header.and_then(|h| std::str::from_utf8(h).ok()).map(str::to_string))
+    crate::auth::presented_api_key(q, header).and_then(|k| std::str::from_utf8(k).ok()).map(str::to_string)
 }
 
 /// The downstream header: the upstream's, minus what the policy drops.
-fn downstream_header(up: &ResponseHeader) -> Result<ResponseHeader> {
+fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
     let nominated = headers::connection_nominated(&up.headers);
     let mut out = up.clone();
     let dropped: Vec<http::HeaderName> = up
@@ -682,7 +679,7 @@ fn downstream_header(up: &ResponseHeader) -> Result<ResponseHeader> {
     for name in &dropped {
         out.remove_header(name);
     }
-    Ok(out)
+    out
 }
 
 /// A body on GET/HEAD means nothing and is never forwarded; reading it (up

@@ -45,12 +45,6 @@ impl Route {
         }
         Ok(u)
     }
-
-    /// Whether `u` is on this route's own upstream (scheme, host, port),
-    /// which is operator-trusted.
-    pub fn owns(&self, u: &Url) -> bool {
-        u.origin() == self.upstream.origin()
-    }
 }
 
 /// Drops credential parameters from a raw query, keeping the rest byte for
@@ -128,8 +122,6 @@ mod tests {
         assert_eq!(t.as_str(), "http://10.0.0.5:8080/base/dir/a%20b.ts?x=1&y=%2F");
         assert!(r.target("../../etc/passwd", None).is_err());
         assert!(r.target("%2e%2e/secret", None).is_err());
-        assert!(r.owns(&Url::parse("http://10.0.0.5:8080/elsewhere").unwrap()));
-        assert!(!r.owns(&Url::parse("http://10.0.0.5:8081/base/").unwrap()));
         assert_eq!(strip_credentials("sig=1&exp=2"), "");
         assert_eq!(decoded_path("/cdn/a%20b%2Fc.ts"), "/cdn/a b/c.ts");
     }

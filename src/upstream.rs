@@ -150,10 +150,6 @@ impl Client {
         Client { connector: Connector::new(Some(opts)), egress, providers, timeouts, max_redirects, default_ua }
     }
 
-    pub fn timeouts(&self) -> Timeouts {
-        self.timeouts
-    }
-
     /// Opens the response for `req`, following redirects and falling back
     /// from HEAD to a ranged GET when the upstream refuses HEAD.
     pub async fn open(&self, req: Request<'_>) -> Result<Response, FetchError> {
