@@ -10,7 +10,7 @@ Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
 Prints one table and writes BENCHMARKS.md (run from the repository root).
 """
 import argparse, asyncio, hashlib, hmac, json, os, platform, random, re, shutil, signal
-import socket, subprocess, sys, tempfile, time
+import socket, statistics, subprocess, sys, tempfile, time
 from urllib.parse import urlencode
 
 ROOT = os.getcwd()
@@ -96,14 +96,18 @@ def wrk(target, seconds, lua_dir):
             '  if status ~= 206 then error("status " .. status) end\n'
             "end\n"
         )
+    cpu0 = cpu_seconds(target.pids())
     out = sh(f"wrk -t2 -c64 -d{seconds}s --latency -s {script} http://127.0.0.1:{target.port}")
+    cpu = cpu_seconds(target.pids()) - cpu0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     def pct(p):
         m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
         v, unit = float(m.group(1)), m.group(2)
         return v * {"us": 0.001, "ms": 1, "s": 1000}[unit]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
-    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": errors.group(0) if errors else ""}
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "cpu_us": cpu / max(requests, 1) * 1e6,
+            "errors": errors.group(0) if errors else ""}
 
 
 def download(target, path):
@@ -178,10 +182,11 @@ def main():
     # 1 by default: on a 2-core box that also runs wrk and the origin, a
     # second work-stealing worker measured slower (see BENCHMARKS.md).
     ap.add_argument("--threads", type=int, default=1, help="anibridge-proxy worker threads")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved wrk rounds per target in phase 1")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
     args = ap.parse_args()
-    dur = 5 if args.quick else 15
+    round_secs = 3 if args.quick else 5
     slow_secs = 8 if args.quick else 30
     clients = 100 if args.quick else 500
 
@@ -204,7 +209,7 @@ def main():
 
     procs = []
     try:
-        run_phases(args, work, data, procs, dur, slow_secs, clients)
+        run_phases(args, work, data, procs, round_secs, slow_secs, clients)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -216,7 +221,7 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_phases(args, work, data, procs, dur, slow_secs, clients):
+def run_phases(args, work, data, procs, round_secs, slow_secs, clients):
     def nginx(name, port, workers, body):
         conf = os.path.join(work, f"{name}.conf")
         with open(conf, "w") as f:
@@ -284,10 +289,23 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
         assert hashlib.sha256(body).hexdigest() == want, f"{t.name} returned wrong bytes"
 
     phases = set(args.phases.split(","))
-    for t in targets if "1" in phases else []:
-        wrk(t, 3, work)  # warm-up
-        results[t.name].update(wrk(t, dur, work))
-        print(f"[1] {t.name}: {results[t.name]}", flush=True)
+    if "1" in phases:
+        # Interleaved rounds (direct, nginx, anibridge, direct, ...): drift
+        # on the shared machine hits every target alike; each figure is the
+        # median of its rounds.
+        for t in targets:
+            wrk(t, 3, work)  # warm-up
+        rounds = {t.name: [] for t in targets}
+        for i in range(args.rounds):
+            for t in targets:
+                r = wrk(t, round_secs, work)
+                rounds[t.name].append(r)
+                print(f"[1] round {i + 1} {t.name}: {r}", flush=True)
+        for t in targets:
+            rs = rounds[t.name]
+            results[t.name].update({k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")})
+            results[t.name]["errors"] = " ".join(r["errors"] for r in rs if r["errors"])
+            results[t.name]["rps_rounds"] = [round(r["rps"]) for r in rs]
     for t in targets if "2" in phases else []:
         download(t, "/big.bin")  # warm the page cache and pools
         size, secs, cpu = download(t, "/big.bin")
@@ -311,6 +329,7 @@ def report(args, results, clients):
         ("small Range GETs: req/s", f"{d['rps']:.0f}", f"{n['rps']:.0f}", f"{a['rps']:.0f}", f"{a['rps'] / n['rps']:.2f}x"),
         ("small Range GETs: p50 ms", f"{d['p50']:.2f}", f"{n['p50']:.2f}", f"{a['p50']:.2f}", f"{a['p50'] / n['p50']:.2f}x"),
         ("small Range GETs: p99 ms", f"{d['p99']:.2f}", f"{n['p99']:.2f}", f"{a['p99']:.2f}", f"{a['p99'] / n['p99']:.2f}x"),
+        ("small Range GETs: CPU µs per request", f"{d['cpu_us']:.1f}", f"{n['cpu_us']:.1f}", f"{a['cpu_us']:.1f}", f"{a['cpu_us'] / n['cpu_us']:.2f}x"),
         ("1 GiB download: GiB/s", f"{d['gib_s']:.2f}", f"{n['gib_s']:.2f}", f"{a['gib_s']:.2f}", f"{a['gib_s'] / n['gib_s']:.2f}x"),
         ("CPU seconds per GB relayed", f"{d['cpu_per_gb']:.3f}", f"{n['cpu_per_gb']:.3f}", f"{a['cpu_per_gb']:.3f}", f"{a['cpu_per_gb'] / n['cpu_per_gb']:.2f}x"),
         (f"{clients} slow clients: peak RSS MiB", "-", f"{n['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / n['peak_rss']:.2f}x"),
@@ -335,6 +354,8 @@ def report(args, results, clients):
         f"- versions: {sh('nginx -v 2>&1').strip()}, {sh('wrk -v 2>&1 | head -1').strip()}, {sh('rustc --version').strip()}, "
         f"pingora 0.9.1; anibridge-proxy threads: {args.threads}\n"
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `benches/load/run.sh`\n"
+        f"- small Range GETs: {len(a['rps_rounds'])} interleaved rounds of wrk per target, median shown; "
+        f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, anibridge {a['rps_rounds']}\n"
     )
     text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
     start, end = "<!-- load:begin -->", "<!-- load:end -->"
