@@ -3,40 +3,52 @@
 pub const HLS: &str = "application/vnd.apple.mpegurl";
 pub const OCTET_STREAM: &str = "application/octet-stream";
 
-/// The extension of the last segment of a URL path, lower-cased.
-pub fn extension(path: &str) -> Option<String> {
+/// The extension of the last segment of a URL path, as written (compare
+/// it case-insensitively). Runs on every request: no allocation.
+pub fn extension(path: &str) -> Option<&str> {
     let last = path.rsplit('/').next()?;
     let (_, ext) = last.rsplit_once('.')?;
-    (!ext.is_empty() && ext.len() <= 8).then(|| ext.to_ascii_lowercase())
+    (!ext.is_empty() && ext.len() <= MAX_EXT).then_some(ext)
 }
 
-/// The media type for an extension, if it is one players care about.
+/// Whether a URL path ends in `.m3u8` (any case).
+pub fn is_m3u8_path(path: &str) -> bool {
+    extension(path).is_some_and(|e| e.eq_ignore_ascii_case("m3u8"))
+}
+
+const MAX_EXT: usize = 8;
+
+/// The media type for an extension (any case), if it is one players care about.
 pub fn for_extension(ext: &str) -> Option<&'static str> {
-    Some(match ext {
-        "mp4" | "m4v" => "video/mp4",
-        "m4s" => "video/iso.segment",
-        "mkv" => "video/x-matroska",
-        "webm" => "video/webm",
-        "ts" | "m2ts" | "mts" => "video/mp2t",
-        "mov" => "video/quicktime",
-        "avi" => "video/x-msvideo",
-        "flv" => "video/x-flv",
-        "mpd" => "application/dash+xml",
-        "m3u8" | "m3u" => HLS,
-        "mp3" => "audio/mpeg",
-        "aac" => "audio/aac",
-        "m4a" => "audio/mp4",
-        "ogg" | "oga" => "audio/ogg",
-        "opus" => "audio/opus",
-        "flac" => "audio/flac",
-        "wav" => "audio/wav",
-        "vtt" => "text/vtt",
-        "srt" => "application/x-subrip",
-        "ass" | "ssa" => "text/x-ssa",
-        "key" => OCTET_STREAM,
-        "jpg" | "jpeg" => "image/jpeg",
-        "png" => "image/png",
-        "webp" => "image/webp",
+    let mut buf = [0u8; MAX_EXT];
+    let lower = buf.get_mut(..ext.len())?;
+    lower.copy_from_slice(ext.as_bytes());
+    lower.make_ascii_lowercase();
+    Some(match &*lower {
+        b"mp4" | b"m4v" => "video/mp4",
+        b"m4s" => "video/iso.segment",
+        b"mkv" => "video/x-matroska",
+        b"webm" => "video/webm",
+        b"ts" | b"m2ts" | b"mts" => "video/mp2t",
+        b"mov" => "video/quicktime",
+        b"avi" => "video/x-msvideo",
+        b"flv" => "video/x-flv",
+        b"mpd" => "application/dash+xml",
+        b"m3u8" | b"m3u" => HLS,
+        b"mp3" => "audio/mpeg",
+        b"aac" => "audio/aac",
+        b"m4a" => "audio/mp4",
+        b"ogg" | b"oga" => "audio/ogg",
+        b"opus" => "audio/opus",
+        b"flac" => "audio/flac",
+        b"wav" => "audio/wav",
+        b"vtt" => "text/vtt",
+        b"srt" => "application/x-subrip",
+        b"ass" | b"ssa" => "text/x-ssa",
+        b"key" => OCTET_STREAM,
+        b"jpg" | b"jpeg" => "image/jpeg",
+        b"png" => "image/png",
+        b"webp" => "image/webp",
         _ => return None,
     })
 }
@@ -45,19 +57,21 @@ pub fn for_extension(ext: &str) -> Option<&'static str> {
 /// else from the client's `{hint}`, else `application/octet-stream`.
 pub fn guess(upstream_path: &str, hint: Option<&str>) -> &'static str {
     extension(upstream_path)
-        .and_then(|e| for_extension(&e))
-        .or_else(|| hint.and_then(extension).and_then(|e| for_extension(&e)))
+        .and_then(for_extension)
+        .or_else(|| hint.and_then(extension).and_then(for_extension))
         .unwrap_or(OCTET_STREAM)
 }
 
 /// Whether a media type names an HLS playlist (case-insensitive, with
 /// parameters).
 pub fn is_hls_type(ct: &str) -> bool {
-    let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    matches!(
-        base.as_str(),
-        "application/vnd.apple.mpegurl" | "application/x-mpegurl" | "audio/mpegurl" | "audio/x-mpegurl"
-    )
+    base_type_is(ct, &["application/vnd.apple.mpegurl", "application/x-mpegurl", "audio/mpegurl", "audio/x-mpegurl"])
+}
+
+/// Whether the media type without parameters is one of `types` (lower-case).
+fn base_type_is(ct: &str, types: &[&str]) -> bool {
+    let base = ct.split(';').next().unwrap_or("").trim();
+    types.iter().any(|t| t.eq_ignore_ascii_case(base))
 }
 
 /// Types under which a playlist may hide: generic ones, where the body
@@ -65,10 +79,7 @@ pub fn is_hls_type(ct: &str) -> bool {
 pub fn is_generic_type(ct: Option<&str>) -> bool {
     match ct {
         None => true,
-        Some(ct) => {
-            let base = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            matches!(base.as_str(), "" | "text/plain" | "application/octet-stream" | "binary/octet-stream")
-        }
+        Some(ct) => base_type_is(ct, &["", "text/plain", "application/octet-stream", "binary/octet-stream"]),
     }
 }
 
@@ -89,6 +100,10 @@ mod tests {
         assert_eq!(guess("/x.aac", None), "audio/aac");
         assert_eq!(guess("/x.vtt", None), "text/vtt");
         assert_eq!(guess("/x.unknownext", Some("noext")), OCTET_STREAM);
+        assert_eq!(guess("/x.TS", None), "video/mp2t");
+        assert!(is_m3u8_path("/a/Index.M3U8"));
+        assert!(!is_m3u8_path("/a/index.m3u8/seg.ts"));
+        assert!(!is_m3u8_path("/a/m3u8"));
     }
 
     #[test]

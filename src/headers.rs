@@ -46,10 +46,11 @@ pub fn connection_nominated(headers: &HeaderMap) -> Vec<String> {
 /// Besides hop-by-hop headers, drops what only makes sense on the hoster's
 /// own origin: its CORS headers (the proxy sets its own), cookies, HSTS and
 /// Alt-Svc (which would otherwise apply to the proxy's host name).
-pub fn keep_response_header(name: &str, nominated: &[String]) -> bool {
-    let n = name.to_ascii_lowercase();
-    !(is_hop_by_hop(&n)
-        || nominated.contains(&n)
+pub fn keep_response_header(name: &HeaderName, nominated: &[String]) -> bool {
+    // `HeaderName`s are lower-case already.
+    let n = name.as_str();
+    !(is_hop_by_hop(n)
+        || nominated.iter().any(|t| t == n)
         || n.starts_with("access-control-")
         || n == "set-cookie"
         || n == "set-cookie2"
@@ -203,14 +204,16 @@ mod tests {
             "Upgrade", "Proxy-Authenticate", "Proxy-Authorization", "X-Custom",
             "Access-Control-Allow-Origin", "Set-Cookie", "Alt-Svc", "Strict-Transport-Security",
         ] {
-            assert!(!keep_response_header(h, &nominated), "{h} must be dropped");
+            let name = HeaderName::from_bytes(h.as_bytes()).unwrap();
+            assert!(!keep_response_header(&name, &nominated), "{h} must be dropped");
         }
         for h in [
             "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag",
             "Last-Modified", "Cache-Control", "Expires", "Content-Disposition",
             "Content-Encoding", "Vary", "Age", "Date",
         ] {
-            assert!(keep_response_header(h, &nominated), "{h} must be kept");
+            let name = HeaderName::from_bytes(h.as_bytes()).unwrap();
+            assert!(keep_response_header(&name, &nominated), "{h} must be kept");
         }
     }
 

@@ -269,10 +269,11 @@ impl Proxy {
         }
         drain_request_body(session).await.map_err(Outcome::Abort)?;
         let req = session.req_header();
-        let path = req.uri.path().to_string();
-        let raw_query = req.uri.query().map(str::to_string);
-        let target = routing::classify(&path, &st.routes).ok_or(Reply(404, "not found"))?;
-        let query = Query::parse(raw_query.as_deref());
+        // A cheap (shared-bytes) copy, so the session can be borrowed mutably later.
+        let uri = req.uri.clone();
+        let (path, raw_query) = (uri.path(), uri.query());
+        let target = routing::classify(path, &st.routes).ok_or(Reply(404, "not found"))?;
+        let query = Query::parse(raw_query);
         let api_key_header = req.headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
         let now = now_unix();
 
@@ -285,7 +286,7 @@ impl Proxy {
             Target::Stream => {
                 ctx.route = "stream";
                 self.authenticate(&query, api_key_header.as_deref(), now)?;
-                return self.stream(session, ctx, &query, api_key_header.as_deref()).await;
+                return Box::pin(self.stream(session, ctx, &query, api_key_header.as_deref())).await;
             }
             Target::Route { index, rest } => {
                 ctx.route = "route";
@@ -295,10 +296,10 @@ impl Proxy {
                         return Err(Reply(400, "reserved parameter _path").into());
                     }
                     let mut bound = query.clone();
-                    bound.0.push(("_path".into(), routing::decoded_path(&path)));
+                    bound.0.push(("_path".into(), routing::decoded_path(path)));
                     self.authenticate(&bound, api_key_header.as_deref(), now)?;
                 }
-                let url = route.target(rest, raw_query.as_deref()).map_err(|_| Reply(400, "invalid path"))?;
+                let url = route.target(rest, raw_query).map_err(|_| Reply(400, "invalid path"))?;
                 (Kind::Route, None, url, Some(route.upstream.clone()))
             }
         };
@@ -342,7 +343,7 @@ impl Proxy {
             })?;
             let outcome = self.open(session, ctx, &method, resolved.url.clone(), None, &resolved.headers).await;
             let stale = match &outcome {
-                Ok(r) => matches!(r.header.status.as_u16(), 403 | 404 | 410 | 429 | 451),
+                Ok(r) => matches!(r.header().status.as_u16(), 403 | 404 | 410 | 429 | 451),
                 Err(e) => e.is_refreshable(),
             };
             if stale && !refresh {
@@ -351,7 +352,7 @@ impl Proxy {
                 self.state.metrics.refreshes.inc();
                 match outcome {
                     Ok(r) => {
-                        log::info!("resolved URL answered {}; refreshing once", r.header.status.as_u16());
+                        log::info!("resolved URL answered {}; refreshing once", r.header().status.as_u16());
                         self.state.client.discard(r.session, &r.peer).await;
                     }
                     Err(e) => log::info!("resolved URL failed ({e}); refreshing once"),
@@ -378,7 +379,10 @@ impl Proxy {
         if ctx.attempts > 1 {
             self.state.metrics.retries.inc();
         }
-        ctx.upstream_host = url.host_str().unwrap_or_default().to_string();
+        let access_log = log::log_enabled!(target: "access", log::Level::Info);
+        if access_log {
+            ctx.upstream_host = url.host_str().unwrap_or_default().to_string();
+        }
         let started = Instant::now();
         let req = upstream::Request {
             method: method.clone(),
@@ -392,8 +396,10 @@ impl Proxy {
         m.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
         m.redirects.inc_by(resp.redirects as u64);
         m.upstream_connections.with_label_values(&[if resp.reused { "true" } else { "false" }]).inc();
-        ctx.upstream_status = resp.header.status.as_u16();
-        ctx.upstream_host = resp.final_url.host_str().unwrap_or_default().to_string();
+        ctx.upstream_status = resp.header().status.as_u16();
+        if access_log && resp.redirects > 0 {
+            ctx.upstream_host = resp.final_url.host_str().unwrap_or_default().to_string();
+        }
         Ok(resp)
     }
 
@@ -419,7 +425,7 @@ impl Proxy {
     ) -> std::result::Result<(), Outcome> {
         let client_head = session.req_header().method == Method::HEAD;
         let client_range = session.req_header().headers.contains_key(header::RANGE);
-        let mut out = downstream_header(&resp.header);
+        let mut out = downstream_header(resp.header());
 
         if resp.head_fallback && !client_range && out.status == StatusCode::PARTIAL_CONTENT {
             // HEAD answered through `GET` + `Range: bytes=0-0`: report the
@@ -437,11 +443,13 @@ impl Proxy {
             }
         }
 
-        let upstream_type = out.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let url_says_hls = content_type::extension(resp.final_url.path()).as_deref() == Some("m3u8")
-            || (upstream_type.is_none() && hint.and_then(content_type::extension).as_deref() == Some("m3u8"));
-        let type_says_hls = upstream_type.as_deref().is_some_and(content_type::is_hls_type);
-        if upstream_type.is_none() {
+        let upstream_type = out.headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
+        let untyped = upstream_type.is_none();
+        let url_says_hls = content_type::is_m3u8_path(resp.final_url.path())
+            || (untyped && hint.is_some_and(content_type::is_m3u8_path));
+        let type_says_hls = upstream_type.is_some_and(content_type::is_hls_type);
+        let generic_type = content_type::is_generic_type(upstream_type);
+        if untyped {
             let guessed = content_type::guess(resp.final_url.path(), hint);
             out.insert_header(header::CONTENT_TYPE, guessed).map_err(Outcome::Abort)?;
         }
@@ -449,11 +457,11 @@ impl Proxy {
 
         let ok = out.status == StatusCode::OK;
         let candidate = ok
-            && (url_says_hls || type_says_hls || content_type::is_generic_type(upstream_type.as_deref()));
+            && (url_says_hls || type_says_hls || generic_type);
         // Peek at the body of possible playlists: `#EXTM3U` decides.
         let mut first: Option<Bytes> = None;
         let mut is_playlist = false;
-        if candidate && !resp.head_fallback && resp.header.status == StatusCode::OK {
+        if candidate && !resp.head_fallback && resp.header().status == StatusCode::OK {
             if client_head {
                 is_playlist = url_says_hls || type_says_hls;
             } else {
@@ -472,7 +480,8 @@ impl Proxy {
         }
 
         if is_playlist && kind != Kind::Route {
-            return self.relay_playlist(session, ctx, resp, out, first, client_head, client_key).await;
+            // Boxed: the rare playlist path must not inflate every request's future.
+            return Box::pin(self.relay_playlist(session, ctx, resp, out, first, client_head, client_key)).await;
         }
 
         // Framing: keep the upstream Content-Length; otherwise chunk (HTTP/1.1).
@@ -518,13 +527,13 @@ impl Proxy {
             self.state.client.discard(resp.session, &resp.peer).await;
             let url = resp.final_url.clone();
             resp = self.open(session, ctx, &Method::GET, url, None, &[]).await.map_err(|e| self.fetch_failed(e))?;
-            if resp.header.status != StatusCode::OK {
+            if resp.header().status != StatusCode::OK {
                 self.state.client.discard(resp.session, &resp.peer).await;
                 return Err(Reply(502, "playlist unavailable").into());
             }
         }
         let declared = resp
-            .header
+            .header()
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
@@ -673,7 +682,7 @@ fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
     let dropped: Vec<http::HeaderName> = up
         .headers
         .keys()
-        .filter(|name| !headers::keep_response_header(name.as_str(), &nominated))
+        .filter(|name| !headers::keep_response_header(name, &nominated))
         .cloned()
         .collect();
     for name in &dropped {

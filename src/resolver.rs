@@ -133,7 +133,7 @@ impl Resolver {
             trusted: Some(&self.base),
         };
         let mut resp = self.client.open(req).await.map_err(|e| e.to_string())?;
-        let status = resp.header.status;
+        let status = resp.header().status;
         let mut body = Vec::new();
         while let Some(chunk) = resp.session.read_body_ref().await.map_err(|e| e.to_string())? {
             if body.len() + chunk.len() > MAX_ANSWER {

@@ -103,9 +103,9 @@ pub struct Request<'a> {
 
 /// An upstream response whose body has not been read yet.
 pub struct Response {
+    /// The exchange, with the response header read (see [`Response::header`]).
     pub session: HttpSession,
     pub peer: HttpPeer,
-    pub header: ResponseHeader,
     /// After redirects: what relative playlist URIs resolve against.
     pub final_url: Url,
     /// The response answers a HEAD through a `GET` + `Range` fallback.
@@ -114,6 +114,13 @@ pub struct Response {
     pub redirects: u32,
     /// The last hop ran on a pooled (reused) connection.
     pub reused: bool,
+}
+
+impl Response {
+    /// The upstream response header (read before a `Response` exists).
+    pub fn header(&self) -> &ResponseHeader {
+        self.session.resp_header().expect("a Response has its header read")
+    }
 }
 
 /// One upstream request as sent on a hop (the method and URL change along
@@ -175,9 +182,12 @@ impl Client {
             let (session, peer, reused) = self.exchange(&hop, trusted).await?;
             let status = session.resp_header().map(|h| h.status).unwrap_or(StatusCode::BAD_GATEWAY);
 
+            // The `discard`s below are boxed: redirects and the HEAD fallback
+            // are rare, and an inline drain future would triple the size of
+            // every request's future (moved and copied on each request).
             if is_redirect(status) {
                 if redirects >= self.max_redirects {
-                    self.discard(session, &peer).await;
+                    Box::pin(self.discard(session, &peer)).await;
                     return Err(FetchError::TooManyRedirects);
                 }
                 let next = session
@@ -186,7 +196,7 @@ impl Client {
                     .and_then(|l| l.to_str().ok())
                     .and_then(|l| url.join(l.trim()).ok())
                     .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-                self.discard(session, &peer).await;
+                Box::pin(self.discard(session, &peer)).await;
                 let Some(next) = next else { return Err(FetchError::BadRedirect) };
                 if status == StatusCode::SEE_OTHER && method != Method::HEAD {
                     method = Method::GET;
@@ -201,14 +211,13 @@ impl Client {
                 && method == Method::HEAD
                 && matches!(status, StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED)
             {
-                self.discard(session, &peer).await;
+                Box::pin(self.discard(session, &peer)).await;
                 method = Method::GET;
                 head_fallback = true;
                 continue;
             }
 
-            let header = session.resp_header().cloned().expect("header was read");
-            return Ok(Response { session, peer, header, final_url: url, head_fallback, redirects, reused });
+            return Ok(Response { session, peer, final_url: url, head_fallback, redirects, reused });
         }
     }
 
@@ -224,19 +233,20 @@ impl Client {
             Err(io) => FetchError::Dns(io),
         })?;
         let peer = self.peer_for(addr, url);
-        let request = self.request_header(hop)?;
 
         let mut fresh_only = false;
         loop {
-            let (mut session, reused) = if fresh_only {
-                let stream = self.connect_fresh(&peer).await?;
-                (stream, false)
-            } else {
-                self.connector.get_http_session(&peer).await.map_err(FetchError::from_pingora)?
+            let pooled = if fresh_only { None } else { self.connector.reused_http_session(&peer).await };
+            let (mut session, reused) = match pooled {
+                Some(s) => (s, true),
+                None => (self.connect(&peer, fresh_only).await?, false),
             };
             session.read_timeout = Some(self.timeouts.read);
             session.write_timeout = Some(self.timeouts.write);
-            match Self::send_and_read_header(&mut session, request.clone()).await {
+            // Built per attempt: Pingora takes the header by value, and a
+            // second attempt is rare enough not to keep a copy around.
+            let request = self.request_header(hop)?;
+            match Self::send_and_read_header(&mut session, request).await {
                 Ok(()) => return Ok((session, peer, reused)),
                 Err(e) if reused && !fresh_only && is_stale_connection(&e) => {
                     log::debug!("pooled upstream connection was stale ({e}); retrying on a new one");
@@ -247,13 +257,20 @@ impl Client {
         }
     }
 
-    /// A brand-new connection, bypassing the pool (after a stale reuse).
-    async fn connect_fresh(&self, peer: &HttpPeer) -> Result<HttpSession, FetchError> {
-        let mut p = peer.clone();
-        // A distinct group key gives a distinct pool key, so no idle
-        // connection can be handed back.
-        p.group_key = p.group_key.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let (s, _) = self.connector.get_http_session(&p).await.map_err(FetchError::from_pingora)?;
+    /// A new connection. Boxed: connecting (TLS handshake included) is a
+    /// future of ~8 KiB that the common pooled path should not carry along.
+    /// `bypass_pool` (after a stale reuse) gives the peer a distinct group
+    /// key, hence a distinct pool key, so no idle connection can be handed back.
+    async fn connect(&self, peer: &HttpPeer, bypass_pool: bool) -> Result<HttpSession, FetchError> {
+        let mut p;
+        let peer = if bypass_pool {
+            p = peer.clone();
+            p.group_key = p.group_key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            &p
+        } else {
+            peer
+        };
+        let (s, _) = Box::pin(self.connector.get_http_session(peer)).await.map_err(FetchError::from_pingora)?;
         Ok(s)
     }
 
