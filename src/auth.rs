@@ -89,8 +89,9 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 }
 
 /// `k=v&k=v` with Python's `urlencode` escaping.
-pub fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
-    let mut out = String::new();
+pub fn encode_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)> + Clone) -> String {
+    // Sized once: escaping at most triples a byte.
+    let mut out = String::with_capacity(pairs.clone().map(|(k, v)| (k.len() + v.len()) * 3 + 2).sum());
     for (k, v) in pairs {
         if !out.is_empty() {
             out.push('&');
@@ -164,10 +165,9 @@ fn verify_with(keyed: &Hmac<Sha256>, q: &Query, now: u64) -> Result<(), AuthErro
     let sig = q.get("sig").filter(|s| !s.is_empty()).ok_or(AuthError::MissingSignature)?;
     let mut mac = keyed.clone();
     mac.update(canonical_query(q).as_bytes());
-    let mut expected = String::with_capacity(64);
-    push_hex(&mut expected, &mac.finalize().into_bytes());
-    // Accept upper-case hex too: the bytes are what matter.
-    if !ct_eq(expected.as_bytes(), sig.to_ascii_lowercase().as_bytes()) {
+    // Compared as bytes, so upper-case hex is accepted too.
+    let mut presented = [0u8; 32];
+    if hex::decode_to_slice(sig, &mut presented).is_err() || !ct_eq(&mac.finalize().into_bytes(), &presented) {
         return Err(AuthError::InvalidSignature);
     }
     if let Some(exp) = q.get("exp") {

@@ -30,27 +30,27 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
-/// Header names listed in `Connection` (lower-cased).
-pub fn connection_nominated(headers: &HeaderMap) -> Vec<String> {
+/// Whether `Connection` (any of its values) lists `name` — such headers are
+/// hop-by-hop too. Checked in place: no allocation per response.
+pub fn connection_nominates(headers: &HeaderMap, name: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect()
+        .any(|t| t.trim().eq_ignore_ascii_case(name))
 }
 
 /// Whether an upstream response header is relayed to the client.
-/// Besides hop-by-hop headers, drops what only makes sense on the hoster's
+/// Besides hop-by-hop headers (fixed ones and those `Connection` in
+/// `response` names), drops what only makes sense on the hoster's
 /// own origin: its CORS headers (the proxy sets its own), cookies, HSTS and
 /// Alt-Svc (which would otherwise apply to the proxy's host name).
-pub fn keep_response_header(name: &HeaderName, nominated: &[String]) -> bool {
+pub fn keep_response_header(name: &HeaderName, response: &HeaderMap) -> bool {
     // `HeaderName`s are lower-case already.
     let n = name.as_str();
     !(is_hop_by_hop(n)
-        || nominated.iter().any(|t| t == n)
+        || connection_nominates(response, n)
         || n.starts_with("access-control-")
         || n == "set-cookie"
         || n == "set-cookie2"
@@ -197,15 +197,15 @@ mod tests {
     #[test]
     fn response_drops_hop_by_hop_and_nominated() {
         let resp = map(&[("Connection", "close, X-Custom"), ("Content-Length", "1")]);
-        let nominated = connection_nominated(&resp);
-        assert_eq!(nominated, vec!["close", "x-custom"]);
+        assert!(connection_nominates(&resp, "x-custom") && connection_nominates(&resp, "close"));
+        assert!(!connection_nominates(&resp, "content-length"));
         for h in [
             "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
             "Upgrade", "Proxy-Authenticate", "Proxy-Authorization", "X-Custom",
             "Access-Control-Allow-Origin", "Set-Cookie", "Alt-Svc", "Strict-Transport-Security",
         ] {
             let name = HeaderName::from_bytes(h.as_bytes()).unwrap();
-            assert!(!keep_response_header(&name, &nominated), "{h} must be dropped");
+            assert!(!keep_response_header(&name, &resp), "{h} must be dropped");
         }
         for h in [
             "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag",
@@ -213,7 +213,7 @@ mod tests {
             "Content-Encoding", "Vary", "Age", "Date",
         ] {
             let name = HeaderName::from_bytes(h.as_bytes()).unwrap();
-            assert!(keep_response_header(&name, &nominated), "{h} must be kept");
+            assert!(keep_response_header(&name, &resp), "{h} must be kept");
         }
     }
 

@@ -677,12 +677,11 @@ fn client_key(q: &Query, header: Option<&[u8]>) -> Option<String> {
 
 /// The downstream header: the upstream's, minus what the policy drops.
 fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
-    let nominated = headers::connection_nominated(&up.headers);
     let mut out = up.clone();
     let dropped: Vec<http::HeaderName> = up
         .headers
         .keys()
-        .filter(|name| !headers::keep_response_header(name, &nominated))
+        .filter(|name| !headers::keep_response_header(name, &up.headers))
         .cloned()
         .collect();
     for name in &dropped {
