@@ -155,6 +155,9 @@ impl Default for StreamConf {
     }
 }
 
+/// Pingora's upstream body buffer (`BODY_BUFFER_SIZE`), the size of every relay read.
+pub const MIN_CHUNK: usize = 64 * 1024;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConf {
@@ -389,8 +392,14 @@ impl Config {
                 return Err(("upstream.user_agent", "is not a valid header value".into()));
             }
         }
-        if !(1024..=256 * 1024).contains(&self.stream.chunk_size) {
-            return Err(("stream.chunk_size", "must be between 1024 and 262144 bytes".into()));
+        // The bound a stream's relay buffer keeps. Pingora 0.9 reads upstream
+        // bodies through a fixed 64 KiB buffer, so 64 KiB is the smallest bound
+        // that can be kept; a smaller value would be a promise not honoured.
+        if !(MIN_CHUNK..=256 * 1024).contains(&self.stream.chunk_size) {
+            return Err((
+                "stream.chunk_size",
+                format!("must be between {MIN_CHUNK} and 262144 bytes (upstream bodies are read in Pingora's 64 KiB buffers)"),
+            ));
         }
         if self.stream.max_playlist_bytes == 0 || self.stream.max_playlist_bytes > 256 << 20 {
             return Err(("stream.max_playlist_bytes", "must be between 1 and 268435456 bytes".into()));
@@ -525,6 +534,11 @@ mod tests {
         assert_eq!(e.key, "upstream.connect_timeout", "{e}");
         let e = load("auth: {mode: none}\nstream: {chunk_size: 0}\n").unwrap_err();
         assert_eq!(e.key, "stream.chunk_size");
+        let e = load("auth: {mode: none}\nstream: {chunk_size: 16384}\n").unwrap_err();
+        assert!(e.to_string().contains("64 KiB"), "{e}");
+        let e = load("auth: {mode: none}\nstream: {chunk_size: 262145}\n").unwrap_err();
+        assert_eq!(e.key, "stream.chunk_size");
+        assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
         let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n")
             .unwrap_err();
         assert_eq!(e.key, "routes.upstream");
