@@ -7,6 +7,9 @@ use prometheus::{
 
 pub struct Metrics {
     registry: Registry,
+    /// `requests` children resolved once: a label lookup hashes and locks.
+    requests_by: Vec<[IntCounter; CLASSES.len()]>,
+    upstream_by_reuse: [IntCounter; 2],
     pub requests: IntCounterVec,
     pub upstream_header_seconds: Histogram,
     pub bytes_relayed: IntCounter,
@@ -68,8 +71,15 @@ impl Metrics {
         ] {
             registry.register(c).unwrap();
         }
+        let requests_by = ROUTES
+            .iter()
+            .map(|r| CLASSES.map(|c| requests.with_label_values(&[r, c])))
+            .collect();
+        let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
         Metrics {
             registry,
+            requests_by,
+            upstream_by_reuse,
             requests,
             upstream_header_seconds,
             bytes_relayed,
@@ -82,6 +92,20 @@ impl Metrics {
             egress_refusals,
             auth_failures,
         }
+    }
+
+    /// Counts a finished request by route (one of [`ROUTES`]) and status class.
+    pub fn count_request(&self, route: &str, status: u16) {
+        let class = status_class(status);
+        match (ROUTES.iter().position(|r| *r == route), CLASSES.iter().position(|c| *c == class)) {
+            (Some(r), Some(c)) => self.requests_by[r][c].inc(),
+            _ => self.requests.with_label_values(&[route, class]).inc(),
+        }
+    }
+
+    /// Counts an upstream exchange by whether its connection came from the pool.
+    pub fn count_upstream_connection(&self, reused: bool) {
+        self.upstream_by_reuse[reused as usize].inc();
     }
 
     /// The Prometheus text exposition.
@@ -97,6 +121,10 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The `route` label values (`-`: refused before routing).
+pub const ROUTES: [&str; 5] = ["-", "relay", "stream", "route", "preflight"];
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
 /// `2xx`, `4xx`, ... for a status code (0 when nothing was sent).
 pub fn status_class(status: u16) -> &'static str {

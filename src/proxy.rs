@@ -29,7 +29,7 @@ use crate::cors::{self, Cors};
 use crate::egress::Egress;
 use crate::headers;
 use crate::hls;
-use crate::metrics::{status_class, Metrics};
+use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::resolver::{Resolved, Resolver};
 use crate::routing::{self, Route, Target};
@@ -208,7 +208,7 @@ impl ProxyHttp for Proxy {
         let m = &self.state.metrics;
         m.in_flight.dec();
         let status = if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
-        m.requests.with_label_values(&[ctx.route, status_class(status)]).inc();
+        m.count_request(ctx.route, status);
         m.bytes_relayed.inc_by(ctx.body_bytes);
         if log::log_enabled!(target: "access", log::Level::Info) {
             let req = session.req_header();
@@ -277,11 +277,11 @@ impl Proxy {
         let api_key_header = req.headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
         let now = now_unix();
 
-        let (kind, hint, url, trusted): (Kind, Option<String>, Url, Option<Url>) = match target {
+        let (kind, hint, url, trusted): (Kind, Option<&str>, Url, Option<Url>) = match target {
             Target::Relay { hint } => {
                 ctx.route = "relay";
                 self.authenticate(&query, api_key_header.as_deref(), now)?;
-                (Kind::Relay, Some(hint.to_string()), parse_u(&query)?, None)
+                (Kind::Relay, Some(hint), parse_u(&query)?, None)
             }
             Target::Stream => {
                 ctx.route = "stream";
@@ -308,7 +308,7 @@ impl Proxy {
             .open(session, ctx, &method, url, trusted.as_ref(), &[])
             .await
             .map_err(|e| self.fetch_failed(e))?;
-        self.relay(session, ctx, resp, kind, hint.as_deref(), client_key.as_deref()).await
+        self.relay(session, ctx, resp, kind, hint, client_key.as_deref()).await
     }
 
     fn authenticate(&self, q: &Query, key_header: Option<&[u8]>, now: u64) -> std::result::Result<(), AuthError> {
@@ -395,7 +395,7 @@ impl Proxy {
         let m = &self.state.metrics;
         m.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
         m.redirects.inc_by(resp.redirects as u64);
-        m.upstream_connections.with_label_values(&[if resp.reused { "true" } else { "false" }]).inc();
+        m.count_upstream_connection(resp.reused);
         ctx.upstream_status = resp.header().status.as_u16();
         if access_log && resp.redirects > 0 {
             ctx.upstream_host = resp.final_url.host_str().unwrap_or_default().to_string();

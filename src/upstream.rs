@@ -162,7 +162,7 @@ impl Client {
     pub async fn open(&self, req: Request<'_>) -> Result<Response, FetchError> {
         let client_method = req.method.clone();
         let mut method = req.method.clone();
-        let mut url = req.url.clone();
+        let mut url = req.url;
         let mut head_fallback = false;
         let mut redirects = 0u32;
         loop {
