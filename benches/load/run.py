@@ -182,11 +182,11 @@ def main():
     # The shipped default (2). With today's per-request costs it measured
     # ahead of 1 on the 2-core box (see BENCHMARKS.md).
     ap.add_argument("--threads", type=int, default=2, help="anibridge-proxy worker threads")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target in phases 1 and 2")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target in phases 1 and 2")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
     args = ap.parse_args()
-    round_secs = 3 if args.quick else 5
+    round_secs = 2 if args.quick else 3
     slow_secs = 8 if args.quick else 30
     clients = 100 if args.quick else 500
 
