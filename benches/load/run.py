@@ -179,9 +179,11 @@ async def slow_phase(target, clients, seconds, rate, work):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short phases (smoke run)")
-    # The shipped default (2). With today's per-request costs it measured
-    # ahead of 1 on the 2-core box (see BENCHMARKS.md).
-    ap.add_argument("--threads", type=int, default=2, help="anibridge-proxy worker threads")
+    # 1 by default: on this 2-core box, shared with wrk and the origin, one
+    # worker relays a big stream at nginx's CPU cost while two work-stealing
+    # workers move the stream between cores and pay ~25 % more; small-request
+    # rates are within noise of each other (see BENCHMARKS.md, "threads").
+    ap.add_argument("--threads", type=int, default=1, help="anibridge-proxy worker threads")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target in phases 1 and 2")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
