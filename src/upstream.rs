@@ -239,7 +239,7 @@ impl Client {
             let pooled = if fresh_only { None } else { self.connector.reused_http_session(&peer).await };
             let (mut session, reused) = match pooled {
                 Some(s) => (s, true),
-                None => (self.connect(&peer, fresh_only).await?, false),
+                None => self.connect(&peer, fresh_only).await?,
             };
             session.read_timeout = Some(self.timeouts.read);
             session.write_timeout = Some(self.timeouts.write);
@@ -257,11 +257,12 @@ impl Client {
         }
     }
 
-    /// A new connection. Boxed: connecting (TLS handshake included) is a
-    /// future of ~8 KiB that the common pooled path should not carry along.
+    /// A new connection (or one pooled since the caller looked), and whether
+    /// it was pooled. Boxed: connecting (TLS handshake included) is a future
+    /// of ~8 KiB that the common pooled path should not carry along.
     /// `bypass_pool` (after a stale reuse) gives the peer a distinct group
     /// key, hence a distinct pool key, so no idle connection can be handed back.
-    async fn connect(&self, peer: &HttpPeer, bypass_pool: bool) -> Result<HttpSession, FetchError> {
+    async fn connect(&self, peer: &HttpPeer, bypass_pool: bool) -> Result<(HttpSession, bool), FetchError> {
         let mut p;
         let peer = if bypass_pool {
             p = peer.clone();
@@ -270,8 +271,7 @@ impl Client {
         } else {
             peer
         };
-        let (s, _) = Box::pin(self.connector.get_http_session(peer)).await.map_err(FetchError::from_pingora)?;
-        Ok(s)
+        Box::pin(self.connector.get_http_session(peer)).await.map_err(FetchError::from_pingora)
     }
 
     async fn send_and_read_header(session: &mut HttpSession, request: Box<RequestHeader>) -> pingora_error::Result<()> {
