@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::dns::Dns;
+
 /// A host name pattern: `example.com` (exact) or `*.example.com` (any
 /// subdomain, not the apex).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,22 +169,30 @@ impl<'a> UrlHost<'a> {
     }
 }
 
-/// Resolves `host:port` without blocking the event loop and returns the
-/// first address the policy allows (`trusted` skips the address check, for
-/// operator-configured upstreams). `Err(None)` means DNS failed.
+/// Resolves `host:port` without blocking the event loop (through `dns`'s
+/// short-lived cache) and returns the first address the policy allows
+/// (`trusted` skips the address check, for operator-configured upstreams).
+/// `Err(Err(_))` means DNS failed.
 pub async fn resolve(
     policy: &Egress,
+    dns: &Dns,
     host: &UrlHost<'_>,
     port: u16,
     trusted: bool,
 ) -> Result<SocketAddr, Result<Refusal, std::io::Error>> {
-    let addrs: Vec<SocketAddr> = match host {
-        UrlHost::Ip(ip) => vec![SocketAddr::new(*ip, port)],
+    let resolved;
+    let literal;
+    let addrs: &[SocketAddr] = match host {
+        UrlHost::Ip(ip) => {
+            literal = [SocketAddr::new(*ip, port)];
+            &literal
+        }
         UrlHost::Name(name) => {
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
             }
-            tokio::net::lookup_host((*name, port)).await.map_err(Err)?.collect()
+            resolved = dns.lookup(name, port).await.map_err(Err)?;
+            &resolved
         }
     };
     if trusted {
@@ -192,7 +202,7 @@ pub async fn resolve(
             .ok_or_else(|| Ok(Refusal::NoAddress(host_label(host))));
     }
     let mut first_refusal = None;
-    for a in &addrs {
+    for a in addrs {
         match policy.ip_allowed(a.ip()) {
             Ok(()) => return Ok(*a),
             Err(r) => {
@@ -284,11 +294,16 @@ mod tests {
     #[tokio::test]
     async fn resolve_checks_the_dialled_address() {
         let deny = Egress::default();
-        let r = resolve(&deny, &UrlHost::Name("localhost"), 80, false).await;
+        let dns = Dns::default();
+        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
-        let trusted = resolve(&deny, &UrlHost::Name("localhost"), 80, true).await.unwrap();
+        let trusted = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, true).await.unwrap();
         assert!(trusted.ip().is_loopback());
+        // A cached lookup is judged again: still refused.
+        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
+        assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
         let allow = Egress::new(&["127.0.0.0/8".into(), "::1/128".into()], &[]).unwrap();
-        assert!(resolve(&allow, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
+        assert!(resolve(&allow, &dns, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
+        assert!(resolve(&allow, &dns, &UrlHost::Name("localhost"), 80, false).await.is_ok());
     }
 }

@@ -11,6 +11,7 @@ mod charclass;
 pub mod config;
 pub mod content_type;
 pub mod cors;
+pub mod dns;
 pub mod egress;
 pub mod headers;
 pub mod hls;

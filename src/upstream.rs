@@ -15,6 +15,7 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use url::{Position, Url};
 
+use crate::dns::Dns;
 use crate::egress::{self, Egress, Refusal, UrlHost};
 use crate::headers;
 use crate::providers::Providers;
@@ -136,6 +137,8 @@ struct Hop<'a> {
 /// Dials upstreams through one shared Pingora connection pool.
 pub struct Client {
     connector: Connector,
+    /// Host names resolved recently (the egress check still runs every time).
+    dns: Dns,
     egress: Egress,
     providers: Providers,
     timeouts: Timeouts,
@@ -154,7 +157,15 @@ impl Client {
     ) -> Client {
         let mut opts = pingora::connectors::ConnectorOptions::new(pool_size);
         opts.keepalive_pool_size = pool_size;
-        Client { connector: Connector::new(Some(opts)), egress, providers, timeouts, max_redirects, default_ua }
+        Client {
+            connector: Connector::new(Some(opts)),
+            dns: Dns::default(),
+            egress,
+            providers,
+            timeouts,
+            max_redirects,
+            default_ua,
+        }
     }
 
     /// Opens the response for `req`, following redirects and falling back
@@ -228,7 +239,7 @@ impl Client {
         let url = hop.url;
         let host = UrlHost::of(url).ok_or(FetchError::BadRedirect)?;
         let port = url.port_or_known_default().unwrap_or(80);
-        let addr = egress::resolve(&self.egress, &host, port, trusted).await.map_err(|e| match e {
+        let addr = egress::resolve(&self.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
             Ok(refusal) => FetchError::Refused(refusal),
             Err(io) => FetchError::Dns(io),
         })?;
