@@ -4,8 +4,9 @@
 //! (pooled connections are keyed by it), so every upstream request resolves
 //! its host. Without a cache that is one `getaddrinfo` on tokio's blocking
 //! pool per request — per HLS segment — even when a pooled connection to the
-//! host is waiting. Entries live [`TTL`] (getaddrinfo reports no DNS TTL; 30 s
-//! is what nginx's `resolver ... valid=30s` setups use); failures are never
+//! host is waiting. Entries live [`TTL`] (getaddrinfo reports no record TTL,
+//! so the time is fixed: short enough to follow a CDN's changes, long enough
+//! to spare all but one lookup of a playlist's segments); failures are never
 //! cached. The egress policy is still applied to the cached addresses on
 //! every request, so caching cannot widen what is reachable.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// How long a lookup result is reused.
 pub const TTL: Duration = Duration::from_secs(30);
-/// Most (host, port) pairs kept; hosters are many, memory is bounded.
+/// Most host names kept; hosters are many, memory is bounded.
 pub const CAPACITY: usize = 4096;
 
 /// Per host: (port, looked up at, addresses) — a host is asked on one or
