@@ -81,7 +81,6 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!((first.status, second.status), (206, 206));
     assert_body(&first.body, &pattern(0, 10));
     assert_body(&second.body, &pattern(10, 10));
-
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
