@@ -9,8 +9,8 @@ Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
   4. CPU seconds per GB relayed (from phase 2)
 Prints one table and writes BENCHMARKS.md (run from the repository root).
 """
-import argparse, asyncio, hashlib, hmac, json, os, platform, random, re, shutil, signal
-import socket, statistics, subprocess, sys, tempfile, time
+import argparse, asyncio, hashlib, hmac, json, os, platform, re, shutil, signal
+import socket, statistics, subprocess, tempfile, time
 from urllib.parse import urlencode
 
 ROOT = os.getcwd()
