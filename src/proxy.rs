@@ -1,9 +1,10 @@
 //! The `ProxyHttp` glue. `request_filter` authenticates and routes the
 //! request, opens the upstream through [`crate::upstream::Client`] (Pingora's
-//! pooled connector) and relays the response itself, so that redirects,
-//! the HEAD fallback, the refresh-and-retry and playlist rewriting all happen
-//! before the first byte goes downstream, and the body is pumped one buffer
-//! at a time with end-to-end backpressure.
+//! connector and HTTP/1.1 client, pooled connections) and relays the
+//! response itself, so that redirects, the HEAD fallback, the
+//! refresh-and-retry and playlist rewriting all happen before the first byte
+//! goes downstream, and the body is pumped one buffer at a time with
+//! end-to-end backpressure.
 
 use std::sync::Arc;
 use std::future::Future;

@@ -1,16 +1,18 @@
 //! Opening an upstream response: egress check on the dialled address,
-//! Pingora's pooled HTTP/1.1 connector, redirects followed server-side, and
-//! the HEAD → `GET` + `Range` fallback. Returns with the response header
+//! Pingora's connector and HTTP/1.1 client session over this crate's idle
+//! connection [`Pool`], redirects followed server-side, and the HEAD →
+//! `GET` + `Range` fallback. Returns with the response header
 //! read and the body still on the wire, so the caller streams it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use pingora::connectors::http::v1::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::protocols::http::v1::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use url::{Position, Url};
@@ -18,6 +20,7 @@ use url::{Position, Url};
 use crate::dns::Dns;
 use crate::egress::{self, Egress, Refusal, UrlHost};
 use crate::headers;
+use crate::pool::Pool;
 use crate::providers::Providers;
 
 /// Per-phase upstream limits.
@@ -134,9 +137,11 @@ struct Hop<'a> {
     range_override: Option<HeaderValue>,
 }
 
-/// Dials upstreams through one shared Pingora connection pool.
+/// Dials upstreams with Pingora's connector; finished connections wait in
+/// one shared [`Pool`] for the next request to the same peer.
 pub struct Client {
-    connector: Connector,
+    connector: TransportConnector,
+    pool: Arc<Pool>,
     /// Host names resolved recently (the egress check still runs every time).
     dns: Dns,
     egress: Egress,
@@ -155,10 +160,11 @@ impl Client {
         default_ua: Option<HeaderValue>,
         pool_size: usize,
     ) -> Client {
-        let mut opts = pingora::connectors::ConnectorOptions::new(pool_size);
-        opts.keepalive_pool_size = pool_size;
+        // Pingora's own pool stays empty: nothing is released into it.
+        let opts = pingora::connectors::ConnectorOptions::new(0);
         Client {
-            connector: Connector::new(Some(opts)),
+            connector: TransportConnector::new(Some(opts)),
+            pool: Pool::new(pool_size, POOL_IDLE),
             dns: Dns::default(),
             egress,
             providers,
@@ -247,10 +253,10 @@ impl Client {
 
         let mut fresh_only = false;
         loop {
-            let pooled = if fresh_only { None } else { self.connector.reused_http_session(&peer).await };
+            let pooled = if fresh_only { None } else { self.pool.take(peer.reuse_hash()) };
             let (mut session, reused) = match pooled {
-                Some(s) => (s, true),
-                None => self.connect(&peer, fresh_only).await?,
+                Some(stream) => (HttpSession::new_with_options(stream, &peer), true),
+                None => (self.connect(&peer).await?, false),
             };
             session.read_timeout = Some(self.timeouts.read);
             session.write_timeout = Some(self.timeouts.write);
@@ -268,21 +274,11 @@ impl Client {
         }
     }
 
-    /// A new connection (or one pooled since the caller looked), and whether
-    /// it was pooled. Boxed: connecting (TLS handshake included) is a future
-    /// of ~8 KiB that the common pooled path should not carry along.
-    /// `bypass_pool` (after a stale reuse) gives the peer a distinct group
-    /// key, hence a distinct pool key, so no idle connection can be handed back.
-    async fn connect(&self, peer: &HttpPeer, bypass_pool: bool) -> Result<(HttpSession, bool), FetchError> {
-        let mut p;
-        let peer = if bypass_pool {
-            p = peer.clone();
-            p.group_key = p.group_key.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            &p
-        } else {
-            peer
-        };
-        Box::pin(self.connector.get_http_session(peer)).await.map_err(FetchError::from_pingora)
+    /// A new connection. Boxed: connecting (TLS handshake included) is a
+    /// future of ~8 KiB that the common pooled path should not carry along.
+    async fn connect(&self, peer: &HttpPeer) -> Result<HttpSession, FetchError> {
+        let stream = Box::pin(self.connector.new_stream(peer)).await.map_err(FetchError::from_pingora)?;
+        Ok(HttpSession::new_with_options(stream, peer))
     }
 
     async fn send_and_read_header(session: &mut HttpSession, request: Box<RequestHeader>) -> pingora_error::Result<()> {
@@ -345,9 +341,13 @@ impl Client {
         }
     }
 
-    /// Returns a fully read connection to the pool.
-    pub async fn release(&self, session: HttpSession, peer: &HttpPeer) {
-        self.connector.release_http_session(session, peer, Some(POOL_IDLE)).await;
+    /// Returns a fully read connection to the pool, unless the exchange
+    /// (its framing, or `Connection: close` either way) rules reuse out.
+    pub async fn release(&self, mut session: HttpSession, peer: &HttpPeer) {
+        session.respect_keepalive();
+        if let Some(stream) = session.reuse().await {
+            self.pool.put(peer.reuse_hash(), stream);
+        }
     }
 }
 

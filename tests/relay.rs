@@ -361,6 +361,58 @@ async fn keep_alive_downstream_and_pooled_upstream() {
     assert_eq!(conns.len(), 1);
 }
 
+/// The origin answers as if it kept the connection open, then closes it:
+/// the pooled connection is found closed and a new one is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_closed_by_the_origin_is_not_reused() {
+    let o = Origin::start(|_| Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec())).await;
+    let p = Proxy::open().await;
+    let mut c = Client::connect(p.addr()).await;
+    for _ in 0..3 {
+        let got = c.request("GET", &relay_path("x.bin", &o.url("/once")), &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body, b"hello");
+        // Let the origin's close reach the idle pooled connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(o.connections.load(Ordering::SeqCst), 3);
+}
+
+/// A pooled connection that the origin drops when the next request arrives
+/// (the race an idle timeout produces) is retried once on a new connection;
+/// the client never sees the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connection_dropped_mid_request_is_retried_on_a_new_one() {
+    let served = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<usize, usize>::new()));
+    let o = {
+        let served = served.clone();
+        Origin::start(move |req| {
+            let mut served = served.lock().unwrap();
+            let n = served.entry(req.conn_id).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                // Second request on a connection: close without answering.
+                Action::Raw(Vec::new())
+            } else {
+                serve_file(req, 1000, Some("video/mp4")).into()
+            }
+        })
+        .await
+    };
+    let p = Proxy::open().await;
+    let mut c = Client::connect(p.addr()).await;
+    for i in 0..3u64 {
+        let range = format!("bytes={}-{}", i * 10, i * 10 + 9);
+        let got = c.request("GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[("Range", &range)]).await;
+        assert_eq!(got.status, 206);
+        assert_body(&got.body, &pattern(i * 10, 10));
+    }
+    // Requests 2 and 3 each found the pooled connection dropped, then got a
+    // new one: 5 requests seen on 3 connections.
+    assert_eq!(o.requests().len(), 5);
+    assert_eq!(o.connections.load(Ordering::SeqCst), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_going_away_drops_the_upstream_connection() {
     let o = Origin::start_with_sndbuf(|req| serve_file(req, 500 * MB, Some("video/mp4")).into(), Some(65536)).await;
