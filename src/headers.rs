@@ -33,8 +33,11 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// Whether `Connection` (any of its values) lists `name` — such headers are
 /// hop-by-hop too. Checked in place: no allocation per response.
 pub fn connection_nominates(headers: &HeaderMap, name: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
+    nominates(&headers.get_all(header::CONNECTION), name)
+}
+
+fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
+    connection
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -47,15 +50,29 @@ pub fn connection_nominates(headers: &HeaderMap, name: &str) -> bool {
 /// own origin: its CORS headers (the proxy sets its own), cookies, HSTS and
 /// Alt-Svc (which would otherwise apply to the proxy's host name).
 pub fn keep_response_header(name: &HeaderName, response: &HeaderMap) -> bool {
+    !(dropped_by_name(name) || connection_nominates(response, name.as_str()))
+}
+
+/// The names of `response`'s headers that [`keep_response_header`] drops,
+/// with `Connection` looked up once rather than once per header.
+pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &HeaderName> {
+    let connection = response.get_all(header::CONNECTION);
+    let nominating = connection.iter().next().is_some();
+    response
+        .keys()
+        .filter(move |name| dropped_by_name(name) || (nominating && nominates(&connection, name.as_str())))
+}
+
+/// Dropped whatever `Connection` says.
+fn dropped_by_name(name: &HeaderName) -> bool {
     // `HeaderName`s are lower-case already.
     let n = name.as_str();
-    !(is_hop_by_hop(n)
-        || connection_nominates(response, n)
+    is_hop_by_hop(n)
         || n.starts_with("access-control-")
         || n == "set-cookie"
         || n == "set-cookie2"
         || n == "alt-svc"
-        || n == "strict-transport-security")
+        || n == "strict-transport-security"
 }
 
 /// The upstream request headers, in order and complete, except `Host`.
@@ -214,6 +231,28 @@ mod tests {
         ] {
             let name = HeaderName::from_bytes(h.as_bytes()).unwrap();
             assert!(keep_response_header(&name, &resp), "{h} must be kept");
+        }
+    }
+
+    #[test]
+    fn dropped_response_headers_agrees_with_keep_response_header() {
+        let all = [
+            "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+            "Upgrade", "Proxy-Authenticate", "Proxy-Authorization", "X-Custom", "X-Other",
+            "Access-Control-Allow-Origin", "Set-Cookie", "Alt-Svc", "Strict-Transport-Security",
+            "Content-Type", "Content-Length", "ETag", "Vary", "Date",
+        ];
+        for connection in [None, Some("close, X-Custom"), Some("keep-alive"), Some("X-Other,  x-custom ")] {
+            let mut pairs: Vec<(&str, &str)> = all.iter().filter(|h| **h != "Connection").map(|h| (*h, "v")).collect();
+            if let Some(c) = connection {
+                pairs.push(("Connection", c));
+            }
+            let resp = map(&pairs);
+            let dropped: Vec<&HeaderName> = dropped_response_headers(&resp).collect();
+            for name in resp.keys() {
+                assert_eq!(dropped.contains(&name), !keep_response_header(name, &resp), "{name} with Connection {connection:?}");
+            }
+            assert_eq!(dropped.iter().any(|n| *n == "x-custom"), connection.is_some_and(|c| c.contains("X-Custom") || c.contains("x-custom")));
         }
     }
 

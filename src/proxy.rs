@@ -679,12 +679,7 @@ fn client_key(q: &Query, header: Option<&[u8]>) -> Option<String> {
 /// The downstream header: the upstream's, minus what the policy drops.
 fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
     let mut out = up.clone();
-    let dropped: Vec<http::HeaderName> = up
-        .headers
-        .keys()
-        .filter(|name| !headers::keep_response_header(name, &up.headers))
-        .cloned()
-        .collect();
+    let dropped: Vec<http::HeaderName> = headers::dropped_response_headers(&up.headers).cloned().collect();
     for name in &dropped {
         out.remove_header(name);
     }
