@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Side-by-side load benchmark: direct origin vs nginx proxy vs anibridge-proxy.
+"""Side-by-side load benchmark: direct origin vs nginx proxy vs anibridge-proxy,
+with a bare Pingora proxy (benches/load/bare_pingora.rs) as the reference
+for what Pingora itself costs in phases 1 and 2.
 
 Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
   1. small Range GETs (64 KiB of 1 MiB files, random offsets), 64 connections
@@ -15,8 +17,9 @@ from urllib.parse import urlencode
 
 ROOT = os.getcwd()
 BIN = os.path.join(ROOT, "target/release/anibridge-proxy")
+BARE = os.path.join(ROOT, "target/release/examples/bare_pingora")
 SECRET = "bench-secret"
-ORIGIN, NGINX, PROXY, ADMIN = 18081, 18082, 18083, 18084
+ORIGIN, NGINX, PROXY, ADMIN, PINGORA = 18081, 18082, 18083, 18084, 18085
 N_FILES = 16
 
 
@@ -277,10 +280,16 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
     ab = subprocess.Popen([BIN, "--config", cfg], env={**os.environ, "RUST_LOG": "warn"})
     procs.append(ab)
     wait_port(PROXY)
+    # Same worker count as anibridge-proxy, same origin.
+    bare = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA}", f"127.0.0.1:{ORIGIN}", str(args.threads)],
+                            env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(bare)
+    wait_port(PINGORA)
 
     targets = [
         Target("direct", ORIGIN, lambda p: p, lambda: [origin.pid] + children(origin.pid)),
         Target("nginx", NGINX, lambda p: p, lambda: [ngx.pid] + children(ngx.pid)),
+        Target("pingora", PINGORA, lambda p: p, lambda: [bare.pid]),
         Target("anibridge", PROXY, signed, lambda: [ab.pid]),
     ]
     results = {t.name: {} for t in targets}
@@ -292,7 +301,7 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
 
     phases = set(args.phases.split(","))
     if "1" in phases:
-        # Interleaved rounds (direct, nginx, anibridge, direct, ...): drift
+        # Interleaved rounds (direct, nginx, pingora, anibridge, direct, ...): drift
         # on the shared machine hits every target alike; each figure is the
         # median of its rounds.
         for t in targets:
@@ -324,7 +333,9 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
             secs = statistics.median(r[0] for r in runs[t.name])
             cpu = statistics.median(r[1] for r in runs[t.name])
             results[t.name].update({"gib_s": 1 / secs, "cpu_per_gb": cpu / ((1 << 30) / 1e9)})
-    for t in targets[1:] if "3" in phases else []:
+    # Slow clients: nginx and anibridge (bare Pingora's read-ahead is known,
+    # PINGORA-NOTES 10, and would add 30 s).
+    for t in [t for t in targets if t.name in ("nginx", "anibridge")] if "3" in phases else []:
         r = asyncio.run(slow_phase(t, clients, slow_secs, 64 * 1024, work))
         results[t.name].update(r)
         print(f"[3] {t.name}: {r}", flush=True)
@@ -335,22 +346,28 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
 
 
 def report(args, results, clients):
-    d, n, a = results["direct"], results["nginx"], results["anibridge"]
+    d, n, b, a = results["direct"], results["nginx"], results["pingora"], results["anibridge"]
     MiB = 1 << 20
+
+    def row(label, key, fmt, scale=1):
+        v = lambda r: format(r[key] / scale, fmt)
+        return (label, v(d), v(n), v(b), v(a), f"{a[key] / n[key]:.2f}x", f"{a[key] / b[key]:.2f}x")
+
     rows = [
-        ("small Range GETs: req/s", f"{d['rps']:.0f}", f"{n['rps']:.0f}", f"{a['rps']:.0f}", f"{a['rps'] / n['rps']:.2f}x"),
-        ("small Range GETs: p50 ms", f"{d['p50']:.2f}", f"{n['p50']:.2f}", f"{a['p50']:.2f}", f"{a['p50'] / n['p50']:.2f}x"),
-        ("small Range GETs: p99 ms", f"{d['p99']:.2f}", f"{n['p99']:.2f}", f"{a['p99']:.2f}", f"{a['p99'] / n['p99']:.2f}x"),
-        ("small Range GETs: CPU µs per request", f"{d['cpu_us']:.1f}", f"{n['cpu_us']:.1f}", f"{a['cpu_us']:.1f}", f"{a['cpu_us'] / n['cpu_us']:.2f}x"),
-        ("1 GiB download: GiB/s", f"{d['gib_s']:.2f}", f"{n['gib_s']:.2f}", f"{a['gib_s']:.2f}", f"{a['gib_s'] / n['gib_s']:.2f}x"),
-        ("CPU seconds per GB relayed", f"{d['cpu_per_gb']:.3f}", f"{n['cpu_per_gb']:.3f}", f"{a['cpu_per_gb']:.3f}", f"{a['cpu_per_gb'] / n['cpu_per_gb']:.2f}x"),
-        (f"{clients} slow clients: peak RSS MiB", "-", f"{n['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / n['peak_rss']:.2f}x"),
+        row("small Range GETs: req/s", "rps", ".0f"),
+        row("small Range GETs: p50 ms", "p50", ".2f"),
+        row("small Range GETs: p99 ms", "p99", ".2f"),
+        row("small Range GETs: CPU µs per request", "cpu_us", ".1f"),
+        row("1 GiB download: GiB/s", "gib_s", ".2f"),
+        row("CPU seconds per GB relayed", "cpu_per_gb", ".3f"),
+        (f"{clients} slow clients: peak RSS MiB", "-", f"{n['peak_rss'] / MiB:.1f}", "-", f"{a['peak_rss'] / MiB:.1f}", f"{a['peak_rss'] / n['peak_rss']:.2f}x", ""),
         (f"{clients} slow clients: RSS first/last third MiB", "-",
-         f"{n['rss_first'] / MiB:.1f} / {n['rss_last'] / MiB:.1f}", f"{a['rss_first'] / MiB:.1f} / {a['rss_last'] / MiB:.1f}", ""),
-        (f"{clients} slow clients: client KiB/s each", "-", f"{n['client_rate'] / 1024:.1f}", f"{a['client_rate'] / 1024:.1f}", ""),
-        (f"{clients} slow clients: upstream KiB/s each (origin side)", "-", f"{n['upstream_rate'] / 1024:.1f}", f"{a['upstream_rate'] / 1024:.1f}", ""),
+         f"{n['rss_first'] / MiB:.1f} / {n['rss_last'] / MiB:.1f}", "-", f"{a['rss_first'] / MiB:.1f} / {a['rss_last'] / MiB:.1f}", "", ""),
+        (f"{clients} slow clients: client KiB/s each", "-", f"{n['client_rate'] / 1024:.1f}", "-", f"{a['client_rate'] / 1024:.1f}", "", ""),
+        (f"{clients} slow clients: upstream KiB/s each (origin side)", "-", f"{n['upstream_rate'] / 1024:.1f}", "-", f"{a['upstream_rate'] / 1024:.1f}", "", ""),
     ]
-    table = "| measure | direct | nginx | anibridge-proxy | anibridge / nginx |\n|---|---|---|---|---|\n"
+    table = ("| measure | direct | nginx | bare Pingora | anibridge-proxy | anibridge / nginx | anibridge / bare Pingora |\n"
+             "|---|---|---|---|---|---|---|\n")
     table += "".join(f"| {' | '.join(r)} |\n" for r in rows)
     errs = {k: v.get("errors") for k, v in results.items() if v.get("errors")}
     print(table)
@@ -367,7 +384,10 @@ def report(args, results, clients):
         f"pingora 0.9.1; anibridge-proxy threads: {args.threads}\n"
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `benches/load/run.sh`\n"
         f"- small Range GETs and 1 GiB download: {len(a['rps_rounds'])} interleaved rounds per target, median shown; "
-        f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, anibridge {a['rps_rounds']}\n"
+        f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
+        f"anibridge {a['rps_rounds']}\n"
+        f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
+        f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
     )
     text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
     start, end = "<!-- load:begin -->", "<!-- load:end -->"

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/../.."
 scripts/deps.sh cmake nginx-light wrk curl
 export PATH="$PATH:/usr/sbin"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-cargo build --release --locked
+cargo build --release --locked --bin anibridge-proxy --example bare_pingora
 exec python3 benches/load/run.py "$@"
