@@ -46,7 +46,9 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
     std::fs::write(
         dir.path().join("main.conf"),
         format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+            // One process, no master: killing the child stops nginx
+            // outright (a killed master would leave its worker running).
+            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 256; }}\n\
              http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n include {d}/site.conf; }}\n"
         ),
