@@ -305,7 +305,6 @@ impl Client {
         o.total_connection_timeout = Some(self.timeouts.connect);
         o.read_timeout = Some(self.timeouts.read);
         o.write_timeout = Some(self.timeouts.write);
-        o.idle_timeout = Some(POOL_IDLE);
         o.verify_cert = true;
         o.verify_hostname = true;
         peer
