@@ -2,16 +2,37 @@
 //! hosters never learn who watches) and the response headers relayed back
 //! (hop-by-hop and origin-scoped headers dropped, the rest preserved).
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-/// Request headers copied from the client, when present.
-pub const FORWARDED_REQUEST_HEADERS: [HeaderName; 5] = [
-    header::RANGE,
-    header::IF_RANGE,
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::ACCEPT,
+/// Request headers copied from the client, when present, with the spelling
+/// they are sent with.
+pub const FORWARDED_REQUEST_HEADERS: [(HeaderName, &str); 5] = [
+    (header::RANGE, "Range"),
+    (header::IF_RANGE, "If-Range"),
+    (header::IF_NONE_MATCH, "If-None-Match"),
+    (header::IF_MODIFIED_SINCE, "If-Modified-Since"),
+    (header::ACCEPT, "Accept"),
 ];
+
+/// A request header as it goes upstream. HTTP/1.1 header names are
+/// case-insensitive, but browsers, curl and nginx all send `Range` and
+/// `User-Agent`, and a request in lower case stands out to a hoster; so
+/// `spelling` is what goes on the wire — the conventional spelling for the
+/// headers this proxy sets or forwards, the given one for headers from a
+/// provider profile or the resolver — and `name` is what compares.
+#[derive(Debug, Clone)]
+pub struct WireHeader {
+    pub name: HeaderName,
+    pub spelling: Bytes,
+    pub value: HeaderValue,
+}
+
+impl WireHeader {
+    pub fn conventional(name: &HeaderName, spelling: &'static str, value: HeaderValue) -> WireHeader {
+        WireHeader { name: name.clone(), spelling: Bytes::from_static(spelling.as_bytes()), value }
+    }
+}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones proxies strip.
 const HOP_BY_HOP: [&str; 9] = [
@@ -74,26 +95,26 @@ fn dropped_by_name(name: &HeaderName) -> bool {
 pub fn upstream_request_headers(
     client: &HeaderMap,
     default_ua: Option<&HeaderValue>,
-    profile: &[(HeaderName, HeaderValue)],
-    resolver: &[(HeaderName, HeaderValue)],
-) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(8);
-    for name in &FORWARDED_REQUEST_HEADERS {
+    profile: &[WireHeader],
+    resolver: &[WireHeader],
+) -> Vec<WireHeader> {
+    let mut out: Vec<WireHeader> = Vec::with_capacity(8);
+    for (name, spelling) in &FORWARDED_REQUEST_HEADERS {
         // Range and friends are forwarded byte for byte, all values in order.
         for v in client.get_all(name) {
-            out.push((name.clone(), v.clone()));
+            out.push(WireHeader::conventional(name, spelling, v.clone()));
         }
     }
-    out.push((header::ACCEPT_ENCODING, HeaderValue::from_static("identity")));
+    out.push(WireHeader::conventional(&header::ACCEPT_ENCODING, "Accept-Encoding", HeaderValue::from_static("identity")));
     if let Some(ua) = client.get(header::USER_AGENT).or(default_ua) {
-        out.push((header::USER_AGENT, ua.clone()));
+        out.push(WireHeader::conventional(&header::USER_AGENT, "User-Agent", ua.clone()));
     }
-    for (name, value) in profile.iter().chain(resolver) {
-        if name == header::HOST || is_hop_by_hop(name.as_str()) || name == header::CONTENT_LENGTH {
+    for h in profile.iter().chain(resolver) {
+        if h.name == header::HOST || is_hop_by_hop(h.name.as_str()) || h.name == header::CONTENT_LENGTH {
             continue;
         }
-        out.retain(|(n, _)| n != name);
-        out.push((name.clone(), value.clone()));
+        out.retain(|o| o.name != h.name);
+        out.push(h.clone());
     }
     out
 }
@@ -107,17 +128,15 @@ pub fn host_header(u: &url::Url) -> String {
     }
 }
 
-/// Parses `name: value` pairs from config or a resolver answer, skipping
-/// (and reporting) the invalid ones.
-pub fn parse_pairs<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+/// Parses `name: value` pairs from config or a resolver answer, keeping
+/// each name's spelling; the first invalid pair is reported.
+pub fn parse_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Vec<WireHeader>, String> {
     pairs
         .into_iter()
         .map(|(k, v)| {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("bad header name {k:?}"))?;
             let value = HeaderValue::from_str(v).map_err(|_| format!("bad value for header {k}"))?;
-            Ok((name, value))
+            Ok(WireHeader { name, spelling: Bytes::copy_from_slice(k.as_bytes()), value })
         })
         .collect()
 }
@@ -142,8 +161,9 @@ mod tests {
         m
     }
 
-    fn names(v: &[(HeaderName, HeaderValue)]) -> Vec<String> {
-        v.iter().map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap())).collect()
+    /// As they go on the wire: spelling, value.
+    fn names(v: &[WireHeader]) -> Vec<String> {
+        v.iter().map(|h| format!("{}: {}", String::from_utf8_lossy(&h.spelling), h.value.to_str().unwrap())).collect()
     }
 
     #[test]
@@ -165,10 +185,10 @@ mod tests {
         assert_eq!(
             names(&out),
             vec![
-                "range: bytes=0-99",
-                "if-none-match: \"abc\"",
-                "accept-encoding: identity",
-                "user-agent: mpv/0.36",
+                "Range: bytes=0-99",
+                "If-None-Match: \"abc\"",
+                "Accept-Encoding: identity",
+                "User-Agent: mpv/0.36",
             ]
         );
     }
@@ -176,10 +196,10 @@ mod tests {
     #[test]
     fn range_is_never_invented_and_kept_verbatim() {
         let out = upstream_request_headers(&HeaderMap::new(), None, &[], &[]);
-        assert!(out.iter().all(|(n, _)| n != header::RANGE));
-        let odd = map(&[("Range", "bytes=abc, 0-0,-0")]);
+        assert!(out.iter().all(|h| h.name != header::RANGE));
+        let odd = map(&[("rANGE", "bytes=abc, 0-0,-0")]);
         let out = upstream_request_headers(&odd, None, &[], &[]);
-        assert_eq!(out[0].1, "bytes=abc, 0-0,-0");
+        assert_eq!(names(&out[..1]), vec!["Range: bytes=abc, 0-0,-0"]);
     }
 
     #[test]
@@ -187,19 +207,24 @@ mod tests {
         let client = map(&[("User-Agent", "vlc"), ("Accept", "*/*")]);
         let ua = HeaderValue::from_static("default-ua");
         let profile = parse_pairs([("Referer", "https://voe.sx/"), ("User-Agent", "Mozilla/5.0")]).unwrap();
-        let resolver = parse_pairs([("Referer", "https://resolved/"), ("Host", "evil"), ("Connection", "x")]).unwrap();
+        // The resolver's spelling of a name goes out, whatever the profile's was.
+        let resolver = parse_pairs([("referer", "https://resolved/"), ("Host", "evil"), ("Connection", "x")]).unwrap();
         let out = upstream_request_headers(&client, Some(&ua), &profile, &resolver);
         assert_eq!(
             names(&out),
             vec![
-                "accept: */*",
-                "accept-encoding: identity",
-                "user-agent: Mozilla/5.0",
+                "Accept: */*",
+                "Accept-Encoding: identity",
+                "User-Agent: Mozilla/5.0",
                 "referer: https://resolved/",
             ]
         );
         let out = upstream_request_headers(&HeaderMap::new(), Some(&ua), &[], &[]);
-        assert_eq!(names(&out), vec!["accept-encoding: identity", "user-agent: default-ua"]);
+        assert_eq!(names(&out), vec!["Accept-Encoding: identity", "User-Agent: default-ua"]);
+        // A profile's own spelling is kept too, even an unusual one.
+        let odd = parse_pairs([("X-CDN-Token", "t")]).unwrap();
+        let out = upstream_request_headers(&HeaderMap::new(), None, &odd, &[]);
+        assert_eq!(names(&out), vec!["Accept-Encoding: identity", "X-CDN-Token: t"]);
     }
 
     /// Headers the policy always drops, and always keeps.

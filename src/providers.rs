@@ -1,13 +1,12 @@
 //! Provider profiles: the headers a hoster insists on (Referer, Origin,
 //! User-Agent, ...), matched on the upstream host of every hop.
 
-use http::header::{HeaderName, HeaderValue};
-
 use crate::config::ProviderConf;
 use crate::egress::HostPattern;
+use crate::headers::WireHeader;
 
 /// Host patterns and the headers they get.
-type Profile = (Vec<HostPattern>, Vec<(HeaderName, HeaderValue)>);
+type Profile = (Vec<HostPattern>, Vec<WireHeader>);
 
 #[derive(Debug, Clone, Default)]
 pub struct Providers {
@@ -26,7 +25,7 @@ impl Providers {
     }
 
     /// The headers of the first profile matching `host` (lower-case).
-    pub fn headers_for(&self, host: &str) -> &[(HeaderName, HeaderValue)] {
+    pub fn headers_for(&self, host: &str) -> &[WireHeader] {
         self.profiles
             .iter()
             .find(|(hosts, _)| hosts.iter().any(|p| p.matches(host)))
@@ -47,9 +46,9 @@ mod tests {
         )
         .unwrap();
         let p = Providers::new(&conf).unwrap();
-        assert_eq!(p.headers_for("voe.sx")[0].1, "https://voe.sx/");
-        assert_eq!(p.headers_for("cdn.voe.sx")[0].1, "https://voe.sx/");
-        assert_eq!(p.headers_for("x.sx")[0].1, "https://other/");
+        assert_eq!(p.headers_for("voe.sx")[0].value, "https://voe.sx/");
+        assert_eq!(p.headers_for("cdn.voe.sx")[0].value, "https://voe.sx/");
+        assert_eq!(p.headers_for("x.sx")[0].value, "https://other/");
         assert!(p.headers_for("example.com").is_empty());
     }
 }

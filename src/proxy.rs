@@ -28,7 +28,7 @@ use crate::config::{AuthMode, Config};
 use crate::content_type;
 use crate::cors::{self, Cors};
 use crate::egress::Egress;
-use crate::headers;
+use crate::headers::{self, WireHeader};
 use crate::hls;
 use crate::metrics::Metrics;
 use crate::providers::Providers;
@@ -374,7 +374,7 @@ impl Proxy {
         method: &Method,
         url: Url,
         trusted: Option<&Url>,
-        extra: &[(http::HeaderName, HeaderValue)],
+        extra: &[WireHeader],
     ) -> std::result::Result<upstream::Response, FetchError> {
         ctx.attempts += 1;
         if ctx.attempts > 1 {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http::Method;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
@@ -15,6 +15,7 @@ use url::Url;
 
 use crate::auth::{canonical_query, Query};
 use crate::egress::Egress;
+use crate::headers::WireHeader;
 use crate::providers::Providers;
 use crate::upstream::{Client, Request, Timeouts};
 
@@ -25,7 +26,7 @@ const MAX_ANSWER: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Resolved {
     pub url: Url,
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: Vec<WireHeader>,
     ttl: Duration,
 }
 
@@ -123,7 +124,7 @@ impl Resolver {
         let mut url = self.base.clone();
         let q = params.encode();
         url.set_query((!q.is_empty()).then_some(q.as_str()));
-        let accept = [(http::header::ACCEPT, HeaderValue::from_static("application/json"))];
+        let accept = [WireHeader::conventional(&http::header::ACCEPT, "Accept", HeaderValue::from_static("application/json"))];
         let empty = HeaderMap::new();
         let req = Request {
             method: Method::GET,
@@ -169,7 +170,8 @@ mod tests {
         let r = parse_answer(br#"{"url":"https://cdn.example/v.mp4","headers":{"Referer":"https://voe.sx/"},"ttl_seconds":60}"#)
             .unwrap();
         assert_eq!(r.url.as_str(), "https://cdn.example/v.mp4");
-        assert_eq!(r.headers[0].1, "https://voe.sx/");
+        assert_eq!(r.headers[0].value, "https://voe.sx/");
+        assert_eq!(&r.headers[0].spelling[..], b"Referer");
         assert_eq!(r.ttl, Duration::from_secs(60));
         assert!(parse_answer(br#"{"url":"https://x/"}"#).unwrap().ttl.is_zero());
         assert!(parse_answer(b"not json").is_err());

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::v1::client::HttpSession;
@@ -19,7 +19,7 @@ use url::{Position, Url};
 
 use crate::dns::Dns;
 use crate::egress::{self, Egress, Refusal, UrlHost};
-use crate::headers;
+use crate::headers::{self, WireHeader};
 use crate::pool::Pool;
 use crate::providers::Providers;
 
@@ -100,7 +100,7 @@ pub struct Request<'a> {
     /// The client's request headers; only the allow-listed ones are used.
     pub client_headers: &'a HeaderMap,
     /// Headers from the resolver (win over provider profiles).
-    pub extra_headers: &'a [(HeaderName, HeaderValue)],
+    pub extra_headers: &'a [WireHeader],
     /// The operator-trusted origin (a static route's upstream), if any.
     pub trusted: Option<&'a Url>,
 }
@@ -133,7 +133,7 @@ struct Hop<'a> {
     method: &'a Method,
     url: &'a Url,
     client_headers: &'a HeaderMap,
-    extra: &'a [(HeaderName, HeaderValue)],
+    extra: &'a [WireHeader],
     range_override: Option<HeaderValue>,
 }
 
@@ -316,13 +316,13 @@ impl Client {
         let mut req = RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(8))
             .map_err(FetchError::Unreachable)?;
         let host = headers::host_header(url);
-        req.insert_header(header::HOST, host).map_err(FetchError::Unreachable)?;
+        req.insert_header("Host", host).map_err(FetchError::Unreachable)?;
         let profile = self.providers.headers_for(url.host_str().unwrap_or_default());
-        for (name, value) in headers::upstream_request_headers(hop.client_headers, self.default_ua.as_ref(), profile, hop.extra) {
-            req.append_header(name, value).map_err(FetchError::Unreachable)?;
+        for h in headers::upstream_request_headers(hop.client_headers, self.default_ua.as_ref(), profile, hop.extra) {
+            req.append_header(h.spelling, h.value).map_err(FetchError::Unreachable)?;
         }
         if let Some(range) = hop.range_override.clone() {
-            req.insert_header(header::RANGE, range).map_err(FetchError::Unreachable)?;
+            req.insert_header("Range", range).map_err(FetchError::Unreachable)?;
         }
         Ok(Box::new(req))
     }

@@ -200,6 +200,11 @@ async fn upstream_sees_exactly_the_allowed_request_headers() {
         names,
         vec!["host", "range", "if-range", "if-none-match", "if-modified-since", "accept", "accept-encoding", "user-agent"]
     );
+    // Spelled the way browsers, curl and nginx send them, not in Pingora's lower case.
+    assert_eq!(
+        seen.spelled,
+        vec!["Host", "Range", "If-Range", "If-None-Match", "If-Modified-Since", "Accept", "Accept-Encoding", "User-Agent"]
+    );
     assert_eq!(seen.header("host"), Some(&*o.addr.to_string()));
     assert_eq!(seen.header("accept-encoding"), Some("identity"));
     assert_eq!(seen.header("user-agent"), Some("mpv 0.38"));

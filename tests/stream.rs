@@ -69,6 +69,7 @@ async fn stale_url_is_refreshed_once_then_served() {
     assert_eq!(m.requests().len(), 2, "exactly two upstream attempts");
     // The resolver's headers went upstream; the resolver saw no sig.
     assert!(m.requests().iter().all(|r| r.header("referer") == Some("https://hoster.example/")));
+    assert!(m.requests().iter().all(|r| r.spelled.iter().any(|n| n == "Referer")), "the resolver's spelling goes upstream");
     assert!(r.requests().iter().all(|q| !q.target.contains("sig=")));
     assert!(r.requests()[0].target.contains("slug=kaguya-sama"));
     // The refreshed answer is cached now.

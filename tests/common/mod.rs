@@ -46,6 +46,8 @@ pub struct SeenRequest {
     pub target: String,
     /// Header names lower-cased, in order.
     pub headers: Vec<(String, String)>,
+    /// Header names as spelled on the wire, in order.
+    pub spelled: Vec<String>,
     pub conn_id: usize,
 }
 
@@ -215,12 +217,10 @@ async fn serve_conn(
         let mut parts = start.split(' ');
         let method = parts.next().unwrap_or("").to_string();
         let target = parts.next().unwrap_or("").to_string();
-        let headers: Vec<(String, String)> = lines
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let req = SeenRequest { method: method.clone(), target, headers, conn_id: id };
+        let pairs: Vec<(&str, &str)> = lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':')).collect();
+        let spelled = pairs.iter().map(|(k, _)| k.trim().to_string()).collect();
+        let headers = pairs.iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+        let req = SeenRequest { method: method.clone(), target, headers, spelled, conn_id: id };
         seen.lock().unwrap().push(req.clone());
         let is_head = method == "HEAD";
         match handler(&req) {
