@@ -16,7 +16,10 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 fn signed_query() -> String {
     let mut q = Query(vec![
-        ("u".into(), "https://cdn.hoster.example/v/0123456789abcdef/ep-12.mp4?token=abcDEF123&expires=1900000000".into()),
+        (
+            "u".into(),
+            "https://cdn.hoster.example/v/0123456789abcdef/ep-12.mp4?token=abcDEF123&expires=1900000000".into(),
+        ),
         ("exp".into(), "4102444800".into()),
     ]);
     let s = sign(b"bench-secret", &q);
@@ -46,8 +49,13 @@ fn bench(c: &mut Criterion) {
 
     let mut client = HeaderMap::new();
     for (k, v) in [
-        ("host", "proxy"), ("user-agent", "Lavf/60.3.100"), ("accept", "*/*"), ("range", "bytes=0-65535"),
-        ("connection", "keep-alive"), ("icy-metadata", "1"), ("x-forwarded-for", "10.0.0.1"),
+        ("host", "proxy"),
+        ("user-agent", "Lavf/60.3.100"),
+        ("accept", "*/*"),
+        ("range", "bytes=0-65535"),
+        ("connection", "keep-alive"),
+        ("icy-metadata", "1"),
+        ("x-forwarded-for", "10.0.0.1"),
     ] {
         client.append(HeaderName::from_static(k), HeaderValue::from_static(v));
     }
@@ -70,8 +78,11 @@ fn bench(c: &mut Criterion) {
 
     let text = playlist(5000);
     let base = url::Url::parse("https://cdn.hoster.example/hls/v1/720p/index.m3u8").unwrap();
-    let auth = anibridge_proxy::auth::Auth::new(anibridge_proxy::config::AuthMode::Token, Some("bench-secret"), None, 900);
-    for (name, text) in [("absolute URIs", &text), ("relative URIs", &text.replace("https://cdn.hoster.example/hls/v1/720p/", ""))] {
+    let auth =
+        anibridge_proxy::auth::Auth::new(anibridge_proxy::config::AuthMode::Token, Some("bench-secret"), None, 900);
+    for (name, text) in
+        [("absolute URIs", &text), ("relative URIs", &text.replace("https://cdn.hoster.example/hls/v1/720p/", ""))]
+    {
         c.bench_function(&format!("rewrite 5000-segment playlist, token mode, {name}"), |b| {
             b.iter(|| rewrite_playlist(&auth, "", black_box(text), &base, None, 1_900_000_000))
         });

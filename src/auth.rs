@@ -297,10 +297,7 @@ mod tests {
     #[test]
     fn canonical_matches_python_urlencode() {
         let p = q(&[("u", "https://h.example/a b/c?x=1&y=%2F"), ("exp", "1700000000"), ("sig", "zz")]);
-        assert_eq!(
-            canonical_query(&p),
-            "exp=1700000000&u=https%3A%2F%2Fh.example%2Fa+b%2Fc%3Fx%3D1%26y%3D%252F"
-        );
+        assert_eq!(canonical_query(&p), "exp=1700000000&u=https%3A%2F%2Fh.example%2Fa+b%2Fc%3Fx%3D1%26y%3D%252F");
         // `~` stays bare (Python 3.7+), `*` is escaped, non-ASCII is UTF-8 escaped.
         let p = q(&[("b", "~*"), ("a", "é ü")]);
         assert_eq!(canonical_query(&p), "a=%C3%A9+%C3%BC&b=~%2A");

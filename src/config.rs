@@ -52,13 +52,10 @@ impl<'de> Deserialize<'de> for Dur {
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
+    let split =
+        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let n: u64 = num.parse().map_err(|_| format!("duration {s:?} must start with a whole number"))?;
     let ms = match unit {
         "ms" => Some(n),
         "s" => n.checked_mul(1_000),
@@ -268,33 +265,24 @@ impl Config {
 
     /// Parses and validates YAML text; `env` looks up environment variables
     /// (a parameter so tests need not touch the process environment).
-    pub fn from_yaml(
-        file: &str,
-        text: &str,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let err = |key: &str, reason: String| ConfigError {
-            file: file.to_string(),
-            key: key.to_string(),
-            reason,
-        };
+    pub fn from_yaml(file: &str, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let err = |key: &str, reason: String| ConfigError { file: file.to_string(), key: key.to_string(), reason };
         // An empty file (or one with only comments) means all defaults.
-        let mut cfg: Config = if text.trim().is_empty()
-            || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-        {
-            Config::default()
-        } else {
-            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
-                let key = e.path().to_string();
-                let reason = e.into_inner().to_string();
-                // serde_yaml prefixes (part of) the path itself to some errors.
-                let reason = match reason.split_once(": ") {
-                    Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
-                    _ => reason,
-                };
-                err(if key == "." { "" } else { &key }, reason)
-            })?
-        };
+        let mut cfg: Config =
+            if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+                Config::default()
+            } else {
+                serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+                    let key = e.path().to_string();
+                    let reason = e.into_inner().to_string();
+                    // serde_yaml prefixes (part of) the path itself to some errors.
+                    let reason = match reason.split_once(": ") {
+                        Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
+                        _ => reason,
+                    };
+                    err(if key == "." { "" } else { &key }, reason)
+                })?
+            };
         if cfg.auth.secret.is_none() {
             cfg.auth.secret = from_env(&env, SECRET_ENV).map_err(|r| err("auth.secret", r))?;
         }
@@ -323,8 +311,7 @@ impl Config {
             return Err(("listen", "needs at least one address".into()));
         }
         for l in &listens {
-            l.parse::<SocketAddr>()
-                .map_err(|_| ("listen", format!("{l:?} is not an IP:port address")))?;
+            l.parse::<SocketAddr>().map_err(|_| ("listen", format!("{l:?} is not an IP:port address")))?;
         }
         self.admin_listen
             .parse::<SocketAddr>()
@@ -333,8 +320,7 @@ impl Config {
             return Err(("threads", "must be between 1 and 1024".into()));
         }
         if let Some(base) = &self.public_base_url {
-            let u = url::Url::parse(base)
-                .map_err(|e| ("public_base_url", format!("{base:?} is not a URL: {e}")))?;
+            let u = url::Url::parse(base).map_err(|e| ("public_base_url", format!("{base:?} is not a URL: {e}")))?;
             if !matches!(u.scheme(), "http" | "https") || u.query().is_some() {
                 return Err(("public_base_url", "must be an http(s) URL without a query".into()));
             }
@@ -344,7 +330,9 @@ impl Config {
                 if self.auth.secret.as_deref().is_none_or(str::is_empty) {
                     return Err((
                         "auth.secret",
-                        format!("token mode needs a secret (set auth.secret, {SECRET_ENV} or {SECRET_ENV}{FILE_SUFFIX})"),
+                        format!(
+                            "token mode needs a secret (set auth.secret, {SECRET_ENV} or {SECRET_ENV}{FILE_SUFFIX})"
+                        ),
                     ));
                 }
             }
@@ -361,8 +349,7 @@ impl Config {
                 if !all_loopback && !self.auth.allow_open {
                     return Err((
                         "auth.mode",
-                        "none is only allowed on loopback listeners unless auth.allow_open: true"
-                            .into(),
+                        "none is only allowed on loopback listeners unless auth.allow_open: true".into(),
                     ));
                 }
             }
@@ -405,16 +392,13 @@ impl Config {
             return Err(("stream.max_playlist_bytes", "must be between 1 and 268435456 bytes".into()));
         }
         for c in &self.egress.allow_cidrs {
-            c.parse::<IpNet>()
-                .map_err(|_| ("egress.allow_cidrs", format!("{c:?} is not a CIDR (e.g. 10.0.0.0/8)")))?;
+            c.parse::<IpNet>().map_err(|_| ("egress.allow_cidrs", format!("{c:?} is not a CIDR (e.g. 10.0.0.0/8)")))?;
         }
         for h in &self.egress.deny_hosts {
-            crate::egress::HostPattern::parse(h)
-                .map_err(|r| ("egress.deny_hosts", format!("{h:?}: {r}")))?;
+            crate::egress::HostPattern::parse(h).map_err(|r| ("egress.deny_hosts", format!("{h:?}: {r}")))?;
         }
         if let Some(u) = &self.resolver.url {
-            let parsed =
-                url::Url::parse(u).map_err(|e| ("resolver.url", format!("{u:?} is not a URL: {e}")))?;
+            let parsed = url::Url::parse(u).map_err(|e| ("resolver.url", format!("{u:?} is not a URL: {e}")))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 return Err(("resolver.url", "must be an http or https URL".into()));
             }
@@ -432,13 +416,10 @@ impl Config {
                 return Err(("providers.hosts", "each provider needs at least one host".into()));
             }
             for h in &p.hosts {
-                crate::egress::HostPattern::parse(h)
-                    .map_err(|r| ("providers.hosts", format!("{h:?}: {r}")))?;
+                crate::egress::HostPattern::parse(h).map_err(|r| ("providers.hosts", format!("{h:?}: {r}")))?;
             }
             for (k, v) in &p.headers {
-                if http::HeaderName::from_bytes(k.as_bytes()).is_err()
-                    || http::HeaderValue::from_str(v).is_err()
-                {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err() || http::HeaderValue::from_str(v).is_err() {
                     return Err(("providers.headers", format!("{k:?} is not a valid header")));
                 }
             }
@@ -539,8 +520,7 @@ mod tests {
         let e = load("auth: {mode: none}\nstream: {chunk_size: 262145}\n").unwrap_err();
         assert_eq!(e.key, "stream.chunk_size");
         assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
-        let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n")
-            .unwrap_err();
+        let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n").unwrap_err();
         assert_eq!(e.key, "routes.upstream");
         let e = load("auth: {mode: none}\negress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").unwrap_err();
         assert_eq!(e.key, "egress.allow_cidrs");
@@ -565,14 +545,18 @@ mod tests {
         let f = dir.join("secret");
         std::fs::write(&f, "from-a-file\n").unwrap();
         let path = f.display().to_string();
-        let c = Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).unwrap();
+        let c =
+            Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).unwrap();
         assert_eq!(c.auth.secret.as_deref(), Some("from-a-file"));
-        let e = Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| "/nonexistent/s".into()))
-            .unwrap_err();
+        let e =
+            Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| "/nonexistent/s".into()))
+                .unwrap_err();
         assert_eq!(e.key, "auth.secret");
         assert!(e.reason.contains("ANIBRIDGE_PROXY_SECRET_FILE"), "{e}");
         std::fs::write(&f, "\n").unwrap();
-        assert!(Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).is_err());
+        assert!(
+            Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).is_err()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

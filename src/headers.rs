@@ -70,9 +70,7 @@ fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
 pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &HeaderName> {
     let connection = response.get_all(header::CONNECTION);
     let nominating = connection.iter().next().is_some();
-    response
-        .keys()
-        .filter(move |name| dropped_by_name(name) || (nominating && nominates(&connection, name.as_str())))
+    response.keys().filter(move |name| dropped_by_name(name) || (nominating && nominates(&connection, name.as_str())))
 }
 
 /// Dropped whatever `Connection` says.
@@ -105,7 +103,11 @@ pub fn upstream_request_headers(
             out.push(WireHeader::conventional(name, spelling, v.clone()));
         }
     }
-    out.push(WireHeader::conventional(&header::ACCEPT_ENCODING, "Accept-Encoding", HeaderValue::from_static("identity")));
+    out.push(WireHeader::conventional(
+        &header::ACCEPT_ENCODING,
+        "Accept-Encoding",
+        HeaderValue::from_static("identity"),
+    ));
     if let Some(ua) = client.get(header::USER_AGENT).or(default_ua) {
         out.push(WireHeader::conventional(&header::USER_AGENT, "User-Agent", ua.clone()));
     }
@@ -184,12 +186,7 @@ mod tests {
         let out = upstream_request_headers(&client, None, &[], &[]);
         assert_eq!(
             names(&out),
-            vec![
-                "Range: bytes=0-99",
-                "If-None-Match: \"abc\"",
-                "Accept-Encoding: identity",
-                "User-Agent: mpv/0.36",
-            ]
+            vec!["Range: bytes=0-99", "If-None-Match: \"abc\"", "Accept-Encoding: identity", "User-Agent: mpv/0.36",]
         );
     }
 
@@ -212,12 +209,7 @@ mod tests {
         let out = upstream_request_headers(&client, Some(&ua), &profile, &resolver);
         assert_eq!(
             names(&out),
-            vec![
-                "Accept: */*",
-                "Accept-Encoding: identity",
-                "User-Agent: Mozilla/5.0",
-                "referer: https://resolved/",
-            ]
+            vec!["Accept: */*", "Accept-Encoding: identity", "User-Agent: Mozilla/5.0", "referer: https://resolved/",]
         );
         let out = upstream_request_headers(&HeaderMap::new(), Some(&ua), &[], &[]);
         assert_eq!(names(&out), vec!["Accept-Encoding: identity", "User-Agent: default-ua"]);
@@ -229,14 +221,34 @@ mod tests {
 
     /// Headers the policy always drops, and always keeps.
     const ALWAYS_DROPPED: [&str; 13] = [
-        "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-        "Proxy-Authenticate", "Proxy-Authorization", "Access-Control-Allow-Origin", "Set-Cookie",
-        "Alt-Svc", "Strict-Transport-Security", "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Access-Control-Allow-Origin",
+        "Set-Cookie",
+        "Alt-Svc",
+        "Strict-Transport-Security",
+        "Connection",
     ];
     const ALWAYS_KEPT: [&str; 13] = [
-        "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag",
-        "Last-Modified", "Cache-Control", "Expires", "Content-Disposition",
-        "Content-Encoding", "Vary", "Age", "Date",
+        "Content-Type",
+        "Content-Length",
+        "Content-Range",
+        "Accept-Ranges",
+        "ETag",
+        "Last-Modified",
+        "Cache-Control",
+        "Expires",
+        "Content-Disposition",
+        "Content-Encoding",
+        "Vary",
+        "Age",
+        "Date",
     ];
 
     /// Drops hop-by-hop, origin-scoped and `Connection`-nominated headers

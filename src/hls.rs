@@ -335,13 +335,36 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
 
     #[test]
     fn plain_resolution_equals_url_join_on_known_shapes() {
-        let bases = ["https://cdn.example/hls/v1/index.m3u8?tok=abc", "http://cdn.example:8080/a/b", "https://h.example/"];
+        let bases =
+            ["https://cdn.example/hls/v1/index.m3u8?tok=abc", "http://cdn.example:8080/a/b", "https://h.example/"];
         let uris = [
-            "seg-001.ts", "seg-001.ts?token=a&b=c", "sub/dir/x.ts", "/root/x.ts", "/", "?only=query",
-            "https://other.example/x.ts", "https://Other.example/x.ts", "https://other.example:443/x.ts",
-            "http://other.example", "HTTPS://other.example/x", "./x.ts", "../x.ts", "a/./b", "a/%2e%2e/b",
-            "x y.ts", "x\\y.ts", "//other.example/x.ts", "data:,x", "skd://key", "a:b/c", "x.ts#frag",
-            "https://192.168.0.1/x", "https://xn--bcher-kva.example/x", "%41.ts", "x'y.ts", "~u/x.ts",
+            "seg-001.ts",
+            "seg-001.ts?token=a&b=c",
+            "sub/dir/x.ts",
+            "/root/x.ts",
+            "/",
+            "?only=query",
+            "https://other.example/x.ts",
+            "https://Other.example/x.ts",
+            "https://other.example:443/x.ts",
+            "http://other.example",
+            "HTTPS://other.example/x",
+            "./x.ts",
+            "../x.ts",
+            "a/./b",
+            "a/%2e%2e/b",
+            "x y.ts",
+            "x\\y.ts",
+            "//other.example/x.ts",
+            "data:,x",
+            "skd://key",
+            "a:b/c",
+            "x.ts#frag",
+            "https://192.168.0.1/x",
+            "https://xn--bcher-kva.example/x",
+            "%41.ts",
+            "x'y.ts",
+            "~u/x.ts",
         ];
         for b in bases {
             let url = Url::parse(b).unwrap();

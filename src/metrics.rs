@@ -1,9 +1,7 @@
 //! Prometheus metrics, registered once per process and updated from the
 //! `logging` hook (off the streaming hot path).
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
@@ -71,10 +69,7 @@ impl Metrics {
         ] {
             registry.register(c).unwrap();
         }
-        let requests_by = ROUTES
-            .iter()
-            .map(|r| CLASSES.map(|c| requests.with_label_values(&[r, c])))
-            .collect();
+        let requests_by = ROUTES.iter().map(|r| CLASSES.map(|c| requests.with_label_values(&[r, c]))).collect();
         let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
         Metrics {
             registry,

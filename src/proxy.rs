@@ -6,8 +6,8 @@
 //! goes downstream, and the body is pumped one buffer at a time with
 //! end-to-end backpressure.
 
-use std::sync::Arc;
 use std::future::Future;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -208,7 +208,8 @@ impl ProxyHttp for Proxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let m = &self.state.metrics;
         m.in_flight.dec();
-        let status = if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
+        let status =
+            if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
         m.count_request(ctx.route, status);
         m.bytes_relayed.inc_by(ctx.body_bytes);
         if log::log_enabled!(target: "access", log::Level::Info) {
@@ -305,10 +306,8 @@ impl Proxy {
             }
         };
         let client_key = client_key(&query, api_key_header.as_deref());
-        let resp = self
-            .open(session, ctx, &method, url, trusted.as_ref(), &[])
-            .await
-            .map_err(|e| self.fetch_failed(e))?;
+        let resp =
+            self.open(session, ctx, &method, url, trusted.as_ref(), &[]).await.map_err(|e| self.fetch_failed(e))?;
         self.relay(session, ctx, resp, kind, hint, client_key.as_deref()).await
     }
 
@@ -457,8 +456,7 @@ impl Proxy {
         self.add_cors(session, &mut out).map_err(Outcome::Abort)?;
 
         let ok = out.status == StatusCode::OK;
-        let candidate = ok
-            && (url_says_hls || type_says_hls || generic_type);
+        let candidate = ok && (url_says_hls || type_says_hls || generic_type);
         // Peek at the body of possible playlists: `#EXTM3U` decides.
         let mut first: Option<Bytes> = None;
         let mut is_playlist = false;
@@ -486,9 +484,7 @@ impl Proxy {
         }
 
         // Framing: keep the upstream Content-Length; otherwise chunk (HTTP/1.1).
-        let bodyless = client_head
-            || matches!(out.status.as_u16(), 204 | 304)
-            || out.status.is_informational();
+        let bodyless = client_head || matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
         if !out.headers.contains_key(header::CONTENT_LENGTH)
             && !bodyless
             && session.req_header().version == Version::HTTP_11
@@ -533,11 +529,8 @@ impl Proxy {
                 return Err(Reply(502, "playlist unavailable").into());
             }
         }
-        let declared = resp
-            .header()
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let declared =
+            resp.header().headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         if declared.is_some_and(|n| n > max) {
             log::warn!("playlist of {} bytes exceeds stream.max_playlist_bytes ({max})", declared.unwrap_or(0));
             return Err(Reply(502, "playlist too large").into());
@@ -643,7 +636,14 @@ impl Proxy {
 
 /// Rewrites a playlist so each child is `{prefix}/strm/proxy/{hint}?u=...`
 /// with the credentials `auth` hands out.
-pub fn rewrite_playlist(auth: &Auth, prefix: &str, text: &str, base: &Url, client_key: Option<&str>, now: u64) -> String {
+pub fn rewrite_playlist(
+    auth: &Auth,
+    prefix: &str,
+    text: &str,
+    base: &Url,
+    client_key: Option<&str>,
+    now: u64,
+) -> String {
     let signer = ChildSigner::new(auth, client_key, now);
     hls::rewrite(text, base, |child, out| {
         out.push_str(prefix);
@@ -747,7 +747,10 @@ async fn pump(
                 // stopped reading must not park the stream forever.
                 match tokio::time::timeout(write_timeout, flush_down(down)).await {
                     Ok(flushed) => flushed?,
-                    Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "flushing to the client").map_err(|e| e.into_down()),
+                    Err(_) => {
+                        return Error::e_explain(ErrorType::WriteTimedout, "flushing to the client")
+                            .map_err(|e| e.into_down())
+                    }
                 }
                 tokio::select! {
                     biased;

@@ -124,7 +124,8 @@ impl Resolver {
         let mut url = self.base.clone();
         let q = params.encode();
         url.set_query((!q.is_empty()).then_some(q.as_str()));
-        let accept = [WireHeader::conventional(&http::header::ACCEPT, "Accept", HeaderValue::from_static("application/json"))];
+        let accept =
+            [WireHeader::conventional(&http::header::ACCEPT, "Accept", HeaderValue::from_static("application/json"))];
         let empty = HeaderMap::new();
         let req = Request {
             method: Method::GET,
@@ -167,8 +168,10 @@ mod tests {
 
     #[test]
     fn answers() {
-        let r = parse_answer(br#"{"url":"https://cdn.example/v.mp4","headers":{"Referer":"https://voe.sx/"},"ttl_seconds":60}"#)
-            .unwrap();
+        let r = parse_answer(
+            br#"{"url":"https://cdn.example/v.mp4","headers":{"Referer":"https://voe.sx/"},"ttl_seconds":60}"#,
+        )
+        .unwrap();
         assert_eq!(r.url.as_str(), "https://cdn.example/v.mp4");
         assert_eq!(r.headers[0].value, "https://voe.sx/");
         assert_eq!(&r.headers[0].spelling[..], b"Referer");

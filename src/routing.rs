@@ -53,10 +53,8 @@ pub fn strip_credentials(raw: &str) -> String {
     raw.split('&')
         .filter(|part| {
             let key = part.split('=').next().unwrap_or("");
-            let key = url::form_urlencoded::parse(key.as_bytes())
-                .next()
-                .map(|(k, _)| k.into_owned())
-                .unwrap_or_default();
+            let key =
+                url::form_urlencoded::parse(key.as_bytes()).next().map(|(k, _)| k.into_owned()).unwrap_or_default();
             !part.is_empty() && !CREDENTIAL_PARAMS.contains(&key.as_str())
         })
         .collect::<Vec<_>>()

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::services::listening::Service;
 use tokio::net::TcpListener;
 

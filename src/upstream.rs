@@ -73,9 +73,7 @@ impl FetchError {
 
     fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-                FetchError::Timeout(e)
-            }
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => FetchError::Timeout(e),
             _ => FetchError::Unreachable(e),
         }
     }
@@ -313,8 +311,8 @@ impl Client {
     fn request_header(&self, hop: &Hop<'_>) -> Result<Box<RequestHeader>, FetchError> {
         let url = hop.url;
         let path = &url[Position::BeforePath..Position::AfterQuery];
-        let mut req = RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(8))
-            .map_err(FetchError::Unreachable)?;
+        let mut req =
+            RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(8)).map_err(FetchError::Unreachable)?;
         let host = headers::host_header(url);
         req.insert_header("Host", host).map_err(FetchError::Unreachable)?;
         let profile = self.providers.headers_for(url.host_str().unwrap_or_default());
@@ -366,8 +364,5 @@ fn is_redirect(s: StatusCode) -> bool {
 
 /// Errors that a server closing an idle keep-alive connection produces.
 fn is_stale_connection(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error
-    )
+    matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error)
 }

@@ -8,7 +8,9 @@ use common::*;
 
 async fn origin() -> Origin {
     Origin::start(|req| match req.path() {
-        "/cors.mp4" => serve_file(req, 64, Some("video/mp4")).header("Access-Control-Allow-Origin", "https://hoster.example").into(),
+        "/cors.mp4" => serve_file(req, 64, Some("video/mp4"))
+            .header("Access-Control-Allow-Origin", "https://hoster.example")
+            .into(),
         _ => serve_file(req, 64, Some("video/mp4")).into(),
     })
     .await
@@ -51,13 +53,12 @@ async fn python_signed_urls_pass_auth_end_to_end() {
     // The fixture URLs point at *.example hosts; deny_hosts refuses them
     // before any DNS lookup, so passing auth shows up as 403, failing as 401.
     let f = fixtures();
-    let yaml = format!(
-        "auth: {{mode: token, secret: \"{}\"}}\negress: {{deny_hosts: [\"*.example\"]}}\n",
-        f.secret
-    );
+    let yaml = format!("auth: {{mode: token, secret: \"{}\"}}\negress: {{deny_hosts: [\"*.example\"]}}\n", f.secret);
     let p = Proxy::start(&yaml).await;
     let mut checked = 0;
-    for c in f.cases.iter().filter(|c| c.params.iter().any(|(k, v)| k == "u" && v.contains(".example/") && !v.contains(' '))) {
+    for c in
+        f.cases.iter().filter(|c| c.params.iter().any(|(k, v)| k == "u" && v.contains(".example/") && !v.contains(' ')))
+    {
         let got = get(p.addr(), "GET", &format!("/strm/proxy/x?{}", c.query), &[]).await;
         assert_eq!(got.status, 403, "{}: {}", c.query, got.text());
         assert_eq!(got.text(), "destination not allowed\n");
@@ -84,7 +85,10 @@ async fn token_mode_failures_are_401_with_a_reason() {
         (format!("{}&sig=", relay_path("v.mp4", &u)), "missing signature"),
         (format!("{}&sig=deadbeef", relay_path("v.mp4", &u)), "invalid signature"),
         (signed_relay_path("v.mp4", &u, Some(now() - 1)), "token expired"),
-        (signed_relay_path("v.mp4", &u, Some(now() + 60)).replace("v.mp4?u=http", "v.mp4?u=https"), "invalid signature"),
+        (
+            signed_relay_path("v.mp4", &u, Some(now() + 60)).replace("v.mp4?u=http", "v.mp4?u=https"),
+            "invalid signature",
+        ),
     ];
     for (path, reason) in cases {
         let got = get(p.addr(), "GET", &path, &[]).await;
@@ -196,7 +200,11 @@ async fn cors_preflight_and_response_headers() {
         p.addr(),
         "OPTIONS",
         &path,
-        &[("Origin", "https://app.example"), ("Access-Control-Request-Method", "GET"), ("Access-Control-Request-Headers", "range")],
+        &[
+            ("Origin", "https://app.example"),
+            ("Access-Control-Request-Method", "GET"),
+            ("Access-Control-Request-Headers", "range"),
+        ],
     )
     .await;
     assert_eq!(pre.status, 204);
@@ -243,7 +251,8 @@ async fn cors_with_an_origin_list_echoes_and_varies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_disabled_means_no_headers_and_options_405() {
     let o = origin().await;
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncors: {allow_origins: []}\n").await;
+    let p =
+        Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncors: {allow_origins: []}\n").await;
     let path = relay_path("v.mp4", &o.url("/cors.mp4"));
     let pre = get(p.addr(), "OPTIONS", &path, &[("Origin", "https://app.example")]).await;
     assert_eq!(pre.status, 405);

@@ -62,7 +62,11 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start: {}", std::fs::read_to_string(format!("{d}/error.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start: {}",
+            std::fs::read_to_string(format!("{d}/error.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Nginx { child, port, _dir: dir }
@@ -73,7 +77,9 @@ const PLAYLIST: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nseg0.ts\
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
     let o = Origin::start(|req| match req.path() {
-        "/live/index.m3u8" => Resp::new(200, Body::Bytes(PLAYLIST.into())).header("Content-Type", "application/vnd.apple.mpegurl").into(),
+        "/live/index.m3u8" => {
+            Resp::new(200, Body::Bytes(PLAYLIST.into())).header("Content-Type", "application/vnd.apple.mpegurl").into()
+        }
         "/slow.ts" => Resp::new(200, Body::Slow { len: 8 * 65536, piece: 65536, pause: Duration::from_millis(400) })
             .header("Content-Type", "video/mp2t")
             .into(),
@@ -109,7 +115,8 @@ async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
 
     // Unbuffered: the first bytes arrive while the origin is still sending.
     let mut c = Client::connect(front).await;
-    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", via(relay_path("s.ts", &o.url("/slow.ts")))).as_bytes()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", via(relay_path("s.ts", &o.url("/slow.ts")))).as_bytes())
+        .await;
     let mut sock = c.into_inner();
     let mut buf = vec![0u8; 65536];
     let mut seen = Vec::new();

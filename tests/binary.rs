@@ -22,7 +22,11 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
 fn check(text: &str, env_secret: Option<&str>) -> (bool, String) {
     let f = config_file(text);
     let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(f.path()).arg("--check").env_remove("ANIBRIDGE_PROXY_SECRET").env_remove("ANIBRIDGE_PROXY_SECRET_FILE");
+    cmd.arg("--config")
+        .arg(f.path())
+        .arg("--check")
+        .env_remove("ANIBRIDGE_PROXY_SECRET")
+        .env_remove("ANIBRIDGE_PROXY_SECRET_FILE");
     if let Some(s) = env_secret {
         cmd.env("ANIBRIDGE_PROXY_SECRET", s);
     }
@@ -136,7 +140,8 @@ const MB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_of_a_200mb_body_keeps_memory_bounded_and_paces_the_upstream() {
     let total = 200 * MB;
-    let o = Origin::start_with_sndbuf(move |req| serve_file(req, total, Some("video/mp4")).into(), Some(64 * 1024)).await;
+    let o =
+        Origin::start_with_sndbuf(move |req| serve_file(req, total, Some("video/mp4")).into(), Some(64 * 1024)).await;
     let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
     let mut c = Client::connect(p.addr()).await;
     c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("v.mp4", &o.url("/v.mp4"))).as_bytes()).await;
@@ -324,7 +329,8 @@ async fn soak_mixed_requests_with_faults() {
     let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
     let rss = || {
         let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+        s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+            / 1024
     };
     let (fds0, rss0) = (fds(), rss());
     let addr = p.addr();
@@ -341,7 +347,8 @@ async fn soak_mixed_requests_with_faults() {
         let per_worker = 330;
         let mut tasks = Vec::new();
         for w in 0..32u64 {
-            let (file, list, die, busy, counts) = (file.clone(), list.clone(), die.clone(), busy.clone(), counts.clone());
+            let (file, list, die, busy, counts) =
+                (file.clone(), list.clone(), die.clone(), busy.clone(), counts.clone());
             tasks.push(tokio::spawn(async move {
                 let mut rng = w.wrapping_mul(0x9e3779b97f4a7c15) | 1;
                 let mut next = move || {
@@ -378,13 +385,18 @@ async fn soak_mixed_requests_with_faults() {
                         }
                         5 => {
                             let got = get(addr, "GET", &relay_path("list.m3u8", &list), &[]).await;
-                            let ok = got.status == 200 && got.complete && got.text().lines().filter(|l| l.starts_with("/strm/proxy/seg")).count() == 200;
+                            let ok = got.status == 200
+                                && got.complete
+                                && got.text().lines().filter(|l| l.starts_with("/strm/proxy/seg")).count() == 200;
                             c[if ok { 0 } else { 1 }].fetch_add(1, Ordering::Relaxed);
                         }
                         6 => {
                             // Early disconnect after the first bytes.
                             let mut cl = Client::connect(addr).await;
-                            cl.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("v.mp4", &file)).as_bytes()).await;
+                            cl.send_raw(
+                                format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("v.mp4", &file)).as_bytes(),
+                            )
+                            .await;
                             let mut sock = cl.into_inner();
                             let mut buf = vec![0u8; 16 * 1024];
                             let _ = sock.read(&mut buf).await;
@@ -396,7 +408,14 @@ async fn soak_mixed_requests_with_faults() {
                             let start = next() % (FILE - 512 * 1024);
                             let range = format!("bytes={}-{}", start, start + 512 * 1024 - 1);
                             let mut cl = Client::connect(addr).await;
-                            cl.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n", relay_path("v.mp4", &file)).as_bytes()).await;
+                            cl.send_raw(
+                                format!(
+                                    "GET {} HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n",
+                                    relay_path("v.mp4", &file)
+                                )
+                                .as_bytes(),
+                            )
+                            .await;
                             let mut sock = cl.into_inner();
                             let mut data = Vec::new();
                             let mut buf = vec![0u8; 32 * 1024];
@@ -414,16 +433,22 @@ async fn soak_mixed_requests_with_faults() {
                             }
                             let h = find(&data, b"\r\n\r\n").map(|h| h + 4).unwrap_or(data.len());
                             let body = &data[h..];
-                            c[if body == pattern(start, 512 * 1024).as_slice() { 0 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+                            c[if body == pattern(start, 512 * 1024).as_slice() { 0 } else { 1 }]
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         8 => {
                             // Upstream dies mid-body: the client must see an aborted response.
                             let got = get(addr, "GET", &relay_path("d.mp4", &die), &[]).await;
                             let prefix_ok = got.body == pattern(0, got.body.len() as u64);
-                            c[if got.status == 200 && !got.complete && prefix_ok { 5 } else { 1 }].fetch_add(1, Ordering::Relaxed);
+                            c[if got.status == 200 && !got.complete && prefix_ok { 5 } else { 1 }]
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         _ => {
-                            let (target, want) = if next() % 2 == 0 { (busy.to_string(), 503) } else { (format!("http://{dead}/x"), 502) };
+                            let (target, want) = if next() % 2 == 0 {
+                                (busy.to_string(), 503)
+                            } else {
+                                (format!("http://{dead}/x"), 502)
+                            };
                             let got = get(addr, "GET", &relay_path("x", &target), &[]).await;
                             c[if got.status == want { 4 } else { 2 }].fetch_add(1, Ordering::Relaxed);
                         }
@@ -465,7 +490,8 @@ async fn a_trickling_upstream_is_never_held_back() {
     .await;
     let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
     let mut c = Client::connect(p.addr()).await;
-    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("live.ts", &o.url("/live.ts"))).as_bytes()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("live.ts", &o.url("/live.ts"))).as_bytes())
+        .await;
     let mut sock = c.into_inner();
     let mut seen = Vec::new();
     let mut buf = vec![0u8; 8192];
@@ -494,7 +520,10 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
         Resp::new(200, body).header("Content-Type", "video/mp2t").into()
     })
     .await;
-    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {write_timeout: \"1s\"}\n").await;
+    let p = Running::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {write_timeout: \"1s\"}\n",
+    )
+    .await;
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stream = sock.connect(p.addr()).await.unwrap();
@@ -506,8 +535,11 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     // Never read. The proxy must give up on this client and drop the upstream.
     let deadline = Instant::now() + Duration::from_secs(60);
     while o.connections.load(Ordering::SeqCst) == 0 || o.open_connections.load(Ordering::SeqCst) > 0 {
-        assert!(Instant::now() < deadline, "stalled client still held after 60 s ({} bytes sent by the origin)",
-            o.body_bytes_written.load(Ordering::SeqCst));
+        assert!(
+            Instant::now() < deadline,
+            "stalled client still held after 60 s ({} bytes sent by the origin)",
+            o.body_bytes_written.load(Ordering::SeqCst)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(o.body_bytes_written.load(Ordering::SeqCst) < 40 * MB);

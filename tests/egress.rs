@@ -79,7 +79,10 @@ async fn loopback_in_every_spelling_is_refused_before_connecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_hosts_refuses_names() {
     let o = origin().await;
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"localhost\", \"*.internal\"]}\n").await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"localhost\", \"*.internal\"]}\n",
+    )
+    .await;
     for u in [format!("http://localhost:{}/file.mp4", o.addr.port()), "http://db.internal/x".to_string()] {
         let got = get(p.addr(), "GET", &relay_path("v.mp4", &u), &[]).await;
         assert_eq!(got.status, 403, "{u}");
@@ -165,7 +168,8 @@ async fn provider_profiles_apply_per_hop_host() {
     // After a redirect to another host name, that host's profile applies.
     let second = format!("http://localhost:{}/headers", o.addr.port());
     let dest: String = url::form_urlencoded::byte_serialize(second.as_bytes()).collect();
-    let got = get(p.addr(), "GET", &relay_path("h", &o.url(&format!("/to?dest={dest}"))), &[("User-Agent", "VLC/3")]).await;
+    let got =
+        get(p.addr(), "GET", &relay_path("h", &o.url(&format!("/to?dest={dest}"))), &[("User-Agent", "VLC/3")]).await;
     let text = got.text();
     assert!(text.contains("referer: https://second.example/\n"), "{text}");
     assert!(text.contains("user-agent: Mozilla/5.0 test\n"), "{text}");

@@ -24,9 +24,12 @@ async fn origin() -> Origin {
             Action::Raw(raw)
         }
         "/bad-header" => Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nxyz".to_vec()),
-        "/two-lengths" => Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde".to_vec()),
+        "/two-lengths" => {
+            Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde".to_vec())
+        }
         "/informational" => {
-            let mut raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n".to_vec();
+            let mut raw =
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n".to_vec();
             raw.extend(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello");
             Action::Raw(raw)
         }
@@ -89,7 +92,10 @@ async fn get_with_a_body_keeps_the_connection_in_sync() {
     let p = Proxy::open().await;
     let path = relay_path("v.mp4", &o.url("/v.mp4"));
     let mut c = Client::connect(p.addr()).await;
-    c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nRange: bytes=0-9\r\n\r\nhello").as_bytes()).await;
+    c.send_raw(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nRange: bytes=0-9\r\n\r\nhello").as_bytes(),
+    )
+    .await;
     let got = c.read_response(false).await;
     assert_eq!(got.status, 206);
     assert_ne!(got.header("connection"), Some("close"), "the body was read, the connection stays usable");
@@ -97,7 +103,6 @@ async fn get_with_a_body_keeps_the_connection_in_sync() {
     assert_eq!(again.status, 206);
     assert_body(&again.body, &pattern(5, 5));
     assert!(o.requests().iter().all(|r| r.header("content-length").is_none()), "a GET body never goes upstream");
-
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,9 +26,15 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 async fn origin() -> Origin {
     Origin::start(|req| match req.path() {
-        "/hls/master.m3u8" => Resp::new(200, Body::Bytes(MASTER.into())).header("Content-Type", "application/vnd.apple.mpegurl").into(),
-        "/hls/low/index.m3u8" => Resp::new(200, Body::Chunked(MEDIA.into())).header("Content-Type", "application/x-mpegURL").into(),
-        "/hls/plain" => Resp::new(200, Body::Bytes(MASTER.into())).header("Content-Type", "text/plain; charset=utf-8").into(),
+        "/hls/master.m3u8" => {
+            Resp::new(200, Body::Bytes(MASTER.into())).header("Content-Type", "application/vnd.apple.mpegurl").into()
+        }
+        "/hls/low/index.m3u8" => {
+            Resp::new(200, Body::Chunked(MEDIA.into())).header("Content-Type", "application/x-mpegURL").into()
+        }
+        "/hls/plain" => {
+            Resp::new(200, Body::Bytes(MASTER.into())).header("Content-Type", "text/plain; charset=utf-8").into()
+        }
         "/hls/bom" => Resp::new(200, Body::Bytes([&b"\xEF\xBB\xBF"[..], MEDIA.as_bytes()].concat())).into(),
         "/hls/gz.m3u8" => Resp::new(200, Body::Bytes(gzip(MEDIA.as_bytes())))
             .header("Content-Type", "application/vnd.apple.mpegurl")
@@ -42,7 +48,9 @@ async fn origin() -> Origin {
             Resp::new(200, Body::Bytes(s.into_bytes())).header("Content-Type", "application/vnd.apple.mpegurl").into()
         }
         "/hls/moved.m3u8" => Resp::new(302, Body::Bytes(Vec::new())).header("Location", "/hls/low/index.m3u8").into(),
-        "/hls/notreally.m3u8" => Resp::new(200, Body::Bytes(b"<html>error</html>".to_vec())).header("Content-Type", "text/html").into(),
+        "/hls/notreally.m3u8" => {
+            Resp::new(200, Body::Bytes(b"<html>error</html>".to_vec())).header("Content-Type", "text/html").into()
+        }
         "/hls/low/seg000.ts" => serve_file(req, 5000, Some("video/mp2t")).into(),
         _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
     })
@@ -149,7 +157,10 @@ async fn relative_uris_resolve_against_the_final_url_after_redirects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_playlists_are_refused_not_buffered() {
     let o = origin().await;
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nstream: {max_playlist_bytes: 10000}\n").await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nstream: {max_playlist_bytes: 10000}\n",
+    )
+    .await;
     let got = get(p.addr(), "GET", &relay_path("x.m3u8", &o.url("/hls/big.m3u8")), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "playlist too large\n");
@@ -240,7 +251,9 @@ async fn ffmpeg_plays_an_encrypted_two_variant_stream_through_the_proxy() {
     let o = Origin::start(move |req| {
         let rel = req.path().trim_start_matches('/');
         match std::fs::read(r.join(rel)) {
-            Ok(bytes) if !rel.contains("..") => Resp::new(200, Body::Bytes(bytes)).header("Content-Type", "application/octet-stream").into(),
+            Ok(bytes) if !rel.contains("..") => {
+                Resp::new(200, Body::Bytes(bytes)).header("Content-Type", "application/octet-stream").into()
+            }
             _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
         }
     })
@@ -250,12 +263,27 @@ async fn ffmpeg_plays_an_encrypted_two_variant_stream_through_the_proxy() {
         "auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nproviders: [{hosts: [\"127.0.0.1\"], headers: {X-Through-Proxy: \"1\"}}]\n",
     )
     .await;
-    let url = format!("http://{}{}", p.addr(), signed_relay_path("master.m3u8", &o.url("/master.m3u8"), Some(now() + 300)));
+    let url =
+        format!("http://{}{}", p.addr(), signed_relay_path("master.m3u8", &o.url("/master.m3u8"), Some(now() + 300)));
     let out = dir.path().join("out.ts");
     let addr = p.addr();
     let result = tokio::task::spawn_blocking(move || {
         std::process::Command::new("ffmpeg")
-            .args(["-v", "error", "-y", "-allowed_extensions", "ALL", "-i", &url, "-map", "0", "-c", "copy", "-f", "mpegts"])
+            .args([
+                "-v",
+                "error",
+                "-y",
+                "-allowed_extensions",
+                "ALL",
+                "-i",
+                &url,
+                "-map",
+                "0",
+                "-c",
+                "copy",
+                "-f",
+                "mpegts",
+            ])
             .arg(&out)
             .output()
             .unwrap()
@@ -268,8 +296,11 @@ async fn ffmpeg_plays_an_encrypted_two_variant_stream_through_the_proxy() {
     let seen = o.requests();
     assert!(seen.iter().all(|r| r.header("x-through-proxy") == Some("1")), "a request bypassed the proxy");
     for f in files.iter().filter(|f| f.ends_with(".ts") || f.ends_with(".m3u8") || f.ends_with("key.bin")) {
-        assert!(seen.iter().any(|r| r.path() == format!("/{f}")), "{f} was never fetched; seen {:?}",
-            seen.iter().map(|r| r.path().to_string()).collect::<Vec<_>>());
+        assert!(
+            seen.iter().any(|r| r.path() == format!("/{f}")),
+            "{f} was never fetched; seen {:?}",
+            seen.iter().map(|r| r.path().to_string()).collect::<Vec<_>>()
+        );
     }
 }
 

@@ -44,7 +44,8 @@ impl ProxyHttp for Panicky {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_request_does_not_take_the_server_down() {
     let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
-    let cfg = Config::from_yaml("t.yaml", "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", |_| None).unwrap();
+    let cfg = Config::from_yaml("t.yaml", "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", |_| None)
+        .unwrap();
     let proxy = anibridge_proxy::server::build(&cfg, Arc::new(Metrics::new())).unwrap();
     let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(ServerConf::default()), Panicky(proxy)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

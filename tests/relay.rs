@@ -47,12 +47,18 @@ async fn origin() -> Origin {
                 .header("Set-Cookie", "tracker=1")
                 .header("X-Kept", "yes")
                 .into(),
-            "/chunked" => Resp::new(200, Body::Chunked(pattern(0, 300_000))).header("Content-Type", "video/mp2t").into(),
-            "/close" => Resp::new(200, Body::UntilClose(pattern(0, 200_000))).header("Content-Type", "video/mp2t").into(),
+            "/chunked" => {
+                Resp::new(200, Body::Chunked(pattern(0, 300_000))).header("Content-Type", "video/mp2t").into()
+            }
+            "/close" => {
+                Resp::new(200, Body::UntilClose(pattern(0, 200_000))).header("Content-Type", "video/mp2t").into()
+            }
             "/die" => Resp::new(200, Body::DieAfter { declared: 1_000_000, sent: pattern(0, 100_000) })
                 .header("Content-Type", "video/mp4")
                 .into(),
-            "/chunkdie" => Resp::new(200, Body::ChunkedDie(pattern(0, 50_000))).header("Content-Type", "video/mp4").into(),
+            "/chunkdie" => {
+                Resp::new(200, Body::ChunkedDie(pattern(0, 50_000))).header("Content-Type", "video/mp4").into()
+            }
             "/stall" => Resp::new(200, Body::Stall { declared: 1_000_000, sent: pattern(0, 10_000) })
                 .header("Content-Type", "video/mp4")
                 .into(),
@@ -152,8 +158,16 @@ async fn hop_by_hop_response_headers_are_dropped() {
     let got = get(p.addr(), "GET", &relay_path("x", &o.url("/hop")), &[]).await;
     assert_eq!(got.status, 200);
     for h in [
-        "x-custom-hop", "keep-alive", "proxy-connection", "upgrade", "trailer", "te",
-        "proxy-authenticate", "proxy-authorization", "set-cookie", "transfer-encoding",
+        "x-custom-hop",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "trailer",
+        "te",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "set-cookie",
+        "transfer-encoding",
     ] {
         assert!(!got.has(h), "{h} leaked: {:?}", got.headers);
     }
@@ -198,12 +212,30 @@ async fn upstream_sees_exactly_the_allowed_request_headers() {
     let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         names,
-        vec!["host", "range", "if-range", "if-none-match", "if-modified-since", "accept", "accept-encoding", "user-agent"]
+        vec![
+            "host",
+            "range",
+            "if-range",
+            "if-none-match",
+            "if-modified-since",
+            "accept",
+            "accept-encoding",
+            "user-agent"
+        ]
     );
     // Spelled the way browsers, curl and nginx send them, not in Pingora's lower case.
     assert_eq!(
         seen.spelled,
-        vec!["Host", "Range", "If-Range", "If-None-Match", "If-Modified-Since", "Accept", "Accept-Encoding", "User-Agent"]
+        vec![
+            "Host",
+            "Range",
+            "If-Range",
+            "If-None-Match",
+            "If-Modified-Since",
+            "Accept",
+            "Accept-Encoding",
+            "User-Agent"
+        ]
     );
     assert_eq!(seen.header("host"), Some(&*o.addr.to_string()));
     assert_eq!(seen.header("accept-encoding"), Some("identity"));
@@ -306,7 +338,10 @@ async fn chunked_and_close_delimited_upstreams_are_relayed_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n").await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n",
+    )
+    .await;
     // A port nobody listens on: bind, learn it, close.
     let dead = unused_addr();
     let got = get(p.addr(), "GET", &relay_path("x", &format!("http://{dead}/x.mp4")), &[]).await;
@@ -341,10 +376,14 @@ async fn upstream_dying_mid_body_aborts_the_client_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_is_aborted_after_read_timeout() {
     let o = origin().await;
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"300ms\"}\n").await;
-    let got = tokio::time::timeout(Duration::from_secs(20), get(p.addr(), "GET", &relay_path("x", &o.url("/stall")), &[]))
-        .await
-        .expect("the proxy gives up on a stalled upstream");
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"300ms\"}\n",
+    )
+    .await;
+    let got =
+        tokio::time::timeout(Duration::from_secs(20), get(p.addr(), "GET", &relay_path("x", &o.url("/stall")), &[]))
+            .await
+            .expect("the proxy gives up on a stalled upstream");
     assert_eq!(got.status, 200);
     assert!(!got.complete);
     assert_body(&got.body, &pattern(0, 10_000));

@@ -11,9 +11,7 @@ use anibridge_proxy::auth::{sign, Query};
 use common::*;
 
 /// A resolver that answers with `answer(call_number, query)`.
-async fn resolver(
-    answer: impl Fn(usize, &str) -> Action + Send + Sync + 'static,
-) -> (Origin, Arc<AtomicUsize>) {
+async fn resolver(answer: impl Fn(usize, &str) -> Action + Send + Sync + 'static) -> (Origin, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let o = Origin::start(move |req| {
@@ -69,7 +67,10 @@ async fn stale_url_is_refreshed_once_then_served() {
     assert_eq!(m.requests().len(), 2, "exactly two upstream attempts");
     // The resolver's headers went upstream; the resolver saw no sig.
     assert!(m.requests().iter().all(|r| r.header("referer") == Some("https://hoster.example/")));
-    assert!(m.requests().iter().all(|r| r.spelled.iter().any(|n| n == "Referer")), "the resolver's spelling goes upstream");
+    assert!(
+        m.requests().iter().all(|r| r.spelled.iter().any(|n| n == "Referer")),
+        "the resolver's spelling goes upstream"
+    );
     assert!(r.requests().iter().all(|q| !q.target.contains("sig=")));
     assert!(r.requests()[0].target.contains("slug=kaguya-sama"));
     // The refreshed answer is cached now.
@@ -103,7 +104,8 @@ async fn connect_failure_is_refreshed() {
     let m = media().await;
     let dead = unused_addr();
     let good = m.url("/fresh.mp4");
-    let (r, calls) = resolver(move |n, _| json(&if n == 0 { format!("http://{dead}/x.mp4") } else { good.clone() }, 300)).await;
+    let (r, calls) =
+        resolver(move |n, _| json(&if n == 0 { format!("http://{dead}/x.mp4") } else { good.clone() }, 300)).await;
     let p = proxy(&r, "none").await;
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 200);
@@ -122,7 +124,11 @@ async fn concurrent_requests_share_one_resolver_call() {
     let p = proxy(&r, "none").await;
     let addr = p.addr();
     let tasks: Vec<_> = (0..50)
-        .map(|_| tokio::spawn(async move { get(addr, "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await }))
+        .map(|_| {
+            tokio::spawn(async move {
+                get(addr, "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await
+            })
+        })
         .collect();
     for t in tasks {
         let got = t.await.unwrap();
@@ -160,10 +166,9 @@ async fn ttl_zero_is_not_cached_and_head_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolver_failures_are_502() {
     let dead = unused_addr();
-    let down = Proxy::start(&format!(
-        "auth: {{mode: none}}\nresolver: {{url: \"http://{dead}/resolve\", timeout: \"1s\"}}\n"
-    ))
-    .await;
+    let down =
+        Proxy::start(&format!("auth: {{mode: none}}\nresolver: {{url: \"http://{dead}/resolve\", timeout: \"1s\"}}\n"))
+            .await;
     let got = get(down.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "resolver unavailable\n");
@@ -173,7 +178,8 @@ async fn resolver_failures_are_502() {
         Resp::new(200, Body::Bytes(br#"{"url":"ftp://x/y"}"#.to_vec())),
     ] {
         let once = std::sync::Mutex::new(Some(answer));
-        let (r, _) = resolver(move |_, _| once.lock().unwrap().take().map(Action::Respond).unwrap_or(Action::Hang)).await;
+        let (r, _) =
+            resolver(move |_, _| once.lock().unwrap().take().map(Action::Respond).unwrap_or(Action::Hang)).await;
         let p = proxy(&r, "none").await;
         let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
         assert_eq!(got.status, 502);

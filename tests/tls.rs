@@ -18,7 +18,11 @@ use tokio_rustls::TlsAcceptor;
 
 /// A keep-alive TLS origin on 127.0.0.1 presenting `cert`, answering every
 /// request with `body`; returns its port and a count of its connections.
-async fn tls_origin(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>, body: &'static [u8]) -> (u16, Arc<AtomicUsize>) {
+async fn tls_origin(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+    body: &'static [u8],
+) -> (u16, Arc<AtomicUsize>) {
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let config = ServerConfig::builder().with_no_client_auth().with_single_cert(vec![cert], key).unwrap();
     let acceptor = TlsAcceptor::from(Arc::new(config));
@@ -43,7 +47,8 @@ async fn tls_origin(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>, 
                         }
                     }
                     buf.clear();
-                    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\n\r\n", body.len());
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: video/mp4\r\n\r\n", body.len());
                     if tls.write_all(head.as_bytes()).await.is_err() || tls.write_all(body).await.is_err() {
                         return;
                     }

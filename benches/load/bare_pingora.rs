@@ -32,7 +32,12 @@ impl ProxyHttp for Bare {
         Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
     }
 
-    async fn upstream_request_filter(&self, _: &mut Session, req: &mut RequestHeader, _: &mut ()) -> pingora_error::Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        _: &mut Session,
+        req: &mut RequestHeader,
+        _: &mut (),
+    ) -> pingora_error::Result<()> {
         req.insert_header("Host", self.upstream.as_str())?;
         Ok(())
     }

@@ -369,7 +369,8 @@ pub fn serve_file(req: &SeenRequest, total: u64, content_type: Option<&str>) -> 
         }
         // Unparsable or multi-range: ignore the header, send it all.
         _ => {
-            let body = if head { Body::Empty { content_length: Some(total) } } else { Body::Pattern { start: 0, len: total } };
+            let body =
+                if head { Body::Empty { content_length: Some(total) } } else { Body::Pattern { start: 0, len: total } };
             with_meta(Resp::new(200, body))
         }
     }
