@@ -9,7 +9,13 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 export PATH="$PATH:/usr/sbin"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Benches first (each runs once, as a smoke test), then every test target.
+# Formatting (rustfmt.toml), then benches (each runs once, as a smoke test),
+# then every test target.
+if cargo fmt --version > /dev/null 2>&1; then
+  cargo fmt --check
+else
+  echo "rustfmt is not installed: format check skipped"
+fi
 cargo test --benches --locked
 cargo test --lib --bins --tests --locked 2>&1 | tee "$log"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
