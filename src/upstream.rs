@@ -299,10 +299,11 @@ impl Client {
         let sni = url.host_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
         let mut peer = HttpPeer::new(addr, tls, sni);
         let o = &mut peer.options;
+        // Connect and TLS handshake; the read and write timeouts are set on
+        // each exchange's session (`exchange`), which is where Pingora's
+        // client session applies them.
         o.connection_timeout = Some(self.timeouts.connect);
         o.total_connection_timeout = Some(self.timeouts.connect);
-        o.read_timeout = Some(self.timeouts.read);
-        o.write_timeout = Some(self.timeouts.write);
         o.verify_cert = true;
         o.verify_hostname = true;
         peer
