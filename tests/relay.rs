@@ -389,16 +389,22 @@ async fn stalled_body_is_aborted_after_read_timeout() {
     assert_body(&got.body, &pattern(0, 10_000));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keep_alive_downstream_and_pooled_upstream() {
-    let (o, p) = setup().await;
+/// `n` sequential requests for bytes 0-9, 10-19, ... of `upstream` on one
+/// kept-alive client connection, each answered 206 with exactly those bytes.
+async fn ten_byte_ranges_on_one_connection(p: &Proxy, upstream: &str, n: u64) {
     let mut c = Client::connect(p.addr()).await;
-    for i in 0..5u64 {
+    for i in 0..n {
         let range = format!("bytes={}-{}", i * 10, i * 10 + 9);
-        let got = c.request("GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[("Range", &range)]).await;
+        let got = c.request("GET", &relay_path("v.mp4", upstream), &[("Range", &range)]).await;
         assert_eq!(got.status, 206);
         assert_body(&got.body, &pattern(i * 10, 10));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_downstream_and_pooled_upstream() {
+    let (o, p) = setup().await;
+    ten_byte_ranges_on_one_connection(&p, &o.url("/small.mp4"), 5).await;
     // Five sequential requests, one upstream connection.
     assert_eq!(o.connections.load(Ordering::SeqCst), 1);
     let conns: std::collections::HashSet<_> = o.requests().iter().map(|r| r.conn_id).collect();
@@ -446,13 +452,7 @@ async fn pooled_connection_dropped_mid_request_is_retried_on_a_new_one() {
         .await
     };
     let p = Proxy::open().await;
-    let mut c = Client::connect(p.addr()).await;
-    for i in 0..3u64 {
-        let range = format!("bytes={}-{}", i * 10, i * 10 + 9);
-        let got = c.request("GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[("Range", &range)]).await;
-        assert_eq!(got.status, 206);
-        assert_body(&got.body, &pattern(i * 10, 10));
-    }
+    ten_byte_ranges_on_one_connection(&p, &o.url("/v.mp4"), 3).await;
     // Requests 2 and 3 each found the pooled connection dropped, then got a
     // new one: 5 requests seen on 3 connections.
     assert_eq!(o.requests().len(), 5);
