@@ -407,8 +407,11 @@ impl Config {
             return Err(("resolver.cache_entries", "must be at least 1".into()));
         }
         for o in &self.cors.allow_origins {
-            if o != "*" && http::HeaderValue::from_str(o).is_err() {
-                return Err(("cors.allow_origins", format!("{o:?} is not a valid origin")));
+            if o != "*" && !is_origin(o) {
+                return Err((
+                    "cors.allow_origins",
+                    format!("{o:?} is not an origin (\"*\" or scheme://host[:port], as browsers send it)"),
+                ));
             }
         }
         for p in &self.providers {
@@ -461,6 +464,19 @@ fn from_env(env: &impl Fn(&str) -> Option<String>, var: &str) -> Result<Option<S
             Ok(Some(v))
         }
     }
+}
+
+/// Whether `o` is an origin as a browser sends it in `Origin`: scheme and
+/// host, an optional port, nothing else (a trailing `/` is tolerated). Any
+/// other entry could never match a request, so it is refused rather than
+/// silently never allowing anything.
+fn is_origin(o: &str) -> bool {
+    let bare = o.strip_suffix('/').unwrap_or(o);
+    let Some((_, authority)) = bare.split_once("://") else { return false };
+    !authority.is_empty()
+        && !authority.contains(['/', '?', '#', '@'])
+        && url::Url::parse(bare).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+        && http::HeaderValue::from_str(bare).is_ok()
 }
 
 #[cfg(test)]
@@ -528,6 +544,31 @@ mod tests {
         assert_eq!(e.key, "auth.mode", "{e}");
         let e = load("auth: {mode: none}\nlisten: \"nowhere\"\n").unwrap_err();
         assert_eq!(e.key, "listen");
+    }
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        for good in
+            ["*", "https://app.example", "https://app.example/", "http://127.0.0.1:8096", "capacitor://localhost"]
+        {
+            let cfg = format!("auth: {{mode: none}}\ncors: {{allow_origins: [\"{good}\"]}}\n");
+            assert!(load(&cfg).is_ok(), "{good}");
+        }
+        for bad in [
+            "not an origin",
+            "app.example",
+            "https://app.example/player",
+            "https://app.example?x=1",
+            "https://u@app.example",
+            "https://app.example//",
+            "null",
+            "",
+        ] {
+            let cfg = format!("auth: {{mode: none}}\ncors: {{allow_origins: [\"{bad}\"]}}\n");
+            let e = load(&cfg).unwrap_err();
+            assert_eq!(e.key, "cors.allow_origins", "{bad}: {e}");
+            assert!(e.to_string().contains("is not an origin"), "{e}");
+        }
     }
 
     #[test]
