@@ -192,8 +192,9 @@ impl Default for CorsConf {
 #[serde(deny_unknown_fields)]
 pub struct ProviderConf {
     pub hosts: Vec<String>,
+    /// In the order written: they go upstream in that order.
     #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
+    pub headers: indexmap::IndexMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -33,8 +33,9 @@ pub struct Resolved {
 #[derive(Deserialize)]
 struct Answer {
     url: String,
+    /// In the answer's order: they go upstream in that order.
     #[serde(default)]
-    headers: HashMap<String, String>,
+    headers: indexmap::IndexMap<String, String>,
     #[serde(default)]
     ttl_seconds: u64,
 }
@@ -181,5 +182,14 @@ mod tests {
         assert!(parse_answer(br#"{"url":"file:///etc/passwd"}"#).is_err());
         assert!(parse_answer(br#"{"headers":{}}"#).is_err());
         assert!(parse_answer(br#"{"url":"https://x/","headers":{"Bad Name":"v"}}"#).is_err());
+    }
+
+    #[test]
+    fn answer_headers_keep_their_order() {
+        let r =
+            parse_answer(br#"{"url":"https://x/","headers":{"Referer":"r","Origin":"o","Cookie":"c","Accept":"a"}}"#)
+                .unwrap();
+        let names: Vec<&[u8]> = r.headers.iter().map(|h| &h.spelling[..]).collect();
+        assert_eq!(names, [&b"Referer"[..], b"Origin", b"Cookie", b"Accept"]);
     }
 }

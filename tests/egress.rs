@@ -161,9 +161,9 @@ async fn provider_profiles_apply_per_hop_host() {
     assert!(text.contains("origin: https://first.example\n"), "{text}");
     assert!(text.contains("user-agent: anibridge-default\n"), "{text}");
     assert!(!text.contains("https://client/"));
-    // A profile's header names go out spelled as configured.
+    // A profile's header names go out spelled and ordered as configured.
     let seen = o.requests().pop().unwrap();
-    assert_eq!(seen.spelled, vec!["Host", "Accept-Encoding", "User-Agent", "Origin", "Referer"]);
+    assert_eq!(seen.spelled, vec!["Host", "Accept-Encoding", "User-Agent", "Referer", "Origin"]);
 
     // After a redirect to another host name, that host's profile applies.
     let second = format!("http://localhost:{}/headers", o.addr.port());
