@@ -209,21 +209,13 @@ async fn routes_only_fix_the_type() {
 
 // ---- a real player, end to end ------------------------------------------
 
-fn ffmpeg() -> &'static str {
-    assert!(
-        std::process::Command::new("ffmpeg").arg("-version").output().is_ok_and(|o| o.status.success()),
-        "ffmpeg is required for this test (.ci/run installs it: apt-get install ffmpeg)"
-    );
-    "ffmpeg"
-}
-
 /// Generates a 2-variant AES-128 HLS stream into a temp dir.
 fn make_hls() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("key.bin"), b"0123456789abcdef").unwrap();
     std::fs::write(d.join("key.info"), format!("../key.bin\n{}\n", d.join("key.bin").display())).unwrap();
-    let status = std::process::Command::new(ffmpeg())
+    let status = std::process::Command::new(tool("ffmpeg"))
         .current_dir(d)
         .args(["-v", "error", "-y"])
         .args(["-f", "lavfi", "-i", "testsrc=duration=4:size=320x240:rate=25"])

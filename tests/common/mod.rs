@@ -344,6 +344,17 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
 /// A file of `total` pattern bytes, with single-range support, ETag and
 /// Last-Modified, like a static file server.
 pub fn serve_file(req: &SeenRequest, total: u64, content_type: Option<&str>) -> Resp {
+    serve_ranged(req, total, content_type, |start, len| Body::Pattern { start, len })
+}
+
+/// `data` served like a static file (see [`serve_file`]).
+pub fn serve_bytes(req: &SeenRequest, data: &[u8], content_type: Option<&str>) -> Resp {
+    serve_ranged(req, data.len() as u64, content_type, |start, len| {
+        Body::Bytes(data[start as usize..(start + len) as usize].to_vec())
+    })
+}
+
+fn serve_ranged(req: &SeenRequest, total: u64, content_type: Option<&str>, body: impl Fn(u64, u64) -> Body) -> Resp {
     let with_meta = |r: Resp| {
         let r = r
             .header("Accept-Ranges", "bytes")
@@ -364,16 +375,24 @@ pub fn serve_file(req: &SeenRequest, total: u64, content_type: Option<&str>) -> 
             }
             let end = end_incl.unwrap_or(total - 1).min(total - 1);
             let len = end - start + 1;
-            let body = if head { Body::Empty { content_length: Some(len) } } else { Body::Pattern { start, len } };
-            with_meta(Resp::new(206, body)).header("Content-Range", &format!("bytes {start}-{end}/{total}"))
+            let b = if head { Body::Empty { content_length: Some(len) } } else { body(start, len) };
+            with_meta(Resp::new(206, b)).header("Content-Range", &format!("bytes {start}-{end}/{total}"))
         }
         // Unparsable or multi-range: ignore the header, send it all.
         _ => {
-            let body =
-                if head { Body::Empty { content_length: Some(total) } } else { Body::Pattern { start: 0, len: total } };
-            with_meta(Resp::new(200, body))
+            let b = if head { Body::Empty { content_length: Some(total) } } else { body(0, total) };
+            with_meta(Resp::new(200, b))
         }
     }
+}
+
+/// The named command-line tool, which the test suite's script installs.
+pub fn tool(name: &'static str) -> &'static str {
+    assert!(
+        std::process::Command::new(name).arg("-version").output().is_ok_and(|o| o.status.success()),
+        "{name} is required for this test (scripts/test.sh installs it: apt-get install ffmpeg)"
+    );
+    name
 }
 
 fn parse_single_range(v: &str) -> Option<(u64, Option<u64>)> {
