@@ -56,15 +56,8 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Front {
         ),
     )
     .unwrap();
-    let child = Command::new(nginx_bin())
-        .args(["-c", &format!("{d}/main.conf"), "-p", &d])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let front = Front { child, port, dir };
-    front.wait_until_routing("error.log").await;
-    front
+    Front::start(Command::new(nginx_bin()).args(["-c", &format!("{d}/main.conf"), "-p", &d]), port, dir, "error.log")
+        .await
 }
 
 fn traefik_bin() -> String {
@@ -98,18 +91,20 @@ async fn traefik_in_front_of(proxy: std::net::SocketAddr) -> Front {
         dynamic.replace("url: \"http://127.0.0.1:8080\"", &format!("url: \"http://{proxy}\"")),
     )
     .unwrap();
-    let child = Command::new(traefik_bin())
-        .arg(format!("--configFile={d}/traefik.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let front = Front { child, port, dir };
-    front.wait_until_routing("traefik.log").await;
-    front
+    Front::start(Command::new(traefik_bin()).arg(format!("--configFile={d}/traefik.yml")), port, dir, "traefik.log")
+        .await
 }
 
 impl Front {
+    /// Spawns `cmd`, configured in `dir` to listen on `port` and to log to
+    /// `log` there, and waits until it routes to the proxy.
+    async fn start(cmd: &mut Command, port: u16, dir: tempfile::TempDir, log: &str) -> Front {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
+        let front = Front { child, port, dir };
+        front.wait_until_routing(log).await;
+        front
+    }
+
     fn addr(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.port).into()
     }
