@@ -39,6 +39,7 @@ pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, String> {
 
 /// Runs the server until SIGTERM/SIGINT; returns when it has shut down.
 pub fn run(cfg: Config) -> Result<(), String> {
+    raise_open_files_limit();
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
     conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(1);
@@ -70,6 +71,32 @@ pub fn run(cfg: Config) -> Result<(), String> {
     );
     server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
     Ok(())
+}
+
+/// Every stream holds two sockets (client and upstream), so the common soft
+/// limit of 1024 open files would cap the proxy near 500 streams. Like nginx's
+/// `worker_rlimit_nofile` (and Go's runtime), the soft limit is raised to the
+/// hard limit the operator allows, bounded by the kernel's usual `nr_open`.
+fn raise_open_files_limit() {
+    const MOST: libc::rlim_t = 1 << 20;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain system calls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = lim.rlim_max.min(MOST);
+        if lim.rlim_cur >= want {
+            return;
+        }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            log::info!("open files limit raised from {old} to {want}");
+        } else {
+            log::warn!("open files limit stays {old}: {}", std::io::Error::last_os_error());
+        }
+    }
 }
 
 /// How long `/healthz` reports draining before the listeners close.

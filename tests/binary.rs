@@ -81,12 +81,17 @@ impl Running {
 
     /// With `RUST_LOG=rust_log` written to a file, and extra environment.
     async fn start_logging(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)]) -> Running {
+        Self::spawn(extra, rust_log, env, Command::new(BIN)).await
+    }
+
+    /// Runs `cmd` (the binary, perhaps with more set up) as [`Self::start_logging`] does.
+    async fn spawn(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)], mut cmd: Command) -> Running {
         let (port, admin) = (unused_addr().port(), unused_addr().port());
         let cfg = config_file(&format!(
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nshutdown_grace: \"10s\"\n{extra}"
         ));
         let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
-        let child = Command::new(BIN)
+        let child = cmd
             .arg("--config")
             .arg(cfg.path())
             .env("RUST_LOG", rust_log.unwrap_or("warn"))
@@ -136,6 +141,29 @@ impl Drop for Running {
 }
 
 const MB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the hook.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 256, rlim_max: 4096 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let r = Running::spawn("auth: {mode: none}\n", Some("info"), &[], cmd).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", r.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums, ["4096", "4096"], "{line}");
+    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("open files limit raised from 256 to 4096"), "{log}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_of_a_200mb_body_keeps_memory_bounded_and_paces_the_upstream() {
