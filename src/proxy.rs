@@ -582,15 +582,15 @@ impl Proxy {
         let mut out = ResponseHeader::build(StatusCode::NO_CONTENT, Some(8))?;
         let origin = session.req_header().headers.get(header::ORIGIN);
         if let Some((allow, echoed)) = self.state.cors.allow_origin(origin) {
-            out.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow)?;
+            out.insert_header("Access-Control-Allow-Origin", allow)?;
             if echoed {
-                out.insert_header(header::VARY, "Origin")?;
+                out.insert_header("Vary", "Origin")?;
             }
         }
-        out.insert_header(header::ACCESS_CONTROL_ALLOW_METHODS, cors::ALLOW_METHODS)?;
-        out.insert_header(header::ACCESS_CONTROL_ALLOW_HEADERS, cors::ALLOW_HEADERS)?;
-        out.insert_header(header::ACCESS_CONTROL_MAX_AGE, cors::MAX_AGE)?;
-        out.insert_header(header::ALLOW, cors::ALLOW_METHODS)?;
+        out.insert_header("Access-Control-Allow-Methods", cors::ALLOW_METHODS)?;
+        out.insert_header("Access-Control-Allow-Headers", cors::ALLOW_HEADERS)?;
+        out.insert_header("Access-Control-Max-Age", cors::MAX_AGE)?;
+        out.insert_header("Allow", cors::ALLOW_METHODS)?;
         out.insert_header(header::CONTENT_LENGTH, "0")?;
         ctx.status = 204;
         session.write_response_header(Box::new(out), true).await
@@ -599,15 +599,15 @@ impl Proxy {
     fn add_cors(&self, session: &Session, out: &mut ResponseHeader) -> Result<()> {
         let origin = session.req_header().headers.get(header::ORIGIN);
         if let Some((allow, echoed)) = self.state.cors.allow_origin(origin) {
-            out.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow)?;
-            out.insert_header(header::ACCESS_CONTROL_EXPOSE_HEADERS, cors::EXPOSE_HEADERS)?;
+            out.insert_header("Access-Control-Allow-Origin", allow)?;
+            out.insert_header("Access-Control-Expose-Headers", cors::EXPOSE_HEADERS)?;
             if echoed {
                 let vary = match out.headers.get(header::VARY).and_then(|v| v.to_str().ok()) {
                     Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("origin")) => v.to_string(),
                     Some(v) => format!("{v}, Origin"),
                     None => "Origin".to_string(),
                 };
-                out.insert_header(header::VARY, vary)?;
+                out.insert_header("Vary", vary)?;
             }
         }
         Ok(())
@@ -621,7 +621,7 @@ impl Proxy {
         out.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
         out.insert_header(header::CACHE_CONTROL, "no-store")?;
         if status == 405 {
-            out.insert_header(header::ALLOW, cors::ALLOW_METHODS)?;
+            out.insert_header("Allow", cors::ALLOW_METHODS)?;
         }
         self.add_cors(session, &mut out)?;
         ctx.status = status;

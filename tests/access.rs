@@ -237,9 +237,18 @@ async fn cors_with_an_origin_list_echoes_and_varies() {
     assert_eq!(pre.status, 204);
     assert_eq!(pre.header("access-control-allow-origin"), Some("https://app.example"));
     assert_eq!(pre.header("vary"), Some("Origin"));
+    // Spelled as browsers and nginx's add_header write them.
+    for name in
+        ["Access-Control-Allow-Origin", "Vary", "Access-Control-Allow-Methods", "Access-Control-Max-Age", "Allow"]
+    {
+        assert!(pre.spelled.iter().any(|s| s == name), "{name}: {:?}", pre.spelled);
+    }
     let got = get(p.addr(), "GET", &path, &[("Origin", "https://app.example")]).await;
     assert_eq!(got.header("access-control-allow-origin"), Some("https://app.example"));
     assert_eq!(got.header("vary"), Some("Origin"));
+    for name in ["Access-Control-Allow-Origin", "Access-Control-Expose-Headers", "Vary"] {
+        assert!(got.spelled.iter().any(|s| s == name), "{name}: {:?}", got.spelled);
+    }
     let got = get(p.addr(), "GET", &path, &[("Origin", "https://evil.example")]).await;
     assert!(!got.has("access-control-allow-origin"));
     // Errors are readable by the allowed origin too.

@@ -410,7 +410,10 @@ fn parse_single_range(v: &str) -> Option<(u64, Option<u64>)> {
 #[derive(Debug)]
 pub struct Got {
     pub status: u16,
+    /// Names lower-cased, for lookups.
     pub headers: Vec<(String, String)>,
+    /// The header names as they came on the wire, in order.
+    pub spelled: Vec<String>,
     pub body: Vec<u8>,
     /// The body ended as its framing said (length reached, last chunk seen,
     /// or close-delimited EOF). False for an aborted response.
@@ -460,13 +463,15 @@ impl Client {
         let text = String::from_utf8_lossy(&head).to_string();
         let mut lines = text.split("\r\n");
         let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let spelled: Vec<String> =
+            lines.clone().filter_map(|l| l.split_once(':')).map(|(k, _)| k.trim().to_string()).collect();
         let headers: Vec<(String, String)> = lines
             .filter(|l| !l.is_empty())
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let mut got = Got { status, headers: headers.clone(), body: Vec::new(), complete: true };
+        let mut got = Got { status, headers: headers.clone(), spelled, body: Vec::new(), complete: true };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
             return got;
         }
