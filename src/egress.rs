@@ -169,8 +169,57 @@ impl<'a> UrlHost<'a> {
     }
 }
 
+/// The most addresses of one host tried in turn when connecting fails
+/// (nginx tries every address a name has; four covers a CDN's usual set
+/// and bounds how long a client can wait on dead ones).
+pub const MAX_DIAL: usize = 4;
+
+/// The addresses a request may dial, in the resolver's order: each one
+/// passed the egress policy (or belongs to a trusted upstream).
+#[derive(Debug, Clone, Copy)]
+pub struct Dialable {
+    addrs: [SocketAddr; MAX_DIAL],
+    len: usize,
+}
+
+impl Dialable {
+    pub fn as_slice(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+
+    /// The first [`MAX_DIAL`] of `addrs` that `policy` allows (all of them
+    /// when `trusted`), or why none is.
+    pub fn select(
+        policy: &Egress,
+        addrs: &[SocketAddr],
+        trusted: bool,
+        host: &UrlHost<'_>,
+    ) -> Result<Dialable, Refusal> {
+        let mut out = Dialable { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_DIAL], len: 0 };
+        let mut first_refusal = None;
+        for a in addrs {
+            match if trusted { Ok(()) } else { policy.ip_allowed(a.ip()) } {
+                Ok(()) => {
+                    out.addrs[out.len] = *a;
+                    out.len += 1;
+                    if out.len == MAX_DIAL {
+                        break;
+                    }
+                }
+                Err(r) => {
+                    first_refusal.get_or_insert(r);
+                }
+            }
+        }
+        if out.len > 0 {
+            return Ok(out);
+        }
+        Err(first_refusal.unwrap_or_else(|| Refusal::NoAddress(host_label(host))))
+    }
+}
+
 /// Resolves `host:port` without blocking the event loop (through `dns`'s
-/// short-lived cache) and returns the first address the policy allows
+/// short-lived cache) and returns the addresses the policy allows, in order
 /// (`trusted` skips the address check, for operator-configured upstreams).
 /// `Err(Err(_))` means DNS failed.
 pub async fn resolve(
@@ -179,35 +228,17 @@ pub async fn resolve(
     host: &UrlHost<'_>,
     port: u16,
     trusted: bool,
-) -> Result<SocketAddr, Result<Refusal, std::io::Error>> {
-    let resolved;
-    let literal;
-    let addrs: &[SocketAddr] = match host {
-        UrlHost::Ip(ip) => {
-            literal = [SocketAddr::new(*ip, port)];
-            &literal
-        }
+) -> Result<Dialable, Result<Refusal, std::io::Error>> {
+    match host {
+        UrlHost::Ip(ip) => Dialable::select(policy, &[SocketAddr::new(*ip, port)], trusted, host).map_err(Ok),
         UrlHost::Name(name) => {
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
             }
-            resolved = dns.lookup(name, port).await.map_err(Err)?;
-            &resolved
-        }
-    };
-    if trusted {
-        return addrs.first().copied().ok_or_else(|| Ok(Refusal::NoAddress(host_label(host))));
-    }
-    let mut first_refusal = None;
-    for a in addrs {
-        match policy.ip_allowed(a.ip()) {
-            Ok(()) => return Ok(*a),
-            Err(r) => {
-                first_refusal.get_or_insert(r);
-            }
+            let resolved = dns.lookup(name, port).await.map_err(Err)?;
+            Dialable::select(policy, &resolved, trusted, host).map_err(Ok)
         }
     }
-    Err(Ok(first_refusal.unwrap_or_else(|| Refusal::NoAddress(host_label(host)))))
 }
 
 fn host_label(h: &UrlHost<'_>) -> String {
@@ -334,12 +365,31 @@ mod tests {
         let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
         let trusted = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, true).await.unwrap();
-        assert!(trusted.ip().is_loopback());
+        assert!(trusted.as_slice().iter().all(|a| a.ip().is_loopback()));
         // A cached lookup is judged again: still refused.
         let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
         let allow = Egress::new(&["127.0.0.0/8".into(), "::1/128".into()], &[]).unwrap();
         assert!(resolve(&allow, &dns, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
         assert!(resolve(&allow, &dns, &UrlHost::Name("localhost"), 80, false).await.is_ok());
+    }
+
+    #[test]
+    fn every_allowed_address_is_a_candidate_in_order_up_to_max_dial() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let policy = Egress::default();
+        let host = UrlHost::Name("cdn.example");
+        let addrs =
+            [sa("10.0.0.1:443"), sa("93.184.216.34:443"), sa("[2606:2800::1]:443"), sa("[::ffff:127.0.0.1]:443")];
+        let d = Dialable::select(&policy, &addrs, false, &host).unwrap();
+        assert_eq!(d.as_slice(), &[sa("93.184.216.34:443"), sa("[2606:2800::1]:443")]);
+        // Trusted upstreams keep every address; the list is capped.
+        let many: Vec<SocketAddr> = (1..=9).map(|i| sa(&format!("10.0.0.{i}:80"))).collect();
+        let d = Dialable::select(&policy, &many, true, &host).unwrap();
+        assert_eq!(d.as_slice(), &many[..MAX_DIAL]);
+        // None allowed: the first refusal says why.
+        let r = Dialable::select(&policy, &addrs[..1], false, &host).unwrap_err();
+        assert!(matches!(r, Refusal::DeniedAddress(_)), "{r:?}");
+        assert!(matches!(Dialable::select(&policy, &[], false, &host), Err(Refusal::NoAddress(_))));
     }
 }

@@ -6,12 +6,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::v1::client::HttpSession;
+use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -73,7 +74,10 @@ impl FetchError {
 
     fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
-            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => FetchError::Timeout(e),
+            ErrorType::ConnectTimedout
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout => FetchError::Timeout(e),
             _ => FetchError::Unreachable(e),
         }
     }
@@ -243,18 +247,20 @@ impl Client {
         let url = hop.url;
         let host = UrlHost::of(url).ok_or(FetchError::BadRedirect)?;
         let port = url.port_or_known_default().unwrap_or(80);
-        let addr = egress::resolve(&self.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
+        let dialable = egress::resolve(&self.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
             Ok(refusal) => FetchError::Refused(refusal),
             Err(io) => FetchError::Dns(io),
         })?;
-        let peer = self.peer_for(addr, url);
 
         let mut fresh_only = false;
         loop {
-            let pooled = if fresh_only { None } else { self.pool.take(peer.reuse_hash()) };
-            let (mut session, reused) = match pooled {
-                Some(stream) => (HttpSession::new_with_options(stream, &peer), true),
-                None => (self.connect(&peer).await?, false),
+            let pooled = if fresh_only { None } else { self.pooled(dialable.as_slice(), url) };
+            let (mut session, peer, reused) = match pooled {
+                Some((stream, peer)) => (HttpSession::new_with_options(stream, &peer), peer, true),
+                None => {
+                    let (session, peer) = self.connect_any(dialable.as_slice(), url).await?;
+                    (session, peer, false)
+                }
             };
             session.read_timeout = Some(self.timeouts.read);
             session.write_timeout = Some(self.timeouts.write);
@@ -272,10 +278,49 @@ impl Client {
         }
     }
 
+    /// An idle connection to any of `addrs`, with its peer.
+    fn pooled(&self, addrs: &[SocketAddr], url: &Url) -> Option<(Stream, HttpPeer)> {
+        addrs.iter().find_map(|a| {
+            let peer = self.peer_for(*a, url);
+            self.pool.take(peer.reuse_hash()).map(|s| (s, peer))
+        })
+    }
+
+    /// A new connection to the first of `addrs` that accepts one, within
+    /// `upstream.connect_timeout` in all. Like curl, each address but the
+    /// last may use half of the time left, so one silent address cannot use
+    /// it all; like nginx, an address that refuses or cannot be routed to
+    /// gives way to the next at once. TLS certificate failures do not: a
+    /// wrong certificate is an answer, not an absence.
+    async fn connect_any(&self, addrs: &[SocketAddr], url: &Url) -> Result<(HttpSession, HttpPeer), FetchError> {
+        let deadline = Instant::now() + self.timeouts.connect;
+        let mut last = None;
+        for (i, a) in addrs.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut peer = self.peer_for(*a, url);
+            let budget = if i + 1 == addrs.len() { left } else { left / 2 };
+            peer.options.connection_timeout = Some(budget);
+            peer.options.total_connection_timeout = Some(budget);
+            match self.connect(&peer).await {
+                Ok(session) => return Ok((session, peer)),
+                Err(e) if is_connect_failure(&e) && i + 1 < addrs.len() => {
+                    log::debug!("upstream address {a} failed ({e}); trying the next one");
+                    last = Some(e);
+                }
+                Err(e) => return Err(FetchError::from_pingora(e)),
+            }
+        }
+        let e = last.unwrap_or_else(|| Error::explain(ErrorType::ConnectTimedout, "connect timeout"));
+        Err(FetchError::from_pingora(e))
+    }
+
     /// A new connection. Boxed: connecting (TLS handshake included) is a
     /// future of ~8 KiB that the common pooled path should not carry along.
-    async fn connect(&self, peer: &HttpPeer) -> Result<HttpSession, FetchError> {
-        let stream = Box::pin(self.connector.new_stream(peer)).await.map_err(FetchError::from_pingora)?;
+    async fn connect(&self, peer: &HttpPeer) -> pingora_error::Result<HttpSession> {
+        let stream = Box::pin(self.connector.new_stream(peer)).await?;
         Ok(HttpSession::new_with_options(stream, peer))
     }
 
@@ -363,7 +408,102 @@ fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
 
+/// Errors that say nothing answered at an address, so another may.
+fn is_connect_failure(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectError
+            | ErrorType::SocketError
+            | ErrorType::TLSHandshakeTimedout
+    )
+}
+
 /// Errors that a server closing an idle keep-alive connection produces.
 fn is_stale_connection(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(connect: Duration) -> Client {
+        let egress = Egress::new(&["127.0.0.0/8".into()], &[]).unwrap();
+        let timeouts = Timeouts { connect, read: Duration::from_secs(5), write: Duration::from_secs(5) };
+        Client::new(egress, Providers::new(&[]).unwrap(), timeouts, 5, None, 8)
+    }
+
+    /// An address that refuses connections (nothing listens there).
+    fn refusing() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    }
+
+    /// An address that never answers: a listener whose accept queue is full
+    /// drops further SYNs, so connecting there hangs until the timeout.
+    fn silent() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        s.listen(0).unwrap();
+        let addr = s.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        while let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            queued.push(c);
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        (s, queued, addr)
+    }
+
+    #[tokio::test]
+    async fn the_next_address_is_dialled_when_one_refuses_or_stays_silent() {
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good = up.local_addr().unwrap();
+        let url = Url::parse(&format!("http://{good}/")).unwrap();
+        let c = client(Duration::from_secs(4));
+
+        let (_, peer) = c.connect_any(&[refusing(), good], &url).await.unwrap();
+        assert_eq!(peer._address.to_string(), good.to_string());
+
+        // A silent first address gets half the time, then the next one is tried.
+        let (_keep, _queued, quiet) = silent();
+        let (_, peer) = c.connect_any(&[quiet, good], &url).await.unwrap();
+        assert_eq!(peer._address.to_string(), good.to_string());
+    }
+
+    async fn failure(c: &Client, addrs: &[SocketAddr], url: &Url) -> FetchError {
+        match c.connect_any(addrs, url).await {
+            Ok((_, peer)) => panic!("connected to {}", peer._address),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn when_no_address_answers_the_last_failure_decides_the_status() {
+        let url = Url::parse("http://127.0.0.1/").unwrap();
+        let c = client(Duration::from_millis(600));
+        let refused = failure(&c, &[refusing(), refusing()], &url).await;
+        assert_eq!(refused.status_and_reason().0, 502, "{refused}");
+        let (_keep, _queued, quiet) = silent();
+        let timed_out = failure(&c, &[refusing(), quiet], &url).await;
+        assert_eq!(timed_out.status_and_reason().0, 504, "{timed_out}");
+        // A wrong answer is final: the next address is not tried.
+        let tls_url = Url::parse("https://127.0.0.1/").unwrap();
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let plain_addr = plain.local_addr().unwrap();
+        std::thread::spawn(move || {
+            // Answers the TLS hello with plain text.
+            if let Ok((mut s, _)) = plain.accept() {
+                use std::io::Write;
+                let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+            }
+        });
+        let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        next.set_nonblocking(true).unwrap();
+        let e = failure(&c, &[plain_addr, next.local_addr().unwrap()], &tls_url).await;
+        assert_eq!(e.status_and_reason().0, 502, "{e}");
+        let dialled = next.accept().map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(dialled, Err(std::io::ErrorKind::WouldBlock), "the next address was dialled");
+    }
 }
