@@ -258,7 +258,10 @@ impl Client {
             let (mut session, peer, reused) = match pooled {
                 Some((stream, peer)) => (HttpSession::new_with_options(stream, &peer), peer, true),
                 None => {
-                    let (session, peer) = self.connect_any(dialable.as_slice(), url).await?;
+                    // Boxed: a new connection is the rare path, and its
+                    // future (peer, deadline) would otherwise be carried,
+                    // and copied, by every request's future.
+                    let (session, peer) = Box::pin(self.connect_any(dialable.as_slice(), url)).await?;
                     (session, peer, false)
                 }
             };
