@@ -32,6 +32,7 @@ async fn media() -> Origin {
         "/stale.mp4" => Resp::new(403, Body::Bytes(b"expired link".to_vec())).into(),
         "/gone.mp4" => Resp::new(404, Body::Bytes(b"gone".to_vec())).into(),
         "/busy.mp4" => Resp::new(503, Body::Bytes(b"busy".to_vec())).into(),
+        "/hang.mp4" => Action::Hang,
         _ => serve_file(req, 10_000, Some("video/mp4")).into(),
     })
     .await
@@ -110,6 +111,24 @@ async fn connect_failure_is_refreshed() {
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 200);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_before_headers_is_refreshed() {
+    let m = media().await;
+    let (hang, good) = (m.url("/hang.mp4"), m.url("/fresh.mp4"));
+    let (r, calls) = resolver(move |n, _| json(if n == 0 { &hang } else { &good }, 300)).await;
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nupstream: {{read_timeout: \"1s\"}}\nresolver: {{url: \"{}\"}}\n",
+        r.url("/resolve")
+    ))
+    .await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await;
+    assert_eq!(got.status, 206);
+    assert_body(&got.body, &pattern(0, 10));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let paths: Vec<String> = m.requests().iter().map(|r| r.path().to_string()).collect();
+    assert_eq!(paths, ["/hang.mp4", "/fresh.mp4"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
