@@ -33,6 +33,9 @@ async fn media() -> Origin {
         "/gone.mp4" => Resp::new(404, Body::Bytes(b"gone".to_vec())).into(),
         "/busy.mp4" => Resp::new(503, Body::Bytes(b"busy".to_vec())).into(),
         "/hang.mp4" => Action::Hang,
+        p if p.starts_with("/status/") => {
+            Resp::new(p[8..].parse().unwrap(), Body::Bytes(b"status body".to_vec())).into()
+        }
         _ => serve_file(req, 10_000, Some("video/mp4")).into(),
     })
     .await
@@ -111,6 +114,24 @@ async fn connect_failure_is_refreshed() {
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 200);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_the_stale_statuses_are_refreshed() {
+    for (status, refreshed) in
+        [(403, true), (404, true), (410, true), (429, true), (451, true), (401, false), (500, false), (503, false)]
+    {
+        let m = media().await;
+        let url = m.url(&format!("/status/{status}"));
+        let (r, calls) = resolver(move |_, _| json(&url, 300)).await;
+        let p = proxy(&r, "none").await;
+        let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+        assert_eq!(got.status, status);
+        assert_eq!(got.text(), "status body", "{status} is passed through");
+        let attempts = if refreshed { 2 } else { 1 };
+        assert_eq!(calls.load(Ordering::SeqCst), attempts, "resolver calls after {status}");
+        assert_eq!(m.requests().len(), attempts, "upstream attempts after {status}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
