@@ -174,7 +174,7 @@ impl<'a> UrlHost<'a> {
 /// and bounds how long a client can wait on dead ones).
 pub const MAX_DIAL: usize = 4;
 
-/// The addresses a request may dial, in the resolver's order: each one
+/// The addresses a request may dial, in the order to try them: each one
 /// passed the egress policy (or belongs to a trusted upstream).
 #[derive(Debug, Clone, Copy)]
 pub struct Dialable {
@@ -187,27 +187,45 @@ impl Dialable {
         &self.addrs[..self.len]
     }
 
-    /// The first [`MAX_DIAL`] of `addrs` that `policy` allows (all of them
-    /// when `trusted`), or why none is.
+    /// Up to [`MAX_DIAL`] of the `addrs` that `policy` allows (all of them
+    /// when `trusted`), or why none is. The resolver's order is kept within
+    /// each address family and the two families take turns, starting with
+    /// the resolver's first (as RFC 8305 asks), so a host whose IPv6 path is
+    /// broken still reaches an IPv4 address however many AAAA records come
+    /// first.
     pub fn select(
         policy: &Egress,
         addrs: &[SocketAddr],
         trusted: bool,
         host: &UrlHost<'_>,
     ) -> Result<Dialable, Refusal> {
-        let mut out = Dialable { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_DIAL], len: 0 };
+        let empty = Dialable { addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_DIAL], len: 0 };
+        // [the first address's family, the other one]
+        let mut by_family = [empty, empty];
+        let mut first_is_v6 = None;
         let mut first_refusal = None;
         for a in addrs {
             match if trusted { Ok(()) } else { policy.ip_allowed(a.ip()) } {
                 Ok(()) => {
-                    out.addrs[out.len] = *a;
-                    out.len += 1;
-                    if out.len == MAX_DIAL {
-                        break;
+                    let same = *first_is_v6.get_or_insert(a.is_ipv6()) == a.is_ipv6();
+                    let list = &mut by_family[usize::from(!same)];
+                    if list.len < MAX_DIAL {
+                        list.addrs[list.len] = *a;
+                        list.len += 1;
                     }
                 }
                 Err(r) => {
                     first_refusal.get_or_insert(r);
+                }
+            }
+        }
+        let mut out = empty;
+        let [first, other] = by_family;
+        for k in 0..MAX_DIAL {
+            for list in [&first, &other] {
+                if k < list.len && out.len < MAX_DIAL {
+                    out.addrs[out.len] = list.addrs[k];
+                    out.len += 1;
                 }
             }
         }
@@ -387,6 +405,14 @@ mod tests {
         let many: Vec<SocketAddr> = (1..=9).map(|i| sa(&format!("10.0.0.{i}:80"))).collect();
         let d = Dialable::select(&policy, &many, true, &host).unwrap();
         assert_eq!(d.as_slice(), &many[..MAX_DIAL]);
+        // The families take turns, each in the resolver's order.
+        let v6: Vec<SocketAddr> = (1..=5).map(|i| sa(&format!("[2606:2800::{i}]:443"))).collect();
+        let mixed: Vec<SocketAddr> =
+            v6.iter().copied().chain([sa("93.184.216.1:443"), sa("93.184.216.2:443")]).collect();
+        let d = Dialable::select(&policy, &mixed, false, &host).unwrap();
+        assert_eq!(d.as_slice(), &[v6[0], sa("93.184.216.1:443"), v6[1], sa("93.184.216.2:443")]);
+        let d = Dialable::select(&policy, &v6, false, &host).unwrap();
+        assert_eq!(d.as_slice(), &v6[..MAX_DIAL]);
         // None allowed: the first refusal says why.
         let r = Dialable::select(&policy, &addrs[..1], false, &host).unwrap_err();
         assert!(matches!(r, Refusal::DeniedAddress(_)), "{r:?}");
