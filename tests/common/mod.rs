@@ -197,6 +197,15 @@ async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     }
 }
 
+/// The `Name: value` lines of a message head: the names as spelled on the
+/// wire, and (lower-cased name, value) pairs for lookups, both in order.
+fn header_lines<'a>(lines: impl Iterator<Item = &'a str>) -> (Vec<String>, Vec<(String, String)>) {
+    lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), (k.trim().to_ascii_lowercase(), v.trim().to_string())))
+        .unzip()
+}
+
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -217,9 +226,7 @@ async fn serve_conn(
         let mut parts = start.split(' ');
         let method = parts.next().unwrap_or("").to_string();
         let target = parts.next().unwrap_or("").to_string();
-        let pairs: Vec<(&str, &str)> = lines.filter(|l| !l.is_empty()).filter_map(|l| l.split_once(':')).collect();
-        let spelled = pairs.iter().map(|(k, _)| k.trim().to_string()).collect();
-        let headers = pairs.iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+        let (spelled, headers) = header_lines(lines);
         let req = SeenRequest { method: method.clone(), target, headers, spelled, conn_id: id };
         seen.lock().unwrap().push(req.clone());
         let is_head = method == "HEAD";
@@ -463,13 +470,7 @@ impl Client {
         let text = String::from_utf8_lossy(&head).to_string();
         let mut lines = text.split("\r\n");
         let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-        let spelled: Vec<String> =
-            lines.clone().filter_map(|l| l.split_once(':')).map(|(k, _)| k.trim().to_string()).collect();
-        let headers: Vec<(String, String)> = lines
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
+        let (spelled, headers) = header_lines(lines);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let mut got = Got { status, headers: headers.clone(), spelled, body: Vec::new(), complete: true };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
