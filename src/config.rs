@@ -422,11 +422,8 @@ impl Config {
             for h in &p.hosts {
                 crate::egress::HostPattern::parse(h).map_err(|r| ("providers.hosts", format!("{h:?}: {r}")))?;
             }
-            for (k, v) in &p.headers {
-                if http::HeaderName::from_bytes(k.as_bytes()).is_err() || http::HeaderValue::from_str(v).is_err() {
-                    return Err(("providers.headers", format!("{k:?} is not a valid header")));
-                }
-            }
+            crate::headers::parse_pairs(p.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|e| ("providers.headers", e))?;
         }
         for r in &self.routes {
             if !r.prefix.starts_with('/') || !r.prefix.ends_with('/') {
@@ -545,6 +542,10 @@ mod tests {
         assert_eq!(e.key, "auth.mode", "{e}");
         let e = load("auth: {mode: none}\nlisten: \"nowhere\"\n").unwrap_err();
         assert_eq!(e.key, "listen");
+        let e = load("auth: {mode: none}\nproviders: [{hosts: [a.com], headers: {\"Bad Name\": x}}]\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.reason.as_str()), ("providers.headers", "bad header name \"Bad Name\""));
+        let e = load("auth: {mode: none}\nproviders: [{hosts: [a.com], headers: {Referer: \"x\\ny\"}}]\n").unwrap_err();
+        assert_eq!((e.key.as_str(), e.reason.as_str()), ("providers.headers", "bad value for header Referer"));
     }
 
     #[test]
