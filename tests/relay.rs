@@ -21,6 +21,15 @@ async fn origin() -> Origin {
                 Resp::new(if p == "/nohead.mp4" { 405 } else { 501 }, Body::Bytes(b"no HEAD here".to_vec())).into()
             }
             "/nohead.mp4" | "/nohead501.mp4" => serve_file(req, 777_777, Some("video/mp4")).into(),
+            // Refuses HEAD and ignores Range: the fallback GET gets the whole
+            // (here: endless) body, of which it sends 10 KB and then waits.
+            "/nohead-norange.mp4" if req.method == "HEAD" => {
+                Resp::new(405, Body::Empty { content_length: Some(0) }).into()
+            }
+            "/nohead-norange.mp4" => Resp::new(200, Body::Stall { declared: 500 * MB, sent: pattern(0, 10_000) })
+                .header("Content-Type", "video/mp4")
+                .header("Accept-Ranges", "none")
+                .into(),
             "/notype.mkv" | "/get" | "/dir.v2/get" => serve_file(req, 100, None).into(),
             "/meta" => Resp::new(200, Body::Bytes(b"meta".to_vec()))
                 .header("Content-Type", "video/webm")
@@ -278,6 +287,34 @@ async fn head_refused_upstream_falls_back_to_ranged_get() {
     assert_eq!(seen[0].method, "HEAD");
     assert_eq!(seen[1].method, "GET");
     assert_eq!(seen[1].header("range"), Some("bytes=0-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_fallback_to_an_origin_ignoring_range_reads_no_body() {
+    let (o, p) = setup().await;
+    let mut c = Client::connect(p.addr()).await;
+    let got = c.request("HEAD", &relay_path("v.mp4", &o.url("/nohead-norange.mp4")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some(&*(500 * MB).to_string()));
+    assert_eq!(got.header("accept-ranges"), Some("none"));
+    assert!(got.body.is_empty());
+    let seen: Vec<_> = o.requests().into_iter().filter(|r| r.path() == "/nohead-norange.mp4").collect();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[1].method.as_str(), seen[1].header("range")), ("GET", Some("bytes=0-0")));
+    // The 200's body is not read to its end (it never ends): the upstream
+    // connection is dropped, and the client's connection serves on.
+    let mut closed = false;
+    for _ in 0..100 {
+        if o.open_connections.load(Ordering::SeqCst) == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the fallback GET's connection must be dropped, not drained");
+    let again = c.request("GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[]).await;
+    assert_eq!(again.status, 200);
+    assert_body(&again.body, &pattern(0, 1000));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
