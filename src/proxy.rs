@@ -164,18 +164,7 @@ impl ProxyHttp for Proxy {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        session.set_write_timeout(Some(self.state.downstream_write_timeout));
-        // Players pipeline: keep bytes of the next request that arrive
-        // while this response streams, instead of failing this one.
-        session.as_downstream_mut().set_pipelining_enabled(true);
-        match self.handle(session, ctx).await {
-            Ok(()) => Ok(true),
-            Err(Outcome::Reply(Reply(status, reason))) => {
-                self.reply(session, ctx, status, reason).await?;
-                Ok(true)
-            }
-            Err(Outcome::Abort(e)) => Err(e),
-        }
+        self.serve(session.as_downstream_mut(), ctx).await.map(|()| true)
     }
 
     /// Never reached: `request_filter` always answers.
@@ -187,7 +176,7 @@ impl ProxyHttp for Proxy {
         // A response already started is aborted (the connection is dropped);
         // otherwise the client gets a one-line 502.
         if session.response_written().is_none() && !matches!(e.esource(), pingora_error::ErrorSource::Downstream) {
-            let _ = self.reply(session, ctx, 502, "upstream failed").await;
+            let _ = self.reply(session.as_downstream_mut(), ctx, 502, "upstream failed").await;
             return FailToProxy { error_code: 502, can_reuse_downstream: false };
         }
         FailToProxy { error_code: 0, can_reuse_downstream: false }
@@ -258,7 +247,22 @@ impl Proxy {
         Proxy { state }
     }
 
-    async fn handle(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
+    /// Answers one request. Everything below works on Pingora's downstream
+    /// session itself (no proxy modules are installed, so pingora-proxy's
+    /// `Session` wrapper adds nothing to it).
+    async fn serve(&self, session: &mut HttpSession, ctx: &mut Ctx) -> Result<()> {
+        session.set_write_timeout(Some(self.state.downstream_write_timeout));
+        // Players pipeline: keep bytes of the next request that arrive
+        // while this response streams, instead of failing this one.
+        session.set_pipelining_enabled(true);
+        match self.handle(session, ctx).await {
+            Ok(()) => Ok(()),
+            Err(Outcome::Reply(Reply(status, reason))) => self.reply(session, ctx, status, reason).await,
+            Err(Outcome::Abort(e)) => Err(e),
+        }
+    }
+
+    async fn handle(&self, session: &mut HttpSession, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
         let st = &*self.state;
         let req = session.req_header();
         let method = req.method.clone();
@@ -322,7 +326,7 @@ impl Proxy {
     /// resolve once more and retry once — never more than two attempts.
     async fn stream(
         &self,
-        session: &mut Session,
+        session: &mut HttpSession,
         ctx: &mut Ctx,
         query: &Query,
         key_header: Option<&[u8]>,
@@ -368,7 +372,7 @@ impl Proxy {
     /// Opens the upstream response, recording what the log and metrics need.
     async fn open(
         &self,
-        session: &Session,
+        session: &HttpSession,
         ctx: &mut Ctx,
         method: &Method,
         url: Url,
@@ -416,7 +420,7 @@ impl Proxy {
     /// fallback, playlist rewriting, then the body pump.
     async fn relay(
         &self,
-        session: &mut Session,
+        session: &mut HttpSession,
         ctx: &mut Ctx,
         mut resp: upstream::Response,
         kind: Kind,
@@ -492,7 +496,7 @@ impl Proxy {
             out.insert_header(header::TRANSFER_ENCODING, "chunked").map_err(Outcome::Abort)?;
         }
         ctx.status = out.status.as_u16();
-        session.write_response_header(Box::new(out), bodyless).await.map_err(Outcome::Abort)?;
+        session.write_response_header(Box::new(out)).await.map_err(Outcome::Abort)?;
         if bodyless {
             self.state.client.discard(resp.session, &resp.peer).await;
             return Ok(());
@@ -510,7 +514,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn relay_playlist(
         &self,
-        session: &mut Session,
+        session: &mut HttpSession,
         ctx: &mut Ctx,
         mut resp: upstream::Response,
         mut out: ResponseHeader,
@@ -563,10 +567,10 @@ impl Proxy {
         out.remove_header(&header::CONTENT_RANGE);
         out.insert_header(header::CONTENT_LENGTH, rewritten.len().to_string()).map_err(Outcome::Abort)?;
         ctx.status = out.status.as_u16();
-        session.write_response_header(Box::new(out), client_head).await.map_err(Outcome::Abort)?;
+        session.write_response_header(Box::new(out)).await.map_err(Outcome::Abort)?;
         if !client_head {
             ctx.body_bytes += rewritten.len() as u64;
-            session.write_response_body(Some(Bytes::from(rewritten)), true).await.map_err(Outcome::Abort)?;
+            session.write_response_body(Bytes::from(rewritten), true).await.map_err(Outcome::Abort)?;
         }
         Ok(())
     }
@@ -578,7 +582,7 @@ impl Proxy {
         rewrite_playlist(&st.auth, st.public_base.as_deref().unwrap_or(""), text, base, client_key, now_unix())
     }
 
-    async fn preflight(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+    async fn preflight(&self, session: &mut HttpSession, ctx: &mut Ctx) -> Result<()> {
         let mut out = ResponseHeader::build(StatusCode::NO_CONTENT, Some(8))?;
         let origin = session.req_header().headers.get(header::ORIGIN);
         if let Some((allow, echoed)) = self.state.cors.allow_origin(origin) {
@@ -593,10 +597,10 @@ impl Proxy {
         out.insert_header("Allow", cors::ALLOW_METHODS)?;
         out.insert_header(header::CONTENT_LENGTH, "0")?;
         ctx.status = 204;
-        session.write_response_header(Box::new(out), true).await
+        session.write_response_header(Box::new(out)).await
     }
 
-    fn add_cors(&self, session: &Session, out: &mut ResponseHeader) -> Result<()> {
+    fn add_cors(&self, session: &HttpSession, out: &mut ResponseHeader) -> Result<()> {
         let origin = session.req_header().headers.get(header::ORIGIN);
         if let Some((allow, echoed)) = self.state.cors.allow_origin(origin) {
             out.insert_header("Access-Control-Allow-Origin", allow)?;
@@ -614,7 +618,7 @@ impl Proxy {
     }
 
     /// A generated answer: status, one-line reason, no caching.
-    async fn reply(&self, session: &mut Session, ctx: &mut Ctx, status: u16, reason: &str) -> Result<()> {
+    async fn reply(&self, session: &mut HttpSession, ctx: &mut Ctx, status: u16, reason: &str) -> Result<()> {
         let body = Bytes::from(format!("{reason}\n"));
         let mut out = ResponseHeader::build(status, Some(6))?;
         out.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -626,9 +630,9 @@ impl Proxy {
         self.add_cors(session, &mut out)?;
         ctx.status = status;
         let head = session.req_header().method == Method::HEAD;
-        session.write_response_header(Box::new(out), head).await?;
+        session.write_response_header(Box::new(out)).await?;
         if !head {
-            session.write_response_body(Some(body), true).await?;
+            session.write_response_body(body, true).await?;
         }
         Ok(())
     }
@@ -689,8 +693,8 @@ fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
 /// A body on GET/HEAD means nothing and is never forwarded; reading it (up
 /// to 64 KiB) before answering keeps the client connection reusable. A
 /// larger one is left for Pingora, which then closes the connection.
-async fn drain_request_body(session: &mut Session) -> Result<()> {
-    let down = session.as_downstream_mut();
+async fn drain_request_body(session: &mut HttpSession) -> Result<()> {
+    let down = session;
     let mut left: usize = 64 * 1024;
     while !down.is_body_done() {
         match down.read_request_body().await? {
@@ -719,13 +723,13 @@ async fn peek(resp: &mut upstream::Response, at_least: usize) -> std::result::Re
 /// client slows the upstream read; while waiting for upstream the client
 /// connection is watched, so a client that leaves drops the upstream at once.
 async fn pump(
-    session: &mut Session,
+    session: &mut HttpSession,
     resp: &mut upstream::Response,
     first: Option<Bytes>,
     ctx: &mut Ctx,
     write_timeout: Duration,
 ) -> Result<()> {
-    let down: &mut HttpSession = session.as_downstream_mut();
+    let down: &mut HttpSession = session;
     if let Some(f) = first.filter(|f| !f.is_empty()) {
         write_down(down, &f).await?;
         ctx.body_bytes += f.len() as u64;
