@@ -303,15 +303,7 @@ async fn head_fallback_to_an_origin_ignoring_range_reads_no_body() {
     assert_eq!((seen[1].method.as_str(), seen[1].header("range")), ("GET", Some("bytes=0-0")));
     // The 200's body is not read to its end (it never ends): the upstream
     // connection is dropped, and the client's connection serves on.
-    let mut closed = false;
-    for _ in 0..100 {
-        if o.open_connections.load(Ordering::SeqCst) == 0 {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "the fallback GET's connection must be dropped, not drained");
+    assert!(o.all_closed_soon().await, "the fallback GET's connection must be dropped, not drained");
     let again = c.request("GET", &relay_path("v.mp4", &o.url("/small.mp4")), &[]).await;
     assert_eq!(again.status, 200);
     assert_body(&again.body, &pattern(0, 1000));
@@ -512,15 +504,7 @@ async fn client_going_away_drops_the_upstream_connection() {
     }
     assert_eq!(o.open_connections.load(Ordering::SeqCst), 1);
     drop(sock);
-    let mut closed = false;
-    for _ in 0..100 {
-        if o.open_connections.load(Ordering::SeqCst) == 0 {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(closed, "the upstream connection must be closed, not drained");
+    assert!(o.all_closed_soon().await, "the upstream connection must be closed, not drained");
     // Far less than the 500 MiB file was pulled from the origin.
     assert!(o.body_bytes_written.load(Ordering::SeqCst) < 64 * MB);
 }

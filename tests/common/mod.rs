@@ -179,6 +179,17 @@ impl Origin {
     pub fn count(&self, path: &str) -> usize {
         self.requests().iter().filter(|r| r.path() == path).count()
     }
+
+    /// Whether every connection to this origin is closed within 5 s.
+    pub async fn all_closed_soon(&self) -> bool {
+        for _ in 0..100 {
+            if self.open_connections.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
 }
 
 async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
