@@ -693,8 +693,7 @@ fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
 /// A body on GET/HEAD means nothing and is never forwarded; reading it (up
 /// to 64 KiB) before answering keeps the client connection reusable. A
 /// larger one is left for Pingora, which then closes the connection.
-async fn drain_request_body(session: &mut HttpSession) -> Result<()> {
-    let down = session;
+async fn drain_request_body(down: &mut HttpSession) -> Result<()> {
     let mut left: usize = 64 * 1024;
     while !down.is_body_done() {
         match down.read_request_body().await? {
@@ -723,13 +722,12 @@ async fn peek(resp: &mut upstream::Response, at_least: usize) -> std::result::Re
 /// client slows the upstream read; while waiting for upstream the client
 /// connection is watched, so a client that leaves drops the upstream at once.
 async fn pump(
-    session: &mut HttpSession,
+    down: &mut HttpSession,
     resp: &mut upstream::Response,
     first: Option<Bytes>,
     ctx: &mut Ctx,
     write_timeout: Duration,
 ) -> Result<()> {
-    let down: &mut HttpSession = session;
     if let Some(f) = first.filter(|f| !f.is_empty()) {
         write_down(down, &f).await?;
         ctx.body_bytes += f.len() as u64;
