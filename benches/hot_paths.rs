@@ -38,7 +38,7 @@ fn playlist(segments: usize) -> String {
 
 fn bench(c: &mut Criterion) {
     let raw = signed_query();
-    let routes = vec![routing::Route::new("/cdn/", "https://cdn.example.com/", true).unwrap()];
+    let routes = vec![routing::Route::new("/cdn/", url::Url::parse("https://cdn.example.com/").unwrap(), true)];
     c.bench_function("route + parse + verify signature", |b| {
         b.iter(|| {
             let t = routing::classify(black_box("/strm/proxy/ep-12.mp4"), &routes);
@@ -66,7 +66,8 @@ fn bench(c: &mut Criterion) {
     }
     c.bench_function("header policy (request + response)", |b| {
         b.iter(|| {
-            let out = headers::upstream_request_headers(black_box(&client), None, &profile, &[]);
+            let forwarded = headers::forwarded_request_headers(black_box(&client), None);
+            let out = headers::upstream_request_headers(&forwarded, &profile, &[]).count();
             let dropped = headers::dropped_response_headers(black_box(&response)).count();
             (out, dropped)
         })
@@ -78,8 +79,13 @@ fn bench(c: &mut Criterion) {
 
     let text = playlist(5000);
     let base = url::Url::parse("https://cdn.hoster.example/hls/v1/720p/index.m3u8").unwrap();
-    let auth =
-        anibridge_proxy::auth::Auth::new(anibridge_proxy::config::AuthMode::Token, Some("bench-secret"), None, 900);
+    let auth = anibridge_proxy::auth::Auth::new(
+        anibridge_proxy::config::AuthMode::Token,
+        Some("bench-secret"),
+        None,
+        900,
+        6 * 3600,
+    );
     for (name, text) in
         [("absolute URIs", &text), ("relative URIs", &text.replace("https://cdn.hoster.example/hls/v1/720p/", ""))]
     {

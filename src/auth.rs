@@ -200,7 +200,10 @@ pub struct Auth {
     /// HMAC keyed once; cloned per signature (saves the key schedule).
     mac: Hmac<Sha256>,
     api_key: String,
+    /// Seconds a live playlist's children stay valid (and a VOD's beyond its duration).
     pub token_ttl: u64,
+    /// Seconds a master playlist's children stay valid.
+    pub session_ttl: u64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -210,13 +213,14 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    pub fn new(mode: AuthMode, secret: Option<&str>, api_key: Option<&str>, token_ttl: u64) -> Auth {
+    pub fn new(mode: AuthMode, secret: Option<&str>, api_key: Option<&str>, token_ttl: u64, session_ttl: u64) -> Auth {
         Auth {
             mode,
             mac: Hmac::<Sha256>::new_from_slice(secret.unwrap_or_default().as_bytes())
                 .expect("HMAC accepts any key length"),
             api_key: api_key.unwrap_or_default().to_string(),
             token_ttl,
+            session_ttl,
         }
     }
 
@@ -231,9 +235,9 @@ impl Auth {
     }
 }
 
-/// Signs many playlist children at one instant: the `exp` and the HMAC
-/// state after the constant prefix `exp=...&u=` are computed once, so each
-/// child costs one encoding of its URL and the rest of one HMAC.
+/// Signs many playlist children with one expiry: the HMAC state after the
+/// constant prefix `exp=...&u=` is computed once, so each child costs one
+/// encoding of its URL and the rest of one HMAC.
 pub struct ChildSigner<'a> {
     auth: &'a Auth,
     client_key: Option<&'a str>,
@@ -242,8 +246,9 @@ pub struct ChildSigner<'a> {
 }
 
 impl<'a> ChildSigner<'a> {
-    pub fn new(auth: &'a Auth, client_key: Option<&'a str>, now: u64) -> ChildSigner<'a> {
-        let exp = (now + auth.token_ttl).to_string();
+    /// Children that expire at unix time `exp` (token mode).
+    pub fn new(auth: &'a Auth, client_key: Option<&'a str>, exp: u64) -> ChildSigner<'a> {
+        let exp = exp.to_string();
         // Canonical order is by name: "exp" < "u".
         let prefixed = (auth.mode == AuthMode::Token).then(|| {
             let mut mac = auth.mac.clone();
@@ -351,7 +356,7 @@ mod tests {
     /// A playlist child's query, as the proxy writes it.
     fn child(a: &Auth, u: &str, key: Option<&str>, now: u64) -> String {
         let mut out = String::new();
-        ChildSigner::new(a, key, now).push_query(u, &mut out);
+        ChildSigner::new(a, key, now + a.token_ttl).push_query(u, &mut out);
         out
     }
 
@@ -374,7 +379,7 @@ mod tests {
 
     #[test]
     fn child_queries() {
-        let a = Auth::new(AuthMode::Token, Some("s"), None, 900);
+        let a = Auth::new(AuthMode::Token, Some("s"), None, 900, 3600);
         let c = child(&a, "https://x/a b.ts", None, 1000);
         let parsed = Query::parse(Some(&c));
         assert_eq!(parsed.get("exp"), Some("1900"));
@@ -382,9 +387,9 @@ mod tests {
         assert!(c.starts_with("u=https%3A%2F%2Fx%2Fa+b.ts&exp=1900&sig="), "{c}");
         assert_eq!(a.check(&parsed, None, 1000), Ok(()));
         assert_eq!(parsed.get("sig"), Some(sign(b"s", &parsed).as_str()));
-        let a = Auth::new(AuthMode::Apikey, None, Some("k"), 900);
+        let a = Auth::new(AuthMode::Apikey, None, Some("k"), 900, 3600);
         assert_eq!(child(&a, "x", Some("k"), 0), "u=x&apikey=k");
-        let a = Auth::new(AuthMode::None, None, None, 900);
+        let a = Auth::new(AuthMode::None, None, None, 900, 3600);
         assert_eq!(child(&a, "x", None, 0), "u=x");
     }
 
@@ -408,7 +413,7 @@ mod tests {
         /// through its own encoding, and a changed value does not.
         #[test]
         fn child_queries_verify(u in "\\PC{1,60}") {
-            let a = Auth::new(AuthMode::Token, Some("k"), None, 60);
+            let a = Auth::new(AuthMode::Token, Some("k"), None, 60, 3600);
             let q = child(&a, &u, None, 1000);
             let parsed = Query::parse(Some(&q));
             proptest::prop_assert_eq!(parsed.get("u"), Some(u.as_str()));
@@ -424,7 +429,7 @@ mod tests {
         #[test]
         fn child_signer_is_the_reference(u in "\\PC{0,60}", mode in 0..3u8, key in proptest::option::of("[a-z]{1,8}")) {
             let mode = [AuthMode::Token, AuthMode::Apikey, AuthMode::None][mode as usize];
-            let a = Auth::new(mode, Some("k"), Some("x"), 60);
+            let a = Auth::new(mode, Some("k"), Some("x"), 60, 3600);
             let fast = child(&a, &u, key.as_deref(), 1000);
             proptest::prop_assert_eq!(fast, reference_child(mode, b"k", 60, &u, key.as_deref(), 1000));
         }

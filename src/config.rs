@@ -1,14 +1,24 @@
 //! YAML configuration: every key defaulted, unknown keys and impossible values
 //! refused at start with the file, the key and the reason.
+//!
+//! Values are parsed into their typed form while the file is read
+//! (addresses, CIDRs, host patterns, header lists, URLs, durations), so a
+//! [`Config`] that loaded is usable as it is: building the proxy from it
+//! cannot fail, and nothing is parsed a second time.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use http::HeaderValue;
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use url::Url;
+
+use crate::egress::HostPattern;
+use crate::headers::WireHeader;
 
 /// Environment variable that supplies `auth.secret` when the file does not.
 pub const SECRET_ENV: &str = "ANIBRIDGE_PROXY_SECRET";
@@ -38,42 +48,233 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// A duration written with a unit: `"500ms"`, `"10s"`, `"15m"`, `"1h"`.
+/// Implements `Deserialize` for a type parsed from one YAML string by `$parse`
+/// (`fn(&str) -> Result<Self, String>`); the error becomes the key's reason.
+macro_rules! from_str {
+    ($ty:ty, $parse:expr) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                ($parse)(s.as_str()).map_err(de::Error::custom)
+            }
+        }
+    };
+}
+
+/// A duration written with a unit: `"500ms"`, `"10s"`, `"15m"`, `"1h"`
+/// (humantime's units; combinations like `"1h 30m"` work too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
-    }
-}
+from_str!(Dur, |s| parse_duration(s).map(Dur));
 
-/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`.
+/// Parses a duration with a unit (`ms`, `s`, `m`, `h`, ...).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split =
-        s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("duration {s:?} must start with a whole number"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("duration {s:?} has unknown unit {unit:?} (ms, s, m, h)")),
-    }
-    .ok_or_else(|| format!("duration {s:?} is too large"))?;
-    Ok(Duration::from_millis(ms))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("duration {s:?}: {e} (write e.g. \"500ms\", \"10s\", \"15m\")"))
 }
 
-/// One address or a list of them.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
+/// An `IP:port` socket address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addr(pub SocketAddr);
+
+from_str!(Addr, |s: &str| s.parse().map(Addr).map_err(|_| format!("{s:?} is not an IP:port address")));
+
+/// One listen address or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Read as a plain value first: an untagged enum would hide the reason.
+        let one = |v: serde_yaml::Value| Addr::deserialize(v).map(|a| a.0).map_err(de::Error::custom);
+        let list = match serde_yaml::Value::deserialize(d)? {
+            serde_yaml::Value::Sequence(items) => items.into_iter().map(one).collect::<Result<Vec<_>, _>>()?,
+            other => vec![one(other)?],
+        };
+        if list.is_empty() {
+            return Err(de::Error::custom("needs at least one address"));
+        }
+        Ok(Listen(list))
+    }
 }
+
+/// A CIDR such as `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+from_str!(Cidr, |s: &str| s.parse().map(Cidr).map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/8)")));
+
+from_str!(HostPattern, |s: &str| HostPattern::parse(s).map_err(|r| format!("{s:?}: {r}")));
+
+/// An absolute http(s) URL with a host and without a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl(pub Url);
+
+from_str!(HttpUrl, |s: &str| {
+    let u = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} must be an http(s) URL"));
+    }
+    if u.query().is_some() {
+        return Err(format!("{s:?} must not have a query"));
+    }
+    Ok(HttpUrl(u))
+});
+
+/// A header value (e.g. a User-Agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Value(pub HeaderValue);
+
+from_str!(Value, |s: &str| HeaderValue::from_str(s).map(Value).map_err(|_| "is not a valid header value".to_string()));
+
+/// Header `name: value` pairs in the order written (they go upstream in that order).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderList(pub Vec<WireHeader>);
+
+impl<'de> Deserialize<'de> for HeaderList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = indexmap::IndexMap::<String, String>::deserialize(d)?;
+        crate::headers::parse_pairs(map.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map(HeaderList)
+            .map_err(de::Error::custom)
+    }
+}
+
+/// An origin as a browser sends it in `Origin` (`scheme://host[:port]`), or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedOrigin(pub String);
+
+from_str!(AllowedOrigin, |s: &str| {
+    if s == "*" || is_origin(s) {
+        Ok(AllowedOrigin(s.trim_end_matches('/').to_string()))
+    } else {
+        Err(format!("{s:?} is not an origin (\"*\" or scheme://host[:port], as browsers send it)"))
+    }
+});
+
+/// A static route's path prefix: starts and ends with `/`, not shadowing
+/// the built-in routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePrefix(pub String);
+
+from_str!(RoutePrefix, |s: &str| {
+    if !s.starts_with('/') || !s.ends_with('/') {
+        return Err(format!("{s:?} must start and end with '/'"));
+    }
+    if s.starts_with("/strm/") || s == "/" {
+        return Err(format!("{s:?} would shadow the built-in routes"));
+    }
+    Ok(RoutePrefix(s.to_string()))
+});
+
+/// An egress proxy URL: `socks5://`, `socks5h://` or `http://` (CONNECT),
+/// with optional `user:password@`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub kind: ProxyKind,
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// SOCKS5; the destination is resolved and checked here, the tunnel asked for the IP.
+    Socks5,
+    /// SOCKS5 with the host name handed to the proxy to resolve.
+    Socks5h,
+    /// HTTP `CONNECT`.
+    Http,
+}
+
+/// A user name and password (RFC 1929 for SOCKS5, Basic for CONNECT).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl ProxyUrl {
+    /// The proxy's name for logs and metrics: scheme, host and port, never
+    /// the credentials.
+    pub fn name(&self) -> String {
+        let scheme = match self.kind {
+            ProxyKind::Socks5 => "socks5",
+            ProxyKind::Socks5h => "socks5h",
+            ProxyKind::Http => "http",
+        };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ProxyUrl, String> {
+        let u = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+        let kind = match u.scheme() {
+            "socks5" => ProxyKind::Socks5,
+            "socks5h" => ProxyKind::Socks5h,
+            "http" => ProxyKind::Http,
+            other => return Err(format!("unsupported scheme {other:?} (socks5, socks5h or http)")),
+        };
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            _ => return Err("needs a host".into()),
+        };
+        if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+            return Err("must be scheme://[user:password@]host:port with nothing after the port".into());
+        }
+        // `url` hides a scheme's default port; an HTTP proxy has no usual
+        // one, so it must be written (SOCKS defaults to 1080).
+        let written = s
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let port = match (u.port_or_known_default(), kind) {
+            (Some(p), _) if written => p,
+            (_, ProxyKind::Socks5 | ProxyKind::Socks5h) => u.port().unwrap_or(1080),
+            (_, ProxyKind::Http) => return Err("needs a port".into()),
+        };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().map(|c| c.into_owned());
+        let credentials = match (u.username(), u.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some(Credentials {
+                user: decode(user).map_err(|_| "the user name is not UTF-8")?,
+                password: decode(password).map_err(|_| "the password is not UTF-8")?,
+            }),
+            (_, None) => return Err("credentials need user:password".into()),
+        };
+        let p = ProxyUrl { kind, host, port, credentials };
+        if let Some(c) = &p.credentials {
+            check_credentials(c)?;
+        }
+        Ok(p)
+    }
+}
+
+/// RFC 1929 carries each of user name and password in 1..=255 bytes.
+fn check_credentials(c: &Credentials) -> Result<(), String> {
+    if c.user.is_empty() || c.user.len() > 255 || c.password.len() > 255 {
+        return Err("user name must be 1 to 255 bytes and password at most 255".into());
+    }
+    if c.user.contains(':') {
+        return Err("the user name must not contain ':'".into());
+    }
+    Ok(())
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the credentials.
+        write!(f, "ProxyUrl({}{})", self.name(), if self.credentials.is_some() { ", with credentials" } else { "" })
+    }
+}
+
+from_str!(ProxyUrl, ProxyUrl::parse);
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -90,6 +291,7 @@ pub struct AuthConf {
     pub secret: Option<String>,
     pub api_key: Option<String>,
     pub token_ttl: Dur,
+    pub session_ttl: Dur,
     pub allow_open: bool,
 }
 
@@ -100,6 +302,7 @@ impl Default for AuthConf {
             secret: None,
             api_key: None,
             token_ttl: Dur(Duration::from_secs(15 * 60)),
+            session_ttl: Dur(Duration::from_secs(6 * 3600)),
             allow_open: false,
         }
     }
@@ -112,7 +315,8 @@ pub struct UpstreamConf {
     pub read_timeout: Dur,
     pub write_timeout: Dur,
     pub max_redirects: u32,
-    pub user_agent: Option<String>,
+    pub resume_attempts: u32,
+    pub user_agent: Option<Value>,
 }
 
 impl Default for UpstreamConf {
@@ -122,6 +326,7 @@ impl Default for UpstreamConf {
             read_timeout: Dur(Duration::from_secs(60)),
             write_timeout: Dur(Duration::from_secs(30)),
             max_redirects: 5,
+            resume_attempts: 3,
             user_agent: None,
         }
     }
@@ -155,17 +360,30 @@ impl Default for StreamConf {
 /// Pingora's upstream body buffer (`BODY_BUFFER_SIZE`), the size of every relay read.
 pub const MIN_CHUNK: usize = 64 * 1024;
 
+/// One `egress.proxies` entry: the hosts it serves and the proxy to use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressProxyConf {
+    pub hosts: Vec<HostPattern>,
+    pub url: ProxyUrl,
+    /// An environment variable holding `user:password` (or `<VAR>_FILE`
+    /// naming a file that does), instead of credentials in the URL.
+    #[serde(default)]
+    pub credentials_env: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConf {
-    pub allow_cidrs: Vec<String>,
-    pub deny_hosts: Vec<String>,
+    pub allow_cidrs: Vec<Cidr>,
+    pub deny_hosts: Vec<HostPattern>,
+    pub proxies: Vec<EgressProxyConf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ResolverConf {
-    pub url: Option<String>,
+    pub url: Option<HttpUrl>,
     pub timeout: Dur,
     pub cache_entries: usize,
 }
@@ -179,29 +397,28 @@ impl Default for ResolverConf {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CorsConf {
-    pub allow_origins: Vec<String>,
+    pub allow_origins: Vec<AllowedOrigin>,
 }
 
 impl Default for CorsConf {
     fn default() -> Self {
-        Self { allow_origins: vec!["*".into()] }
+        Self { allow_origins: vec![AllowedOrigin("*".into())] }
     }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConf {
-    pub hosts: Vec<String>,
-    /// In the order written: they go upstream in that order.
+    pub hosts: Vec<HostPattern>,
     #[serde(default)]
-    pub headers: indexmap::IndexMap<String, String>,
+    pub headers: HeaderList,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConf {
-    pub prefix: String,
-    pub upstream: String,
+    pub prefix: RoutePrefix,
+    pub upstream: HttpUrl,
     #[serde(default = "yes")]
     pub auth: bool,
 }
@@ -214,10 +431,10 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    pub listen: OneOrMany,
-    pub admin_listen: String,
+    pub listen: Listen,
+    pub admin_listen: Addr,
     pub threads: usize,
-    pub public_base_url: Option<String>,
+    pub public_base_url: Option<HttpUrl>,
     pub shutdown_grace: Dur,
     pub auth: AuthConf,
     pub upstream: UpstreamConf,
@@ -233,8 +450,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: OneOrMany::One("127.0.0.1:8080".into()),
-            admin_listen: "127.0.0.1:9090".into(),
+            listen: Listen(vec![SocketAddr::from(([127, 0, 0, 1], 8080))]),
+            admin_listen: Addr(SocketAddr::from(([127, 0, 0, 1], 9090))),
             threads: 2,
             public_base_url: None,
             shutdown_grace: Dur(Duration::from_secs(30)),
@@ -290,41 +507,35 @@ impl Config {
         if cfg.auth.api_key.is_none() {
             cfg.auth.api_key = from_env(&env, API_KEY_ENV).map_err(|r| err("auth.api_key", r))?;
         }
+        for (i, p) in cfg.egress.proxies.iter_mut().enumerate() {
+            let key = format!("egress.proxies[{i}].credentials_env");
+            if let Some(var) = p.credentials_env.as_deref() {
+                if p.url.credentials.is_some() {
+                    return Err(err(&key, "the URL has credentials already".into()));
+                }
+                let text = from_env(&env, var)
+                    .map_err(|r| err(&key, r))?
+                    .ok_or_else(|| err(&key, format!("{var} (or {var}{FILE_SUFFIX}) is not set")))?;
+                let (user, password) =
+                    text.split_once(':').ok_or_else(|| err(&key, format!("{var} must hold user:password")))?;
+                let c = Credentials { user: user.to_string(), password: password.to_string() };
+                check_credentials(&c).map_err(|r| err(&key, r))?;
+                p.url.credentials = Some(c);
+            }
+        }
         cfg.validate().map_err(|(key, reason)| err(key, reason))?;
         Ok(cfg)
     }
 
-    /// Listener addresses, parsed.
-    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        let list = match &self.listen {
-            OneOrMany::One(s) => vec![s.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        };
-        list.iter().filter_map(|s| s.parse().ok()).collect()
+    /// Listener addresses.
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen.0
     }
 
+    /// What no single key can say: limits and the combinations of keys.
     fn validate(&self) -> Result<(), (&'static str, String)> {
-        let listens = match &self.listen {
-            OneOrMany::One(s) => vec![s.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        };
-        if listens.is_empty() {
-            return Err(("listen", "needs at least one address".into()));
-        }
-        for l in &listens {
-            l.parse::<SocketAddr>().map_err(|_| ("listen", format!("{l:?} is not an IP:port address")))?;
-        }
-        self.admin_listen
-            .parse::<SocketAddr>()
-            .map_err(|_| ("admin_listen", format!("{:?} is not an IP:port address", self.admin_listen)))?;
         if self.threads == 0 || self.threads > 1024 {
             return Err(("threads", "must be between 1 and 1024".into()));
-        }
-        if let Some(base) = &self.public_base_url {
-            let u = url::Url::parse(base).map_err(|e| ("public_base_url", format!("{base:?} is not a URL: {e}")))?;
-            if !matches!(u.scheme(), "http" | "https") || u.query().is_some() {
-                return Err(("public_base_url", "must be an http(s) URL without a query".into()));
-            }
         }
         match self.auth.mode {
             AuthMode::Token => {
@@ -358,10 +569,9 @@ impl Config {
         if self.shutdown_grace.0 > Duration::from_secs(3600) {
             return Err(("shutdown_grace", "must be at most 1h".into()));
         }
-        if self.auth.token_ttl.0.is_zero() {
-            return Err(("auth.token_ttl", "must be greater than 0".into()));
-        }
         for (key, d) in [
+            ("auth.token_ttl", self.auth.token_ttl),
+            ("auth.session_ttl", self.auth.session_ttl),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.read_timeout", self.upstream.read_timeout),
             ("upstream.write_timeout", self.upstream.write_timeout),
@@ -375,10 +585,8 @@ impl Config {
         if self.upstream.max_redirects > 20 {
             return Err(("upstream.max_redirects", "must be at most 20".into()));
         }
-        if let Some(ua) = &self.upstream.user_agent {
-            if http::HeaderValue::from_str(ua).is_err() {
-                return Err(("upstream.user_agent", "is not a valid header value".into()));
-            }
+        if self.upstream.resume_attempts > 100 {
+            return Err(("upstream.resume_attempts", "must be at most 100".into()));
         }
         // The bound a stream's relay buffer keeps. Pingora 0.9 reads upstream
         // bodies through a fixed 64 KiB buffer, so 64 KiB is the smallest bound
@@ -392,54 +600,14 @@ impl Config {
         if self.stream.max_playlist_bytes == 0 || self.stream.max_playlist_bytes > 256 << 20 {
             return Err(("stream.max_playlist_bytes", "must be between 1 and 268435456 bytes".into()));
         }
-        for c in &self.egress.allow_cidrs {
-            c.parse::<IpNet>().map_err(|_| ("egress.allow_cidrs", format!("{c:?} is not a CIDR (e.g. 10.0.0.0/8)")))?;
-        }
-        for h in &self.egress.deny_hosts {
-            crate::egress::HostPattern::parse(h).map_err(|r| ("egress.deny_hosts", format!("{h:?}: {r}")))?;
-        }
-        if let Some(u) = &self.resolver.url {
-            let parsed = url::Url::parse(u).map_err(|e| ("resolver.url", format!("{u:?} is not a URL: {e}")))?;
-            if !matches!(parsed.scheme(), "http" | "https") {
-                return Err(("resolver.url", "must be an http or https URL".into()));
-            }
-        }
         if self.resolver.cache_entries == 0 {
             return Err(("resolver.cache_entries", "must be at least 1".into()));
         }
-        for o in &self.cors.allow_origins {
-            if o != "*" && !is_origin(o) {
-                return Err((
-                    "cors.allow_origins",
-                    format!("{o:?} is not an origin (\"*\" or scheme://host[:port], as browsers send it)"),
-                ));
-            }
+        if self.providers.iter().any(|p| p.hosts.is_empty()) {
+            return Err(("providers.hosts", "each provider needs at least one host".into()));
         }
-        for p in &self.providers {
-            if p.hosts.is_empty() {
-                return Err(("providers.hosts", "each provider needs at least one host".into()));
-            }
-            for h in &p.hosts {
-                crate::egress::HostPattern::parse(h).map_err(|r| ("providers.hosts", format!("{h:?}: {r}")))?;
-            }
-            crate::headers::parse_pairs(p.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(|e| ("providers.headers", e))?;
-        }
-        for r in &self.routes {
-            if !r.prefix.starts_with('/') || !r.prefix.ends_with('/') {
-                return Err(("routes.prefix", format!("{:?} must start and end with '/'", r.prefix)));
-            }
-            if r.prefix.starts_with("/strm/") || r.prefix == "/" {
-                return Err(("routes.prefix", format!("{:?} would shadow the built-in routes", r.prefix)));
-            }
-            let u = url::Url::parse(&r.upstream)
-                .map_err(|e| ("routes.upstream", format!("{:?} is not a URL: {e}", r.upstream)))?;
-            if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-                return Err(("routes.upstream", format!("{:?} must be an http(s) URL", r.upstream)));
-            }
-            if u.query().is_some() {
-                return Err(("routes.upstream", format!("{:?} must not have a query", r.upstream)));
-            }
+        if self.egress.proxies.iter().any(|p| p.hosts.is_empty()) {
+            return Err(("egress.proxies.hosts", "each proxy needs at least one host (\"*\" for all)".into()));
         }
         Ok(())
     }
@@ -473,8 +641,8 @@ fn is_origin(o: &str) -> bool {
     let Some((_, authority)) = bare.split_once("://") else { return false };
     !authority.is_empty()
         && !authority.contains(['/', '?', '#', '@'])
-        && url::Url::parse(bare).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
-        && http::HeaderValue::from_str(bare).is_ok()
+        && Url::parse(bare).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+        && HeaderValue::from_str(bare).is_ok()
 }
 
 #[cfg(test)]
@@ -491,10 +659,11 @@ mod tests {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
-        assert!(parse_duration("1.5s").is_err());
         assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
@@ -505,8 +674,10 @@ mod tests {
         let c = Config::from_yaml("t.yaml", "", |k| (k == SECRET_ENV).then(|| "s3".into())).unwrap();
         assert_eq!(c.auth.secret.as_deref(), Some("s3"));
         assert_eq!(c.upstream.read_timeout.0, Duration::from_secs(60));
+        assert_eq!(c.upstream.resume_attempts, 3);
+        assert_eq!(c.auth.session_ttl.0, Duration::from_secs(6 * 3600));
         assert_eq!(c.stream.chunk_size, 65536);
-        assert_eq!(c.listen_addrs(), vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.listen_addrs(), &["127.0.0.1:8080".parse().unwrap()]);
     }
 
     #[test]
@@ -519,33 +690,71 @@ mod tests {
         assert!(e.to_string().contains("unknown field `listn`"), "{e}");
     }
 
+    /// The key (with the list index where there is one) and the reason
+    /// (without the position in the file that follows it).
+    fn refused(text: &str) -> (String, String) {
+        let e = load(&format!("auth: {{mode: none}}\n{text}")).unwrap_err();
+        let reason = match e.reason.rsplit_once(" at line ") {
+            Some((r, _)) => r.to_string(),
+            None => e.reason,
+        };
+        (e.key, reason)
+    }
+
     #[test]
     fn wrong_type_and_impossible_values() {
         let e = load("auth: {mode: none}\nthreads: lots\n").unwrap_err();
         assert_eq!(e.key, "threads", "{e}");
-        let e = load("auth: {mode: none}\nupstream: {read_timeout: \"0s\"}\n").unwrap_err();
-        assert_eq!(e.key, "upstream.read_timeout");
-        let e = load("auth: {mode: none}\nupstream: {connect_timeout: 10}\n").unwrap_err();
-        assert_eq!(e.key, "upstream.connect_timeout", "{e}");
-        let e = load("auth: {mode: none}\nstream: {chunk_size: 0}\n").unwrap_err();
-        assert_eq!(e.key, "stream.chunk_size");
-        let e = load("auth: {mode: none}\nstream: {chunk_size: 16384}\n").unwrap_err();
-        assert!(e.to_string().contains("64 KiB"), "{e}");
-        let e = load("auth: {mode: none}\nstream: {chunk_size: 262145}\n").unwrap_err();
-        assert_eq!(e.key, "stream.chunk_size");
+        assert_eq!(refused("upstream: {read_timeout: \"0s\"}\n").0, "upstream.read_timeout");
+        assert_eq!(refused("upstream: {connect_timeout: 10}\n").0, "upstream.connect_timeout");
+        assert_eq!(load("auth: {mode: none, session_ttl: \"0s\"}\n").unwrap_err().key, "auth.session_ttl");
+        assert_eq!(refused("stream: {chunk_size: 0}\n").0, "stream.chunk_size");
+        assert!(refused("stream: {chunk_size: 16384}\n").1.contains("64 KiB"));
+        assert_eq!(refused("stream: {chunk_size: 262145}\n").0, "stream.chunk_size");
         assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
-        let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n").unwrap_err();
-        assert_eq!(e.key, "routes.upstream");
-        let e = load("auth: {mode: none}\negress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").unwrap_err();
-        assert_eq!(e.key, "egress.allow_cidrs");
+        assert_eq!(refused("upstream: {resume_attempts: 1000}\n").0, "upstream.resume_attempts");
+        let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n");
+        assert_eq!((key.as_str(), reason.as_str()), ("routes[0].upstream", "\"ftp://x/\" must be an http(s) URL"));
+        let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"http://x/?a=1\"}]\n");
+        assert_eq!((key.as_str(), reason.as_str()), ("routes[0].upstream", "\"http://x/?a=1\" must not have a query"));
+        assert_eq!(refused("routes: [{prefix: cdn, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
+        assert_eq!(refused("routes: [{prefix: /strm/x/, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
+        assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").0, "egress.allow_cidrs[0]");
+        assert_eq!(refused("egress: {deny_hosts: [\"a.*.b\"]}\n").0, "egress.deny_hosts[0]");
         let e = load("auth: {mode: sometimes}\n").unwrap_err();
         assert_eq!(e.key, "auth.mode", "{e}");
-        let e = load("auth: {mode: none}\nlisten: \"nowhere\"\n").unwrap_err();
-        assert_eq!(e.key, "listen");
-        let e = load("auth: {mode: none}\nproviders: [{hosts: [a.com], headers: {\"Bad Name\": x}}]\n").unwrap_err();
-        assert_eq!((e.key.as_str(), e.reason.as_str()), ("providers.headers", "bad header name \"Bad Name\""));
-        let e = load("auth: {mode: none}\nproviders: [{hosts: [a.com], headers: {Referer: \"x\\ny\"}}]\n").unwrap_err();
-        assert_eq!((e.key.as_str(), e.reason.as_str()), ("providers.headers", "bad value for header Referer"));
+        let (key, reason) = refused("listen: \"nowhere\"\n");
+        assert_eq!((key.as_str(), reason.as_str()), ("listen", "\"nowhere\" is not an IP:port address"));
+        let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n").unwrap_err();
+        assert!(e.to_string().ends_with("at line 2 column 10"), "the position in the file is named: {e}");
+        assert_eq!(refused("listen: []\n").0, "listen");
+        assert_eq!(refused("listen: [\"127.0.0.1:1\", \"x\"]\n").0, "listen");
+        assert_eq!(refused("admin_listen: \"x:1\"\n").0, "admin_listen");
+        assert_eq!(refused("public_base_url: \"/relative\"\n").0, "public_base_url");
+        assert_eq!(refused("resolver: {url: \"file:///etc/passwd\"}\n").0, "resolver.url");
+        assert_eq!(refused("upstream: {user_agent: \"a\\nb\"}\n").0, "upstream.user_agent");
+        let (key, reason) = refused("providers: [{hosts: [a.com], headers: {\"Bad Name\": x}}]\n");
+        assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad header name \"Bad Name\""));
+        let (key, reason) = refused("providers: [{hosts: [a.com], headers: {Referer: \"x\\ny\"}}]\n");
+        assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad value for header Referer"));
+        assert_eq!(refused("providers: [{hosts: [], headers: {}}]\n").0, "providers.hosts");
+    }
+
+    #[test]
+    fn typed_values_are_parsed_once() {
+        let c = load(
+            "auth: {mode: none}\nlisten: [\"127.0.0.1:1\", \"[::1]:2\"]\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"*.internal\"]}\n\
+             providers: [{hosts: [\"*\"], headers: {Referer: r, Origin: o}}]\nroutes: [{prefix: /cdn/, upstream: \"http://10.0.0.5:8080/base\"}]\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen_addrs().len(), 2);
+        assert_eq!(c.egress.allow_cidrs[0].0, "127.0.0.0/8".parse::<IpNet>().unwrap());
+        assert!(c.egress.deny_hosts[0].matches("db.internal"));
+        assert!(c.providers[0].hosts[0].matches("any.example"));
+        let names: Vec<&[u8]> = c.providers[0].headers.0.iter().map(|h| &h.spelling[..]).collect();
+        assert_eq!(names, [&b"Referer"[..], b"Origin"]);
+        assert_eq!(c.routes[0].upstream.0.as_str(), "http://10.0.0.5:8080/base");
+        assert!(c.routes[0].auth);
     }
 
     #[test]
@@ -568,9 +777,50 @@ mod tests {
         ] {
             let cfg = format!("auth: {{mode: none}}\ncors: {{allow_origins: [\"{bad}\"]}}\n");
             let e = load(&cfg).unwrap_err();
-            assert_eq!(e.key, "cors.allow_origins", "{bad}: {e}");
+            assert_eq!(e.key, "cors.allow_origins[0]", "{bad}: {e}");
             assert!(e.to_string().contains("is not an origin"), "{e}");
         }
+    }
+
+    #[test]
+    fn egress_proxies() {
+        let c = load(
+            "auth: {mode: none}\negress: {proxies: [{hosts: [\"*.debrid.example\"], url: \"socks5://u%40x:p%3Aw@127.0.0.1:1080\"}, \
+             {hosts: [\"*\"], url: \"http://[::1]:3128\"}, {hosts: [a.b], url: \"socks5h://gluetun\"}]}\n",
+        )
+        .unwrap();
+        let p = &c.egress.proxies;
+        assert_eq!(p[0].url.kind, ProxyKind::Socks5);
+        let creds = p[0].url.credentials.as_ref().unwrap();
+        assert_eq!((creds.user.as_str(), creds.password.as_str()), ("u@x", "p:w"));
+        assert_eq!(p[0].url.name(), "socks5://127.0.0.1:1080");
+        assert!(!format!("{:?}", p[0]).contains("p:w"), "Debug never shows the password");
+        assert_eq!(p[1].url.name(), "http://[::1]:3128");
+        assert_eq!(ProxyUrl::parse("http://h:80").unwrap().port, 80);
+        assert_eq!((p[2].url.kind, p[2].url.port), (ProxyKind::Socks5h, 1080));
+        for (url, why) in [
+            ("ftp://h:1", "unsupported scheme"),
+            ("socks5://:1080", "host"),
+            ("http://h", "needs a port"),
+            ("http://h:80x", "not a URL"),
+            ("socks5://user@h:1", "user:password"),
+            ("socks5://h:1/path", "nothing after the port"),
+        ] {
+            let (key, reason) = refused(&format!("egress: {{proxies: [{{hosts: [\"*\"], url: \"{url}\"}}]}}\n"));
+            assert_eq!(key, "egress.proxies[0].url", "{url}");
+            assert!(reason.contains(why), "{url}: {reason}");
+        }
+        assert_eq!(refused("egress: {proxies: [{hosts: [], url: \"socks5://h:1\"}]}\n").0, "egress.proxies.hosts");
+        // Credentials from the environment (or a file it names).
+        let yaml =
+            "auth: {mode: none}\negress: {proxies: [{hosts: [\"*\"], url: \"socks5://h:1\", credentials_env: WARP}]}\n";
+        let c = Config::from_yaml("t.yaml", yaml, |k| (k == "WARP").then(|| "me:secret".into())).unwrap();
+        assert_eq!(c.egress.proxies[0].url.credentials.as_ref().unwrap().password, "secret");
+        let e = Config::from_yaml("t.yaml", yaml, |_| None).unwrap_err();
+        assert_eq!(e.key, "egress.proxies[0].credentials_env");
+        assert!(e.reason.contains("WARP"), "{e}");
+        let e = Config::from_yaml("t.yaml", yaml, |k| (k == "WARP").then(|| "no-colon".into())).unwrap_err();
+        assert!(e.reason.contains("user:password") && !e.reason.contains("no-colon"), "{e}");
     }
 
     #[test]
@@ -583,9 +833,8 @@ mod tests {
 
     #[test]
     fn secrets_from_files() {
-        let dir = std::env::temp_dir().join(format!("anibridge-secret-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("secret");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
         std::fs::write(&f, "from-a-file\n").unwrap();
         let path = f.display().to_string();
         let c =
@@ -600,7 +849,6 @@ mod tests {
         assert!(
             Config::from_yaml("t.yaml", "", |k| (k == "ANIBRIDGE_PROXY_SECRET_FILE").then(|| path.clone())).is_err()
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -614,7 +862,7 @@ mod tests {
     fn shipped_default_config_is_valid() {
         let text = include_str!("../conf/anibridge-proxy.yaml");
         let c = Config::from_yaml("conf/anibridge-proxy.yaml", text, |_| None).unwrap();
-        assert_eq!(c.listen_addrs(), vec!["127.0.0.1:8080".parse().unwrap()]);
+        assert_eq!(c.listen_addrs(), &["127.0.0.1:8080".parse().unwrap()]);
     }
 
     proptest::proptest! {

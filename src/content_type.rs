@@ -11,9 +11,9 @@ pub fn extension(path: &str) -> Option<&str> {
     (!ext.is_empty() && ext.len() <= MAX_EXT).then_some(ext)
 }
 
-/// Whether a URL path ends in `.m3u8` (any case).
-pub fn is_m3u8_path(path: &str) -> bool {
-    extension(path).is_some_and(|e| e.eq_ignore_ascii_case("m3u8"))
+/// Whether a URL path names a playlist: it ends in `.m3u8` or `.m3u` (any case).
+pub fn is_playlist_path(path: &str) -> bool {
+    extension(path).is_some_and(|e| e.eq_ignore_ascii_case("m3u8") || e.eq_ignore_ascii_case("m3u"))
 }
 
 const MAX_EXT: usize = 8;
@@ -101,9 +101,10 @@ mod tests {
         assert_eq!(guess("/x.vtt", None), "text/vtt");
         assert_eq!(guess("/x.unknownext", Some("noext")), OCTET_STREAM);
         assert_eq!(guess("/x.TS", None), "video/mp2t");
-        assert!(is_m3u8_path("/a/Index.M3U8"));
-        assert!(!is_m3u8_path("/a/index.m3u8/seg.ts"));
-        assert!(!is_m3u8_path("/a/m3u8"));
+        assert!(is_playlist_path("/a/Index.M3U8"));
+        assert!(is_playlist_path("/radio/list.m3u"));
+        assert!(!is_playlist_path("/a/index.m3u8/seg.ts"));
+        assert!(!is_playlist_path("/a/m3u8"));
     }
 
     #[test]

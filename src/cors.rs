@@ -2,6 +2,7 @@
 //! headers on GET/HEAD answers.
 
 use http::HeaderValue;
+use pingora_http::ResponseHeader;
 
 pub const ALLOW_METHODS: &str = "GET, HEAD, OPTIONS";
 pub const ALLOW_HEADERS: &str =
@@ -16,11 +17,17 @@ pub struct Cors {
 }
 
 impl Cors {
-    pub fn new(allow_origins: &[String]) -> Cors {
-        Cors {
-            any: allow_origins.iter().any(|o| o == "*"),
-            origins: allow_origins.iter().filter(|o| *o != "*").map(|o| o.trim_end_matches('/').to_string()).collect(),
+    /// From `cors.allow_origins` entries: `*` or origins.
+    pub fn new<'a>(allow_origins: impl IntoIterator<Item = &'a str>) -> Cors {
+        let mut cors = Cors::default();
+        for o in allow_origins {
+            if o == "*" {
+                cors.any = true;
+            } else {
+                cors.origins.push(o.trim_end_matches('/').to_string());
+            }
         }
+        cors
     }
 
     pub fn enabled(&self) -> bool {
@@ -37,6 +44,40 @@ impl Cors {
         }
         self.any.then(|| (HeaderValue::from_static("*"), false))
     }
+
+    /// Adds the headers a GET/HEAD answer carries for a request from `origin`.
+    pub fn apply(&self, origin: Option<&HeaderValue>, out: &mut ResponseHeader) -> pingora_error::Result<()> {
+        if let Some((allow, echoed)) = self.allow_origin(origin) {
+            out.insert_header("Access-Control-Allow-Origin", allow)?;
+            out.insert_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)?;
+            if echoed {
+                let vary = match out.headers.get(http::header::VARY).and_then(|v| v.to_str().ok()) {
+                    Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("origin")) => v.to_string(),
+                    Some(v) => format!("{v}, Origin"),
+                    None => "Origin".to_string(),
+                };
+                out.insert_header("Vary", vary)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer to a preflight (`OPTIONS`) from `origin`: 204, no body.
+    pub fn preflight(&self, origin: Option<&HeaderValue>) -> pingora_error::Result<ResponseHeader> {
+        let mut out = ResponseHeader::build(http::StatusCode::NO_CONTENT, Some(8))?;
+        if let Some((allow, echoed)) = self.allow_origin(origin) {
+            out.insert_header("Access-Control-Allow-Origin", allow)?;
+            if echoed {
+                out.insert_header("Vary", "Origin")?;
+            }
+        }
+        out.insert_header("Access-Control-Allow-Methods", ALLOW_METHODS)?;
+        out.insert_header("Access-Control-Allow-Headers", ALLOW_HEADERS)?;
+        out.insert_header("Access-Control-Max-Age", MAX_AGE)?;
+        out.insert_header("Allow", ALLOW_METHODS)?;
+        out.insert_header(http::header::CONTENT_LENGTH, "0")?;
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -45,13 +86,30 @@ mod tests {
 
     #[test]
     fn origins() {
-        let any = Cors::new(&["*".into()]);
+        let any = Cors::new(["*"]);
         let o = HeaderValue::from_static("https://app.example");
         assert_eq!(any.allow_origin(Some(&o)), Some((HeaderValue::from_static("*"), false)));
         assert_eq!(any.allow_origin(None), None);
-        let list = Cors::new(&["https://app.example/".into()]);
+        let list = Cors::new(["https://app.example/"]);
         assert_eq!(list.allow_origin(Some(&o)), Some((o.clone(), true)));
         assert_eq!(list.allow_origin(Some(&HeaderValue::from_static("https://evil.example"))), None);
-        assert!(!Cors::new(&[]).enabled());
+        assert!(!Cors::new([]).enabled());
+    }
+
+    #[test]
+    fn echoed_origins_vary_once() {
+        let list = Cors::new(["https://app.example"]);
+        let o = HeaderValue::from_static("https://app.example");
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        out.insert_header("Vary", "Accept-Encoding").unwrap();
+        list.apply(Some(&o), &mut out).unwrap();
+        assert_eq!(out.headers["vary"], "Accept-Encoding, Origin");
+        assert_eq!(out.headers["access-control-expose-headers"], EXPOSE_HEADERS);
+        list.apply(Some(&o), &mut out).unwrap();
+        assert_eq!(out.headers["vary"], "Accept-Encoding, Origin");
+        let pre = list.preflight(Some(&o)).unwrap();
+        assert_eq!(pre.status, 204);
+        assert_eq!(pre.headers["vary"], "Origin");
+        assert!(!pre.headers.contains_key("access-control-expose-headers"));
     }
 }

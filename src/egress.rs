@@ -8,17 +8,21 @@ use ipnet::IpNet;
 
 use crate::dns::Dns;
 
-/// A host name pattern: `example.com` (exact) or `*.example.com` (any
-/// subdomain, not the apex).
+/// A host name pattern: `example.com` (exact), `*.example.com` (any
+/// subdomain, not the apex) or `*` (every host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
     Exact(String),
     Suffix(String), // ".example.com"
+    Any,
 }
 
 impl HostPattern {
     pub fn parse(s: &str) -> Result<HostPattern, String> {
         let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        if s == "*" {
+            return Ok(HostPattern::Any);
+        }
         let bare = s.strip_prefix("*.").unwrap_or(&s);
         if bare.is_empty()
             || bare.contains('*')
@@ -38,6 +42,7 @@ impl HostPattern {
         match self {
             HostPattern::Exact(h) => host == h,
             HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostPattern::Any => true,
         }
     }
 }
@@ -126,14 +131,8 @@ pub struct Egress {
 }
 
 impl Egress {
-    pub fn new(allow_cidrs: &[String], deny_hosts: &[String]) -> Result<Egress, String> {
-        Ok(Egress {
-            allow: allow_cidrs
-                .iter()
-                .map(|c| c.parse::<IpNet>().map_err(|e| format!("{c}: {e}")))
-                .collect::<Result<_, _>>()?,
-            deny_hosts: deny_hosts.iter().map(|h| HostPattern::parse(h)).collect::<Result<_, _>>()?,
-        })
+    pub fn new(allow: Vec<IpNet>, deny_hosts: Vec<HostPattern>) -> Egress {
+        Egress { allow, deny_hosts }
     }
 
     pub fn host_allowed(&self, host: &str) -> Result<(), Refusal> {
@@ -337,7 +336,7 @@ mod tests {
 
     #[test]
     fn allow_cidrs_open_holes_and_judge_mapped_forms_as_v4() {
-        let e = Egress::new(&["127.0.0.0/8".into()], &[]).unwrap();
+        let e = Egress::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         assert!(e.ip_allowed(ip("127.0.0.1")).is_ok());
         assert!(e.ip_allowed(ip("::ffff:127.0.0.1")).is_ok());
         assert!(e.ip_allowed(ip("::1")).is_err());
@@ -357,10 +356,12 @@ mod tests {
         assert!(sub.matches("a.b.voe.sx"));
         assert!(!sub.matches("voe.sx"));
         assert!(!sub.matches("evilvoe.sx"));
-        assert!(HostPattern::parse("*").is_err());
+        assert_eq!(HostPattern::parse("*"), Ok(HostPattern::Any));
+        assert!(HostPattern::Any.matches("anything.example"));
+        assert!(HostPattern::parse("*.*").is_err());
         assert!(HostPattern::parse("a.*.b").is_err());
         assert!(HostPattern::parse("").is_err());
-        let e = Egress::new(&[], &["*.internal".into()]).unwrap();
+        let e = Egress::new(vec![], vec![HostPattern::parse("*.internal").unwrap()]);
         assert!(e.host_allowed("db.internal").is_err());
         assert!(e.host_allowed("internal.example").is_ok());
     }
@@ -387,7 +388,7 @@ mod tests {
         // A cached lookup is judged again: still refused.
         let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
-        let allow = Egress::new(&["127.0.0.0/8".into(), "::1/128".into()], &[]).unwrap();
+        let allow = Egress::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()], vec![]);
         assert!(resolve(&allow, &dns, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
         assert!(resolve(&allow, &dns, &UrlHost::Name("localhost"), 80, false).await.is_ok());
     }

@@ -85,20 +85,13 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n == "strict-transport-security"
 }
 
-/// The upstream request headers, in order and complete, except `Host`.
-///
-/// Precedence (later wins): client's forwarded headers and `User-Agent`
-/// (or `default_ua`), then the provider profile's, then the resolver's.
-/// `Accept-Encoding: identity` keeps bodies byte-exact and playlists plain.
-pub fn upstream_request_headers(
-    client: &HeaderMap,
-    default_ua: Option<&HeaderValue>,
-    profile: &[WireHeader],
-    resolver: &[WireHeader],
-) -> Vec<WireHeader> {
-    let mut out: Vec<WireHeader> = Vec::with_capacity(8);
+/// The client's headers that go upstream, in the order they are sent:
+/// `Range` and the conditionals byte for byte (all values, in order),
+/// `Accept`, `Accept-Encoding: identity` (bodies stay byte-exact and
+/// playlists plain), and the client's `User-Agent` (or `default_ua`).
+pub fn forwarded_request_headers(client: &HeaderMap, default_ua: Option<&HeaderValue>) -> Vec<WireHeader> {
+    let mut out: Vec<WireHeader> = Vec::with_capacity(4);
     for (name, spelling) in &FORWARDED_REQUEST_HEADERS {
-        // Range and friends are forwarded byte for byte, all values in order.
         for v in client.get_all(name) {
             out.push(WireHeader::conventional(name, spelling, v.clone()));
         }
@@ -111,14 +104,38 @@ pub fn upstream_request_headers(
     if let Some(ua) = client.get(header::USER_AGENT).or(default_ua) {
         out.push(WireHeader::conventional(&header::USER_AGENT, "User-Agent", ua.clone()));
     }
-    for h in profile.iter().chain(resolver) {
-        if h.name == header::HOST || is_hop_by_hop(h.name.as_str()) || h.name == header::CONTENT_LENGTH {
-            continue;
-        }
-        out.retain(|o| o.name != h.name);
-        out.push(h.clone());
-    }
     out
+}
+
+/// `Range` and the conditionals: what a whole fetch (a playlist) or a
+/// resumption leaves out of the client's headers.
+pub fn is_range_or_conditional(name: &HeaderName) -> bool {
+    *name == header::RANGE
+        || *name == header::IF_RANGE
+        || *name == header::IF_NONE_MATCH
+        || *name == header::IF_MODIFIED_SINCE
+}
+
+/// The upstream request headers after `Host`, in order: the `forwarded`
+/// ones, then the provider profile's, then the resolver's; a header of a
+/// name that comes again later gives way to the later one, so the
+/// resolver's win over the profile's and both over the client's. Profiles
+/// and resolvers never set `Host`, `Content-Length` or hop-by-hop headers.
+pub fn upstream_request_headers<'a>(
+    forwarded: &'a [WireHeader],
+    profile: &'a [WireHeader],
+    resolver: &'a [WireHeader],
+) -> impl Iterator<Item = &'a WireHeader> {
+    let settable =
+        |h: &&WireHeader| h.name != header::HOST && h.name != header::CONTENT_LENGTH && !is_hop_by_hop(h.name.as_str());
+    let overrides = profile.iter().chain(resolver).filter(settable);
+    let (later, again) = (overrides.clone(), overrides.clone());
+    forwarded.iter().filter(move |h| !later.clone().any(|o| o.name == h.name)).chain(
+        overrides
+            .enumerate()
+            .filter(move |(i, h)| !again.clone().skip(i + 1).any(|o| o.name == h.name))
+            .map(|(_, h)| h),
+    )
 }
 
 /// `Host` value for a URL: the host, plus the port when not the default.
@@ -163,6 +180,17 @@ mod tests {
         m
     }
 
+    /// The whole upstream list, as the client builds it.
+    fn headers(
+        client: &HeaderMap,
+        ua: Option<&HeaderValue>,
+        profile: &[WireHeader],
+        resolver: &[WireHeader],
+    ) -> Vec<WireHeader> {
+        let forwarded = forwarded_request_headers(client, ua);
+        upstream_request_headers(&forwarded, profile, resolver).cloned().collect()
+    }
+
     /// As they go on the wire: spelling, value.
     fn names(v: &[WireHeader]) -> Vec<String> {
         v.iter().map(|h| format!("{}: {}", String::from_utf8_lossy(&h.spelling), h.value.to_str().unwrap())).collect()
@@ -183,7 +211,7 @@ mod tests {
             ("Connection", "keep-alive, X-Secret"),
             ("X-Api-Key", "k"),
         ]);
-        let out = upstream_request_headers(&client, None, &[], &[]);
+        let out = headers(&client, None, &[], &[]);
         assert_eq!(
             names(&out),
             vec!["Range: bytes=0-99", "If-None-Match: \"abc\"", "Accept-Encoding: identity", "User-Agent: mpv/0.36",]
@@ -192,10 +220,10 @@ mod tests {
 
     #[test]
     fn range_is_never_invented_and_kept_verbatim() {
-        let out = upstream_request_headers(&HeaderMap::new(), None, &[], &[]);
+        let out = headers(&HeaderMap::new(), None, &[], &[]);
         assert!(out.iter().all(|h| h.name != header::RANGE));
         let odd = map(&[("rANGE", "bytes=abc, 0-0,-0")]);
-        let out = upstream_request_headers(&odd, None, &[], &[]);
+        let out = headers(&odd, None, &[], &[]);
         assert_eq!(names(&out[..1]), vec!["Range: bytes=abc, 0-0,-0"]);
     }
 
@@ -206,17 +234,21 @@ mod tests {
         let profile = parse_pairs([("Referer", "https://voe.sx/"), ("User-Agent", "Mozilla/5.0")]).unwrap();
         // The resolver's spelling of a name goes out, whatever the profile's was.
         let resolver = parse_pairs([("referer", "https://resolved/"), ("Host", "evil"), ("Connection", "x")]).unwrap();
-        let out = upstream_request_headers(&client, Some(&ua), &profile, &resolver);
+        let out = headers(&client, Some(&ua), &profile, &resolver);
         assert_eq!(
             names(&out),
             vec!["Accept: */*", "Accept-Encoding: identity", "User-Agent: Mozilla/5.0", "referer: https://resolved/",]
         );
-        let out = upstream_request_headers(&HeaderMap::new(), Some(&ua), &[], &[]);
+        let out = headers(&HeaderMap::new(), Some(&ua), &[], &[]);
         assert_eq!(names(&out), vec!["Accept-Encoding: identity", "User-Agent: default-ua"]);
         // A profile's own spelling is kept too, even an unusual one.
         let odd = parse_pairs([("X-CDN-Token", "t")]).unwrap();
-        let out = upstream_request_headers(&HeaderMap::new(), None, &odd, &[]);
+        let out = headers(&HeaderMap::new(), None, &odd, &[]);
         assert_eq!(names(&out), vec!["Accept-Encoding: identity", "X-CDN-Token: t"]);
+        // A later header of a name wins within the profile too, in its place.
+        let twice = parse_pairs([("Referer", "a"), ("Origin", "o"), ("Referer", "b")]).unwrap();
+        let out = headers(&HeaderMap::new(), None, &twice, &[]);
+        assert_eq!(names(&out), vec!["Accept-Encoding: identity", "Origin: o", "Referer: b"]);
     }
 
     /// Headers the policy always drops, and always keeps.

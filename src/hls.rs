@@ -1,9 +1,92 @@
 //! HLS playlist rewriting: every URI a player would follow is pointed back
-//! through the proxy, so segments, keys and renditions never bypass it.
+//! through the proxy, so segments, keys and renditions never bypass it; and
+//! the facts about a playlist that its rewritten children depend on (how
+//! long they must stay valid, what their names must end in).
 
 use std::borrow::Cow;
 
 use url::Url;
+
+/// What a playlist is, from one pass over its tags.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Summary {
+    /// A master (multivariant) playlist: its URI lines are variant playlists.
+    pub master: bool,
+    /// A media playlist that ends (`#EXT-X-ENDLIST`): video on demand.
+    pub ended: bool,
+    /// The sum of its `#EXTINF` durations, in seconds.
+    pub duration: f64,
+    /// Its segments are fragmented MP4 (`#EXT-X-MAP`).
+    pub fmp4: bool,
+}
+
+impl Summary {
+    pub fn of(playlist: &str) -> Summary {
+        let mut s = Summary::default();
+        let (mut variants, mut segments) = (false, false);
+        for line in playlist.lines() {
+            let Some(tag) = line.trim().strip_prefix("#EXT") else { continue };
+            if let Some(inf) = tag.strip_prefix("INF:") {
+                segments = true;
+                let secs = inf.split(',').next().unwrap_or("").trim().parse::<f64>().unwrap_or(0.0);
+                if secs.is_finite() && secs > 0.0 {
+                    s.duration += secs;
+                }
+            } else if tag.starts_with("-X-STREAM-INF:") || tag.starts_with("-X-I-FRAME-STREAM-INF:") {
+                variants = true;
+            } else if tag.starts_with("-X-ENDLIST") {
+                s.ended = true;
+            } else if tag.starts_with("-X-MAP:") {
+                s.fmp4 = true;
+            }
+        }
+        s.master = variants && !segments;
+        s
+    }
+}
+
+/// The longest playback a VOD playlist's duration may extend its children's
+/// validity by: a playlist claiming more counts as this long.
+pub const MAX_PLAYBACK: u64 = 24 * 3600;
+
+/// How long, from now, the signed children of a playlist must stay valid
+/// (seconds): a master's for the whole session (players switch variants
+/// late), a VOD media playlist's for the playback plus `token_ttl` (players
+/// load it once and fetch its last segment at the end), a live one's for
+/// `token_ttl` (players reload it every target duration).
+pub fn child_lifetime(s: &Summary, token_ttl: u64, session_ttl: u64) -> u64 {
+    if s.master {
+        session_ttl
+    } else if s.ended {
+        token_ttl.saturating_add((s.duration.ceil() as u64).min(MAX_PLAYBACK))
+    } else {
+        token_ttl
+    }
+}
+
+/// Segment file extensions HLS players accept: ffmpeg's default
+/// `allowed_segment_extensions` (ffmpeg ≥ 5.1 refuses others unless told
+/// `-extension_picky 0`, which Jellyfin does not), without `html`.
+const SEGMENT_EXTENSIONS: [&str; 30] = [
+    "3gp", "aac", "avi", "ac3", "eac3", "flac", "mkv", "m3u8", "m4a", "m4s", "m4v", "mpg", "mov", "mp2", "mp3", "mp4",
+    "mpeg", "mpegts", "ogg", "ogv", "oga", "ts", "vob", "vtt", "wav", "webvtt", "cmfv", "cmfa", "ec3", "fmp4",
+];
+
+/// Appends the cosmetic file name for a child URL to `out`: its last path
+/// segment, and for a segment whose name has no media extension (hosters
+/// disguise segments as `.jpg`, `.png`, `.html`) `.ts` after it — `.m4s`
+/// when the playlist's segments are fMP4 — so players accept it. Only the
+/// name changes; the bytes are relayed untouched.
+pub fn push_hint(child: &str, segment: bool, fmp4: bool, out: &mut String) {
+    let hint = hint_for(child);
+    out.push_str(hint);
+    if segment {
+        let ext = crate::content_type::extension(hint).unwrap_or("");
+        if !SEGMENT_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext)) {
+            out.push_str(if fmp4 { ".m4s" } else { ".ts" });
+        }
+    }
+}
 
 /// Whether a body is an HLS playlist (`#EXTM3U`, optionally after a BOM).
 pub fn looks_like_playlist(body: &[u8]) -> bool {
@@ -161,11 +244,19 @@ fn is_dot_segment(seg: &[u8]) -> bool {
 const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 
 /// Rewrites a playlist. `base` is the final upstream URL (after redirects);
-/// `proxied` appends the URL the client should use for an absolute child
-/// URL to the output. Lines keep their endings; comments, tags without URIs, blank lines
-/// and URIs that are not http(s) after resolution (`skd://`, `data:`) are
-/// left exactly as they were. The output has as many lines as the input.
-pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&str, &mut String)) -> String {
+/// `proxied(child, segment, out)` appends the URL the client should use for
+/// an absolute child URL to the output (`segment`: the child is a media
+/// segment or part, not a playlist, key or map). Lines keep their endings;
+/// comments, tags without URIs, blank lines and URIs that are not http(s)
+/// after resolution (`skd://`, `data:`) are left exactly as they were. The
+/// output has as many lines as the input.
+pub fn rewrite(
+    playlist: &str,
+    summary: &Summary,
+    base: &Url,
+    mut proxied: impl FnMut(&str, bool, &mut String),
+) -> String {
+    let master = summary.master;
     let base = Base::new(base);
     // URI lines roughly double or triple (signed query); avoid regrowth.
     let mut out = String::with_capacity(playlist.len() * 3);
@@ -185,7 +276,8 @@ pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&str, &mut St
         } else if trimmed.starts_with('#') {
             // #EXTINF (every other line of a media playlist) never has URIs.
             if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
-                rewrite_uri_attributes(content, &base, &mut proxied, &mut out);
+                let parts = trimmed.starts_with("#EXT-X-PART:") || trimmed.starts_with("#EXT-X-PRELOAD-HINT:");
+                rewrite_uri_attributes(content, &base, parts, &mut proxied, &mut out);
                 out.push_str(ending);
             } else {
                 out.push_str(line);
@@ -196,7 +288,7 @@ pub fn rewrite(playlist: &str, base: &Url, mut proxied: impl FnMut(&str, &mut St
                     // Keep surrounding whitespace; replace only the URI.
                     let start = content.len() - content.trim_start().len();
                     out.push_str(&content[..start]);
-                    proxied(&child, &mut out);
+                    proxied(&child, !master, &mut out);
                     out.push_str(&content[start + trimmed.len()..]);
                     out.push_str(ending);
                 }
@@ -218,7 +310,13 @@ fn split_ending(line: &str) -> (&str, &str) {
 }
 
 /// Rewrites each `URI="..."` attribute of a tag line into `out`.
-fn rewrite_uri_attributes(line: &str, base: &Base<'_>, proxied: &mut impl FnMut(&str, &mut String), out: &mut String) {
+fn rewrite_uri_attributes(
+    line: &str,
+    base: &Base<'_>,
+    segment: bool,
+    proxied: &mut impl FnMut(&str, bool, &mut String),
+    out: &mut String,
+) {
     let mut rest = line;
     while let Some(pos) = rest.find("URI=\"") {
         let attr_start = pos == 0 || matches!(rest.as_bytes()[pos - 1], b':' | b',' | b' ');
@@ -227,7 +325,7 @@ fn rewrite_uri_attributes(line: &str, base: &Base<'_>, proxied: &mut impl FnMut(
         out.push_str(&rest[..value_start]);
         let value = &rest[value_start..value_start + len];
         match base.resolve(value).filter(|_| attr_start) {
-            Some(child) => proxied(&child, out),
+            Some(child) => proxied(&child, segment, out),
             None => out.push_str(value),
         }
         rest = &rest[value_start + len..];
@@ -243,8 +341,10 @@ mod tests {
         Url::parse("https://cdn.example/hls/v1/index.m3u8?tok=abc").unwrap()
     }
 
-    fn mark(u: &str, out: &mut String) {
-        out.push_str(&format!("P[{}|{}]", hint_for(u), u));
+    fn mark(u: &str, segment: bool, out: &mut String) {
+        out.push_str("P[");
+        push_hint(u, segment, false, out);
+        out.push_str(&format!("|{u}]"));
     }
 
     #[test]
@@ -261,7 +361,7 @@ mod tests {
 #EXT-X-STREAM-INF:BANDWIDTH=2560000,RESOLUTION=1920x1080\n\
 ../1080p/index.m3u8?x=1\n\
 #EXT-X-I-FRAME-STREAM-INF:BANDWIDTH=86000,URI=\"iframes.m3u8\"\n";
-        let out = rewrite(src, &base(), mark);
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
         let expect = "#EXTM3U\n\
 #EXT-X-VERSION:6\n\
 #EXT-X-SESSION-KEY:METHOD=AES-128,URI=\"P[session.key|https://cdn.example/keys/session.key]\"\n\
@@ -287,7 +387,7 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
 #EXTINF:4.0,\r\n#EXT-X-BYTERANGE:1000@720\r\nmain.mp4\r\n\
 #EXT-X-KEY:METHOD=SAMPLE-AES,URI=\"skd://key-id\",KEYFORMAT=\"com.apple.streamingkeydelivery\"\r\n\
 #EXTINF:4.0,\r\nhttp://other.example/seg2.ts\r\n#EXT-X-ENDLIST";
-        let out = rewrite(src, &base(), mark);
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
         let expect = "#EXTM3U\r\n#EXT-X-TARGETDURATION:4\r\n\
 #EXT-X-KEY:METHOD=AES-128,URI=\"P[key.bin|https://cdn.example/hls/v1/key.bin]\",IV=0x0123\r\n\
 #EXT-X-MAP:URI=\"P[init.mp4|https://cdn.example/hls/v1/init.mp4]\",BYTERANGE=\"720@0\"\r\n\
@@ -306,7 +406,7 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
 #EXT-X-PART:DURATION=0.33,URI=\"part1.m4s\",INDEPENDENT=YES\n\
 #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part2.m4s\"\n\
 #EXT-X-RENDITION-REPORT:URI=\"../low/index.m3u8\",LAST-MSN=10\n";
-        let out = rewrite(src, &base(), mark);
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
         assert!(out.contains("URI=\"P[part1.m4s|https://cdn.example/hls/v1/part1.m4s]\",INDEPENDENT=YES"));
         assert!(out.contains("PRELOAD-HINT:TYPE=PART,URI=\"P[part2.m4s|https://cdn.example/hls/v1/part2.m4s]\""));
         assert!(out.contains("URI=\"P[index.m3u8|https://cdn.example/hls/low/index.m3u8]\",LAST-MSN=10"));
@@ -315,13 +415,69 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
     #[test]
     fn data_uris_and_detection() {
         let src = "#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"data:text/plain;base64,AAAA\"\ndata:,x\n";
-        assert_eq!(rewrite(src, &base(), mark), src);
+        assert_eq!(rewrite(src, &Summary::of(src), &base(), mark), src);
         let bom = "\u{feff}#EXTM3U\nseg.ts\n";
-        assert_eq!(rewrite(bom, &base(), mark), "\u{feff}#EXTM3U\nP[seg.ts|https://cdn.example/hls/v1/seg.ts]\n");
+        assert_eq!(
+            rewrite(bom, &Summary::of(bom), &base(), mark),
+            "\u{feff}#EXTM3U\nP[seg.ts|https://cdn.example/hls/v1/seg.ts]\n"
+        );
         assert!(looks_like_playlist(b"#EXTM3U\n"));
         assert!(looks_like_playlist(b"\xEF\xBB\xBF#EXTM3U\r\n"));
         assert!(!looks_like_playlist(b"\x47\x40\x00"));
         assert!(!looks_like_playlist(b" #EXTM3U"));
+    }
+
+    #[test]
+    fn summaries() {
+        let master = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlow.m3u8\n";
+        assert_eq!(Summary::of(master), Summary { master: true, ..Summary::default() });
+        let vod = "#EXTM3U\n#EXT-X-MAP:URI=\"i.mp4\"\n#EXTINF:4.004,\na\n#EXTINF:2.5,title\nb\n#EXTINF:bad,\nc\n#EXT-X-ENDLIST\n";
+        let s = Summary::of(vod);
+        assert!(!s.master && s.ended && s.fmp4);
+        assert!((s.duration - 6.504).abs() < 1e-9, "{}", s.duration);
+        let live = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nseg.ts\n";
+        assert_eq!(Summary::of(live), Summary { duration: 2.0, ..Summary::default() });
+    }
+
+    #[test]
+    fn children_live_as_long_as_playback_needs() {
+        let (token, session) = (900, 6 * 3600);
+        let master = Summary { master: true, ..Summary::default() };
+        assert_eq!(child_lifetime(&master, token, session), session);
+        let vod = Summary { ended: true, duration: 5400.2, ..Summary::default() };
+        assert_eq!(child_lifetime(&vod, token, session), 900 + 5401);
+        let live = Summary { duration: 5400.0, ..Summary::default() };
+        assert_eq!(child_lifetime(&live, token, session), 900);
+        let absurd = Summary { ended: true, duration: 1e300, ..Summary::default() };
+        assert_eq!(child_lifetime(&absurd, token, session), 900 + MAX_PLAYBACK);
+    }
+
+    #[test]
+    fn disguised_segments_get_a_name_players_accept() {
+        let hint = |u: &str, segment: bool, fmp4: bool| {
+            let mut out = String::new();
+            push_hint(u, segment, fmp4, &mut out);
+            out
+        };
+        assert_eq!(hint("https://h/a/seg001.ts?t=1", true, false), "seg001.ts");
+        assert_eq!(hint("https://h/a/SEG001.TS", true, false), "SEG001.TS");
+        assert_eq!(hint("https://h/a/seg001.jpg", true, false), "seg001.jpg.ts");
+        assert_eq!(hint("https://h/a/seg001.png", true, true), "seg001.png.m4s");
+        assert_eq!(hint("https://h/a/page.html", true, false), "page.html.ts");
+        assert_eq!(hint("https://h/a/chunk", true, false), "chunk.ts");
+        assert_eq!(hint("https://h/a/", true, false), "stream.ts");
+        assert_eq!(hint("https://h/a/part.m4s", true, true), "part.m4s");
+        assert_eq!(hint("https://h/subs/en-1.vtt", true, false), "en-1.vtt");
+        // Playlists, keys and maps keep their names.
+        assert_eq!(hint("https://h/a/key.jpg", false, false), "key.jpg");
+        // In a playlist: URI lines of media playlists and parts are segments.
+        let media = "#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"k.png\"\n#EXT-X-PART:DURATION=1,URI=\"p1.png\"\n#EXTINF:2,\ns1.png\n";
+        let out = rewrite(media, &Summary::of(media), &base(), mark);
+        assert!(out.contains("URI=\"P[k.png|"), "{out}");
+        assert!(out.contains("URI=\"P[p1.png.ts|"), "{out}");
+        assert!(out.contains("\nP[s1.png.ts|"), "{out}");
+        let master = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nvariant.php\n";
+        assert!(rewrite(master, &Summary::of(master), &base(), mark).contains("\nP[variant.php|"));
     }
 
     #[test]
@@ -402,7 +558,7 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
         fn rewrite_keeps_structure(lines in proptest::collection::vec("(#EXT[A-Z-]{0,8}:[ -~]{0,20}|#[ -~]{0,10}|[ -~]{0,30}|)", 0..20), crlf in proptest::bool::ANY) {
             let nl = if crlf { "\r\n" } else { "\n" };
             let text = lines.join(nl);
-            let out = rewrite(&text, &base(), |u, o| o.push_str(&format!("<{u}>")));
+            let out = rewrite(&text, &Summary::of(&text), &base(), |u, _, o| o.push_str(&format!("<{u}>")));
             proptest::prop_assert_eq!(out.split(nl).count(), text.split(nl).count());
             for (a, b) in text.split(nl).zip(out.split(nl)) {
                 if a.trim().is_empty() || (a.trim_start().starts_with('#') && !a.contains("URI=\"")) {

@@ -4,7 +4,7 @@
 //! [`content_type`], [`hls`], [`egress`], [`routing`], [`config`]); the
 //! [`proxy`] module wires them into Pingora's `ProxyHttp`, and [`upstream`]
 //! drives Pingora's connector and HTTP/1.1 client over this crate's
-//! idle-connection [`pool`].
+//! idle-connection pool.
 
 pub mod admin;
 pub mod auth;
@@ -17,7 +17,6 @@ pub mod egress;
 pub mod headers;
 pub mod hls;
 pub mod metrics;
-pub mod pool;
 pub mod providers;
 pub mod proxy;
 pub mod resolver;

@@ -1,5 +1,7 @@
 //! Prometheus metrics, registered once per process and updated from the
-//! `logging` hook (off the streaming hot path).
+//! `logging` hook (off the streaming hot path). Gauges that must balance
+//! (`in_flight`, `active_streams`) are raised through a [`Held`] guard,
+//! which lowers them when dropped — also when a request panics.
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
@@ -19,6 +21,8 @@ pub struct Metrics {
     pub redirects: IntCounter,
     pub egress_refusals: IntCounter,
     pub auth_failures: IntCounterVec,
+    pub resumes_attempted: IntCounter,
+    pub resumes_succeeded: IntCounter,
 }
 
 impl Metrics {
@@ -54,6 +58,16 @@ impl Metrics {
             &["reason"],
         )
         .unwrap();
+        let resumes_attempted = IntCounter::new(
+            "anibridge_resume_attempts_total",
+            "Reconnections to continue a body whose upstream died or stalled mid-way",
+        )
+        .unwrap();
+        let resumes_succeeded = IntCounter::new(
+            "anibridge_resumes_succeeded_total",
+            "Bodies continued on a new upstream connection as if nothing happened",
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(upstream_header_seconds.clone()),
@@ -66,6 +80,8 @@ impl Metrics {
             Box::new(redirects.clone()),
             Box::new(egress_refusals.clone()),
             Box::new(auth_failures.clone()),
+            Box::new(resumes_attempted.clone()),
+            Box::new(resumes_succeeded.clone()),
         ] {
             registry.register(c).unwrap();
         }
@@ -86,6 +102,8 @@ impl Metrics {
             redirects,
             egress_refusals,
             auth_failures,
+            resumes_attempted,
+            resumes_succeeded,
         }
     }
 
@@ -111,6 +129,23 @@ impl Metrics {
     }
 }
 
+/// A gauge raised for as long as this guard lives.
+#[must_use = "the gauge is lowered again when the guard is dropped"]
+pub struct Held(IntGauge);
+
+impl Held {
+    pub fn new(gauge: &IntGauge) -> Held {
+        gauge.inc();
+        Held(gauge.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -130,5 +165,28 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_gauges_are_lowered_even_by_a_panic() {
+        let m = Metrics::new();
+        let a = Held::new(&m.in_flight);
+        let b = Held::new(&m.in_flight);
+        assert_eq!(m.in_flight.get(), 2);
+        drop(a);
+        assert_eq!(m.in_flight.get(), 1);
+        let gauge = m.in_flight.clone();
+        let unwound = std::panic::catch_unwind(move || {
+            let _held = b;
+            let _more = Held::new(&gauge);
+            panic!("a request's bug");
+        });
+        assert!(unwound.is_err());
+        assert_eq!(m.in_flight.get(), 0);
     }
 }

@@ -14,14 +14,8 @@ pub struct Providers {
 }
 
 impl Providers {
-    pub fn new(conf: &[ProviderConf]) -> Result<Providers, String> {
-        let mut profiles = Vec::with_capacity(conf.len());
-        for p in conf {
-            let hosts = p.hosts.iter().map(|h| HostPattern::parse(h)).collect::<Result<Vec<_>, _>>()?;
-            let headers = crate::headers::parse_pairs(p.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-            profiles.push((hosts, headers));
-        }
-        Ok(Providers { profiles })
+    pub fn new(conf: &[ProviderConf]) -> Providers {
+        Providers { profiles: conf.iter().map(|p| (p.hosts.clone(), p.headers.0.clone())).collect() }
     }
 
     /// The headers of the first profile matching `host` (lower-case).
@@ -42,13 +36,15 @@ mod tests {
     fn first_matching_profile_wins() {
         let conf: Vec<ProviderConf> = serde_yaml::from_str(
             "- hosts: [\"voe.sx\", \"*.voe.sx\"]\n  headers: {Referer: \"https://voe.sx/\"}\n\
-             - hosts: [\"*.sx\"]\n  headers: {Referer: \"https://other/\"}\n",
+             - hosts: [\"*.sx\"]\n  headers: {Referer: \"https://other/\"}\n\
+             - hosts: [\"*\"]\n  headers: {Referer: \"https://any/\"}\n",
         )
         .unwrap();
-        let p = Providers::new(&conf).unwrap();
+        let p = Providers::new(&conf);
         assert_eq!(p.headers_for("voe.sx")[0].value, "https://voe.sx/");
         assert_eq!(p.headers_for("cdn.voe.sx")[0].value, "https://voe.sx/");
         assert_eq!(p.headers_for("x.sx")[0].value, "https://other/");
-        assert!(p.headers_for("example.com").is_empty());
+        assert_eq!(p.headers_for("example.com")[0].value, "https://any/");
+        assert!(Providers::new(&conf[..2]).headers_for("example.com").is_empty());
     }
 }

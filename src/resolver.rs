@@ -1,23 +1,21 @@
 //! The resolver behind `/strm/stream`: turns episode parameters into a
-//! hoster URL (+ headers) via `GET {resolver.url}?{query}`, with a bounded
-//! cache and single-flight lookups (concurrent requests for one key share
-//! one resolver call).
+//! hoster URL (+ headers) via `GET {resolver.url}?{query}`. Answers are kept
+//! for their `ttl_seconds` in a bounded cache (moka), and concurrent requests
+//! for one key share one resolver call; failures are never kept.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderMap, HeaderValue};
+use http::header::HeaderValue;
 use http::Method;
 use serde::Deserialize;
-use tokio::sync::OnceCell;
 use url::Url;
 
 use crate::auth::{canonical_query, Query};
 use crate::egress::Egress;
 use crate::headers::WireHeader;
 use crate::providers::Providers;
-use crate::upstream::{Client, Request, Timeouts};
+use crate::upstream::{BodyError, Client, Request, Settings, Timeouts};
 
 /// The largest resolver answer accepted.
 const MAX_ANSWER: usize = 256 * 1024;
@@ -26,7 +24,8 @@ const MAX_ANSWER: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Resolved {
     pub url: Url,
-    pub headers: Vec<WireHeader>,
+    /// Sent upstream with every request for this URL (they win over profiles).
+    pub headers: Arc<[WireHeader]>,
     ttl: Duration,
 }
 
@@ -40,28 +39,36 @@ struct Answer {
     ttl_seconds: u64,
 }
 
-type Cell = Arc<OnceCell<Result<Arc<Resolved>, String>>>;
+/// Each answer lives for its own `ttl_seconds` (0: not kept at all).
+struct AnswerTtl;
 
-struct Slot {
-    cell: Cell,
-    /// Set once the lookup finished successfully.
-    expires: Option<Instant>,
+impl moka::Expiry<String, Arc<Resolved>> for AnswerTtl {
+    fn expire_after_create(&self, _key: &String, value: &Arc<Resolved>, _now: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
 }
 
 pub struct Resolver {
-    base: Url,
+    base: Arc<Url>,
     client: Client,
     timeout: Duration,
-    capacity: usize,
-    cache: Mutex<HashMap<String, Slot>>,
+    cache: moka::future::Cache<String, Arc<Resolved>>,
 }
 
 impl Resolver {
-    pub fn new(url: &str, timeout: Duration, capacity: usize) -> Result<Resolver, String> {
-        let base = Url::parse(url).map_err(|e| format!("resolver.url: {e}"))?;
+    pub fn new(base: Url, timeout: Duration, capacity: usize) -> Resolver {
         let timeouts = Timeouts { connect: timeout, read: timeout, write: timeout };
-        let client = Client::new(Egress::default(), Providers::default(), timeouts, 3, None, 64);
-        Ok(Resolver { base, client, timeout, capacity, cache: Mutex::new(HashMap::new()) })
+        let settings = Settings {
+            egress: Egress::default(),
+            providers: Providers::default(),
+            timeouts,
+            max_redirects: 3,
+            default_ua: None,
+            pool_size: 64,
+            resume_attempts: 0,
+        };
+        let cache = moka::future::Cache::builder().max_capacity(capacity as u64).expire_after(AnswerTtl).build();
+        Resolver { base: Arc::new(base), client: Client::new(settings, None), timeout, cache }
     }
 
     /// Resolves `params` (the client query minus `sig`). With `refresh`,
@@ -69,49 +76,10 @@ impl Resolver {
     /// one call).
     pub async fn resolve(&self, params: &Query, refresh: bool) -> Result<Arc<Resolved>, String> {
         let key = canonical_query(&params.without(&["exp"]));
-        let cell = self.slot(&key, refresh);
-        let result = cell.get_or_init(|| self.lookup(params)).await.clone();
-        let mut cache = self.cache.lock().unwrap();
-        let ours = cache.get(&key).is_some_and(|s| Arc::ptr_eq(&s.cell, &cell));
-        if ours {
-            match &result {
-                Ok(r) if !r.ttl.is_zero() => {
-                    if let Some(slot) = cache.get_mut(&key) {
-                        slot.expires.get_or_insert_with(|| Instant::now() + r.ttl);
-                    }
-                }
-                // Failures and TTL 0 are not kept for later requests.
-                _ => {
-                    cache.remove(&key);
-                }
-            }
+        if refresh {
+            self.cache.invalidate(&key).await;
         }
-        result
-    }
-
-    /// The cell for `key`: a live cached or in-flight one, or a new one.
-    fn slot(&self, key: &str, refresh: bool) -> Cell {
-        let mut cache = self.cache.lock().unwrap();
-        let now = Instant::now();
-        if let Some(slot) = cache.get(key) {
-            let fresh = slot.expires.is_none_or(|e| e > now);
-            // A refresh evicts a finished answer; one in flight is shared.
-            let finished = slot.cell.initialized();
-            if fresh && !(refresh && finished) {
-                return slot.cell.clone();
-            }
-            cache.remove(key);
-        }
-        if cache.len() >= self.capacity {
-            cache.retain(|_, s| s.expires.is_none_or(|e| e > now));
-            while cache.len() >= self.capacity {
-                let Some(k) = cache.keys().next().cloned() else { break };
-                cache.remove(&k);
-            }
-        }
-        let cell: Cell = Arc::new(OnceCell::new());
-        cache.insert(key.to_string(), Slot { cell: cell.clone(), expires: None });
-        cell
+        self.cache.try_get_with(key, self.lookup(params)).await.map_err(|e| e.to_string())
     }
 
     async fn lookup(&self, params: &Query) -> Result<Arc<Resolved>, String> {
@@ -122,29 +90,26 @@ impl Resolver {
     }
 
     async fn call(&self, params: &Query) -> Result<Resolved, String> {
-        let mut url = self.base.clone();
+        let mut url = (*self.base).clone();
         let q = params.encode();
         url.set_query((!q.is_empty()).then_some(q.as_str()));
-        let accept =
-            [WireHeader::conventional(&http::header::ACCEPT, "Accept", HeaderValue::from_static("application/json"))];
-        let empty = HeaderMap::new();
+        let mut asked = http::HeaderMap::new();
+        asked.insert(http::header::ACCEPT, HeaderValue::from_static("application/json"));
         let req = Request {
             method: Method::GET,
             url,
-            client_headers: &empty,
-            extra_headers: &accept,
-            trusted: Some(&self.base),
+            forwarded: self.client.forwarded(&asked),
+            extra: None,
+            trusted: Some(self.base.clone()),
+            whole: false,
         };
         let mut resp = self.client.open(req).await.map_err(|e| e.to_string())?;
         let status = resp.header().status;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.session.read_body_ref().await.map_err(|e| e.to_string())? {
-            if body.len() + chunk.len() > MAX_ANSWER {
-                return Err("answer too large".into());
-            }
-            body.extend_from_slice(chunk);
-        }
-        self.client.release(resp.session, &resp.peer).await;
+        let body = resp.read_to_vec(Vec::new(), MAX_ANSWER).await.map_err(|e| match e {
+            BodyError::TooLarge => "answer too large".to_string(),
+            BodyError::Failed(e) => e.to_string(),
+        })?;
+        resp.finish().await;
         if !status.is_success() {
             return Err(format!("status {}", status.as_u16()));
         }
@@ -160,7 +125,7 @@ pub fn parse_answer(body: &[u8]) -> Result<Resolved, String> {
         return Err("answer url is not http(s)".into());
     }
     let headers = crate::headers::parse_pairs(a.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-    Ok(Resolved { url, headers, ttl: Duration::from_secs(a.ttl_seconds) })
+    Ok(Resolved { url, headers: headers.into(), ttl: Duration::from_secs(a.ttl_seconds) })
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Which route a request path names, and how a static route maps a request
 //! onto its upstream.
 
+use std::sync::Arc;
+
 use url::Url;
 
 pub const RELAY_PREFIX: &str = "/strm/proxy/";
@@ -9,23 +11,23 @@ pub const STREAM_PATH: &str = "/strm/stream";
 /// Query parameters that carry credentials and are never forwarded upstream.
 pub const CREDENTIAL_PARAMS: [&str; 4] = ["sig", "exp", "apikey", "api_key"];
 
-/// A configured static route, validated.
+/// A configured static route.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     /// Always ends with '/'.
-    pub upstream: Url,
+    pub upstream: Arc<Url>,
     pub auth: bool,
 }
 
 impl Route {
-    pub fn new(prefix: &str, upstream: &str, auth: bool) -> Result<Route, String> {
-        let mut up = Url::parse(upstream).map_err(|e| e.to_string())?;
-        if !up.path().ends_with('/') {
-            let p = format!("{}/", up.path());
-            up.set_path(&p);
+    /// `upstream` is an http(s) base URL (config checked it).
+    pub fn new(prefix: &str, mut upstream: Url, auth: bool) -> Route {
+        if !upstream.path().ends_with('/') {
+            let p = format!("{}/", upstream.path());
+            upstream.set_path(&p);
         }
-        Ok(Route { prefix: prefix.to_string(), upstream: up, auth })
+        Route { prefix: prefix.to_string(), upstream: Arc::new(upstream), auth }
     }
 
     /// The upstream URL for `rest` (the raw path after the prefix, still
@@ -100,8 +102,8 @@ mod tests {
     #[test]
     fn classify_paths() {
         let routes = vec![
-            Route::new("/cdn/", "https://cdn.example.com/", true).unwrap(),
-            Route::new("/cdn/special/", "http://10.0.0.5:8080/base", false).unwrap(),
+            Route::new("/cdn/", Url::parse("https://cdn.example.com/").unwrap(), true),
+            Route::new("/cdn/special/", Url::parse("http://10.0.0.5:8080/base").unwrap(), false),
         ];
         assert_eq!(classify("/strm/proxy/seg-001.ts", &routes), Some(Target::Relay { hint: "seg-001.ts" }));
         assert_eq!(classify("/strm/proxy/", &routes), Some(Target::Relay { hint: "" }));
@@ -114,7 +116,7 @@ mod tests {
 
     #[test]
     fn route_targets() {
-        let r = Route::new("/cdn/", "http://10.0.0.5:8080/base", true).unwrap();
+        let r = Route::new("/cdn/", Url::parse("http://10.0.0.5:8080/base").unwrap(), true);
         assert_eq!(r.upstream.as_str(), "http://10.0.0.5:8080/base/");
         let t = r.target("dir/a%20b.ts", Some("x=1&sig=ab&exp=2&apikey=k&api_key=k&y=%2F")).unwrap();
         assert_eq!(t.as_str(), "http://10.0.0.5:8080/base/dir/a%20b.ts?x=1&y=%2F");

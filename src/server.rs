@@ -32,9 +32,9 @@ const DOWNSTREAM_READ_BUFFER: usize = 0;
 /// response, ~+16 % req/s (BENCHMARKS.md).
 const DOWNSTREAM_WRITE_BUFFER: usize = 8 * 1024;
 
-/// Builds the proxy application for a validated config.
-pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Result<Proxy, String> {
-    Ok(Proxy::new(Arc::new(State::from_config(cfg, metrics)?)))
+/// Builds the proxy application for a loaded config.
+pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
+    Proxy::new(Arc::new(State::new(cfg, metrics)))
 }
 
 /// Runs the server until SIGTERM/SIGINT; returns when it has shut down.
@@ -50,7 +50,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
 
     let metrics = Arc::new(Metrics::new());
     let draining = Arc::new(AtomicBool::new(false));
-    let proxy = build(&cfg, metrics.clone())?;
+    let proxy = build(&cfg, metrics.clone());
     let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
     for addr in cfg.listen_addrs() {
         svc.add_listener(
@@ -60,13 +60,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     let mut admin = Service::new("admin".to_string(), Admin { metrics: metrics.clone(), draining: draining.clone() });
     admin.threads = Some(1);
-    admin.add_tcp(&cfg.admin_listen);
+    admin.add_tcp(&cfg.admin_listen.0.to_string());
     server.add_service(svc);
     server.add_service(admin);
     log::info!(
         "anibridge-proxy listening on {:?}, admin on {}, auth mode {:?}",
         cfg.listen_addrs(),
-        cfg.admin_listen,
+        cfg.admin_listen.0,
         cfg.auth.mode
     );
     server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
@@ -166,7 +166,7 @@ impl Embedded {
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let metrics = Arc::new(Metrics::new());
-        let proxy = build(cfg, metrics.clone())?;
+        let proxy = build(cfg, metrics.clone());
         let conf = Arc::new(ServerConf::default());
         let app = Arc::new(pingora::proxy::http_proxy(&conf, proxy));
         let (tx, rx) = tokio::sync::watch::channel(false);

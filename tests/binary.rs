@@ -52,7 +52,7 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
         ("auth: {mode: none}\nstream: {chunk_size: 0}\n", "stream.chunk_size"),
         ("auth: {mode: none}\nupstream: {connect_timeout: \"0s\"}\n", "upstream.connect_timeout"),
         ("auth: {mode: none}\nthreads: \"two\"\n", "threads"),
-        ("auth: {mode: none}\nroutes: [{prefix: \"/x/\", upstream: \"not a url\"}]\n", "routes.upstream"),
+        ("auth: {mode: none}\nroutes: [{prefix: \"/x/\", upstream: \"not a url\"}]\n", "routes[0].upstream"),
         ("auth: {mode: none}\nlisten: \"0.0.0.0:8080\"\n", "auth.mode"),
         ("auth: [\n", ""),
     ] {

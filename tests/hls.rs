@@ -102,7 +102,8 @@ async fn master_playlist_is_rewritten_with_signed_children() {
         let q = child_query(uri);
         assert_eq!(q.get("u"), Some(upstream.as_str()));
         let exp: u64 = q.get("exp").unwrap().parse().unwrap();
-        assert!(exp >= now() + 14 * 60 && exp <= now() + 16 * 60, "exp = now + token_ttl");
+        // A master's children live for the session (auth.session_ttl, 6 h).
+        assert!(exp >= now() + 6 * 3600 - 60 && exp <= now() + 6 * 3600 + 60, "exp = now + session_ttl");
         assert_eq!(verify_token(SECRET.as_bytes(), &q, now()), Ok(()));
     }
     // Tags and comments are untouched.
@@ -310,4 +311,37 @@ fn walk(root: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// A playlist whose upstream refuses HEAD: the HEAD fallback's one byte
+/// shows a playlist, which is then fetched whole, so the HEAD reports the
+/// rewritten length, exactly what the GET sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_of_a_playlist_whose_upstream_refuses_head_has_the_rewritten_length() {
+    let o = Origin::start(|req| {
+        if req.method == "HEAD" {
+            Resp::new(405, Body::Bytes(Vec::new())).into()
+        } else {
+            serve_bytes(req, MEDIA.as_bytes(), Some("application/octet-stream")).into()
+        }
+    })
+    .await;
+    let p = Proxy::open().await;
+    let path = relay_path("list", &o.url("/get?id=1"));
+    let g = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(g.header("content-type"), Some("application/vnd.apple.mpegurl"));
+    assert_ne!(g.body.len(), MEDIA.len(), "rewritten");
+    let before = o.requests().len();
+    let h = get(p.addr(), "HEAD", &path, &[]).await;
+    assert_eq!(h.status, 200);
+    assert!(h.body.is_empty());
+    assert_eq!(h.header("content-length"), Some(g.body.len().to_string().as_str()));
+    assert_eq!(h.header("content-type"), Some("application/vnd.apple.mpegurl"));
+    let seen: Vec<(String, Option<String>)> =
+        o.requests()[before..].iter().map(|r| (r.method.clone(), r.header("range").map(str::to_string))).collect();
+    assert_eq!(
+        seen,
+        [("HEAD".into(), None), ("GET".into(), Some("bytes=0-0".into())), ("GET".into(), None)],
+        "HEAD, the fallback's byte, then the whole playlist"
+    );
 }

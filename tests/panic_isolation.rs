@@ -46,7 +46,8 @@ async fn a_panicking_request_does_not_take_the_server_down() {
     let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
     let cfg = Config::from_yaml("t.yaml", "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", |_| None)
         .unwrap();
-    let proxy = anibridge_proxy::server::build(&cfg, Arc::new(Metrics::new())).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let proxy = anibridge_proxy::server::build(&cfg, metrics.clone());
     let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(ServerConf::default()), Panicky(proxy)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -81,4 +82,15 @@ async fn a_panicking_request_does_not_take_the_server_down() {
     for _ in 0..3 {
         assert_eq!(get(addr, "GET", &path, &[]).await.status, 200);
     }
+    // The panicking request is not left counted as in flight (graceful
+    // shutdown waits for that count to reach zero).
+    let mut in_flight = metrics.in_flight.get();
+    for _ in 0..100 {
+        if in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        in_flight = metrics.in_flight.get();
+    }
+    assert_eq!(in_flight, 0, "requests counted in flight after all were answered");
 }

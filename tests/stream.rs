@@ -258,3 +258,27 @@ async fn resolved_urls_are_subject_to_egress() {
     assert_eq!(got.status, 403);
     assert_eq!(m.connections.load(Ordering::SeqCst), 0);
 }
+
+/// A HEAD of a playlist the proxy only recognises by its type: the proxy
+/// must GET it to know the rewritten length, and that GET carries the
+/// resolver's headers like every other request for the resolved URL; it is
+/// not a second attempt (no retry counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_of_a_resolved_playlist_fetches_it_with_the_resolvers_headers_and_no_retry() {
+    const LIST: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nseg0.ts\n#EXT-X-ENDLIST\n";
+    let m = Origin::start(|req| serve_bytes(req, LIST.as_bytes(), Some("application/vnd.apple.mpegurl")).into()).await;
+    let list = m.url("/list?id=7");
+    let (r, _) = resolver(move |_, _| json(&list, 300)).await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert!(got.text().contains("/strm/proxy/seg0.ts?u="), "{}", got.text());
+    let head = get(p.addr(), "HEAD", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some(got.body.len().to_string().as_str()), "the rewritten length");
+    assert_eq!(head.header("content-type"), Some("application/vnd.apple.mpegurl"));
+    let seen = m.requests();
+    assert_eq!(seen.iter().map(|r| r.method.as_str()).collect::<Vec<_>>(), ["GET", "HEAD", "GET"]);
+    assert!(seen.iter().all(|r| r.header("referer") == Some("https://hoster.example/")), "{seen:?}");
+    assert_eq!(p.server.metrics.retries.get(), 0, "fetching the playlist is not a retry");
+}

@@ -1,27 +1,34 @@
-//! Opening an upstream response: egress check on the dialled address,
-//! Pingora's connector and HTTP/1.1 client session over this crate's idle
-//! connection [`Pool`], redirects followed server-side, and the HEAD →
-//! `GET` + `Range` fallback. Returns with the response header
-//! read and the body still on the wire, so the caller streams it.
+//! The upstream client: egress check on the dialled address, Pingora's
+//! connector and HTTP/1.1 client session over this crate's idle connection
+//! [`Pool`], redirects followed server-side, and the HEAD → `GET` + `Range`
+//! fallback. [`Client::open`] returns a [`Response`] with its header read and
+//! its body still on the wire; the response owns its connection.
+
+mod pool;
+mod response;
+pub mod resume;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
 use pingora::connectors::TransportConnector;
 use pingora::protocols::http::v1::client::HttpSession;
 use pingora::protocols::Stream;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType};
-use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_http::RequestHeader;
 use url::{Position, Url};
+
+pub use pool::Pool;
+pub use response::{BodyError, Response};
 
 use crate::dns::Dns;
 use crate::egress::{self, Egress, Refusal, UrlHost};
 use crate::headers::{self, WireHeader};
-use crate::pool::Pool;
+use crate::metrics::Metrics;
 use crate::providers::Providers;
 
 /// Per-phase upstream limits.
@@ -72,7 +79,7 @@ impl FetchError {
         matches!(self, FetchError::Dns(_) | FetchError::Unreachable(_) | FetchError::Timeout(_))
     }
 
-    fn from_pingora(e: Box<Error>) -> FetchError {
+    pub(crate) fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
             ErrorType::ConnectTimedout
             | ErrorType::TLSHandshakeTimedout
@@ -95,38 +102,48 @@ impl std::fmt::Display for FetchError {
     }
 }
 
-/// What to fetch.
-pub struct Request<'a> {
+/// What to fetch. Owned, because the [`Response`] keeps it: a body that dies
+/// is resumed, and a playlist fetched again, with the same headers.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// GET or HEAD, as the client asked.
     pub method: Method,
+    /// The URL; after [`Client::open`], the final one (redirects followed).
     pub url: Url,
-    /// The client's request headers; only the allow-listed ones are used.
-    pub client_headers: &'a HeaderMap,
-    /// Headers from the resolver (win over provider profiles).
-    pub extra_headers: &'a [WireHeader],
+    /// The client's headers that go upstream ([`headers::forwarded_request_headers`]).
+    pub forwarded: Vec<WireHeader>,
+    /// The resolver's headers (win over provider profiles).
+    pub extra: Option<Arc<[WireHeader]>>,
     /// The operator-trusted origin (a static route's upstream), if any.
-    pub trusted: Option<&'a Url>,
+    pub trusted: Option<Arc<Url>>,
+    /// Fetch it whole: a `GET` without the client's `Range` and
+    /// conditionals, whatever the client's method (playlists).
+    pub whole: bool,
 }
 
-/// An upstream response whose body has not been read yet.
-pub struct Response {
-    /// The exchange, with the response header read (see [`Response::header`]).
-    pub session: HttpSession,
-    pub peer: HttpPeer,
-    /// After redirects: what relative playlist URIs resolve against.
-    pub final_url: Url,
-    /// The response answers a HEAD through a `GET` + `Range` fallback.
-    pub head_fallback: bool,
-    /// Redirect hops followed.
-    pub redirects: u32,
-    /// The last hop ran on a pooled (reused) connection.
-    pub reused: bool,
+/// The range a hop asks for.
+#[derive(Debug, Clone)]
+pub(crate) enum Ask {
+    /// The client's own `Range` and conditionals, if any.
+    Client,
+    /// None of them: the whole resource.
+    Whole,
+    /// The HEAD fallback: the client's `Range`, or `bytes=0-0`.
+    HeadProbe,
+    /// A resumption: this `Range`, with `If-Range`.
+    Resume { range: HeaderValue, if_range: HeaderValue },
 }
 
-impl Response {
-    /// The upstream response header (read before a `Response` exists).
-    pub fn header(&self) -> &ResponseHeader {
-        self.session.resp_header().expect("a Response has its header read")
-    }
+/// An exchange with its response header read, on its connection.
+pub(crate) struct Exchange {
+    session: HttpSession,
+    peer: HttpPeer,
+    /// The method of the last hop (GET after the HEAD fallback).
+    method: Method,
+    url: Url,
+    head_fallback: bool,
+    redirects: u32,
+    reused: bool,
 }
 
 /// One upstream request as sent on a hop (the method and URL change along
@@ -134,9 +151,20 @@ impl Response {
 struct Hop<'a> {
     method: &'a Method,
     url: &'a Url,
-    client_headers: &'a HeaderMap,
-    extra: &'a [WireHeader],
-    range_override: Option<HeaderValue>,
+    req: &'a Request,
+    ask: &'a Ask,
+}
+
+/// Everything the client is configured with.
+pub struct Settings {
+    pub egress: Egress,
+    pub providers: Providers,
+    pub timeouts: Timeouts,
+    pub max_redirects: u32,
+    pub default_ua: Option<HeaderValue>,
+    pub pool_size: usize,
+    /// Resumptions of one response whose upstream died mid-body.
+    pub resume_attempts: u32,
 }
 
 /// Dials upstreams with Pingora's connector; finished connections wait in
@@ -146,67 +174,65 @@ pub struct Client {
     pool: Arc<Pool>,
     /// Host names resolved recently (the egress check still runs every time).
     dns: Dns,
-    egress: Egress,
-    providers: Providers,
-    timeouts: Timeouts,
-    max_redirects: u32,
-    default_ua: Option<HeaderValue>,
+    settings: Settings,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Client {
-    pub fn new(
-        egress: Egress,
-        providers: Providers,
-        timeouts: Timeouts,
-        max_redirects: u32,
-        default_ua: Option<HeaderValue>,
-        pool_size: usize,
-    ) -> Client {
+    /// `metrics` counts connections and resumptions (none for the resolver's own client).
+    pub fn new(settings: Settings, metrics: Option<Arc<Metrics>>) -> Client {
         // Pingora's own pool stays empty: nothing is released into it.
         let opts = pingora::connectors::ConnectorOptions::new(0);
         Client {
             connector: TransportConnector::new(Some(opts)),
-            pool: Pool::new(pool_size, POOL_IDLE),
+            pool: Pool::new(settings.pool_size, POOL_IDLE),
             dns: Dns::default(),
-            egress,
-            providers,
-            timeouts,
-            max_redirects,
-            default_ua,
+            settings,
+            metrics,
         }
+    }
+
+    /// The client's headers as they go upstream for this configuration.
+    pub fn forwarded(&self, client: &http::HeaderMap) -> Vec<WireHeader> {
+        headers::forwarded_request_headers(client, self.settings.default_ua.as_ref())
     }
 
     /// Opens the response for `req`, following redirects and falling back
     /// from HEAD to a ranged GET when the upstream refuses HEAD.
-    pub async fn open(&self, req: Request<'_>) -> Result<Response, FetchError> {
-        let client_method = req.method.clone();
-        let mut method = req.method.clone();
-        let mut url = req.url;
+    pub async fn open(&self, mut req: Request) -> Result<Response<'_>, FetchError> {
+        let ask = if req.whole {
+            req.method = Method::GET;
+            Ask::Whole
+        } else {
+            Ask::Client
+        };
+        let ex = self.fetch(&req, ask).await?;
+        req.url = ex.url.clone();
+        Ok(Response::new(self, ex, req, self.settings.resume_attempts))
+    }
+
+    /// Fetches `req` asking for `ask`: redirects, the HEAD fallback.
+    pub(crate) async fn fetch(&self, req: &Request, mut ask: Ask) -> Result<Exchange, FetchError> {
+        let mut method = match ask {
+            Ask::Client => req.method.clone(),
+            _ => Method::GET,
+        };
+        let mut url = req.url.clone();
         let mut head_fallback = false;
         let mut redirects = 0u32;
         loop {
-            let trusted = req.trusted.is_some_and(|t| t.origin() == url.origin());
-            let range_override = if head_fallback && !req.client_headers.contains_key(header::RANGE) {
-                Some(HeaderValue::from_static("bytes=0-0"))
-            } else {
-                None
-            };
-            let hop = Hop {
-                method: &method,
-                url: &url,
-                client_headers: req.client_headers,
-                extra: req.extra_headers,
-                range_override,
-            };
+            let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
+            let hop = Hop { method: &method, url: &url, req, ask: &ask };
             let (session, peer, reused) = self.exchange(&hop, trusted).await?;
+            self.count_connection(reused);
             let status = session.resp_header().map(|h| h.status).unwrap_or(StatusCode::BAD_GATEWAY);
 
-            // The `discard`s below are boxed: redirects and the HEAD fallback
+            // The `finish`es below are boxed: redirects and the HEAD fallback
             // are rare, and an inline drain future would triple the size of
             // every request's future (moved and copied on each request).
             if is_redirect(status) {
-                if redirects >= self.max_redirects {
-                    Box::pin(self.discard(session, &peer)).await;
+                if redirects >= self.settings.max_redirects {
+                    Box::pin(self.finish(session, &peer)).await;
                     return Err(FetchError::TooManyRedirects);
                 }
                 let next = session
@@ -215,29 +241,41 @@ impl Client {
                     .and_then(|l| l.to_str().ok())
                     .and_then(|l| url.join(l.trim()).ok())
                     .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-                Box::pin(self.discard(session, &peer)).await;
+                Box::pin(self.finish(session, &peer)).await;
                 let Some(next) = next else { return Err(FetchError::BadRedirect) };
                 if status == StatusCode::SEE_OTHER && method != Method::HEAD {
                     method = Method::GET;
                 }
                 log::debug!("following {} redirect to {}", status.as_u16(), next.host_str().unwrap_or(""));
+                if let Some(m) = &self.metrics {
+                    m.redirects.inc();
+                }
                 url = next;
                 redirects += 1;
                 continue;
             }
 
-            if client_method == Method::HEAD
-                && method == Method::HEAD
-                && matches!(status, StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED)
+            if method == Method::HEAD && matches!(status, StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED)
             {
-                Box::pin(self.discard(session, &peer)).await;
+                Box::pin(self.finish(session, &peer)).await;
                 method = Method::GET;
+                ask = Ask::HeadProbe;
                 head_fallback = true;
                 continue;
             }
 
-            return Ok(Response { session, peer, final_url: url, head_fallback, redirects, reused });
+            return Ok(Exchange { session, peer, method, url, head_fallback, redirects, reused });
         }
+    }
+
+    fn count_connection(&self, reused: bool) {
+        if let Some(m) = &self.metrics {
+            m.count_upstream_connection(reused);
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_deref()
     }
 
     /// One request/response header exchange on a pooled connection. A
@@ -247,10 +285,11 @@ impl Client {
         let url = hop.url;
         let host = UrlHost::of(url).ok_or(FetchError::BadRedirect)?;
         let port = url.port_or_known_default().unwrap_or(80);
-        let dialable = egress::resolve(&self.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
-            Ok(refusal) => FetchError::Refused(refusal),
-            Err(io) => FetchError::Dns(io),
-        })?;
+        let dialable =
+            egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
+                Ok(refusal) => FetchError::Refused(refusal),
+                Err(io) => FetchError::Dns(io),
+            })?;
 
         let mut fresh_only = false;
         loop {
@@ -265,8 +304,8 @@ impl Client {
                     (session, peer, false)
                 }
             };
-            session.read_timeout = Some(self.timeouts.read);
-            session.write_timeout = Some(self.timeouts.write);
+            session.read_timeout = Some(self.settings.timeouts.read);
+            session.write_timeout = Some(self.settings.timeouts.write);
             // Built per attempt: Pingora takes the header by value, and a
             // second attempt is rare enough not to keep a copy around.
             let request = self.request_header(hop)?;
@@ -296,7 +335,7 @@ impl Client {
     /// gives way to the next at once. TLS certificate failures do not: a
     /// wrong certificate is an answer, not an absence.
     async fn connect_any(&self, addrs: &[SocketAddr], url: &Url) -> Result<(HttpSession, HttpPeer), FetchError> {
-        let deadline = Instant::now() + self.timeouts.connect;
+        let deadline = Instant::now() + self.settings.timeouts.connect;
         let mut last = None;
         for (i, a) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -350,8 +389,8 @@ impl Client {
         // Connect and TLS handshake; the read and write timeouts are set on
         // each exchange's session (`exchange`), which is where Pingora's
         // client session applies them.
-        o.connection_timeout = Some(self.timeouts.connect);
-        o.total_connection_timeout = Some(self.timeouts.connect);
+        o.connection_timeout = Some(self.settings.timeouts.connect);
+        o.total_connection_timeout = Some(self.settings.timeouts.connect);
         o.verify_cert = true;
         o.verify_hostname = true;
         peer
@@ -361,35 +400,47 @@ impl Client {
         let url = hop.url;
         let path = &url[Position::BeforePath..Position::AfterQuery];
         let mut req =
-            RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(8)).map_err(FetchError::Unreachable)?;
-        let host = headers::host_header(url);
-        req.insert_header("Host", host).map_err(FetchError::Unreachable)?;
-        let profile = self.providers.headers_for(url.host_str().unwrap_or_default());
-        for h in headers::upstream_request_headers(hop.client_headers, self.default_ua.as_ref(), profile, hop.extra) {
-            req.append_header(h.spelling, h.value).map_err(FetchError::Unreachable)?;
+            RequestHeader::build(hop.method.clone(), path.as_bytes(), Some(10)).map_err(FetchError::Unreachable)?;
+        req.insert_header("Host", headers::host_header(url)).map_err(FetchError::Unreachable)?;
+        // What this hop asks for replaces the client's range and conditionals.
+        let client_range = hop.req.forwarded.iter().any(|h| h.name == header::RANGE);
+        let own: [Option<(&'static str, HeaderValue)>; 2] = match hop.ask {
+            Ask::Client => [None, None],
+            Ask::Whole => [None, None],
+            Ask::HeadProbe if client_range => [None, None],
+            Ask::HeadProbe => [Some(("Range", HeaderValue::from_static("bytes=0-0"))), None],
+            Ask::Resume { range, if_range } => [Some(("Range", range.clone())), Some(("If-Range", if_range.clone()))],
+        };
+        let keep_client_range = matches!(hop.ask, Ask::Client | Ask::HeadProbe);
+        for (name, value) in own.into_iter().flatten() {
+            req.append_header(name, value).map_err(FetchError::Unreachable)?;
         }
-        if let Some(range) = hop.range_override.clone() {
-            req.insert_header("Range", range).map_err(FetchError::Unreachable)?;
+        let profile = self.settings.providers.headers_for(url.host_str().unwrap_or_default());
+        let extra = hop.req.extra.as_deref().unwrap_or(&[]);
+        for h in headers::upstream_request_headers(&hop.req.forwarded, profile, extra) {
+            if !keep_client_range && headers::is_range_or_conditional(&h.name) {
+                continue;
+            }
+            req.append_header(h.spelling.clone(), h.value.clone()).map_err(FetchError::Unreachable)?;
         }
         Ok(Box::new(req))
     }
 
-    /// Gives a finished exchange back: a small remaining body is drained so
-    /// the connection can be pooled, a large one closes the connection.
-    pub async fn discard(&self, mut session: HttpSession, peer: &HttpPeer) {
-        let small = session
-            .resp_header()
-            .and_then(|h| h.headers.get(header::CONTENT_LENGTH))
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-            .is_some_and(|n| n <= DRAIN_LIMIT);
-        if session.is_body_done() || (small && drain(&mut session).await) {
-            self.release(session, peer).await;
+    /// Gives a connection back: with its body fully read it goes to the
+    /// pool (unless the exchange's framing, or `Connection: close` either
+    /// way, rules reuse out); a small unread body is drained first; a large
+    /// one closes the connection.
+    pub(crate) async fn finish(&self, mut session: HttpSession, peer: &HttpPeer) {
+        if !session.is_body_done() {
+            let small = session
+                .resp_header()
+                .and_then(|h| h.headers.get(header::CONTENT_LENGTH))
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|n| n <= DRAIN_LIMIT);
+            if !small || !drain(&mut session).await {
+                return;
+            }
         }
-    }
-
-    /// Returns a fully read connection to the pool, unless the exchange
-    /// (its framing, or `Connection: close` either way) rules reuse out.
-    pub async fn release(&self, mut session: HttpSession, peer: &HttpPeer) {
         session.respect_keepalive();
         if let Some(stream) = session.reuse().await {
             self.pool.put(peer.reuse_hash(), stream);
@@ -434,9 +485,18 @@ mod tests {
     use super::*;
 
     fn client(connect: Duration) -> Client {
-        let egress = Egress::new(&["127.0.0.0/8".into()], &[]).unwrap();
+        let egress = Egress::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         let timeouts = Timeouts { connect, read: Duration::from_secs(5), write: Duration::from_secs(5) };
-        Client::new(egress, Providers::new(&[]).unwrap(), timeouts, 5, None, 8)
+        let settings = Settings {
+            egress,
+            providers: Providers::default(),
+            timeouts,
+            max_redirects: 5,
+            default_ua: None,
+            pool_size: 8,
+            resume_attempts: 0,
+        };
+        Client::new(settings, None)
     }
 
     /// An address that refuses connections (nothing listens there).

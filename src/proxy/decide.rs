@@ -1,0 +1,358 @@
+//! What to do with an upstream response — relay it, look at its first
+//! bytes, rewrite it as a playlist, or fetch it again whole — and the header
+//! the client gets. Pure: decided from the upstream header, what was asked,
+//! and (when the decision asks for them) the body's first bytes.
+
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+
+use crate::content_type;
+use crate::headers;
+use crate::hls;
+use crate::upstream::resume::content_range;
+
+/// What was asked, as far as the decision cares.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Facts {
+    /// Playlists are rewritten (the relay and `/strm/stream`); static
+    /// routes relay them as they are and only fix their type.
+    pub rewrite: bool,
+    /// The upstream was sent a HEAD: the response has no body to look at.
+    pub head_sent: bool,
+    /// The response is a `GET` + `Range` standing in for a HEAD the
+    /// upstream refused.
+    pub head_fallback: bool,
+    /// The upstream URL's path or the client's `{hint}` names a playlist.
+    pub known_playlist: bool,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Relay the response as it is (its type set to HLS's when `hls`).
+    Relay { hls: bool },
+    /// Read the body's first bytes (at least [`SNIFF`]) and decide again with them.
+    Sniff,
+    /// A whole playlist: read it, rewrite it, answer 200 with it.
+    Playlist,
+    /// A playlist (or maybe one) that this response cannot give whole:
+    /// fetch the URL again whole, as a `GET`, and decide again.
+    Refetch,
+}
+
+/// How many first bytes a sniff needs: `#EXTM3U` after a byte-order mark.
+pub const SNIFF: usize = 16;
+
+pub fn decide(f: &Facts, up: &ResponseHeader, first: Option<&[u8]>) -> Decision {
+    let h = &up.headers;
+    let ctype = h.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
+    let typed = ctype.is_some_and(content_type::is_hls_type);
+    let generic = content_type::is_generic_type(ctype);
+    let hinted = f.known_playlist || typed;
+    let encoded = h.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let status = up.status;
+    let relay = Decision::Relay { hls: false };
+
+    if !f.rewrite {
+        // Static routes: bytes untouched, only the type fixed.
+        if status != StatusCode::OK {
+            return relay;
+        }
+        if hinted {
+            return Decision::Relay { hls: true };
+        }
+        if !generic || f.head_sent || f.head_fallback || encoded {
+            return relay;
+        }
+        return match first {
+            None => Decision::Sniff,
+            Some(b) => Decision::Relay { hls: hls::looks_like_playlist(b) },
+        };
+    }
+
+    if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
+        // 304, 416, errors: passed through as they are.
+        return relay;
+    }
+    if !(hinted || generic) {
+        return relay;
+    }
+    if f.head_sent {
+        // Only a GET shows whether (and how long) it is a playlist.
+        return Decision::Refetch;
+    }
+    let range = h.get(header::CONTENT_RANGE).and_then(|v| content_range(v.as_bytes()));
+    let at_start = status == StatusCode::OK || range.is_some_and(|(first, _, _)| first == 0);
+    let whole = status == StatusCode::OK || range.is_some_and(|(first, last, total)| first == 0 && last + 1 == total);
+    if f.head_fallback {
+        // One byte (or the client's range) stands in for the HEAD.
+        if hinted {
+            return Decision::Refetch;
+        }
+        return match first {
+            _ if !at_start || encoded => relay,
+            None => Decision::Sniff,
+            Some([b'#', ..] | [0xEF, ..]) => Decision::Refetch,
+            Some(_) => relay,
+        };
+    }
+    if encoded || !at_start {
+        // The first bytes cannot tell: the URL or the type decides.
+        return match (hinted, whole) {
+            (false, _) => relay,
+            (true, true) => Decision::Playlist,
+            (true, false) => Decision::Refetch,
+        };
+    }
+    match first {
+        None => Decision::Sniff,
+        Some(b) if hls::looks_like_playlist(b) => {
+            if whole {
+                Decision::Playlist
+            } else {
+                Decision::Refetch
+            }
+        }
+        Some(_) => relay,
+    }
+}
+
+/// The client's header for a relayed response: the upstream's minus what
+/// the header policy drops; for the HEAD fallback the whole resource's
+/// status and length; a type when the upstream gave none (from the URL's
+/// path, else the `{hint}`); HLS's type when `hls`; chunked framing when
+/// there is a body and no length.
+pub struct RelayFacts<'a> {
+    pub upstream_path: &'a str,
+    pub hint: Option<&'a str>,
+    pub head_fallback: bool,
+    pub client_range: bool,
+    pub hls: bool,
+    /// The client gets no body (HEAD, 204, 304).
+    pub bodyless: bool,
+    /// The client speaks HTTP/1.1 (chunked framing is possible).
+    pub http11: bool,
+}
+
+pub fn relay_header(up: &ResponseHeader, f: &RelayFacts<'_>) -> Result<ResponseHeader> {
+    let mut out = downstream_header(up);
+    if f.head_fallback && !f.client_range && out.status == StatusCode::PARTIAL_CONTENT {
+        // The HEAD answered through `GET` + `Range: bytes=0-0`: report the
+        // whole resource, as the HEAD would have.
+        let total = out.headers.get(header::CONTENT_RANGE).and_then(|v| headers::content_range_total(v.as_bytes()));
+        out.set_status(StatusCode::OK)?;
+        out.remove_header(&header::CONTENT_RANGE);
+        match total {
+            Some(t) => out.insert_header(header::CONTENT_LENGTH, t.to_string())?,
+            None => {
+                out.remove_header(&header::CONTENT_LENGTH);
+            }
+        }
+    }
+    if f.hls {
+        out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
+    } else if !out.headers.contains_key(header::CONTENT_TYPE) {
+        out.insert_header(header::CONTENT_TYPE, content_type::guess(f.upstream_path, f.hint))?;
+    }
+    let bodyless = f.bodyless || matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
+    if !out.headers.contains_key(header::CONTENT_LENGTH) && !bodyless && f.http11 {
+        out.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(out)
+}
+
+/// The client's header for a rewritten playlist of `len` bytes: always a
+/// 200 for the whole of it, of HLS's type, without the upstream's
+/// `Content-Range`, `Accept-Ranges`, `ETag` and `Last-Modified` (they
+/// describe bytes the client does not get) or its `Content-Encoding`.
+pub fn playlist_header(up: &ResponseHeader, len: usize) -> Result<ResponseHeader> {
+    let mut out = downstream_header(up);
+    out.set_status(StatusCode::OK)?;
+    for name in [
+        header::CONTENT_RANGE,
+        header::ACCEPT_RANGES,
+        header::ETAG,
+        header::LAST_MODIFIED,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+    ] {
+        out.remove_header(&name);
+    }
+    out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
+    out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(len))?;
+    Ok(out)
+}
+
+/// The upstream's header minus what the policy drops.
+fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
+    let mut out = up.clone();
+    let dropped: Vec<http::HeaderName> = headers::dropped_response_headers(&up.headers).cloned().collect();
+    for name in &dropped {
+        out.remove_header(name);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    const GET: Facts = Facts { rewrite: true, head_sent: false, head_fallback: false, known_playlist: false };
+    const HLS: (&str, &str) = ("Content-Type", "application/x-mpegURL");
+    const BIN: (&str, &str) = ("Content-Type", "application/octet-stream");
+    const MP4: (&str, &str) = ("Content-Type", "video/mp4");
+    const PLAYLIST: &[u8] = b"#EXTM3U\n#EXT-X-";
+    const VIDEO: &[u8] = b"\0\0\0\x20ftypisom";
+    use Decision::*;
+
+    #[test]
+    fn media_is_relayed_without_looking() {
+        assert_eq!(decide(&GET, &resp(200, &[MP4]), None), Relay { hls: false });
+        assert_eq!(decide(&GET, &resp(206, &[MP4, ("Content-Range", "bytes 0-9/100")]), None), Relay { hls: false });
+        for status in [304, 403, 404, 416, 500] {
+            assert_eq!(decide(&GET, &resp(status, &[HLS]), None), Relay { hls: false }, "{status}");
+        }
+    }
+
+    #[test]
+    fn possible_playlists_are_sniffed_then_decided_by_their_first_bytes() {
+        for up in [resp(200, &[BIN]), resp(200, &[]), resp(200, &[HLS]), resp(200, &[("Content-Type", "text/plain")])] {
+            assert_eq!(decide(&GET, &up, None), Sniff);
+            assert_eq!(decide(&GET, &up, Some(PLAYLIST)), Playlist);
+            assert_eq!(decide(&GET, &up, Some(b"\xEF\xBB\xBF#EXTM3U\n")), Playlist);
+            assert_eq!(decide(&GET, &up, Some(VIDEO)), Relay { hls: false });
+            assert_eq!(decide(&GET, &up, Some(b"")), Relay { hls: false });
+        }
+        // A known playlist URL whose body is something else is relayed as it is.
+        let known = Facts { known_playlist: true, ..GET };
+        assert_eq!(decide(&known, &resp(200, &[("Content-Type", "text/html")]), Some(b"<html>")), Relay { hls: false });
+    }
+
+    #[test]
+    fn a_partial_playlist_is_fetched_again_whole() {
+        let whole = resp(206, &[BIN, ("Content-Range", "bytes 0-99/100")]);
+        assert_eq!(decide(&GET, &whole, Some(PLAYLIST)), Playlist);
+        let head = resp(206, &[BIN, ("Content-Range", "bytes 0-49/100")]);
+        assert_eq!(decide(&GET, &head, Some(PLAYLIST)), Refetch);
+        let middle = resp(206, &[HLS, ("Content-Range", "bytes 50-99/100")]);
+        assert_eq!(decide(&GET, &middle, None), Refetch, "the type says so; the bytes cannot");
+        let middle = resp(206, &[BIN, ("Content-Range", "bytes 50-99/100")]);
+        assert_eq!(decide(&GET, &middle, None), Relay { hls: false }, "nothing says so");
+    }
+
+    #[test]
+    fn compressed_bodies_are_judged_by_url_and_type() {
+        let gz = ("Content-Encoding", "gzip");
+        assert_eq!(decide(&GET, &resp(200, &[HLS, gz]), None), Playlist);
+        assert_eq!(decide(&GET, &resp(206, &[HLS, gz, ("Content-Range", "bytes 0-9/99")]), None), Refetch);
+        assert_eq!(decide(&GET, &resp(200, &[BIN, gz]), None), Relay { hls: false });
+        let known = Facts { known_playlist: true, ..GET };
+        assert_eq!(decide(&known, &resp(200, &[BIN, gz]), None), Playlist);
+        assert_eq!(decide(&GET, &resp(200, &[HLS, ("Content-Encoding", "identity")]), None), Sniff);
+    }
+
+    #[test]
+    fn a_head_learns_what_the_get_would_get() {
+        let head = Facts { head_sent: true, ..GET };
+        assert_eq!(decide(&head, &resp(200, &[HLS]), None), Refetch);
+        assert_eq!(decide(&head, &resp(200, &[BIN]), None), Refetch);
+        assert_eq!(decide(&head, &resp(200, &[MP4]), None), Relay { hls: false });
+        assert_eq!(decide(&head, &resp(404, &[HLS]), None), Relay { hls: false });
+        // The HEAD fallback's one byte tells a playlist from a video.
+        let probe = Facts { head_fallback: true, ..GET };
+        let byte = resp(206, &[BIN, ("Content-Range", "bytes 0-0/5000")]);
+        assert_eq!(decide(&probe, &byte, None), Sniff);
+        assert_eq!(decide(&probe, &byte, Some(b"#")), Refetch);
+        assert_eq!(decide(&probe, &byte, Some(b"\0")), Relay { hls: false });
+        assert_eq!(decide(&probe, &resp(206, &[HLS, ("Content-Range", "bytes 0-0/5000")]), None), Refetch);
+        let later = resp(206, &[BIN, ("Content-Range", "bytes 10-19/5000")]);
+        assert_eq!(decide(&probe, &later, None), Relay { hls: false });
+    }
+
+    #[test]
+    fn static_routes_only_fix_the_type() {
+        let route = Facts { rewrite: false, ..GET };
+        assert_eq!(decide(&route, &resp(200, &[HLS]), None), Relay { hls: true });
+        assert_eq!(decide(&Facts { known_playlist: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: true });
+        assert_eq!(decide(&route, &resp(200, &[BIN]), None), Sniff);
+        assert_eq!(decide(&route, &resp(200, &[BIN]), Some(PLAYLIST)), Relay { hls: true });
+        assert_eq!(decide(&route, &resp(206, &[HLS, ("Content-Range", "bytes 0-1/9")]), None), Relay { hls: false });
+        assert_eq!(decide(&Facts { head_sent: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: false });
+    }
+
+    fn facts<'a>() -> RelayFacts<'a> {
+        RelayFacts {
+            upstream_path: "/get",
+            hint: Some("x.mkv"),
+            head_fallback: false,
+            client_range: false,
+            hls: false,
+            bodyless: false,
+            http11: true,
+        }
+    }
+
+    #[test]
+    fn relay_headers() {
+        let up = resp(200, &[("Content-Length", "5"), ("Connection", "X-Hop"), ("X-Hop", "1"), ("ETag", "\"e\"")]);
+        let out = relay_header(&up, &facts()).unwrap();
+        assert_eq!(out.headers["content-type"], "video/x-matroska", "from the hint");
+        assert!(!out.headers.contains_key("x-hop") && !out.headers.contains_key("connection"));
+        assert_eq!(out.headers["etag"], "\"e\"");
+        // No length and a body: chunked (HTTP/1.1 only).
+        let up = resp(200, &[MP4]);
+        assert_eq!(relay_header(&up, &facts()).unwrap().headers["transfer-encoding"], "chunked");
+        assert!(!relay_header(&up, &RelayFacts { http11: false, ..facts() })
+            .unwrap()
+            .headers
+            .contains_key("transfer-encoding"));
+        assert!(!relay_header(&up, &RelayFacts { bodyless: true, ..facts() })
+            .unwrap()
+            .headers
+            .contains_key("transfer-encoding"));
+        // The HEAD fallback reports the whole resource.
+        let byte = resp(206, &[MP4, ("Content-Range", "bytes 0-0/777"), ("Content-Length", "1")]);
+        let out = relay_header(&byte, &RelayFacts { head_fallback: true, bodyless: true, ..facts() }).unwrap();
+        assert_eq!((out.status.as_u16(), &out.headers["content-length"]), (200, &HeaderValue::from(777)));
+        assert!(!out.headers.contains_key("content-range"));
+        let ranged = RelayFacts { head_fallback: true, client_range: true, bodyless: true, ..facts() };
+        assert_eq!(relay_header(&byte, &ranged).unwrap().status, 206, "the client's own range is answered as it is");
+        let typed = relay_header(&resp(200, &[BIN]), &RelayFacts { hls: true, ..facts() }).unwrap();
+        assert_eq!(typed.headers["content-type"], content_type::HLS);
+    }
+
+    #[test]
+    fn playlist_headers_describe_the_rewritten_body() {
+        let up = resp(
+            206,
+            &[
+                BIN,
+                ("Content-Range", "bytes 0-99/100"),
+                ("Content-Length", "100"),
+                ("Accept-Ranges", "bytes"),
+                ("ETag", "\"e\""),
+                ("Last-Modified", "Tue, 01 Jul 2025 10:00:00 GMT"),
+                ("Content-Encoding", "gzip"),
+                ("Cache-Control", "max-age=2"),
+            ],
+        );
+        let out = playlist_header(&up, 321).unwrap();
+        assert_eq!(out.status, 200);
+        assert_eq!(out.headers["content-length"], "321");
+        assert_eq!(out.headers["content-type"], content_type::HLS);
+        assert_eq!(out.headers["cache-control"], "max-age=2");
+        for gone in ["content-range", "accept-ranges", "etag", "last-modified", "content-encoding"] {
+            assert!(!out.headers.contains_key(gone), "{gone}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The `ProxyHttp` glue. Pingora parses the request and runs the hooks;
+//! `request_filter` answers every request itself ([`serve`]): it routes and
+//! authenticates, opens the upstream through [`crate::upstream::Client`]
+//! (Pingora's connector and HTTP/1.1 client, pooled connections), decides
+//! what the response is ([`decide`]) and relays it ([`relay`]) or rewrites
+//! it ([`playlist`]) — so redirects, the HEAD fallback, the refresh-and-retry
+//! and playlist rewriting all happen before the first byte goes downstream,
+//! and the body is pumped one buffer at a time with end-to-end backpressure.
+
+pub mod decide;
+pub mod playlist;
+mod relay;
+mod reply;
+mod serve;
+mod state;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use pingora::modules::http::HttpModules;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+pub use playlist::rewrite_playlist;
+pub use reply::{Outcome, Reply};
+pub use state::State;
+
+use crate::metrics::Held;
+
+/// The Pingora application.
+pub struct Proxy {
+    pub state: Arc<State>,
+}
+
+impl Proxy {
+    pub fn new(state: Arc<State>) -> Proxy {
+        Proxy { state }
+    }
+}
+
+/// Per-request facts, for the access log and metrics (opaque outside).
+pub struct Ctx {
+    route: &'static str,
+    start: Instant,
+    status: u16,
+    upstream_status: u16,
+    upstream_host: String,
+    body_bytes: u64,
+    attempts: u32,
+    refreshed: bool,
+    /// `in_flight` is raised while the request lives, even if it panics
+    /// (shutdown waits for it to reach zero).
+    _in_flight: Held,
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            route: "-",
+            start: Instant::now(),
+            status: 0,
+            upstream_status: 0,
+            upstream_host: String::new(),
+            body_bytes: 0,
+            attempts: 0,
+            refreshed: false,
+            _in_flight: Held::new(&self.state.metrics.in_flight),
+        }
+    }
+
+    /// No downstream modules: bodies are relayed byte for byte.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // No proxy modules are installed, so pingora-proxy's `Session` adds
+        // nothing to the downstream session it wraps: work on that.
+        self.serve(session.as_downstream_mut(), ctx).await.map(|()| true)
+    }
+
+    /// Never reached: `request_filter` always answers.
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        Error::e_explain(ErrorType::InternalError, "request_filter answers every request")
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        // A response already started is aborted (the connection is dropped);
+        // otherwise the client gets a one-line 502.
+        if session.response_written().is_none() && !matches!(e.esource(), ErrorSource::Downstream) {
+            ctx.status = 502;
+            let _ = reply::reply(session.as_downstream_mut(), &self.state.cors, Reply(502, "upstream failed")).await;
+            return FailToProxy { error_code: 502, can_reuse_downstream: false };
+        }
+        FailToProxy { error_code: 0, can_reuse_downstream: false }
+    }
+
+    /// What Pingora prints beside its own error lines: method and path
+    /// only, never the query (`u`, `sig`, `apikey` live there).
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!("{} {} route={}", req.method, req.uri.path(), ctx.route)
+    }
+
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        // Clients going away mid-stream is ordinary for media players.
+        matches!(e.esource(), ErrorSource::Downstream)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let m = &self.state.metrics;
+        let status =
+            if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
+        m.count_request(ctx.route, status);
+        m.bytes_relayed.inc_by(ctx.body_bytes);
+        if log::log_enabled!(target: "access", log::Level::Info) {
+            let req = session.req_header();
+            log::info!(
+                target: "access",
+                "{} {} route={} status={} bytes={} ms={} upstream_status={} upstream_host={} attempts={} refreshed={}{}",
+                req.method,
+                req.uri.path(),
+                ctx.route,
+                status,
+                ctx.body_bytes,
+                ctx.start.elapsed().as_millis(),
+                ctx.upstream_status,
+                if ctx.upstream_host.is_empty() { "-" } else { &ctx.upstream_host },
+                ctx.attempts,
+                ctx.refreshed,
+                e.map(|e| format!(" error=\"{}\"", e.etype().as_str())).unwrap_or_default(),
+            );
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Relaying a response's body: one upstream buffer at a time, the next read
+//! only after the last write finished, so a slow client slows the upstream
+//! read and a stream holds one buffer whatever the file size.
+
+use std::future::Future;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pingora::protocols::http::{HttpTask, ServerSession};
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+
+use super::{Ctx, Outcome, State};
+use crate::metrics::Held;
+use crate::upstream::Response;
+
+/// Sends `header`, then (unless `bodyless`) `first` and the rest of the body.
+pub(super) async fn relay(
+    st: &State,
+    down: &mut ServerSession,
+    ctx: &mut Ctx,
+    mut resp: Response<'_>,
+    header: ResponseHeader,
+    first: Vec<u8>,
+    bodyless: bool,
+) -> std::result::Result<(), Outcome> {
+    ctx.status = header.status.as_u16();
+    down.write_response_header(Box::new(header)).await?;
+    if !bodyless {
+        let _streaming = Held::new(&st.metrics.active_streams);
+        pump(down, &mut resp, first, st.downstream_write_timeout, &mut ctx.body_bytes).await?;
+    }
+    resp.finish().await;
+    Ok(())
+}
+
+/// Copies the upstream body to the client one buffer at a time, counting
+/// what was sent into `sent`. While waiting for upstream the client
+/// connection is watched, so a client that leaves drops the upstream at once.
+pub(super) async fn pump(
+    down: &mut ServerSession,
+    resp: &mut Response<'_>,
+    first: Vec<u8>,
+    write_timeout: Duration,
+    sent: &mut u64,
+) -> Result<()> {
+    write_down(down, &first).await?;
+    *sent += first.len() as u64;
+    // A request body (never forwarded) is read and dropped while we wait;
+    // after it, the client socket is watched for a hang-up. Bytes of a
+    // pipelined next request are kept by Pingora for that request.
+    let mut request_body_done = down.is_body_done();
+    loop {
+        let chunk = {
+            let mut read = std::pin::pin!(resp.read());
+            // Upstream data already there: write on (small pieces coalesce
+            // in the write buffer). About to wait: flush first, so the client
+            // has everything received so far, then wait for upstream or the
+            // client, keeping the same read (it may be resuming).
+            match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Bounded like every other downstream write: a client that
+                    // stopped reading must not park the stream forever.
+                    match tokio::time::timeout(write_timeout, flush_down(down)).await {
+                        Ok(flushed) => flushed?,
+                        Err(_) => {
+                            return Error::e_explain(ErrorType::WriteTimedout, "flushing to the client")
+                                .map_err(|e| e.into_down())
+                        }
+                    }
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut read => break r?,
+                            client = down.read_body_or_idle(request_body_done) => match client {
+                                Ok(Some(_discarded)) => {}
+                                Ok(None) => request_body_done = true,
+                                Err(e) => return Err(e.into_down()),
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        match chunk {
+            Some(bytes) => {
+                write_down(down, bytes).await?;
+                *sent += bytes.len() as u64;
+            }
+            None => break,
+        }
+    }
+    down.finish_body().await
+}
+
+/// Sends whatever the downstream write buffer holds. Pingora 0.9's v1
+/// server session has no public flush; a `Failed` task makes
+/// `response_duplex_vec` flush the stream and hand that same error back,
+/// changing nothing else (tests/binary.rs checks the effect on the wire).
+async fn flush_down(down: &mut ServerSession) -> Result<()> {
+    const MARKER: ErrorType = ErrorType::Custom("anibridge-flush");
+    if let ServerSession::H1(s) = down {
+        let tasks = vec![HttpTask::Body(None, false), HttpTask::Failed(Error::new(MARKER))];
+        match s.response_duplex_vec(tasks).await {
+            Err(e) if *e.etype() == MARKER => {}
+            Err(e) => return Err(e.into_down()),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn write_down(down: &mut ServerSession, bytes: &[u8]) -> Result<()> {
+    // A zero-length write would end a chunked response early.
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let written = match down {
+        ServerSession::H1(s) => s.write_body(bytes).await.map(|_| ()),
+        other => other.write_response_body(Bytes::copy_from_slice(bytes), false).await,
+    };
+    // A failed write is the client's side (gone, or too slow).
+    written.map_err(|e| e.into_down())
+}
+
+/// A body on GET/HEAD means nothing and is never forwarded; reading it (up
+/// to 64 KiB) before answering keeps the client connection reusable. A
+/// larger one is left for Pingora, which then closes the connection.
+pub(super) async fn drain_request_body(down: &mut ServerSession) -> Result<()> {
+    let mut left: usize = 64 * 1024;
+    while !down.is_body_done() {
+        match down.read_request_body().await? {
+            Some(b) if b.len() <= left => left -= b.len(),
+            Some(_) | None => break,
+        }
+    }
+    Ok(())
+}
+
+/// The pump over in-memory streams (`tokio::io::duplex`): Pingora's own
+/// server and client sessions on both ends, no sockets.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use pingora::protocols::http::v1::client::HttpSession;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::upstream::{Client, Settings, Timeouts};
+
+    fn client() -> Client {
+        let t = Duration::from_secs(5);
+        let settings = Settings {
+            egress: Default::default(),
+            providers: Default::default(),
+            timeouts: Timeouts { connect: t, read: t, write: t },
+            max_redirects: 0,
+            default_ua: None,
+            pool_size: 0,
+            resume_attempts: 0,
+        };
+        Client::new(settings, None)
+    }
+
+    /// A downstream session that has read `GET / HTTP/1.1`, and the
+    /// client's end of it; the duplex holds at most `cap` bytes in flight.
+    async fn downstream(cap: usize) -> (ServerSession, DuplexStream) {
+        let (client_end, server_end) = tokio::io::duplex(cap);
+        let mut session = ServerSession::new_http1(Box::new(server_end));
+        let mut c = client_end;
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        assert!(session.read_request().await.unwrap());
+        (session, c)
+    }
+
+    /// An upstream session that has read `head`, and the origin's end,
+    /// which writes `body` in the background, counting what it wrote.
+    async fn upstream(cap: usize, head: &str, body: Vec<u8>, then_hang: bool) -> (HttpSession, Arc<AtomicU64>) {
+        let (ours, mut origin) = tokio::io::duplex(cap);
+        let mut session = HttpSession::new(Box::new(ours));
+        let written = Arc::new(AtomicU64::new(0));
+        let w = written.clone();
+        let head = head.to_string();
+        tokio::spawn(async move {
+            origin.write_all(head.as_bytes()).await.unwrap();
+            for piece in body.chunks(4096) {
+                if origin.write_all(piece).await.is_err() {
+                    return;
+                }
+                w.fetch_add(piece.len() as u64, Ordering::SeqCst);
+            }
+            if then_hang {
+                let mut sink = [0u8; 64];
+                while origin.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+            }
+        });
+        session.read_response().await.unwrap();
+        (session, written)
+    }
+
+    async fn read_all(mut c: DuplexStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn the_body_arrives_exactly_and_the_response_is_finished() {
+        let c = client();
+        let body = pattern(300_000);
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        let (session, _) = upstream(64 * 1024, &head, body.clone(), false).await;
+        let mut resp = Response::over(&c, session);
+        let (mut down, client_end) = downstream(64 * 1024).await;
+        let reader = tokio::spawn(read_all(client_end));
+        let out = ResponseHeader::build(200, None).unwrap();
+        let mut out = out;
+        out.insert_header("Content-Length", body.len().to_string()).unwrap();
+        down.write_response_header(Box::new(out)).await.unwrap();
+        let mut sent = 0;
+        pump(&mut down, &mut resp, b"".to_vec(), Duration::from_secs(5), &mut sent).await.unwrap();
+        drop(down);
+        let got = reader.await.unwrap();
+        let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert_eq!(&got[split..], &body[..]);
+        assert_eq!(sent, body.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_nothing_stops_the_upstream_reads() {
+        let c = client();
+        let body = pattern(4 << 20);
+        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        let (session, written) = upstream(16 * 1024, &head, body, false).await;
+        let mut resp = Response::over(&c, session);
+        let (mut down, _client_end_never_read) = downstream(16 * 1024).await;
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        out.insert_header("Content-Length", (4u64 << 20).to_string()).unwrap();
+        down.write_response_header(Box::new(out)).await.unwrap();
+        let mut sent = 0;
+        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
+        // The pump blocks on the full client side; the origin can only run
+        // ahead by what the buffers in between hold.
+        assert!(tokio::time::timeout(Duration::from_millis(500), pumping).await.is_err());
+        let ahead = written.load(Ordering::SeqCst);
+        assert!(ahead < 256 * 1024, "the origin wrote {ahead} bytes to a client that read none");
+    }
+
+    #[tokio::test]
+    async fn a_client_gone_while_the_upstream_waits_ends_the_pump() {
+        let c = client();
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+        let (session, _) = upstream(64 * 1024, head, pattern(1000), true).await;
+        let mut resp = Response::over(&c, session);
+        let (mut down, client_end) = downstream(64 * 1024).await;
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        out.insert_header("Content-Length", "1000000").unwrap();
+        down.write_response_header(Box::new(out)).await.unwrap();
+        let mut sent = 0;
+        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
+        let closer = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(client_end);
+            std::future::pending::<()>().await
+        };
+        let ended = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(5), pumping) => r,
+            _ = closer => unreachable!(),
+        };
+        let e = ended.expect("the pump noticed the client leaving").unwrap_err();
+        assert!(matches!(e.esource(), pingora_error::ErrorSource::Downstream), "{e}");
+        assert_eq!(sent, 1000);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_dies_mid_body_fails_the_pump() {
+        let c = client();
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
+        let (session, _) = upstream(64 * 1024, head, pattern(5000), false).await;
+        let mut resp = Response::over(&c, session);
+        let (mut down, client_end) = downstream(256 * 1024).await;
+        let reader = tokio::spawn(read_all(client_end));
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        out.insert_header("Content-Length", "100000").unwrap();
+        down.write_response_header(Box::new(out)).await.unwrap();
+        let mut sent = 0;
+        let e = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(5), &mut sent).await.unwrap_err();
+        assert_eq!(*e.etype(), ErrorType::ConnectionClosed, "{e}");
+        assert_eq!(sent, 5000);
+        drop(down);
+        let got = reader.await.unwrap();
+        assert!(got.ends_with(&pattern(5000)), "what came before the death was delivered");
+    }
+}

@@ -1,0 +1,70 @@
+//! What every request shares, built once from a loaded [`Config`] (which
+//! holds its values parsed and checked already, so this cannot fail).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::cors::Cors;
+use crate::egress::Egress;
+use crate::metrics::Metrics;
+use crate::providers::Providers;
+use crate::resolver::Resolver;
+use crate::routing::Route;
+use crate::upstream::{Client, Settings, Timeouts};
+
+pub struct State {
+    pub auth: Auth,
+    pub client: Client,
+    pub routes: Vec<Route>,
+    pub cors: Cors,
+    /// `public_base_url` without its trailing `/`; empty: root-relative.
+    pub public_base: String,
+    pub max_playlist_bytes: usize,
+    pub downstream_write_timeout: Duration,
+    pub resolver: Option<Resolver>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl State {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> State {
+        let settings = Settings {
+            egress: Egress::new(cfg.egress.allow_cidrs.iter().map(|c| c.0).collect(), cfg.egress.deny_hosts.clone()),
+            providers: Providers::new(&cfg.providers),
+            timeouts: Timeouts {
+                connect: cfg.upstream.connect_timeout.0,
+                read: cfg.upstream.read_timeout.0,
+                write: cfg.upstream.write_timeout.0,
+            },
+            max_redirects: cfg.upstream.max_redirects,
+            default_ua: cfg.upstream.user_agent.as_ref().map(|v| v.0.clone()),
+            pool_size: 128 * cfg.threads,
+            resume_attempts: cfg.upstream.resume_attempts,
+        };
+        State {
+            auth: Auth::new(
+                cfg.auth.mode,
+                cfg.auth.secret.as_deref(),
+                cfg.auth.api_key.as_deref(),
+                cfg.auth.token_ttl.0.as_secs().max(1),
+                cfg.auth.session_ttl.0.as_secs().max(1),
+            ),
+            client: Client::new(settings, Some(metrics.clone())),
+            routes: cfg.routes.iter().map(|r| Route::new(&r.prefix.0, r.upstream.0.clone(), r.auth)).collect(),
+            cors: Cors::new(cfg.cors.allow_origins.iter().map(|o| o.0.as_str())),
+            public_base: cfg
+                .public_base_url
+                .as_ref()
+                .map_or(String::new(), |b| b.0.as_str().trim_end_matches('/').into()),
+            max_playlist_bytes: cfg.stream.max_playlist_bytes,
+            downstream_write_timeout: cfg.downstream.write_timeout.0,
+            resolver: cfg
+                .resolver
+                .url
+                .as_ref()
+                .map(|u| Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries)),
+            metrics,
+        }
+    }
+}

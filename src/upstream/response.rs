@@ -1,0 +1,306 @@
+//! An upstream response that owns its connection: its body is read through
+//! it, [`Response::finish`] gives the connection back to the pool, and a
+//! response dropped unfinished closes it. A body whose connection dies or
+//! stalls is continued from a new connection when that is safe
+//! ([`super::resume`]); a playlist's body is fetched again whole instead.
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use pingora::protocols::http::v1::client::HttpSession;
+use pingora::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use url::Url;
+
+use super::resume::{Verdict, Window};
+use super::{Ask, Client, Exchange, Request};
+
+/// Why a whole body could not be had.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It is larger than the limit.
+    TooLarge,
+    /// The upstream failed, and fetching again did not help.
+    Failed(Box<Error>),
+}
+
+/// An upstream response whose body is read through it.
+pub struct Response<'c> {
+    client: &'c Client,
+    session: HttpSession,
+    peer: HttpPeer,
+    /// What was asked; its URL is the final one (after redirects).
+    request: Request,
+    head_fallback: bool,
+    /// The upstream was sent a HEAD: there is no body.
+    sent_head: bool,
+    redirects: u32,
+    reused: bool,
+    /// Body bytes handed out so far, across resumptions.
+    received: u64,
+    recovery: Recovery,
+}
+
+/// The state of mending a body that died.
+struct Recovery {
+    /// A failure the last read met; the next read mends or returns it.
+    failure: Option<Box<Error>>,
+    attempts_left: u32,
+    /// Fetch the body again whole instead of resuming it (playlists).
+    whole: bool,
+    /// Computed at the first failure from the first response's header.
+    window: Option<Option<Window>>,
+    /// Counts restarts of the body from its first byte (whole refetches).
+    restarts: u32,
+}
+
+impl<'c> Response<'c> {
+    pub(super) fn new(client: &'c Client, ex: Exchange, request: Request, attempts: u32) -> Response<'c> {
+        Response {
+            client,
+            session: ex.session,
+            peer: ex.peer,
+            request,
+            head_fallback: ex.head_fallback,
+            sent_head: ex.method == Method::HEAD,
+            redirects: ex.redirects,
+            reused: ex.reused,
+            received: 0,
+            recovery: Recovery { failure: None, attempts_left: attempts, whole: false, window: None, restarts: 0 },
+        }
+    }
+
+    /// The upstream response header (of the current connection).
+    pub fn header(&self) -> &ResponseHeader {
+        self.session.resp_header().expect("a Response has its header read")
+    }
+
+    /// The final URL, after redirects: what relative playlist URIs resolve against.
+    pub fn url(&self) -> &Url {
+        &self.request.url
+    }
+
+    /// The response answers a HEAD through a `GET` + `Range` fallback.
+    pub fn head_fallback(&self) -> bool {
+        self.head_fallback
+    }
+
+    /// The upstream was sent a HEAD (there is no body to read).
+    pub fn sent_head(&self) -> bool {
+        self.sent_head
+    }
+
+    /// Redirect hops followed to get here.
+    pub fn redirects(&self) -> u32 {
+        self.redirects
+    }
+
+    /// The exchange ran on a pooled (reused) connection.
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
+    /// The next piece of the body, `None` at its end. A piece may be empty:
+    /// the connection failed, and the next call mends that (resumes on a new
+    /// connection) or returns the error.
+    pub async fn read(&mut self) -> pingora_error::Result<Option<&[u8]>> {
+        if let Some(e) = self.recovery.failure.take() {
+            self.recover(e).await?;
+        }
+        match self.session.read_body_ref().await {
+            Ok(Some(chunk)) => {
+                self.received += chunk.len() as u64;
+                Ok(Some(chunk))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                // Mended on the next call, which may replace the session:
+                // this call's result borrows it, so it cannot happen here.
+                self.recovery.failure = Some(e);
+                Ok(Some(&[]))
+            }
+        }
+    }
+
+    /// The whole body after `prefix` (bytes already read from it), at most
+    /// `limit` bytes in all. A body that dies is fetched again whole, never
+    /// spliced.
+    pub async fn read_to_vec(&mut self, mut body: Vec<u8>, limit: usize) -> Result<Vec<u8>, BodyError> {
+        self.recovery.whole = true;
+        let mut restarts = self.recovery.restarts;
+        loop {
+            // Mend a failure here (not inside `read`), to see a restart.
+            if let Some(e) = self.recovery.failure.take() {
+                self.recover(e).await.map_err(BodyError::Failed)?;
+            }
+            if self.recovery.restarts != restarts {
+                restarts = self.recovery.restarts;
+                body.clear();
+            }
+            match self.read().await.map_err(BodyError::Failed)? {
+                Some(c) if body.len() + c.len() > limit => return Err(BodyError::TooLarge),
+                Some(c) => body.extend_from_slice(c),
+                None => return Ok(body),
+            }
+        }
+    }
+
+    /// Reads the first `at_least` bytes of the body (or all of a shorter one).
+    pub async fn peek(&mut self, at_least: usize) -> pingora_error::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        while buf.len() < at_least {
+            match self.read().await? {
+                Some(chunk) => buf.extend_from_slice(chunk),
+                None => break,
+            }
+        }
+        Ok(buf)
+    }
+
+    /// The same URL fetched again, whole: a `GET` without the client's
+    /// `Range` and conditionals, with the same headers otherwise. This
+    /// response's connection is given back first.
+    pub async fn refetch_whole(self) -> Result<Response<'c>, super::FetchError> {
+        let client = self.client;
+        let request = self.request.clone();
+        let attempts = self.recovery.attempts_left;
+        self.finish().await;
+        let ex = client.fetch(&request, Ask::Whole).await?;
+        let url = ex.url.clone();
+        Ok(Response::new(client, ex, Request { url, method: Method::GET, whole: true, ..request }, attempts))
+    }
+
+    /// Gives the connection back: to the pool when the body was read to its
+    /// end (a small unread rest is drained first), closed otherwise.
+    pub async fn finish(self) {
+        if self.recovery.failure.is_none() {
+            self.client.finish(self.session, &self.peer).await;
+        }
+    }
+
+    /// Mends the failure `e` of the current connection, or returns it.
+    async fn recover(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
+        if !is_body_failure(&e) || self.head_fallback || self.request.method != Method::GET {
+            return Err(e);
+        }
+        if self.recovery.whole {
+            return self.refetch_in_place(e).await;
+        }
+        if self.recovery.window.is_none() {
+            self.recovery.window = Some(Window::of(self.header()));
+        }
+        let Some(window) = self.recovery.window.clone().flatten() else {
+            log::warn!(
+                "upstream {} failed mid-body ({}); the response cannot be resumed",
+                self.host(),
+                e.etype().as_str()
+            );
+            return Err(e);
+        };
+        let mut tried = 0u32;
+        while self.recovery.attempts_left > 0 {
+            self.recovery.attempts_left -= 1;
+            let Some(range) = window.rest(self.received) else { return Err(e) };
+            let next = window.first + self.received;
+            backoff(tried).await;
+            tried += 1;
+            log::info!(
+                "upstream {} failed after {} body bytes ({}); resuming at byte {next}",
+                self.host(),
+                self.received,
+                e.etype().as_str()
+            );
+            self.count(|m| m.resumes_attempted.inc());
+            let ask = Ask::Resume { range, if_range: window.if_range.clone() };
+            match self.client.fetch(&self.request, ask).await {
+                Ok(ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
+                    Verdict::Continue => {
+                        self.session = ex.session;
+                        self.peer = ex.peer;
+                        self.count(|m| m.resumes_succeeded.inc());
+                        return Ok(());
+                    }
+                    Verdict::Retry(why) => {
+                        log::warn!("resuming {} failed: {why}", self.host());
+                        self.client.finish(ex.session, &ex.peer).await;
+                    }
+                    Verdict::Changed(why) => {
+                        log::warn!("not resuming {}: {why}", self.host());
+                        return Err(e);
+                    }
+                },
+                Err(fe) => log::warn!("resuming {} failed: {fe}", self.host()),
+            }
+        }
+        log::warn!("upstream {} failed mid-body; no resumption left", self.host());
+        Err(e)
+    }
+
+    /// A playlist's body died: fetch it again whole, from its first byte.
+    async fn refetch_in_place(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
+        let mut tried = 0u32;
+        while self.recovery.attempts_left > 0 {
+            self.recovery.attempts_left -= 1;
+            backoff(tried).await;
+            tried += 1;
+            log::info!("upstream {} failed mid-playlist ({}); fetching it again", self.host(), e.etype().as_str());
+            match self.client.fetch(&self.request, Ask::Whole).await {
+                Ok(ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
+                    self.session = ex.session;
+                    self.peer = ex.peer;
+                    self.received = 0;
+                    self.recovery.restarts += 1;
+                    return Ok(());
+                }
+                Ok(ex) => self.client.finish(ex.session, &ex.peer).await,
+                Err(fe) => log::warn!("fetching {} again failed: {fe}", self.host()),
+            }
+        }
+        Err(e)
+    }
+
+    /// The upstream host, for logs (never the path or query: tokens live there).
+    fn host(&self) -> &str {
+        self.request.url.host_str().unwrap_or("-")
+    }
+
+    fn count(&self, f: impl FnOnce(&crate::metrics::Metrics)) {
+        if let Some(m) = self.client.metrics() {
+            f(m);
+        }
+    }
+}
+
+#[cfg(test)]
+impl<'c> Response<'c> {
+    /// A response over a session that has read its header (in-memory tests).
+    pub(crate) fn over(client: &'c Client, session: HttpSession) -> Response<'c> {
+        let url = Url::parse("http://origin.test/x").expect("a valid URL");
+        let peer = HttpPeer::new("127.0.0.1:9", false, "origin.test".into());
+        let request = Request {
+            method: Method::GET,
+            url: url.clone(),
+            forwarded: Vec::new(),
+            extra: None,
+            trusted: None,
+            whole: false,
+        };
+        let ex =
+            Exchange { session, peer, method: Method::GET, url, head_fallback: false, redirects: 0, reused: false };
+        Response::new(client, ex, request, 0)
+    }
+}
+
+/// Errors of a body read that a new connection may mend: the connection
+/// closed or failed, or stalled past the read timeout.
+fn is_body_failure(e: &Error) -> bool {
+    matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::ReadTimedout)
+}
+
+/// No pause before the first new attempt; then 100 ms, 200 ms, 400 ms, ...
+async fn backoff(tried: u32) {
+    if tried > 0 {
+        tokio::time::sleep(Duration::from_millis(100u64 << (tried - 1).min(5))).await;
+    }
+}

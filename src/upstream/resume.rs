@@ -1,0 +1,229 @@
+//! When a body that died mid-way may be continued from another connection,
+//! and whether the answer to that continuation is the same file: pure
+//! rules, so they can be tested without a network.
+//!
+//! Safe means: the first response said how long it was (200 or 206 with
+//! `Content-Length`, not chunked) and named its version (a strong `ETag`,
+//! else `Last-Modified`). The continuation asks `Range: bytes=NEXT-LAST`
+//! with `If-Range` carrying that validator, and is accepted only as a 206
+//! for exactly those bytes of a representation of the same complete length
+//! (and the same `ETag`, when there was one). Anything else could splice
+//! bytes of another file into the client's body.
+
+use http::header::{self, HeaderValue};
+use http::StatusCode;
+use pingora_http::ResponseHeader;
+
+/// Where the first response's bytes sit in the representation, and what
+/// identifies the representation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Offset of the first body byte in the representation.
+    pub first: u64,
+    /// Offset of the last body byte (inclusive).
+    pub last: u64,
+    /// The complete length of the representation.
+    pub total: u64,
+    /// The `ETag`, strong or weak, that a continuation must repeat.
+    pub etag: Option<HeaderValue>,
+    /// What `If-Range` carries: the strong `ETag`, else `Last-Modified`.
+    pub if_range: HeaderValue,
+}
+
+/// What to make of the answer to a continuation request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The rest of the same file: splice it on.
+    Continue,
+    /// No answer worth judging (an error status): try again if attempts are left.
+    Retry(&'static str),
+    /// Another file, or other bytes: the client's response must be aborted.
+    Changed(&'static str),
+}
+
+impl Window {
+    /// The window of a response, or `None` when it cannot be resumed safely.
+    pub fn of(resp: &ResponseHeader) -> Option<Window> {
+        let h = &resp.headers;
+        if h.contains_key(header::TRANSFER_ENCODING) {
+            return None;
+        }
+        let length = number(h.get(header::CONTENT_LENGTH)?.as_bytes())?;
+        let (first, last, total) = match resp.status {
+            StatusCode::OK if !h.contains_key(header::CONTENT_RANGE) => (0, length.checked_sub(1)?, length),
+            StatusCode::PARTIAL_CONTENT => {
+                let (first, last, total) = content_range(h.get(header::CONTENT_RANGE)?.as_bytes())?;
+                (last - first + 1 == length).then_some((first, last, total))?
+            }
+            _ => return None,
+        };
+        let etag = h.get(header::ETAG).cloned();
+        let strong = etag.as_ref().filter(|e| !e.as_bytes().starts_with(b"W/"));
+        let if_range = strong.or(h.get(header::LAST_MODIFIED))?.clone();
+        Some(Window { first, last, total, etag, if_range })
+    }
+
+    /// The `Range` that asks for the rest after `received` body bytes, or
+    /// `None` when nothing is left to ask for.
+    pub fn rest(&self, received: u64) -> Option<HeaderValue> {
+        let next = self.first.checked_add(received)?;
+        (next <= self.last).then(|| {
+            HeaderValue::from_str(&format!("bytes={next}-{}", self.last)).expect("digits are a valid header value")
+        })
+    }
+
+    /// Judges the answer to the continuation that asked from byte `next`.
+    pub fn judge(&self, next: u64, resp: &ResponseHeader) -> Verdict {
+        match resp.status {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => return Verdict::Changed("the upstream sent the whole file (its validator changed)"),
+            StatusCode::RANGE_NOT_SATISFIABLE => return Verdict::Changed("the rest is not there any more (416)"),
+            s if s.is_client_error() || s.is_server_error() => return Verdict::Retry("an error status"),
+            _ => return Verdict::Changed("an unexpected status"),
+        }
+        let h = &resp.headers;
+        let Some((first, last, total)) = h.get(header::CONTENT_RANGE).and_then(|v| content_range(v.as_bytes())) else {
+            return Verdict::Changed("a 206 without one byte range");
+        };
+        if total != self.total {
+            return Verdict::Changed("another complete length");
+        }
+        if self.etag.is_some() && h.get(header::ETAG) != self.etag.as_ref() {
+            return Verdict::Changed("another ETag");
+        }
+        if (first, last) != (next, self.last) {
+            return Verdict::Changed("other bytes than asked for");
+        }
+        let length = h.get(header::CONTENT_LENGTH).and_then(|v| number(v.as_bytes()));
+        if length != Some(last - first + 1) || h.contains_key(header::TRANSFER_ENCODING) {
+            return Verdict::Changed("a length that does not match the range");
+        }
+        Verdict::Continue
+    }
+}
+
+/// `bytes FIRST-LAST/TOTAL` with numbers only, FIRST <= LAST < TOTAL.
+pub fn content_range(v: &[u8]) -> Option<(u64, u64, u64)> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let rest = s.strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (first, last) = range.trim().split_once('-')?;
+    let (first, last, total) = (number(first.as_bytes())?, number(last.as_bytes())?, number(total.as_bytes())?);
+    (first <= last && last < total).then_some((first, last, total))
+}
+
+fn number(v: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(v).ok()?.trim();
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    const ETAG: (&str, &str) = ("ETag", "\"v1\"");
+    const LM: (&str, &str) = ("Last-Modified", "Tue, 01 Jul 2025 10:00:00 GMT");
+
+    #[test]
+    fn which_responses_can_be_resumed() {
+        let w = Window::of(&resp(200, &[("Content-Length", "1000"), ETAG])).unwrap();
+        assert_eq!((w.first, w.last, w.total), (0, 999, 1000));
+        assert_eq!(w.if_range, "\"v1\"");
+        // A client range bytes=100-199, and an open one answered as 100-999.
+        let w =
+            Window::of(&resp(206, &[("Content-Length", "100"), ("Content-Range", "bytes 100-199/1000"), LM])).unwrap();
+        assert_eq!((w.first, w.last, w.total, w.etag.is_none()), (100, 199, 1000, true));
+        assert_eq!(w.if_range, LM.1);
+        // A weak ETag cannot go into If-Range, but must still match.
+        let w = Window::of(&resp(200, &[("Content-Length", "10"), ("ETag", "W/\"w\""), LM])).unwrap();
+        assert_eq!((w.if_range.to_str().unwrap(), w.etag.unwrap().to_str().unwrap()), (LM.1, "W/\"w\""));
+
+        for (status, headers) in [
+            (200, &[("Content-Length", "1000")][..]),                      // no validator
+            (200, &[("ETag", "W/\"w\""), ("Content-Length", "1000")][..]), // only a weak one
+            (200, &[ETAG][..]),                                            // no length
+            (200, &[ETAG, ("Content-Length", "0")][..]),                   // nothing to resume
+            (200, &[ETAG, ("Content-Length", "10"), ("Transfer-Encoding", "chunked")][..]),
+            (206, &[ETAG, ("Content-Length", "10"), ("Content-Range", "bytes 0-9/*")][..]),
+            (206, &[ETAG, ("Content-Length", "11"), ("Content-Range", "bytes 0-9/100")][..]),
+            (206, &[ETAG, ("Content-Type", "multipart/byteranges; boundary=x"), ("Content-Length", "500")][..]),
+            (404, &[ETAG, ("Content-Length", "10")][..]),
+        ] {
+            assert_eq!(Window::of(&resp(status, headers)), None, "{status} {headers:?}");
+        }
+    }
+
+    #[test]
+    fn the_rest_is_asked_from_the_next_byte_to_the_last() {
+        let w = Window::of(&resp(206, &[("Content-Length", "100"), ("Content-Range", "bytes 100-199/1000"), ETAG]))
+            .unwrap();
+        assert_eq!(w.rest(0).unwrap(), "bytes=100-199");
+        assert_eq!(w.rest(42).unwrap(), "bytes=142-199");
+        assert_eq!(w.rest(99).unwrap(), "bytes=199-199");
+        assert_eq!(w.rest(100), None);
+    }
+
+    #[test]
+    fn only_the_same_bytes_of_the_same_file_continue() {
+        let w = Window::of(&resp(200, &[("Content-Length", "1000"), ETAG, LM])).unwrap();
+        let ok = resp(206, &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1000"), ETAG]);
+        assert_eq!(w.judge(400, &ok), Verdict::Continue);
+        assert_eq!(w.judge(401, &ok), Verdict::Changed("other bytes than asked for"));
+        type Case<'a> = (u16, &'a [(&'a str, &'a str)], Verdict);
+        let cases: [Case; 7] = [
+            (
+                200,
+                &[("Content-Length", "1000"), ETAG],
+                Verdict::Changed("the upstream sent the whole file (its validator changed)"),
+            ),
+            (
+                206,
+                &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1001"), ETAG],
+                Verdict::Changed("another complete length"),
+            ),
+            (
+                206,
+                &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1000"), ("ETag", "\"v2\"")],
+                Verdict::Changed("another ETag"),
+            ),
+            (
+                206,
+                &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1000")],
+                Verdict::Changed("another ETag"),
+            ),
+            (
+                206,
+                &[("Content-Length", "599"), ("Content-Range", "bytes 400-999/1000"), ETAG],
+                Verdict::Changed("a length that does not match the range"),
+            ),
+            (416, &[("Content-Range", "bytes */400")], Verdict::Changed("the rest is not there any more (416)")),
+            (503, &[("Content-Length", "4")], Verdict::Retry("an error status")),
+        ];
+        for (status, headers, verdict) in cases {
+            assert_eq!(w.judge(400, &resp(status, headers)), verdict, "{status} {headers:?}");
+        }
+        // Without an ETag first, only the length and range are compared.
+        let lm_only = Window::of(&resp(200, &[("Content-Length", "1000"), LM])).unwrap();
+        let other =
+            resp(206, &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1000"), ("ETag", "\"new\"")]);
+        assert_eq!(lm_only.judge(400, &other), Verdict::Continue);
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(content_range(b"bytes 0-0/12345"), Some((0, 0, 12345)));
+        assert_eq!(content_range(b"bytes 5-4/10"), None);
+        assert_eq!(content_range(b"bytes 0-10/10"), None);
+        assert_eq!(content_range(b"bytes */10"), None);
+        assert_eq!(content_range(b"bytes 0-1/*"), None);
+        assert_eq!(content_range(b"bytes +1-2/3"), None);
+    }
+}
