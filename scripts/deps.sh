@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Installs the Debian packages named as arguments when their command is
-# missing. Usage: scripts/deps.sh cmake [ffmpeg nginx ...]
+# Installs the Debian packages named as arguments when they are missing.
+# Usage: scripts/deps.sh cmake [ffmpeg nginx-light ...]
 set -euo pipefail
+installed() {
+  if command -v dpkg-query >/dev/null 2>&1; then
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"
+  else
+    command -v "$1" >/dev/null 2>&1
+  fi
+}
 missing=()
 for pkg in "$@"; do
-  cmd="$pkg"
-  case "$pkg" in
-    nginx-light) cmd=nginx ;;
-    ca-certificates) cmd=update-ca-certificates ;;
-  esac
-  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
+  installed "$pkg" || missing+=("$pkg")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=""

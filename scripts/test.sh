@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, integration (real proxy, real local origins,
-# real ffmpeg), property tests, and the criterion benches run once as tests.
+# real players: ffmpeg, mpv, VLC, hls.js in Chromium), property tests, and
+# the criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh cmake ffmpeg nginx-light ca-certificates curl unzip
-# Traefik, for tests/reverse_proxies.rs (not packaged by Debian).
+scripts/deps.sh cmake ffmpeg nginx-light ca-certificates curl unzip \
+  mpv vlc-bin vlc-plugin-base chromium
+# Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
+# hls.js for tests/players.rs (from the npm registry), both pinned.
 TRAEFIK="${TRAEFIK:-$(scripts/traefik.sh)}"
-export TRAEFIK
+HLSJS="${HLSJS:-$(scripts/hlsjs.sh)}"
+export TRAEFIK HLSJS
 # Loopback only: make sure no proxy variable sends test traffic elsewhere.
 unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 export PATH="$PATH:/usr/sbin"

@@ -1,90 +1,795 @@
-//! Real players on a progressive MP4 through the relay: ffprobe reads its
-//! duration and a seeking ffmpeg decodes from the middle. The file keeps its
-//! index (moov) at the end, as ffmpeg writes it by default, so both must
-//! jump around the file with Range requests, as players do on every hoster.
+//! Real players on real origins. ffmpeg and ffprobe (Jellyfin's engine),
+//! mpv, VLC and hls.js in Chromium play streams through the proxy from
+//! nginx — a real server: Range, HEAD, ETag, and a 206 to the `bytes=0-`
+//! players open playlists with — and from an in-process origin for hoster
+//! quirks nginx cannot produce. Every player must play every stream to its
+//! end (exit status, decoded frames or position, no error lines), and the
+//! origins' logs must show that every playlist, key and segment request
+//! came through the proxy (a provider profile adds `X-Through-Proxy: 1` to
+//! each upstream request) and none bypassed it.
+//!
+//! Media are made by ffmpeg from lavfi test sources (a few seconds each)
+//! once into `CARGO_TARGET_TMPDIR` and reused by later runs.
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use common::process::{spawn_nginx, Spawned};
 use common::*;
 
-/// A 6 s H.264 MP4 with its moov atom after the media data.
-fn make_mp4() -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("v.mp4");
-    let status = std::process::Command::new(tool("ffmpeg"))
-        .args(["-v", "error", "-y"])
-        .args(["-f", "lavfi", "-i", "testsrc=duration=6:size=320x240:rate=25"])
-        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "25"])
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "ffmpeg could not generate the test file");
-    let data = std::fs::read(&out).unwrap();
-    let (moov, mdat) = (find(&data, b"moov").unwrap(), find(&data, b"mdat").unwrap());
-    assert!(moov > mdat, "the test needs the index at the end of the file");
-    data
+/// Bump when the media below change (a new directory is generated).
+const MEDIA_VERSION: &str = "players-media-v2";
+
+// ---- media -----------------------------------------------------------------
+
+/// The media root: `ts/` (a master with two video variants, two audio
+/// renditions and WebVTT subtitles, AES-128 encrypted, 4 s), `ts/dis/`
+/// (one variant with its segments disguised as .jpg/.png/.html), `fmp4/`
+/// (fragmented MP4 with `#EXT-X-MAP`, 4 s), `br/` (`#EXT-X-BYTERANGE`
+/// segments of one file, 4 s), `long/` (8 s), `files/` (a progressive MP4
+/// with its index at the end, 6 s, and an MKV, 4 s).
+fn media() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(MEDIA_VERSION);
+        if !root.join("complete").exists() {
+            let _ = std::fs::remove_dir_all(&root);
+            let building = root.with_extension(format!("tmp{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&building);
+            make_media(&building);
+            std::fs::rename(&building, &root).unwrap();
+            std::fs::write(root.join("complete"), "").unwrap();
+        }
+        root
+    })
 }
 
-async fn run(program: &'static str, args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || std::process::Command::new(tool(program)).args(&args).output().unwrap())
+/// Runs ffmpeg in `dir`: `args` split at spaces, then `literal` as they are.
+fn ffmpeg_make(dir: &Path, args: &str, literal: &[&str]) {
+    let args: Vec<&str> = args.split_whitespace().chain(literal.iter().copied()).collect();
+    let out = std::process::Command::new(tool("ffmpeg"))
+        .current_dir(dir)
+        .args(["-nostdin", "-v", "error", "-y"])
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+const SOURCES: &str =
+    "-f lavfi -i testsrc=duration={d}:size=320x240:rate=25 -f lavfi -i sine=frequency=440:duration={d}";
+const H264: &str = "-pix_fmt yuv420p -c:v libx264 -preset ultrafast -g 25 -c:a aac";
+
+fn make_media(root: &Path) {
+    let ts = root.join("ts");
+    std::fs::create_dir_all(ts.join("dis")).unwrap();
+    for d in ["fmp4/v", "br", "long/v", "files"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let four = SOURCES.replace("{d}", "4");
+    std::fs::write(ts.join("key.bin"), b"anibridge-key-16").unwrap();
+    let key_info = root.join("key.info");
+    std::fs::write(&key_info, format!("../key.bin\n{}\n", ts.join("key.bin").display())).unwrap();
+    std::fs::write(
+        root.join("subs.srt"),
+        "1\n00:00:00,000 --> 00:00:02,000\nHallo\n\n2\n00:00:02,000 --> 00:00:04,000\nWelt\n",
+    )
+    .unwrap();
+    ffmpeg_make(
+        root,
+        &format!(
+            "{four} -f lavfi -i sine=frequency=660:duration=4 -i subs.srt -map 0:v -map 0:v -map 1:a -map 2:a -map 3:s \
+             {H264} -s:v:1 160x120 -b:v:0 300k -b:v:1 100k -c:s webvtt \
+             -f hls -hls_time 1 -hls_playlist_type vod -hls_key_info_file {} -master_pl_name master.m3u8 \
+             -hls_segment_filename ts/%v/seg%03d.ts",
+            key_info.display()
+        ),
+        &[
+            "-var_stream_map",
+            "v:0,s:0,agroup:aud,sgroup:sub,name:hi v:1,agroup:aud,name:lo \
+             a:0,agroup:aud,language:ja,default:yes,name:ja a:1,agroup:aud,language:de,name:de",
+            "ts/%v/index.m3u8",
+        ],
+    );
+    // The disguised copy of the low variant: hosters name TS segments like images.
+    let lo = std::fs::read_to_string(ts.join("lo/index.m3u8")).unwrap();
+    let mut disguised = String::new();
+    for (i, line) in lo.lines().enumerate() {
+        match line.strip_suffix(".ts") {
+            Some(stem) if !line.starts_with('#') => {
+                let ext = ["jpg", "png", "html"][i % 3];
+                std::fs::copy(ts.join("lo").join(line), ts.join("dis").join(format!("{stem}.{ext}"))).unwrap();
+                disguised.push_str(&format!("{stem}.{ext}\n"));
+            }
+            _ => disguised.push_str(&format!("{line}\n")),
+        }
+    }
+    std::fs::write(ts.join("dis/index.m3u8"), disguised).unwrap();
+    ffmpeg_make(
+        root,
+        &format!(
+            "{four} {H264} -f hls -hls_time 1 -hls_playlist_type vod -hls_segment_type fmp4 -master_pl_name master.m3u8 \
+             -hls_fmp4_init_filename init.mp4 -hls_segment_filename fmp4/v/seg%03d.m4s fmp4/v/index.m3u8"
+        ),
+        &[],
+    );
+    ffmpeg_make(
+        root,
+        &format!("{four} {H264} -f hls -hls_time 1 -hls_playlist_type vod -hls_flags single_file br/index.m3u8"),
+        &[],
+    );
+    ffmpeg_make(
+        root,
+        &format!(
+            "{} {H264} -f hls -hls_time 1 -hls_playlist_type vod -master_pl_name master.m3u8 \
+             -hls_segment_filename long/v/seg%03d.ts long/v/index.m3u8",
+            SOURCES.replace("{d}", "8")
+        ),
+        &[],
+    );
+    for set in ["fmp4", "long"] {
+        lift_master(&root.join(set));
+    }
+    ffmpeg_make(root, &format!("{} {H264} files/progressive.mp4", SOURCES.replace("{d}", "6")), &[]);
+    let mp4 = std::fs::read(root.join("files/progressive.mp4")).unwrap();
+    assert!(find(&mp4, b"moov").unwrap() > find(&mp4, b"mdat").unwrap(), "the index must be at the end");
+    ffmpeg_make(root, &format!("{four} {H264} files/video.mkv"), &[]);
+}
+
+/// ffmpeg writes a single variant's master beside its media playlist
+/// (`v/`); hosters keep it one level up.
+fn lift_master(set: &Path) {
+    let master = std::fs::read_to_string(set.join("v/master.m3u8")).unwrap();
+    std::fs::write(set.join("master.m3u8"), master.replace("\nindex.m3u8", "\nv/index.m3u8")).unwrap();
+    std::fs::remove_file(set.join("v/master.m3u8")).unwrap();
+}
+
+/// Every file of a stream directory a player fetches (playlists, keys,
+/// segments), as nginx paths. `subtitles`: the WebVTT rendition too.
+fn stream_files(dir: &str, subtitles: bool) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![media().join(dir)];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = format!("/{}", p.strip_prefix(media()).unwrap().display());
+            let vtt = rel.ends_with(".vtt") || rel.ends_with("_vtt.m3u8");
+            if p.is_dir() {
+                if !rel.ends_with("/dis") {
+                    stack.push(p);
+                }
+            } else if !vtt || subtitles {
+                out.insert(rel);
+            }
+        }
+    }
+    out
+}
+
+// ---- origins -----------------------------------------------------------------
+
+/// nginx serving the media root, logging each request with its Range and
+/// whether it came through the proxy.
+struct MediaServer {
+    nginx: Spawned,
+    port: u16,
+}
+
+/// One request as nginx logged it.
+#[derive(Debug, Clone)]
+struct Logged {
+    path: String,
+    status: u16,
+    range: String,
+    through_proxy: bool,
+}
+
+impl MediaServer {
+    async fn start() -> MediaServer {
+        let port = unused_addr().port();
+        let nginx = spawn_nginx(&format!(
+            "log_format players '$request_method $uri $status \"$http_range\" [$http_x_through_proxy]';\n\
+             types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4 m4s; image/jpeg jpg;\n\
+               image/png png; text/html html; text/vtt vtt; video/x-matroska mkv; }}\n\
+             default_type application/octet-stream;\n\
+             server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log players; }}\n",
+            media().display()
+        ));
+        nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+        MediaServer { nginx, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> Vec<Logged> {
+        self.nginx
+            .read("access.log")
+            .lines()
+            .map(|l| {
+                let (_method, rest) = l.split_once(' ').unwrap();
+                let (path, rest) = rest.split_once(' ').unwrap();
+                let (status, rest) = rest.split_once(' ').unwrap();
+                let (range, flag) = rest.rsplit_once(' ').unwrap();
+                Logged {
+                    path: path.into(),
+                    status: status.parse().unwrap(),
+                    range: range.trim_matches('"').into(),
+                    through_proxy: flag == "[1]",
+                }
+            })
+            .collect()
+    }
+
+    /// Everything nginx served came through the proxy; returns the paths.
+    fn served_through_proxy(&self) -> BTreeSet<String> {
+        let log = self.log();
+        assert!(!log.is_empty(), "nothing reached nginx");
+        for l in &log {
+            assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
+            assert!(matches!(l.status, 200 | 206), "nginx answered {l:?}");
+        }
+        log.into_iter().map(|l| l.path).collect()
+    }
+
+    /// Every file in `want` was served (through the proxy).
+    fn assert_served(&self, want: &BTreeSet<String>) {
+        let served = self.served_through_proxy();
+        let missing: Vec<&String> = want.difference(&served).collect();
+        assert!(missing.is_empty(), "never fetched through the proxy: {missing:?}");
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// A hoster with the quirks nginx does not produce, serving `ts/` (with
+/// ranges, like a static file server) under prefixes that name the quirk:
+/// - `/oct/...`: every file as `application/octet-stream`, and `/oct/master`
+///   the master playlist under a name without an extension;
+/// - `/gz/...`: playlists gzip-encoded whatever the request accepts;
+/// - `/tok/...`: media playlists whose segment and key URIs are absolute
+///   nginx URLs with query tokens;
+/// - `/redir/...`: playlists here, segments answered by a redirect to
+///   nginx under another host name (`localhost`).
+///
+/// And the hls.js page, hls.js itself and `/report` for the page's results.
+async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
+    let ts = media().join("ts");
+    Origin::start(move |req| {
+        let path = req.path();
+        let file = |rel: &str| std::fs::read(ts.join(rel)).ok().filter(|_| !rel.contains(".."));
+        let quirk = path.trim_start_matches('/').split_once('/');
+        match (path, quirk) {
+            ("/page.html", _) => {
+                Resp::new(200, Body::Bytes(PAGE.into())).header("Content-Type", "text/html; charset=utf-8").into()
+            }
+            ("/hls.min.js", _) => match &hlsjs {
+                Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
+                None => Resp::new(404, Body::Bytes(Vec::new())).into(),
+            },
+            ("/report", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
+            ("/oct/master", _) => {
+                serve_bytes(req, &file("master.m3u8").unwrap(), Some("application/octet-stream")).into()
+            }
+            (_, Some(("oct", rel))) => match file(rel) {
+                Some(b) => serve_bytes(req, &b, Some("application/octet-stream")).into(),
+                None => Resp::new(404, Body::Bytes(Vec::new())).into(),
+            },
+            (_, Some(("gz", rel))) if rel.ends_with(".m3u8") => Resp::new(200, Body::Bytes(gzip(&file(rel).unwrap())))
+                .header("Content-Type", "application/vnd.apple.mpegurl")
+                .header("Content-Encoding", "gzip")
+                .into(),
+            (_, Some(("gz", rel))) => serve_bytes(req, &file(rel).unwrap(), Some("video/mp2t")).into(),
+            (_, Some(("tok", rel))) => {
+                let dir = rel.rsplit_once('/').map_or("", |(d, _)| d);
+                let text = String::from_utf8(file(rel).unwrap()).unwrap();
+                let nginx = format!("http://127.0.0.1:{nginx_port}/ts");
+                let text = text
+                    .lines()
+                    .map(|l| {
+                        if l.ends_with(".ts") && !l.starts_with('#') {
+                            format!("{nginx}/{dir}/{l}?token=tok-{l}&expires=4102444800")
+                        } else {
+                            l.replace("URI=\"../key.bin\"", &format!("URI=\"{nginx}/key.bin?token=k\""))
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                serve_bytes(req, text.as_bytes(), Some("application/vnd.apple.mpegurl")).into()
+            }
+            (_, Some(("redir", rel))) if rel.ends_with(".m3u8") => {
+                serve_bytes(req, &file(rel).unwrap(), Some("application/vnd.apple.mpegurl")).into()
+            }
+            (_, Some(("redir", rel))) => Resp::new(302, Body::Bytes(Vec::new()))
+                .header("Location", &format!("http://localhost:{nginx_port}/ts/{rel}"))
+                .into(),
+            _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
+        }
+    })
+    .await
+}
+
+/// The proxy in token mode, allowed to reach loopback origins, adding
+/// `X-Through-Proxy: 1` to every upstream request (a provider profile).
+async fn proxy(token_ttl: &str) -> Proxy {
+    Proxy::start(&format!(
+        "auth: {{mode: token, token_ttl: \"{token_ttl}\"}}\n\
+         egress: {{allow_cidrs: [\"127.0.0.0/8\", \"::1/128\"]}}\n\
+         providers: [{{hosts: [\"127.0.0.1\", \"localhost\"], headers: {{X-Through-Proxy: \"1\"}}}}]\n"
+    ))
+    .await
+}
+
+/// The signed relay URL of `upstream` with the cosmetic name `hint`.
+fn relay_url(p: &Proxy, hint: &str, upstream: &str) -> String {
+    format!("http://{}{}", p.addr(), signed_relay_path(hint, upstream, Some(now() + 600)))
+}
+
+// ---- players -----------------------------------------------------------------
+
+/// What a player printed and how it ended.
+struct Played {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Played {
+    /// It exited successfully and its log (standard error) has no line
+    /// about an error.
+    #[track_caller]
+    fn assert_clean(&self, what: &str, harmless: &[&str]) {
+        assert!(self.ok, "{what} failed: {}{}", self.stderr, self.stdout);
+        for line in self.stderr.lines() {
+            // VLC starts lines with an object address in hex: not words.
+            let text = line.split_once("] ").filter(|_| line.starts_with('[')).map_or(line, |(_, t)| t);
+            let l = text.to_ascii_lowercase();
+            // HTTP failures read "HTTP error 403 Forbidden", "failed to ...".
+            let bad = ["error", "fail", "invalid", "not in allowed", "forbidden", "unauthorized", "not found"];
+            if bad.iter().any(|b| l.contains(b)) && !harmless.iter().any(|h| line.contains(h)) {
+                panic!("{what} reported: {line}\n{}", self.stderr);
+            }
+        }
+    }
+}
+
+/// Runs a player to its end (killed after `limit`).
+async fn play(program: &str, args: &[String], limit: Duration) -> Played {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let out = tokio::time::timeout(limit, cmd.output())
         .await
-        .unwrap()
+        .unwrap_or_else(|_| panic!("{program} did not finish within {limit:?}"))
+        .unwrap();
+    Played {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+/// Whether `program` can run here. A player that cannot is reported in the
+/// test output as skipped, with the reason (not captured by the harness);
+/// scripts/test.sh installs them all.
+fn runnable(program: &str, version_arg: &str) -> bool {
+    let ok = std::process::Command::new(program).arg(version_arg).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {program} cannot run on this machine (scripts/test.sh installs it); its checks did not run"
+        );
+    }
+    ok
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// ffmpeg decodes every stream of `url` (Jellyfin runs ffmpeg with its
+/// defaults: `extension_picky` on); returns the frames per stream.
+async fn ffmpeg_decode(url: &str, extra: &[&str]) -> (Played, Vec<usize>) {
+    let mut a = args(&["-nostdin", "-v", "warning"]);
+    a.extend(args(extra));
+    a.extend(args(&["-i", url, "-map", "0", "-f", "framecrc", "-"]));
+    let played = play("ffmpeg", &a, Duration::from_secs(60)).await;
+    let mut frames = Vec::new();
+    for line in played.stdout.lines().filter(|l| !l.starts_with('#')) {
+        let stream: usize = line.split(',').next().unwrap().trim().parse().unwrap();
+        if frames.len() <= stream {
+            frames.resize(stream + 1, 0);
+        }
+        frames[stream] += 1;
+    }
+    (played, frames)
+}
+
+/// The hls.js page: plays `?src=` muted, with the first subtitle track
+/// on, and reports to `/report` how it ended (`ended` with the position,
+/// the duration and the subtitle fragments loaded — waiting up to 5 s for
+/// the first — or a fatal `error`).
+const PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" muted autoplay playsinline></video>
+<script src="/hls.min.js"></script>
+<script>
+const report = (q) => fetch('/report?' + q).catch(() => {});
+const v = document.getElementById('v');
+let subs = 0, fatal = false, warnings = [];
+if (!window.Hls || !Hls.isSupported()) report('error=' + encodeURIComponent('hls.js unsupported'));
+const hls = new Hls();
+hls.on(Hls.Events.ERROR, (_, d) => {
+  if (d.fatal) { fatal = true; report('error=' + encodeURIComponent(d.type + ' ' + d.details)); }
+  else warnings.push(d.details + (d.frag ? ' ' + d.frag.type + ' ' + d.frag.sn : ''));
+});
+hls.on(Hls.Events.MANIFEST_PARSED, () => { v.play().catch((e) => report('error=' + encodeURIComponent('play ' + e))); });
+hls.on(Hls.Events.SUBTITLE_TRACKS_UPDATED, (_, d) => { if (d.subtitleTracks.length && hls.subtitleTrack < 0) hls.subtitleTrack = 0; });
+hls.on(Hls.Events.SUBTITLE_FRAG_PROCESSED, () => { subs += 1; });
+v.addEventListener('ended', () => {
+  // Subtitle fragments load beside the video: give them a moment.
+  const at = v.currentTime, waited = Date.now();
+  const done = () => {
+    if (subs === 0 && Date.now() - waited < 5000) return setTimeout(done, 100);
+    if (!fatal) report('ended=' + at + '&duration=' + v.duration + '&subs=' + subs + '&warnings=' + encodeURIComponent(warnings.join(';')));
+  };
+  done();
+});
+hls.loadSource(new URLSearchParams(location.search).get('src'));
+hls.attachMedia(v);
+</script>
+"#;
+
+// ---- the checks ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_plays_every_hls_variant_from_nginx() {
+    tool("ffmpeg");
+    let nginx = MediaServer::start().await;
+    let p = proxy("15m").await;
+
+    // A master with two variants and two audio renditions, AES-128 keys.
+    let (played, frames) = ffmpeg_decode(&relay_url(&p, "master.m3u8", &nginx.url("/ts/master.m3u8")), &[]).await;
+    played.assert_clean("ffmpeg (TS master)", &[]);
+    assert_eq!(frames.iter().filter(|&&n| n == 100).count(), 2, "two 4 s video variants at 25 fps: {frames:?}");
+    assert_eq!(frames.len(), 4, "two video variants and two audio renditions: {frames:?}");
+    nginx.assert_served(&stream_files("ts", false));
+    // nginx answers the players' `bytes=0-` with 206; the proxy asks for
+    // playlists whole, so no playlist went upstream with a Range.
+    assert!(nginx.log().iter().filter(|l| l.path.ends_with(".m3u8")).all(|l| l.range == "-" && l.status == 200));
+
+    // The WebVTT subtitle rendition (ffmpeg reads it on its own).
+    let sub = relay_url(&p, "index_vtt.m3u8", &nginx.url("/ts/hi/index_vtt.m3u8"));
+    let played =
+        play("ffmpeg", &args(&["-nostdin", "-v", "error", "-i", &sub, "-f", "srt", "-"]), Duration::from_secs(30))
+            .await;
+    played.assert_clean("ffmpeg (WebVTT rendition)", &[]);
+    assert!(played.stdout.contains("Hallo") && played.stdout.contains("Welt"), "{}", played.stdout);
+
+    // Fragmented MP4 with #EXT-X-MAP.
+    let (played, frames) = ffmpeg_decode(&relay_url(&p, "master.m3u8", &nginx.url("/fmp4/master.m3u8")), &[]).await;
+    played.assert_clean("ffmpeg (fMP4)", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+    nginx.assert_served(&stream_files("fmp4", false));
+
+    // #EXT-X-BYTERANGE: players ask ranges of one file; they pass as 206.
+    let (played, frames) = ffmpeg_decode(&relay_url(&p, "index.m3u8", &nginx.url("/br/index.m3u8")), &[]).await;
+    played.assert_clean("ffmpeg (byte ranges)", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+    let ranged: Vec<Logged> = nginx.log().into_iter().filter(|l| l.path == "/br/index.ts").collect();
+    assert!(ranged.len() >= 4 && ranged.iter().all(|l| l.status == 206 && l.range.starts_with("bytes=")), "{ranged:?}");
+    nginx.served_through_proxy();
+
+    // Segments disguised as images and HTML: ffmpeg refuses them directly,
+    // and plays them through the proxy, whose names for them end in .ts.
+    let bare = MediaServer::start().await;
+    let direct = play(
+        "ffmpeg",
+        &args(&["-nostdin", "-v", "error", "-i", &bare.url("/ts/dis/index.m3u8"), "-f", "null", "-"]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!direct.ok && direct.stderr.contains("allowed_segment_extensions"), "{}", direct.stderr);
+    let log_before = nginx.log().len();
+    let (played, frames) = ffmpeg_decode(&relay_url(&p, "index.m3u8", &nginx.url("/ts/dis/index.m3u8")), &[]).await;
+    played.assert_clean("ffmpeg (disguised segments)", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+    let served: Vec<String> = nginx.log()[log_before..].iter().map(|l| l.path.clone()).collect();
+    for ext in ["jpg", "png", "html"] {
+        assert!(served.iter().any(|s| s.ends_with(ext)), "no .{ext} segment fetched: {served:?}");
+    }
+    nginx.served_through_proxy();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ffprobe_and_a_seeking_ffmpeg_read_a_progressive_mp4_through_the_relay() {
-    let data = Arc::new(make_mp4());
-    let d = data.clone();
-    // No Content-Type upstream: the hint's extension names it.
-    let o = Origin::start(move |req| serve_bytes(req, &d, None).into()).await;
-    let p = Proxy::start("auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.1/32\"]}\n").await;
-    let path = signed_relay_path("episode.mp4", &o.url("/v"), Some(now() + 300));
-    let url = format!("http://{}{path}", p.addr());
+async fn ffmpeg_plays_hoster_quirks() {
+    tool("ffmpeg");
+    let nginx = MediaServer::start().await;
+    let h = hoster(nginx.port, None).await;
+    let p = proxy("15m").await;
+    for (name, hint, path) in [
+        // An extension-less master served as octet-stream (and 206 to bytes=0-).
+        ("octet-stream master", "master", "/oct/master"),
+        // Gzip though the proxy asks for identity.
+        ("gzip playlist", "index.m3u8", "/gz/hi/index.m3u8"),
+        // Absolute segment URLs with query tokens, on another origin.
+        ("tokenised segments", "index.m3u8", "/tok/lo/index.m3u8"),
+        // Segments reached through a redirect to another host.
+        ("redirected segments", "index.m3u8", "/redir/lo/index.m3u8"),
+    ] {
+        let (played, frames) = ffmpeg_decode(&relay_url(&p, hint, &h.url(path)), &[]).await;
+        played.assert_clean(&format!("ffmpeg ({name})"), &[]);
+        assert!(frames.contains(&100), "{name}: {frames:?}");
+    }
+    assert!(h.requests().iter().all(|r| r.header("x-through-proxy") == Some("1")), "a request bypassed the proxy");
+    let served = nginx.served_through_proxy();
+    assert!(served.contains("/ts/key.bin") && served.contains("/ts/lo/seg003.ts"), "{served:?}");
+    let log = nginx.log();
+    assert!(log.iter().any(|l| l.path == "/ts/lo/seg000.ts"), "the redirected and tokenised segments came from nginx");
+    // The octet-stream master's variants were all read through the proxy.
+    for v in ["hi", "lo", "ja", "de"] {
+        assert!(h.count(&format!("/oct/{v}/index.m3u8")) > 0, "{v}");
+        assert!(h.count(&format!("/oct/{v}/seg003.ts")) > 0, "{v}");
+    }
+}
 
-    let got = get(p.addr(), "HEAD", &path, &[]).await;
-    assert_eq!(got.status, 200);
-    assert_eq!(got.header("content-type"), Some("video/mp4"));
-    assert_eq!(got.header("content-length"), Some(data.len().to_string().as_str()));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffprobe_and_ffmpeg_seek_near_the_end_of_hls_mp4_and_mkv() {
+    tool("ffmpeg");
+    let nginx = MediaServer::start().await;
+    let p = proxy("15m").await;
 
-    let probe = run(
+    // HLS: one second from 3 s of a 4 s stream.
+    let master = relay_url(&p, "master.m3u8", &nginx.url("/ts/master.m3u8"));
+    let (played, frames) = ffmpeg_decode(&master, &["-ss", "3"]).await;
+    played.assert_clean("ffmpeg -ss 3 (HLS)", &[]);
+    assert!(frames.iter().any(|&n| (20..=30).contains(&n)), "about 25 frames after the seek: {frames:?}");
+    assert!(nginx.log().iter().any(|l| l.path == "/ts/hi/seg003.ts"), "the last segment was read");
+
+    // A progressive MP4 whose index is at its end: ffprobe must ask for a
+    // later range to find it; ffmpeg seeks to 4 s of 6 and decodes a second.
+    let mp4 = relay_url(&p, "episode.mp4", &nginx.url("/files/progressive.mp4"));
+    let head = get(p.addr(), "HEAD", mp4.trim_start_matches(&format!("http://{}", p.addr())), &[]).await;
+    assert_eq!((head.status, head.header("content-type")), (200, Some("video/mp4")));
+    let size = std::fs::metadata(media().join("files/progressive.mp4")).unwrap().len().to_string();
+    assert_eq!(head.header("content-length"), Some(size.as_str()));
+    let probe = play(
         "ffprobe",
-        ["-v", "error", "-show_entries", "format=duration:stream=codec_name,width,height", "-of", "default=nw=1"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([url.clone()])
-            .collect(),
+        &args(&[
+            "-v",
+            "error",
+            "-show_entries",
+            "format=duration:stream=codec_name,width",
+            "-of",
+            "default=nw=1",
+            &mp4,
+        ]),
+        Duration::from_secs(30),
     )
     .await;
-    let text = String::from_utf8_lossy(&probe.stdout);
-    assert!(probe.status.success(), "ffprobe failed: {}", String::from_utf8_lossy(&probe.stderr));
-    assert!(text.contains("codec_name=h264") && text.contains("width=320") && text.contains("height=240"), "{text}");
-    let duration: f64 =
-        text.lines().find_map(|l| l.strip_prefix("duration=")).and_then(|v| v.parse().ok()).expect("a duration");
-    assert!((duration - 6.0).abs() < 0.1, "duration {duration}");
-    // To find the index at the end, ffprobe had to ask for a later range.
-    let ranged_past_start = |reqs: &[SeenRequest]| {
-        reqs.iter().filter_map(|r| r.header("range")).any(|r| !r.starts_with("bytes=0-") && r.starts_with("bytes="))
-    };
+    probe.assert_clean("ffprobe (progressive MP4)", &[]);
+    assert!(probe.stdout.contains("codec_name=h264") && probe.stdout.contains("width=320"), "{}", probe.stdout);
+    let duration: f64 = probe.stdout.lines().find_map(|l| l.strip_prefix("duration=")?.parse().ok()).unwrap();
+    assert!((duration - 6.0).abs() < 0.1, "{duration}");
     assert!(
-        ranged_past_start(&o.requests()),
-        "{:?}",
-        o.requests().iter().map(|r| r.header("range")).collect::<Vec<_>>()
-    );
-
-    // Seek to 4 s and decode one second: every frame must decode cleanly.
-    let before = o.requests().len();
-    let decode = run(
-        "ffmpeg",
-        ["-v", "error", "-xerror", "-ss", "4", "-i", &url, "-t", "1", "-f", "framemd5", "-"]
+        nginx
+            .log()
             .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            .any(|l| l.path == "/files/progressive.mp4" && l.status == 206 && !l.range.starts_with("bytes=0-")),
+        "ffprobe asked for the index at the end"
+    );
+    let decode = play(
+        "ffmpeg",
+        &args(&[
+            "-nostdin", "-v", "error", "-xerror", "-ss", "4", "-i", &mp4, "-t", "1", "-map", "0:v", "-f", "framecrc",
+            "-",
+        ]),
+        Duration::from_secs(30),
     )
     .await;
-    assert!(decode.status.success(), "ffmpeg failed: {}", String::from_utf8_lossy(&decode.stderr));
-    let frames = String::from_utf8_lossy(&decode.stdout).lines().filter(|l| !l.starts_with('#')).count();
+    decode.assert_clean("ffmpeg -ss 4 (progressive MP4)", &[]);
+    let frames = decode.stdout.lines().filter(|l| !l.starts_with('#')).count();
     assert!((24..=26).contains(&frames), "decoded {frames} frames of one second at 25 fps");
-    assert!(ranged_past_start(&o.requests()[before..]));
+
+    // MKV, played whole and from near its end.
+    let mkv = relay_url(&p, "episode.mkv", &nginx.url("/files/video.mkv"));
+    let (played, frames) = ffmpeg_decode(&mkv, &[]).await;
+    played.assert_clean("ffmpeg (MKV)", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+    let (played, frames) = ffmpeg_decode(&mkv, &["-ss", "3"]).await;
+    played.assert_clean("ffmpeg -ss 3 (MKV)", &[]);
+    assert!(frames.iter().any(|n| (20..=30).contains(n)), "{frames:?}");
+    nginx.served_through_proxy();
+}
+
+/// mpv's end of playback: how it ended and the last position it showed
+/// (a Lua script prints them; mpv is quiet otherwise).
+const MPV_REPORT: &str = r#"local last = nil
+mp.observe_property("time-pos", "number", function(_, v) if v then last = v end end)
+mp.register_event("end-file", function(e) mp.msg.warn(string.format("END reason=%s pos=%s", e.reason, tostring(last))) end)
+"#;
+
+async fn mpv(url: &str, start: Option<&str>, script: &Path) -> f64 {
+    let mut a = args(&["--no-config", "--vo=null", "--ao=null", "--no-input-terminal", "--msg-level=all=warn"]);
+    a.push(format!("--script={}", script.display()));
+    if let Some(s) = start {
+        a.push(format!("--start={s}"));
+    }
+    a.push(url.to_string());
+    let mut played = play("mpv", &a, Duration::from_secs(60)).await;
+    // mpv logs to standard output when that is not a terminal.
+    played.stderr.push_str(&std::mem::take(&mut played.stdout));
+    // ffmpeg's HLS demuxer says it ignores the subtitle rendition.
+    played.assert_clean("mpv", &["Can't support the subtitle"]);
+    let end = played.stderr.lines().find_map(|l| l.split_once("END ")).map(|(_, e)| e);
+    let end = end.unwrap_or_else(|| panic!("mpv gave no end: {}", played.stderr));
+    assert!(end.starts_with("reason=eof"), "mpv ended with {end}");
+    end.rsplit_once("pos=").and_then(|(_, p)| p.trim().parse().ok()).unwrap_or_else(|| panic!("no position: {end}"))
+}
+
+/// VLC (its own HLS module) to the end; VLC refuses to run as root, so
+/// there it runs as `nobody`.
+async fn vlc(url: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let mut a = Vec::new();
+    let root = is_root();
+    if root {
+        std::fs::set_permissions(home.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        a.extend(args(&["-u", "nobody", "--", "env", &format!("HOME={}", home.path().display()), "cvlc"]));
+    }
+    a.extend(args(&["-I", "dummy", "--no-dbus", "--vout", "dummy", "--aout", "dummy"]));
+    a.extend(args(&["--play-and-exit", "--no-loop", "--no-repeat", "--verbose=1"]));
+    a.push(url.to_string());
+    let played = play(if root { "runuser" } else { "cvlc" }, &a, Duration::from_secs(60)).await;
+    // libvlc always tries a global-hotkeys interface, which needs a desktop.
+    played.assert_clean(
+        "vlc",
+        &["\"globalhotkeys,none\" initialization failed", "main interface error: no suitable interface module"],
+    );
+    assert!(played.stderr.contains("end of playlist"), "vlc did not reach the end: {}", played.stderr);
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether `program` is installed (on PATH), reported as skipped if not.
+fn installed(program: &str) -> bool {
+    let ok = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: {program} is not installed on this machine (scripts/test.sh installs it); its checks did not run"
+        );
+    }
+    ok
+}
+
+/// hls.js in headless Chromium, on a page served by `page_origin` (another
+/// origin than the proxy: CORS), plays `src`; returns the page's report.
+async fn hlsjs(page_origin: &Origin, src: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let page = format!("{}?src={}", page_origin.url("/page.html"), anibridge_proxy::auth::quote_plus(src));
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args([
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--mute-audio",
+        "--autoplay-policy=no-user-gesture-required",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg(page)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .kill_on_drop(true);
+    let _chromium = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(r) = page_origin.requests().iter().find(|r| r.path() == "/report") {
+            return r.target.split_once('?').map_or("", |(_, q)| q).to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "the hls.js page never reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
+    let nginx = MediaServer::start().await;
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(nginx.port, js.clone()).await;
+    let p = proxy("15m").await;
+    let script = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    std::fs::write(script.path(), MPV_REPORT).unwrap();
+    let ts = relay_url(&p, "master.m3u8", &nginx.url("/ts/master.m3u8"));
+    let fmp4 = relay_url(&p, "master.m3u8", &nginx.url("/fmp4/master.m3u8"));
+
+    // Players run side by side: each plays a few seconds in real time.
+    let mpv_runs = async {
+        if !runnable("mpv", "--version") {
+            return;
+        }
+        let (a, b, c) = tokio::join!(
+            mpv(&ts, None, script.path()),
+            mpv(&fmp4, None, script.path()),
+            mpv(&ts, Some("3"), script.path())
+        );
+        assert!(a > 3.8 && b > 3.8, "mpv stopped at {a} / {b} of 4 s");
+        assert!(c > 3.8, "mpv from 3 s stopped at {c}");
+    };
+    let vlc_run = async {
+        if installed("cvlc") && (!is_root() || installed("runuser")) {
+            vlc(&ts).await;
+        }
+    };
+    let hlsjs_run = async {
+        let Some(_) = js else {
+            let _ = writeln!(std::io::stderr(), "SKIPPED: hls.js is not there (set HLSJS; scripts/test.sh fetches it)");
+            return;
+        };
+        if !runnable("chromium", "--version") {
+            return;
+        }
+        let report = hlsjs(&h, &ts).await;
+        let q = anibridge_proxy::auth::Query::parse(Some(&report));
+        assert!(q.get("error").is_none(), "hls.js failed: {report}");
+        let at: f64 = q.get("ended").unwrap().parse().unwrap();
+        let duration: f64 = q.get("duration").unwrap().parse().unwrap();
+        assert!(duration > 3.5 && at >= duration - 0.3, "hls.js ended at {at} of {duration}");
+        assert!(q.get("subs").unwrap().parse::<u32>().unwrap() > 0, "no WebVTT fragment loaded: {report}");
+    };
+    tokio::join!(mpv_runs, vlc_run, hlsjs_run);
+
+    let served = nginx.served_through_proxy();
+    for f in ["/ts/master.m3u8", "/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
+        assert!(served.contains(f), "{f} never fetched: {served:?}");
+    }
+    assert!(served.iter().any(|s| s.ends_with("/seg003.ts")), "no last TS segment: {served:?}");
+    if js.is_some() && served.contains("/ts/hi/index_vtt.m3u8") {
+        assert!(served.iter().any(|s| s.ends_with(".vtt")), "subtitle segments: {served:?}");
+    }
+}
+
+/// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
+/// of the VOD's media playlist stay valid for its playback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vod_longer_than_token_ttl_plays_to_the_end_in_real_time() {
+    tool("ffmpeg");
+    let nginx = MediaServer::start().await;
+    let p = proxy("2s").await;
+    let long = relay_url(&p, "master.m3u8", &nginx.url("/long/master.m3u8"));
+    let script = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    std::fs::write(script.path(), MPV_REPORT).unwrap();
+    let ffmpeg_re = async {
+        let (played, frames) = ffmpeg_decode(&long, &["-re"]).await;
+        played.assert_clean("ffmpeg -re", &[]);
+        assert!(frames.contains(&200), "8 s at 25 fps: {frames:?}");
+    };
+    let mpv_run = async {
+        if runnable("mpv", "--version") {
+            let at = mpv(&long, None, script.path()).await;
+            assert!(at > 7.8, "mpv stopped at {at} of 8 s");
+        }
+    };
+    tokio::join!(ffmpeg_re, mpv_run);
+    let served = nginx.served_through_proxy();
+    assert!(served.contains("/long/v/seg007.ts"), "{served:?}");
 }

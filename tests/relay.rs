@@ -72,6 +72,7 @@ async fn origin() -> Origin {
                 .header("Content-Type", "video/mp4")
                 .into(),
             "/hang" => Action::Hang,
+            p if p.starts_with("/Folge%201") => serve_file(req, 1000, Some("video/mp4")).into(),
             "/garbage" => Action::Raw(b"HTTP/1.1 abc\r\n\r\n".to_vec()),
             "/nocontent" => Resp::new(204, Body::Empty { content_length: None }).into(),
             "/notmodified" => Resp::new(304, Body::Empty { content_length: None }).header("ETag", "\"v1\"").into(),
@@ -319,6 +320,21 @@ async fn head_with_range_falls_back_with_the_clients_range() {
     assert!(got.body.is_empty());
     let fallback = o.requests().into_iter().find(|r| r.method == "GET").unwrap();
     assert_eq!(fallback.header("range"), Some("bytes=10-19"));
+}
+
+/// Hoster file names have spaces and umlauts: `u=` takes them as a browser
+/// would and sends them upstream percent-encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_with_spaces_and_non_ascii_is_sent_percent_encoded() {
+    let (o, p) = setup().await;
+    let raw = format!("{}/Folge 1 – Schöne Grüße.mp4?name=ä b", o.url(""));
+    let got = get(p.addr(), "GET", &relay_path("ep.mp4", &raw), &[("Range", "bytes=0-9")]).await;
+    assert_eq!(got.status, 206, "{}", got.text());
+    let target = &o.requests()[0].target;
+    assert_eq!(
+        target, "/Folge%201%20%E2%80%93%20Sch%C3%B6ne%20Gr%C3%BC%C3%9Fe.mp4?name=%C3%A4%20b",
+        "as a browser would send it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

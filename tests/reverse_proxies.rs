@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -13,25 +13,8 @@ use tokio::io::AsyncReadExt;
 
 /// A reverse proxy running in front of the proxy, stopped when dropped.
 struct Front {
-    child: Child,
+    process: process::Spawned,
     port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nginx_bin() -> String {
-    for p in ["nginx", "/usr/sbin/nginx"] {
-        if Command::new(p).arg("-v").output().is_ok_and(|o| o.status.success()) {
-            return p.to_string();
-        }
-    }
-    panic!("nginx is required for this test (.ci/run installs it: apt-get install nginx-light)");
 }
 
 /// Runs conf/nginx.conf with its listen port and upstream address replaced.
@@ -42,22 +25,8 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Front {
     let snippet = snippet
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
         .replace("server 127.0.0.1:8080;", &format!("server {proxy};"));
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().display().to_string();
-    std::fs::write(dir.path().join("site.conf"), snippet).unwrap();
-    std::fs::write(
-        dir.path().join("main.conf"),
-        format!(
-            // One process, no master: killing the child stops nginx
-            // outright (a killed master would leave its worker running).
-            "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{ access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n include {d}/site.conf; }}\n"
-        ),
-    )
-    .unwrap();
-    Front::start(Command::new(nginx_bin()).args(["-c", &format!("{d}/main.conf"), "-p", &d]), port, dir, "error.log")
-        .await
+    let nginx = process::spawn_nginx(&format!("access_log off;\n{snippet}"));
+    Front::start(nginx, port, "error.log").await
 }
 
 fn traefik_bin() -> String {
@@ -91,16 +60,16 @@ async fn traefik_in_front_of(proxy: std::net::SocketAddr) -> Front {
         dynamic.replace("url: \"http://127.0.0.1:8080\"", &format!("url: \"http://{proxy}\"")),
     )
     .unwrap();
-    Front::start(Command::new(traefik_bin()).arg(format!("--configFile={d}/traefik.yml")), port, dir, "traefik.log")
-        .await
+    let traefik =
+        process::Spawned::start(Command::new(traefik_bin()).arg(format!("--configFile={d}/traefik.yml")), dir);
+    Front::start(traefik, port, "traefik.log").await
 }
 
 impl Front {
-    /// Spawns `cmd`, configured in `dir` to listen on `port` and to log to
-    /// `log` there, and waits until it routes to the proxy.
-    async fn start(cmd: &mut Command, port: u16, dir: tempfile::TempDir, log: &str) -> Front {
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
-        let front = Front { child, port, dir };
+    /// Waits until `process`, configured to listen on `port` and to log to
+    /// `log` in its directory, routes to the proxy.
+    async fn start(process: process::Spawned, port: u16, log: &str) -> Front {
+        let front = Front { process, port };
         front.wait_until_routing(log).await;
         front
     }
@@ -119,11 +88,7 @@ impl Front {
             {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the front did not start routing: {}",
-                std::fs::read_to_string(self.dir.path().join(log)).unwrap_or_default()
-            );
+            assert!(Instant::now() < deadline, "the front did not start routing: {}", self.process.read(log));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

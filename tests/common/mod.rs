@@ -4,6 +4,8 @@
 //! cleanly terminated, and a harness that runs the real proxy in-process.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
