@@ -293,8 +293,17 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_never_contain_secrets_or_upstream_urls() {
-    let o = Origin::start(|req| match req.path() {
+    let resumed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = resumed.clone();
+    let o = Origin::start(move |req| match req.path() {
         "/die-secret-path.mp4" => Resp::new(200, Body::DieAfter { declared: 100_000, sent: pattern(0, 1000) }).into(),
+        // Dies once, then is resumed: the log says so, without the path or query.
+        "/resume-secret-path.mp4" if !once.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+            let mut r = serve_file(req, 100_000, Some("video/mp4"));
+            r.body = Body::DieAfter { declared: 100_000, sent: pattern(0, 1000) };
+            r.into()
+        }
+        "/resume-secret-path.mp4" => serve_file(req, 100_000, Some("video/mp4")).into(),
         _ => serve_file(req, 1000, Some("video/mp4")).into(),
     })
     .await;
@@ -315,6 +324,8 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     assert_eq!(get(p.addr(), "GET", &ok, &[]).await.status, 200);
     let (dies, sig_dies) = signed("/die-secret-path.mp4");
     assert!(!get(p.addr(), "GET", &dies, &[]).await.complete);
+    let (resumes, sig_resumes) = signed("/resume-secret-path.mp4?token=TOKEN-in-query");
+    assert!(get(p.addr(), "GET", &resumes, &[]).await.complete);
     let bad = format!("{}&sig=0123456789abcdef-BADSIG", relay_path("v.mp4", &o.url("/secret-path.mp4")));
     assert_eq!(get(p.addr(), "GET", &bad, &[("X-Api-Key", "KEY-should-not-log")]).await.status, 401);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -322,7 +333,12 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     let _ = p.child.wait();
     let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
     assert!(log.contains("route=relay status=200"), "access lines are written: {log}");
-    for needle in [secret, &sig_ok, &sig_dies, "BADSIG", "secret-path", "KEY-should-not-log", "u=http"] {
+    assert!(
+        log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
+        "one line per resumption: {log}"
+    );
+    let needles = [secret, &sig_ok, &sig_dies, &sig_resumes, "BADSIG", "secret-path", "KEY-should-not-log", "u=http"];
+    for needle in needles.into_iter().chain(["TOKEN-in-query"]) {
         assert!(!log.contains(needle), "log contains {needle:?}:\n{log}");
     }
 }

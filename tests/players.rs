@@ -24,7 +24,7 @@ use common::process::{spawn_nginx, Spawned};
 use common::*;
 
 /// Bump when the media below change (a new directory is generated).
-const MEDIA_VERSION: &str = "players-media-v2";
+const MEDIA_VERSION: &str = "players-media-v3";
 
 // ---- media -----------------------------------------------------------------
 
@@ -33,7 +33,7 @@ const MEDIA_VERSION: &str = "players-media-v2";
 /// (one variant with its segments disguised as .jpg/.png/.html), `fmp4/`
 /// (fragmented MP4 with `#EXT-X-MAP`, 4 s), `br/` (`#EXT-X-BYTERANGE`
 /// segments of one file, 4 s), `long/` (8 s), `files/` (a progressive MP4
-/// with its index at the end, 6 s, and an MKV, 4 s).
+/// with its index at the end, 6 s, an MKV, 4 s, and a 30 s MP4 of a few MB).
 fn media() -> &'static Path {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
     ROOT.get_or_init(|| {
@@ -140,6 +140,7 @@ fn make_media(root: &Path) {
     let mp4 = std::fs::read(root.join("files/progressive.mp4")).unwrap();
     assert!(find(&mp4, b"moov").unwrap() > find(&mp4, b"mdat").unwrap(), "the index must be at the end");
     ffmpeg_make(root, &format!("{four} {H264} files/video.mkv"), &[]);
+    ffmpeg_make(root, &format!("{} {H264} -s 640x360 -b:v 1M files/long.mp4", SOURCES.replace("{d}", "30")), &[]);
 }
 
 /// ffmpeg writes a single variant's master beside its media playlist
@@ -608,6 +609,43 @@ async fn ffprobe_and_ffmpeg_seek_near_the_end_of_hls_mp4_and_mkv() {
     played.assert_clean("ffmpeg -ss 3 (MKV)", &[]);
     assert!(frames.iter().any(|n| (20..=30).contains(n)), "{frames:?}");
     nginx.served_through_proxy();
+}
+
+/// DESIGN "upstream dies mid-body": a hoster that resets the connection
+/// twice during a download costs the viewer nothing. ffmpeg copies the file
+/// through the proxy (its `data` demuxer and muxer: byte for byte) and ends
+/// with the identical file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_copies_a_long_mp4_whole_though_the_hoster_resets_twice() {
+    tool("ffmpeg");
+    let data = Arc::new(std::fs::read(media().join("files/long.mp4")).unwrap());
+    assert!(data.len() > 1_000_000, "a file of a few MB: {}", data.len());
+    let responses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (d, n) = (data.clone(), responses.clone());
+    let o = Origin::start(move |req| {
+        let mut resp = serve_bytes(req, &d, Some("video/mp4"));
+        // The first two responses are reset a third of the file into them.
+        if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            if let Body::Bytes(b) = resp.body {
+                let k = (d.len() / 3).min(b.len());
+                resp.body = Body::ResetAfter { declared: b.len() as u64, sent: b[..k].to_vec() };
+            }
+        }
+        resp.into()
+    })
+    .await;
+    let p = proxy("15m").await;
+    let out = tempfile::tempdir().unwrap();
+    let copy = out.path().join("copy.mp4");
+    let url = relay_url(&p, "episode.mp4", &o.url("/episode.mp4"));
+    let a = args(&["-nostdin", "-v", "warning", "-f", "data", "-i", &url, "-map", "0", "-c", "copy", "-f", "data"]);
+    let played = play("ffmpeg", &[a, vec![copy.display().to_string()]].concat(), Duration::from_secs(60)).await;
+    played.assert_clean("ffmpeg (copy through resets)", &[]);
+    assert_eq!(sha(&std::fs::read(&copy).unwrap()), sha(&data), "the copy is the file");
+    let seen = o.requests();
+    assert_eq!(seen.len(), 3, "the download and two resumptions");
+    assert!(seen[1..].iter().all(|r| r.header("if-range") == Some("\"v1\"")), "{seen:?}");
+    assert_eq!(p.server.metrics.resumes_succeeded.get(), 2);
 }
 
 /// mpv's end of playback: how it ended and the last position it showed

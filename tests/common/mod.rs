@@ -79,6 +79,8 @@ pub enum Body {
     ChunkedDie(Vec<u8>),
     /// Declares `declared`, sends `sent`, then stalls (keeps the socket).
     Stall { declared: u64, sent: Vec<u8> },
+    /// Declares `declared`, sends `sent`, then resets the connection (RST).
+    ResetAfter { declared: u64, sent: Vec<u8> },
     /// Pattern bytes `[0, len)` with `Content-Length`, in `piece`-sized
     /// writes `pause` apart.
     Slow { len: u64, piece: u64, pause: Duration },
@@ -130,6 +132,7 @@ pub struct Origin {
     pub open_connections: Arc<AtomicUsize>,
     /// Body bytes written to sockets so far (all responses).
     pub body_bytes_written: Arc<AtomicU64>,
+    accepting: tokio::task::JoinHandle<()>,
 }
 
 impl Origin {
@@ -151,7 +154,7 @@ impl Origin {
         let written = Arc::new(AtomicU64::new(0));
         let handler: Arc<Handler> = Arc::new(handler);
         let (s, c, o, w) = (seen.clone(), connections.clone(), open_connections.clone(), written.clone());
-        tokio::spawn(async move {
+        let accepting = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else { return };
                 if let Some(n) = sndbuf {
@@ -167,7 +170,12 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, seen, connections, open_connections, body_bytes_written: written }
+        Origin { addr, seen, connections, open_connections, body_bytes_written: written, accepting }
+    }
+
+    /// Stops accepting connections (new ones are refused); those open go on.
+    pub fn stop_accepting(&self) {
+        self.accepting.abort();
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -280,7 +288,9 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
         Body::Pattern { len, .. } | Body::Slow { len, .. } => format!("Content-Length: {len}\r\n"),
         Body::Chunked(_) | Body::ChunkedDie(_) => "Transfer-Encoding: chunked\r\n".to_string(),
         Body::UntilClose(_) => "Connection: close\r\n".to_string(),
-        Body::DieAfter { declared, .. } | Body::Stall { declared, .. } => format!("Content-Length: {declared}\r\n"),
+        Body::DieAfter { declared, .. } | Body::Stall { declared, .. } | Body::ResetAfter { declared, .. } => {
+            format!("Content-Length: {declared}\r\n")
+        }
         Body::Empty { content_length: Some(n) } => format!("Content-Length: {n}\r\n"),
         Body::Empty { content_length: None } => String::new(),
     };
@@ -288,7 +298,10 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
     head.push_str("\r\n");
     sock.write_all(head.as_bytes()).await?;
     if is_head {
-        return Ok(!matches!(resp.body, Body::UntilClose(_) | Body::DieAfter { .. } | Body::ChunkedDie(_)));
+        return Ok(!matches!(
+            resp.body,
+            Body::UntilClose(_) | Body::DieAfter { .. } | Body::ChunkedDie(_) | Body::ResetAfter { .. }
+        ));
     }
     let count = |n: usize| written.fetch_add(n as u64, Ordering::SeqCst);
     match resp.body {
@@ -350,6 +363,15 @@ async fn write_response(sock: &mut TcpStream, resp: Resp, is_head: bool, written
             tokio::time::sleep(Duration::from_millis(20)).await;
             Ok(false)
         }
+        Body::ResetAfter { sent, .. } => {
+            sock.write_all(&sent).await?;
+            count(sent.len());
+            sock.flush().await?;
+            // Let the bytes leave before the reset discards what is unsent.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            socket2::SockRef::from(&*sock).set_linger(Some(Duration::ZERO))?;
+            Ok(false)
+        }
         Body::Stall { sent, .. } => {
             sock.write_all(&sent).await?;
             count(sent.len());
@@ -387,8 +409,11 @@ fn serve_ranged(req: &SeenRequest, total: u64, content_type: Option<&str>, body:
         }
     };
     let head = req.method == "HEAD";
-    let range = req.header("range").and_then(parse_single_range);
-    match (req.header("range"), range) {
+    // If-Range with another validator: the whole file, as servers do.
+    let current = ["\"v1\"", "Tue, 01 Jul 2025 10:00:00 GMT"];
+    let if_range_ok = req.header("if-range").is_none_or(|v| current.contains(&v));
+    let range = req.header("range").filter(|_| if_range_ok).and_then(|r| parse_single_range(r, total));
+    match (req.header("range").filter(|_| if_range_ok), range) {
         (Some(_), Some((start, end_incl))) => {
             if start >= total {
                 return Resp::new(416, Body::Bytes(Vec::new())).header("Content-Range", &format!("bytes */{total}"));
@@ -415,12 +440,17 @@ pub fn tool(name: &'static str) -> &'static str {
     name
 }
 
-fn parse_single_range(v: &str) -> Option<(u64, Option<u64>)> {
+/// A single `bytes=A-B`, `bytes=A-` or `bytes=-N` range of a `total`-byte file.
+pub fn parse_single_range(v: &str, total: u64) -> Option<(u64, Option<u64>)> {
     let spec = v.strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
     }
     let (a, b) = spec.split_once('-')?;
+    if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        return (n > 0).then(|| (total.saturating_sub(n), None));
+    }
     let start: u64 = a.parse().ok()?;
     let end = if b.is_empty() { None } else { Some(b.parse().ok()?) };
     Some((start, end))
