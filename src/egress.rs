@@ -186,6 +186,12 @@ impl Dialable {
         &self.addrs[..self.len]
     }
 
+    /// A host that an egress proxy resolves itself (`socks5h`): one
+    /// placeholder address, carrying only the port.
+    pub fn unresolved(port: u16) -> Dialable {
+        Dialable { addrs: [SocketAddr::from(([0, 0, 0, 0], port)); MAX_DIAL], len: 1 }
+    }
+
     /// Up to [`MAX_DIAL`] of the `addrs` that `policy` allows (all of them
     /// when `trusted`), or why none is. The resolver's order is kept within
     /// each address family and the two families take turns, starting with

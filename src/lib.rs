@@ -22,4 +22,5 @@ pub mod proxy;
 pub mod resolver;
 pub mod routing;
 pub mod server;
+pub mod tunnel;
 pub mod upstream;

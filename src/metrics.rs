@@ -23,6 +23,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub resumes_attempted: IntCounter,
     pub resumes_succeeded: IntCounter,
+    /// New upstream connections by egress route (`direct` or an egress
+    /// proxy's `scheme://host:port`, never its credentials).
+    pub egress_connections: IntCounterVec,
+    pub egress_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,6 +72,16 @@ impl Metrics {
             "Bodies continued on a new upstream connection as if nothing happened",
         )
         .unwrap();
+        let egress_connections = IntCounterVec::new(
+            Opts::new("anibridge_egress_connections_total", "New upstream connections by egress route"),
+            &["route"],
+        )
+        .unwrap();
+        let egress_failures = IntCounterVec::new(
+            Opts::new("anibridge_egress_failures_total", "Upstream connections that failed, by egress route"),
+            &["route"],
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(upstream_header_seconds.clone()),
@@ -82,6 +96,8 @@ impl Metrics {
             Box::new(auth_failures.clone()),
             Box::new(resumes_attempted.clone()),
             Box::new(resumes_succeeded.clone()),
+            Box::new(egress_connections.clone()),
+            Box::new(egress_failures.clone()),
         ] {
             registry.register(c).unwrap();
         }
@@ -104,6 +120,8 @@ impl Metrics {
             auth_failures,
             resumes_attempted,
             resumes_succeeded,
+            egress_connections,
+            egress_failures,
         }
     }
 

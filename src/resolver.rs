@@ -66,6 +66,7 @@ impl Resolver {
             default_ua: None,
             pool_size: 64,
             resume_attempts: 0,
+            proxies: Default::default(),
         };
         let cache = moka::future::Cache::builder().max_capacity(capacity as u64).expire_after(AnswerTtl).build();
         Resolver { base: Arc::new(base), client: Client::new(settings, None), timeout, cache }

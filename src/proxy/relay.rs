@@ -162,6 +162,7 @@ mod tests {
             default_ua: None,
             pool_size: 0,
             resume_attempts: 0,
+            proxies: Default::default(),
         };
         Client::new(settings, None)
     }

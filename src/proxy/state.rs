@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::resolver::Resolver;
 use crate::routing::Route;
+use crate::tunnel::EgressProxies;
 use crate::upstream::{Client, Settings, Timeouts};
 
 pub struct State {
@@ -41,6 +42,7 @@ impl State {
             default_ua: cfg.upstream.user_agent.as_ref().map(|v| v.0.clone()),
             pool_size: 128 * cfg.threads,
             resume_attempts: cfg.upstream.resume_attempts,
+            proxies: EgressProxies::new(&cfg.egress.proxies),
         };
         State {
             auth: Auth::new(

@@ -26,10 +26,11 @@ pub use pool::Pool;
 pub use response::{BodyError, Response};
 
 use crate::dns::Dns;
-use crate::egress::{self, Egress, Refusal, UrlHost};
+use crate::egress::{self, Dialable, Egress, Refusal, UrlHost};
 use crate::headers::{self, WireHeader};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
+use crate::tunnel::{EgressProxies, EgressProxy, Target, Tunnel, EGRESS_PROXY_FAILED};
 
 /// Per-phase upstream limits.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,9 @@ pub struct Timeouts {
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(30);
+/// A tunnel's own deadline (which reports `egress proxy failed`) comes this
+/// long before Pingora's timeout of the whole connect (TLS included).
+const TUNNEL_GRACE: Duration = Duration::from_millis(100);
 /// Redirect and error bodies up to this size are drained so the connection
 /// can go back to the pool; larger ones close it.
 const DRAIN_LIMIT: usize = 16 * 1024;
@@ -60,6 +64,8 @@ pub enum FetchError {
     Unreachable(Box<Error>),
     /// Connect or header read timed out: 504.
     Timeout(Box<Error>),
+    /// The egress proxy was unreachable, refused, or failed its handshake: 502.
+    EgressProxy(Box<Error>),
 }
 
 impl FetchError {
@@ -71,16 +77,21 @@ impl FetchError {
             FetchError::Dns(_) => (502, "upstream unreachable"),
             FetchError::Unreachable(_) => (502, "upstream unreachable"),
             FetchError::Timeout(_) => (504, "upstream timeout"),
+            FetchError::EgressProxy(_) => (502, "egress proxy failed"),
         }
     }
 
     /// Worth one refresh of a resolved URL (connect errors and timeouts).
     pub fn is_refreshable(&self) -> bool {
-        matches!(self, FetchError::Dns(_) | FetchError::Unreachable(_) | FetchError::Timeout(_))
+        matches!(
+            self,
+            FetchError::Dns(_) | FetchError::Unreachable(_) | FetchError::Timeout(_) | FetchError::EgressProxy(_)
+        )
     }
 
     pub(crate) fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
+            t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(e),
             ErrorType::ConnectTimedout
             | ErrorType::TLSHandshakeTimedout
             | ErrorType::ReadTimedout
@@ -97,7 +108,7 @@ impl std::fmt::Display for FetchError {
             FetchError::BadRedirect => f.write_str("redirect to a non-http(s) or missing Location"),
             FetchError::TooManyRedirects => f.write_str("too many redirects"),
             FetchError::Dns(e) => write!(f, "DNS: {e}"),
-            FetchError::Unreachable(e) | FetchError::Timeout(e) => write!(f, "{e}"),
+            FetchError::Unreachable(e) | FetchError::Timeout(e) | FetchError::EgressProxy(e) => write!(f, "{e}"),
         }
     }
 }
@@ -165,6 +176,8 @@ pub struct Settings {
     pub pool_size: usize,
     /// Resumptions of one response whose upstream died mid-body.
     pub resume_attempts: u32,
+    /// Egress proxies by upstream host (none: every connection is direct).
+    pub proxies: EgressProxies,
 }
 
 /// Dials upstreams with Pingora's connector; finished connections wait in
@@ -285,22 +298,34 @@ impl Client {
         let url = hop.url;
         let host = UrlHost::of(url).ok_or(FetchError::BadRedirect)?;
         let port = url.port_or_known_default().unwrap_or(80);
-        let dialable =
-            egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
-                Ok(refusal) => FetchError::Refused(refusal),
-                Err(io) => FetchError::Dns(io),
-            })?;
+        // Chosen again on every hop: a redirect may lead elsewhere.
+        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
+        let dialable = match (&host, via) {
+            // The proxy resolves the name: only deny_hosts is judged here.
+            (UrlHost::Name(name), Some(v)) if v.resolves_names() => {
+                if !trusted {
+                    self.settings.egress.host_allowed(name).map_err(FetchError::Refused)?;
+                }
+                Dialable::unresolved(port)
+            }
+            _ => {
+                egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
+                    Ok(refusal) => FetchError::Refused(refusal),
+                    Err(io) => FetchError::Dns(io),
+                })?
+            }
+        };
 
         let mut fresh_only = false;
         loop {
-            let pooled = if fresh_only { None } else { self.pooled(dialable.as_slice(), url) };
+            let pooled = if fresh_only { None } else { self.pooled(dialable.as_slice(), url, via) };
             let (mut session, peer, reused) = match pooled {
                 Some((stream, peer)) => (HttpSession::new_with_options(stream, &peer), peer, true),
                 None => {
                     // Boxed: a new connection is the rare path, and its
                     // future (peer, deadline) would otherwise be carried,
                     // and copied, by every request's future.
-                    let (session, peer) = Box::pin(self.connect_any(dialable.as_slice(), url)).await?;
+                    let (session, peer) = Box::pin(self.connect_any(dialable.as_slice(), url, via)).await?;
                     (session, peer, false)
                 }
             };
@@ -320,21 +345,27 @@ impl Client {
         }
     }
 
-    /// An idle connection to any of `addrs`, with its peer.
-    fn pooled(&self, addrs: &[SocketAddr], url: &Url) -> Option<(Stream, HttpPeer)> {
+    /// An idle connection to any of `addrs` (through `via`), with its peer.
+    fn pooled(&self, addrs: &[SocketAddr], url: &Url, via: Option<&Arc<EgressProxy>>) -> Option<(Stream, HttpPeer)> {
         addrs.iter().find_map(|a| {
-            let peer = self.peer_for(*a, url);
+            let peer = self.peer_for(*a, url, via);
             self.pool.take(peer.reuse_hash()).map(|s| (s, peer))
         })
     }
 
-    /// A new connection to the first of `addrs` that accepts one, within
-    /// `upstream.connect_timeout` in all. Like curl, each address but the
-    /// last may use half of the time left, so one silent address cannot use
-    /// it all; like nginx, an address that refuses or cannot be routed to
-    /// gives way to the next at once. TLS certificate failures do not: a
-    /// wrong certificate is an answer, not an absence.
-    async fn connect_any(&self, addrs: &[SocketAddr], url: &Url) -> Result<(HttpSession, HttpPeer), FetchError> {
+    /// A new connection to the first of `addrs` that accepts one (through
+    /// the egress proxy `via`, if any), within `upstream.connect_timeout`
+    /// in all. Like curl, each address but the last may use half of the
+    /// time left, so one silent address cannot use it all; like nginx, an
+    /// address that refuses or cannot be routed to gives way to the next at
+    /// once. TLS certificate failures do not: a wrong certificate is an
+    /// answer, not an absence; nor does a failing egress proxy.
+    async fn connect_any(
+        &self,
+        addrs: &[SocketAddr],
+        url: &Url,
+        via: Option<&Arc<EgressProxy>>,
+    ) -> Result<(HttpSession, HttpPeer), FetchError> {
         let deadline = Instant::now() + self.settings.timeouts.connect;
         let mut last = None;
         for (i, a) in addrs.iter().enumerate() {
@@ -342,21 +373,46 @@ impl Client {
             if left.is_zero() {
                 break;
             }
-            let mut peer = self.peer_for(*a, url);
+            let mut peer = self.peer_for(*a, url, via);
             let budget = if i + 1 == addrs.len() { left } else { left / 2 };
             peer.options.connection_timeout = Some(budget);
             peer.options.total_connection_timeout = Some(budget);
+            if let Some(v) = via {
+                let to = match UrlHost::of(url) {
+                    Some(UrlHost::Name(name)) if v.resolves_names() => Target::Name(name.to_string(), a.port()),
+                    _ => Target::Addr(*a),
+                };
+                peer.options.custom_l4 =
+                    Some(Arc::new(Tunnel { via: v.clone(), to, deadline: Instant::now() + budget }));
+                peer.options.total_connection_timeout = Some(budget + TUNNEL_GRACE);
+            }
             match self.connect(&peer).await {
-                Ok(session) => return Ok((session, peer)),
+                Ok(session) => {
+                    self.count_egress(via, true);
+                    return Ok((session, peer));
+                }
                 Err(e) if is_connect_failure(&e) && i + 1 < addrs.len() => {
                     log::debug!("upstream address {a} failed ({e}); trying the next one");
                     last = Some(e);
                 }
-                Err(e) => return Err(FetchError::from_pingora(e)),
+                Err(e) => {
+                    self.count_egress(via, false);
+                    return Err(FetchError::from_pingora(e));
+                }
             }
         }
+        self.count_egress(via, false);
         let e = last.unwrap_or_else(|| Error::explain(ErrorType::ConnectTimedout, "connect timeout"));
         Err(FetchError::from_pingora(e))
+    }
+
+    /// Counts a new connection, or a failure to make one, by egress route.
+    fn count_egress(&self, via: Option<&Arc<EgressProxy>>, made: bool) {
+        if let Some(m) = &self.metrics {
+            let route = via.map_or("direct", |v| v.name.as_str());
+            let counter = if made { &m.egress_connections } else { &m.egress_failures };
+            counter.with_label_values(&[route]).inc();
+        }
     }
 
     /// A new connection. Boxed: connecting (TLS handshake included) is a
@@ -379,12 +435,15 @@ impl Client {
         }
     }
 
-    fn peer_for(&self, addr: SocketAddr, url: &Url) -> HttpPeer {
+    fn peer_for(&self, addr: SocketAddr, url: &Url, via: Option<&Arc<EgressProxy>>) -> HttpPeer {
         let tls = url.scheme() == "https";
         // SNI is the host name (or the IP literal); never empty, since an
         // empty SNI turns off certificate verification in pingora's rustls.
         let sni = url.host_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
         let mut peer = HttpPeer::new(addr, tls, sni);
+        // Pooled per (egress proxy, upstream): a tunnel is never handed to
+        // another destination or to a direct request.
+        peer.group_key = via.map_or(0, |v| v.group);
         let o = &mut peer.options;
         // Connect and TLS handshake; the read and write timeouts are set on
         // each exchange's session (`exchange`), which is where Pingora's
@@ -495,6 +554,7 @@ mod tests {
             default_ua: None,
             pool_size: 8,
             resume_attempts: 0,
+            proxies: EgressProxies::default(),
         };
         Client::new(settings, None)
     }
@@ -526,17 +586,17 @@ mod tests {
         let url = Url::parse(&format!("http://{good}/")).unwrap();
         let c = client(Duration::from_secs(4));
 
-        let (_, peer) = c.connect_any(&[refusing(), good], &url).await.unwrap();
+        let (_, peer) = c.connect_any(&[refusing(), good], &url, None).await.unwrap();
         assert_eq!(peer._address.to_string(), good.to_string());
 
         // A silent first address gets half the time, then the next one is tried.
         let (_keep, _queued, quiet) = silent();
-        let (_, peer) = c.connect_any(&[quiet, good], &url).await.unwrap();
+        let (_, peer) = c.connect_any(&[quiet, good], &url, None).await.unwrap();
         assert_eq!(peer._address.to_string(), good.to_string());
     }
 
     async fn failure(c: &Client, addrs: &[SocketAddr], url: &Url) -> FetchError {
-        match c.connect_any(addrs, url).await {
+        match c.connect_any(addrs, url, None).await {
             Ok((_, peer)) => panic!("connected to {}", peer._address),
             Err(e) => e,
         }

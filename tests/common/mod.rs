@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -20,6 +20,14 @@ impl Spawned {
         Spawned { child, dir }
     }
 
+    /// Spawns `cmd` with its standard output and error written to `log`
+    /// in `dir` (for servers that log there).
+    pub fn start_logging(cmd: &mut Command, dir: tempfile::TempDir, log: &str) -> Spawned {
+        let file = std::fs::File::create(dir.path().join(log)).unwrap();
+        let child = cmd.stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
+        Spawned { child, dir }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
