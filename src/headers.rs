@@ -168,6 +168,16 @@ pub fn content_range_total(v: &[u8]) -> Option<u64> {
     total.trim().parse().ok()
 }
 
+/// A response header with `headers` appended in order (unit tests).
+#[cfg(test)]
+pub(crate) fn test_response(status: u16, headers: &[(&str, &str)]) -> pingora_http::ResponseHeader {
+    let mut r = pingora_http::ResponseHeader::build(status, None).unwrap();
+    for (k, v) in headers {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

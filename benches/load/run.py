@@ -20,6 +20,7 @@ BIN = os.path.join(ROOT, "target/release/anibridge-proxy")
 BARE = os.path.join(ROOT, "target/release/examples/bare_pingora")
 SECRET = "bench-secret"
 ORIGIN, NGINX, PROXY, ADMIN, PINGORA = 18081, 18082, 18083, 18084, 18085
+COMPARE, COMPARE_ADMIN = 18086, 18087
 N_FILES = 16
 
 
@@ -190,6 +191,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target in phases 1 and 2")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
     ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
+    ap.add_argument("--compare", metavar="BIN", help="also measure this anibridge-proxy binary (e.g. an earlier "
+                    "build) in the same interleaved rounds, as target 'compare'; the run then never writes")
     args = ap.parse_args()
     round_secs = 2 if args.quick else 3
     slow_secs = 8 if args.quick else 30
@@ -227,6 +230,20 @@ def main():
 
 
 def run_phases(args, work, data, procs, round_secs, slow_secs, clients):
+    def anibridge(binary, port, admin):
+        cfg = os.path.join(work, f"anibridge-{port}.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"""listen: "127.0.0.1:{port}"
+admin_listen: "127.0.0.1:{admin}"
+threads: {args.threads}
+auth: {{mode: token, secret: "{SECRET}"}}
+egress: {{allow_cidrs: ["127.0.0.0/8"]}}
+""")
+        p = subprocess.Popen([binary, "--config", cfg], env={**os.environ, "RUST_LOG": "warn"})
+        procs.append(p)
+        wait_port(port)
+        return p
+
     def nginx(name, port, workers, body):
         conf = os.path.join(work, f"{name}.conf")
         with open(conf, "w") as f:
@@ -269,17 +286,7 @@ http {{
       proxy_buffers 8 64k;
     }}
   }}""")
-    cfg = os.path.join(work, "anibridge.yaml")
-    with open(cfg, "w") as f:
-        f.write(f"""listen: "127.0.0.1:{PROXY}"
-admin_listen: "127.0.0.1:{ADMIN}"
-threads: {args.threads}
-auth: {{mode: token, secret: "{SECRET}"}}
-egress: {{allow_cidrs: ["127.0.0.0/8"]}}
-""")
-    ab = subprocess.Popen([BIN, "--config", cfg], env={**os.environ, "RUST_LOG": "warn"})
-    procs.append(ab)
-    wait_port(PROXY)
+    ab = anibridge(BIN, PROXY, ADMIN)
     # Same worker count as anibridge-proxy, same origin.
     bare = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA}", f"127.0.0.1:{ORIGIN}", str(args.threads)],
                             env={**os.environ, "RUST_LOG": "warn"})
@@ -292,6 +299,9 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
         Target("pingora", PINGORA, lambda p: p, lambda: [bare.pid]),
         Target("anibridge", PROXY, signed, lambda: [ab.pid]),
     ]
+    if args.compare:
+        cmp = anibridge(args.compare, COMPARE, COMPARE_ADMIN)
+        targets.append(Target("compare", COMPARE, signed, lambda: [cmp.pid]))
     results = {t.name: {} for t in targets}
     # Sanity: identical bytes through every target.
     want = hashlib.sha256(open(os.path.join(data, "f3.bin"), "rb").read()[100:200]).hexdigest()
@@ -335,11 +345,11 @@ egress: {{allow_cidrs: ["127.0.0.0/8"]}}
             results[t.name].update({"gib_s": 1 / secs, "cpu_per_gb": cpu / ((1 << 30) / 1e9)})
     # Slow clients: nginx and anibridge (bare Pingora's read-ahead is known,
     # PINGORA-NOTES 10, and would add 30 s).
-    for t in [t for t in targets if t.name in ("nginx", "anibridge")] if "3" in phases else []:
+    for t in [t for t in targets if t.name in ("nginx", "anibridge", "compare")] if "3" in phases else []:
         r = asyncio.run(slow_phase(t, clients, slow_secs, 64 * 1024, work))
         results[t.name].update(r)
         print(f"[3] {t.name}: {r}", flush=True)
-    if phases != {"1", "2", "3"}:
+    if phases != {"1", "2", "3"} or args.compare:
         print(json.dumps(results, indent=1))
         return
     report(args, results, clients)

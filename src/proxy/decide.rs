@@ -199,13 +199,7 @@ fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
 mod tests {
     use super::*;
 
-    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
-        let mut r = ResponseHeader::build(status, None).unwrap();
-        for (k, v) in headers {
-            r.append_header(k.to_string(), *v).unwrap();
-        }
-        r
-    }
+    use crate::headers::test_response as resp;
 
     const GET: Facts = Facts { rewrite: true, head_sent: false, head_fallback: false, known_playlist: false };
     const HLS: (&str, &str) = ("Content-Type", "application/x-mpegURL");

@@ -47,6 +47,8 @@ pub(super) async fn pump(
 ) -> Result<()> {
     write_down(down, &first).await?;
     *sent += first.len() as u64;
+    // Sent: its buffer is not held for the rest of the stream.
+    drop(first);
     // A request body (never forwarded) is read and dropped while we wait;
     // after it, the client socket is watched for a hang-up. Bytes of a
     // pipelined next request are kept by Pingora for that request.

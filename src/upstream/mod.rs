@@ -148,7 +148,8 @@ pub(crate) enum Ask {
 /// An exchange with its response header read, on its connection.
 pub(crate) struct Exchange {
     session: HttpSession,
-    peer: HttpPeer,
+    /// The connection's key in the pool (its peer's `reuse_hash`).
+    pool_key: u64,
     /// The method of the last hop (GET after the HEAD fallback).
     method: Method,
     url: Url,
@@ -245,7 +246,7 @@ impl Client {
             // every request's future (moved and copied on each request).
             if is_redirect(status) {
                 if redirects >= self.settings.max_redirects {
-                    Box::pin(self.finish(session, &peer)).await;
+                    Box::pin(self.finish(session, peer.reuse_hash())).await;
                     return Err(FetchError::TooManyRedirects);
                 }
                 let next = session
@@ -254,7 +255,7 @@ impl Client {
                     .and_then(|l| l.to_str().ok())
                     .and_then(|l| url.join(l.trim()).ok())
                     .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-                Box::pin(self.finish(session, &peer)).await;
+                Box::pin(self.finish(session, peer.reuse_hash())).await;
                 let Some(next) = next else { return Err(FetchError::BadRedirect) };
                 if status == StatusCode::SEE_OTHER && method != Method::HEAD {
                     method = Method::GET;
@@ -270,14 +271,15 @@ impl Client {
 
             if method == Method::HEAD && matches!(status, StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED)
             {
-                Box::pin(self.finish(session, &peer)).await;
+                Box::pin(self.finish(session, peer.reuse_hash())).await;
                 method = Method::GET;
                 ask = Ask::HeadProbe;
                 head_fallback = true;
                 continue;
             }
 
-            return Ok(Exchange { session, peer, method, url, head_fallback, redirects, reused });
+            let pool_key = peer.reuse_hash();
+            return Ok(Exchange { session, pool_key, method, url, head_fallback, redirects, reused });
         }
     }
 
@@ -489,7 +491,7 @@ impl Client {
     /// pool (unless the exchange's framing, or `Connection: close` either
     /// way, rules reuse out); a small unread body is drained first; a large
     /// one closes the connection.
-    pub(crate) async fn finish(&self, mut session: HttpSession, peer: &HttpPeer) {
+    pub(crate) async fn finish(&self, mut session: HttpSession, pool_key: u64) {
         if !session.is_body_done() {
             let small = session
                 .resp_header()
@@ -502,7 +504,7 @@ impl Client {
         }
         session.respect_keepalive();
         if let Some(stream) = session.reuse().await {
-            self.pool.put(peer.reuse_hash(), stream);
+            self.pool.put(pool_key, stream);
         }
     }
 }

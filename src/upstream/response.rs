@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use pingora::protocols::http::v1::client::HttpSession;
-use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use url::Url;
@@ -29,7 +28,8 @@ pub enum BodyError {
 pub struct Response<'c> {
     client: &'c Client,
     session: HttpSession,
-    peer: HttpPeer,
+    /// The connection's key in the pool.
+    pool_key: u64,
     /// What was asked; its URL is the final one (after redirects).
     request: Request,
     head_fallback: bool,
@@ -49,8 +49,9 @@ struct Recovery {
     attempts_left: u32,
     /// Fetch the body again whole instead of resuming it (playlists).
     whole: bool,
-    /// Computed at the first failure from the first response's header.
-    window: Option<Option<Window>>,
+    /// Computed at the first failure from the first response's header
+    /// (boxed: rarely there, and carried by every stream).
+    window: Option<Option<Box<Window>>>,
     /// Counts restarts of the body from its first byte (whole refetches).
     restarts: u32,
 }
@@ -60,7 +61,7 @@ impl<'c> Response<'c> {
         Response {
             client,
             session: ex.session,
-            peer: ex.peer,
+            pool_key: ex.pool_key,
             request,
             head_fallback: ex.head_fallback,
             sent_head: ex.method == Method::HEAD,
@@ -106,7 +107,9 @@ impl<'c> Response<'c> {
     /// connection) or returns the error.
     pub async fn read(&mut self) -> pingora_error::Result<Option<&[u8]>> {
         if let Some(e) = self.recovery.failure.take() {
-            self.recover(e).await?;
+            // Boxed: reconnecting is a large future that the read of every
+            // buffer (a future made per 64 KiB) must not carry along.
+            Box::pin(self.recover(e)).await?;
         }
         match self.session.read_body_ref().await {
             Ok(Some(chunk)) => {
@@ -132,7 +135,7 @@ impl<'c> Response<'c> {
         loop {
             // Mend a failure here (not inside `read`), to see a restart.
             if let Some(e) = self.recovery.failure.take() {
-                self.recover(e).await.map_err(BodyError::Failed)?;
+                Box::pin(self.recover(e)).await.map_err(BodyError::Failed)?;
             }
             if self.recovery.restarts != restarts {
                 restarts = self.recovery.restarts;
@@ -173,10 +176,17 @@ impl<'c> Response<'c> {
 
     /// Gives the connection back: to the pool when the body was read to its
     /// end (a small unread rest is drained first), closed otherwise.
-    pub async fn finish(self) {
-        if self.recovery.failure.is_none() {
-            self.client.finish(self.session, &self.peer).await;
-        }
+    ///
+    /// Not an `async fn`: the giving back is a future of a few KiB, boxed
+    /// here so that a stream's state (which awaits this at its end) stays
+    /// small for as long as it streams.
+    pub fn finish(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'c>> {
+        let Response { client, session, pool_key, recovery, .. } = self;
+        Box::pin(async move {
+            if recovery.failure.is_none() {
+                client.finish(session, pool_key).await;
+            }
+        })
     }
 
     /// Mends the failure `e` of the current connection, or returns it.
@@ -188,7 +198,7 @@ impl<'c> Response<'c> {
             return self.refetch_in_place(e).await;
         }
         if self.recovery.window.is_none() {
-            self.recovery.window = Some(Window::of(self.header()));
+            self.recovery.window = Some(Window::of(self.header()).map(Box::new));
         }
         let Some(window) = self.recovery.window.clone().flatten() else {
             log::warn!(
@@ -217,13 +227,13 @@ impl<'c> Response<'c> {
                 Ok(ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
                     Verdict::Continue => {
                         self.session = ex.session;
-                        self.peer = ex.peer;
+                        self.pool_key = ex.pool_key;
                         self.count(|m| m.resumes_succeeded.inc());
                         return Ok(());
                     }
                     Verdict::Retry(why) => {
                         log::warn!("resuming {} failed: {why}", self.host());
-                        self.client.finish(ex.session, &ex.peer).await;
+                        self.client.finish(ex.session, ex.pool_key).await;
                     }
                     Verdict::Changed(why) => {
                         log::warn!("not resuming {}: {why}", self.host());
@@ -248,12 +258,12 @@ impl<'c> Response<'c> {
             match self.client.fetch(&self.request, Ask::Whole).await {
                 Ok(ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
                     self.session = ex.session;
-                    self.peer = ex.peer;
+                    self.pool_key = ex.pool_key;
                     self.received = 0;
                     self.recovery.restarts += 1;
                     return Ok(());
                 }
-                Ok(ex) => self.client.finish(ex.session, &ex.peer).await,
+                Ok(ex) => self.client.finish(ex.session, ex.pool_key).await,
                 Err(fe) => log::warn!("fetching {} again failed: {fe}", self.host()),
             }
         }
@@ -277,7 +287,6 @@ impl<'c> Response<'c> {
     /// A response over a session that has read its header (in-memory tests).
     pub(crate) fn over(client: &'c Client, session: HttpSession) -> Response<'c> {
         let url = Url::parse("http://origin.test/x").expect("a valid URL");
-        let peer = HttpPeer::new("127.0.0.1:9", false, "origin.test".into());
         let request = Request {
             method: Method::GET,
             url: url.clone(),
@@ -286,8 +295,15 @@ impl<'c> Response<'c> {
             trusted: None,
             whole: false,
         };
-        let ex =
-            Exchange { session, peer, method: Method::GET, url, head_fallback: false, redirects: 0, reused: false };
+        let ex = Exchange {
+            session,
+            pool_key: 0,
+            method: Method::GET,
+            url,
+            head_fallback: false,
+            redirects: 0,
+            reused: false,
+        };
         Response::new(client, ex, request, 0)
     }
 }

@@ -121,13 +121,7 @@ fn number(v: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
-        let mut r = ResponseHeader::build(status, None).unwrap();
-        for (k, v) in headers {
-            r.append_header(k.to_string(), *v).unwrap();
-        }
-        r
-    }
+    use crate::headers::test_response as resp;
 
     const ETAG: (&str, &str) = ("ETag", "\"v1\"");
     const LM: (&str, &str) = ("Last-Modified", "Tue, 01 Jul 2025 10:00:00 GMT");
