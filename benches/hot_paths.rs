@@ -78,6 +78,9 @@ fn bench(c: &mut Criterion) {
     });
 
     let text = playlist(5000);
+    c.bench_function("summary of a 5000-segment playlist (child lifetime, fMP4)", |b| {
+        b.iter(|| anibridge_proxy::hls::Summary::of(black_box(&text)))
+    });
     let base = url::Url::parse("https://cdn.hoster.example/hls/v1/720p/index.m3u8").unwrap();
     let auth = anibridge_proxy::auth::Auth::new(
         anibridge_proxy::config::AuthMode::Token,

@@ -66,10 +66,11 @@ pub fn child_lifetime(s: &Summary, token_ttl: u64, session_ttl: u64) -> u64 {
 
 /// Segment file extensions HLS players accept: ffmpeg's default
 /// `allowed_segment_extensions` (ffmpeg ≥ 5.1 refuses others unless told
-/// `-extension_picky 0`, which Jellyfin does not), without `html`.
+/// `-extension_picky 0`, which Jellyfin does not), without `html`; the
+/// common ones first (this is checked for every segment of a playlist).
 const SEGMENT_EXTENSIONS: [&str; 30] = [
-    "3gp", "aac", "avi", "ac3", "eac3", "flac", "mkv", "m3u8", "m4a", "m4s", "m4v", "mpg", "mov", "mp2", "mp3", "mp4",
-    "mpeg", "mpegts", "ogg", "ogv", "oga", "ts", "vob", "vtt", "wav", "webvtt", "cmfv", "cmfa", "ec3", "fmp4",
+    "ts", "m4s", "mp4", "aac", "vtt", "webvtt", "m4a", "m4v", "mp3", "ac3", "eac3", "ec3", "mpegts", "cmfv", "cmfa",
+    "fmp4", "3gp", "avi", "flac", "mkv", "m3u8", "mpg", "mov", "mp2", "mpeg", "ogg", "ogv", "oga", "vob", "wav",
 ];
 
 /// Appends the cosmetic file name for a child URL to `out`: its last path
