@@ -656,7 +656,9 @@ mp.register_event("end-file", function(e) mp.msg.warn(string.format("END reason=
 "#;
 
 async fn mpv(url: &str, start: Option<&str>, script: &Path) -> f64 {
-    let mut a = args(&["--no-config", "--vo=null", "--ao=null", "--no-input-terminal", "--msg-level=all=warn"]);
+    // No youtube-dl hook: the URL is played as it is, nothing else is asked.
+    let mut a =
+        args(&["--no-config", "--ytdl=no", "--vo=null", "--ao=null", "--no-input-terminal", "--msg-level=all=warn"]);
     a.push(format!("--script={}", script.display()));
     if let Some(s) = start {
         a.push(format!("--start={s}"));
@@ -683,7 +685,7 @@ async fn vlc(url: &str) {
         std::fs::set_permissions(home.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         a.extend(args(&["-u", "nobody", "--", "env", &format!("HOME={}", home.path().display()), "cvlc"]));
     }
-    a.extend(args(&["-I", "dummy", "--no-dbus", "--vout", "dummy", "--aout", "dummy"]));
+    a.extend(args(&["-I", "dummy", "--no-dbus", "--no-metadata-network-access", "--vout", "dummy", "--aout", "dummy"]));
     a.extend(args(&["--play-and-exit", "--no-loop", "--no-repeat", "--verbose=1"]));
     a.push(url.to_string());
     let played = play(if root { "runuser" } else { "cvlc" }, &a, Duration::from_secs(60)).await;
@@ -732,6 +734,8 @@ async fn hlsjs(page_origin: &Origin, src: &str) -> String {
         "--disable-sync",
         "--mute-audio",
         "--autoplay-policy=no-user-gesture-required",
+        // Loopback only: every host name but 127.0.0.1 fails to resolve.
+        "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))
     .arg(page)

@@ -155,7 +155,6 @@ pub(crate) struct Exchange {
     url: Url,
     head_fallback: bool,
     redirects: u32,
-    reused: bool,
 }
 
 /// One upstream request as sent on a hop (the method and URL change along
@@ -279,7 +278,7 @@ impl Client {
             }
 
             let pool_key = peer.reuse_hash();
-            return Ok(Exchange { session, pool_key, method, url, head_fallback, redirects, reused });
+            return Ok(Exchange { session, pool_key, method, url, head_fallback, redirects });
         }
     }
 

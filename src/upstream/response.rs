@@ -36,7 +36,6 @@ pub struct Response<'c> {
     /// The upstream was sent a HEAD: there is no body.
     sent_head: bool,
     redirects: u32,
-    reused: bool,
     /// Body bytes handed out so far, across resumptions.
     received: u64,
     recovery: Recovery,
@@ -66,7 +65,6 @@ impl<'c> Response<'c> {
             head_fallback: ex.head_fallback,
             sent_head: ex.method == Method::HEAD,
             redirects: ex.redirects,
-            reused: ex.reused,
             received: 0,
             recovery: Recovery { failure: None, attempts_left: attempts, whole: false, window: None, restarts: 0 },
         }
@@ -95,11 +93,6 @@ impl<'c> Response<'c> {
     /// Redirect hops followed to get here.
     pub fn redirects(&self) -> u32 {
         self.redirects
-    }
-
-    /// The exchange ran on a pooled (reused) connection.
-    pub fn reused(&self) -> bool {
-        self.reused
     }
 
     /// The next piece of the body, `None` at its end. A piece may be empty:
@@ -295,15 +288,7 @@ impl<'c> Response<'c> {
             trusted: None,
             whole: false,
         };
-        let ex = Exchange {
-            session,
-            pool_key: 0,
-            method: Method::GET,
-            url,
-            head_fallback: false,
-            redirects: 0,
-            reused: false,
-        };
+        let ex = Exchange { session, pool_key: 0, method: Method::GET, url, head_fallback: false, redirects: 0 };
         Response::new(client, ex, request, 0)
     }
 }
