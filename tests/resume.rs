@@ -66,6 +66,11 @@ fn asked(o: &Origin) -> Vec<(Option<String>, Option<String>)> {
         .collect()
 }
 
+/// Resumptions attempted and succeeded, as the metrics count them.
+fn resumptions(p: &Proxy) -> (u64, u64) {
+    (p.server.metrics.resumes_attempted.get(), p.server.metrics.resumes_succeeded.get())
+}
+
 fn some(s: &str) -> Option<String> {
     Some(s.to_string())
 }
@@ -99,7 +104,7 @@ async fn a_body_whose_upstream_dies_twice_arrives_whole_for_every_kind_of_reques
             ],
             "{range:?}"
         );
-        assert_eq!((p.server.metrics.resumes_attempted.get(), p.server.metrics.resumes_succeeded.get()), (2, 2));
+        assert_eq!(resumptions(&p), (2, 2));
     }
 }
 
@@ -180,7 +185,7 @@ async fn an_upstream_that_keeps_dying_is_given_up_after_resume_attempts() {
     assert_eq!(got.body.len(), 40_000, "what each of the four responses gave, in order");
     assert_body(&got.body, &pattern(0, 40_000));
     assert_eq!(o.requests().len(), 4, "the first response and three resumptions");
-    assert_eq!((p.server.metrics.resumes_attempted.get(), p.server.metrics.resumes_succeeded.get()), (3, 3));
+    assert_eq!(resumptions(&p), (3, 3));
 
     // Answers that are errors, and reconnections that fail, count as attempts.
     let first = Arc::new(AtomicUsize::new(0));
@@ -197,7 +202,7 @@ async fn an_upstream_that_keeps_dying_is_given_up_after_resume_attempts() {
     assert!(!got.complete);
     assert_body(&got.body, &pattern(0, 10_000));
     assert_eq!(o.requests().len(), 3, "the first response and two tries");
-    assert_eq!((p.server.metrics.resumes_attempted.get(), p.server.metrics.resumes_succeeded.get()), (2, 0));
+    assert_eq!(resumptions(&p), (2, 0));
 
     let (o, _) = flaky(|_| Fate::StallAfter(10_000)).await;
     let p = proxy("upstream: {resume_attempts: 2, read_timeout: \"500ms\"}\n").await;
@@ -211,7 +216,7 @@ async fn an_upstream_that_keeps_dying_is_given_up_after_resume_attempts() {
     assert!(!got.complete);
     assert_body(&got.body, &pattern(0, 10_000));
     assert_eq!(o.requests().len(), 1);
-    assert_eq!((p.server.metrics.resumes_attempted.get(), p.server.metrics.resumes_succeeded.get()), (2, 0));
+    assert_eq!(resumptions(&p), (2, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,6 +205,13 @@ mod tests {
         (session, written)
     }
 
+    /// Sends a 200 header declaring `length` bytes.
+    async fn start_200(down: &mut ServerSession, length: u64) {
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        out.insert_header("Content-Length", length.to_string()).unwrap();
+        down.write_response_header(Box::new(out)).await.unwrap();
+    }
+
     async fn read_all(mut c: DuplexStream) -> Vec<u8> {
         let mut out = Vec::new();
         c.read_to_end(&mut out).await.unwrap();
@@ -224,10 +231,7 @@ mod tests {
         let mut resp = Response::over(&c, session);
         let (mut down, client_end) = downstream(64 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
-        let out = ResponseHeader::build(200, None).unwrap();
-        let mut out = out;
-        out.insert_header("Content-Length", body.len().to_string()).unwrap();
-        down.write_response_header(Box::new(out)).await.unwrap();
+        start_200(&mut down, body.len() as u64).await;
         let mut sent = 0;
         pump(&mut down, &mut resp, b"".to_vec(), Duration::from_secs(5), &mut sent).await.unwrap();
         drop(down);
@@ -245,9 +249,7 @@ mod tests {
         let (session, written) = upstream(16 * 1024, &head, body, false).await;
         let mut resp = Response::over(&c, session);
         let (mut down, _client_end_never_read) = downstream(16 * 1024).await;
-        let mut out = ResponseHeader::build(200, None).unwrap();
-        out.insert_header("Content-Length", (4u64 << 20).to_string()).unwrap();
-        down.write_response_header(Box::new(out)).await.unwrap();
+        start_200(&mut down, 4 << 20).await;
         let mut sent = 0;
         let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
         // The pump blocks on the full client side; the origin can only run
@@ -264,20 +266,14 @@ mod tests {
         let (session, _) = upstream(64 * 1024, head, pattern(1000), true).await;
         let mut resp = Response::over(&c, session);
         let (mut down, client_end) = downstream(64 * 1024).await;
-        let mut out = ResponseHeader::build(200, None).unwrap();
-        out.insert_header("Content-Length", "1000000").unwrap();
-        down.write_response_header(Box::new(out)).await.unwrap();
-        let mut sent = 0;
-        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
-        let closer = async {
+        start_200(&mut down, 1_000_000).await;
+        tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(client_end);
-            std::future::pending::<()>().await
-        };
-        let ended = tokio::select! {
-            r = tokio::time::timeout(Duration::from_secs(5), pumping) => r,
-            _ = closer => unreachable!(),
-        };
+        });
+        let mut sent = 0;
+        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
+        let ended = tokio::time::timeout(Duration::from_secs(5), pumping).await;
         let e = ended.expect("the pump noticed the client leaving").unwrap_err();
         assert!(matches!(e.esource(), pingora_error::ErrorSource::Downstream), "{e}");
         assert_eq!(sent, 1000);
@@ -291,9 +287,7 @@ mod tests {
         let mut resp = Response::over(&c, session);
         let (mut down, client_end) = downstream(256 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
-        let mut out = ResponseHeader::build(200, None).unwrap();
-        out.insert_header("Content-Length", "100000").unwrap();
-        down.write_response_header(Box::new(out)).await.unwrap();
+        start_200(&mut down, 100_000).await;
         let mut sent = 0;
         let e = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(5), &mut sent).await.unwrap_err();
         assert_eq!(*e.etype(), ErrorType::ConnectionClosed, "{e}");
