@@ -36,11 +36,6 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    match anibridge_proxy::server::run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cannot start: {e}");
-            ExitCode::from(1)
-        }
-    }
+    anibridge_proxy::server::run(cfg);
+    ExitCode::SUCCESS
 }

@@ -38,7 +38,7 @@ pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
 }
 
 /// Runs the server until SIGTERM/SIGINT; returns when it has shut down.
-pub fn run(cfg: Config) -> Result<(), String> {
+pub fn run(cfg: Config) {
     raise_open_files_limit();
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
     conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
@@ -70,7 +70,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
         cfg.auth.mode
     );
     server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
-    Ok(())
 }
 
 /// Every stream holds two sockets (client and upstream), so the common soft
