@@ -12,9 +12,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::auth::{canonical_query, Query};
-use crate::egress::Egress;
 use crate::headers::WireHeader;
-use crate::providers::Providers;
 use crate::upstream::{BodyError, Client, Request, Settings, Timeouts};
 
 /// The largest resolver answer accepted.
@@ -58,16 +56,8 @@ pub struct Resolver {
 impl Resolver {
     pub fn new(base: Url, timeout: Duration, capacity: usize) -> Resolver {
         let timeouts = Timeouts { connect: timeout, read: timeout, write: timeout };
-        let settings = Settings {
-            egress: Egress::default(),
-            providers: Providers::default(),
-            timeouts,
-            max_redirects: 3,
-            default_ua: None,
-            pool_size: 64,
-            resume_attempts: 0,
-            proxies: Default::default(),
-        };
+        // resolver.url is operator config: no egress proxy, no profile.
+        let settings = Settings { max_redirects: 3, ..Settings::plain(timeouts) };
         let cache = moka::future::Cache::builder().max_capacity(capacity as u64).expire_after(AnswerTtl).build();
         Resolver { base: Arc::new(base), client: Client::new(settings, None), timeout, cache }
     }

@@ -156,16 +156,8 @@ mod tests {
 
     fn client() -> Client {
         let t = Duration::from_secs(5);
-        let settings = Settings {
-            egress: Default::default(),
-            providers: Default::default(),
-            timeouts: Timeouts { connect: t, read: t, write: t },
-            max_redirects: 0,
-            default_ua: None,
-            pool_size: 0,
-            resume_attempts: 0,
-            proxies: Default::default(),
-        };
+        let settings =
+            Settings { max_redirects: 0, pool_size: 0, ..Settings::plain(Timeouts { connect: t, read: t, write: t }) };
         Client::new(settings, None)
     }
 

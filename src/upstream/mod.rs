@@ -8,6 +8,7 @@ mod pool;
 mod response;
 pub mod resume;
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,7 +153,8 @@ pub(crate) struct Exchange {
     pool_key: u64,
     /// The method of the last hop (GET after the HEAD fallback).
     method: Method,
-    url: Url,
+    /// The final URL, when redirects led away from the request's.
+    redirected_to: Option<Url>,
     head_fallback: bool,
     redirects: u32,
 }
@@ -178,6 +180,23 @@ pub struct Settings {
     pub resume_attempts: u32,
     /// Egress proxies by upstream host (none: every connection is direct).
     pub proxies: EgressProxies,
+}
+
+impl Settings {
+    /// Public destinations only, direct, no profiles, no resumption; five
+    /// redirects, 64 idle connections. Fields are set over it as needed.
+    pub fn plain(timeouts: Timeouts) -> Settings {
+        Settings {
+            egress: Egress::default(),
+            providers: Providers::default(),
+            timeouts,
+            max_redirects: 5,
+            default_ua: None,
+            pool_size: 64,
+            resume_attempts: 0,
+            proxies: EgressProxies::default(),
+        }
+    }
 }
 
 /// Dials upstreams with Pingora's connector; finished connections wait in
@@ -220,7 +239,6 @@ impl Client {
             Ask::Client
         };
         let ex = self.fetch(&req, ask).await?;
-        req.url = ex.url.clone();
         Ok(Response::new(self, ex, req, self.settings.resume_attempts))
     }
 
@@ -230,7 +248,8 @@ impl Client {
             Ask::Client => req.method.clone(),
             _ => Method::GET,
         };
-        let mut url = req.url.clone();
+        // Borrowed until a redirect leads elsewhere: no copy per request.
+        let mut url = Cow::Borrowed(&req.url);
         let mut head_fallback = false;
         let mut redirects = 0u32;
         loop {
@@ -263,7 +282,7 @@ impl Client {
                 if let Some(m) = &self.metrics {
                     m.redirects.inc();
                 }
-                url = next;
+                url = Cow::Owned(next);
                 redirects += 1;
                 continue;
             }
@@ -278,7 +297,11 @@ impl Client {
             }
 
             let pool_key = peer.reuse_hash();
-            return Ok(Exchange { session, pool_key, method, url, head_fallback, redirects });
+            let redirected_to = match url {
+                Cow::Owned(u) => Some(u),
+                Cow::Borrowed(_) => None,
+            };
+            return Ok(Exchange { session, pool_key, method, redirected_to, head_fallback, redirects });
         }
     }
 
@@ -465,10 +488,8 @@ impl Client {
         // What this hop asks for replaces the client's range and conditionals.
         let client_range = hop.req.forwarded.iter().any(|h| h.name == header::RANGE);
         let own: [Option<(&'static str, HeaderValue)>; 2] = match hop.ask {
-            Ask::Client => [None, None],
-            Ask::Whole => [None, None],
-            Ask::HeadProbe if client_range => [None, None],
-            Ask::HeadProbe => [Some(("Range", HeaderValue::from_static("bytes=0-0"))), None],
+            Ask::HeadProbe if !client_range => [Some(("Range", HeaderValue::from_static("bytes=0-0"))), None],
+            Ask::Client | Ask::Whole | Ask::HeadProbe => [None, None],
             Ask::Resume { range, if_range } => [Some(("Range", range.clone())), Some(("If-Range", if_range.clone()))],
         };
         let keep_client_range = matches!(hop.ask, Ask::Client | Ask::HeadProbe);
@@ -547,17 +568,7 @@ mod tests {
     fn client(connect: Duration) -> Client {
         let egress = Egress::new(vec!["127.0.0.0/8".parse().unwrap()], vec![]);
         let timeouts = Timeouts { connect, read: Duration::from_secs(5), write: Duration::from_secs(5) };
-        let settings = Settings {
-            egress,
-            providers: Providers::default(),
-            timeouts,
-            max_redirects: 5,
-            default_ua: None,
-            pool_size: 8,
-            resume_attempts: 0,
-            proxies: EgressProxies::default(),
-        };
-        Client::new(settings, None)
+        Client::new(Settings { egress, pool_size: 8, ..Settings::plain(timeouts) }, None)
     }
 
     /// An address that refuses connections (nothing listens there).

@@ -56,7 +56,11 @@ struct Recovery {
 }
 
 impl<'c> Response<'c> {
-    pub(super) fn new(client: &'c Client, ex: Exchange, request: Request, attempts: u32) -> Response<'c> {
+    /// `request` as asked; its URL becomes the final one.
+    pub(super) fn new(client: &'c Client, ex: Exchange, mut request: Request, attempts: u32) -> Response<'c> {
+        if let Some(url) = ex.redirected_to {
+            request.url = url;
+        }
         Response {
             client,
             session: ex.session,
@@ -163,8 +167,7 @@ impl<'c> Response<'c> {
         let attempts = self.recovery.attempts_left;
         self.finish().await;
         let ex = client.fetch(&request, Ask::Whole).await?;
-        let url = ex.url.clone();
-        Ok(Response::new(client, ex, Request { url, method: Method::GET, whole: true, ..request }, attempts))
+        Ok(Response::new(client, ex, Request { method: Method::GET, whole: true, ..request }, attempts))
     }
 
     /// Gives the connection back: to the pool when the body was read to its
@@ -279,16 +282,22 @@ impl<'c> Response<'c> {
 impl<'c> Response<'c> {
     /// A response over a session that has read its header (in-memory tests).
     pub(crate) fn over(client: &'c Client, session: HttpSession) -> Response<'c> {
-        let url = Url::parse("http://origin.test/x").expect("a valid URL");
         let request = Request {
             method: Method::GET,
-            url: url.clone(),
+            url: Url::parse("http://origin.test/x").expect("a valid URL"),
             forwarded: Vec::new(),
             extra: None,
             trusted: None,
             whole: false,
         };
-        let ex = Exchange { session, pool_key: 0, method: Method::GET, url, head_fallback: false, redirects: 0 };
+        let ex = Exchange {
+            session,
+            pool_key: 0,
+            method: Method::GET,
+            redirected_to: None,
+            head_fallback: false,
+            redirects: 0,
+        };
         Response::new(client, ex, request, 0)
     }
 }
