@@ -112,6 +112,11 @@ pub fn canonical_query(q: &Query) -> String {
     encode_pairs(pairs.into_iter())
 }
 
+/// The time `exp` is compared with: seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 /// Lowercase hex HMAC-SHA256 of `message`.
 pub fn hmac_hex(secret: &[u8], message: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts any key length");

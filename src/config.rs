@@ -17,8 +17,9 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use url::Url;
 
-use crate::egress::HostPattern;
 use crate::headers::WireHeader;
+use crate::hosts::HostPattern;
+use crate::tunnel::{Credentials, ProxyUrl};
 
 /// Environment variable that supplies `auth.secret` when the file does not.
 pub const SECRET_ENV: &str = "ANIBRIDGE_PROXY_SECRET";
@@ -168,113 +169,7 @@ from_str!(RoutePrefix, |s: &str| {
     Ok(RoutePrefix(s.to_string()))
 });
 
-/// An egress proxy URL: `socks5://`, `socks5h://` or `http://` (CONNECT),
-/// with optional `user:password@`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ProxyUrl {
-    pub kind: ProxyKind,
-    pub host: String,
-    pub port: u16,
-    pub credentials: Option<Credentials>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProxyKind {
-    /// SOCKS5; the destination is resolved and checked here, the tunnel asked for the IP.
-    Socks5,
-    /// SOCKS5 with the host name handed to the proxy to resolve.
-    Socks5h,
-    /// HTTP `CONNECT`.
-    Http,
-}
-
-/// A user name and password (RFC 1929 for SOCKS5, Basic for CONNECT).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub user: String,
-    pub password: String,
-}
-
-impl ProxyUrl {
-    /// The proxy's name for logs and metrics: scheme, host and port, never
-    /// the credentials.
-    pub fn name(&self) -> String {
-        let scheme = match self.kind {
-            ProxyKind::Socks5 => "socks5",
-            ProxyKind::Socks5h => "socks5h",
-            ProxyKind::Http => "http",
-        };
-        if self.host.contains(':') {
-            format!("{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            format!("{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<ProxyUrl, String> {
-        let u = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
-        let kind = match u.scheme() {
-            "socks5" => ProxyKind::Socks5,
-            "socks5h" => ProxyKind::Socks5h,
-            "http" => ProxyKind::Http,
-            other => return Err(format!("unsupported scheme {other:?} (socks5, socks5h or http)")),
-        };
-        let host = match u.host() {
-            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
-            Some(url::Host::Ipv4(a)) => a.to_string(),
-            Some(url::Host::Ipv6(a)) => a.to_string(),
-            _ => return Err("needs a host".into()),
-        };
-        if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
-            return Err("must be scheme://[user:password@]host:port with nothing after the port".into());
-        }
-        // `url` hides a scheme's default port; an HTTP proxy has no usual
-        // one, so it must be written (SOCKS defaults to 1080).
-        let written = s
-            .trim_end_matches('/')
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        let port = match (u.port_or_known_default(), kind) {
-            (Some(p), _) if written => p,
-            (_, ProxyKind::Socks5 | ProxyKind::Socks5h) => u.port().unwrap_or(1080),
-            (_, ProxyKind::Http) => return Err("needs a port".into()),
-        };
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().map(|c| c.into_owned());
-        let credentials = match (u.username(), u.password()) {
-            ("", None) => None,
-            (user, Some(password)) => Some(Credentials {
-                user: decode(user).map_err(|_| "the user name is not UTF-8")?,
-                password: decode(password).map_err(|_| "the password is not UTF-8")?,
-            }),
-            (_, None) => return Err("credentials need user:password".into()),
-        };
-        let p = ProxyUrl { kind, host, port, credentials };
-        if let Some(c) = &p.credentials {
-            check_credentials(c)?;
-        }
-        Ok(p)
-    }
-}
-
-/// RFC 1929 carries each of user name and password in 1..=255 bytes.
-fn check_credentials(c: &Credentials) -> Result<(), String> {
-    if c.user.is_empty() || c.user.len() > 255 || c.password.len() > 255 {
-        return Err("user name must be 1 to 255 bytes and password at most 255".into());
-    }
-    if c.user.contains(':') {
-        return Err("the user name must not contain ':'".into());
-    }
-    Ok(())
-}
-
-impl fmt::Debug for ProxyUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never the credentials.
-        write!(f, "ProxyUrl({}{})", self.name(), if self.credentials.is_some() { ", with credentials" } else { "" })
-    }
-}
-
-from_str!(ProxyUrl, ProxyUrl::parse);
+from_str!(ProxyUrl, |s: &str| ProxyUrl::parse(s).map_err(|e| e.to_string()));
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -518,9 +413,7 @@ impl Config {
                     .ok_or_else(|| err(&key, format!("{var} (or {var}{FILE_SUFFIX}) is not set")))?;
                 let (user, password) =
                     text.split_once(':').ok_or_else(|| err(&key, format!("{var} must hold user:password")))?;
-                let c = Credentials { user: user.to_string(), password: password.to_string() };
-                check_credentials(&c).map_err(|r| err(&key, r))?;
-                p.url.credentials = Some(c);
+                p.url.credentials = Some(Credentials::new(user, password).map_err(|r| err(&key, r))?);
             }
         }
         cfg.validate().map_err(|(key, reason)| err(key, reason))?;
@@ -648,6 +541,7 @@ fn is_origin(o: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::ProxyKind;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_yaml("t.yaml", text, |_| None)

@@ -160,12 +160,68 @@ pub fn parse_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> R
         .collect()
 }
 
-/// The total length from `Content-Range: bytes a-b/TOTAL` (not `*`).
-pub fn content_range_total(v: &[u8]) -> Option<u64> {
-    let s = std::str::from_utf8(v).ok()?.trim();
-    let rest = s.strip_prefix("bytes")?.trim_start();
-    let (_, total) = rest.rsplit_once('/')?;
-    total.trim().parse().ok()
+/// A `Content-Range` value (RFC 9110 §14.4): `bytes FIRST-LAST/TOTAL`,
+/// `bytes FIRST-LAST/*` (length unknown) or `bytes */TOTAL` (a 416's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    /// First and last byte (inclusive), `None` for `*`.
+    pub range: Option<(u64, u64)>,
+    /// The complete length, `None` for `*`.
+    pub total: Option<u64>,
+}
+
+impl ContentRange {
+    /// Parses a value; digits only, FIRST <= LAST, and LAST < TOTAL when
+    /// both are known. `bytes */*` is not a content range.
+    pub fn parse(v: &[u8]) -> Option<ContentRange> {
+        let s = std::str::from_utf8(v).ok()?.trim();
+        let rest = s.strip_prefix("bytes")?;
+        if !rest.starts_with([' ', '\t']) {
+            return None;
+        }
+        let (range, total) = rest.trim_start().split_once('/')?;
+        let total = match total.trim() {
+            "*" => None,
+            t => Some(digits(t)?),
+        };
+        let range = match range.trim() {
+            "*" => None,
+            r => {
+                let (first, last) = r.split_once('-')?;
+                let (first, last) = (digits(first)?, digits(last)?);
+                (first <= last && total.is_none_or(|t| last < t)).then_some((first, last))?;
+                Some((first, last))
+            }
+        };
+        (range.is_some() || total.is_some()).then_some(ContentRange { range, total })
+    }
+
+    /// `(first, last, total)` when all three are known.
+    pub fn bytes(self) -> Option<(u64, u64, u64)> {
+        let (first, last) = self.range?;
+        Some((first, last, self.total?))
+    }
+
+    /// The range covers the whole representation (`bytes 0-(N-1)/N`).
+    pub fn is_whole(self) -> bool {
+        self.bytes().is_some_and(|(first, last, total)| first == 0 && last + 1 == total)
+    }
+}
+
+/// The `Content-Range` of a header map, parsed.
+pub fn content_range(h: &HeaderMap) -> Option<ContentRange> {
+    ContentRange::parse(h.get(header::CONTENT_RANGE)?.as_bytes())
+}
+
+/// The `Content-Length` of a header map, when it is one number.
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    digits(h.get(header::CONTENT_LENGTH)?.to_str().ok()?)
+}
+
+/// A non-negative decimal number of digits only (no sign, no spaces inside).
+pub fn digits(s: &str) -> Option<u64> {
+    let s = s.trim();
+    (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
 }
 
 /// A response header with `headers` appended in order (unit tests).
@@ -326,11 +382,22 @@ mod tests {
     }
 
     #[test]
-    fn content_range_totals() {
-        assert_eq!(content_range_total(b"bytes 0-0/12345"), Some(12345));
-        assert_eq!(content_range_total(b"bytes */500"), Some(500));
-        assert_eq!(content_range_total(b"bytes 0-0/*"), None);
-        assert_eq!(content_range_total(b"items 0-0/3"), None);
+    fn content_ranges() {
+        let cr = |v: &str| ContentRange::parse(v.as_bytes());
+        let full = |first, last, total| Some(ContentRange { range: Some((first, last)), total: Some(total) });
+        assert_eq!(cr("bytes 0-0/12345"), full(0, 0, 12345));
+        assert_eq!(cr("bytes 0-0/12345").unwrap().bytes(), Some((0, 0, 12345)));
+        assert_eq!(cr("bytes */500"), Some(ContentRange { range: None, total: Some(500) }));
+        assert_eq!(cr("bytes */500").unwrap().bytes(), None);
+        assert_eq!(cr("bytes 0-1/*"), Some(ContentRange { range: Some((0, 1)), total: None }));
+        assert!(cr("bytes 0-99/100").unwrap().is_whole());
+        assert!(!cr("bytes 0-98/100").unwrap().is_whole());
+        assert!(!cr("bytes 1-99/100").unwrap().is_whole());
+        for bad in
+            ["bytes 5-4/10", "bytes 0-10/10", "bytes */*", "bytes +1-2/3", "items 0-0/3", "bytes0-1/2", "bytes 1/2"]
+        {
+            assert_eq!(cr(bad), None, "{bad}");
+        }
     }
 
     #[test]

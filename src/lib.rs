@@ -6,6 +6,8 @@
 //! drives Pingora's connector and HTTP/1.1 client over this crate's
 //! idle-connection pool.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod auth;
 mod charclass;
@@ -16,6 +18,7 @@ pub mod dns;
 pub mod egress;
 pub mod headers;
 pub mod hls;
+pub mod hosts;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;

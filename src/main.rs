@@ -1,5 +1,7 @@
 //! `anibridge-proxy --config FILE [--check]`
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

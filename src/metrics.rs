@@ -1,14 +1,15 @@
-//! Prometheus metrics, registered once per process and updated from the
-//! `logging` hook (off the streaming hot path). Gauges that must balance
-//! (`in_flight`, `active_streams`) are raised through a [`Held`] guard,
-//! which lowers them when dropped — also when a request panics.
+//! Prometheus metrics, registered once per process. Request counts and
+//! relayed bytes are added once per request (by the `logging` hook, after
+//! the response); the rest where the event happens. Gauges that must
+//! balance (`in_flight`, `active_streams`) are raised through a [`Held`]
+//! guard, which lowers them when dropped — also when a request panics.
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 pub struct Metrics {
     registry: Registry,
     /// `requests` children resolved once: a label lookup hashes and locks.
-    requests_by: Vec<[IntCounter; CLASSES.len()]>,
+    requests_by: [[IntCounter; CLASSES.len()]; RouteLabel::ALL.len()],
     upstream_by_reuse: [IntCounter; 2],
     pub requests: IntCounterVec,
     pub upstream_header_seconds: Histogram,
@@ -101,7 +102,7 @@ impl Metrics {
         ] {
             registry.register(c).unwrap();
         }
-        let requests_by = ROUTES.iter().map(|r| CLASSES.map(|c| requests.with_label_values(&[r, c]))).collect();
+        let requests_by = RouteLabel::ALL.map(|r| CLASSES.map(|c| requests.with_label_values(&[r.as_str(), c])));
         let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
         Metrics {
             registry,
@@ -125,13 +126,9 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished request by route (one of [`ROUTES`]) and status class.
-    pub fn count_request(&self, route: &str, status: u16) {
-        let class = status_class(status);
-        match (ROUTES.iter().position(|r| *r == route), CLASSES.iter().position(|c| *c == class)) {
-            (Some(r), Some(c)) => self.requests_by[r][c].inc(),
-            _ => self.requests.with_label_values(&[route, class]).inc(),
-        }
+    /// Counts a finished request by route and status class.
+    pub fn count_request(&self, route: RouteLabel, status: u16) {
+        self.requests_by[route as usize][status_class(status)].inc();
     }
 
     /// Counts an upstream exchange by whether its connection came from the pool.
@@ -170,25 +167,61 @@ impl Default for Metrics {
     }
 }
 
-/// The `route` label values (`-`: refused before routing).
-pub const ROUTES: [&str; 5] = ["-", "relay", "stream", "route", "preflight"];
+/// What a request was routed to: the `route` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteLabel {
+    /// Refused before routing (an unknown path, a method not served).
+    Unrouted,
+    Relay,
+    Stream,
+    Route,
+    Preflight,
+}
+
+impl RouteLabel {
+    /// Every label, in the order of their discriminants (the metrics' table index).
+    pub const ALL: [RouteLabel; 5] =
+        [RouteLabel::Unrouted, RouteLabel::Relay, RouteLabel::Stream, RouteLabel::Route, RouteLabel::Preflight];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Unrouted => "-",
+            RouteLabel::Relay => "relay",
+            RouteLabel::Stream => "stream",
+            RouteLabel::Route => "route",
+            RouteLabel::Preflight => "preflight",
+        }
+    }
+}
+
+/// The `status` label values: `2xx`, `4xx`, ... (`none`: nothing was sent).
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
-/// `2xx`, `4xx`, ... for a status code (0 when nothing was sent).
-pub fn status_class(status: u16) -> &'static str {
+/// The index in [`CLASSES`] of a status code's class.
+fn status_class(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
-        _ => "none",
+        100..=599 => usize::from(status / 100) - 1,
+        _ => CLASSES.len() - 1,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_labels_index_their_own_row() {
+        for (i, r) in RouteLabel::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+        let m = Metrics::new();
+        m.count_request(RouteLabel::Stream, 206);
+        m.count_request(RouteLabel::Unrouted, 0);
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("anibridge_requests_total{route=\"stream\",status=\"2xx\"} 1"), "{text}");
+        assert!(text.contains("anibridge_requests_total{route=\"-\",status=\"none\"} 1"), "{text}");
+        assert_eq!([100, 299, 404, 599, 600].map(|s| CLASSES[status_class(s)]), ["1xx", "2xx", "4xx", "5xx", "none"]);
+    }
 
     #[test]
     fn held_gauges_are_lowered_even_by_a_panic() {

@@ -2,29 +2,20 @@
 //! User-Agent, ...), matched on the upstream host of every hop.
 
 use crate::config::ProviderConf;
-use crate::egress::HostPattern;
 use crate::headers::WireHeader;
-
-/// Host patterns and the headers they get.
-type Profile = (Vec<HostPattern>, Vec<WireHeader>);
+use crate::hosts::HostTable;
 
 #[derive(Debug, Clone, Default)]
-pub struct Providers {
-    profiles: Vec<Profile>,
-}
+pub struct Providers(HostTable<Vec<WireHeader>>);
 
 impl Providers {
     pub fn new(conf: &[ProviderConf]) -> Providers {
-        Providers { profiles: conf.iter().map(|p| (p.hosts.clone(), p.headers.0.clone())).collect() }
+        Providers(HostTable::new(conf.iter().map(|p| (p.hosts.clone(), p.headers.0.clone()))))
     }
 
     /// The headers of the first profile matching `host` (lower-case).
     pub fn headers_for(&self, host: &str) -> &[WireHeader] {
-        self.profiles
-            .iter()
-            .find(|(hosts, _)| hosts.iter().any(|p| p.matches(host)))
-            .map(|(_, h)| h.as_slice())
-            .unwrap_or(&[])
+        self.0.first(host).map_or(&[], Vec::as_slice)
     }
 }
 

@@ -32,7 +32,7 @@ impl Route {
 
     /// The upstream URL for `rest` (the raw path after the prefix, still
     /// percent-encoded) and the raw client query minus credentials.
-    pub fn target(&self, rest: &str, raw_query: Option<&str>) -> Result<Url, String> {
+    pub fn target(&self, rest: &str, raw_query: Option<&str>) -> Result<Url, RouteError> {
         let mut s = String::with_capacity(self.upstream.as_str().len() + rest.len() + 32);
         s.push_str(self.upstream.as_str());
         s.push_str(rest.trim_start_matches('/'));
@@ -40,13 +40,22 @@ impl Route {
             s.push('?');
             s.push_str(&q);
         }
-        let u = Url::parse(&s).map_err(|e| e.to_string())?;
+        let u = Url::parse(&s).map_err(|_| RouteError::NotAUrl)?;
         // `..` segments must not climb out of the route's base path.
         if !u.path().starts_with(self.upstream.path()) || u.origin() != self.upstream.origin() {
-            return Err("path escapes the route".into());
+            return Err(RouteError::Escapes);
         }
         Ok(u)
     }
+}
+
+/// Why a request path cannot be mapped onto a route's upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// The path and query make no URL under the upstream.
+    NotAUrl,
+    /// The path climbs out of the upstream's base path (`..`).
+    Escapes,
 }
 
 /// Drops credential parameters from a raw query, keeping the rest byte for
@@ -120,8 +129,8 @@ mod tests {
         assert_eq!(r.upstream.as_str(), "http://10.0.0.5:8080/base/");
         let t = r.target("dir/a%20b.ts", Some("x=1&sig=ab&exp=2&apikey=k&api_key=k&y=%2F")).unwrap();
         assert_eq!(t.as_str(), "http://10.0.0.5:8080/base/dir/a%20b.ts?x=1&y=%2F");
-        assert!(r.target("../../etc/passwd", None).is_err());
-        assert!(r.target("%2e%2e/secret", None).is_err());
+        assert_eq!(r.target("../../etc/passwd", None), Err(RouteError::Escapes));
+        assert_eq!(r.target("%2e%2e/secret", None), Err(RouteError::Escapes));
         assert_eq!(strip_credentials("sig=1&exp=2"), "");
         assert_eq!(decoded_path("/cdn/a%20b%2Fc.ts"), "/cdn/a b/c.ts");
     }

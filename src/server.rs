@@ -22,14 +22,14 @@ use crate::proxy::{Proxy, State};
 /// Per-connection downstream read buffer: none. Pingora parses request
 /// headers in a buffer of its own, and bodies are not proxied, so a second
 /// buffer in front of the socket would only copy bytes and hold memory
-/// (Pingora's default is 64 KiB per connection; measured in BENCHMARKS.md).
+/// (Pingora's default is 64 KiB per connection; BENCHMARKS.md).
 const DOWNSTREAM_READ_BUFFER: usize = 0;
 /// Per-connection downstream write buffer: room for the response header
 /// plus the body bytes that arrived with the upstream header (Pingora reads
 /// headers 4 KiB at a time), so both leave in one send. The relay flushes it
-/// whenever it would wait for upstream (`proxy::flush_down`), so nothing is
-/// held back from a trickling upstream. Measured: 4 → 3 sends per small
-/// response, ~+16 % req/s (BENCHMARKS.md).
+/// whenever it would wait for upstream (`flush_down` in `proxy/relay.rs`),
+/// so nothing is held back from a trickling upstream (BENCHMARKS.md has
+/// what this saved).
 const DOWNSTREAM_WRITE_BUFFER: usize = 8 * 1024;
 
 /// Builds the proxy application for a loaded config.
@@ -43,7 +43,7 @@ pub fn run(cfg: Config) {
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
     conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
     conf.graceful_shutdown_timeout_seconds = Some(1);
-    // One work-stealing runtime per service; measured faster than pinned.
+    // One work-stealing runtime per service (BENCHMARKS.md compares the runtimes).
     conf.work_stealing = true;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
@@ -77,24 +77,12 @@ pub fn run(cfg: Config) {
 /// `worker_rlimit_nofile` (and Go's runtime), the soft limit is raised to the
 /// hard limit the operator allows, bounded by the kernel's usual `nr_open`.
 fn raise_open_files_limit() {
-    const MOST: libc::rlim_t = 1 << 20;
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: plain system calls on a valid, owned struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        let want = lim.rlim_max.min(MOST);
-        if lim.rlim_cur >= want {
-            return;
-        }
-        let old = lim.rlim_cur;
-        lim.rlim_cur = want;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-            log::info!("open files limit raised from {old} to {want}");
-        } else {
-            log::warn!("open files limit stays {old}: {}", std::io::Error::last_os_error());
-        }
+    const MOST: u64 = 1 << 20;
+    let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(0);
+    match rlimit::increase_nofile_limit(MOST) {
+        Ok(now) if now > before => log::info!("open files limit raised from {before} to {now}"),
+        Ok(_) => {}
+        Err(e) => log::warn!("open files limit stays {before}: {e}"),
     }
 }
 

@@ -8,6 +8,7 @@
 //! has already checked; `socks5h` hands the host name over for the proxy to
 //! resolve (then only `deny_hosts` and IP literals are judged here).
 
+use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,9 +23,115 @@ use pingora::protocols::raw_connect;
 use pingora::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use tokio::net::TcpStream;
+use url::Url;
 
-use crate::config::{EgressProxyConf, ProxyKind, ProxyUrl};
-use crate::egress::HostPattern;
+use crate::config::EgressProxyConf;
+use crate::hosts::HostTable;
+
+/// An egress proxy URL: `socks5://`, `socks5h://` or `http://` (CONNECT),
+/// with optional `user:password@`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub kind: ProxyKind,
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<Credentials>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// SOCKS5; the destination is resolved and checked here, the tunnel asked for the IP.
+    Socks5,
+    /// SOCKS5 with the host name handed to the proxy to resolve.
+    Socks5h,
+    /// HTTP `CONNECT`.
+    Http,
+}
+
+/// A user name and password (RFC 1929 for SOCKS5, Basic for CONNECT).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl ProxyUrl {
+    /// The proxy's name for logs and metrics: scheme, host and port, never
+    /// the credentials.
+    pub fn name(&self) -> String {
+        let scheme = match self.kind {
+            ProxyKind::Socks5 => "socks5",
+            ProxyKind::Socks5h => "socks5h",
+            ProxyKind::Http => "http",
+        };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<ProxyUrl, String> {
+        let u = Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+        let kind = match u.scheme() {
+            "socks5" => ProxyKind::Socks5,
+            "socks5h" => ProxyKind::Socks5h,
+            "http" => ProxyKind::Http,
+            other => return Err(format!("unsupported scheme {other:?} (socks5, socks5h or http)")),
+        };
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            _ => return Err("needs a host".into()),
+        };
+        if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+            return Err("must be scheme://[user:password@]host:port with nothing after the port".into());
+        }
+        // `url` hides a scheme's default port; an HTTP proxy has no usual
+        // one, so it must be written (SOCKS defaults to 1080).
+        let written = s
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let port = match (u.port_or_known_default(), kind) {
+            (Some(p), _) if written => p,
+            (_, ProxyKind::Socks5 | ProxyKind::Socks5h) => u.port().unwrap_or(1080),
+            (_, ProxyKind::Http) => return Err("needs a port".into()),
+        };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().map(|c| c.into_owned());
+        let credentials = match (u.username(), u.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some(Credentials::new(
+                &decode(user).map_err(|_| "the user name is not UTF-8")?,
+                &decode(password).map_err(|_| "the password is not UTF-8")?,
+            )?),
+            (_, None) => return Err("credentials need user:password".into()),
+        };
+        Ok(ProxyUrl { kind, host, port, credentials })
+    }
+}
+
+impl Credentials {
+    /// RFC 1929 carries each of user name and password in 1..=255 bytes,
+    /// and Basic auth cannot carry a ':' in the user name.
+    pub fn new(user: &str, password: &str) -> Result<Credentials, String> {
+        if user.is_empty() || user.len() > 255 || password.len() > 255 {
+            return Err("user name must be 1 to 255 bytes and password at most 255".into());
+        }
+        if user.contains(':') {
+            return Err("the user name must not contain ':'".into());
+        }
+        Ok(Credentials { user: user.to_string(), password: password.to_string() })
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the credentials.
+        write!(f, "ProxyUrl({}{})", self.name(), if self.credentials.is_some() { ", with credentials" } else { "" })
+    }
+}
 
 /// The error type of a tunnel that could not be opened: 502 `egress proxy failed`.
 pub const EGRESS_PROXY_FAILED: ErrorType = ErrorType::Custom("EgressProxyFailed");
@@ -62,16 +169,16 @@ impl EgressProxy {
 
 /// The `egress.proxies` list: the first entry whose hosts match is used.
 #[derive(Debug, Default)]
-pub struct EgressProxies(Vec<(Vec<HostPattern>, Arc<EgressProxy>)>);
+pub struct EgressProxies(HostTable<Arc<EgressProxy>>);
 
 impl EgressProxies {
     pub fn new(conf: &[EgressProxyConf]) -> EgressProxies {
-        EgressProxies(conf.iter().map(|p| (p.hosts.clone(), Arc::new(EgressProxy::new(p.url.clone())))).collect())
+        EgressProxies(HostTable::new(conf.iter().map(|p| (p.hosts.clone(), Arc::new(EgressProxy::new(p.url.clone()))))))
     }
 
     /// The proxy for an upstream `host` (lower-case), or `None`: direct.
     pub fn pick(&self, host: &str) -> Option<&Arc<EgressProxy>> {
-        self.0.iter().find(|(hosts, _)| hosts.iter().any(|p| p.matches(host))).map(|(_, p)| p)
+        self.0.first(host)
     }
 }
 
@@ -93,6 +200,33 @@ pub struct Tunnel {
     pub deadline: Instant,
 }
 
+/// Why a tunnel could not be opened (for the log: never the credentials).
+#[derive(Debug)]
+pub enum TunnelError {
+    /// The egress proxy itself could not be reached.
+    Connect(std::io::Error),
+    /// The SOCKS5 handshake or request failed (refusal, wrong credentials).
+    Socks5(tokio_socks::Error),
+    /// The HTTP proxy answered `CONNECT` with this status.
+    Refused(http::StatusCode),
+    /// The `CONNECT` exchange failed (Pingora's error type).
+    Exchange(&'static str),
+    /// No tunnel within `upstream.connect_timeout`.
+    Deadline,
+}
+
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TunnelError::Connect(e) => write!(f, "connect: {e}"),
+            TunnelError::Socks5(e) => write!(f, "SOCKS5: {e}"),
+            TunnelError::Refused(status) => write!(f, "CONNECT answered {status}"),
+            TunnelError::Exchange(what) => write!(f, "CONNECT: {what}"),
+            TunnelError::Deadline => f.write_str("no answer within upstream.connect_timeout"),
+        }
+    }
+}
+
 #[async_trait]
 impl L4Connect for Tunnel {
     async fn connect(&self, _placeholder: &L4Addr) -> Result<L4Stream> {
@@ -100,7 +234,7 @@ impl L4Connect for Tunnel {
         let failure = match opened {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(why)) => why,
-            Err(_) => "no answer within upstream.connect_timeout".to_string(),
+            Err(_) => TunnelError::Deadline,
         };
         log::warn!("egress proxy {} failed: {failure}", self.via.name);
         Error::e_explain(EGRESS_PROXY_FAILED, format!("egress proxy {}: {failure}", self.via.name))
@@ -108,11 +242,10 @@ impl L4Connect for Tunnel {
 }
 
 impl Tunnel {
-    /// Connects to the proxy and asks it for the target. Errors are reasons
-    /// for the log: they never carry the credentials.
-    async fn open(&self) -> std::result::Result<L4Stream, String> {
+    /// Connects to the proxy and asks it for the target.
+    async fn open(&self) -> std::result::Result<L4Stream, TunnelError> {
         let url = &self.via.url;
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(TunnelError::Connect)?;
         let _ = tcp.set_nodelay(true);
         match url.kind {
             ProxyKind::Socks5 | ProxyKind::Socks5h => self.socks5(tcp).await,
@@ -120,7 +253,7 @@ impl Tunnel {
         }
     }
 
-    async fn socks5(&self, tcp: TcpStream) -> std::result::Result<L4Stream, String> {
+    async fn socks5(&self, tcp: TcpStream) -> std::result::Result<L4Stream, TunnelError> {
         use tokio_socks::tcp::Socks5Stream;
         let creds = self.via.url.credentials.as_ref();
         let tunnel = match (&self.to, creds) {
@@ -133,11 +266,10 @@ impl Tunnel {
                 Socks5Stream::connect_with_password_and_socket(tcp, (h.as_str(), *p), &c.user, &c.password).await
             }
         };
-        let tunnel = tunnel.map_err(|e| format!("SOCKS5: {e}"))?;
-        Ok(L4Stream::from(tunnel.into_inner()))
+        Ok(L4Stream::from(tunnel.map_err(TunnelError::Socks5)?.into_inner()))
     }
 
-    async fn http_connect(&self, tcp: TcpStream) -> std::result::Result<L4Stream, String> {
+    async fn http_connect(&self, tcp: TcpStream) -> std::result::Result<L4Stream, TunnelError> {
         let (host, port) = match &self.to {
             Target::Addr(a) => (a.ip().to_string(), a.port()),
             Target::Name(h, p) => (h.clone(), *p),
@@ -147,7 +279,7 @@ impl Tunnel {
             ("Proxy-Authorization", format!("Basic {token}").into_bytes())
         });
         let request = raw_connect::generate_connect_header(&host, port, auth.iter().map(|(k, v)| (*k, v)))
-            .map_err(|e| format!("CONNECT request: {e}"))?;
+            .map_err(|e| TunnelError::Exchange(e.etype().as_str()))?;
         // Pingora's CONNECT client needs a peer only for a hook we do not set.
         let peer = HttpPeer::new((std::net::Ipv4Addr::UNSPECIFIED, port), false, String::new());
         let stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
@@ -155,13 +287,12 @@ impl Tunnel {
             // The status of a refusal, not Pingora's whole error chain (its
             // cause is the proxy's answer, boxed once more by `e_because`).
             let cause = e.cause.as_deref();
-            let refusal = cause.and_then(|c| c.downcast_ref::<Box<raw_connect::ConnectProxyError>>());
-            match refusal {
-                Some(r) => format!("CONNECT answered {}", r.response.status),
-                None => format!("CONNECT: {}", e.etype().as_str()),
+            match cause.and_then(|c| c.downcast_ref::<Box<raw_connect::ConnectProxyError>>()) {
+                Some(r) => TunnelError::Refused(r.response.status),
+                None => TunnelError::Exchange(e.etype().as_str()),
             }
         })?;
-        stream.into_any().downcast::<L4Stream>().map(|s| *s).map_err(|_| "CONNECT: not a TCP stream".to_string())
+        stream.into_any().downcast::<L4Stream>().map(|s| *s).map_err(|_| TunnelError::Exchange("not a TCP stream"))
     }
 }
 
@@ -187,7 +318,7 @@ mod tests {
         assert!(p.pick("elsewhere.example").unwrap().resolves_names());
         assert!(proxies("- {hosts: [\"a.example\"], url: \"socks5://h:1\"}\n").pick("b.example").is_none());
         // Each proxy pools apart, and apart from direct connections (group 0).
-        let groups: Vec<u64> = p.0.iter().map(|(_, e)| e.group).collect();
+        let groups: Vec<u64> = p.0.values().map(|e| e.group).collect();
         assert!(groups.iter().all(|g| *g != 0));
         assert!(groups[0] != groups[1] && groups[1] != groups[2]);
         assert!(!format!("{:?}", p).contains("u:p"), "never the credentials");

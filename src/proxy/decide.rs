@@ -9,23 +9,38 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 
 use crate::content_type;
-use crate::headers;
+use crate::headers::{self, ContentRange};
 use crate::hls;
-use crate::upstream::resume::content_range;
 
-/// What was asked, as far as the decision cares.
+/// What the client asked, as far as answering it goes.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Facts {
+pub struct Asked<'a> {
     /// Playlists are rewritten (the relay and `/strm/stream`); static
     /// routes relay them as they are and only fix their type.
     pub rewrite: bool,
+    /// The upstream URL's path or the client's `{hint}` names a playlist.
+    pub known_playlist: bool,
+    /// The relay's cosmetic file name.
+    pub hint: Option<&'a str>,
+    /// The client sent a `Range`.
+    pub range: bool,
+    /// The client asked `HEAD`: no body goes out.
+    pub head: bool,
+    /// The client speaks HTTP/1.1 (chunked framing is possible).
+    pub http11: bool,
+}
+
+/// The upstream's answer, as far as the decision cares.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer<'a> {
+    pub header: &'a ResponseHeader,
+    /// The final upstream URL's path (a type is guessed from it when none came).
+    pub path: &'a str,
     /// The upstream was sent a HEAD: the response has no body to look at.
     pub head_sent: bool,
     /// The response is a `GET` + `Range` standing in for a HEAD the
     /// upstream refused.
     pub head_fallback: bool,
-    /// The upstream URL's path or the client's `{hint}` names a playlist.
-    pub known_playlist: bool,
 }
 
 /// What to do next.
@@ -45,17 +60,18 @@ pub enum Decision {
 /// How many first bytes a sniff needs: `#EXTM3U` after a byte-order mark.
 pub const SNIFF: usize = 16;
 
-pub fn decide(f: &Facts, up: &ResponseHeader, first: Option<&[u8]>) -> Decision {
+pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> Decision {
+    let up = answer.header;
     let h = &up.headers;
     let ctype = h.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("?"));
     let typed = ctype.is_some_and(content_type::is_hls_type);
     let generic = content_type::is_generic_type(ctype);
-    let hinted = f.known_playlist || typed;
+    let hinted = asked.known_playlist || typed;
     let encoded = h.get(header::CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let status = up.status;
     let relay = Decision::Relay { hls: false };
 
-    if !f.rewrite {
+    if !asked.rewrite {
         // Static routes: bytes untouched, only the type fixed.
         if status != StatusCode::OK {
             return relay;
@@ -63,7 +79,7 @@ pub fn decide(f: &Facts, up: &ResponseHeader, first: Option<&[u8]>) -> Decision 
         if hinted {
             return Decision::Relay { hls: true };
         }
-        if !generic || f.head_sent || f.head_fallback || encoded {
+        if !generic || answer.head_sent || answer.head_fallback || encoded {
             return relay;
         }
         return match first {
@@ -79,14 +95,15 @@ pub fn decide(f: &Facts, up: &ResponseHeader, first: Option<&[u8]>) -> Decision 
     if !(hinted || generic) {
         return relay;
     }
-    if f.head_sent {
+    if answer.head_sent {
         // Only a GET shows whether (and how long) it is a playlist.
         return Decision::Refetch;
     }
-    let range = h.get(header::CONTENT_RANGE).and_then(|v| content_range(v.as_bytes()));
-    let at_start = status == StatusCode::OK || range.is_some_and(|(first, _, _)| first == 0);
-    let whole = status == StatusCode::OK || range.is_some_and(|(first, last, total)| first == 0 && last + 1 == total);
-    if f.head_fallback {
+    let range = headers::content_range(h);
+    let at_start =
+        status == StatusCode::OK || range.and_then(ContentRange::bytes).is_some_and(|(first, _, _)| first == 0);
+    let whole = status == StatusCode::OK || range.is_some_and(ContentRange::is_whole);
+    if answer.head_fallback {
         // One byte (or the client's range) stands in for the HEAD.
         if hinted {
             return Decision::Refetch;
@@ -124,24 +141,12 @@ pub fn decide(f: &Facts, up: &ResponseHeader, first: Option<&[u8]>) -> Decision 
 /// status and length; a type when the upstream gave none (from the URL's
 /// path, else the `{hint}`); HLS's type when `hls`; chunked framing when
 /// there is a body and no length.
-pub struct RelayFacts<'a> {
-    pub upstream_path: &'a str,
-    pub hint: Option<&'a str>,
-    pub head_fallback: bool,
-    pub client_range: bool,
-    pub hls: bool,
-    /// The client gets no body (HEAD, 204, 304).
-    pub bodyless: bool,
-    /// The client speaks HTTP/1.1 (chunked framing is possible).
-    pub http11: bool,
-}
-
-pub fn relay_header(up: &ResponseHeader, f: &RelayFacts<'_>) -> Result<ResponseHeader> {
-    let mut out = downstream_header(up);
-    if f.head_fallback && !f.client_range && out.status == StatusCode::PARTIAL_CONTENT {
+pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
+    let mut out = downstream_header(answer.header);
+    if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
         // The HEAD answered through `GET` + `Range: bytes=0-0`: report the
         // whole resource, as the HEAD would have.
-        let total = out.headers.get(header::CONTENT_RANGE).and_then(|v| headers::content_range_total(v.as_bytes()));
+        let total = headers::content_range(&out.headers).and_then(|r| r.total);
         out.set_status(StatusCode::OK)?;
         out.remove_header(&header::CONTENT_RANGE);
         match total {
@@ -151,13 +156,13 @@ pub fn relay_header(up: &ResponseHeader, f: &RelayFacts<'_>) -> Result<ResponseH
             }
         }
     }
-    if f.hls {
+    if hls {
         out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
     } else if !out.headers.contains_key(header::CONTENT_TYPE) {
-        out.insert_header(header::CONTENT_TYPE, content_type::guess(f.upstream_path, f.hint))?;
+        out.insert_header(header::CONTENT_TYPE, content_type::guess(answer.path, asked.hint))?;
     }
-    let bodyless = f.bodyless || matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
-    if !out.headers.contains_key(header::CONTENT_LENGTH) && !bodyless && f.http11 {
+    let bodyless = asked.head || matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
+    if !out.headers.contains_key(header::CONTENT_LENGTH) && !bodyless && asked.http11 {
         out.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     Ok(out)
@@ -201,7 +206,17 @@ mod tests {
 
     use crate::headers::test_response as resp;
 
-    const GET: Facts = Facts { rewrite: true, head_sent: false, head_fallback: false, known_playlist: false };
+    const GET: Asked =
+        Asked { rewrite: true, known_playlist: false, hint: None, range: false, head: false, http11: true };
+
+    /// Decides on a plain upstream answer with `header`.
+    fn decide(asked: &Asked, header: &ResponseHeader, first: Option<&[u8]>) -> Decision {
+        super::decide(asked, &answer(header), first)
+    }
+
+    fn answer(header: &ResponseHeader) -> Answer<'_> {
+        Answer { header, path: "/get", head_sent: false, head_fallback: false }
+    }
     const HLS: (&str, &str) = ("Content-Type", "application/x-mpegURL");
     const BIN: (&str, &str) = ("Content-Type", "application/octet-stream");
     const MP4: (&str, &str) = ("Content-Type", "video/mp4");
@@ -228,7 +243,7 @@ mod tests {
             assert_eq!(decide(&GET, &up, Some(b"")), Relay { hls: false });
         }
         // A known playlist URL whose body is something else is relayed as it is.
-        let known = Facts { known_playlist: true, ..GET };
+        let known = Asked { known_playlist: true, ..GET };
         assert_eq!(decide(&known, &resp(200, &[("Content-Type", "text/html")]), Some(b"<html>")), Relay { hls: false });
     }
 
@@ -250,78 +265,70 @@ mod tests {
         assert_eq!(decide(&GET, &resp(200, &[HLS, gz]), None), Playlist);
         assert_eq!(decide(&GET, &resp(206, &[HLS, gz, ("Content-Range", "bytes 0-9/99")]), None), Refetch);
         assert_eq!(decide(&GET, &resp(200, &[BIN, gz]), None), Relay { hls: false });
-        let known = Facts { known_playlist: true, ..GET };
+        let known = Asked { known_playlist: true, ..GET };
         assert_eq!(decide(&known, &resp(200, &[BIN, gz]), None), Playlist);
         assert_eq!(decide(&GET, &resp(200, &[HLS, ("Content-Encoding", "identity")]), None), Sniff);
     }
 
     #[test]
     fn a_head_learns_what_the_get_would_get() {
-        let head = Facts { head_sent: true, ..GET };
-        assert_eq!(decide(&head, &resp(200, &[HLS]), None), Refetch);
-        assert_eq!(decide(&head, &resp(200, &[BIN]), None), Refetch);
-        assert_eq!(decide(&head, &resp(200, &[MP4]), None), Relay { hls: false });
-        assert_eq!(decide(&head, &resp(404, &[HLS]), None), Relay { hls: false });
+        let head = |h: &ResponseHeader, first| super::decide(&GET, &Answer { head_sent: true, ..answer(h) }, first);
+        assert_eq!(head(&resp(200, &[HLS]), None), Refetch);
+        assert_eq!(head(&resp(200, &[BIN]), None), Refetch);
+        assert_eq!(head(&resp(200, &[MP4]), None), Relay { hls: false });
+        assert_eq!(head(&resp(404, &[HLS]), None), Relay { hls: false });
         // The HEAD fallback's one byte tells a playlist from a video.
-        let probe = Facts { head_fallback: true, ..GET };
+        let probe =
+            |h: &ResponseHeader, first| super::decide(&GET, &Answer { head_fallback: true, ..answer(h) }, first);
         let byte = resp(206, &[BIN, ("Content-Range", "bytes 0-0/5000")]);
-        assert_eq!(decide(&probe, &byte, None), Sniff);
-        assert_eq!(decide(&probe, &byte, Some(b"#")), Refetch);
-        assert_eq!(decide(&probe, &byte, Some(b"\0")), Relay { hls: false });
-        assert_eq!(decide(&probe, &resp(206, &[HLS, ("Content-Range", "bytes 0-0/5000")]), None), Refetch);
+        assert_eq!(probe(&byte, None), Sniff);
+        assert_eq!(probe(&byte, Some(b"#")), Refetch);
+        assert_eq!(probe(&byte, Some(b"\0")), Relay { hls: false });
+        assert_eq!(probe(&resp(206, &[HLS, ("Content-Range", "bytes 0-0/5000")]), None), Refetch);
         let later = resp(206, &[BIN, ("Content-Range", "bytes 10-19/5000")]);
-        assert_eq!(decide(&probe, &later, None), Relay { hls: false });
+        assert_eq!(probe(&later, None), Relay { hls: false });
     }
 
     #[test]
     fn static_routes_only_fix_the_type() {
-        let route = Facts { rewrite: false, ..GET };
+        let route = Asked { rewrite: false, ..GET };
         assert_eq!(decide(&route, &resp(200, &[HLS]), None), Relay { hls: true });
-        assert_eq!(decide(&Facts { known_playlist: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: true });
+        assert_eq!(decide(&Asked { known_playlist: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: true });
         assert_eq!(decide(&route, &resp(200, &[BIN]), None), Sniff);
         assert_eq!(decide(&route, &resp(200, &[BIN]), Some(PLAYLIST)), Relay { hls: true });
         assert_eq!(decide(&route, &resp(206, &[HLS, ("Content-Range", "bytes 0-1/9")]), None), Relay { hls: false });
-        assert_eq!(decide(&Facts { head_sent: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: false });
-    }
-
-    fn facts<'a>() -> RelayFacts<'a> {
-        RelayFacts {
-            upstream_path: "/get",
-            hint: Some("x.mkv"),
-            head_fallback: false,
-            client_range: false,
-            hls: false,
-            bodyless: false,
-            http11: true,
-        }
+        let bin = resp(200, &[BIN]);
+        let head_sent = Answer { head_sent: true, ..answer(&bin) };
+        assert_eq!(super::decide(&route, &head_sent, None), Relay { hls: false });
     }
 
     #[test]
     fn relay_headers() {
+        let asked = Asked { hint: Some("x.mkv"), ..GET };
+        let relayed = |asked: &Asked, up: &ResponseHeader| relay_header(asked, &answer(up), false).unwrap();
         let up = resp(200, &[("Content-Length", "5"), ("Connection", "X-Hop"), ("X-Hop", "1"), ("ETag", "\"e\"")]);
-        let out = relay_header(&up, &facts()).unwrap();
+        let out = relayed(&asked, &up);
         assert_eq!(out.headers["content-type"], "video/x-matroska", "from the hint");
         assert!(!out.headers.contains_key("x-hop") && !out.headers.contains_key("connection"));
         assert_eq!(out.headers["etag"], "\"e\"");
         // No length and a body: chunked (HTTP/1.1 only).
         let up = resp(200, &[MP4]);
-        assert_eq!(relay_header(&up, &facts()).unwrap().headers["transfer-encoding"], "chunked");
-        assert!(!relay_header(&up, &RelayFacts { http11: false, ..facts() })
-            .unwrap()
-            .headers
-            .contains_key("transfer-encoding"));
-        assert!(!relay_header(&up, &RelayFacts { bodyless: true, ..facts() })
-            .unwrap()
-            .headers
-            .contains_key("transfer-encoding"));
+        assert_eq!(relayed(&asked, &up).headers["transfer-encoding"], "chunked");
+        assert!(!relayed(&Asked { http11: false, ..asked }, &up).headers.contains_key("transfer-encoding"));
+        assert!(!relayed(&Asked { head: true, ..asked }, &up).headers.contains_key("transfer-encoding"));
         // The HEAD fallback reports the whole resource.
         let byte = resp(206, &[MP4, ("Content-Range", "bytes 0-0/777"), ("Content-Length", "1")]);
-        let out = relay_header(&byte, &RelayFacts { head_fallback: true, bodyless: true, ..facts() }).unwrap();
+        let fallback = Answer { head_fallback: true, ..answer(&byte) };
+        let out = relay_header(&Asked { head: true, ..asked }, &fallback, false).unwrap();
         assert_eq!((out.status.as_u16(), &out.headers["content-length"]), (200, &HeaderValue::from(777)));
         assert!(!out.headers.contains_key("content-range"));
-        let ranged = RelayFacts { head_fallback: true, client_range: true, bodyless: true, ..facts() };
-        assert_eq!(relay_header(&byte, &ranged).unwrap().status, 206, "the client's own range is answered as it is");
-        let typed = relay_header(&resp(200, &[BIN]), &RelayFacts { hls: true, ..facts() }).unwrap();
+        let ranged = Asked { range: true, head: true, ..asked };
+        assert_eq!(
+            relay_header(&ranged, &fallback, false).unwrap().status,
+            206,
+            "the client's own range is answered as it is"
+        );
+        let typed = relay_header(&asked, &answer(&resp(200, &[BIN])), true).unwrap();
         assert_eq!(typed.headers["content-type"], content_type::HLS);
     }
 

@@ -11,6 +11,7 @@ pub mod decide;
 pub mod playlist;
 mod relay;
 mod reply;
+mod respond;
 mod serve;
 mod state;
 mod stream;
@@ -25,10 +26,10 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 pub use playlist::rewrite_playlist;
-pub use reply::{Outcome, Reply};
+pub use reply::{Failure, Outcome};
 pub use state::State;
 
-use crate::metrics::Held;
+use crate::metrics::{Held, RouteLabel};
 
 /// The Pingora application.
 pub struct Proxy {
@@ -43,7 +44,7 @@ impl Proxy {
 
 /// Per-request facts, for the access log and metrics (opaque outside).
 pub struct Ctx {
-    route: &'static str,
+    route: RouteLabel,
     start: Instant,
     status: u16,
     upstream_status: u16,
@@ -62,7 +63,7 @@ impl ProxyHttp for Proxy {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
-            route: "-",
+            route: RouteLabel::Unrouted,
             start: Instant::now(),
             status: 0,
             upstream_status: 0,
@@ -92,8 +93,8 @@ impl ProxyHttp for Proxy {
         // A response already started is aborted (the connection is dropped);
         // otherwise the client gets a one-line 502.
         if session.response_written().is_none() && !matches!(e.esource(), ErrorSource::Downstream) {
-            ctx.status = 502;
-            let _ = reply::reply(session.as_downstream_mut(), &self.state.cors, Reply(502, "upstream failed")).await;
+            ctx.status = Failure::UpstreamFailed.status().as_u16();
+            let _ = reply::reply(session.as_downstream_mut(), &self.state.cors, Failure::UpstreamFailed).await;
             return FailToProxy { error_code: 502, can_reuse_downstream: false };
         }
         FailToProxy { error_code: 0, can_reuse_downstream: false }
@@ -103,7 +104,7 @@ impl ProxyHttp for Proxy {
     /// only, never the query (`u`, `sig`, `apikey` live there).
     fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
         let req = session.req_header();
-        format!("{} {} route={}", req.method, req.uri.path(), ctx.route)
+        format!("{} {} route={}", req.method, req.uri.path(), ctx.route.as_str())
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
@@ -124,7 +125,7 @@ impl ProxyHttp for Proxy {
                 "{} {} route={} status={} bytes={} ms={} upstream_status={} upstream_host={} attempts={} refreshed={}{}",
                 req.method,
                 req.uri.path(),
-                ctx.route,
+                ctx.route.as_str(),
                 status,
                 ctx.body_bytes,
                 ctx.start.elapsed().as_millis(),

@@ -9,8 +9,10 @@ use pingora::protocols::http::ServerSession;
 use url::Url;
 
 use super::decide::playlist_header;
-use super::{Ctx, Outcome, Reply, State};
-use crate::auth::{Auth, ChildSigner};
+use super::reply::{Failure, Outcome};
+use super::{Ctx, State};
+use crate::auth::{self, Auth, ChildSigner};
+use crate::headers;
 use crate::hls;
 use crate::routing;
 use crate::upstream::{BodyError, FetchError, Response};
@@ -26,29 +28,27 @@ pub(super) async fn answer(
     client_key: Option<&str>,
 ) -> Result<(), Outcome> {
     let max = st.max_playlist_bytes;
-    let declared = resp.header().headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        log::warn!("playlist of {} bytes exceeds stream.max_playlist_bytes ({max})", declared.unwrap_or(0));
-        return Err(Reply(502, "playlist too large").into());
+    if let Some(declared) = headers::content_length(&resp.header().headers).filter(|n| *n > max as u64) {
+        log::warn!("playlist of {declared} bytes exceeds stream.max_playlist_bytes ({max})");
+        return Err(Failure::PlaylistTooLarge.into());
     }
     let body = resp.read_to_vec(first, max).await.map_err(|e| match e {
         BodyError::TooLarge => {
             log::warn!("playlist exceeds stream.max_playlist_bytes ({max})");
-            Reply(502, "playlist too large")
+            Failure::PlaylistTooLarge
         }
         BodyError::Failed(e) => {
             let e = FetchError::from_pingora(e);
             log::warn!("playlist body failed: {e}");
-            Reply::from(&e)
+            Failure::from(&e)
         }
     })?;
     let encoding = resp.header().headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     let text = decode(body, encoding, max).map_err(|why| {
         log::warn!("cannot decode playlist: {why}");
-        Reply(502, "bad playlist encoding")
+        Failure::BadPlaylistEncoding
     })?;
-    let rewritten =
-        rewrite_playlist(&st.auth, &st.public_base, &text, resp.url(), client_key, super::serve::now_unix());
+    let rewritten = rewrite_playlist(&st.auth, &st.public_base, &text, resp.url(), client_key, auth::now_unix());
     let mut out = playlist_header(resp.header(), rewritten.len())?;
     resp.finish().await;
     st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;

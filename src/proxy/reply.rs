@@ -1,10 +1,11 @@
 //! How a request ends when it does not end well, decided in one place:
-//! nothing sent yet means a status and a one-line reason; a response
-//! under way (or a client gone) means the response is aborted.
+//! every answer the proxy makes up itself is a [`Failure`] (one table of
+//! statuses and the one-line reasons clients read); a response already
+//! under way (or a client gone) is aborted instead.
 
 use bytes::Bytes;
 use http::header;
-use http::Method;
+use http::{Method, StatusCode};
 use pingora::protocols::http::ServerSession;
 use pingora_error::Error;
 use pingora_http::ResponseHeader;
@@ -13,35 +14,145 @@ use crate::auth::AuthError;
 use crate::cors::{self, Cors};
 use crate::upstream::FetchError;
 
-/// A response the proxy generates itself: status and one-line reason.
+/// A query parameter a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reply(pub u16, pub &'static str);
+pub enum Param {
+    U,
+    Site,
+    Slug,
+}
+
+/// Every answer the proxy generates itself: a status and the one-line
+/// reason in the body. Lower layers keep their own small errors
+/// ([`FetchError`], [`AuthError`], ...); they become one of these here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// 405: only GET, HEAD (and OPTIONS with CORS) are served.
+    MethodNotAllowed,
+    /// 404: no route serves the path (or `/strm/stream` without a resolver).
+    NotFound,
+    /// 401: the credentials were refused.
+    Auth(AuthError),
+    /// 400: a client sent the pseudo-parameter `_path` itself.
+    ReservedPath,
+    /// 400: a route's path is no URL under its upstream.
+    InvalidPath,
+    /// 400: a route's path climbs out of its upstream's base (`..`).
+    PathEscapesRoute,
+    /// 400: a required parameter is missing or empty.
+    Missing(Param),
+    /// 400: `u` is not an absolute http(s) URL, or has control characters.
+    InvalidU,
+    /// 400: `u` names a scheme other than http or https.
+    UnsupportedScheme,
+    /// 403: the egress policy refused the destination.
+    DestinationNotAllowed,
+    /// 502: a redirect without a usable http(s) `Location`.
+    BadRedirect,
+    /// 502: more than `upstream.max_redirects` hops.
+    TooManyRedirects,
+    /// 502: DNS failed, the connection was refused or reset, TLS failed, or
+    /// the upstream's answer was malformed.
+    Unreachable,
+    /// 504: connecting or waiting for the upstream's header timed out.
+    Timeout,
+    /// 502: the configured egress proxy failed.
+    EgressProxy,
+    /// 502: the resolver was down, answered non-2xx or malformed JSON.
+    ResolverUnavailable,
+    /// 502: the upstream playlist is larger than `stream.max_playlist_bytes`.
+    PlaylistTooLarge,
+    /// 502: the playlist's `Content-Encoding` could not be undone.
+    BadPlaylistEncoding,
+    /// 502: the upstream gave no whole playlist even when asked again.
+    PlaylistUnavailable,
+    /// 502: the proxy failed before answering (Pingora's last resort).
+    UpstreamFailed,
+    /// 500: a request the proxy could not build (a bug, never the client's).
+    Internal,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        use Failure::*;
+        match self {
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            NotFound => StatusCode::NOT_FOUND,
+            Auth(_) => StatusCode::UNAUTHORIZED,
+            ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme => {
+                StatusCode::BAD_REQUEST
+            }
+            DestinationNotAllowed => StatusCode::FORBIDDEN,
+            BadRedirect | TooManyRedirects | Unreachable | EgressProxy | ResolverUnavailable | PlaylistTooLarge
+            | BadPlaylistEncoding | PlaylistUnavailable | UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The body's one line (never a secret, a URL or an internal address).
+    pub fn reason(self) -> &'static str {
+        use Failure::*;
+        match self {
+            MethodNotAllowed => "method not allowed",
+            NotFound => "not found",
+            Auth(e) => e.reason(),
+            ReservedPath => "reserved parameter _path",
+            InvalidPath => "invalid path",
+            PathEscapesRoute => "path escapes the route",
+            Missing(Param::U) => "missing parameter u",
+            Missing(Param::Site) => "missing parameter site",
+            Missing(Param::Slug) => "missing parameter slug",
+            InvalidU => "invalid parameter u",
+            UnsupportedScheme => "unsupported scheme",
+            DestinationNotAllowed => "destination not allowed",
+            BadRedirect => "bad redirect",
+            TooManyRedirects => "too many redirects",
+            Unreachable => "upstream unreachable",
+            Timeout => "upstream timeout",
+            EgressProxy => "egress proxy failed",
+            ResolverUnavailable => "resolver unavailable",
+            PlaylistTooLarge => "playlist too large",
+            BadPlaylistEncoding => "bad playlist encoding",
+            PlaylistUnavailable => "playlist unavailable",
+            UpstreamFailed => "upstream failed",
+            Internal => "internal error",
+        }
+    }
+}
+
+impl From<&FetchError> for Failure {
+    fn from(e: &FetchError) -> Failure {
+        match e {
+            FetchError::Refused(_) => Failure::DestinationNotAllowed,
+            FetchError::BadRedirect => Failure::BadRedirect,
+            FetchError::TooManyRedirects => Failure::TooManyRedirects,
+            FetchError::Dns(..) | FetchError::Unreachable(_) => Failure::Unreachable,
+            FetchError::Timeout(_) => Failure::Timeout,
+            FetchError::EgressProxy(_) => Failure::EgressProxy,
+            FetchError::Request(_) => Failure::Internal,
+        }
+    }
+}
 
 /// How handling a request ends when it does not complete normally.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Nothing was sent yet: answer with this status and reason.
-    Reply(Reply),
+    /// Nothing was sent yet: answer with this failure.
+    Reply(Failure),
     /// The response is under way (or the client is gone): abort it.
     Abort(Box<Error>),
 }
 
-impl From<Reply> for Outcome {
-    fn from(r: Reply) -> Outcome {
-        Outcome::Reply(r)
+impl From<Failure> for Outcome {
+    fn from(f: Failure) -> Outcome {
+        Outcome::Reply(f)
     }
 }
 
 impl From<AuthError> for Outcome {
     fn from(e: AuthError) -> Outcome {
-        Outcome::Reply(Reply(401, e.reason()))
-    }
-}
-
-impl From<&FetchError> for Reply {
-    fn from(e: &FetchError) -> Reply {
-        let (status, reason) = e.status_and_reason();
-        Reply(status, reason)
+        Outcome::Reply(Failure::Auth(e))
     }
 }
 
@@ -54,13 +165,13 @@ impl From<Box<Error>> for Outcome {
 }
 
 /// Writes a generated answer: status, one-line reason, no caching.
-pub async fn reply(down: &mut ServerSession, cors: &Cors, Reply(status, reason): Reply) -> pingora_error::Result<()> {
-    let body = Bytes::from(format!("{reason}\n"));
-    let mut out = ResponseHeader::build(status, Some(6))?;
+pub async fn reply(down: &mut ServerSession, cors: &Cors, failure: Failure) -> pingora_error::Result<()> {
+    let body = Bytes::from(format!("{}\n", failure.reason()));
+    let mut out = ResponseHeader::build(failure.status(), Some(6))?;
     out.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     out.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     out.insert_header(header::CACHE_CONTROL, "no-store")?;
-    if status == 405 {
+    if failure == Failure::MethodNotAllowed {
         out.insert_header("Allow", cors::ALLOW_METHODS)?;
     }
     cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
@@ -70,4 +181,55 @@ pub async fn reply(down: &mut ServerSession, cors: &Cors, Reply(status, reason):
         down.write_response_body(body, true).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table DESIGN's routes and response semantics name, row by row.
+    #[test]
+    fn every_failure_has_its_status_and_reason() {
+        use Failure::*;
+        let table: [(Failure, u16, &str); 22] = [
+            (MethodNotAllowed, 405, "method not allowed"),
+            (NotFound, 404, "not found"),
+            (Auth(AuthError::TokenExpired), 401, "token expired"),
+            (ReservedPath, 400, "reserved parameter _path"),
+            (InvalidPath, 400, "invalid path"),
+            (PathEscapesRoute, 400, "path escapes the route"),
+            (Missing(Param::U), 400, "missing parameter u"),
+            (Missing(Param::Slug), 400, "missing parameter slug"),
+            (InvalidU, 400, "invalid parameter u"),
+            (UnsupportedScheme, 400, "unsupported scheme"),
+            (DestinationNotAllowed, 403, "destination not allowed"),
+            (BadRedirect, 502, "bad redirect"),
+            (TooManyRedirects, 502, "too many redirects"),
+            (Unreachable, 502, "upstream unreachable"),
+            (Timeout, 504, "upstream timeout"),
+            (EgressProxy, 502, "egress proxy failed"),
+            (ResolverUnavailable, 502, "resolver unavailable"),
+            (PlaylistTooLarge, 502, "playlist too large"),
+            (BadPlaylistEncoding, 502, "bad playlist encoding"),
+            (PlaylistUnavailable, 502, "playlist unavailable"),
+            (UpstreamFailed, 502, "upstream failed"),
+            (Internal, 500, "internal error"),
+        ];
+        for (f, status, reason) in table {
+            assert_eq!((f.status().as_u16(), f.reason()), (status, reason), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_errors_are_filed_where_they_belong() {
+        let io = || std::io::Error::other("x");
+        let pingora = |t| Error::explain(t, "x");
+        use pingora_error::ErrorType as T;
+        assert_eq!(Failure::from(&FetchError::Dns("h.example".into(), io())), Failure::Unreachable);
+        assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectTimedout))), Failure::Timeout);
+        assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ReadTimedout))), Failure::Timeout);
+        assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectRefused))), Failure::Unreachable);
+        // Building the upstream request is the proxy's own business, never an unreachable upstream.
+        assert_eq!(Failure::from(&FetchError::Request("no host")), Failure::Internal);
+    }
 }

@@ -1,41 +1,23 @@
 //! Answering one request, phase by phase: the method, the route, the
-//! credentials, the upstream request; then what the response is
-//! ([`decide`]) and how it goes out ([`relay`], [`playlist`]).
-
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+//! credentials and the upstream request; then [`super::stream`] for
+//! `/strm/stream`, or [`super::respond`] for the relay and static routes.
 
 use http::header;
 use http::Method;
 use pingora::protocols::http::ServerSession;
 use pingora_error::Result;
-use pingora_http::ResponseHeader;
 use url::Url;
 
-use super::decide::{self, Decision, Facts, RelayFacts};
-use super::relay::{drain_request_body, relay};
-use super::reply::reply;
-use super::{playlist, Ctx, Outcome, Proxy, Reply};
-use crate::auth::{AuthError, Query};
+use super::decide::Asked;
+use super::relay::drain_request_body;
+use super::reply::{reply, Failure, Outcome, Param};
+use super::{Ctx, Proxy};
+use crate::auth::{self, AuthError, Query};
 use crate::config::AuthMode;
 use crate::content_type::is_playlist_path;
-use crate::routing::{self, Target};
-use crate::upstream::{FetchError, Request, Response};
-
-/// How a response is to be answered, from what the request named.
-pub(super) struct How<'a> {
-    /// Playlists are rewritten (relay, `/strm/stream`), not only typed (routes).
-    pub rewrite: bool,
-    /// The relay's cosmetic file name.
-    pub hint: Option<&'a str>,
-    /// The upstream path or the hint names a playlist.
-    pub known_playlist: bool,
-    /// The key the client authenticated with (handed on to playlist children).
-    pub client_key: Option<String>,
-}
-
-pub(super) fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+use crate::metrics::RouteLabel;
+use crate::routing::{self, RouteError, Target};
+use crate::upstream::Request;
 
 impl Proxy {
     /// Answers one request on Pingora's downstream session.
@@ -46,9 +28,9 @@ impl Proxy {
         down.set_pipelining_enabled(true);
         match self.handle(down, ctx).await {
             Ok(()) => Ok(()),
-            Err(Outcome::Reply(r)) => {
-                ctx.status = r.0;
-                reply(down, &self.state.cors, r).await
+            Err(Outcome::Reply(failure)) => {
+                ctx.status = failure.status().as_u16();
+                reply(down, &self.state.cors, failure).await
             }
             Err(Outcome::Abort(e)) => Err(e),
         }
@@ -58,181 +40,78 @@ impl Proxy {
         let st = &*self.state;
         let method = down.req_header().method.clone();
         if method == Method::OPTIONS && st.cors.enabled() {
-            ctx.route = "preflight";
+            ctx.route = RouteLabel::Preflight;
             let out = st.cors.preflight(down.req_header().headers.get(header::ORIGIN))?;
             ctx.status = 204;
             return Ok(down.write_response_header(Box::new(out)).await?);
         }
         if method != Method::GET && method != Method::HEAD {
-            return Err(Reply(405, "method not allowed").into());
+            return Err(Failure::MethodNotAllowed.into());
         }
         drain_request_body(down).await?;
         // A cheap (shared-bytes) copy, so the session can be borrowed mutably later.
         let uri = down.req_header().uri.clone();
         let (path, raw_query) = (uri.path(), uri.query());
-        let target = routing::classify(path, &st.routes).ok_or(Reply(404, "not found"))?;
+        let target = routing::classify(path, &st.routes).ok_or(Failure::NotFound)?;
         let query = Query::parse(raw_query);
         let key_header = down.req_header().headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
-        let now = now_unix();
-        let forwarded = st.client.forwarded(&down.req_header().headers);
+        let now = auth::now_unix();
+        let req = down.req_header();
+        let forwarded = st.client.forwarded(&req.headers);
+        let asked = Asked {
+            rewrite: true,
+            known_playlist: false,
+            hint: None,
+            range: req.headers.contains_key(header::RANGE),
+            head: method == Method::HEAD,
+            http11: req.version == http::Version::HTTP_11,
+        };
 
-        let (how, request) = match target {
+        let (asked, request) = match target {
             Target::Relay { hint } => {
-                ctx.route = "relay";
+                ctx.route = RouteLabel::Relay;
                 self.authenticate(&query, key_header.as_deref(), now)?;
                 let url = parse_u(&query)?;
                 let known_playlist = is_playlist_path(url.path()) || is_playlist_path(hint);
-                let how = How {
-                    rewrite: true,
-                    hint: Some(hint),
-                    known_playlist,
-                    client_key: client_key(&query, key_header.as_deref()),
-                };
-                (how, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist })
+                let asked = Asked { known_playlist, hint: Some(hint), ..asked };
+                (asked, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist })
             }
             Target::Stream => {
-                ctx.route = "stream";
+                ctx.route = RouteLabel::Stream;
                 self.authenticate(&query, key_header.as_deref(), now)?;
                 let key = client_key(&query, key_header.as_deref());
                 // Boxed: the rare resolver path must not inflate every request's future.
-                return Box::pin(self.stream(down, ctx, &query, key, forwarded)).await;
+                return Box::pin(self.stream(down, ctx, &query, &asked, key.as_deref(), forwarded)).await;
             }
             Target::Route { index, rest } => {
-                ctx.route = "route";
+                ctx.route = RouteLabel::Route;
                 let route = &st.routes[index];
                 if route.auth && st.auth.mode != AuthMode::None {
                     if query.has("_path") {
-                        return Err(Reply(400, "reserved parameter _path").into());
+                        return Err(Failure::ReservedPath.into());
                     }
                     let mut bound = query.clone();
                     bound.0.push(("_path".into(), routing::decoded_path(path)));
                     self.authenticate(&bound, key_header.as_deref(), now)?;
                 }
-                let url = route.target(rest, raw_query).map_err(|_| Reply(400, "invalid path"))?;
-                let how =
-                    How { rewrite: false, hint: None, known_playlist: is_playlist_path(url.path()), client_key: None };
+                let url = route.target(rest, raw_query).map_err(|e| match e {
+                    RouteError::NotAUrl => Failure::InvalidPath,
+                    RouteError::Escapes => Failure::PathEscapesRoute,
+                })?;
+                let asked = Asked { rewrite: false, known_playlist: is_playlist_path(url.path()), ..asked };
                 let trusted = Some(route.upstream.clone());
-                (how, Request { method, url, forwarded, extra: None, trusted, whole: false })
+                (asked, Request { method, url, forwarded, extra: None, trusted, whole: false })
             }
         };
         let resp = self.open(ctx, request).await.map_err(|e| self.fetch_failed(&e))?;
-        self.respond(down, ctx, resp, &how).await
+        let key = client_key(&query, key_header.as_deref());
+        self.respond(down, ctx, resp, &asked, key.as_deref()).await
     }
 
-    pub(super) fn authenticate(
-        &self,
-        q: &Query,
-        key_header: Option<&[u8]>,
-        now: u64,
-    ) -> std::result::Result<(), AuthError> {
+    fn authenticate(&self, q: &Query, key_header: Option<&[u8]>, now: u64) -> std::result::Result<(), AuthError> {
         self.state.auth.check(q, key_header, now).inspect_err(|e| {
             self.state.metrics.auth_failures.with_label_values(&[e.reason()]).inc();
         })
-    }
-
-    /// Opens the upstream response: one attempt, recorded for the log and metrics.
-    pub(super) async fn open(&self, ctx: &mut Ctx, req: Request) -> std::result::Result<Response<'_>, FetchError> {
-        ctx.attempts += 1;
-        if ctx.attempts > 1 {
-            self.state.metrics.retries.inc();
-        }
-        let access_log = log::log_enabled!(target: "access", log::Level::Info);
-        if access_log {
-            ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
-        }
-        let started = Instant::now();
-        let resp = self.state.client.open(req).await?;
-        self.state.metrics.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
-        ctx.upstream_status = resp.header().status.as_u16();
-        if access_log && resp.redirects() > 0 {
-            ctx.upstream_host = resp.url().host_str().unwrap_or_default().to_string();
-        }
-        Ok(resp)
-    }
-
-    /// The answer for an upstream failure before any response: logged,
-    /// counted, one status and reason.
-    pub(super) fn fetch_failed(&self, e: &FetchError) -> Outcome {
-        if matches!(e, FetchError::Refused(_)) {
-            self.state.metrics.egress_refusals.inc();
-        }
-        log::warn!("upstream failed: {e}");
-        Reply::from(e).into()
-    }
-
-    /// Decides what the response is and answers with it: relayed as it is,
-    /// or, for a playlist, read whole and rewritten — fetched again whole
-    /// when this response cannot give it so (a partial answer to a range, a
-    /// HEAD).
-    pub(super) async fn respond(
-        &self,
-        down: &mut ServerSession,
-        ctx: &mut Ctx,
-        mut resp: Response<'_>,
-        how: &How<'_>,
-    ) -> std::result::Result<(), Outcome> {
-        let st = &*self.state;
-        let client_head = down.req_header().method == Method::HEAD;
-        let mut first: Option<Vec<u8>> = None;
-        // A HEAD fetched again as a GET that then was no playlist is
-        // answered with its own first response's header.
-        let mut own: Option<(ResponseHeader, bool)> = None;
-        let mut refetched = false;
-        loop {
-            let facts = Facts {
-                rewrite: how.rewrite,
-                head_sent: resp.sent_head(),
-                head_fallback: resp.head_fallback(),
-                known_playlist: how.known_playlist,
-            };
-            match decide::decide(&facts, resp.header(), first.as_deref()) {
-                Decision::Sniff => {
-                    let head = resp.peek(decide::SNIFF).await.map_err(|e| self.body_failed(e))?;
-                    first = Some(head);
-                }
-                Decision::Playlist => {
-                    let first = first.unwrap_or_default();
-                    // Boxed: the rare playlist path must not inflate every request's future.
-                    let key = how.client_key.as_deref();
-                    return Box::pin(playlist::answer(st, down, ctx, resp, first, key)).await;
-                }
-                Decision::Refetch if refetched => {
-                    log::warn!("{} gave no whole playlist when asked again", resp.url().host_str().unwrap_or("-"));
-                    return Err(Reply(502, "playlist unavailable").into());
-                }
-                Decision::Refetch => {
-                    if client_head {
-                        own = Some((resp.header().clone(), resp.head_fallback()));
-                    }
-                    resp = Box::pin(resp.refetch_whole()).await.map_err(|e| self.fetch_failed(&e))?;
-                    refetched = true;
-                    first = None;
-                }
-                Decision::Relay { hls } => {
-                    let (up, head_fallback) = match &own {
-                        Some((h, fallback)) => (h, *fallback),
-                        None => (resp.header(), resp.head_fallback()),
-                    };
-                    let facts = RelayFacts {
-                        upstream_path: resp.url().path(),
-                        hint: how.hint,
-                        head_fallback,
-                        client_range: down.req_header().headers.contains_key(header::RANGE),
-                        hls,
-                        bodyless: client_head,
-                        http11: down.req_header().version == http::Version::HTTP_11,
-                    };
-                    let mut out = decide::relay_header(up, &facts)?;
-                    st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
-                    return relay(st, down, ctx, resp, out, first.unwrap_or_default(), client_head).await;
-                }
-            }
-        }
-    }
-
-    /// A body that failed before anything was sent: a status and reason.
-    pub(super) fn body_failed(&self, e: Box<pingora_error::Error>) -> Outcome {
-        self.fetch_failed(&FetchError::from_pingora(e))
     }
 }
 
@@ -240,31 +119,32 @@ impl Proxy {
 /// (never smuggled into a request line), an absolute http(s) URL. Spaces
 /// and non-ASCII characters (hoster file names have them) are accepted and
 /// percent-encoded as a browser would (WHATWG URL rules).
-fn parse_u(q: &Query) -> std::result::Result<Url, Reply> {
-    let raw = q.get("u").filter(|u| !u.is_empty()).ok_or(Reply(400, "missing parameter u"))?;
+fn parse_u(q: &Query) -> std::result::Result<Url, Failure> {
+    let raw = q.get("u").filter(|u| !u.is_empty()).ok_or(Failure::Missing(Param::U))?;
     if raw.bytes().any(|b| b < b' ' || b == 0x7f) {
-        return Err(Reply(400, "invalid parameter u"));
+        return Err(Failure::InvalidU);
     }
-    let url = Url::parse(raw).map_err(|_| Reply(400, "invalid parameter u"))?;
+    let url = Url::parse(raw).map_err(|_| Failure::InvalidU)?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(Reply(400, "unsupported scheme"));
+        return Err(Failure::UnsupportedScheme);
     }
     if url.host().is_none() {
-        return Err(Reply(400, "invalid parameter u"));
+        return Err(Failure::InvalidU);
     }
     Ok(url)
 }
 
 /// The key the client authenticated with (handed on to playlist children).
 fn client_key(q: &Query, header: Option<&[u8]>) -> Option<String> {
-    crate::auth::presented_api_key(q, header).and_then(|k| std::str::from_utf8(k).ok()).map(str::to_string)
+    auth::presented_api_key(q, header).and_then(|k| std::str::from_utf8(k).ok()).map(str::to_string)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Response;
 
-    fn u(raw: &str) -> std::result::Result<String, Reply> {
+    fn u(raw: &str) -> std::result::Result<String, Failure> {
         parse_u(&Query(vec![("u".into(), raw.into())])).map(String::from)
     }
 
@@ -278,11 +158,11 @@ mod tests {
         assert_eq!(u("https://bücher.example/x").unwrap(), "https://xn--bcher-kva.example/x");
         assert_eq!(u("https://h.example/a%20b.mp4").unwrap(), "https://h.example/a%20b.mp4", "encoded stays encoded");
         for bad in ["https://h.example/a\r\nX: y", "https://h.example/\0", "https://h.example/a\tb", "http://h/\x7f"] {
-            assert_eq!(u(bad), Err(Reply(400, "invalid parameter u")), "{bad:?}");
+            assert_eq!(u(bad), Err(Failure::InvalidU), "{bad:?}");
         }
-        assert_eq!(u("ftp://h.example/x"), Err(Reply(400, "unsupported scheme")));
-        assert_eq!(u("not a url"), Err(Reply(400, "invalid parameter u")));
-        assert_eq!(u(""), Err(Reply(400, "missing parameter u")));
+        assert_eq!(u("ftp://h.example/x"), Err(Failure::UnsupportedScheme));
+        assert_eq!(u("not a url"), Err(Failure::InvalidU));
+        assert_eq!(u(""), Err(Failure::Missing(Param::U)));
     }
 
     /// What a streaming request holds is its future: one allocation per
@@ -290,7 +170,7 @@ mod tests {
     /// streams, so its size is memory per slow client. Rare, large work
     /// (reconnecting to resume, giving a connection back, playlists,
     /// `/strm/stream`) is boxed so it does not widen it; these bounds catch
-    /// a change that forgets to (measured: 5 672, 1 264 and 232 bytes).
+    /// a change that forgets to (BENCHMARKS.md has the measured sizes).
     #[tokio::test]
     async fn a_streaming_request_stays_small() {
         use pingora_proxy::ProxyHttp;

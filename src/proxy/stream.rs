@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use pingora::protocols::http::ServerSession;
 
-use super::serve::How;
-use super::{Ctx, Outcome, Proxy, Reply};
+use super::decide::Asked;
+use super::reply::{Failure, Outcome, Param};
+use super::{Ctx, Proxy};
 use crate::auth::Query;
 use crate::content_type::is_playlist_path;
 use crate::headers::WireHeader;
@@ -23,13 +24,14 @@ impl Proxy {
         down: &mut ServerSession,
         ctx: &mut Ctx,
         query: &Query,
-        client_key: Option<String>,
+        asked: &Asked<'_>,
+        client_key: Option<&str>,
         forwarded: Vec<WireHeader>,
     ) -> Result<(), Outcome> {
-        let resolver = self.state.resolver.as_ref().ok_or(Reply(404, "not found"))?;
-        for (param, reason) in [("site", "missing parameter site"), ("slug", "missing parameter slug")] {
+        let resolver = self.state.resolver.as_ref().ok_or(Failure::NotFound)?;
+        for (param, missing) in [("site", Param::Site), ("slug", Param::Slug)] {
             if query.get(param).is_none_or(str::is_empty) {
-                return Err(Reply(400, reason).into());
+                return Err(Failure::Missing(missing).into());
             }
         }
         let params = query.without(&["sig"]);
@@ -38,7 +40,7 @@ impl Proxy {
         loop {
             let resolved: Arc<Resolved> = resolver.resolve(&params, refresh).await.map_err(|e| {
                 log::warn!("resolver unavailable: {e}");
-                Reply(502, "resolver unavailable")
+                Failure::ResolverUnavailable
             })?;
             let known_playlist = is_playlist_path(resolved.url.path());
             let request = Request {
@@ -68,8 +70,8 @@ impl Proxy {
                 continue;
             }
             let resp = outcome.map_err(|e| self.fetch_failed(&e))?;
-            let how = How { rewrite: true, hint: None, known_playlist, client_key };
-            return self.respond(down, ctx, resp, &how).await;
+            let asked = Asked { known_playlist, ..*asked };
+            return self.respond(down, ctx, resp, &asked, client_key).await;
         }
     }
 }
