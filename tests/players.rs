@@ -53,7 +53,7 @@ fn media() -> &'static Path {
 /// Runs ffmpeg in `dir`: `args` split at spaces, then `literal` as they are.
 fn ffmpeg_make(dir: &Path, args: &str, literal: &[&str]) {
     let args: Vec<&str> = args.split_whitespace().chain(literal.iter().copied()).collect();
-    let out = std::process::Command::new(tool("ffmpeg"))
+    let out = std::process::Command::new(tools::path("ffmpeg"))
         .current_dir(dir)
         .args(["-nostdin", "-v", "error", "-y"])
         .args(&args)
@@ -380,18 +380,18 @@ async fn play(program: &str, args: &[String], limit: Duration) -> Played {
     }
 }
 
-/// Whether `program` can run here. A player that cannot is reported in the
-/// test output as skipped, with the reason (not captured by the harness);
-/// scripts/test.sh installs them all.
-fn runnable(program: &str, version_arg: &str) -> bool {
-    let ok = std::process::Command::new(program).arg(version_arg).output().is_ok_and(|o| o.status.success());
-    if !ok {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: {program} cannot run on this machine (scripts/test.sh installs it); its checks did not run"
-        );
-    }
-    ok
+/// The players and servers these tests run, with what installs each.
+const FFMPEG: (&str, &str) = ("ffmpeg", "apt-get install ffmpeg");
+const NGINX: (&str, &str) = ("nginx", "apt-get install nginx-light");
+const MPV: (&str, &str) = ("mpv", "apt-get install mpv");
+const CVLC: (&str, &str) = ("cvlc", "apt-get install vlc-bin vlc-plugin-base");
+const RUNUSER: (&str, &str) = ("runuser", "apt-get install util-linux");
+const CHROMIUM: (&str, &str) = ("chromium", "apt-get install chromium");
+
+/// Whether every one of `programs` is here (each missing one is reported:
+/// a skip, or a failure under scripts/test.sh).
+fn have(programs: &[(&str, &str)]) -> bool {
+    programs.iter().fold(true, |all, (program, install)| tools::needs(program, install).is_some() && all)
 }
 
 fn args(list: &[&str]) -> Vec<String> {
@@ -453,7 +453,9 @@ hls.attachMedia(v);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_plays_every_hls_variant_from_nginx() {
-    tool("ffmpeg");
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
     let nginx = MediaServer::start().await;
     let p = proxy("15m").await;
 
@@ -512,7 +514,9 @@ async fn ffmpeg_plays_every_hls_variant_from_nginx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_plays_hoster_quirks() {
-    tool("ffmpeg");
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
     let nginx = MediaServer::start().await;
     let h = hoster(nginx.port, None).await;
     let p = proxy("15m").await;
@@ -544,7 +548,9 @@ async fn ffmpeg_plays_hoster_quirks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffprobe_and_ffmpeg_seek_near_the_end_of_hls_mp4_and_mkv() {
-    tool("ffmpeg");
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
     let nginx = MediaServer::start().await;
     let p = proxy("15m").await;
 
@@ -617,7 +623,9 @@ async fn ffprobe_and_ffmpeg_seek_near_the_end_of_hls_mp4_and_mkv() {
 /// with the identical file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_copies_a_long_mp4_whole_though_the_hoster_resets_twice() {
-    tool("ffmpeg");
+    if !have(&[FFMPEG]) {
+        return;
+    }
     let data = Arc::new(std::fs::read(media().join("files/long.mp4")).unwrap());
     assert!(data.len() > 1_000_000, "a file of a few MB: {}", data.len());
     let responses = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -702,21 +710,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Whether `program` is installed (on PATH), reported as skipped if not.
-fn installed(program: &str) -> bool {
-    let ok = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: {program} is not installed on this machine (scripts/test.sh installs it); its checks did not run"
-        );
-    }
-    ok
-}
-
 /// hls.js in headless Chromium, on a page served by `page_origin` (another
 /// origin than the proxy: CORS), plays `src`; returns the page's report.
 async fn hlsjs(page_origin: &Origin, src: &str) -> String {
@@ -755,6 +748,11 @@ async fn hlsjs(page_origin: &Origin, src: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
+    // The media are made with ffmpeg and served by nginx; each player
+    // below is checked for on its own.
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
     let nginx = MediaServer::start().await;
     let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
     let h = hoster(nginx.port, js.clone()).await;
@@ -766,7 +764,7 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
 
     // Players run side by side: each plays a few seconds in real time.
     let mpv_runs = async {
-        if !runnable("mpv", "--version") {
+        if !have(&[MPV]) {
             return;
         }
         let (a, b, c) = tokio::join!(
@@ -778,16 +776,16 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
         assert!(c > 3.8, "mpv from 3 s stopped at {c}");
     };
     let vlc_run = async {
-        if installed("cvlc") && (!is_root() || installed("runuser")) {
+        if have(&[CVLC]) && (!is_root() || have(&[RUNUSER])) {
             vlc(&ts).await;
         }
     };
     let hlsjs_run = async {
         let Some(_) = js else {
-            let _ = writeln!(std::io::stderr(), "SKIPPED: hls.js is not there (set HLSJS; scripts/test.sh fetches it)");
+            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
             return;
         };
-        if !runnable("chromium", "--version") {
+        if !have(&[CHROMIUM]) {
             return;
         }
         let report = hlsjs(&h, &ts).await;
@@ -814,7 +812,9 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
 /// of the VOD's media playlist stay valid for its playback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vod_longer_than_token_ttl_plays_to_the_end_in_real_time() {
-    tool("ffmpeg");
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
     let nginx = MediaServer::start().await;
     let p = proxy("2s").await;
     let long = relay_url(&p, "master.m3u8", &nginx.url("/long/master.m3u8"));
@@ -826,7 +826,7 @@ async fn a_vod_longer_than_token_ttl_plays_to_the_end_in_real_time() {
         assert!(frames.contains(&200), "8 s at 25 fps: {frames:?}");
     };
     let mpv_run = async {
-        if runnable("mpv", "--version") {
+        if have(&[MPV]) {
             let at = mpv(&long, None, script.path()).await;
             assert!(at > 7.8, "mpv stopped at {at} of 8 s");
         }

@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod tls;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -430,15 +431,6 @@ fn serve_ranged(req: &SeenRequest, total: u64, content_type: Option<&str>, body:
             with_meta(Resp::new(200, b))
         }
     }
-}
-
-/// The named command-line tool, which the test suite's script installs.
-pub fn tool(name: &'static str) -> &'static str {
-    assert!(
-        std::process::Command::new(name).arg("-version").output().is_ok_and(|o| o.status.success()),
-        "{name} is required for this test (scripts/test.sh installs it: apt-get install ffmpeg)"
-    );
-    name
 }
 
 /// A single `bytes=A-B`, `bytes=A-` or `bytes=-N` range of a `total`-byte file.

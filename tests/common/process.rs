@@ -55,13 +55,9 @@ impl Drop for Spawned {
     }
 }
 
+/// The nginx binary (tests check for it with `tools::needs` first).
 pub fn nginx_bin() -> String {
-    for p in ["nginx", "/usr/sbin/nginx"] {
-        if Command::new(p).arg("-v").output().is_ok_and(|o| o.status.success()) {
-            return p.to_string();
-        }
-    }
-    panic!("nginx is required for this test (.ci/run installs it: apt-get install nginx-light)");
+    super::tools::path("nginx")
 }
 
 /// Spawns nginx with `http` as the body of its `http {}` block; `{dir}`
