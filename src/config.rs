@@ -252,6 +252,30 @@ impl Default for StreamConf {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConf {
+    /// Stored and filling bodies together; 0 turns storing and coalescing off.
+    pub max_bytes: u64,
+    /// Larger responses are relayed, never stored.
+    pub max_object_bytes: u64,
+    /// Freshness when the upstream gives none.
+    pub ttl: Dur,
+    /// VOD and master playlists (live ones: half their target duration).
+    pub playlist_ttl: Dur,
+}
+
+impl Default for CacheConf {
+    fn default() -> Self {
+        Self {
+            max_bytes: 128 << 20,
+            max_object_bytes: 16 << 20,
+            ttl: Dur(Duration::from_secs(600)),
+            playlist_ttl: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
 /// Pingora's upstream body buffer (`BODY_BUFFER_SIZE`), the size of every relay read.
 pub const MIN_CHUNK: usize = 64 * 1024;
 
@@ -335,6 +359,7 @@ pub struct Config {
     pub upstream: UpstreamConf,
     pub downstream: DownstreamConf,
     pub stream: StreamConf,
+    pub cache: CacheConf,
     pub egress: EgressConf,
     pub resolver: ResolverConf,
     pub cors: CorsConf,
@@ -354,6 +379,7 @@ impl Default for Config {
             upstream: UpstreamConf::default(),
             downstream: DownstreamConf::default(),
             stream: StreamConf::default(),
+            cache: CacheConf::default(),
             egress: EgressConf::default(),
             resolver: ResolverConf::default(),
             cors: CorsConf::default(),
@@ -493,6 +519,20 @@ impl Config {
         if self.stream.max_playlist_bytes == 0 || self.stream.max_playlist_bytes > 256 << 20 {
             return Err(("stream.max_playlist_bytes", "must be between 1 and 268435456 bytes".into()));
         }
+        if self.cache.max_bytes > 0 {
+            let c = &self.cache;
+            if c.max_object_bytes == 0 || c.max_object_bytes > c.max_bytes {
+                return Err((
+                    "cache.max_object_bytes",
+                    "must be between 1 and cache.max_bytes (set cache.max_bytes: 0 to turn the cache off)".into(),
+                ));
+            }
+            for (key, d) in [("cache.ttl", c.ttl), ("cache.playlist_ttl", c.playlist_ttl)] {
+                if d.0.is_zero() {
+                    return Err((key, "must be greater than 0 (set cache.max_bytes: 0 to turn the cache off)".into()));
+                }
+            }
+        }
         if self.resolver.cache_entries == 0 {
             return Err(("resolver.cache_entries", "must be at least 1".into()));
         }
@@ -607,6 +647,15 @@ mod tests {
         assert_eq!(refused("stream: {chunk_size: 262145}\n").0, "stream.chunk_size");
         assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
         assert_eq!(refused("upstream: {resume_attempts: 1000}\n").0, "upstream.resume_attempts");
+        assert_eq!(refused("cache: {max_object_bytes: 0}\n").0, "cache.max_object_bytes");
+        assert_eq!(refused("cache: {max_bytes: 1000, max_object_bytes: 1001}\n").0, "cache.max_object_bytes");
+        assert_eq!(refused("cache: {ttl: \"0s\"}\n").0, "cache.ttl");
+        assert_eq!(refused("cache: {playlist_ttl: \"0s\"}\n").0, "cache.playlist_ttl");
+        assert_eq!(refused("cache: {max_bytes: -1}\n").0, "cache.max_bytes");
+        assert!(
+            load("auth: {mode: none}\ncache: {max_bytes: 0, max_object_bytes: 0}\n").is_ok(),
+            "off: the rest is unused"
+        );
         let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n");
         assert_eq!((key.as_str(), reason.as_str()), ("routes[0].upstream", "\"ftp://x/\" must be an http(s) URL"));
         let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"http://x/?a=1\"}]\n");

@@ -18,6 +18,8 @@ pub struct Summary {
     pub duration: f64,
     /// Its segments are fragmented MP4 (`#EXT-X-MAP`).
     pub fmp4: bool,
+    /// `#EXT-X-TARGETDURATION`, in seconds (a live playlist is reloaded this often).
+    pub target_duration: Option<f64>,
 }
 
 impl Summary {
@@ -38,6 +40,8 @@ impl Summary {
                 s.ended = true;
             } else if tag.starts_with("-X-MAP:") {
                 s.fmp4 = true;
+            } else if let Some(target) = tag.strip_prefix("-X-TARGETDURATION:") {
+                s.target_duration = target.trim().parse::<f64>().ok().filter(|t| t.is_finite() && *t > 0.0);
             }
         }
         s.master = variants && !segments;
@@ -437,7 +441,8 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
         assert!(!s.master && s.ended && s.fmp4);
         assert!((s.duration - 6.504).abs() < 1e-9, "{}", s.duration);
         let live = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nseg.ts\n";
-        assert_eq!(Summary::of(live), Summary { duration: 2.0, ..Summary::default() });
+        assert_eq!(Summary::of(live), Summary { duration: 2.0, target_duration: Some(2.0), ..Summary::default() });
+        assert_eq!(Summary::of("#EXTM3U\n#EXT-X-TARGETDURATION:x\n").target_duration, None);
     }
 
     #[test]

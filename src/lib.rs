@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 mod charclass;
 pub mod config;
 pub mod content_type;

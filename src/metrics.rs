@@ -28,6 +28,11 @@ pub struct Metrics {
     /// proxy's `scheme://host:port`, never its credentials).
     pub egress_connections: IntCounterVec,
     pub egress_failures: IntCounterVec,
+    /// `anibridge_cache_requests_total` children, by [`CacheResult`].
+    cache_requests_by: [IntCounter; CacheResult::ALL.len()],
+    pub cache_bytes: IntGauge,
+    pub cache_objects: IntGauge,
+    pub cache_saved: IntCounter,
 }
 
 impl Metrics {
@@ -83,8 +88,25 @@ impl Metrics {
             &["route"],
         )
         .unwrap();
+        let cache_requests = IntCounterVec::new(
+            Opts::new("anibridge_cache_requests_total", "Requests by what the cache did for them"),
+            &["result"],
+        )
+        .unwrap();
+        let cache_bytes =
+            IntGauge::new("anibridge_cache_bytes", "Body bytes the cache holds (stored and being filled)").unwrap();
+        let cache_objects = IntGauge::new("anibridge_cache_objects", "Objects stored in the cache").unwrap();
+        let cache_saved = IntCounter::new(
+            "anibridge_cache_upstream_bytes_saved_total",
+            "Body bytes sent to clients from memory that the upstream did not send again",
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(cache_requests.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_objects.clone()),
+            Box::new(cache_saved.clone()),
             Box::new(upstream_header_seconds.clone()),
             Box::new(bytes_relayed.clone()),
             Box::new(active_streams.clone()),
@@ -104,6 +126,7 @@ impl Metrics {
         }
         let requests_by = RouteLabel::ALL.map(|r| CLASSES.map(|c| requests.with_label_values(&[r.as_str(), c])));
         let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
+        let cache_requests_by = CacheResult::ALL.map(|r| cache_requests.with_label_values(&[r.as_str()]));
         Metrics {
             registry,
             requests_by,
@@ -123,7 +146,16 @@ impl Metrics {
             resumes_succeeded,
             egress_connections,
             egress_failures,
+            cache_requests_by,
+            cache_bytes,
+            cache_objects,
+            cache_saved,
         }
+    }
+
+    /// Counts what the cache did for a request.
+    pub fn count_cache(&self, result: CacheResult) {
+        self.cache_requests_by[result as usize].inc();
     }
 
     /// Counts a finished request by route and status class.
@@ -190,6 +222,34 @@ impl RouteLabel {
             RouteLabel::Stream => "stream",
             RouteLabel::Route => "route",
             RouteLabel::Preflight => "preflight",
+        }
+    }
+}
+
+/// What the cache did for a request: the `result` label of
+/// `anibridge_cache_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    /// Answered from a stored object.
+    Hit,
+    /// Answered from a fill another request started.
+    Coalesced,
+    /// Went upstream (starting a fill, or alone).
+    Miss,
+    /// Not for the cache (it is off, or the request or answer cannot be shared).
+    Bypass,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 4] =
+        [CacheResult::Hit, CacheResult::Coalesced, CacheResult::Miss, CacheResult::Bypass];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Coalesced => "coalesced",
+            CacheResult::Miss => "miss",
+            CacheResult::Bypass => "bypass",
         }
     }
 }

@@ -77,7 +77,8 @@ async fn token_mode_failures_are_401_with_a_reason() {
     let u = o.url("/v.mp4");
     let ok = get(p.addr(), "GET", &signed_relay_path("v.mp4", &u, Some(now() + 60)), &[]).await;
     assert_eq!(ok.status, 200);
-    let ok = get(p.addr(), "GET", &signed_relay_path("v.mp4", &u, None), &[]).await;
+    // Another URL, so the origin sees it whether or not the cache holds the first.
+    let ok = get(p.addr(), "GET", &signed_relay_path("v.mp4", &o.url("/v.mp4?again"), None), &[]).await;
     assert_eq!(ok.status, 200, "exp is optional");
 
     let cases = [

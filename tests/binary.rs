@@ -87,9 +87,9 @@ impl Running {
     /// Runs `cmd` (the binary, perhaps with more set up) as [`Self::start_logging`] does.
     async fn spawn(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)], mut cmd: Command) -> Running {
         let (port, admin) = (unused_addr().port(), unused_addr().port());
-        let cfg = config_file(&format!(
+        let cfg = config_file(&with_run_cache(&format!(
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nshutdown_grace: \"10s\"\n{extra}"
-        ));
+        )));
         let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
         let child = cmd
             .arg("--config")

@@ -465,8 +465,9 @@ async fn origin_closing_kept_alive_connections_costs_the_client_nothing() {
     let o = Origin::start(|_| Action::Raw(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec())).await;
     let p = Proxy::open().await;
     let mut c = Client::connect(p.addr()).await;
-    for _ in 0..3 {
-        let got = c.request("GET", &relay_path("x.bin", &o.url("/once")), &[]).await;
+    for i in 0..3 {
+        // A URL each, so each reaches the origin, cache or not.
+        let got = c.request("GET", &relay_path("x.bin", &o.url(&format!("/once?{i}"))), &[]).await;
         assert_eq!(got.status, 200);
         assert_eq!(got.body, b"hello");
         // Let the origin's close reach the idle pooled connection.

@@ -95,26 +95,17 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
     if !(hinted || generic) {
         return relay;
     }
-    if answer.head_sent {
-        // Only a GET shows whether (and how long) it is a playlist.
-        return Decision::Refetch;
+    if answer.head_sent || answer.head_fallback {
+        // A HEAD reaches the upstream as one HEAD (and the fallback's one
+        // byte): only a playlist the URL or the type names is answered from
+        // a GET of it (for its rewritten length); a generic type is no
+        // reason to start a whole file.
+        return if hinted { Decision::Refetch } else { relay };
     }
     let range = headers::content_range(h);
     let at_start =
         status == StatusCode::OK || range.and_then(ContentRange::bytes).is_some_and(|(first, _, _)| first == 0);
     let whole = status == StatusCode::OK || range.is_some_and(ContentRange::is_whole);
-    if answer.head_fallback {
-        // One byte (or the client's range) stands in for the HEAD.
-        if hinted {
-            return Decision::Refetch;
-        }
-        return match first {
-            _ if !at_start || encoded => relay,
-            None => Decision::Sniff,
-            Some([b'#', ..] | [0xEF, ..]) => Decision::Refetch,
-            Some(_) => relay,
-        };
-    }
     if encoded || !at_start {
         // The first bytes cannot tell: the URL or the type decides.
         return match (hinted, whole) {
@@ -273,17 +264,20 @@ mod tests {
     #[test]
     fn a_head_learns_what_the_get_would_get() {
         let head = |h: &ResponseHeader, first| super::decide(&GET, &Answer { head_sent: true, ..answer(h) }, first);
-        assert_eq!(head(&resp(200, &[HLS]), None), Refetch);
-        assert_eq!(head(&resp(200, &[BIN]), None), Refetch);
+        assert_eq!(head(&resp(200, &[HLS]), None), Refetch, "a playlist by its type: its rewritten length");
+        assert_eq!(head(&resp(200, &[BIN]), None), Relay { hls: false }, "a generic type starts no whole file");
+        assert_eq!(head(&resp(200, &[]), None), Relay { hls: false });
         assert_eq!(head(&resp(200, &[MP4]), None), Relay { hls: false });
         assert_eq!(head(&resp(404, &[HLS]), None), Relay { hls: false });
-        // The HEAD fallback's one byte tells a playlist from a video.
+        let known = Asked { known_playlist: true, ..GET };
+        let bin = resp(200, &[BIN]);
+        assert_eq!(super::decide(&known, &Answer { head_sent: true, ..answer(&bin) }, None), Refetch);
+        // The HEAD fallback's one byte is never a reason for a GET either.
         let probe =
             |h: &ResponseHeader, first| super::decide(&GET, &Answer { head_fallback: true, ..answer(h) }, first);
         let byte = resp(206, &[BIN, ("Content-Range", "bytes 0-0/5000")]);
-        assert_eq!(probe(&byte, None), Sniff);
-        assert_eq!(probe(&byte, Some(b"#")), Refetch);
-        assert_eq!(probe(&byte, Some(b"\0")), Relay { hls: false });
+        assert_eq!(probe(&byte, None), Relay { hls: false });
+        assert_eq!(probe(&byte, Some(b"#")), Relay { hls: false });
         assert_eq!(probe(&resp(206, &[HLS, ("Content-Range", "bytes 0-0/5000")]), None), Refetch);
         let later = resp(206, &[BIN, ("Content-Range", "bytes 10-19/5000")]);
         assert_eq!(probe(&later, None), Relay { hls: false });

@@ -13,6 +13,7 @@ mod relay;
 mod reply;
 mod respond;
 mod serve;
+mod source;
 mod state;
 mod stream;
 
@@ -29,7 +30,7 @@ pub use playlist::rewrite_playlist;
 pub use reply::{Failure, Outcome};
 pub use state::State;
 
-use crate::metrics::{Held, RouteLabel};
+use crate::metrics::{CacheResult, Held, RouteLabel};
 
 /// The Pingora application.
 pub struct Proxy {
@@ -52,6 +53,8 @@ pub struct Ctx {
     body_bytes: u64,
     attempts: u32,
     refreshed: bool,
+    /// What the cache did (`None`: it is off).
+    cache: Option<CacheResult>,
     /// `in_flight` is raised while the request lives, even if it panics
     /// (shutdown waits for it to reach zero).
     _in_flight: Held,
@@ -71,6 +74,7 @@ impl ProxyHttp for Proxy {
             body_bytes: 0,
             attempts: 0,
             refreshed: false,
+            cache: None,
             _in_flight: Held::new(&self.state.metrics.in_flight),
         }
     }
@@ -118,6 +122,9 @@ impl ProxyHttp for Proxy {
             if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
         m.count_request(ctx.route, status);
         m.bytes_relayed.inc_by(ctx.body_bytes);
+        if matches!(ctx.cache, Some(CacheResult::Hit | CacheResult::Coalesced)) {
+            m.cache_saved.inc_by(ctx.body_bytes);
+        }
         if log::log_enabled!(target: "access", log::Level::Info) {
             let req = session.req_header();
             log::info!(

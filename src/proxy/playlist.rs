@@ -10,12 +10,13 @@ use url::Url;
 
 use super::decide::playlist_header;
 use super::reply::{Failure, Outcome};
+use super::source::Source;
 use super::{Ctx, State};
 use crate::auth::{self, Auth, ChildSigner};
 use crate::headers;
 use crate::hls;
 use crate::routing;
-use crate::upstream::{BodyError, FetchError, Response};
+use crate::upstream::{BodyError, FetchError};
 
 /// Answers with the playlist `resp` carries (`first`: its bytes read
 /// already), rewritten.
@@ -23,7 +24,7 @@ pub(super) async fn answer(
     st: &State,
     down: &mut ServerSession,
     ctx: &mut Ctx,
-    mut resp: Response<'_>,
+    mut resp: Source,
     first: Vec<u8>,
     client_key: Option<&str>,
 ) -> Result<(), Outcome> {

@@ -11,16 +11,16 @@ use pingora::protocols::http::{HttpTask, ServerSession};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
 
+use super::source::Source;
 use super::{Ctx, Outcome, State};
 use crate::metrics::Held;
-use crate::upstream::Response;
 
 /// Sends `header`, then (unless `bodyless`) `first` and the rest of the body.
 pub(super) async fn relay(
     st: &State,
     down: &mut ServerSession,
     ctx: &mut Ctx,
-    mut resp: Response<'_>,
+    mut resp: Source,
     header: ResponseHeader,
     first: Vec<u8>,
     bodyless: bool,
@@ -40,7 +40,7 @@ pub(super) async fn relay(
 /// connection is watched, so a client that leaves drops the upstream at once.
 pub(super) async fn pump(
     down: &mut ServerSession,
-    resp: &mut Response<'_>,
+    resp: &mut Source,
     first: Vec<u8>,
     write_timeout: Duration,
     sent: &mut u64,
@@ -127,6 +127,32 @@ async fn write_down(down: &mut ServerSession, bytes: &[u8]) -> Result<()> {
     written.map_err(|e| e.into_down())
 }
 
+/// Runs `work` unless the client hangs up first: then the work is dropped
+/// (an upstream request abandoned, a wait for the cache or a host's gate
+/// given up) and the answer is an abort. Bytes of a pipelined next request
+/// that arrive meanwhile are kept by Pingora for that request.
+///
+/// `work` comes pinned by the caller: taken by value, an async function
+/// would hold it twice (the argument and the pinned local), and an upstream
+/// request's future is large.
+pub(super) async fn unless_client_leaves<F: Future>(
+    down: &mut ServerSession,
+    mut work: std::pin::Pin<&mut F>,
+) -> std::result::Result<F::Output, Box<Error>> {
+    let mut request_body_done = down.is_body_done();
+    loop {
+        tokio::select! {
+            biased;
+            done = work.as_mut() => return Ok(done),
+            client = down.read_body_or_idle(request_body_done) => match client {
+                Ok(Some(_discarded)) => {}
+                Ok(None) => request_body_done = true,
+                Err(e) => return Err(e.into_down()),
+            },
+        }
+    }
+}
+
 /// A body on GET/HEAD means nothing and is never forwarded; reading it (up
 /// to 64 KiB) before answering keeps the client connection reusable. A
 /// larger one is left for Pingora, which then closes the connection.
@@ -152,7 +178,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     use super::*;
-    use crate::upstream::{Client, Settings, Timeouts};
+    use crate::upstream::{Client, Response, Settings, Timeouts};
 
     fn client() -> Client {
         let t = Duration::from_secs(5);
@@ -220,7 +246,7 @@ mod tests {
         let body = pattern(300_000);
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
         let (session, _) = upstream(64 * 1024, &head, body.clone(), false).await;
-        let mut resp = Response::over(&c, session);
+        let mut resp = Source::Upstream(Response::over(&c, session));
         let (mut down, client_end) = downstream(64 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
         start_200(&mut down, body.len() as u64).await;
@@ -239,7 +265,7 @@ mod tests {
         let body = pattern(4 << 20);
         let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
         let (session, written) = upstream(16 * 1024, &head, body, false).await;
-        let mut resp = Response::over(&c, session);
+        let mut resp = Source::Upstream(Response::over(&c, session));
         let (mut down, _client_end_never_read) = downstream(16 * 1024).await;
         start_200(&mut down, 4 << 20).await;
         let mut sent = 0;
@@ -256,7 +282,7 @@ mod tests {
         let c = client();
         let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
         let (session, _) = upstream(64 * 1024, head, pattern(1000), true).await;
-        let mut resp = Response::over(&c, session);
+        let mut resp = Source::Upstream(Response::over(&c, session));
         let (mut down, client_end) = downstream(64 * 1024).await;
         start_200(&mut down, 1_000_000).await;
         tokio::spawn(async move {
@@ -276,7 +302,7 @@ mod tests {
         let c = client();
         let head = "HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n";
         let (session, _) = upstream(64 * 1024, head, pattern(5000), false).await;
-        let mut resp = Response::over(&c, session);
+        let mut resp = Source::Upstream(Response::over(&c, session));
         let (mut down, client_end) = downstream(256 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
         start_200(&mut down, 100_000).await;

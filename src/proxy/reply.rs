@@ -225,7 +225,7 @@ mod tests {
         let io = || std::io::Error::other("x");
         let pingora = |t| Error::explain(t, "x");
         use pingora_error::ErrorType as T;
-        assert_eq!(Failure::from(&FetchError::Dns("h.example".into(), io())), Failure::Unreachable);
+        assert_eq!(Failure::from(&FetchError::Dns("h.example".into(), io().into())), Failure::Unreachable);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectTimedout))), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ReadTimedout))), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectRefused))), Failure::Unreachable);

@@ -1,38 +1,141 @@
-//! Fetching the answer to a request and answering with it: one upstream
-//! attempt ([`Proxy::open`]), then what the response is ([`decide`]) and how
+//! Fetching the answer to a request and answering with it: from the shared
+//! cache when it holds (or is filling) the object, else one upstream
+//! attempt ([`Proxy::fetch`]); then what the answer is ([`decide`]) and how
 //! it goes out ([`relay`], [`playlist`]).
 
+use std::pin::pin;
 use std::time::Instant;
 
-use http::header;
+use http::header::{self, HeaderMap};
+use http::Method;
 use pingora::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
 
 use super::decide::{self, Answer, Asked, Decision};
-use super::relay::relay;
+use super::relay::{relay, unless_client_leaves};
 use super::reply::{Failure, Outcome};
+use super::source::{Memory, Source};
 use super::{playlist, Ctx, Proxy};
-use crate::upstream::{FetchError, Request, Response};
+use crate::cache::{self, Found, Key, Ready, Want};
+use crate::metrics::CacheResult;
+use crate::upstream::{FetchError, Request};
 
 impl Proxy {
-    /// Opens the upstream response: one attempt, recorded for the log and metrics.
-    pub(super) async fn open(&self, ctx: &mut Ctx, req: Request) -> Result<Response<'_>, FetchError> {
+    /// Counts an attempt at answering the request (the second is `/strm/stream`'s retry).
+    pub(super) fn attempt(&self, ctx: &mut Ctx) {
         ctx.attempts += 1;
         if ctx.attempts > 1 {
             self.state.metrics.retries.inc();
         }
+    }
+
+    /// The answer to `req`: from the cache (a stored object, or a fill in
+    /// flight, which this request may start), else from the upstream. The
+    /// egress policy is judged first, so memory never answers a request
+    /// that would have been refused. Waits are given up when the client
+    /// leaves (`Err(Abort)`).
+    pub(super) async fn fetch(
+        &self,
+        down: &mut ServerSession,
+        ctx: &mut Ctx,
+        req: Request,
+    ) -> Result<Result<Source, FetchError>, Outcome> {
+        let st = &*self.state;
+        let want = st.cache.as_ref().and_then(|_| want(&req, &down.req_header().headers));
+        let (Some(cache), Some(want)) = (&st.cache, want) else {
+            if st.cache.is_some() {
+                self.count_cache(ctx, CacheResult::Bypass);
+            }
+            return self.open(down, ctx, req).await;
+        };
+        if let Err(e) = unless_client_leaves(down, pin!(st.client.admit(&req))).await? {
+            return Ok(Err(e));
+        }
+        let key = Key::new(&req.url, st.client.added_headers(&req));
+        match cache.find(key.clone(), want, &st.client, &req) {
+            Found::Hit(entry) => {
+                self.count_cache(ctx, CacheResult::Hit);
+                Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+            }
+            Found::Coalesced(entry) => {
+                let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
+                match ready {
+                    Ready::Head => {
+                        self.count_cache(ctx, CacheResult::Coalesced);
+                        Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                    }
+                    Ready::Declined => {
+                        self.count_cache(ctx, CacheResult::Bypass);
+                        self.open(down, ctx, req).await
+                    }
+                    Ready::Failed(e) => {
+                        self.count_cache(ctx, CacheResult::Coalesced);
+                        Ok(Err(e))
+                    }
+                }
+            }
+            Found::Led(entry, handoff) => {
+                self.count_cache(ctx, CacheResult::Miss);
+                ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
+                let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
+                match ready {
+                    Ready::Head => {
+                        ctx.upstream_status = entry.head().map_or(0, |h| h.header.status.as_u16());
+                        Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                    }
+                    Ready::Failed(e) => Ok(Err(e)),
+                    Ready::Declined => match handoff.await {
+                        Ok(resp) => {
+                            ctx.upstream_status = resp.header().status.as_u16();
+                            Ok(Ok(Source::Upstream(resp)))
+                        }
+                        // The fill ended otherwise (it cannot: it hands a declined answer over).
+                        Err(_) => Ok(Err(FetchError::Request("the cache fill ended without an answer"))),
+                    },
+                }
+            }
+            Found::Miss => {
+                self.count_cache(ctx, CacheResult::Miss);
+                let opened = self.open(down, ctx, req).await?;
+                if let (Ok(Source::Upstream(resp)), Want::Head) = (&opened, want) {
+                    // A HEAD's answer is kept, so the next HEAD never reaches the upstream.
+                    if let Some(header) = cache::policy::head_only(resp.header(), resp.head_fallback()) {
+                        cache.keep_head(key, header, resp.url().clone());
+                    }
+                }
+                Ok(opened)
+            }
+        }
+    }
+
+    /// Opens the upstream response: one attempt, recorded for the log and
+    /// metrics, given up when the client leaves.
+    pub(super) async fn open(
+        &self,
+        down: &mut ServerSession,
+        ctx: &mut Ctx,
+        req: Request,
+    ) -> Result<Result<Source, FetchError>, Outcome> {
         let access_log = log::log_enabled!(target: "access", log::Level::Info);
         if access_log {
             ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
         }
         let started = Instant::now();
-        let resp = self.state.client.open(req).await?;
+        let resp = match unless_client_leaves(down, pin!(self.state.client.open(req))).await? {
+            Ok(resp) => resp,
+            Err(e) => return Ok(Err(e)),
+        };
         self.state.metrics.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
         ctx.upstream_status = resp.header().status.as_u16();
         if access_log && resp.redirects() > 0 {
             ctx.upstream_host = resp.url().host_str().unwrap_or_default().to_string();
         }
-        Ok(resp)
+        Ok(Ok(Source::Upstream(resp)))
+    }
+
+    fn count_cache(&self, ctx: &mut Ctx, result: CacheResult) {
+        ctx.cache = Some(result);
+        self.state.metrics.count_cache(result);
     }
 
     /// The answer for an upstream failure before any response: logged,
@@ -50,15 +153,16 @@ impl Proxy {
         self.fetch_failed(&FetchError::from_pingora(e))
     }
 
-    /// Decides what the response is and answers with it: relayed as it is,
-    /// or, for a playlist, read whole and rewritten — fetched again whole
-    /// when this response cannot give it so (a partial answer to a range, a
-    /// HEAD). `client_key` is handed on to a playlist's children.
+    /// Decides what the answer is and answers with it: relayed as it is (or
+    /// from memory, by the client's range and conditionals), or, for a
+    /// playlist, read whole and rewritten — fetched again whole when this
+    /// answer cannot give it so (a partial answer to a range, a HEAD).
+    /// `client_key` is handed on to a playlist's children.
     pub(super) async fn respond(
         &self,
         down: &mut ServerSession,
         ctx: &mut Ctx,
-        mut resp: Response<'_>,
+        mut src: Source,
         asked: &Asked<'_>,
         client_key: Option<&str>,
     ) -> Result<(), Outcome> {
@@ -69,26 +173,28 @@ impl Proxy {
         let mut own: Option<(ResponseHeader, bool)> = None;
         let mut refetched = false;
         loop {
-            let answer = answer_of(&resp);
+            let answer = answer_of(&src);
             match decide::decide(asked, &answer, first.as_deref()) {
                 Decision::Sniff => {
-                    let head = resp.peek(decide::SNIFF).await.map_err(|e| self.body_failed(e))?;
+                    let head = src.peek(decide::SNIFF).await.map_err(|e| self.body_failed(e))?;
                     first = Some(head);
                 }
                 Decision::Playlist => {
                     let first = first.unwrap_or_default();
                     // Boxed: the rare playlist path must not inflate every request's future.
-                    return Box::pin(playlist::answer(st, down, ctx, resp, first, client_key)).await;
+                    return Box::pin(playlist::answer(st, down, ctx, src, first, client_key)).await;
                 }
                 Decision::Refetch if refetched => {
-                    log::warn!("{} gave no whole playlist when asked again", resp.url().host_str().unwrap_or("-"));
+                    log::warn!("{} gave no whole playlist when asked again", src.url().host_str().unwrap_or("-"));
                     return Err(Failure::PlaylistUnavailable.into());
                 }
                 Decision::Refetch => {
                     if asked.head {
-                        own = Some((resp.header().clone(), resp.head_fallback()));
+                        own = Some((src.header().clone(), src.head_fallback()));
                     }
-                    resp = Box::pin(resp.refetch_whole()).await.map_err(|e| self.fetch_failed(&e))?;
+                    let whole = Request { method: Method::GET, whole: true, ..src.request().clone() };
+                    src.finish().await;
+                    src = Box::pin(self.fetch(down, ctx, whole)).await?.map_err(|e| self.fetch_failed(&e))?;
                     refetched = true;
                     first = None;
                 }
@@ -97,21 +203,74 @@ impl Proxy {
                         Some((header, head_fallback)) => Answer { header, head_fallback: *head_fallback, ..answer },
                         None => answer,
                     };
-                    let mut out = decide::relay_header(asked, &answer, hls)?;
+                    // From memory: the whole object answers the client's range and
+                    // conditionals; anything else (an error status) goes out as it is.
+                    let memory = match &src {
+                        Source::Memory(m) => Some((m.head().whole && own.is_none(), m.head().len, m.head().age())),
+                        Source::Upstream(_) => None,
+                    };
+                    let (mut out, range) = match memory {
+                        Some((true, len, age)) => {
+                            let mut out = decide::relay_header(&Asked { range: false, ..*asked }, &answer, hls)?;
+                            let plan = cache::plan(&down.req_header().headers, &answer.header.headers, len)
+                                .unwrap_or(cache::Plan::Whole);
+                            cache::shape(&mut out, plan, len, age)?;
+                            (out, Some(plan.body(len)))
+                        }
+                        Some((false, len, _)) => (decide::relay_header(asked, &answer, hls)?, Some((0, len))),
+                        None => (decide::relay_header(asked, &answer, hls)?, None),
+                    };
+                    let first = match (&mut src, range) {
+                        (Source::Memory(m), Some((from, to))) => {
+                            m.select(from, to);
+                            Vec::new()
+                        }
+                        _ => first.unwrap_or_default(),
+                    };
                     st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
-                    return relay(st, down, ctx, resp, out, first.unwrap_or_default(), asked.head).await;
+                    return relay(st, down, ctx, src, out, first, asked.head).await;
                 }
             }
         }
     }
 }
 
-/// What the decision needs to know of an upstream response.
-fn answer_of<'r>(resp: &'r Response<'_>) -> Answer<'r> {
+/// What a request may do with the cache, or `None`: it goes upstream as it
+/// is (several ranges, a range or unit memory cannot answer, another
+/// method).
+fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
+    if req.whole {
+        // A playlist: fetched whole, without the client's range or conditionals.
+        return Some(Want::Fill);
+    }
+    let range = client.get(header::RANGE);
+    if range.is_some_and(|r| !plain_range(r)) {
+        return None;
+    }
+    if req.method == Method::HEAD {
+        return Some(Want::Head);
+    }
+    if req.method != Method::GET {
+        return None;
+    }
+    let conditional = client.contains_key(header::IF_NONE_MATCH) || client.contains_key(header::IF_MODIFIED_SINCE);
+    let whole = range.is_none_or(|r| r.as_bytes() == b"bytes=0-");
+    Some(if whole && !conditional { Want::Fill } else { Want::Join })
+}
+
+/// A single `bytes=` range memory can answer.
+fn plain_range(v: &http::HeaderValue) -> bool {
+    let mut req = HeaderMap::new();
+    req.insert(header::RANGE, v.clone());
+    cache::plan(&req, &HeaderMap::new(), u64::MAX).is_some()
+}
+
+/// What the decision needs to know of an answer.
+fn answer_of(src: &Source) -> Answer<'_> {
     Answer {
-        header: resp.header(),
-        path: resp.url().path(),
-        head_sent: resp.sent_head(),
-        head_fallback: resp.head_fallback(),
+        header: src.header(),
+        path: src.url().path(),
+        head_sent: src.sent_head(),
+        head_fallback: src.head_fallback(),
     }
 }

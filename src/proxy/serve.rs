@@ -103,9 +103,10 @@ impl Proxy {
                 (asked, Request { method, url, forwarded, extra: None, trusted, whole: false })
             }
         };
-        let resp = self.open(ctx, request).await.map_err(|e| self.fetch_failed(&e))?;
+        self.attempt(ctx);
+        let src = self.fetch(down, ctx, request).await?.map_err(|e| self.fetch_failed(&e))?;
         let key = client_key(&query, key_header.as_deref());
-        self.respond(down, ctx, resp, &asked, key.as_deref()).await
+        self.respond(down, ctx, src, &asked, key.as_deref()).await
     }
 
     fn authenticate(&self, q: &Query, key_header: Option<&[u8]>, now: u64) -> std::result::Result<(), AuthError> {
@@ -179,14 +180,15 @@ mod tests {
         let (_client, server) = tokio::io::duplex(1024);
         let mut down = ServerSession::new_http1(Box::new(server));
         let mut ctx = p.new_ctx();
-        assert!(std::mem::size_of_val(&p.serve(&mut down, &mut ctx)) <= 6 * 1024);
+        let serving = std::mem::size_of_val(&p.serve(&mut down, &mut ctx));
+        assert!(serving <= 6 * 1024, "{serving}");
         let (ours, _origin) = tokio::io::duplex(1024);
         let session = pingora::protocols::http::v1::client::HttpSession::new(Box::new(ours));
-        let mut resp = Response::over(&p.state.client, session);
-        assert!(std::mem::size_of_val(&resp.read()) <= 512, "the read of each buffer");
+        let mut src = super::super::source::Source::Upstream(Response::over(&p.state.client, session));
+        assert!(std::mem::size_of_val(&src.read()) <= 512, "the read of each buffer");
         let mut sent = 0;
         let pump =
-            super::super::relay::pump(&mut down, &mut resp, Vec::new(), std::time::Duration::from_secs(1), &mut sent);
+            super::super::relay::pump(&mut down, &mut src, Vec::new(), std::time::Duration::from_secs(1), &mut sent);
         assert!(std::mem::size_of_val(&pump) <= 1536);
     }
 }

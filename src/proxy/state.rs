@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Auth;
+use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::egress::Egress;
@@ -25,6 +26,8 @@ pub struct State {
     pub max_playlist_bytes: usize,
     pub downstream_write_timeout: Duration,
     pub resolver: Option<Resolver>,
+    /// The shared cache (`None`: `cache.max_bytes: 0`).
+    pub cache: Option<Cache>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -66,6 +69,18 @@ impl State {
                 .url
                 .as_ref()
                 .map(|u| Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries)),
+            cache: Cache::new(
+                cache::Settings {
+                    max_bytes: cfg.cache.max_bytes,
+                    max_object_bytes: cfg.cache.max_object_bytes,
+                    lifetimes: cache::policy::Lifetimes {
+                        ttl: cfg.cache.ttl.0,
+                        playlist_ttl: cfg.cache.playlist_ttl.0,
+                    },
+                    chunk: cfg.stream.chunk_size,
+                },
+                metrics.clone(),
+            ),
             metrics,
         }
     }

@@ -51,9 +51,10 @@ impl Proxy {
                 trusted: None,
                 whole: known_playlist,
             };
-            let outcome = self.open(ctx, request).await;
+            self.attempt(ctx);
+            let outcome = self.fetch(down, ctx, request).await?;
             let stale = match &outcome {
-                Ok(r) => STALE.contains(&r.header().status.as_u16()),
+                Ok(src) => STALE.contains(&src.header().status.as_u16()),
                 Err(e) => e.is_refreshable(),
             };
             if stale && !refresh {
@@ -61,17 +62,17 @@ impl Proxy {
                 ctx.refreshed = true;
                 self.state.metrics.refreshes.inc();
                 match outcome {
-                    Ok(r) => {
-                        log::info!("resolved URL answered {}; refreshing once", r.header().status.as_u16());
-                        r.finish().await;
+                    Ok(src) => {
+                        log::info!("resolved URL answered {}; refreshing once", src.header().status.as_u16());
+                        src.finish().await;
                     }
                     Err(e) => log::info!("resolved URL failed ({e}); refreshing once"),
                 }
                 continue;
             }
-            let resp = outcome.map_err(|e| self.fetch_failed(&e))?;
+            let src = outcome.map_err(|e| self.fetch_failed(&e))?;
             let asked = Asked { known_playlist, ..*asked };
-            return self.respond(down, ctx, resp, &asked, client_key).await;
+            return self.respond(down, ctx, src, &asked, client_key).await;
         }
     }
 }

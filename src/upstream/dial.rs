@@ -13,7 +13,7 @@ use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::{Error, ErrorType};
 use url::Url;
 
-use super::{Client, FetchError};
+use super::{Client, FetchError, Request};
 use crate::egress::{self, Dialable, UrlHost};
 use crate::tunnel::{EgressProxy, Target, Tunnel};
 
@@ -21,6 +21,15 @@ use crate::tunnel::{EgressProxy, Target, Tunnel};
 /// long before Pingora's timeout of the whole connect (TLS included).
 const TUNNEL_GRACE: Duration = Duration::from_millis(100);
 impl Client {
+    /// Whether the egress policy lets `req`'s first hop be dialled (for the
+    /// cache: judged before memory answers, exactly as before a fetch).
+    pub async fn admit(&self, req: &Request) -> Result<(), FetchError> {
+        let url = &req.url;
+        let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
+        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
+        self.dialable(url, via, trusted).await.map(|_| ())
+    }
+
     /// The addresses `url` may be dialled at (through `via`), each allowed
     /// by the egress policy, or why there are none.
     pub(super) async fn dialable(
@@ -41,7 +50,7 @@ impl Client {
             }
             _ => egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
                 Ok(refusal) => FetchError::Refused(refusal),
-                Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io),
+                Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io.into()),
             }),
         }
     }

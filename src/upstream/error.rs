@@ -1,12 +1,15 @@
 //! Why no upstream response could be had: a small typed error the proxy
 //! turns into one client-visible failure (`proxy::reply::Failure`).
 
+use std::sync::Arc;
+
 use pingora_error::{Error, ErrorType};
 
 use crate::egress::Refusal;
 use crate::tunnel::EGRESS_PROXY_FAILED;
 
-#[derive(Debug)]
+/// Clone: a failure of a fill the cache shares reaches every waiting request.
+#[derive(Debug, Clone)]
 pub enum FetchError {
     /// The egress policy refused the destination.
     Refused(Refusal),
@@ -15,13 +18,13 @@ pub enum FetchError {
     /// More than `max_redirects` hops.
     TooManyRedirects,
     /// Looking up the host (named here) failed.
-    Dns(String, std::io::Error),
+    Dns(String, Arc<std::io::Error>),
     /// Connect refused/reset, TLS failure, malformed response.
-    Unreachable(Box<Error>),
+    Unreachable(Arc<Error>),
     /// Connect or header read timed out.
-    Timeout(Box<Error>),
+    Timeout(Arc<Error>),
     /// The egress proxy was unreachable, refused, or failed its handshake.
-    EgressProxy(Box<Error>),
+    EgressProxy(Arc<Error>),
     /// The upstream request could not be built (a URL without a host, a
     /// header Pingora refused): the proxy's own fault, never the upstream's.
     Request(&'static str),
@@ -38,12 +41,12 @@ impl FetchError {
 
     pub fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
-            t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(e),
+            t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(e.into()),
             ErrorType::ConnectTimedout
             | ErrorType::TLSHandshakeTimedout
             | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout => FetchError::Timeout(e),
-            _ => FetchError::Unreachable(e),
+            | ErrorType::WriteTimedout => FetchError::Timeout(e.into()),
+            _ => FetchError::Unreachable(e.into()),
         }
     }
 }

@@ -97,8 +97,14 @@ impl Settings {
 }
 
 /// Dials upstreams with Pingora's connector; finished connections wait in
-/// one shared [`Pool`] for the next request to the same peer.
-pub struct Client {
+/// one shared [`Pool`] for the next request to the same peer. A cheap
+/// handle (clones share everything), so a [`Response`] owns one and can
+/// outlive the request that opened it (a cache fill goes on without it).
+#[derive(Clone)]
+pub struct Client(Arc<Shared>);
+
+/// What every handle of a [`Client`] shares.
+pub struct Shared {
     connector: TransportConnector,
     pool: Arc<Pool>,
     /// Host names resolved recently (the egress check still runs every time).
@@ -107,18 +113,34 @@ pub struct Client {
     metrics: Option<Arc<Metrics>>,
 }
 
+impl std::ops::Deref for Client {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl Client {
     /// `metrics` counts connections and resumptions (none for the resolver's own client).
     pub fn new(settings: Settings, metrics: Option<Arc<Metrics>>) -> Client {
         // Pingora's own pool stays empty: nothing is released into it.
         let opts = pingora::connectors::ConnectorOptions::new(0);
-        Client {
+        Client(Arc::new(Shared {
             connector: TransportConnector::new(Some(opts)),
             pool: Pool::new(settings.pool_size, POOL_IDLE),
             dns: Dns::default(),
             settings,
             metrics,
-        }
+        }))
+    }
+
+    /// The headers the proxy adds to `req` of its own (the provider
+    /// profile of its host, then the resolver's): with the URL, what tells
+    /// one upstream fetch from another.
+    pub fn added_headers<'a>(&'a self, req: &'a Request) -> impl Iterator<Item = &'a WireHeader> {
+        let profile = self.settings.providers.headers_for(req.url.host_str().unwrap_or_default());
+        profile.iter().chain(req.extra.as_deref().unwrap_or(&[]))
     }
 
     /// The client's headers as they go upstream for this configuration.
@@ -128,7 +150,7 @@ impl Client {
 
     /// Opens the response for `req`, following redirects and falling back
     /// from HEAD to a ranged GET when the upstream refuses HEAD.
-    pub async fn open(&self, mut req: Request) -> Result<Response<'_>, FetchError> {
+    pub async fn open(&self, mut req: Request) -> Result<Response, FetchError> {
         let ask = if req.whole {
             req.method = Method::GET;
             Ask::Whole

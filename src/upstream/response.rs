@@ -25,8 +25,8 @@ pub enum BodyError {
 }
 
 /// An upstream response whose body is read through it.
-pub struct Response<'c> {
-    client: &'c Client,
+pub struct Response {
+    client: Client,
     session: HttpSession,
     /// The connection's key in the pool.
     pool_key: u64,
@@ -55,14 +55,14 @@ struct Recovery {
     restarts: u32,
 }
 
-impl<'c> Response<'c> {
+impl Response {
     /// `request` as asked; its URL becomes the final one.
-    pub(super) fn new(client: &'c Client, ex: Exchange, mut request: Request, attempts: u32) -> Response<'c> {
+    pub(super) fn new(client: &Client, ex: Exchange, mut request: Request, attempts: u32) -> Response {
         if let Some(url) = ex.redirected_to {
             request.url = url;
         }
         Response {
-            client,
+            client: client.clone(),
             session: ex.session,
             pool_key: ex.pool_key,
             request,
@@ -82,6 +82,11 @@ impl<'c> Response<'c> {
     /// The final URL, after redirects: what relative playlist URIs resolve against.
     pub fn url(&self) -> &Url {
         &self.request.url
+    }
+
+    /// What was asked (its URL the final one).
+    pub fn request(&self) -> &Request {
+        &self.request
     }
 
     /// The response answers a HEAD through a `GET` + `Range` fallback.
@@ -161,13 +166,13 @@ impl<'c> Response<'c> {
     /// The same URL fetched again, whole: a `GET` without the client's
     /// `Range` and conditionals, with the same headers otherwise. This
     /// response's connection is given back first.
-    pub async fn refetch_whole(self) -> Result<Response<'c>, super::FetchError> {
-        let client = self.client;
+    pub async fn refetch_whole(self) -> Result<Response, super::FetchError> {
+        let client = self.client.clone();
         let request = self.request.clone();
         let attempts = self.recovery.attempts_left;
         self.finish().await;
         let ex = client.fetch(&request, Ask::Whole).await?;
-        Ok(Response::new(client, ex, Request { method: Method::GET, whole: true, ..request }, attempts))
+        Ok(Response::new(&client, ex, Request { method: Method::GET, whole: true, ..request }, attempts))
     }
 
     /// Gives the connection back: to the pool when the body was read to its
@@ -176,7 +181,7 @@ impl<'c> Response<'c> {
     /// Not an `async fn`: the giving back is a future of a few KiB, boxed
     /// here so that a stream's state (which awaits this at its end) stays
     /// small for as long as it streams.
-    pub fn finish(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'c>> {
+    pub fn finish(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
         let Response { client, session, pool_key, recovery, .. } = self;
         Box::pin(async move {
             if recovery.failure.is_none() {
@@ -279,9 +284,9 @@ impl<'c> Response<'c> {
 }
 
 #[cfg(test)]
-impl<'c> Response<'c> {
+impl Response {
     /// A response over a session that has read its header (in-memory tests).
-    pub(crate) fn over(client: &'c Client, session: HttpSession) -> Response<'c> {
+    pub(crate) fn over(client: &Client, session: HttpSession) -> Response {
         let request = Request {
             method: Method::GET,
             url: Url::parse("http://origin.test/x").expect("a valid URL"),

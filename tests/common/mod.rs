@@ -612,11 +612,34 @@ pub struct Proxy {
     pub cfg: Config,
 }
 
+/// Set to `off` (scripts/test.sh runs the suite a second time so), every
+/// proxy a test starts without a `cache:` key of its own runs with
+/// `cache.max_bytes: 0`: the suite passes with the cache on (the default)
+/// and off.
+pub const CACHE_ENV: &str = "ANIBRIDGE_TEST_CACHE";
+
+/// Whether the proxies of this run cache (see [`CACHE_ENV`]).
+pub fn cache_on() -> bool {
+    std::env::var(CACHE_ENV).map_or(true, |v| v != "off")
+}
+
+/// `yaml` as this run configures it: with the cache turned off when the
+/// run says so and the test did not choose.
+pub fn with_run_cache(yaml: &str) -> String {
+    if cache_on() || yaml.lines().any(|l| l.starts_with("cache:")) {
+        yaml.to_string()
+    } else {
+        format!("{yaml}\ncache: {{max_bytes: 0}}\n")
+    }
+}
+
 impl Proxy {
     /// `yaml` is the whole config; `SECRET` is available as the env secret.
     pub async fn start(yaml: &str) -> Proxy {
-        let cfg = Config::from_yaml("test.yaml", yaml, |k| (k == "ANIBRIDGE_PROXY_SECRET").then(|| SECRET.to_string()))
-            .expect("test config is valid");
+        let yaml = with_run_cache(yaml);
+        let cfg =
+            Config::from_yaml("test.yaml", &yaml, |k| (k == "ANIBRIDGE_PROXY_SECRET").then(|| SECRET.to_string()))
+                .expect("test config is valid");
         let server = Embedded::start(&cfg).await.expect("proxy starts");
         Proxy { server, cfg }
     }

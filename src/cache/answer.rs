@@ -1,0 +1,249 @@
+//! Answering a request from a whole object in memory, as an origin would
+//! (RFC 9110): the conditionals first (`If-None-Match`, else
+//! `If-Modified-Since`: 304), then one `Range` (206, or 416 past the end),
+//! honoured only while `If-Range` matches; otherwise the whole object (200).
+//! Pure: from the request's headers, the stored header and the length.
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::StatusCode;
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+
+/// How to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// 200 and the whole body.
+    Whole,
+    /// 206 and bytes `first..=last`.
+    Part(u64, u64),
+    /// 416: the range starts past the end.
+    Unsatisfiable,
+    /// 304: the client has this version.
+    NotModified,
+}
+
+impl Plan {
+    /// The body bytes to send (`first..end`), for an object of `len` bytes.
+    pub fn body(self, len: u64) -> (u64, u64) {
+        match self {
+            Plan::Whole => (0, len),
+            Plan::Part(first, last) => (first, last + 1),
+            Plan::Unsatisfiable | Plan::NotModified => (0, 0),
+        }
+    }
+}
+
+/// The plan for a request with headers `req` against a stored `200` whose
+/// headers are `stored`, `len` bytes long; `None` when memory cannot answer
+/// it as the upstream would (several ranges, another unit, a range that
+/// does not parse): such a request goes upstream as it is.
+pub fn plan(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Option<Plan> {
+    let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
+    let modified = stored.get(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        // Weak comparison (RFC 9110 §13.1.2).
+        let hit = etag.is_some_and(|e| inm.trim() == "*" || inm.split(',').any(|t| weak(t.trim()) == weak(e)));
+        if hit {
+            return Some(Plan::NotModified);
+        }
+    } else if let Some(ims) =
+        req.get(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+    {
+        if modified.is_some_and(|m| m <= ims) {
+            return Some(Plan::NotModified);
+        }
+    }
+    let Some(range) = req.get(header::RANGE) else { return Some(Plan::Whole) };
+    let range = single_range(range.to_str().ok()?, len)?;
+    if let Some(if_range) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()).map(str::trim) {
+        let matches = if if_range.starts_with('"') || if_range.starts_with("W/") {
+            // Strong comparison: a weak tag never matches.
+            !if_range.starts_with("W/") && etag.is_some_and(|e| e == if_range)
+        } else {
+            stored.get(header::LAST_MODIFIED).and_then(|v| v.to_str().ok()) == Some(if_range)
+        };
+        if !matches {
+            return Some(Plan::Whole);
+        }
+    }
+    Some(range)
+}
+
+fn weak(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
+/// One `bytes=` range of a `len`-byte object: `A-B`, `A-` or `-N`.
+fn single_range(v: &str, len: u64) -> Option<Plan> {
+    let spec = v.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let digits = |s: &str| crate::headers::digits(s);
+    match (a.is_empty(), b.is_empty()) {
+        (false, _) => {
+            let first = digits(a)?;
+            let last = if b.is_empty() { None } else { Some(digits(b)?) };
+            if last.is_some_and(|l| l < first) {
+                return None;
+            }
+            if first >= len {
+                return Some(Plan::Unsatisfiable);
+            }
+            Some(Plan::Part(first, last.map_or(len - 1, |l| l.min(len - 1))))
+        }
+        (true, false) => {
+            let n = digits(b)?;
+            if n == 0 || len == 0 {
+                return Some(Plan::Unsatisfiable);
+            }
+            Some(Plan::Part(len - n.min(len), len - 1))
+        }
+        (true, true) => None,
+    }
+}
+
+/// Shapes `out` — the client's header for the whole object (a `200` with
+/// its `Content-Length`, after the header policy) — for `plan`, and adds
+/// `Age`.
+pub fn shape(out: &mut ResponseHeader, plan: Plan, len: u64, age: u64) -> Result<()> {
+    match plan {
+        Plan::Whole => {}
+        Plan::Part(first, last) => {
+            out.set_status(StatusCode::PARTIAL_CONTENT)?;
+            out.insert_header(header::CONTENT_RANGE, format!("bytes {first}-{last}/{len}"))?;
+            out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1))?;
+        }
+        Plan::Unsatisfiable => {
+            let mut answer = ResponseHeader::build(StatusCode::RANGE_NOT_SATISFIABLE, Some(4))?;
+            answer.insert_header(header::CONTENT_RANGE, format!("bytes */{len}"))?;
+            answer.insert_header(header::CONTENT_LENGTH, "0")?;
+            if let Some(ranges) = out.headers.get(header::ACCEPT_RANGES).cloned() {
+                answer.insert_header(header::ACCEPT_RANGES, ranges)?;
+            }
+            *out = answer;
+        }
+        Plan::NotModified => {
+            // What a 200 would carry that a cache updates from (RFC 9110 §15.4.5).
+            let mut answer = ResponseHeader::build(StatusCode::NOT_MODIFIED, Some(8))?;
+            for name in [
+                header::CACHE_CONTROL,
+                header::CONTENT_LOCATION,
+                header::DATE,
+                header::ETAG,
+                header::EXPIRES,
+                header::LAST_MODIFIED,
+                header::VARY,
+            ] {
+                for v in out.headers.get_all(&name) {
+                    answer.append_header(name.clone(), v.clone())?;
+                }
+            }
+            *out = answer;
+        }
+    }
+    out.insert_header(header::AGE, HeaderValue::from(age))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    const LM: &str = "Tue, 01 Jul 2025 10:00:00 GMT";
+
+    fn stored() -> HeaderMap {
+        map(&[("ETag", "\"v1\""), ("Last-Modified", LM)])
+    }
+
+    fn plan_for(req: &[(&str, &str)]) -> Option<Plan> {
+        plan(&map(req), &stored(), 1000)
+    }
+
+    #[test]
+    fn ranges_as_rfc_9110_reads_them() {
+        assert_eq!(plan_for(&[]), Some(Plan::Whole));
+        assert_eq!(plan_for(&[("Range", "bytes=0-")]), Some(Plan::Part(0, 999)));
+        assert_eq!(plan_for(&[("Range", "bytes=10-19")]), Some(Plan::Part(10, 19)));
+        assert_eq!(plan_for(&[("Range", "bytes=990-5000")]), Some(Plan::Part(990, 999)), "clamped to the end");
+        assert_eq!(plan_for(&[("Range", "bytes=-100")]), Some(Plan::Part(900, 999)));
+        assert_eq!(plan_for(&[("Range", "bytes=-5000")]), Some(Plan::Part(0, 999)));
+        assert_eq!(plan_for(&[("Range", "bytes=1000-")]), Some(Plan::Unsatisfiable));
+        assert_eq!(plan_for(&[("Range", "bytes=-0")]), Some(Plan::Unsatisfiable));
+        assert_eq!(plan(&map(&[("Range", "bytes=0-")]), &stored(), 0), Some(Plan::Unsatisfiable));
+        for upstream in ["bytes=0-1,5-6", "items=0-1", "bytes=abc", "bytes=5-4", "bytes=-", "bytes=+1-2"] {
+            assert_eq!(plan_for(&[("Range", upstream)]), None, "{upstream} goes upstream as it is");
+        }
+    }
+
+    #[test]
+    fn conditionals() {
+        assert_eq!(plan_for(&[("If-None-Match", "\"v1\"")]), Some(Plan::NotModified));
+        assert_eq!(plan_for(&[("If-None-Match", "\"x\", W/\"v1\"")]), Some(Plan::NotModified), "weak comparison");
+        assert_eq!(plan_for(&[("If-None-Match", "*")]), Some(Plan::NotModified));
+        assert_eq!(plan_for(&[("If-None-Match", "\"v2\"")]), Some(Plan::Whole));
+        // If-None-Match wins over If-Modified-Since.
+        assert_eq!(plan_for(&[("If-None-Match", "\"v2\""), ("If-Modified-Since", LM)]), Some(Plan::Whole));
+        assert_eq!(plan_for(&[("If-Modified-Since", LM)]), Some(Plan::NotModified));
+        assert_eq!(plan_for(&[("If-Modified-Since", "Mon, 30 Jun 2025 10:00:00 GMT")]), Some(Plan::Whole));
+        // If-Range: the range only for the same version, else the whole object.
+        let range = ("Range", "bytes=10-19");
+        assert_eq!(plan_for(&[range, ("If-Range", "\"v1\"")]), Some(Plan::Part(10, 19)));
+        assert_eq!(plan_for(&[range, ("If-Range", LM)]), Some(Plan::Part(10, 19)));
+        assert_eq!(plan_for(&[range, ("If-Range", "\"v0\"")]), Some(Plan::Whole));
+        assert_eq!(plan_for(&[range, ("If-Range", "W/\"v1\"")]), Some(Plan::Whole), "never a weak tag");
+        assert_eq!(plan_for(&[range, ("If-Range", "Mon, 30 Jun 2025 10:00:00 GMT")]), Some(Plan::Whole));
+    }
+
+    #[test]
+    fn headers_for_each_plan() {
+        let whole = || {
+            let mut h = ResponseHeader::build(200, None).unwrap();
+            for (k, v) in [
+                ("Content-Length", "1000"),
+                ("Content-Type", "video/mp4"),
+                ("ETag", "\"v1\""),
+                ("Accept-Ranges", "bytes"),
+            ] {
+                h.insert_header(k, v).unwrap();
+            }
+            h
+        };
+        let mut out = whole();
+        shape(&mut out, Plan::Part(10, 19), 1000, 7).unwrap();
+        assert_eq!(out.status, 206);
+        assert_eq!(out.headers["content-range"], "bytes 10-19/1000");
+        assert_eq!(out.headers["content-length"], "10");
+        assert_eq!(
+            (&out.headers["content-type"], &out.headers["age"]),
+            (&HeaderValue::from_static("video/mp4"), &HeaderValue::from(7))
+        );
+        let mut out = whole();
+        shape(&mut out, Plan::Unsatisfiable, 1000, 0).unwrap();
+        assert_eq!(
+            (out.status.as_u16(), &out.headers["content-range"]),
+            (416, &HeaderValue::from_static("bytes */1000"))
+        );
+        assert_eq!(out.headers["content-length"], "0");
+        let mut out = whole();
+        shape(&mut out, Plan::NotModified, 1000, 0).unwrap();
+        assert_eq!(out.status, 304);
+        assert_eq!(out.headers["etag"], "\"v1\"");
+        assert!(!out.headers.contains_key("content-length") && !out.headers.contains_key("content-type"));
+        let mut out = whole();
+        shape(&mut out, Plan::Whole, 1000, 3).unwrap();
+        assert_eq!((out.status.as_u16(), &out.headers["content-length"]), (200, &HeaderValue::from_static("1000")));
+        assert_eq!(Plan::Part(10, 19).body(1000), (10, 20));
+        assert_eq!(Plan::Whole.body(1000), (0, 1000));
+    }
+}

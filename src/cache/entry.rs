@@ -1,0 +1,381 @@
+//! One object of the cache: the upstream's header, once it exists, and its
+//! body as an append-only list of pieces that readers follow while a fill
+//! is still writing (read-while-filling, as Varnish's streaming and Traffic
+//! Server's read-while-writer do). Progress is a `watch` channel, so every
+//! reader waits for exactly the bytes it needs, at its own pace, and a slow
+//! reader never holds up the fill or another reader.
+
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use tokio::sync::watch;
+use url::Url;
+
+use super::Key;
+use crate::upstream::FetchError;
+
+/// Where a fill is.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Waiting for the upstream's header.
+    Pending,
+    /// The header is there; this many body bytes are.
+    Filling(u64),
+    /// The whole body is there.
+    Done,
+    /// The upstream's answer is not to be shared (or does not fit): each
+    /// request goes upstream itself.
+    Declined,
+    /// The fetch failed before a header (`Some`: every waiting request gets
+    /// this failure) or after it (`None`: readers still waiting are aborted).
+    Failed(Option<FetchError>),
+}
+
+/// The upstream's answer as stored.
+#[derive(Debug)]
+pub struct Head {
+    /// As received, except that a `206` covering the whole object is kept
+    /// as the `200` it stands for (`Content-Range` dropped).
+    pub header: ResponseHeader,
+    /// The final URL (after redirects): what playlist URIs resolve against.
+    pub url: Url,
+    /// Body length (`Content-Length`).
+    pub len: u64,
+    /// A `200` for the whole object: ranges and conditionals can be
+    /// answered from it. Otherwise (an error status) it is relayed as it is.
+    pub whole: bool,
+    /// When the header arrived, and the upstream's own `Age` then.
+    pub received: Instant,
+    pub initial_age: u64,
+}
+
+impl Head {
+    /// RFC 9111's `Age`: the upstream's plus the time held here.
+    pub fn age(&self) -> u64 {
+        self.initial_age.saturating_add(self.received.elapsed().as_secs())
+    }
+}
+
+/// What a request waiting on an entry learns.
+#[derive(Debug)]
+pub enum Ready {
+    /// The header is there ([`Entry::head`]).
+    Head,
+    Declined,
+    Failed(FetchError),
+}
+
+/// The body's pieces: each a view into a block of up to `stream.chunk_size`
+/// bytes, in order, with the offset each starts at.
+#[derive(Default)]
+struct Pieces {
+    list: Vec<Bytes>,
+    starts: Vec<u64>,
+}
+
+pub struct Entry {
+    pub(super) key: Key,
+    progress: watch::Sender<Progress>,
+    head: OnceLock<Head>,
+    body: RwLock<Pieces>,
+    /// Only a header (a HEAD's answer): no body to read.
+    pub head_only: bool,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("progress", &*self.progress.borrow()).finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    /// An entry waiting for its fill's header.
+    pub(super) fn pending(key: Key) -> Arc<Entry> {
+        Arc::new(Entry {
+            key,
+            progress: watch::Sender::new(Progress::Pending),
+            head: OnceLock::new(),
+            body: RwLock::default(),
+            head_only: false,
+        })
+    }
+
+    /// A complete entry of only a header (what a HEAD was answered).
+    pub(super) fn header_only(key: Key, head: Head) -> Arc<Entry> {
+        Arc::new(Entry {
+            key,
+            progress: watch::Sender::new(Progress::Done),
+            head: OnceLock::from(head),
+            body: RwLock::default(),
+            head_only: true,
+        })
+    }
+
+    /// The header, once there.
+    pub fn head(&self) -> Option<&Head> {
+        self.head.get()
+    }
+
+    /// Waits until the header is there (or the fill declined or failed).
+    pub async fn ready(&self) -> Ready {
+        let mut rx = self.progress.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                Progress::Pending => {}
+                Progress::Declined => return Ready::Declined,
+                Progress::Failed(Some(e)) => return Ready::Failed(e),
+                _ => {
+                    if self.head.get().is_some() {
+                        return Ready::Head;
+                    }
+                    // Failed after a header that never was: nothing to share.
+                    return Ready::Declined;
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Ready::Declined;
+            }
+        }
+    }
+
+    /// Whether the fill completed (the object is whole in memory).
+    pub fn is_done(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Done)
+    }
+
+    /// A reader of body bytes `first..end`.
+    pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
+        Reader { entry: self.clone(), rx: self.progress.subscribe(), pos: first, end, chunk, piece: Bytes::new() }
+    }
+
+    /// The whole body, once the fill is done (for playlists, bounded by
+    /// the object size limit).
+    pub async fn whole_body(self: &Arc<Self>, chunk: usize) -> pingora_error::Result<Vec<u8>> {
+        let len = self.head().map_or(0, |h| h.len);
+        let mut out = Vec::with_capacity(len as usize);
+        let mut reader = self.reader(0, len, chunk);
+        while let Some(piece) = reader.read().await? {
+            out.extend_from_slice(piece);
+        }
+        Ok(out)
+    }
+
+    // ---- the fill's side -----------------------------------------------
+
+    /// The header is there: readers may start.
+    pub(super) fn set_head(&self, head: Head) {
+        let _ = self.head.set(head);
+        self.progress.send_replace(Progress::Filling(0));
+    }
+
+    /// Appends `piece` (copied into `block`, a buffer of up to `chunk`
+    /// bytes that the fill keeps between calls) and tells the readers.
+    pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8], chunk: usize) {
+        let len = self.head().map_or(0, |h| h.len);
+        let mut piece = piece;
+        while !piece.is_empty() {
+            if block.capacity() == block.len() {
+                // A new block: never more than what the object still needs.
+                let left = len.saturating_sub(self.written()).max(1);
+                *block = BytesMut::with_capacity(chunk.min(left as usize));
+            }
+            let n = piece.len().min(block.capacity() - block.len());
+            block.extend_from_slice(&piece[..n]);
+            piece = &piece[n..];
+            let filled = block.split().freeze();
+            let mut body = self.body.write().unwrap_or_else(|e| e.into_inner());
+            let start = body.starts.last().map_or(0, |s| s + body.list.last().map_or(0, |p| p.len() as u64));
+            body.starts.push(start);
+            body.list.push(filled);
+            let written = start + n as u64;
+            drop(body);
+            self.progress.send_replace(Progress::Filling(written));
+        }
+    }
+
+    /// Up to `limit` of the body bytes written so far, from the first.
+    pub(super) fn bytes(&self, limit: usize) -> Vec<u8> {
+        let body = self.body.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(limit.min(1 << 20));
+        for piece in &body.list {
+            let n = piece.len().min(limit - out.len());
+            out.extend_from_slice(&piece[..n]);
+            if out.len() == limit {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Body bytes written so far.
+    pub(super) fn written(&self) -> u64 {
+        let body = self.body.read().unwrap_or_else(|e| e.into_inner());
+        body.starts.last().map_or(0, |s| s + body.list.last().map_or(0, |p| p.len() as u64))
+    }
+
+    pub(super) fn finish(&self, state: Progress) {
+        self.progress.send_replace(state);
+    }
+
+    /// Bytes of body memory held (what the cache's budget counts).
+    pub(super) fn weight(&self) -> u64 {
+        if self.head_only {
+            // A header only: count a page, so such entries are bounded too.
+            return 4096;
+        }
+        self.head().map_or(0, |h| h.len)
+    }
+}
+
+/// Reads a range of an entry's body, waiting for bytes that are not there
+/// yet; each read hands out at most `chunk` bytes (one client write).
+pub struct Reader {
+    entry: Arc<Entry>,
+    rx: watch::Receiver<Progress>,
+    pos: u64,
+    end: u64,
+    chunk: usize,
+    piece: Bytes,
+}
+
+impl Reader {
+    /// The next piece, `None` at the end of the range; an error when the
+    /// fill failed before the range was there.
+    pub async fn read(&mut self) -> pingora_error::Result<Option<&[u8]>> {
+        if self.pos >= self.end {
+            return Ok(None);
+        }
+        loop {
+            let state = self.rx.borrow_and_update().clone();
+            match state {
+                Progress::Filling(written) if written > self.pos => break,
+                Progress::Done => break,
+                Progress::Filling(_) | Progress::Pending => {}
+                // What arrived before the fill died is read; a reader still
+                // waiting for more is aborted, as a relay would be.
+                Progress::Failed(_) if self.entry.written() > self.pos => break,
+                Progress::Declined | Progress::Failed(_) => {
+                    return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch failed mid-body");
+                }
+            }
+            if self.rx.changed().await.is_err() {
+                return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch went away");
+            }
+        }
+        let body = self.entry.body.read().unwrap_or_else(|e| e.into_inner());
+        let i = body.starts.partition_point(|s| *s <= self.pos).saturating_sub(1);
+        let (Some(start), Some(piece)) = (body.starts.get(i), body.list.get(i)) else {
+            return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
+        };
+        let from = (self.pos - start) as usize;
+        let to = piece.len().min(from + self.chunk).min((self.end - start) as usize);
+        if from >= to {
+            return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
+        }
+        self.piece = piece.slice(from..to);
+        drop(body);
+        self.pos += self.piece.len() as u64;
+        Ok(Some(&self.piece))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(len: u64) -> Head {
+        Head {
+            header: ResponseHeader::build(200, None).unwrap(),
+            url: Url::parse("http://o.test/x").unwrap(),
+            len,
+            whole: true,
+            received: Instant::now(),
+            initial_age: 0,
+        }
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    async fn read_all(mut r: Reader) -> pingora_error::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(p) = r.read().await? {
+            assert!(p.len() <= 1000, "a read hands out at most a chunk");
+            out.extend_from_slice(p);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn readers_follow_the_fill_each_at_its_own_range() {
+        let body = pattern(10_000);
+        let e = Entry::pending(Key::from("k"));
+        let readers: Vec<_> = [(0, 10_000), (2_500, 7_777), (9_999, 10_000)]
+            .into_iter()
+            .map(|(a, b)| {
+                let e = e.clone();
+                tokio::spawn(async move {
+                    assert!(matches!(e.ready().await, Ready::Head));
+                    assert_eq!(e.head().unwrap().len, 10_000);
+                    (a, b, read_all(e.reader(a, b, 1000)).await.unwrap())
+                })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        e.set_head(head(10_000));
+        let mut block = BytesMut::new();
+        for piece in body.chunks(777) {
+            e.append(&mut block, piece, 4096);
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(e.written(), 10_000);
+        e.finish(Progress::Done);
+        for r in readers {
+            let (a, b, got) = r.await.unwrap();
+            assert_eq!(got, &body[a as usize..b as usize], "{a}..{b}");
+        }
+        // A reader that comes after the fill reads from memory at once.
+        assert_eq!(e.whole_body(1000).await.unwrap(), body);
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_dies_aborts_readers_still_waiting() {
+        let e = Entry::pending(Key::from("k"));
+        e.set_head(head(100));
+        let mut block = BytesMut::new();
+        e.append(&mut block, &[1; 40], 64);
+        let mut early = e.reader(0, 40, 64);
+        assert_eq!(early.read().await.unwrap().unwrap().len(), 40);
+        let mut late = e.reader(20, 100, 64);
+        let waiting = tokio::spawn({
+            let e = e.clone();
+            async move { read_all(e.reader(0, 100, 64)).await }
+        });
+        tokio::task::yield_now().await;
+        e.finish(Progress::Failed(None));
+        assert!(waiting.await.unwrap().is_err(), "a reader never gets a clean short end");
+        // What arrived before the death is still read, then the abort.
+        assert_eq!(late.read().await.unwrap().unwrap().len(), 20);
+        assert!(late.read().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn waiters_learn_a_decline_or_a_failure_before_the_header() {
+        let e = Entry::pending(Key::from("k"));
+        let w = tokio::spawn({
+            let e = e.clone();
+            async move { matches!(e.ready().await, Ready::Declined) }
+        });
+        tokio::task::yield_now().await;
+        e.finish(Progress::Declined);
+        assert!(w.await.unwrap());
+        let e = Entry::pending(Key::from("k"));
+        e.finish(Progress::Failed(Some(FetchError::TooManyRedirects)));
+        assert!(matches!(e.ready().await, Ready::Failed(FetchError::TooManyRedirects)));
+    }
+}

@@ -1,0 +1,271 @@
+//! Many viewers, one hoster fetch: a bounded, shared, in-memory cache with
+//! coalescing.
+//!
+//! Requests that map to the same upstream fetch (the same [`Key`]) while it
+//! is in flight share it: the first starts a fill ([`fill`]), owned by the
+//! cache so that it goes on when that client leaves; everyone, the first
+//! included, reads the body from memory as it arrives ([`entry`]). What is
+//! stored and for how long is [`policy`]; answering ranges and conditionals
+//! from memory is [`answer`].
+//!
+//! Memory: stored bodies and bodies being filled together stay within
+//! `cache.max_bytes`. A fill reserves its `Content-Length` when it starts,
+//! evicting the least recently used stored objects to make room; one that
+//! cannot get room is not stored (its client is served as without a cache,
+//! nobody waits). The LRU is the `lru` crate under one mutex, chosen over
+//! moka (which the project uses for the resolver and DNS caches) because the
+//! budget must cover fills that are not in the store yet and evict at the
+//! moment a fill reserves: moka's capacity is fixed when built and its
+//! weighted size catches up only when its pending tasks run.
+
+mod answer;
+mod entry;
+mod fill;
+pub mod policy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use lru::LruCache;
+use pingora_http::ResponseHeader;
+use tokio::sync::oneshot;
+use url::Url;
+
+pub use answer::{plan, shape, Plan};
+pub use entry::{Entry, Head, Reader, Ready};
+use policy::Lifetimes;
+
+use crate::headers::WireHeader;
+use crate::metrics::Metrics;
+use crate::upstream::{Client, Request, Response};
+
+/// What identifies one upstream fetch: the upstream URL and the headers the
+/// proxy adds to it (provider profile, resolver) — never the client's
+/// credentials, `Range` or `User-Agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    pub fn new<'a>(url: &Url, added: impl IntoIterator<Item = &'a WireHeader>) -> Key {
+        let mut k = String::with_capacity(url.as_str().len() + 64);
+        k.push_str(url.as_str());
+        for h in added {
+            k.push('\n');
+            k.push_str(h.name.as_str());
+            k.push(':');
+            k.push_str(&String::from_utf8_lossy(h.value.as_bytes()));
+        }
+        Key(k.into())
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Key {
+        Key(s.into())
+    }
+}
+
+/// The `cache:` settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub max_bytes: u64,
+    pub max_object_bytes: u64,
+    pub lifetimes: Lifetimes,
+    /// `stream.chunk_size`: the blocks a body is stored in, and the most a
+    /// reader hands to one client write.
+    pub chunk: usize,
+}
+
+/// What a request may do with the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A GET the whole object answers (no `Range`, or `bytes=0-`; no
+    /// conditionals): it may start a fill.
+    Fill,
+    /// A GET that memory can answer but that must not start a fill (a
+    /// partial range, conditionals): it joins a fill or reads a stored
+    /// object, else goes upstream alone.
+    Join,
+    /// A HEAD: answered from any stored header (a HEAD's own too) or a
+    /// fill's, else upstream alone (and its answer kept).
+    Head,
+}
+
+/// What the cache has for a request.
+pub enum Found {
+    /// A fresh stored object.
+    Hit(Arc<Entry>),
+    /// A fill in flight.
+    Coalesced(Arc<Entry>),
+    /// A fill this request started; if the upstream's answer is not shared,
+    /// it comes back through the receiver for this request alone.
+    Led(Arc<Entry>, oneshot::Receiver<Response>),
+    /// Nothing: go upstream.
+    Miss,
+}
+
+/// The cache: a cheap handle (the fill task holds one).
+#[derive(Clone)]
+pub struct Cache(Arc<Inner>);
+
+struct Inner {
+    settings: Settings,
+    store: Mutex<Store>,
+    metrics: Arc<Metrics>,
+}
+
+struct Store {
+    lru: LruCache<Key, Stored>,
+    /// Fills in flight (not stored yet), by key.
+    filling: HashMap<Key, Arc<Entry>>,
+    stored_bytes: u64,
+    filling_bytes: u64,
+}
+
+struct Stored {
+    entry: Arc<Entry>,
+    fresh_until: Instant,
+    weight: u64,
+}
+
+impl Cache {
+    /// The cache, or `None` when `max_bytes` is 0 (no storing, no coalescing).
+    pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Option<Cache> {
+        (settings.max_bytes > 0).then(|| {
+            let store =
+                Store { lru: LruCache::unbounded(), filling: HashMap::new(), stored_bytes: 0, filling_bytes: 0 };
+            Cache(Arc::new(Inner { settings, store: Mutex::new(store), metrics }))
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.0.settings
+    }
+
+    /// What the cache has for `key`. A `Fill` request that finds nothing
+    /// starts a fill of `req` on `client` (in a task of its own).
+    pub fn find(&self, key: Key, want: Want, client: &Client, req: &Request) -> Found {
+        let mut store = self.lock();
+        if let Some(s) = store.lru.get(&key) {
+            let usable = want == Want::Head || !s.entry.head_only;
+            if Instant::now() < s.fresh_until && usable {
+                return Found::Hit(s.entry.clone());
+            }
+            if Instant::now() >= s.fresh_until {
+                if let Some(stale) = store.lru.pop(&key) {
+                    store.stored_bytes -= stale.weight;
+                }
+            }
+        }
+        if let Some(entry) = store.filling.get(&key) {
+            return Found::Coalesced(entry.clone());
+        }
+        if want != Want::Fill {
+            return Found::Miss;
+        }
+        let entry = Entry::pending(key.clone());
+        store.filling.insert(key, entry.clone());
+        drop(store);
+        let (handoff, rx) = oneshot::channel();
+        tokio::spawn(fill::run(self.clone(), entry.clone(), client.clone(), req.clone(), handoff));
+        Found::Led(entry, rx)
+    }
+
+    /// Keeps what a HEAD was answered (`header`: a `200` with its length)
+    /// for its freshness, so later HEADs never reach the upstream.
+    pub fn keep_head(&self, key: Key, header: ResponseHeader, url: Url) {
+        let now = SystemTime::now();
+        let Some(life) = policy::lifetime(&header, policy::Kind::Media, now, &self.0.settings.lifetimes) else {
+            return;
+        };
+        let len = crate::headers::content_length(&header.headers).unwrap_or(0);
+        let initial_age = age_of(&header);
+        let head = Head { header, url, len, whole: true, received: Instant::now(), initial_age };
+        let entry = Entry::header_only(key, head);
+        let weight = entry.weight();
+        let mut store = self.lock();
+        if store.lru.peek(&entry.key).is_some_and(|s| !s.entry.head_only) || !store.make_room(weight, self.max()) {
+            // A whole object is there already (it answers HEADs too), or no room.
+            return;
+        }
+        store.insert(entry, life, weight);
+        self.gauges(&store);
+    }
+
+    fn max(&self) -> u64 {
+        self.0.settings.max_bytes
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.0.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves `len` bytes for a fill, evicting stored objects as needed.
+    fn reserve(&self, len: u64) -> bool {
+        let mut store = self.lock();
+        let ok = store.make_room(len, self.max());
+        if ok {
+            store.filling_bytes += len;
+        }
+        self.gauges(&store);
+        ok
+    }
+
+    /// A fill ended: stored for `life`, or (`None`) only forgotten.
+    /// `reserved`: the bytes it held.
+    fn finished(&self, entry: &Arc<Entry>, reserved: u64, life: Option<Duration>) {
+        let mut store = self.lock();
+        store.filling_bytes -= reserved;
+        if store.filling.get(&entry.key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            store.filling.remove(&entry.key);
+        }
+        if let Some(life) = life {
+            // Within the budget: the bytes were reserved while filling.
+            if store.make_room(reserved, self.max()) {
+                store.insert(entry.clone(), life, reserved);
+            }
+        }
+        self.gauges(&store);
+    }
+
+    fn gauges(&self, store: &Store) {
+        let m = &self.0.metrics;
+        m.cache_bytes.set((store.stored_bytes + store.filling_bytes) as i64);
+        m.cache_objects.set(store.lru.len() as i64);
+    }
+
+    /// Bytes held now (stored and filling), objects stored.
+    pub fn usage(&self) -> (u64, usize) {
+        let store = self.lock();
+        (store.stored_bytes + store.filling_bytes, store.lru.len())
+    }
+}
+
+impl Store {
+    /// Evicts least recently used objects until `len` more bytes fit
+    /// within `max`; false when they cannot (fills hold the rest).
+    fn make_room(&mut self, len: u64, max: u64) -> bool {
+        while self.stored_bytes + self.filling_bytes + len > max {
+            match self.lru.pop_lru() {
+                Some((_, gone)) => self.stored_bytes -= gone.weight,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    fn insert(&mut self, entry: Arc<Entry>, life: Duration, weight: u64) {
+        let key = entry.key.clone();
+        let stored = Stored { entry, fresh_until: Instant::now() + life, weight };
+        if let Some((_, old)) = self.lru.push(key, stored) {
+            self.stored_bytes -= old.weight;
+        }
+        self.stored_bytes += weight;
+    }
+}
+
+/// The upstream's `Age`, in seconds.
+fn age_of(h: &ResponseHeader) -> u64 {
+    h.headers.get(http::header::AGE).and_then(|v| crate::headers::digits(v.to_str().ok()?)).unwrap_or(0)
+}

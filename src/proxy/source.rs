@@ -1,0 +1,139 @@
+//! Where an answer's bytes come from: the upstream (a `Response` that owns
+//! its connection, resuming a body that dies) or memory (a cache entry,
+//! stored or still filling). The decision, the pump and the playlist path
+//! read both alike, so backpressure, resumption and aborts stay where they
+//! are.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use url::Url;
+
+use crate::cache::{Entry, Head, Reader};
+use crate::upstream::{BodyError, Request, Response};
+
+// The upstream variant is the common one: boxing it to even the sizes out
+// would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Source {
+    Upstream(Response),
+    Memory(Memory),
+}
+
+/// An answer from a cache entry whose header is there.
+pub(super) struct Memory {
+    entry: Arc<Entry>,
+    /// What was asked (a playlist that must be fetched again whole is
+    /// asked for again with it).
+    request: Request,
+    /// The range being relayed, once chosen.
+    reader: Option<Reader>,
+    chunk: usize,
+}
+
+impl Memory {
+    /// `entry` must have its header (`Entry::ready` said so).
+    pub fn new(entry: Arc<Entry>, request: Request, chunk: usize) -> Memory {
+        debug_assert!(entry.head().is_some());
+        Memory { entry, request, reader: None, chunk }
+    }
+
+    pub fn head(&self) -> &Head {
+        self.entry.head().expect("a memory source has its header")
+    }
+
+    /// Relays body bytes `first..end` from here on.
+    pub fn select(&mut self, first: u64, end: u64) {
+        self.reader = Some(self.entry.reader(first, end, self.chunk));
+    }
+}
+
+impl Source {
+    pub fn header(&self) -> &ResponseHeader {
+        match self {
+            Source::Upstream(r) => r.header(),
+            Source::Memory(m) => &m.head().header,
+        }
+    }
+
+    /// The final URL (after redirects).
+    pub fn url(&self) -> &Url {
+        match self {
+            Source::Upstream(r) => r.url(),
+            Source::Memory(m) => &m.head().url,
+        }
+    }
+
+    /// The answer is a `GET` + `Range` standing in for a refused HEAD.
+    pub fn head_fallback(&self) -> bool {
+        matches!(self, Source::Upstream(r) if r.head_fallback())
+    }
+
+    /// The upstream was sent a HEAD (or memory holds only a HEAD's header):
+    /// there is no body.
+    pub fn sent_head(&self) -> bool {
+        match self {
+            Source::Upstream(r) => r.sent_head(),
+            Source::Memory(m) => m.entry.head_only,
+        }
+    }
+
+    /// What was asked.
+    pub fn request(&self) -> &Request {
+        match self {
+            Source::Upstream(r) => r.request(),
+            Source::Memory(m) => &m.request,
+        }
+    }
+
+    /// The next piece of the body (of the selected range, from memory).
+    pub async fn read(&mut self) -> Result<Option<&[u8]>> {
+        match self {
+            Source::Upstream(r) => r.read().await,
+            Source::Memory(m) => match &mut m.reader {
+                Some(reader) => reader.read().await,
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The body's first `at_least` bytes (or all of a shorter one).
+    pub async fn peek(&mut self, at_least: usize) -> Result<Vec<u8>> {
+        match self {
+            Source::Upstream(r) => r.peek(at_least).await,
+            Source::Memory(m) => {
+                let end = m.head().len.min(at_least as u64);
+                let mut reader = m.entry.reader(0, end, m.chunk);
+                let mut out = Vec::with_capacity(end as usize);
+                while let Some(piece) = reader.read().await? {
+                    out.extend_from_slice(piece);
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// The whole body (`prefix`: bytes already read from it), at most `limit`.
+    pub async fn read_to_vec(&mut self, prefix: Vec<u8>, limit: usize) -> std::result::Result<Vec<u8>, BodyError> {
+        match self {
+            Source::Upstream(r) => r.read_to_vec(prefix, limit).await,
+            Source::Memory(m) => {
+                if m.head().len > limit as u64 {
+                    return Err(BodyError::TooLarge);
+                }
+                m.entry.whole_body(m.chunk).await.map_err(BodyError::Failed)
+            }
+        }
+    }
+
+    /// Done with it: an upstream connection goes back to the pool.
+    pub fn finish(self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        match self {
+            Source::Upstream(r) => r.finish(),
+            Source::Memory(_) => Box::pin(std::future::ready(())),
+        }
+    }
+}
