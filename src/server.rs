@@ -159,16 +159,20 @@ impl Embedded {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut stop = rx.clone();
         tokio::spawn(async move {
+            // Dropped when stopped: the connections close too, as when an
+            // instance goes away.
+            let mut connections = tokio::task::JoinSet::new();
             loop {
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     _ = stop.changed() => break,
+                    Some(_) = connections.join_next() => continue,
                 };
                 let Ok((tcp, _)) = accepted else { continue };
                 let _ = tcp.set_nodelay(true);
                 let app = app.clone();
                 let rx = rx.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let mut stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
                     // Keep-alive: serve the connection until it is not reusable.
                     while let Some(next) = app.process_new(stream, &rx).await {

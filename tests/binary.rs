@@ -117,6 +117,13 @@ impl Running {
         ([127, 0, 0, 1], self.port).into()
     }
 
+    /// Resident memory now (VmRSS), bytes.
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
     /// Peak resident memory (VmHWM), bytes.
     fn peak_rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -588,4 +595,87 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     }
     assert!(o.body_bytes_written.load(Ordering::SeqCst) < 40 * MB);
     drop(stream);
+}
+
+/// DESIGN "Many viewers, one hoster fetch" — memory: 2 GiB of distinct
+/// cacheable objects (128 of 16 MiB, from nginx) streamed through the
+/// binary with the default config (cache.max_bytes 128 MiB) keep its peak
+/// RSS within idle + max_bytes + 15 %; an object over max_object_bytes then
+/// passes through without growing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_keeps_memory_within_max_bytes() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let obj = pattern(0, 16 * MB);
+    std::fs::write(root.path().join("obj.bin"), &obj).unwrap();
+    std::fs::write(root.path().join("big.bin"), pattern(0, 64 * MB)).unwrap();
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
+        root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = p.rss();
+    /// Reads a response to the end, returning its status and body length.
+    async fn drain(addr: std::net::SocketAddr, path: &str) -> (u16, u64, Vec<u8>) {
+        let mut c = Client::connect(addr).await;
+        c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await;
+        let mut sock = c.into_inner();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut head = Vec::new();
+        let (mut status, mut body, mut first) = (0, 0u64, Vec::new());
+        loop {
+            let n = sock.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return (status, body, first);
+            }
+            if status == 0 {
+                head.extend_from_slice(&buf[..n]);
+                let Some(end) = find(&head, b"\r\n\r\n") else { continue };
+                status = std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap();
+                first = head[end + 4..].to_vec();
+                body += first.len() as u64;
+            } else {
+                body += n as u64;
+            }
+        }
+    }
+    let url = |name: &str, i: usize| relay_path("o.bin", &format!("http://127.0.0.1:{port}/{name}?i={i}"));
+    for batch in 0..64 {
+        let (one, two) = (url("obj.bin", 2 * batch), url("obj.bin", 2 * batch + 1));
+        let (a, b) = tokio::join!(drain(p.addr(), &one), drain(p.addr(), &two));
+        for (status, len, first) in [a, b] {
+            assert_eq!((status, len), (200, 16 * MB));
+            assert!(obj.starts_with(&first), "the first bytes are the file's");
+        }
+    }
+    let after_cache = p.peak_rss();
+    let bound = idle + (128 * MB) * 115 / 100;
+    eprintln!(
+        "idle {} MiB, peak after 2 GiB through the cache {} MiB (bound {} MiB)",
+        idle / MB,
+        after_cache / MB,
+        bound / MB
+    );
+    assert!(
+        after_cache <= bound,
+        "peak RSS {} MiB over idle {} MiB + cache.max_bytes + 15 %",
+        after_cache / MB,
+        idle / MB
+    );
+    for i in 0..2 {
+        assert_eq!(drain(p.addr(), &url("big.bin", i)).await.0, 200);
+    }
+    let after_big = p.peak_rss();
+    assert!(
+        after_big <= after_cache + 8 * MB,
+        "a 64 MiB object passed through: peak {} -> {} MiB",
+        after_cache / MB,
+        after_big / MB
+    );
+    drop(nginx);
 }

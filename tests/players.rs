@@ -15,6 +15,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
@@ -326,10 +327,15 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
 /// The proxy in token mode, allowed to reach loopback origins, adding
 /// `X-Through-Proxy: 1` to every upstream request (a provider profile).
 async fn proxy(token_ttl: &str) -> Proxy {
+    proxy_with(token_ttl, "").await
+}
+
+/// [`proxy`] with more config.
+async fn proxy_with(token_ttl: &str, extra: &str) -> Proxy {
     Proxy::start(&format!(
         "auth: {{mode: token, token_ttl: \"{token_ttl}\"}}\n\
          egress: {{allow_cidrs: [\"127.0.0.0/8\", \"::1/128\"]}}\n\
-         providers: [{{hosts: [\"127.0.0.1\", \"localhost\"], headers: {{X-Through-Proxy: \"1\"}}}}]\n"
+         providers: [{{hosts: [\"127.0.0.1\", \"localhost\"], headers: {{X-Through-Proxy: \"1\"}}}}]\n{extra}"
     ))
     .await
 }
@@ -842,4 +848,98 @@ async fn a_vod_longer_than_token_ttl_plays_to_the_end_in_real_time() {
     tokio::join!(ffmpeg_re, mpv_run);
     let served = nginx.served_through_proxy();
     assert!(served.contains("/long/v/seg007.ts"), "{served:?}");
+}
+
+/// One scripted viewer: the master, its first variant (each through the
+/// proxy, as a player would follow them), the key and every segment, each
+/// compared with the file nginx serves.
+async fn scripted_viewer(p: SocketAddr, master: String, jitter: Duration) {
+    tokio::time::sleep(jitter).await;
+    let mut c = Client::connect(p).await;
+    let path = |url: &str| url.trim_start_matches(&format!("http://{p}")).to_string();
+    let on_disk = |child: &str| {
+        let q = anibridge_proxy::auth::Query::parse(child.split_once('?').map(|(_, q)| q));
+        let u = url::Url::parse(q.get("u").unwrap()).unwrap();
+        std::fs::read(media().join(u.path().trim_start_matches('/'))).unwrap()
+    };
+    let children = |text: &str| -> Vec<String> {
+        let mut out: Vec<String> = text.lines().filter(|l| l.starts_with("/strm/proxy/")).map(str::to_string).collect();
+        for l in text.lines().filter(|l| l.contains("URI=\"/strm/proxy/")) {
+            out.push(l.split("URI=\"").nth(1).unwrap().split('"').next().unwrap().to_string());
+        }
+        out
+    };
+    let got = c.request("GET", &path(&master), &[("Range", "bytes=0-")]).await;
+    assert_eq!(got.status, 200);
+    let variant = children(&got.text()).into_iter().find(|c| c.contains("index.m3u8")).unwrap();
+    let got = c.request("GET", &variant, &[]).await;
+    assert_eq!(got.status, 200);
+    let files = children(&got.text());
+    assert!(files.len() >= 5, "key and segments: {files:?}");
+    for f in files {
+        let got = c.request("GET", &f, &[("Range", "bytes=0-")]).await;
+        assert!(matches!(got.status, 200 | 206) && got.complete, "{f}: {}", got.status);
+        assert_eq!(got.body, on_disk(&f), "{f}");
+    }
+}
+
+/// DESIGN "Many viewers, one hoster fetch", with real players: ffmpeg and
+/// hls.js play the TS master while 20 scripted viewers load it, and mpv
+/// plays a progressive MP4 (under max_object_bytes) from a seek; nginx
+/// served every file once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_and_a_crowd_share_one_fetch_per_file() {
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(nginx.port, js.clone()).await;
+    let p = proxy_with("15m", "cache: {}\n").await;
+    let ts = relay_url(&p, "master.m3u8", &nginx.url("/ts/master.m3u8"));
+    let mp4 = relay_url(&p, "episode.mp4", &nginx.url("/files/progressive.mp4"));
+    let script = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
+    std::fs::write(script.path(), MPV_REPORT).unwrap();
+
+    let crowd: Vec<_> = (0..20u64)
+        .map(|v| tokio::spawn(scripted_viewer(p.addr(), ts.clone(), Duration::from_millis(v * 37 % 400))))
+        .collect();
+    let ffmpeg = async {
+        let (played, frames) = ffmpeg_decode(&ts, &[]).await;
+        played.assert_clean("ffmpeg", &[]);
+        assert!(frames.iter().all(|n| *n > 0), "every stream decoded: {frames:?}");
+    };
+    let hlsjs = async {
+        let Some(_) = &js else {
+            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+            return;
+        };
+        if !have(&[CHROMIUM]) {
+            return;
+        }
+        let report = hlsjs(&h, &ts).await;
+        let q = anibridge_proxy::auth::Query::parse(Some(&report));
+        assert!(q.get("error").is_none(), "hls.js failed: {report}");
+    };
+    let mpv_seek = async {
+        if have(&[MPV]) {
+            let at = mpv(&mp4, Some("4"), script.path()).await;
+            assert!(at > 5.8, "mpv from 4 s stopped at {at} of 6 s");
+        }
+    };
+    tokio::join!(ffmpeg, hlsjs, mpv_seek);
+    for v in crowd {
+        v.await.unwrap();
+    }
+    let mut per_path = std::collections::BTreeMap::<String, usize>::new();
+    for l in nginx.log() {
+        assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
+        if l.method == "GET" {
+            *per_path.entry(l.path).or_default() += 1;
+        }
+    }
+    assert!(per_path.contains_key("/ts/master.m3u8") && per_path.contains_key("/ts/key.bin"), "{per_path:?}");
+    let again: Vec<_> = per_path.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "nginx served these more than once: {again:?}");
+    assert!(p.server.metrics.cache_saved.get() > 0);
 }

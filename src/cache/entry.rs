@@ -68,8 +68,10 @@ pub enum Ready {
     Failed(FetchError),
 }
 
-/// The body's pieces: each a view into a block of up to `stream.chunk_size`
-/// bytes, in order, with the offset each starts at.
+/// The body's pieces, in order, with the offset each starts at: each a view
+/// into one allocation of the whole body (one block per object keeps the
+/// allocator from fragmenting as objects come and go: measured in
+/// BENCHMARKS.md).
 #[derive(Default)]
 struct Pieces {
     list: Vec<Bytes>,
@@ -172,16 +174,16 @@ impl Entry {
         self.progress.send_replace(Progress::Filling(0));
     }
 
-    /// Appends `piece` (copied into `block`, a buffer of up to `chunk`
-    /// bytes that the fill keeps between calls) and tells the readers.
-    pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8], chunk: usize) {
+    /// Appends `piece` (copied into `block`, the buffer of the rest of the
+    /// body that the fill keeps between calls) and tells the readers.
+    pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8]) {
         let len = self.head().map_or(0, |h| h.len);
         let mut piece = piece;
         while !piece.is_empty() {
             if block.capacity() == block.len() {
-                // A new block: never more than what the object still needs.
+                // The rest of the body in one block.
                 let left = len.saturating_sub(self.written()).max(1);
-                *block = BytesMut::with_capacity(chunk.min(left as usize));
+                *block = BytesMut::with_capacity(left as usize);
             }
             let n = piece.len().min(block.capacity() - block.len());
             block.extend_from_slice(&piece[..n]);
@@ -330,7 +332,7 @@ mod tests {
         e.set_head(head(10_000));
         let mut block = BytesMut::new();
         for piece in body.chunks(777) {
-            e.append(&mut block, piece, 4096);
+            e.append(&mut block, piece);
             tokio::task::yield_now().await;
         }
         assert_eq!(e.written(), 10_000);
@@ -348,7 +350,7 @@ mod tests {
         let e = Entry::pending(Key::from("k"));
         e.set_head(head(100));
         let mut block = BytesMut::new();
-        e.append(&mut block, &[1; 40], 64);
+        e.append(&mut block, &[1; 40]);
         let mut early = e.reader(0, 40, 64);
         assert_eq!(early.read().await.unwrap().unwrap().len(), 40);
         let mut late = e.reader(20, 100, 64);

@@ -57,7 +57,7 @@ pub(super) async fn run(
         match resp.read_to_vec(Vec::new(), len as usize).await {
             Ok(body) if body.len() as u64 == len => {
                 for piece in body.chunks(settings.chunk) {
-                    entry.append(&mut block, piece, settings.chunk);
+                    entry.append(&mut block, piece);
                 }
                 true
             }
@@ -66,7 +66,7 @@ pub(super) async fn run(
     } else {
         loop {
             match resp.read().await {
-                Ok(Some(piece)) => entry.append(&mut block, piece, settings.chunk),
+                Ok(Some(piece)) => entry.append(&mut block, piece),
                 Ok(None) => break entry.written() == len,
                 Err(_) => break false,
             }

@@ -72,8 +72,7 @@ pub struct Settings {
     pub max_bytes: u64,
     pub max_object_bytes: u64,
     pub lifetimes: Lifetimes,
-    /// `stream.chunk_size`: the blocks a body is stored in, and the most a
-    /// reader hands to one client write.
+    /// `stream.chunk_size`: the most a reader hands to one client write.
     pub chunk: usize,
 }
 

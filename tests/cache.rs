@@ -1,0 +1,475 @@
+//! DESIGN "Many viewers, one hoster fetch": the shared cache, judged by what
+//! the origin saw (its request log is the truth, not the proxy's counters):
+//! a crowd on one stream costs one GET per file, a slow fill is shared as it
+//! arrives and outlives the client that started it, ranges and conditionals
+//! are answered from memory, what must not be stored or shared is not, and
+//! memory stays within `cache.max_bytes`.
+//!
+//! Every proxy here sets `cache:` itself, so these tests run the same in
+//! both of scripts/test.sh's passes.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::process::spawn_nginx;
+use common::*;
+
+/// Open mode, loopback origins allowed, the cache as `cache` says.
+async fn proxy(cache: &str) -> Proxy {
+    Proxy::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\ncache: {cache}\n")).await
+}
+
+/// The default cache.
+async fn cached() -> Proxy {
+    proxy("{}").await
+}
+
+/// A file's bytes: distinct per file, so a mixed-up answer shows.
+fn file(i: u64, len: u64) -> Vec<u8> {
+    pattern(i * 7919, len)
+}
+
+fn metric(p: &Proxy, name: &str) -> f64 {
+    let text = String::from_utf8(p.server.metrics.render()).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// The URIs of a rewritten playlist, as the proxy handed them out.
+fn children(playlist: &str) -> Vec<String> {
+    playlist.lines().filter(|l| l.starts_with("/strm/proxy/")).map(str::to_string).collect()
+}
+
+/// 50 viewers (start jitter, half sending `Range: bytes=0-` as ffmpeg
+/// does) load one VOD HLS stream of 30 segments of 256 KiB from nginx (which
+/// answers the playlist's `bytes=0-` with a 206): nginx serves the playlist
+/// once and every segment once, and every viewer gets every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_on_one_hls_stream_costs_the_origin_one_get_per_file() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const SEGMENTS: u64 = 30;
+    const SEG: u64 = 256 << 10;
+    let root = tempfile::tempdir().unwrap();
+    let mut list = String::from("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:4\n");
+    for i in 0..SEGMENTS {
+        std::fs::write(root.path().join(format!("seg{i:03}.ts")), file(i, SEG)).unwrap();
+        list.push_str(&format!("#EXTINF:4.0,\nseg{i:03}.ts\n"));
+    }
+    list.push_str("#EXT-X-ENDLIST\n");
+    std::fs::write(root.path().join("index.m3u8"), &list).unwrap();
+    let port = unused_addr().port();
+    let nginx = spawn_nginx(&format!(
+        "log_format crowd '$request_method $uri $status \"$http_range\"';\n\
+         types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log crowd; }}\n",
+        root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let p = cached().await;
+    let master = relay_path("index.m3u8", &format!("http://127.0.0.1:{port}/index.m3u8"));
+
+    let viewers: Vec<_> = (0..50u64)
+        .map(|v| {
+            let (addr, master) = (p.addr(), master.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(v * 7 % 300)).await;
+                let range: &[(&str, &str)] = if v % 2 == 0 { &[("Range", "bytes=0-")] } else { &[] };
+                let mut c = Client::connect(addr).await;
+                let got = c.request("GET", &master, range).await;
+                assert_eq!(got.status, 200, "the playlist is answered whole");
+                let segs = children(&got.text());
+                assert_eq!(segs.len(), SEGMENTS as usize);
+                for (i, seg) in segs.iter().enumerate() {
+                    let got = c.request("GET", seg, range).await;
+                    assert_eq!(got.status, if v % 2 == 0 { 206 } else { 200 }, "viewer {v} segment {i}");
+                    assert!(got.complete);
+                    assert_body(&got.body, &file(i as u64, SEG));
+                }
+            })
+        })
+        .collect();
+    for v in viewers {
+        v.await.unwrap();
+    }
+    let log = nginx.read("access.log");
+    let mut per_path = std::collections::BTreeMap::new();
+    for line in log.lines() {
+        *per_path.entry(line.split(' ').nth(1).unwrap().to_string()).or_insert(0) += 1;
+    }
+    assert_eq!(per_path.len(), SEGMENTS as usize + 1, "{log}");
+    assert!(per_path.values().all(|n| *n == 1), "each file once: {per_path:?}");
+    assert!(metric(&p, "anibridge_cache_upstream_bytes_saved_total") >= (49 * SEGMENTS * SEG) as f64);
+}
+
+/// A slow origin (first byte after 200 ms, about 4 MiB/s): 50 viewers of 8
+/// segments still cost one GET each; followers read each segment as it
+/// arrives (the time to first byte is reported, not asserted: the
+/// benchmark compares it with nginx's proxy_cache_lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_origin_is_fetched_once_per_segment_and_shared_as_it_arrives() {
+    const SEG: u64 = 1 << 20;
+    let o = Origin::start(|req| {
+        let i: u64 = req.path().trim_start_matches("/s").parse().unwrap();
+        let body = Body::Slow { len: SEG, piece: 64 * 1024, pause: Duration::from_millis(16) };
+        let _ = i;
+        Action::Delayed(Duration::from_millis(200), Resp::new(200, body).header("Content-Type", "video/mp2t"))
+    })
+    .await;
+    let p = cached().await;
+    let first_bytes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let viewers: Vec<_> = (0..50u64)
+        .map(|v| {
+            let (addr, o_url, fb) = (p.addr(), o.url(""), first_bytes.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(v % 10 * 5)).await;
+                let mut c = Client::connect(addr).await;
+                for i in 0..8u64 {
+                    let started = Instant::now();
+                    let got = c.request("GET", &relay_path("s.ts", &format!("{o_url}/s{i}")), &[]).await;
+                    fb.lock().unwrap().push(started.elapsed());
+                    assert_eq!((got.status, got.complete), (200, true));
+                    assert_body(&got.body, &pattern(0, SEG));
+                }
+            })
+        })
+        .collect();
+    for v in viewers {
+        v.await.unwrap();
+    }
+    let per = per_path(&o);
+    assert_eq!(per.len(), 8);
+    assert!(per.values().all(|n| *n == 1), "one GET per segment: {per:?}");
+    let mut t = first_bytes.lock().unwrap().clone();
+    t.sort();
+    eprintln!("median time to a whole slow segment: {:?} (origin: 200 ms + ~250 ms)", t[t.len() / 2]);
+}
+
+/// The viewer that started a fill leaves halfway: the fill goes on for the
+/// others and is stored; the origin saw one GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_viewer_leaving_does_not_stop_the_fill() {
+    const LEN: u64 = 2 << 20;
+    let o = Origin::start(|_| {
+        Resp::new(200, Body::Slow { len: LEN, piece: 64 * 1024, pause: Duration::from_millis(10) })
+            .header("Content-Type", "video/mp4")
+            .into()
+    })
+    .await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/film"));
+    // The first viewer reads a little, then hangs up.
+    let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    first.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
+    let mut some = vec![0u8; 200_000];
+    first.read_exact(&mut some).await.unwrap();
+    let followers: Vec<_> = (0..5)
+        .map(|_| {
+            let (addr, path) = (p.addr(), path.clone());
+            tokio::spawn(async move { get(addr, "GET", &path, &[]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(first);
+    for f in followers {
+        let got = f.await.unwrap();
+        assert_eq!((got.status, got.complete), (200, true));
+        assert_body(&got.body, &pattern(0, LEN));
+    }
+    // Stored: one more viewer is a hit.
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_body(&got.body, &pattern(0, LEN));
+    assert_eq!(o.requests().len(), 1, "one GET for all of them");
+    assert_eq!(metric(&p, "anibridge_cache_requests_total{result=\"hit\"}"), 1.0);
+}
+
+/// A stored object answers 1 000 random single ranges (open, suffix, past
+/// the end), If-Range, the conditionals and HEADs from memory: the origin
+/// sees none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_conditionals_and_heads_are_answered_from_memory() {
+    const LEN: u64 = 3_000_000;
+    let o = Origin::start(|req| serve_file(req, LEN, Some("video/mp4")).into()).await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let whole = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(whole.status, 200);
+    assert_body(&whole.body, &pattern(0, LEN));
+    assert_eq!(o.requests().len(), 1);
+
+    let mut c = Client::connect(p.addr()).await;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..1000 {
+        let a = next() % (LEN + 1000);
+        let n = next() % 50_000 + 1;
+        let (spec, want) = match next() % 3 {
+            0 => (format!("bytes={a}-{}", a + n - 1), (a, (a + n - 1).min(LEN - 1))),
+            1 => (format!("bytes={a}-"), (a, LEN - 1)),
+            _ => (format!("bytes=-{n}"), (LEN - n.min(LEN), LEN - 1)),
+        };
+        let got = c.request("GET", &path, &[("Range", &spec)]).await;
+        if want.0 >= LEN {
+            assert_eq!(got.status, 416, "{spec}");
+            assert_eq!(got.header("content-range"), Some(format!("bytes */{LEN}").as_str()));
+            continue;
+        }
+        assert_eq!(got.status, 206, "{spec}");
+        assert_eq!(got.header("content-range"), Some(format!("bytes {}-{}/{LEN}", want.0, want.1).as_str()));
+        assert_body(&got.body, &pattern(want.0, want.1 - want.0 + 1));
+    }
+    let same = c.request("GET", &path, &[("Range", "bytes=10-19"), ("If-Range", "\"v1\"")]).await;
+    assert_eq!((same.status, same.body.len()), (206, 10));
+    let changed = c.request("GET", &path, &[("Range", "bytes=10-19"), ("If-Range", "\"v0\"")]).await;
+    assert_eq!((changed.status, changed.body.len() as u64), (200, LEN), "another version: the whole object");
+    let not_modified = c.request("GET", &path, &[("If-None-Match", "\"v1\"")]).await;
+    assert_eq!((not_modified.status, not_modified.header("etag")), (304, Some("\"v1\"")));
+    let since = c.request("GET", &path, &[("If-Modified-Since", "Tue, 01 Jul 2025 10:00:00 GMT")]).await;
+    assert_eq!(since.status, 304);
+    let head = c.request("HEAD", &path, &[]).await;
+    assert_eq!((head.status, head.header("content-length")), (200, Some(LEN.to_string().as_str())));
+    assert!(head.header("age").is_some(), "answers from memory carry Age");
+    let ranged_head = c.request("HEAD", &path, &[("Range", "bytes=0-99")]).await;
+    assert_eq!((ranged_head.status, ranged_head.header("content-length")), (206, Some("100")));
+    // Several ranges: upstream as they are.
+    let multi = c.request("GET", &path, &[("Range", "bytes=0-1,5-6")]).await;
+    assert_eq!(multi.status, 200, "the test origin ignores multi-range");
+    assert_eq!(o.requests().len(), 2, "only the multi-range request reached the origin");
+    assert_eq!(o.requests()[1].header("range"), Some("bytes=0-1,5-6"));
+}
+
+/// The signature, the route and the egress policy are judged before the
+/// cache: a stored object never answers a request that would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_refused_whatever_the_cache_holds() {
+    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
+    // A route to the (private, trusted) origin, and the relay, in token mode
+    // without loopback in egress.allow_cidrs.
+    let p = Proxy::start(&format!(
+        "auth: {{mode: token}}\nroutes: [{{prefix: /cdn/, upstream: \"{}\", auth: false}}]\ncache: {{}}\n",
+        o.url("/")
+    ))
+    .await;
+    let stored = get(p.addr(), "GET", "/cdn/v.mp4", &[]).await;
+    assert_eq!(stored.status, 200);
+    assert_eq!(o.requests().len(), 1);
+    // The same upstream URL (the same cache key) through the relay: refused
+    // by the egress policy, not answered from memory.
+    let relayed = get(p.addr(), "GET", &signed_relay_path("v.mp4", &o.url("/v.mp4"), None), &[]).await;
+    assert_eq!((relayed.status, relayed.text().as_str()), (403, "destination not allowed\n"));
+    let tampered = format!("{}0", signed_relay_path("v.mp4", &o.url("/v.mp4"), None));
+    assert_eq!(get(p.addr(), "GET", &tampered, &[]).await.status, 401);
+    let unsigned = relay_path("v.mp4", &o.url("/v.mp4"));
+    assert_eq!(get(p.addr(), "GET", &unsigned, &[]).await.status, 401);
+    assert_eq!(o.requests().len(), 1);
+}
+
+/// `no-store`, `private` and `Set-Cookie` answers are neither stored nor
+/// shared (each concurrent request goes upstream itself); `no-cache` and
+/// `max-age=0` are shared while in flight but not stored; answers over
+/// `max_object_bytes` or of unknown length are relayed alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_never_stored_or_shared() {
+    let o = Origin::start(|req| {
+        let slow = Body::Slow { len: 300_000, piece: 30_000, pause: Duration::from_millis(20) };
+        let r = Resp::new(200, slow).header("Content-Type", "video/mp2t");
+        let r = match req.path() {
+            "/no-store" => r.header("Cache-Control", "no-store"),
+            "/private" => r.header("Cache-Control", "private, max-age=60"),
+            "/cookie" => r.header("Set-Cookie", "id=1"),
+            "/no-cache" => r.header("Cache-Control", "no-cache"),
+            "/max-age-0" => r.header("Cache-Control", "max-age=0"),
+            "/vary-star" => r.header("Vary", "*"),
+            "/chunked" => Resp::new(200, Body::Chunked(pattern(0, 300_000))),
+            "/large" => Resp::new(200, Body::Pattern { start: 0, len: 2_000_000 }),
+            _ => r,
+        };
+        Action::Delayed(Duration::from_millis(100), r)
+    })
+    .await;
+    let p = proxy("{max_object_bytes: 1000000}").await;
+    // Three concurrent requests, then one after they ended.
+    for (path, concurrent, later) in [
+        ("/no-store", 3, 1),
+        ("/private", 3, 1),
+        ("/cookie", 3, 1),
+        ("/no-cache", 1, 1),
+        ("/max-age-0", 1, 1),
+        ("/vary-star", 1, 1),
+        ("/chunked", 3, 1),
+        ("/large", 3, 1),
+        ("/stored", 1, 0),
+    ] {
+        let url = o.url(path);
+        let at_once: Vec<_> = (0..3)
+            .map(|_| {
+                let (addr, u) = (p.addr(), url.clone());
+                tokio::spawn(async move { get(addr, "GET", &relay_path("x.ts", &u), &[]).await })
+            })
+            .collect();
+        for r in at_once {
+            let got = r.await.unwrap();
+            assert_eq!((got.status, got.complete), (200, true), "{path}");
+        }
+        assert_eq!(o.count(path), concurrent, "{path}: GETs for three concurrent requests");
+        let got = get(p.addr(), "GET", &relay_path("x.ts", &url), &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(o.count(path), concurrent + later, "{path}: and one more request after them");
+    }
+}
+
+/// Freshness: the upstream's `max-age`, else `cache.ttl`; a live playlist
+/// half its target duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_kept_for_their_freshness() {
+    let o = Origin::start(|req| match req.path() {
+        "/max-age-1" => Resp::new(200, Body::Bytes(b"a".to_vec())).header("Cache-Control", "max-age=1").into(),
+        "/live.m3u8" => Resp::new(200, Body::Bytes(b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\ns.ts\n".to_vec()))
+            .header("Content-Type", "application/vnd.apple.mpegurl")
+            .into(),
+        _ => Resp::new(200, Body::Bytes(b"plain".to_vec())).into(),
+    })
+    .await;
+    let p = proxy("{ttl: \"1s\", playlist_ttl: \"30s\"}").await;
+    let fetch = |path: &str, hint: &str| {
+        let (addr, url, hint) = (p.addr(), o.url(path), hint.to_string());
+        async move { get(addr, "GET", &relay_path(&hint, &url), &[]).await }
+    };
+    for path in ["/max-age-1", "/plain", "/live.m3u8"] {
+        let hint = if path.ends_with(".m3u8") { "live.m3u8" } else { "x.bin" };
+        assert_eq!(fetch(path, hint).await.status, 200);
+        assert_eq!(fetch(path, hint).await.status, 200);
+        assert_eq!(o.count(path), 1, "{path}: fresh, from memory");
+    }
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for path in ["/max-age-1", "/plain", "/live.m3u8"] {
+        let hint = if path.ends_with(".m3u8") { "live.m3u8" } else { "x.bin" };
+        assert_eq!(fetch(path, hint).await.status, 200);
+        assert_eq!(o.count(path), 2, "{path}: stale after its lifetime, fetched again");
+    }
+}
+
+/// A fill that dies for good (no validator to resume with) aborts every
+/// reader still waiting, and nothing is stored; one the origin lets resume
+/// is still one fill, whole for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_dies_aborts_its_readers_and_one_that_resumes_serves_them() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = n.clone();
+    let o = Origin::start(move |req| {
+        let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+        match req.path() {
+            "/dies" => Action::Delayed(
+                Duration::from_millis(100),
+                Resp::new(200, Body::DieAfter { declared: 500_000, sent: pattern(0, 100_000) }),
+            ),
+            _ if first || req.header("range").is_some() => {
+                let mut r = serve_file(req, 500_000, Some("video/mp4"));
+                if first {
+                    r.body = Body::DieAfter { declared: 500_000, sent: pattern(0, 100_000) };
+                }
+                Action::Delayed(Duration::from_millis(100), r)
+            }
+            _ => serve_file(req, 500_000, Some("video/mp4")).into(),
+        }
+    })
+    .await;
+    let p = cached().await;
+    let crowd = |path: &'static str| {
+        let (addr, url) = (p.addr(), o.url(path));
+        (0..4)
+            .map(move |_| {
+                let url = url.clone();
+                tokio::spawn(async move { get(addr, "GET", &relay_path("v.mp4", &url), &[]).await })
+            })
+            .collect::<Vec<_>>()
+    };
+    for r in crowd("/resumes") {
+        let got = r.await.unwrap();
+        assert_eq!((got.status, got.complete), (200, true));
+        assert_body(&got.body, &pattern(0, 500_000));
+    }
+    let seen: Vec<Option<String>> = o.requests().iter().map(|r| r.header("range").map(str::to_string)).collect();
+    assert_eq!(seen, [None, Some("bytes=100000-499999".into())], "one fill, resumed once");
+
+    for r in crowd("/dies") {
+        let got = r.await.unwrap();
+        assert!(!got.complete, "never a clean short end");
+    }
+    assert_eq!(o.count("/dies"), 1, "the readers shared the fill");
+    let _ = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/dies")), &[]).await;
+    assert_eq!(o.count("/dies"), 2, "nothing was stored");
+}
+
+/// Stored and filling bodies stay within `cache.max_bytes`, least recently
+/// used first; the gauges say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_within_max_bytes_least_recently_used_first() {
+    const MIB: u64 = 1 << 20;
+    let o = Origin::start(|req| serve_file(req, MIB, Some("video/mp2t")).into()).await;
+    let p = proxy("{max_bytes: 3200000, max_object_bytes: 2000000}").await;
+    let fetch = |i: u32| {
+        let (addr, url) = (p.addr(), o.url(&format!("/s{i}.ts")));
+        async move { get(addr, "GET", &relay_path("s.ts", &url), &[]).await }
+    };
+    for i in 0..3 {
+        assert_eq!(fetch(i).await.status, 200);
+    }
+    assert_eq!(metric(&p, "anibridge_cache_objects"), 3.0);
+    // s0 is used again: s1 is now the least recently used.
+    fetch(0).await;
+    fetch(3).await;
+    assert!(metric(&p, "anibridge_cache_bytes") <= 3_200_000.0);
+    assert_eq!(metric(&p, "anibridge_cache_objects"), 3.0);
+    let before = o.requests().len();
+    fetch(0).await;
+    fetch(2).await;
+    fetch(3).await;
+    assert_eq!(o.requests().len(), before, "s0, s2 and s3 are still stored");
+    fetch(1).await;
+    assert_eq!(o.count("/s1.ts"), 2, "s1 was evicted");
+    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    assert!(bytes <= 3_200_000.0 && objects <= 3.0, "{bytes} bytes in {objects} objects");
+}
+
+/// Every client gets its own rewrite of a stored playlist (fresh child
+/// credentials), from one upstream fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_playlist_is_rewritten_for_each_client() {
+    let o = Origin::start(|req| {
+        serve_bytes(req, b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\ns.ts\n#EXT-X-ENDLIST\n", None).into()
+    })
+    .await;
+    let p =
+        Proxy::start("auth: {mode: token, token_ttl: \"15m\"}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\n")
+            .await;
+    let path = signed_relay_path("index.m3u8", &o.url("/index.m3u8"), None);
+    let first = get(p.addr(), "GET", &path, &[]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = get(p.addr(), "GET", &path, &[("Range", "bytes=0-")]).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(o.requests().len(), 1);
+    let exp = |g: &Got| {
+        anibridge_proxy::auth::Query::parse(children(&g.text())[0].split_once('?').map(|(_, q)| q))
+            .get("exp")
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(exp(&second) > exp(&first), "the second client's children carry their own, later exp");
+    for g in [&first, &second] {
+        let child = &children(&g.text())[0];
+        assert_eq!(get(p.addr(), "GET", child, &[]).await.status, 200, "{child}");
+    }
+}

@@ -1,0 +1,164 @@
+//! Scaling out (DESIGN "Running it"): three proxy instances sharing one
+//! secret behind the real nginx running conf/nginx-fleet.conf (consistent
+//! hashing of `u=`). Viewers through the balancer fetch an HLS stream and
+//! the origin (nginx too) serves each file once across the fleet; a URL
+//! signed by one instance plays through any; stopping an instance moves
+//! only its share of the URLs.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::process::{spawn_nginx, Spawned};
+use common::*;
+
+const SEGMENTS: u64 = 12;
+const SEG: u64 = 64 << 10;
+
+/// The origin: an HLS stream on disk, served by nginx, logging which
+/// instance fetched each file (`X-Instance`, a provider-profile header).
+async fn origin(root: &std::path::Path) -> (Spawned, u16) {
+    let mut list = String::from("#EXTM3U\n#EXT-X-TARGETDURATION:4\n");
+    for i in 0..SEGMENTS {
+        std::fs::write(root.join(format!("seg{i:02}.ts")), pattern(i * 1000, SEG)).unwrap();
+        list.push_str(&format!("#EXTINF:4.0,\nseg{i:02}.ts\n"));
+    }
+    list.push_str("#EXT-X-ENDLIST\n");
+    std::fs::write(root.join("index.m3u8"), list).unwrap();
+    let port = unused_addr().port();
+    let nginx = spawn_nginx(&format!(
+        "log_format fleet '$request_method $uri $status $http_x_instance';\n\
+         types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log fleet; }}\n",
+        root.display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    (nginx, port)
+}
+
+/// Which instance fetched each path, as the origin logged it, in order.
+fn fetched(origin: &Spawned) -> Vec<(String, String)> {
+    origin
+        .read("access.log")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f[1].to_string(), f[3].to_string())
+        })
+        .collect()
+}
+
+/// A viewer through the balancer: the playlist, then every segment, bytes checked.
+async fn watch(front: u16, master: &str) {
+    let base = format!("http://127.0.0.1:{front}");
+    let mut c = Client::connect(([127, 0, 0, 1], front).into()).await;
+    let got = c.request("GET", master, &[("Range", "bytes=0-")]).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    let segs: Vec<String> = got.text().lines().filter(|l| l.starts_with(&base)).map(str::to_string).collect();
+    assert_eq!(segs.len(), SEGMENTS as usize, "children point back through the balancer: {}", got.text());
+    for (i, s) in segs.iter().enumerate() {
+        let got = c.request("GET", s.trim_start_matches(&base), &[]).await;
+        assert_eq!((got.status, got.complete), (200, true), "{s}");
+        assert_body(&got.body, &pattern(i as u64 * 1000, SEG));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (origin, origin_port) = origin(root.path()).await;
+    let front_port = unused_addr().port();
+    let mut fleet = Vec::new();
+    for n in 1..=3 {
+        fleet.push(Some(
+            Proxy::start(&format!(
+                "auth: {{mode: token}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n\
+                 public_base_url: \"http://127.0.0.1:{front_port}/anibridge\"\n\
+                 providers: [{{hosts: [\"127.0.0.1\"], headers: {{X-Instance: \"i{n}\"}}}}]\ncache: {{}}\n"
+            ))
+            .await,
+        ));
+    }
+    let addrs: Vec<_> = fleet.iter().map(|p| p.as_ref().unwrap().addr()).collect();
+    // The balancer listens where the instances' public_base_url says.
+    let front = balancer(&addrs, front_port).await;
+    let master = format!(
+        "/anibridge{}",
+        signed_relay_path("index.m3u8", &format!("http://127.0.0.1:{origin_port}/index.m3u8"), Some(now() + 600))
+    );
+
+    let viewers: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn({
+                let m = master.clone();
+                async move { watch(front_port, &m).await }
+            })
+        })
+        .collect();
+    for v in viewers {
+        v.await.unwrap();
+    }
+    let first = fetched(&origin);
+    let mut owner = BTreeMap::new();
+    for (path, instance) in &first {
+        assert!(
+            owner.insert(path.clone(), instance.clone()).is_none(),
+            "{path} fetched twice across the fleet: {first:?}"
+        );
+    }
+    assert_eq!(owner.len(), SEGMENTS as usize + 1);
+    let shares: BTreeMap<&String, usize> = owner.values().fold(BTreeMap::new(), |mut m, i| {
+        *m.entry(i).or_default() += 1;
+        m
+    });
+    assert!(shares.len() >= 2, "the URLs spread over the fleet: {shares:?}");
+
+    // Stop the instance with the largest share: only its URLs move.
+    let (gone, _) = shares.iter().max_by_key(|(_, n)| **n).map(|(i, n)| ((*i).clone(), *n)).unwrap();
+    let k: usize = gone.trim_start_matches('i').parse::<usize>().unwrap() - 1;
+    let before = fetched(&origin).len();
+    fleet[k] = None;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    watch(front_port, &master).await;
+    watch(front_port, &master).await;
+    let moved: Vec<(String, String)> = fetched(&origin)[before..].to_vec();
+    let expected: Vec<&String> = owner.iter().filter(|(_, i)| **i == gone).map(|(p, _)| p).collect();
+    let mut refetched: Vec<&String> = moved.iter().map(|(p, _)| p).collect();
+    refetched.sort();
+    assert_eq!(refetched, expected, "exactly the stopped instance's URLs were fetched again, once each");
+    assert!(moved.iter().all(|(_, i)| *i != gone), "{moved:?}");
+    // A URL signed by one instance (a segment of the playlist it rewrote)
+    // plays through every one still running (checked last: it fills their
+    // caches).
+    let signer = fleet.iter().flatten().next().unwrap().addr();
+    let list = get(signer, "GET", master.trim_start_matches("/anibridge"), &[]).await.text();
+    let child = list.lines().find(|l| l.contains("seg03.ts")).unwrap();
+    let child = child.trim_start_matches(&format!("http://127.0.0.1:{front_port}/anibridge"));
+    for p in fleet.iter().flatten() {
+        let (a, got) = (p.addr(), get(p.addr(), "GET", child, &[]).await);
+        assert_eq!(got.status, 200, "instance {a}");
+        assert_body(&got.body, &pattern(3000, SEG));
+    }
+
+    drop(front);
+}
+
+/// conf/nginx-fleet.conf listening on `port`, with the instances'
+/// addresses and its log path replaced.
+async fn balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+    let conf = std::fs::read_to_string("conf/nginx-fleet.conf").unwrap();
+    let defaults = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
+    assert!(conf.contains("listen 80;") && defaults.iter().all(|d| conf.contains(&format!("server {d} "))));
+    let mut conf = conf
+        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+        .replace("/var/log/nginx/anibridge.log", "{dir}/fleet.log");
+    for (d, a) in defaults.iter().zip(instances) {
+        conf = conf.replace(&format!("server {d} "), &format!("server {a} "));
+    }
+    let nginx = spawn_nginx(&conf);
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    nginx
+}
