@@ -211,6 +211,12 @@ pub struct UpstreamConf {
     pub write_timeout: Dur,
     pub max_redirects: u32,
     pub resume_attempts: u32,
+    /// Concurrent upstream requests per host (0: unlimited).
+    pub max_connections_per_host: u32,
+    /// Longest wait for a host's slot or cooldown, then 503.
+    pub queue_timeout: Dur,
+    /// Longest cooldown taken from `Retry-After`.
+    pub max_cooldown: Dur,
     pub user_agent: Option<Value>,
 }
 
@@ -222,6 +228,9 @@ impl Default for UpstreamConf {
             write_timeout: Dur(Duration::from_secs(30)),
             max_redirects: 5,
             resume_attempts: 3,
+            max_connections_per_host: 0,
+            queue_timeout: Dur(Duration::from_secs(10)),
+            max_cooldown: Dur(Duration::from_secs(120)),
             user_agent: None,
         }
     }
@@ -331,6 +340,9 @@ pub struct ProviderConf {
     pub hosts: Vec<HostPattern>,
     #[serde(default)]
     pub headers: HeaderList,
+    /// Concurrent upstream requests to these hosts (0: the per-host default).
+    #[serde(default)]
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -496,6 +508,8 @@ impl Config {
             ("upstream.write_timeout", self.upstream.write_timeout),
             ("downstream.write_timeout", self.downstream.write_timeout),
             ("resolver.timeout", self.resolver.timeout),
+            ("upstream.queue_timeout", self.upstream.queue_timeout),
+            ("upstream.max_cooldown", self.upstream.max_cooldown),
         ] {
             if d.0.is_zero() {
                 return Err((key, "must be greater than 0 (timeouts cannot be disabled)".into()));
@@ -648,6 +662,10 @@ mod tests {
         assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
         assert_eq!(refused("upstream: {resume_attempts: 1000}\n").0, "upstream.resume_attempts");
         assert_eq!(refused("cache: {max_object_bytes: 0}\n").0, "cache.max_object_bytes");
+        assert_eq!(refused("upstream: {queue_timeout: \"0s\"}\n").0, "upstream.queue_timeout");
+        assert_eq!(refused("upstream: {max_cooldown: \"0s\"}\n").0, "upstream.max_cooldown");
+        assert_eq!(refused("upstream: {max_connections_per_host: -1}\n").0, "upstream.max_connections_per_host");
+        assert_eq!(refused("providers: [{hosts: [a.com], max_connections: x}]\n").0, "providers[0].max_connections");
         assert_eq!(refused("cache: {max_bytes: 1000, max_object_bytes: 1001}\n").0, "cache.max_object_bytes");
         assert_eq!(refused("cache: {ttl: \"0s\"}\n").0, "cache.ttl");
         assert_eq!(refused("cache: {playlist_ttl: \"0s\"}\n").0, "cache.playlist_ttl");

@@ -17,6 +17,7 @@ pub mod content_type;
 pub mod cors;
 pub mod dns;
 pub mod egress;
+pub mod gate;
 pub mod headers;
 pub mod hls;
 pub mod hosts;

@@ -33,6 +33,9 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub cache_objects: IntGauge,
     pub cache_saved: IntCounter,
+    pub host_cooldowns: IntCounter,
+    pub host_queue_waits: IntCounter,
+    pub host_refused: IntCounter,
 }
 
 impl Metrics {
@@ -101,8 +104,24 @@ impl Metrics {
             "Body bytes sent to clients from memory that the upstream did not send again",
         )
         .unwrap();
+        let host_cooldowns =
+            IntCounter::new("anibridge_host_cooldowns_total", "Times an upstream host's refusal started a cooldown")
+                .unwrap();
+        let host_queue_waits = IntCounter::new(
+            "anibridge_host_queue_waits_total",
+            "Upstream requests that waited for their host's gate (its limit or cooldown)",
+        )
+        .unwrap();
+        let host_refused = IntCounter::new(
+            "anibridge_host_refused_total",
+            "Requests answered 503 by a host's gate (upstream busy or cooling down)",
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(host_cooldowns.clone()),
+            Box::new(host_queue_waits.clone()),
+            Box::new(host_refused.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -150,6 +169,9 @@ impl Metrics {
             cache_bytes,
             cache_objects,
             cache_saved,
+            host_cooldowns,
+            host_queue_waits,
+            host_refused,
         }
     }
 

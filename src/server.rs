@@ -145,6 +145,8 @@ impl ShutdownSignalWatch for Signals {
 pub struct Embedded {
     pub addr: std::net::SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// The per-host gate (its state, for tests).
+    pub gate: crate::gate::Gate,
     shutdown: tokio::sync::watch::Sender<bool>,
 }
 
@@ -154,6 +156,7 @@ impl Embedded {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let metrics = Arc::new(Metrics::new());
         let proxy = build(cfg, metrics.clone());
+        let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());
         let app = Arc::new(pingora::proxy::http_proxy(&conf, proxy));
         let (tx, rx) = tokio::sync::watch::channel(false);
@@ -181,7 +184,7 @@ impl Embedded {
                 });
             }
         });
-        Ok(Embedded { addr, metrics, shutdown: tx })
+        Ok(Embedded { addr, metrics, gate, shutdown: tx })
     }
 }
 

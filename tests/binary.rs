@@ -311,6 +311,7 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
             r.into()
         }
         "/resume-secret-path.mp4" => serve_file(req, 100_000, Some("video/mp4")).into(),
+        "/throttled-secret-path.mp4" => Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "1").into(),
         _ => serve_file(req, 1000, Some("video/mp4")).into(),
     })
     .await;
@@ -335,6 +336,8 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     assert!(get(p.addr(), "GET", &resumes, &[]).await.complete);
     let bad = format!("{}&sig=0123456789abcdef-BADSIG", relay_path("v.mp4", &o.url("/secret-path.mp4")));
     assert_eq!(get(p.addr(), "GET", &bad, &[("X-Api-Key", "KEY-should-not-log")]).await.status, 401);
+    let (throttled, sig_throttled) = signed("/throttled-secret-path.mp4?token=TOKEN-in-query");
+    assert_eq!(get(p.addr(), "GET", &throttled, &[]).await.status, 429);
     tokio::time::sleep(Duration::from_millis(300)).await;
     p.terminate();
     let _ = p.child.wait();
@@ -344,7 +347,21 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
         log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
         "one line per resumption: {log}"
     );
-    let needles = [secret, &sig_ok, &sig_dies, &sig_resumes, "BADSIG", "secret-path", "KEY-should-not-log", "u=http"];
+    assert!(
+        log.contains("WARN  anibridge_proxy::gate] upstream host 127.0.0.1 refused (429): cooling down for 1 s"),
+        "a WARN line when a host enters cooldown, with host and seconds: {log}"
+    );
+    let needles = [
+        secret,
+        &sig_ok,
+        &sig_dies,
+        &sig_resumes,
+        &sig_throttled,
+        "BADSIG",
+        "secret-path",
+        "KEY-should-not-log",
+        "u=http",
+    ];
     for needle in needles.into_iter().chain(["TOKEN-in-query"]) {
         assert!(!log.contains(needle), "log contains {needle:?}:\n{log}");
     }

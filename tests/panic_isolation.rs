@@ -7,6 +7,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anibridge_proxy::config::Config;
 use anibridge_proxy::metrics::Metrics;
@@ -31,6 +32,15 @@ impl ProxyHttp for Panicky {
         if session.req_header().uri.path() == "/boom" {
             panic!("simulated bug while handling a request");
         }
+        if session.req_header().uri.path().ends_with("/boom-mid-body.ts") {
+            // The real request runs until its body streams, then a bug
+            // strikes: the unwinding drops whatever the request held.
+            let serving = self.0.request_filter(session, ctx);
+            tokio::select! {
+                r = serving => return r,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(300)) => panic!("simulated bug mid-body"),
+            }
+        }
         self.0.request_filter(session, ctx).await
     }
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora_error::Result<Box<HttpPeer>> {
@@ -43,11 +53,26 @@ impl ProxyHttp for Panicky {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_request_does_not_take_the_server_down() {
-    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
-    let cfg = Config::from_yaml("t.yaml", "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", |_| None)
-        .unwrap();
+    let o = Origin::start(|req| match req.path() {
+        // Not shared: this request's own stream holds the host's slot (a
+        // cache fill would hold it for everyone, panic or not).
+        "/slow.ts" => Resp::new(200, Body::Slow { len: 5_000_000, piece: 10_000, pause: Duration::from_millis(20) })
+            .header("Cache-Control", "no-store")
+            .into(),
+        _ => serve_file(req, 1000, Some("video/mp4")).into(),
+    })
+    .await;
+    let cfg = Config::from_yaml(
+        "t.yaml",
+        &with_run_cache(
+            "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {max_connections_per_host: 1}\n",
+        ),
+        |_| None,
+    )
+    .unwrap();
     let metrics = Arc::new(Metrics::new());
     let proxy = anibridge_proxy::server::build(&cfg, metrics.clone());
+    let gate = proxy.state.client.gate().clone();
     let app = Arc::new(pingora::proxy::http_proxy(&Arc::new(ServerConf::default()), Panicky(proxy)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -93,4 +118,22 @@ async fn a_panicking_request_does_not_take_the_server_down() {
         in_flight = metrics.in_flight.get();
     }
     assert_eq!(in_flight, 0, "requests counted in flight after all were answered");
+
+    // A bug while a body streams: the host's one slot is given back.
+    let mut mid = Client::connect(addr).await;
+    mid.send_raw(
+        format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("boom-mid-body.ts", &o.url("/slow.ts"))).as_bytes(),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(gate.state("127.0.0.1").0, 1, "the stream holds the host's slot");
+    // What was sent before the bug, then the end of the connection.
+    let mut sock = mid.into_inner();
+    let mut rest = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let ended = tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the panicking connection is dropped");
+    assert!(rest.len() < 5_000_000, "an aborted body: {} bytes", rest.len());
+    assert_eq!(gate.state("127.0.0.1"), (0, None, None, 0), "no slot leaked by the panic");
+    assert_eq!(get(addr, "GET", &path, &[("Range", "bytes=0-9")]).await.status, 206, "the host is usable at once");
 }

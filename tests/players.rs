@@ -943,3 +943,48 @@ async fn players_and_a_crowd_share_one_fetch_per_file() {
     assert!(again.is_empty(), "nginx served these more than once: {again:?}");
     assert!(p.server.metrics.cache_saved.get() > 0);
 }
+
+/// DESIGN "Hoster politeness", with a real client: a hoster that answers
+/// `429` with `Retry-After: 1` above 2 requests at once, a proxy with
+/// `max_connections: 2` for it, and ffmpeg playing the TS master (all its
+/// variants and renditions at once) beside scripted viewers: it plays to
+/// the end, the hoster never has more than 2 at once, and no 429 is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_plays_to_the_end_from_a_hoster_that_allows_two_at_once() {
+    if !have(&[FFMPEG]) {
+        return;
+    }
+    let root = media();
+    let o = Origin::start(move |req| {
+        if req.in_flight > 2 {
+            return Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "1").into();
+        }
+        match std::fs::read(root.join(req.path().trim_start_matches('/'))) {
+            Ok(bytes) => {
+                let ct = if req.path().ends_with(".m3u8") { "application/vnd.apple.mpegurl" } else { "video/mp2t" };
+                // Each answer holds the hoster a moment, so requests overlap.
+                Action::Delayed(Duration::from_millis(30), serve_bytes(req, &bytes, Some(ct)))
+            }
+            Err(_) => Resp::new(404, Body::Bytes(Vec::new())).into(),
+        }
+    })
+    .await;
+    let p = Proxy::start(
+        "auth: {mode: token}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n\
+         providers: [{hosts: [\"127.0.0.1\"], max_connections: 2}]\n",
+    )
+    .await;
+    let master = relay_url(&p, "master.m3u8", &o.url("/ts/master.m3u8"));
+    let viewers: Vec<_> = (0..6u64)
+        .map(|v| tokio::spawn(scripted_viewer(p.addr(), master.clone(), Duration::from_millis(v * 50))))
+        .collect();
+    let (played, frames) = ffmpeg_decode(&master, &[]).await;
+    played.assert_clean("ffmpeg", &[]);
+    assert!(frames.len() >= 3 && frames.iter().all(|n| *n > 0), "every stream decoded: {frames:?}");
+    assert!(frames[0] >= 100, "4 s at 25 fps: {frames:?}");
+    for v in viewers {
+        v.await.unwrap();
+    }
+    assert!(o.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than 2 at once");
+    assert!(o.requests().iter().all(|r| r.in_flight <= 2), "the hoster never refused");
+}

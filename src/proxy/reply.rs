@@ -70,6 +70,11 @@ pub enum Failure {
     UpstreamFailed,
     /// 500: a request the proxy could not build (a bug, never the client's).
     Internal,
+    /// 503 with `Retry-After: 1`: the host's connection limit stayed
+    /// reached for `upstream.queue_timeout`.
+    Busy,
+    /// 503 with `Retry-After`: the host cools down this many more seconds.
+    CoolingDown(u64),
 }
 
 impl Failure {
@@ -87,6 +92,16 @@ impl Failure {
             | BadPlaylistEncoding | PlaylistUnavailable | UpstreamFailed => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Busy | CoolingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The `Retry-After` seconds a 503 carries.
+    pub fn retry_after(self) -> Option<u64> {
+        match self {
+            Failure::Busy => Some(1),
+            Failure::CoolingDown(s) => Some(s.max(1)),
+            _ => None,
         }
     }
 
@@ -117,6 +132,8 @@ impl Failure {
             PlaylistUnavailable => "playlist unavailable",
             UpstreamFailed => "upstream failed",
             Internal => "internal error",
+            Busy => "upstream busy",
+            CoolingDown(_) => "upstream cooling down",
         }
     }
 }
@@ -131,6 +148,8 @@ impl From<&FetchError> for Failure {
             FetchError::Timeout(_) => Failure::Timeout,
             FetchError::EgressProxy(_) => Failure::EgressProxy,
             FetchError::Request(_) => Failure::Internal,
+            FetchError::Gate(crate::gate::Refused::Busy) => Failure::Busy,
+            FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => Failure::CoolingDown(*s),
         }
     }
 }
@@ -174,6 +193,9 @@ pub async fn reply(down: &mut ServerSession, cors: &Cors, failure: Failure) -> p
     if failure == Failure::MethodNotAllowed {
         out.insert_header("Allow", cors::ALLOW_METHODS)?;
     }
+    if let Some(secs) = failure.retry_after() {
+        out.insert_header(header::RETRY_AFTER, secs.to_string())?;
+    }
     cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
     let head = down.req_header().method == Method::HEAD;
     down.write_response_header(Box::new(out)).await?;
@@ -191,7 +213,7 @@ mod tests {
     #[test]
     fn every_failure_has_its_status_and_reason() {
         use Failure::*;
-        let table: [(Failure, u16, &str); 22] = [
+        let table: [(Failure, u16, &str); 24] = [
             (MethodNotAllowed, 405, "method not allowed"),
             (NotFound, 404, "not found"),
             (Auth(AuthError::TokenExpired), 401, "token expired"),
@@ -214,10 +236,13 @@ mod tests {
             (PlaylistUnavailable, 502, "playlist unavailable"),
             (UpstreamFailed, 502, "upstream failed"),
             (Internal, 500, "internal error"),
+            (Busy, 503, "upstream busy"),
+            (CoolingDown(7), 503, "upstream cooling down"),
         ];
         for (f, status, reason) in table {
             assert_eq!((f.status().as_u16(), f.reason()), (status, reason), "{f:?}");
         }
+        assert_eq!((Busy.retry_after(), CoolingDown(7).retry_after(), Timeout.retry_after()), (Some(1), Some(7), None));
     }
 
     #[test]

@@ -9,6 +9,8 @@ use crate::cache::{self, Cache};
 use crate::config::Config;
 use crate::cors::Cors;
 use crate::egress::Egress;
+use crate::gate;
+use crate::hosts::HostTable;
 use crate::metrics::Metrics;
 use crate::providers::Providers;
 use crate::resolver::Resolver;
@@ -46,6 +48,13 @@ impl State {
             pool_size: 128 * cfg.threads,
             resume_attempts: cfg.upstream.resume_attempts,
             proxies: EgressProxies::new(&cfg.egress.proxies),
+            gate: gate::Settings {
+                per_host: cfg.upstream.max_connections_per_host,
+                providers: HostTable::new(cfg.providers.iter().map(|p| (p.hosts.clone(), p.max_connections))),
+                queue_timeout: cfg.upstream.queue_timeout.0,
+                max_cooldown: cfg.upstream.max_cooldown.0,
+                quiet: gate::QUIET,
+            },
         };
         State {
             auth: Auth::new(

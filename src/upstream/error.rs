@@ -25,6 +25,9 @@ pub enum FetchError {
     Timeout(Arc<Error>),
     /// The egress proxy was unreachable, refused, or failed its handshake.
     EgressProxy(Arc<Error>),
+    /// The host's gate refused: over its limit for the whole queue
+    /// timeout, or cooling down longer than that.
+    Gate(crate::gate::Refused),
     /// The upstream request could not be built (a URL without a host, a
     /// header Pingora refused): the proxy's own fault, never the upstream's.
     Request(&'static str),
@@ -59,6 +62,8 @@ impl std::fmt::Display for FetchError {
             FetchError::TooManyRedirects => f.write_str("too many redirects"),
             FetchError::Dns(host, e) => write!(f, "DNS lookup of {host}: {e}"),
             FetchError::Unreachable(e) | FetchError::Timeout(e) | FetchError::EgressProxy(e) => write!(f, "{e}"),
+            FetchError::Gate(crate::gate::Refused::Busy) => f.write_str("the host's connection limit stayed reached"),
+            FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => write!(f, "the host cools down for {s} s more"),
             FetchError::Request(why) => write!(f, "cannot build the upstream request: {why}"),
         }
     }

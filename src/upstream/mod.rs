@@ -33,6 +33,7 @@ pub use response::{BodyError, Response};
 
 use crate::dns::Dns;
 use crate::egress::Egress;
+use crate::gate::{self, Gate, Permit};
 use crate::headers::{self, WireHeader};
 use crate::metrics::Metrics;
 use crate::providers::Providers;
@@ -63,6 +64,8 @@ pub(crate) struct Exchange {
     redirected_to: Option<Url>,
     head_fallback: bool,
     redirects: u32,
+    /// The slot at the host that answered.
+    permit: Option<Permit>,
 }
 
 /// Everything the client is configured with.
@@ -77,6 +80,8 @@ pub struct Settings {
     pub resume_attempts: u32,
     /// Egress proxies by upstream host (none: every connection is direct).
     pub proxies: EgressProxies,
+    /// Connection limits and cooldowns per host.
+    pub gate: gate::Settings,
 }
 
 impl Settings {
@@ -92,6 +97,7 @@ impl Settings {
             pool_size: 64,
             resume_attempts: 0,
             proxies: EgressProxies::default(),
+            gate: gate::Settings::default(),
         }
     }
 }
@@ -110,6 +116,7 @@ pub struct Shared {
     /// Host names resolved recently (the egress check still runs every time).
     dns: Dns,
     settings: Settings,
+    gate: Gate,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -130,6 +137,7 @@ impl Client {
             connector: TransportConnector::new(Some(opts)),
             pool: Pool::new(settings.pool_size, POOL_IDLE),
             dns: Dns::default(),
+            gate: Gate::new(settings.gate.clone(), metrics.clone()),
             settings,
             metrics,
         }))
@@ -157,12 +165,19 @@ impl Client {
         } else {
             Ask::Client
         };
-        let ex = self.fetch(&req, ask).await?;
+        let ex = self.fetch(&req, ask, None).await?;
         Ok(Response::new(self, ex, req, self.settings.resume_attempts))
     }
 
-    /// Fetches `req` asking for `ask`: redirects, the HEAD fallback.
-    pub(crate) async fn fetch(&self, req: &Request, mut ask: Ask) -> Result<Exchange, FetchError> {
+    /// Fetches `req` asking for `ask`: each hop through its host's gate
+    /// (`held`: a slot this request holds already, kept while the hops stay
+    /// on its host), redirects, the HEAD fallback.
+    pub(crate) async fn fetch(
+        &self,
+        req: &Request,
+        mut ask: Ask,
+        held: Option<Permit>,
+    ) -> Result<Exchange, FetchError> {
         let mut method = match ask {
             Ask::Client => req.method.clone(),
             _ => Method::GET,
@@ -171,12 +186,22 @@ impl Client {
         let mut url = Cow::Borrowed(&req.url);
         let mut head_fallback = false;
         let mut redirects = 0u32;
+        let mut permit = held;
         loop {
+            let host = url.host_str().unwrap_or_default();
+            if permit.as_ref().is_none_or(|p| p.host() != host) {
+                // Released before waiting at the next host's gate.
+                drop(permit.take());
+                permit = Some(self.gate.enter(host).await.map_err(FetchError::Gate)?);
+            }
+            let permit_here = permit.as_ref().expect("entered above");
             let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
             let hop = Hop { method: &method, url: &url, req, ask: &ask };
             let (session, peer, reused) = self.exchange(&hop, trusted).await?;
             self.count_connection(reused);
             let status = session.resp_header().map(|h| h.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let retry_after = session.resp_header().and_then(|h| h.headers.get(header::RETRY_AFTER));
+            self.gate.answered(permit_here, status, retry_after);
 
             // The `finish`es below are boxed: redirects and the HEAD fallback
             // are rare, and an inline drain future would triple the size of
@@ -220,7 +245,7 @@ impl Client {
                 Cow::Owned(u) => Some(u),
                 Cow::Borrowed(_) => None,
             };
-            return Ok(Exchange { session, pool_key, method, redirected_to, head_fallback, redirects });
+            return Ok(Exchange { session, pool_key, method, redirected_to, head_fallback, redirects, permit });
         }
     }
 
@@ -228,6 +253,11 @@ impl Client {
         if let Some(m) = &self.metrics {
             m.count_upstream_connection(reused);
         }
+    }
+
+    /// The per-host gate every upstream request passes.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 
     pub(crate) fn metrics(&self) -> Option<&Metrics> {

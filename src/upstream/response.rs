@@ -14,6 +14,7 @@ use url::Url;
 
 use super::resume::{Verdict, Window};
 use super::{Ask, Client, Exchange, Request};
+use crate::gate::Permit;
 
 /// Why a whole body could not be had.
 #[derive(Debug)]
@@ -38,6 +39,8 @@ pub struct Response {
     redirects: u32,
     /// Body bytes handed out so far, across resumptions.
     received: u64,
+    /// The slot at the host's gate, held while the body lasts.
+    permit: Option<Permit>,
     recovery: Recovery,
 }
 
@@ -57,10 +60,11 @@ struct Recovery {
 
 impl Response {
     /// `request` as asked; its URL becomes the final one.
-    pub(super) fn new(client: &Client, ex: Exchange, mut request: Request, attempts: u32) -> Response {
-        if let Some(url) = ex.redirected_to {
+    pub(super) fn new(client: &Client, mut ex: Exchange, mut request: Request, attempts: u32) -> Response {
+        if let Some(url) = ex.redirected_to.take() {
             request.url = url;
         }
+        let permit = ex.permit.take();
         Response {
             client: client.clone(),
             session: ex.session,
@@ -70,6 +74,7 @@ impl Response {
             sent_head: ex.method == Method::HEAD,
             redirects: ex.redirects,
             received: 0,
+            permit,
             recovery: Recovery { failure: None, attempts_left: attempts, whole: false, window: None, restarts: 0 },
         }
     }
@@ -166,12 +171,13 @@ impl Response {
     /// The same URL fetched again, whole: a `GET` without the client's
     /// `Range` and conditionals, with the same headers otherwise. This
     /// response's connection is given back first.
-    pub async fn refetch_whole(self) -> Result<Response, super::FetchError> {
+    pub async fn refetch_whole(mut self) -> Result<Response, super::FetchError> {
         let client = self.client.clone();
         let request = self.request.clone();
         let attempts = self.recovery.attempts_left;
+        let permit = self.permit.take();
         self.finish().await;
-        let ex = client.fetch(&request, Ask::Whole).await?;
+        let ex = client.fetch(&request, Ask::Whole, permit).await?;
         Ok(Response::new(&client, ex, Request { method: Method::GET, whole: true, ..request }, attempts))
     }
 
@@ -224,9 +230,10 @@ impl Response {
             );
             self.count(|m| m.resumes_attempted.inc());
             let ask = Ask::Resume { range, if_range: window.if_range.clone() };
-            match self.client.fetch(&self.request, ask).await {
-                Ok(ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
+            match self.client.fetch(&self.request, ask, self.permit.take()).await {
+                Ok(mut ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
                     Verdict::Continue => {
+                        self.permit = ex.permit.take();
                         self.session = ex.session;
                         self.pool_key = ex.pool_key;
                         self.count(|m| m.resumes_succeeded.inc());
@@ -234,6 +241,7 @@ impl Response {
                     }
                     Verdict::Retry(why) => {
                         log::warn!("resuming {} failed: {why}", self.host());
+                        self.permit = ex.permit.take();
                         self.client.finish(ex.session, ex.pool_key).await;
                     }
                     Verdict::Changed(why) => {
@@ -256,15 +264,19 @@ impl Response {
             backoff(tried).await;
             tried += 1;
             log::info!("upstream {} failed mid-playlist ({}); fetching it again", self.host(), e.etype().as_str());
-            match self.client.fetch(&self.request, Ask::Whole).await {
-                Ok(ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
+            match self.client.fetch(&self.request, Ask::Whole, self.permit.take()).await {
+                Ok(mut ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
+                    self.permit = ex.permit.take();
                     self.session = ex.session;
                     self.pool_key = ex.pool_key;
                     self.received = 0;
                     self.recovery.restarts += 1;
                     return Ok(());
                 }
-                Ok(ex) => self.client.finish(ex.session, ex.pool_key).await,
+                Ok(mut ex) => {
+                    self.permit = ex.permit.take();
+                    self.client.finish(ex.session, ex.pool_key).await
+                }
                 Err(fe) => log::warn!("fetching {} again failed: {fe}", self.host()),
             }
         }
@@ -302,6 +314,7 @@ impl Response {
             redirected_to: None,
             head_fallback: false,
             redirects: 0,
+            permit: None,
         };
         Response::new(client, ex, request, 0)
     }

@@ -53,6 +53,10 @@ pub struct SeenRequest {
     /// Header names as spelled on the wire, in order.
     pub spelled: Vec<String>,
     pub conn_id: usize,
+    /// When it arrived.
+    pub at: std::time::Instant,
+    /// Requests being answered when it arrived, itself included.
+    pub in_flight: usize,
 }
 
 impl SeenRequest {
@@ -134,6 +138,9 @@ pub struct Origin {
     pub open_connections: Arc<AtomicUsize>,
     /// Body bytes written to sockets so far (all responses).
     pub body_bytes_written: Arc<AtomicU64>,
+    /// Requests being answered now, and the most there ever were at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: Arc<AtomicUsize>,
     accepting: tokio::task::JoinHandle<()>,
 }
 
@@ -154,6 +161,8 @@ impl Origin {
         let connections = Arc::new(AtomicUsize::new(0));
         let open_connections = Arc::new(AtomicUsize::new(0));
         let written = Arc::new(AtomicU64::new(0));
+        let load = Load { now: Arc::new(AtomicUsize::new(0)), max: Arc::new(AtomicUsize::new(0)) };
+        let (in_flight, max_in_flight) = (load.now.clone(), load.max.clone());
         let handler: Arc<Handler> = Arc::new(handler);
         let (s, c, o, w) = (seen.clone(), connections.clone(), open_connections.clone(), written.clone());
         let accepting = tokio::spawn(async move {
@@ -165,14 +174,23 @@ impl Origin {
                 }
                 let id = c.fetch_add(1, Ordering::SeqCst);
                 o.fetch_add(1, Ordering::SeqCst);
-                let (h, s, o, w) = (handler.clone(), s.clone(), o.clone(), w.clone());
+                let (h, s, o, w, l) = (handler.clone(), s.clone(), o.clone(), w.clone(), load.clone());
                 tokio::spawn(async move {
-                    let _ = serve_conn(sock, id, h, s, w).await;
+                    let _ = serve_conn(sock, id, h, s, w, l).await;
                     o.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
-        Origin { addr, seen, connections, open_connections, body_bytes_written: written, accepting }
+        Origin {
+            addr,
+            seen,
+            connections,
+            open_connections,
+            body_bytes_written: written,
+            in_flight,
+            max_in_flight,
+            accepting,
+        }
     }
 
     /// Stops accepting connections (new ones are refused); those open go on.
@@ -233,16 +251,37 @@ pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// How many requests an origin is answering.
+#[derive(Clone)]
+struct Load {
+    now: Arc<AtomicUsize>,
+    max: Arc<AtomicUsize>,
+}
+
+/// One request being answered, from its arrival to its response's last byte
+/// (or the connection's end).
+struct Answering(Arc<AtomicUsize>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn serve_conn(
     mut sock: TcpStream,
     id: usize,
     handler: Arc<Handler>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
     written: Arc<AtomicU64>,
+    load: Load,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         let Some(head) = read_head(&mut sock, &mut buf).await else { return Ok(()) };
+        let in_flight = load.now.fetch_add(1, Ordering::SeqCst) + 1;
+        load.max.fetch_max(in_flight, Ordering::SeqCst);
+        let _answering = Answering(load.now.clone());
         let text = String::from_utf8_lossy(&head).to_string();
         let mut lines = text.split("\r\n");
         let start = lines.next().unwrap_or("");
@@ -250,7 +289,15 @@ async fn serve_conn(
         let method = parts.next().unwrap_or("").to_string();
         let target = parts.next().unwrap_or("").to_string();
         let (spelled, headers) = header_lines(lines);
-        let req = SeenRequest { method: method.clone(), target, headers, spelled, conn_id: id };
+        let req = SeenRequest {
+            method: method.clone(),
+            target,
+            headers,
+            spelled,
+            conn_id: id,
+            at: std::time::Instant::now(),
+            in_flight,
+        };
         seen.lock().unwrap().push(req.clone());
         let is_head = method == "HEAD";
         match handler(&req) {

@@ -1,0 +1,571 @@
+//! Hoster politeness: every upstream request passes the gate of the host
+//! it dials (each redirect hop the gate of its own host).
+//!
+//! - **Connection limit**: at most the host's limit of requests at once; a
+//!   streaming body holds its slot (a [`Permit`]) until it ends. Over the
+//!   limit a request waits, first come first served, at most
+//!   `upstream.queue_timeout`, then is refused (`503 upstream busy`).
+//! - **Cooldown**: a refusal (`429`, `509`, `503` with `Retry-After`) stops
+//!   everything to the host for `Retry-After` (or 1 s, doubling while the
+//!   refusals go on), clamped to 1 s .. `upstream.max_cooldown`. A request
+//!   whose wait would end within the queue timeout waits; others are
+//!   refused (`503 upstream cooling down`).
+//! - **Learned limit**: a refusal also sets the host's limit to what it
+//!   accepted — the requests in flight when it came, minus one — and each
+//!   run of `limit` successes raises it by one (additive increase, cut on
+//!   refusal, the shape of TCP's congestion control) — until a probe is
+//!   refused: that level is not tried again, or the host would refuse one
+//!   request every `limit` successes, forever. Ten quiet minutes lift
+//!   both. Without a learned limit every waiter would go at once when
+//!   a cooldown ends and be refused again.
+//!
+//! The rules are [`Host`]'s, pure and driven by the time they are given;
+//! [`Gate`] adds the queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::HeaderValue;
+use http::StatusCode;
+use tokio::sync::Notify;
+
+use crate::hosts::HostTable;
+use crate::metrics::Metrics;
+
+/// How long a host must go without a refusal before its learned limit is lifted.
+pub const QUIET: Duration = Duration::from_secs(600);
+
+/// The gate's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `upstream.max_connections_per_host` (0: unlimited).
+    pub per_host: u32,
+    /// `providers[].max_connections` by host (the first matching profile's;
+    /// 0: `per_host`).
+    pub providers: HostTable<u32>,
+    pub queue_timeout: Duration,
+    pub max_cooldown: Duration,
+    pub quiet: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            per_host: 0,
+            providers: HostTable::default(),
+            queue_timeout: Duration::from_secs(10),
+            max_cooldown: Duration::from_secs(120),
+            quiet: QUIET,
+        }
+    }
+}
+
+/// Why the gate refused a request (the client gets a 503 with `Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The host's slots stayed taken for the whole queue timeout.
+    Busy,
+    /// The host cools down this many more seconds.
+    CoolingDown(u64),
+}
+
+/// What a response said about the host's patience.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted.
+    Success,
+    /// Refused: cool down for `Some(Retry-After)`, or (`None`) by backing off.
+    Refusal(Option<Duration>),
+}
+
+impl Verdict {
+    /// `429`/`509` are refusals, `Retry-After` or not; a `503` only with one
+    /// (else it is just an error); everything else is a success.
+    pub fn of(status: StatusCode, retry_after: Option<&HeaderValue>, now: SystemTime) -> Verdict {
+        let after = retry_after.and_then(|v| parse_retry_after(v, now));
+        match status.as_u16() {
+            429 | 509 => Verdict::Refusal(after),
+            503 if after.is_some() => Verdict::Refusal(after),
+            _ => Verdict::Success,
+        }
+    }
+}
+
+/// `Retry-After`: delta-seconds or an HTTP-date (RFC 9110 §10.2.3); `None`
+/// for anything else (treated as absent).
+pub fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Some(secs) = crate::headers::digits(s) {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+/// One host's state: the rules, pure (time is an argument).
+#[derive(Debug, Default)]
+pub struct Host {
+    pub in_flight: u32,
+    /// The learned limit (`None`: only the configured one applies).
+    pub learned: Option<u32>,
+    /// Successes in a row since the limit last changed.
+    successes: u32,
+    /// The fewest requests in flight the host refused while a learned limit
+    /// held (a probe): the limit is not raised to it again.
+    ceiling: Option<u32>,
+    last_refusal: Option<Instant>,
+    pub cooldown_until: Option<Instant>,
+    /// Refusals without `Retry-After` in a row (the backoff's exponent).
+    backoffs: u32,
+    queue: VecDeque<Arc<Notify>>,
+}
+
+impl Host {
+    /// The limit in force now: the learned one (lifted after `quiet`),
+    /// never above the configured one (`0`: unlimited); `None`: no limit.
+    pub fn limit(&mut self, configured: u32, quiet: Duration, now: Instant) -> Option<u32> {
+        if self.last_refusal.is_some_and(|at| now.duration_since(at) >= quiet) {
+            self.learned = None;
+            self.ceiling = None;
+            self.last_refusal = None;
+        }
+        let configured = (configured > 0).then_some(configured);
+        match (self.learned, configured) {
+            (Some(l), Some(c)) => Some(l.min(c)),
+            (l, c) => l.or(c),
+        }
+    }
+
+    /// The cooldown left at `now`, if any.
+    pub fn cooling(&self, now: Instant) -> Option<Duration> {
+        self.cooldown_until.filter(|until| *until > now).map(|until| until - now)
+    }
+
+    /// Records an answer. A refusal returns the cooldown it started.
+    pub fn answered(
+        &mut self,
+        verdict: Verdict,
+        configured: u32,
+        max_cooldown: Duration,
+        now: Instant,
+    ) -> Option<Duration> {
+        match verdict {
+            Verdict::Success => {
+                self.backoffs = 0;
+                self.successes += 1;
+                if let Some(l) = self.learned {
+                    let below_refused = self.ceiling.is_none_or(|c| l + 1 < c);
+                    if self.successes >= l && below_refused {
+                        self.successes = 0;
+                        self.learned = Some(if configured > 0 { (l + 1).min(configured) } else { l + 1 });
+                    }
+                }
+                None
+            }
+            Verdict::Refusal(after) => {
+                let cooldown = match after {
+                    Some(d) => d,
+                    None => {
+                        let d = Duration::from_secs(1u64 << self.backoffs.min(16));
+                        self.backoffs += 1;
+                        d
+                    }
+                }
+                .clamp(Duration::from_secs(1), max_cooldown.max(Duration::from_secs(1)));
+                // What the host accepted: the requests in flight (this one
+                // among them) minus one. Refusals of one wave (while the
+                // cooldown they started runs) only ever lower it.
+                let accepted = self.in_flight.saturating_sub(1).max(1);
+                let same_wave = self.cooling(now).is_some();
+                let learned = match self.learned {
+                    // One wave: its refusals only ever lower the limit.
+                    Some(l) if same_wave => l.min(accepted),
+                    // Refused while a learned limit held (a probe above
+                    // it): that many is too many; probe no more.
+                    Some(_) => {
+                        let refused_at = self.in_flight.max(1);
+                        self.ceiling = Some(self.ceiling.map_or(refused_at, |c| c.min(refused_at)));
+                        accepted
+                    }
+                    None => accepted,
+                };
+                self.learned = Some(if configured > 0 { learned.min(configured) } else { learned });
+                self.successes = 0;
+                self.last_refusal = Some(now);
+                let until = now + cooldown;
+                self.cooldown_until = Some(self.cooldown_until.map_or(until, |u| u.max(until)));
+                Some(cooldown)
+            }
+        }
+    }
+
+    /// Nothing worth keeping: no request, waiter, cooldown or learned limit.
+    fn idle(&self, now: Instant) -> bool {
+        self.in_flight == 0 && self.queue.is_empty() && self.cooling(now).is_none() && self.learned.is_none()
+    }
+}
+
+/// The gates of all hosts (a cheap handle: a [`Permit`] keeps one).
+#[derive(Clone)]
+pub struct Gate(Arc<Inner>);
+
+struct Inner {
+    settings: Settings,
+    hosts: Mutex<HashMap<Box<str>, Host>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+/// A slot at a host, held while the request (and its body) lasts.
+pub struct Permit {
+    gate: Gate,
+    host: Box<str>,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Permit({})", self.host)
+    }
+}
+
+impl Permit {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut hosts = self.gate.lock();
+        if let Some(h) = hosts.get_mut(&self.host) {
+            h.in_flight = h.in_flight.saturating_sub(1);
+            if let Some(next) = h.queue.front() {
+                next.notify_one();
+            }
+        }
+    }
+}
+
+/// Removes a waiter from its host's queue however its wait ends (a slot,
+/// a refusal, the client gone: the future dropped), and lets the next one
+/// look.
+struct Queued<'a> {
+    gate: &'a Gate,
+    host: &'a str,
+    me: Arc<Notify>,
+    /// Taken off the queue with a slot already.
+    served: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.served {
+            return;
+        }
+        let mut hosts = self.gate.lock();
+        if let Some(h) = hosts.get_mut(self.host) {
+            let was_first = h.queue.front().is_some_and(|f| Arc::ptr_eq(f, &self.me));
+            h.queue.retain(|w| !Arc::ptr_eq(w, &self.me));
+            if was_first {
+                if let Some(next) = h.queue.front() {
+                    next.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl Gate {
+    pub fn new(settings: Settings, metrics: Option<Arc<Metrics>>) -> Gate {
+        Gate(Arc::new(Inner { settings, hosts: Mutex::new(HashMap::new()), metrics }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Host>> {
+        self.0.hosts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn configured(&self, host: &str) -> u32 {
+        let s = &self.0.settings;
+        s.providers.first(host).copied().filter(|n| *n > 0).unwrap_or(s.per_host)
+    }
+
+    /// A slot at `host` (lower-case), waiting in line when the host is at
+    /// its limit or cooling down — or why not.
+    pub async fn enter(&self, host: &str) -> Result<Permit, Refused> {
+        let s = &self.0.settings;
+        let configured = self.configured(host);
+        let deadline = Instant::now() + s.queue_timeout;
+        let mut queued: Option<Queued<'_>> = None;
+        loop {
+            let now = Instant::now();
+            let wait_until = {
+                let mut hosts = self.lock();
+                if hosts.len() > 4096 {
+                    hosts.retain(|_, h| !h.idle(now));
+                }
+                let h = match hosts.get_mut(host) {
+                    Some(h) => h,
+                    None => hosts.entry(host.into()).or_default(),
+                };
+                let limit = h.limit(configured, s.quiet, now);
+                let cooling = h.cooling(now);
+                let first = match &queued {
+                    Some(q) => h.queue.front().is_some_and(|f| Arc::ptr_eq(f, &q.me)),
+                    None => h.queue.is_empty(),
+                };
+                let room = limit.is_none_or(|l| h.in_flight < l);
+                if cooling.is_none() && room && first {
+                    h.in_flight += 1;
+                    if let Some(q) = &mut queued {
+                        h.queue.pop_front();
+                        q.served = true;
+                        // The next in line may fit too.
+                        if let Some(next) = h.queue.front() {
+                            if limit.is_none_or(|l| h.in_flight < l) {
+                                next.notify_one();
+                            }
+                        }
+                    }
+                    drop(hosts);
+                    return Ok(Permit { gate: self.clone(), host: host.into() });
+                }
+                if let Some(left) = cooling {
+                    if now + left > deadline {
+                        drop(hosts);
+                        self.count(|m| m.host_refused.inc());
+                        return Err(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64));
+                    }
+                }
+                if now >= deadline {
+                    drop(hosts);
+                    self.count(|m| m.host_refused.inc());
+                    return Err(Refused::Busy);
+                }
+                if queued.is_none() {
+                    let me = Arc::new(Notify::new());
+                    h.queue.push_back(me.clone());
+                    queued = Some(Queued { gate: self, host, me, served: false });
+                    self.count(|m| m.host_queue_waits.inc());
+                }
+                cooling.map_or(deadline, |left| (now + left).min(deadline))
+            };
+            let me = queued.as_ref().expect("queued above").me.clone();
+            let _ = tokio::time::timeout_at(wait_until.into(), me.notified()).await;
+        }
+    }
+
+    /// Records what `permit`'s host answered: a refusal starts its cooldown
+    /// (logged) and cuts its limit, a success counts towards raising it.
+    pub fn answered(&self, permit: &Permit, status: StatusCode, retry_after: Option<&HeaderValue>) {
+        let verdict = Verdict::of(status, retry_after, SystemTime::now());
+        let configured = self.configured(&permit.host);
+        let started = {
+            let mut hosts = self.lock();
+            let Some(h) = hosts.get_mut(&permit.host) else { return };
+            h.answered(verdict, configured, self.0.settings.max_cooldown, Instant::now())
+        };
+        if let Some(cooldown) = started {
+            log::warn!(
+                "upstream host {} refused ({}): cooling down for {} s",
+                permit.host,
+                status.as_u16(),
+                cooldown.as_secs_f64().ceil()
+            );
+            self.count(|m| m.host_cooldowns.inc());
+        }
+    }
+
+    /// A host's state now: (in flight, learned limit, cooldown left, waiting).
+    pub fn state(&self, host: &str) -> (u32, Option<u32>, Option<Duration>, usize) {
+        let mut hosts = self.lock();
+        let now = Instant::now();
+        let configured = self.configured(host);
+        match hosts.get_mut(host) {
+            Some(h) => {
+                h.limit(configured, self.0.settings.quiet, now);
+                (h.in_flight, h.learned, h.cooling(now), h.queue.len())
+            }
+            None => (0, None, None, 0),
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&Metrics)) {
+        if let Some(m) = &self.0.metrics {
+            f(m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_secs(120);
+
+    #[test]
+    fn retry_after_in_both_forms_and_garbage() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        let v = |s: &str| parse_retry_after(&HeaderValue::from_str(s).unwrap(), now);
+        assert_eq!(v("2"), Some(Duration::from_secs(2)));
+        assert_eq!(v(" 3600 "), Some(Duration::from_secs(3600)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(v(&later), Some(Duration::from_secs(30)));
+        assert_eq!(v(&httpdate::fmt_http_date(now - Duration::from_secs(30))), Some(Duration::ZERO));
+        for garbage in ["soon", "-1", "1.5", ""] {
+            assert_eq!(v(garbage), None, "{garbage:?}");
+        }
+        let at = |status, ra: Option<&str>| {
+            Verdict::of(
+                StatusCode::from_u16(status).unwrap(),
+                ra.map(|r| HeaderValue::from_str(r).unwrap()).as_ref(),
+                now,
+            )
+        };
+        assert_eq!(at(429, None), Verdict::Refusal(None));
+        assert_eq!(at(509, Some("x")), Verdict::Refusal(None), "garbage is absent");
+        assert_eq!(at(503, Some("5")), Verdict::Refusal(Some(Duration::from_secs(5))));
+        assert_eq!(at(503, None), Verdict::Success, "a 503 without Retry-After is just an error");
+        assert_eq!(at(404, Some("5")), Verdict::Success);
+    }
+
+    #[test]
+    fn cooldowns_clamp_and_back_off() {
+        let t0 = Instant::now();
+        let mut h = Host { in_flight: 1, ..Host::default() };
+        assert_eq!(h.answered(Verdict::Refusal(Some(Duration::from_secs(3600))), 0, MAX, t0), Some(MAX));
+        assert_eq!(h.answered(Verdict::Refusal(Some(Duration::ZERO)), 0, MAX, t0), Some(Duration::from_secs(1)));
+        let mut h = Host { in_flight: 1, ..Host::default() };
+        let secs: Vec<u64> =
+            (0..4).map(|_| h.answered(Verdict::Refusal(None), 0, MAX, t0).unwrap().as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8], "doubling while refusals go on");
+        h.answered(Verdict::Success, 0, MAX, t0);
+        assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, t0).unwrap().as_secs(), 1, "back to 1 s after a success");
+        assert_eq!(h.cooling(t0 + Duration::from_millis(500)), Some(Duration::from_millis(7500)));
+        assert_eq!(h.cooling(t0 + Duration::from_secs(9)), None);
+    }
+
+    #[test]
+    fn the_limit_is_learned_raised_and_lifted() {
+        let t0 = Instant::now();
+        let quiet = Duration::from_secs(600);
+        let mut h = Host::default();
+        assert_eq!(h.limit(0, quiet, t0), None, "unlimited until refused");
+        // Five in flight when the hoster refuses: it accepted four. The
+        // wave's other refusals (fewer in flight by then) do not raise it.
+        h.in_flight = 5;
+        h.answered(Verdict::Refusal(Some(Duration::from_secs(2))), 0, MAX, t0);
+        assert_eq!(h.limit(0, quiet, t0), Some(4));
+        h.in_flight = 6;
+        h.answered(Verdict::Refusal(Some(Duration::from_secs(2))), 0, MAX, t0);
+        assert_eq!(h.limit(0, quiet, t0), Some(4), "the same wave never raises it");
+        // `limit` successes in a row raise it by one: a probe.
+        for _ in 0..4 {
+            h.answered(Verdict::Success, 0, MAX, t0);
+        }
+        assert_eq!(h.limit(0, quiet, t0), Some(5));
+        // The probe refused (five in flight, after the wave's cooldown):
+        // back to four, and five is not tried again.
+        h.in_flight = 5;
+        h.answered(Verdict::Refusal(Some(Duration::from_secs(1))), 0, MAX, t0 + Duration::from_secs(5));
+        assert_eq!(h.limit(0, quiet, t0), Some(4));
+        for _ in 0..40 {
+            h.answered(Verdict::Success, 0, MAX, t0 + Duration::from_secs(10));
+        }
+        assert_eq!(h.limit(0, quiet, t0), Some(4), "no more probes at a refused level");
+        // A configured limit caps what is learned.
+        assert_eq!(h.limit(3, quiet, t0), Some(3));
+        // One in flight refused: at least one is always allowed.
+        let mut one = Host { in_flight: 1, ..Host::default() };
+        one.answered(Verdict::Refusal(None), 0, MAX, t0);
+        assert_eq!(one.limit(0, quiet, t0), Some(1));
+        // Quiet for the whole period since the last refusal: unlimited (or
+        // configured) again, and probing may start over.
+        assert_eq!(h.limit(0, quiet, t0 + quiet), Some(4), "not yet: refused at t0 + 5 s");
+        assert_eq!(h.limit(0, quiet, t0 + Duration::from_secs(5) + quiet), None);
+        assert_eq!((h.learned, h.ceiling), (None, None));
+        assert_eq!(one.limit(2, quiet, t0 + quiet + Duration::from_secs(1)), Some(2));
+    }
+
+    fn gate(per_host: u32, queue: Duration) -> Gate {
+        Gate::new(Settings { per_host, queue_timeout: queue, ..Settings::default() }, None)
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_requests_wait_in_order_then_give_up() {
+        let g = gate(2, Duration::from_millis(300));
+        let a = g.enter("h").await.unwrap();
+        let b = g.enter("h").await.unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiters: Vec<_> = (0..3)
+            .map(|i| {
+                let (g, order) = (g.clone(), order.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(10 * i)).await;
+                    let p = g.enter("h").await;
+                    order.lock().unwrap().push(i);
+                    let held = p?;
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    drop(held);
+                    Ok::<(), Refused>(())
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(g.state("h").3, 3, "three waiting");
+        drop(a);
+        let results: Vec<_> = {
+            let mut r = Vec::new();
+            for w in waiters {
+                r.push(w.await.unwrap());
+            }
+            r
+        };
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2], "first come first served");
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        // Both slots taken for the whole queue timeout: busy.
+        let c = g.enter("h").await.unwrap();
+        assert_eq!(g.enter("h").await.err(), Some(Refused::Busy));
+        drop((b, c));
+        assert_eq!(g.state("h"), (0, None, None, 0), "no slot or waiter leaks");
+        // Another host is not delayed by this one.
+        let _full = (g.enter("h").await.unwrap(), g.enter("h").await.unwrap());
+        let other = tokio::time::timeout(Duration::from_millis(50), g.enter("other")).await;
+        assert!(other.is_ok_and(|p| p.is_ok()));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_leaves_the_queue() {
+        let g = gate(1, Duration::from_secs(5));
+        let held = g.enter("h").await.unwrap();
+        let waiting = tokio::spawn({
+            let g = g.clone();
+            async move { g.enter("h").await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(g.state("h").3, 1);
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(g.state("h").3, 0, "gone at once");
+        drop(held);
+        let again = tokio::time::timeout(Duration::from_millis(50), g.enter("h")).await;
+        assert!(again.is_ok_and(|p| p.is_ok()), "the slot is free");
+        assert_eq!(g.state("h").0, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cooling_host_gets_nothing_until_it_is_ready() {
+        let g = gate(0, Duration::from_millis(1500));
+        let p = g.enter("h").await.unwrap();
+        g.answered(&p, StatusCode::TOO_MANY_REQUESTS, Some(&HeaderValue::from_static("1")));
+        drop(p);
+        let started = Instant::now();
+        let waited = g.enter("h").await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(900), "waited out the cooldown: {:?}", started.elapsed());
+        g.answered(&waited, StatusCode::TOO_MANY_REQUESTS, Some(&HeaderValue::from_static("60")));
+        drop(waited);
+        match g.enter("h").await {
+            Err(Refused::CoolingDown(s)) => assert!((59..=60).contains(&s), "{s}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! DESIGN "Hoster politeness (per-host gate)", judged from the hoster's
+//! side: how many requests it had at once, how many it refused, and when
+//! requests arrived after a refusal.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SEG: u64 = 128 * 1024;
+
+/// A hoster that allows `allowed` requests at once and answers the one
+/// over with `429` and `retry_after` (if any); segments trickle for ~80 ms.
+async fn throttling(allowed: usize, retry_after: Option<&'static str>) -> Origin {
+    Origin::start(move |req| {
+        if req.in_flight > allowed {
+            let refusal = Resp::new(429, Body::Bytes(b"slow down\n".to_vec()));
+            return match retry_after {
+                Some(ra) => refusal.header("Retry-After", ra).into(),
+                None => refusal.into(),
+            };
+        }
+        let i: u64 = req.path().trim_start_matches("/seg").trim_end_matches(".ts").parse().unwrap_or(0);
+        // Each answer holds the hoster for a while.
+        Action::Delayed(Duration::from_millis(80), serve_bytes(req, &pattern(i * SEG, SEG), Some("video/mp2t")))
+    })
+    .await
+}
+
+async fn proxy(extra: &str) -> Proxy {
+    Proxy::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n{extra}")).await
+}
+
+/// How a player reacts to a refusal: retry after 0.2 s whatever it was
+/// told (most players), or wait `Retry-After` as told.
+#[derive(Clone, Copy)]
+enum Player {
+    Impatient,
+    Obedient,
+}
+
+/// 24 players fetch 48 distinct segments (two each) through the proxy,
+/// retrying refusals as `player` does; every file is checked byte for byte.
+async fn crowd(p: &Proxy, o: &Origin, player: Player) {
+    let players: Vec<_> = (0..24u64)
+        .map(|n| {
+            let (addr, base) = (p.addr(), o.url(""));
+            tokio::spawn(async move {
+                for i in [2 * n, 2 * n + 1] {
+                    let path = relay_path("s.ts", &format!("{base}/seg{i}.ts"));
+                    let started = Instant::now();
+                    loop {
+                        let got = get(addr, "GET", &path, &[]).await;
+                        if got.status == 200 {
+                            assert_body(&got.body, &pattern(i * SEG, SEG));
+                            break;
+                        }
+                        assert!(matches!(got.status, 429 | 503), "{}", got.status);
+                        assert!(started.elapsed() < Duration::from_secs(60), "segment {i} never arrived");
+                        let wait = match player {
+                            Player::Impatient => Duration::from_millis(200),
+                            Player::Obedient => {
+                                Duration::from_secs(got.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1))
+                            }
+                        };
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for pl in players {
+        pl.await.unwrap();
+    }
+}
+
+fn refusals(o: &Origin) -> Vec<SeenRequest> {
+    o.requests().into_iter().filter(|r| r.in_flight > 4).collect()
+}
+
+/// With `max_connections: 4` for the hoster, it never sees more than 4 at
+/// once and never refuses; all 48 files arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_limit_keeps_the_hoster_within_it() {
+    let o = throttling(4, Some("2")).await;
+    let p = proxy("providers: [{hosts: [\"127.0.0.1\"], max_connections: 4}]\n").await;
+    crowd(&p, &o, Player::Impatient).await;
+    assert!(
+        o.max_in_flight.load(Ordering::SeqCst) <= 4,
+        "at most 4 at once: {}",
+        o.max_in_flight.load(Ordering::SeqCst)
+    );
+    assert!(refusals(&o).is_empty(), "the hoster never refused");
+    assert_eq!(o.requests().len(), 48);
+    assert!(p.server.metrics.render().windows(32).any(|w| w == b"anibridge_host_queue_waits_total"));
+    assert_eq!(p.server.gate.state("127.0.0.1"), (0, None, None, 0), "no slot left held");
+}
+
+/// Without a configured limit, players that retry at once and players that
+/// wait as told: after a refusal nothing reaches the hoster before its
+/// `Retry-After` is over (but what was already on the way), the hoster
+/// refuses about one wave and then no more, all 48 files arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_limit_the_gate_learns_it_and_honours_retry_after() {
+    for player in [Player::Impatient, Player::Obedient] {
+        let o = throttling(4, Some("2")).await;
+        let p = proxy("").await;
+        crowd(&p, &o, player).await;
+        let seen = o.requests();
+        let refused = refusals(&o);
+        assert!(!refused.is_empty(), "the hoster was asked too much at first");
+        assert!(refused.len() <= 48, "about one wave of refusals, not {}", refused.len());
+        // Nothing arrives inside a pause the hoster asked for, except what
+        // was on its way when the refusal went out (50 ms on loopback).
+        for r in &refused {
+            let early: Vec<_> = seen
+                .iter()
+                .filter(|s| s.at > r.at + Duration::from_millis(50) && s.at < r.at + Duration::from_millis(1950))
+                .collect();
+            assert!(early.is_empty(), "{} requests arrived inside a Retry-After pause", early.len());
+        }
+        let ok = seen.iter().filter(|s| s.in_flight <= 4).count();
+        assert_eq!(ok, 48, "every file once, then no more refusals");
+        let (_, learned, _, _) = p.server.gate.state("127.0.0.1");
+        assert_eq!(learned, Some(4), "the limit learned");
+        eprintln!("{} refusals for 48 files", refused.len());
+    }
+}
+
+/// Hosters allowing 1, 4 and 16 at once: the gate settles on exactly that,
+/// after the first wave of refusals (and perhaps one refused probe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_learned_limit_settles_near_what_the_hoster_allows() {
+    for allowed in [1usize, 4, 16] {
+        let o = Origin::start(move |req| {
+            if req.in_flight > allowed {
+                return Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "1").into();
+            }
+            Action::Delayed(Duration::from_millis(60), serve_file(req, 10_000, Some("video/mp2t")))
+        })
+        .await;
+        let p = proxy("").await;
+        // 32 clients, three files each: demand stays above the limit, so
+        // the gate's probes above it are tried.
+        let fetches: Vec<_> = (0..32)
+            .map(|c| {
+                let (addr, base) = (p.addr(), o.url(""));
+                tokio::spawn(async move {
+                    for i in 0..3 {
+                        let url = relay_path("f.ts", &format!("{base}/f{c}-{i}"));
+                        while get(addr, "GET", &url, &[]).await.status != 200 {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for f in fetches {
+            f.await.unwrap();
+        }
+        let refused = o.requests().iter().filter(|r| r.in_flight > allowed).count();
+        let (_, learned, _, _) = p.server.gate.state("127.0.0.1");
+        eprintln!("hoster allows {allowed}: the gate settled on {learned:?} after {refused} refusals");
+        assert_eq!(learned, Some(allowed as u32), "settled on what the hoster allows");
+        // The first wave, and at most one probe above the limit learned.
+        assert!(refused <= 32 - allowed + 1, "one wave of refusals, then none: {refused}");
+        assert!(o.max_in_flight.load(Ordering::SeqCst) <= 32);
+    }
+}
+
+/// Each form of `Retry-After` (and none), measured from the hoster's side:
+/// the gap between the refusal and the next request it sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooldowns_last_what_the_hoster_asked_within_bounds() {
+    let in_2s = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+    // (status, Retry-After, the shortest and longest gap allowed)
+    let cases: Vec<(u16, Option<String>, f64, f64)> = vec![
+        (429, Some(in_2s), 1.0, 3.6),
+        (429, Some("3600".into()), 2.0, 2.9), // clamped to max_cooldown: 2 s
+        (429, Some("soon".into()), 1.0, 1.9), // garbage: as if absent, 1 s
+        (509, None, 1.0, 1.9),
+        (503, Some("1".into()), 1.0, 1.9),
+    ];
+    for (status, retry_after, least, most) in cases {
+        let first = Arc::new(AtomicUsize::new(0));
+        let f = first.clone();
+        let ra = retry_after.clone();
+        let o = Origin::start(move |req| {
+            if f.fetch_add(1, Ordering::SeqCst) == 0 {
+                let refusal = Resp::new(status, Body::Bytes(Vec::new()));
+                return match ra.as_deref() {
+                    Some(v) => refusal.header("Retry-After", v).into(),
+                    None => refusal.into(),
+                };
+            }
+            serve_file(req, 100, None).into()
+        })
+        .await;
+        let p = proxy("upstream: {max_cooldown: \"2s\", queue_timeout: \"5s\"}\n").await;
+        let refused = get(p.addr(), "GET", &relay_path("x", &o.url("/a")), &[]).await;
+        assert_eq!(refused.status, status, "the refusal reaches its client as it is");
+        let next = get(p.addr(), "GET", &relay_path("x", &o.url("/b")), &[]).await;
+        assert_eq!(next.status, 200, "it waited out the cooldown, then went");
+        let seen = o.requests();
+        let gap = (seen[1].at - seen[0].at).as_secs_f64();
+        assert!(gap >= least && gap <= most, "{status} {retry_after:?}: {gap:.2} s, not {least}..{most}");
+        assert_eq!(p.server.metrics.host_cooldowns.get(), 1);
+    }
+}
+
+/// A request whose wait would outlast the queue timeout is refused at once
+/// with the seconds left; a saturated or cooling host does not delay
+/// another host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
+    let o = Origin::start(|req| match req.path() {
+        "/refuse" => Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "30").into(),
+        _ => serve_file(req, 100, None).into(),
+    })
+    .await;
+    let p = proxy("upstream: {queue_timeout: \"1s\", max_connections_per_host: 1}\n").await;
+    // Host A is 127.0.0.1, host B "localhost" (the same origin, another gate).
+    assert_eq!(get(p.addr(), "GET", &relay_path("x", &o.url("/refuse")), &[]).await.status, 429);
+    let started = Instant::now();
+    let cooling = get(p.addr(), "GET", &relay_path("x", &o.url("/a")), &[]).await;
+    assert_eq!(cooling.status, 503);
+    assert_eq!(cooling.text(), "upstream cooling down\n");
+    let left: u64 = cooling.header("retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&left), "{left}");
+    assert!(started.elapsed() < Duration::from_millis(500), "refused at once, not after waiting");
+    let b = o.url("/b").replace("127.0.0.1", "localhost");
+    let other = get(p.addr(), "GET", &relay_path("x", &b), &[]).await;
+    assert_eq!(other.status, 200, "host B is not cooling");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(o.requests().len(), 2, "nothing was sent to the cooling host");
+    assert_eq!(p.server.metrics.host_refused.get(), 1);
+
+    // Saturated: B's one slot is held by a slow body; A's requests wait, B's too, separately.
+    let slow = Origin::start(|_| {
+        Resp::new(200, Body::Slow { len: 400_000, piece: 20_000, pause: Duration::from_millis(100) }).into()
+    })
+    .await;
+    let held = tokio::spawn({
+        let (addr, url) = (p.addr(), slow.url("/long").replace("127.0.0.1", "localhost"));
+        async move { get(addr, "GET", &relay_path("x", &url), &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = get(p.addr(), "GET", &relay_path("x", &slow.url("/x").replace("127.0.0.1", "localhost")), &[]).await;
+    assert_eq!((busy.status, busy.header("retry-after")), (503, Some("1")));
+    assert_eq!(busy.text(), "upstream busy\n");
+    assert_eq!(held.await.unwrap().body.len(), 400_000);
+}
+
+/// No slot leaks: a request cancelled mid-body (its client gone), one
+/// resumed mid-body (on its own slot: with a limit of 1 it does not wait
+/// for itself), and a coalesced reader holding none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_released_however_a_request_ends() {
+    let dies_once = Arc::new(AtomicUsize::new(0));
+    let d = dies_once.clone();
+    let o = Origin::start(move |req| match req.path() {
+        "/slow" => Resp::new(200, Body::Slow { len: 2_000_000, piece: 20_000, pause: Duration::from_millis(20) })
+            .header("Cache-Control", "no-store")
+            .into(),
+        "/resumed" if d.fetch_add(1, Ordering::SeqCst) == 0 => {
+            let mut r = serve_file(req, 300_000, Some("video/mp4"));
+            r.body = Body::DieAfter { declared: 300_000, sent: pattern(0, 50_000) };
+            r.into()
+        }
+        _ => serve_file(req, 300_000, Some("video/mp4")).into(),
+    })
+    .await;
+    // The cache on whatever the run says: its answers are part of the check.
+    let p = proxy("upstream: {max_connections_per_host: 1}\ncache: {}\n").await;
+    // Cancelled mid-body.
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", relay_path("x", &o.url("/slow"))).as_bytes()).await;
+    let mut sock = c.into_inner();
+    let mut some = [0u8; 30_000];
+    use tokio::io::AsyncReadExt;
+    sock.read_exact(&mut some).await.unwrap();
+    assert_eq!(p.server.gate.state("127.0.0.1").0, 1, "the stream holds its slot");
+    drop(sock);
+    for _ in 0..100 {
+        if p.server.gate.state("127.0.0.1").0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.server.gate.state("127.0.0.1"), (0, None, None, 0), "released when the client left");
+    // Resumed on its own slot.
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/resumed")), &[]).await;
+    assert!(got.complete);
+    assert_body(&got.body, &pattern(0, 300_000));
+    assert_eq!(o.count("/resumed"), 2);
+    assert_eq!(p.server.gate.state("127.0.0.1").0, 0);
+    // Answered from the cache: no slot at all, even with the host's one slot taken.
+    let hold = tokio::spawn({
+        let (addr, url) = (p.addr(), o.url("/slow"));
+        async move { get(addr, "GET", &relay_path("x", &url), &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(p.server.gate.state("127.0.0.1").0, 1);
+    let started = Instant::now();
+    let cached = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/resumed")), &[]).await;
+    assert_eq!(cached.status, 200);
+    assert!(started.elapsed() < Duration::from_millis(500), "not queued behind the held slot");
+    assert_eq!(o.count("/resumed"), 2, "from memory");
+    hold.abort();
+}
+
+/// `/strm/stream`: a 429 still re-resolves once, and the retry passes the
+/// gate like any request (it waits out the cooldown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_url_refused_429_is_refreshed_and_the_retry_waits_its_turn() {
+    let o = Origin::start(|req| match req.path() {
+        "/old" => Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "1").into(),
+        _ => serve_file(req, 1000, Some("video/mp4")).into(),
+    })
+    .await;
+    let calls = Arc::new(Mutex::new(0));
+    let (c, old, new) = (calls.clone(), o.url("/old"), o.url("/new"));
+    let r = Origin::start(move |_| {
+        let mut n = c.lock().unwrap();
+        *n += 1;
+        let url = if *n == 1 { &old } else { &new };
+        Resp::new(200, Body::Bytes(format!("{{\"url\":\"{url}\",\"ttl_seconds\":60}}").into_bytes()))
+            .header("Content-Type", "application/json")
+            .into()
+    })
+    .await;
+    let p = proxy(&format!("resolver: {{url: \"{}\"}}\n", r.url("/resolve"))).await;
+    let got = get(p.addr(), "GET", "/strm/stream?site=s&slug=x&s=1&e=1", &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(*calls.lock().unwrap(), 2, "resolved once more");
+    let seen = o.requests();
+    assert_eq!(seen.iter().map(|r| r.path().to_string()).collect::<Vec<_>>(), ["/old", "/new"]);
+    assert!(seen[1].at - seen[0].at >= Duration::from_millis(950), "the retry waited out the cooldown");
+}
