@@ -4,12 +4,20 @@ with a bare Pingora proxy (benches/load/bare_pingora.rs) as the reference
 for what Pingora itself costs in phases 1 and 2.
 
 Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
-  1. small Range GETs (64 KiB of 1 MiB files, random offsets), 64 connections
+  1. small Range GETs (64 KiB of 1 MiB files, random offsets), 64 connections;
+     anibridge-proxy with the cache off (the relay, the same job as nginx
+     without a cache), with the cache on and nothing cacheable (the miss
+     path: origin says no-store), and answering from its cache against
+     nginx answering from proxy_cache
   2. one 1 GiB download (interleaved rounds, median)
   3. 500 slow clients (~64 KiB/s each) of 100 MiB files for 30 s: peak RSS
      and the upstream read rate seen at the origin side
   4. CPU seconds per GB relayed (from phase 2)
-Prints one table and writes BENCHMARKS.md (run from the repository root).
+  5. a crowd: 50 viewers x 20 segments of 1 MiB from a slow origin (first
+     byte after 200 ms, 4 MiB/s per connection): GETs the origin served per
+     segment and the time to each viewer's first body byte, for
+     anibridge-proxy's cache, nginx with proxy_cache_lock, and no cache
+Prints the tables and writes BENCHMARKS.md (run from the repository root).
 """
 import argparse, asyncio, hashlib, hmac, json, os, platform, re, shutil, signal
 import socket, statistics, subprocess, tempfile, time
@@ -21,6 +29,8 @@ BARE = os.path.join(ROOT, "target/release/examples/bare_pingora")
 SECRET = "bench-secret"
 ORIGIN, NGINX, PROXY, ADMIN, PINGORA = 18081, 18082, 18083, 18084, 18085
 COMPARE, COMPARE_ADMIN = 18086, 18087
+MISS, MISS_ADMIN, CACHED, CACHED_ADMIN, NGINX_CACHE = 18088, 18089, 18090, 18091, 18092
+SLOW_ORIGIN, NGINX_LOCK = 18093, 18094
 N_FILES = 16
 
 
@@ -39,8 +49,8 @@ def wait_port(port, timeout=20):
     raise SystemExit(f"port {port} did not open")
 
 
-def signed(path):
-    params = [("u", f"http://127.0.0.1:{ORIGIN}{path}")]
+def signed(path, origin=ORIGIN):
+    params = [("u", f"http://127.0.0.1:{origin}{path}")]
     sig = hmac.new(SECRET.encode(), urlencode(sorted(params)).encode(), hashlib.sha256).hexdigest()
     hint = path.split("?")[0].rsplit("/", 1)[-1]
     return f"/strm/proxy/{hint}?" + urlencode(params + [("sig", sig)])
@@ -180,6 +190,49 @@ async def slow_phase(target, clients, seconds, rate, work):
     }
 
 
+async def crowd_viewer(port, paths, jitter, ttfbs, sizes):
+    """One viewer: the segments in order on one keep-alive connection; the
+    time from each request to its first body byte."""
+    await asyncio.sleep(jitter)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    try:
+        for path in paths:
+            sent = time.monotonic()
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            first = await reader.read(min(length, 65536))
+            ttfbs.append(time.monotonic() - sent)
+            got = len(first)
+            while got < length:
+                got += len(await reader.readexactly(min(length - got, 1 << 20)))
+            sizes.append(got)
+    finally:
+        writer.close()
+
+
+def crowd(target, viewers, segments, work):
+    """Phase 5 for one target: `viewers` viewers of `segments` segments of
+    1 MiB from the slow origin; the origin's GETs per segment and the
+    median and p90 time to first body byte."""
+    prefix = f"/c/{target.name}"
+    paths = [target.path_for(f"{prefix}/seg{i:02}.ts") for i in range(segments)]
+    ttfbs, sizes = [], []
+    started = time.monotonic()
+
+    async def run():
+        await asyncio.gather(*[crowd_viewer(target.port, paths, (v * 7 % 200) / 1000, ttfbs, sizes)
+                               for v in range(viewers)])
+    asyncio.run(run())
+    took = time.monotonic() - started
+    assert len(sizes) == viewers * segments and all(n == 1 << 20 for n in sizes), f"{target.name}: short bodies"
+    gets = [l.strip() for l in open(os.path.join(work, "slow_origin.log")) if l.startswith(prefix)]
+    ttfbs.sort()
+    return {"gets_per_segment": len(gets) / segments, "ttfb_p50_ms": 1000 * ttfbs[len(ttfbs) // 2],
+            "ttfb_p90_ms": 1000 * ttfbs[len(ttfbs) * 9 // 10], "seconds": took}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="short phases (smoke run)")
@@ -190,9 +243,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="anibridge-proxy worker threads")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target in phases 1 and 2")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
-    ap.add_argument("--phases", default="1,2,3", help="which phases to run (a partial run never writes)")
+    ap.add_argument("--phases", default="1,2,3,5", help="which phases to run (a partial run never writes)")
     ap.add_argument("--compare", metavar="BIN", help="also measure this anibridge-proxy binary (e.g. an earlier "
-                    "build) in the same interleaved rounds, as target 'compare'; the run then never writes")
+                    "build, run with the config it knows) in the same interleaved rounds, as target 'compare'")
     args = ap.parse_args()
     round_secs = 2 if args.quick else 3
     slow_secs = 8 if args.quick else 30
@@ -230,7 +283,7 @@ def main():
 
 
 def run_phases(args, work, data, procs, round_secs, slow_secs, clients):
-    def anibridge(binary, port, admin):
+    def anibridge(binary, port, admin, extra=""):
         cfg = os.path.join(work, f"anibridge-{port}.yaml")
         with open(cfg, "w") as f:
             f.write(f"""listen: "127.0.0.1:{port}"
@@ -238,7 +291,7 @@ admin_listen: "127.0.0.1:{admin}"
 threads: {args.threads}
 auth: {{mode: token, secret: "{SECRET}"}}
 egress: {{allow_cidrs: ["127.0.0.0/8"]}}
-""")
+{extra}""")
         p = subprocess.Popen([binary, "--config", cfg], env={**os.environ, "RUST_LOG": "warn"})
         procs.append(p)
         wait_port(port)
@@ -272,6 +325,8 @@ http {{
   server {{
     listen 127.0.0.1:{ORIGIN}; root {data};
     location ~ ^/h {{ access_log {work}/origin_slow.log bytes; }}
+    # The same files, marked not cacheable (the cache's miss path).
+    location /ns/ {{ alias {data}/; add_header Cache-Control "no-store"; }}
   }}""")
     ngx = nginx("nginx", NGINX, 2, f"""
   upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
@@ -286,7 +341,47 @@ http {{
       proxy_buffers 8 64k;
     }}
   }}""")
-    ab = anibridge(BIN, PROXY, ADMIN)
+    # nginx answering from proxy_cache (phase 1's hits), and with
+    # proxy_cache_lock in front of the slow origin (phase 5).
+    ngx_cache = nginx("nginx_cache", NGINX_CACHE, 2, f"""
+  upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
+  upstream slow {{ server 127.0.0.1:{SLOW_ORIGIN}; keepalive 64; }}
+  proxy_cache_path {work}/nginx_hits levels=1:2 keys_zone=hits:10m max_size=1g inactive=60m use_temp_path=off;
+  proxy_cache_path {work}/nginx_lock levels=1:2 keys_zone=lock:10m max_size=1g inactive=60m use_temp_path=off;
+  server {{
+    listen 127.0.0.1:{NGINX_CACHE};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache hits;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 206 60m;
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{NGINX_LOCK};
+    location / {{
+      proxy_pass http://slow;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache lock;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 60m;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 60s;
+      proxy_cache_lock_age 60s;
+    }}
+  }}""")
+    slow_origin = subprocess.Popen(["python3", os.path.join(ROOT, "benches/load/slow_origin.py"), str(SLOW_ORIGIN),
+                                    os.path.join(work, "slow_origin.log")])
+    procs.append(slow_origin)
+    wait_port(SLOW_ORIGIN)
+    # The relay: cache off, the same job as nginx without a cache.
+    ab = anibridge(BIN, PROXY, ADMIN, "cache: {max_bytes: 0}\n")
+    # The shipped default (cache on): nothing cacheable, then from memory.
+    miss = anibridge(BIN, MISS, MISS_ADMIN)
+    cached = anibridge(BIN, CACHED, CACHED_ADMIN)
     # Same worker count as anibridge-proxy, same origin.
     bare = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA}", f"127.0.0.1:{ORIGIN}", str(args.threads)],
                             env={**os.environ, "RUST_LOG": "warn"})
@@ -302,27 +397,44 @@ http {{
     if args.compare:
         cmp = anibridge(args.compare, COMPARE, COMPARE_ADMIN)
         targets.append(Target("compare", COMPARE, signed, lambda: [cmp.pid]))
-    results = {t.name: {} for t in targets}
+    # Phase 1 only: the cache's miss path and its hits, beside nginx's hits.
+    cache_targets = [
+        Target("anibridge_miss", MISS, lambda p: signed("/ns" + p), lambda: [miss.pid]),
+        Target("nginx_cache", NGINX_CACHE, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
+        Target("anibridge_cache", CACHED, signed, lambda: [cached.pid]),
+    ]
+    # Phase 5: the crowd, from the slow origin.
+    crowd_targets = [
+        Target("anibridge_cache", CACHED, lambda p: signed(p, SLOW_ORIGIN), lambda: [cached.pid]),
+        Target("nginx_lock", NGINX_LOCK, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
+        Target("anibridge", PROXY, lambda p: signed(p, SLOW_ORIGIN), lambda: [ab.pid]),
+    ]
+    results = {t.name: {} for t in targets + cache_targets}
+    results["crowd"] = {}
     # Sanity: identical bytes through every target.
     want = hashlib.sha256(open(os.path.join(data, "f3.bin"), "rb").read()[100:200]).hexdigest()
-    for t in targets:
+    for t in targets + cache_targets:
         body = subprocess.run(["curl", "-s", "-H", "Range: bytes=100-199", t.url("/f3.bin")], capture_output=True).stdout
         assert hashlib.sha256(body).hexdigest() == want, f"{t.name} returned wrong bytes"
+    # The caches hold every file before phase 1 (whole GETs fill them).
+    for t in cache_targets:
+        for i in range(N_FILES):
+            subprocess.run(["curl", "-s", "-o", "/dev/null", t.url(f"/f{i}.bin")], check=True)
 
     phases = set(args.phases.split(","))
     if "1" in phases:
         # Interleaved rounds (direct, nginx, pingora, anibridge, direct, ...): drift
         # on the shared machine hits every target alike; each figure is the
         # median of its rounds.
-        for t in targets:
+        for t in targets + cache_targets:
             wrk(t, 3, work)  # warm-up
-        rounds = {t.name: [] for t in targets}
+        rounds = {t.name: [] for t in targets + cache_targets}
         for i in range(args.rounds):
-            for t in targets:
+            for t in targets + cache_targets:
                 r = wrk(t, round_secs, work)
                 rounds[t.name].append(r)
                 print(f"[1] round {i + 1} {t.name}: {r}", flush=True)
-        for t in targets:
+        for t in targets + cache_targets:
             rs = rounds[t.name]
             results[t.name].update({k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")})
             results[t.name]["errors"] = " ".join(r["errors"] for r in rs if r["errors"])
@@ -343,13 +455,19 @@ http {{
             secs = statistics.median(r[0] for r in runs[t.name])
             cpu = statistics.median(r[1] for r in runs[t.name])
             results[t.name].update({"gib_s": 1 / secs, "cpu_per_gb": cpu / ((1 << 30) / 1e9)})
-    # Slow clients: nginx and anibridge (bare Pingora's read-ahead is known,
-    # PINGORA-NOTES 10, and would add 30 s).
-    for t in [t for t in targets if t.name in ("nginx", "anibridge", "compare")] if "3" in phases else []:
+    # Slow clients: nginx and anibridge, with its cache off and on (the
+    # 100 MiB files are over cache.max_object_bytes: relayed either way).
+    # Bare Pingora's read-ahead is known (PINGORA-NOTES 10) and would add 30 s.
+    slow_targets = [t for t in targets + cache_targets if t.name in ("nginx", "anibridge", "compare", "anibridge_cache")]
+    for t in slow_targets if "3" in phases else []:
         r = asyncio.run(slow_phase(t, clients, slow_secs, 64 * 1024, work))
         results[t.name].update(r)
         print(f"[3] {t.name}: {r}", flush=True)
-    if phases != {"1", "2", "3"} or args.compare:
+    for t in crowd_targets if "5" in phases else []:
+        r = crowd(t, 10 if args.quick else 50, 5 if args.quick else 20, work)
+        results["crowd"][t.name] = r
+        print(f"[5] {t.name}: {r}", flush=True)
+    if phases != {"1", "2", "3", "5"}:
         print(json.dumps(results, indent=1))
         return
     report(args, results, clients)
@@ -357,6 +475,7 @@ http {{
 
 def report(args, results, clients):
     d, n, b, a = results["direct"], results["nginx"], results["pingora"], results["anibridge"]
+    miss, nc, ac = results["anibridge_miss"], results["nginx_cache"], results["anibridge_cache"]
     MiB = 1 << 20
 
     def row(label, key, fmt, scale=1):
@@ -376,11 +495,39 @@ def report(args, results, clients):
         (f"{clients} slow clients: client KiB/s each", "-", f"{n['client_rate'] / 1024:.1f}", "-", f"{a['client_rate'] / 1024:.1f}", "", ""),
         (f"{clients} slow clients: upstream KiB/s each (origin side)", "-", f"{n['upstream_rate'] / 1024:.1f}", "-", f"{a['upstream_rate'] / 1024:.1f}", "", ""),
     ]
-    table = ("| measure | direct | nginx | bare Pingora | anibridge-proxy | anibridge / nginx | anibridge / bare Pingora |\n"
+    table = ("| measure | direct | nginx | bare Pingora | anibridge-proxy (cache off) | anibridge / nginx | anibridge / bare Pingora |\n"
              "|---|---|---|---|---|---|---|\n")
     table += "".join(f"| {' | '.join(r)} |\n" for r in rows)
-    errs = {k: v.get("errors") for k, v in results.items() if v.get("errors")}
+
+    cache = ("| measure | anibridge-proxy | nginx | ratio |\n|---|---|---|---|\n"
+             f"| small Range GETs answered from memory / proxy_cache: req/s | {ac['rps']:.0f} | {nc['rps']:.0f} | {ac['rps'] / nc['rps']:.2f}x |\n"
+             f"| … p99 ms | {ac['p99']:.2f} | {nc['p99']:.2f} | {ac['p99'] / nc['p99']:.2f}x |\n"
+             f"| … CPU µs per request | {ac['cpu_us']:.1f} | {nc['cpu_us']:.1f} | {ac['cpu_us'] / nc['cpu_us']:.2f}x |\n"
+             f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
+             f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
+             f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
+    crowd = results["crowd"]
+    crowd_table = ("| 50 viewers x 20 segments of 1 MiB, slow origin | origin GETs per segment | first body byte p50 ms | p90 ms | all viewers done, s |\n"
+                   "|---|---|---|---|---|\n")
+    for name, label in [("anibridge_cache", "anibridge-proxy, shipped config (cache on)"),
+                        ("nginx_lock", "nginx, proxy_cache + proxy_cache_lock"),
+                        ("anibridge", "anibridge-proxy, cache off")]:
+        c = crowd[name]
+        crowd_table += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
+    compare = ""
+    if "compare" in results:
+        c = results["compare"]
+        compare = ("| measure | this build (cache off) | previous build | this / previous |\n|---|---|---|---|\n"
+                   f"| small Range GETs: req/s | {a['rps']:.0f} | {c['rps']:.0f} | {a['rps'] / c['rps']:.2f}x |\n"
+                   f"| small Range GETs: p99 ms | {a['p99']:.2f} | {c['p99']:.2f} | {a['p99'] / c['p99']:.2f}x |\n"
+                   f"| small Range GETs: CPU µs per request | {a['cpu_us']:.1f} | {c['cpu_us']:.1f} | {a['cpu_us'] / c['cpu_us']:.2f}x |\n"
+                   f"| 1 GiB download: GiB/s | {a['gib_s']:.2f} | {c['gib_s']:.2f} | {a['gib_s'] / c['gib_s']:.2f}x |\n"
+                   f"| {clients} slow clients: peak RSS MiB | {a['peak_rss'] / MiB:.1f} | {c['peak_rss'] / MiB:.1f} | {a['peak_rss'] / c['peak_rss']:.2f}x |\n")
+    errs = {k: v.get("errors") for k, v in results.items() if isinstance(v, dict) and v.get("errors")}
     print(table)
+    print(cache)
+    print(crowd_table)
+    print(compare)
     if errs:
         print("errors:", errs)
 
@@ -392,16 +539,20 @@ def report(args, results, clients):
         f"{round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30))} GiB, Linux {platform.release()}\n"
         f"- versions: {sh('nginx -v 2>&1').strip()}, {sh('wrk -v 2>&1 | head -1').strip()}, {sh('rustc --version').strip()}, "
         f"pingora 0.9.1; anibridge-proxy threads: {args.threads}\n"
-        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `benches/load/run.sh`\n"
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; command: `benches/load/run.sh"
+        f"{' --compare ' + os.path.basename(args.compare) if args.compare else ''}`\n"
         f"- small Range GETs and 1 GiB download: {len(a['rps_rounds'])} interleaved rounds per target, median shown; "
         f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
-        f"anibridge {a['rps_rounds']}\n"
+        f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}\n"
         f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
         f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
+        f"- the crowd: `benches/load/slow_origin.py` answers after 200 ms at 4 MiB/s per connection; 50 viewers "
+        f"(start jitter up to 200 ms) each fetch 20 segments in order on one connection\n"
     )
     text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
     start, end = "<!-- load:begin -->", "<!-- load:end -->"
-    block = f"{start}\n{machine}\n{table}{end}"
+    block = (f"{start}\n{machine}\n{table}\nThe shared cache (same run):\n\n{cache}\nA crowd on one stream (same run):\n\n"
+             f"{crowd_table}" + (f"\nAgainst the previous build (same run):\n\n{compare}" if compare else "") + end)
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:

@@ -73,6 +73,11 @@ fn weak(tag: &str) -> &str {
     tag.strip_prefix("W/").unwrap_or(tag)
 }
 
+/// Whether memory can answer a `Range` value: one `bytes=` range.
+pub fn answerable_range(v: &http::HeaderValue) -> bool {
+    v.to_str().is_ok_and(|v| single_range(v, u64::MAX).is_some())
+}
+
 /// One `bytes=` range of a `len`-byte object: `A-B`, `A-` or `-N`.
 fn single_range(v: &str, len: u64) -> Option<Plan> {
     let spec = v.trim().strip_prefix("bytes=")?.trim();

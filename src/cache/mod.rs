@@ -32,7 +32,7 @@ use pingora_http::ResponseHeader;
 use tokio::sync::oneshot;
 use url::Url;
 
-pub use answer::{plan, shape, Plan};
+pub use answer::{answerable_range, plan, shape, Plan};
 pub use entry::{Entry, Head, Reader, Ready};
 use policy::Lifetimes;
 

@@ -76,7 +76,9 @@ impl Proxy {
             }
             Found::Led(entry, handoff) => {
                 self.count_cache(ctx, CacheResult::Miss);
-                ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
+                if log::log_enabled!(target: "access", log::Level::Info) {
+                    ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
+                }
                 let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                 match ready {
                     Ready::Head => {
@@ -244,7 +246,7 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
         return Some(Want::Fill);
     }
     let range = client.get(header::RANGE);
-    if range.is_some_and(|r| !plain_range(r)) {
+    if range.is_some_and(|r| !cache::answerable_range(r)) {
         return None;
     }
     if req.method == Method::HEAD {
@@ -256,13 +258,6 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
     let conditional = client.contains_key(header::IF_NONE_MATCH) || client.contains_key(header::IF_MODIFIED_SINCE);
     let whole = range.is_none_or(|r| r.as_bytes() == b"bytes=0-");
     Some(if whole && !conditional { Want::Fill } else { Want::Join })
-}
-
-/// A single `bytes=` range memory can answer.
-fn plain_range(v: &http::HeaderValue) -> bool {
-    let mut req = HeaderMap::new();
-    req.insert(header::RANGE, v.clone());
-    cache::plan(&req, &HeaderMap::new(), u64::MAX).is_some()
 }
 
 /// What the decision needs to know of an answer.
