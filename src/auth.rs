@@ -265,6 +265,45 @@ impl<'a> ChildSigner<'a> {
         ChildSigner { auth, client_key, exp, prefixed }
     }
 
+    /// Appends a static route child's query to `out`: its own `query` (kept
+    /// byte for byte), then in token mode `exp` and a `sig` over the
+    /// canonical query with `_path` = `path` (the route path as the proxy
+    /// will receive it, decoded), in apikey mode the client's key, in none
+    /// mode nothing.
+    pub fn push_route_query(&self, path: &str, query: &str, out: &mut String) {
+        out.push_str(query);
+        let sep = |out: &mut String| {
+            if !out.ends_with('?') {
+                out.push('&');
+            }
+        };
+        match self.auth.mode {
+            AuthMode::None => {}
+            AuthMode::Apikey => {
+                if let Some(k) = self.client_key {
+                    sep(out);
+                    out.push_str("apikey=");
+                    quote_plus_into(k, out);
+                }
+            }
+            AuthMode::Token => {
+                let mut signed = Query::parse(Some(query));
+                signed.0.push(("exp".into(), self.exp.clone()));
+                signed.0.push(("_path".into(), path.to_string()));
+                let mut mac = self.auth.mac.clone();
+                mac.update(canonical_query(&signed).as_bytes());
+                sep(out);
+                out.push_str("exp=");
+                out.push_str(&self.exp);
+                out.push_str("&sig=");
+                push_hex(out, &mac.finalize().into_bytes());
+            }
+        }
+        if out.ends_with('?') {
+            out.pop();
+        }
+    }
+
     /// Appends the query for child URL `u` to `out`: `u`, then in token mode
     /// `exp` and `sig` over the canonical query, in apikey mode the client's
     /// own key, in none mode nothing more.

@@ -49,6 +49,21 @@ impl Route {
     }
 }
 
+impl Route {
+    /// The route's own path and query for an absolute upstream URL `child`
+    /// under its upstream (a playlist's child), or `None`: elsewhere, or
+    /// with a query parameter the route would take as a credential (such a
+    /// child goes through the relay instead).
+    pub fn child<'c>(&self, child: &'c str) -> Option<(String, &'c str)> {
+        let rest = child.strip_prefix(self.upstream.as_str())?;
+        let (path, query) = rest.split_once('?').map_or((rest, ""), |(p, q)| (p, q));
+        let (path, query) = (path.split('#').next().unwrap_or(path), query.split('#').next().unwrap_or(query));
+        let reserved = url::form_urlencoded::parse(query.as_bytes())
+            .any(|(k, _)| CREDENTIAL_PARAMS.contains(&k.as_ref()) || k == "_path");
+        (!reserved).then(|| (format!("{}{path}", self.prefix), query))
+    }
+}
+
 /// Why a request path cannot be mapped onto a route's upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteError {
@@ -121,6 +136,20 @@ mod tests {
         assert_eq!(classify("/cdn/a/b.mp4", &routes), Some(Target::Route { index: 0, rest: "a/b.mp4" }));
         assert_eq!(classify("/cdn/special/x.ts", &routes), Some(Target::Route { index: 1, rest: "x.ts" }));
         assert_eq!(classify("/other", &routes), None);
+    }
+
+    #[test]
+    fn route_children() {
+        let r = Route::new("/cdn/", Url::parse("http://10.0.0.5:8080/base").unwrap(), true);
+        assert_eq!(
+            r.child("http://10.0.0.5:8080/base/hls/a%20b.ts?t=1&x=%2F"),
+            Some(("/cdn/hls/a%20b.ts".into(), "t=1&x=%2F"))
+        );
+        assert_eq!(r.child("http://10.0.0.5:8080/base/k.bin"), Some(("/cdn/k.bin".into(), "")));
+        assert_eq!(r.child("http://10.0.0.5:8080/other/k.bin"), None, "outside the base path");
+        assert_eq!(r.child("https://10.0.0.5:8080/base/k.bin"), None, "another origin");
+        assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?sig=abc"), None, "a credential name in its query");
+        assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?_path=/x"), None);
     }
 
     #[test]

@@ -988,3 +988,69 @@ async fn ffmpeg_plays_to_the_end_from_a_hoster_that_allows_two_at_once() {
     assert!(o.max_in_flight.load(std::sync::atomic::Ordering::SeqCst) <= 2, "never more than 2 at once");
     assert!(o.requests().iter().all(|r| r.in_flight <= 2), "the hoster never refused");
 }
+
+/// HLS through a signed static route (DESIGN "Routes and playlists"):
+/// ffmpeg and hls.js get only the master's URL, signed with its path, and
+/// play the TS master (variants, renditions, AES key, segments) from nginx
+/// to the end — every child a signed URL of the route, every request in
+/// nginx's log through the proxy. An open route relays the playlist's bytes
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hls_plays_through_a_signed_route() {
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(nginx.port, js.clone()).await;
+    let p = proxy_with(
+        "15m",
+        &format!(
+            "routes: [{{prefix: /media/, upstream: \"{}\"}}, {{prefix: /open/, upstream: \"{}\", auth: false}}]\n",
+            nginx.url("/"),
+            nginx.url("/")
+        ),
+    )
+    .await;
+    let signed_route = |path: &str| {
+        let mut q = anibridge_proxy::auth::Query(vec![("exp".into(), (now() + 600).to_string())]);
+        let mut bound = q.clone();
+        bound.0.push(("_path".into(), path.to_string()));
+        q.0.push(("sig".into(), anibridge_proxy::auth::sign(SECRET.as_bytes(), &bound)));
+        format!("http://{}{path}?{}", p.addr(), q.encode())
+    };
+    let master = signed_route("/media/ts/master.m3u8");
+    let text = get(p.addr(), "GET", master.trim_start_matches(&format!("http://{}", p.addr())), &[]).await.text();
+    let children: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    assert!(
+        !children.is_empty() && children.iter().all(|c| c.starts_with("/media/ts/") && c.contains("&sig=")),
+        "{text}"
+    );
+    let ffmpeg = async {
+        let (played, frames) = ffmpeg_decode(&master, &[]).await;
+        played.assert_clean("ffmpeg through a signed route", &[]);
+        assert!(frames.len() >= 3 && frames.iter().all(|n| *n > 0), "every stream decoded: {frames:?}");
+    };
+    let hlsjs = async {
+        let Some(_) = &js else {
+            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+            return;
+        };
+        if have(&[CHROMIUM]) {
+            let report = hlsjs(&h, &master).await;
+            let q = anibridge_proxy::auth::Query::parse(Some(&report));
+            assert!(q.get("error").is_none(), "hls.js failed: {report}");
+            assert!(q.get("ended").is_some(), "hls.js played to the end: {report}");
+        }
+    };
+    tokio::join!(ffmpeg, hlsjs);
+    let served = nginx.served_through_proxy();
+    for f in ["/ts/master.m3u8", "/ts/key.bin", "/ts/hi/index.m3u8", "/ts/hi/seg003.ts", "/ts/lo/seg003.ts"] {
+        assert!(served.contains(f), "{f} never fetched: {served:?}");
+    }
+    assert_eq!(p.server.metrics.auth_failures.with_label_values(&["missing signature"]).get(), 0, "no child unsigned");
+    // An open route: the playlist's own bytes, only typed.
+    let open = get(p.addr(), "GET", "/open/ts/hi/index.m3u8", &[]).await;
+    assert_eq!(open.body, std::fs::read(media().join("ts/hi/index.m3u8")).unwrap(), "untouched");
+    assert_eq!(open.header("content-type"), Some("application/vnd.apple.mpegurl"));
+}

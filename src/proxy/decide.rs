@@ -12,12 +12,25 @@ use crate::content_type;
 use crate::headers::{self, ContentRange};
 use crate::hls;
 
+/// How a playlist's children are pointed back through the proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Children {
+    /// Not at all: the playlist goes out as it is, only its type fixed (an
+    /// open static route: players follow its relative URIs through it).
+    #[default]
+    Untouched,
+    /// As signed relay URLs (the relay, `/strm/stream`).
+    Relay,
+    /// As this static route's own signed URLs where they lie under its
+    /// upstream, else as relay URLs (a route with auth).
+    Route(usize),
+}
+
 /// What the client asked, as far as answering it goes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Asked<'a> {
-    /// Playlists are rewritten (the relay and `/strm/stream`); static
-    /// routes relay them as they are and only fix their type.
-    pub rewrite: bool,
+    /// What a playlist's children become.
+    pub children: Children,
     /// The upstream URL's path or the client's `{hint}` names a playlist.
     pub known_playlist: bool,
     /// The relay's cosmetic file name.
@@ -71,7 +84,7 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
     let status = up.status;
     let relay = Decision::Relay { hls: false };
 
-    if !asked.rewrite {
+    if asked.children == Children::Untouched {
         // Static routes: bytes untouched, only the type fixed.
         if status != StatusCode::OK {
             return relay;
@@ -198,7 +211,7 @@ mod tests {
     use crate::headers::test_response as resp;
 
     const GET: Asked =
-        Asked { rewrite: true, known_playlist: false, hint: None, range: false, head: false, http11: true };
+        Asked { children: Children::Relay, known_playlist: false, hint: None, range: false, head: false, http11: true };
 
     /// Decides on a plain upstream answer with `header`.
     fn decide(asked: &Asked, header: &ResponseHeader, first: Option<&[u8]>) -> Decision {
@@ -285,7 +298,7 @@ mod tests {
 
     #[test]
     fn static_routes_only_fix_the_type() {
-        let route = Asked { rewrite: false, ..GET };
+        let route = Asked { children: Children::Untouched, ..GET };
         assert_eq!(decide(&route, &resp(200, &[HLS]), None), Relay { hls: true });
         assert_eq!(decide(&Asked { known_playlist: true, ..route }, &resp(200, &[BIN]), None), Relay { hls: true });
         assert_eq!(decide(&route, &resp(200, &[BIN]), None), Sniff);

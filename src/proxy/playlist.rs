@@ -15,11 +15,13 @@ use super::{Ctx, State};
 use crate::auth::{self, Auth, ChildSigner};
 use crate::headers;
 use crate::hls;
-use crate::routing;
+use crate::routing::{self, Route};
 use crate::upstream::{BodyError, FetchError};
 
 /// Answers with the playlist `resp` carries (`first`: its bytes read
-/// already), rewritten.
+/// already), rewritten so its children come back through the proxy: as
+/// relay URLs, or (`route`: a static route with auth) as that route's own
+/// URLs where they lie under its upstream.
 pub(super) async fn answer(
     st: &State,
     down: &mut ServerSession,
@@ -27,6 +29,7 @@ pub(super) async fn answer(
     mut resp: Source,
     first: Vec<u8>,
     client_key: Option<&str>,
+    route: Option<&Route>,
 ) -> Result<(), Outcome> {
     let max = st.max_playlist_bytes;
     if let Some(declared) = headers::content_length(&resp.header().headers).filter(|n| *n > max as u64) {
@@ -49,7 +52,11 @@ pub(super) async fn answer(
         log::warn!("cannot decode playlist: {why}");
         Failure::BadPlaylistEncoding
     })?;
-    let rewritten = rewrite_playlist(&st.auth, &st.public_base, &text, resp.url(), client_key, auth::now_unix());
+    let now = auth::now_unix();
+    let rewritten = match route {
+        None => rewrite_playlist(&st.auth, &st.public_base, &text, resp.url(), client_key, now),
+        Some(route) => rewrite_route_playlist(&st.auth, &st.public_base, route, &text, resp.url(), client_key, now),
+    };
     let mut out = playlist_header(resp.header(), rewritten.len())?;
     resp.finish().await;
     st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
@@ -82,6 +89,42 @@ pub fn rewrite_playlist(
         hls::push_hint(child, segment, summary.fmp4, out);
         out.push('?');
         signer.push_query(child, out);
+    })
+}
+
+/// Rewrites a playlist a static route with auth serves: a child under the
+/// route's upstream becomes the route's own URL for it (`prefix` + the rest
+/// of its path, its query kept) with the credentials `auth` hands out — in
+/// token mode `exp` and a `sig` that binds the path (`_path`, as the proxy
+/// will receive it); in apikey mode the client's key — valid for as long as
+/// the playlist's playback needs. Any other child becomes a signed relay
+/// URL, as [`rewrite_playlist`] makes them.
+pub fn rewrite_route_playlist(
+    auth: &Auth,
+    prefix: &str,
+    route: &Route,
+    text: &str,
+    base: &Url,
+    client_key: Option<&str>,
+    now: u64,
+) -> String {
+    let summary = hls::Summary::of(text);
+    let exp = now.saturating_add(hls::child_lifetime(&summary, auth.token_ttl, auth.session_ttl));
+    let signer = ChildSigner::new(auth, client_key, exp);
+    hls::rewrite(text, &summary, base, |child, segment, out| match route.child(child) {
+        Some((path, query)) => {
+            out.push_str(prefix);
+            out.push_str(&path);
+            out.push('?');
+            signer.push_route_query(&routing::decoded_path(&path), query, out);
+        }
+        None => {
+            out.push_str(prefix);
+            out.push_str(routing::RELAY_PREFIX);
+            hls::push_hint(child, segment, summary.fmp4, out);
+            out.push('?');
+            signer.push_query(child, out);
+        }
     })
 }
 
@@ -142,6 +185,40 @@ mod tests {
         let vod = "#EXTM3U\n#EXTINF:100.5,\na.ts\n#EXTINF:100,\nb.ts\n#EXT-X-ENDLIST\n";
         assert_eq!(exp(vod), [now + 60 + 201, now + 60 + 201]);
         assert_eq!(exp("#EXTM3U\n#EXTINF:100,\na.ts\n"), [now + 60]);
+    }
+
+    #[test]
+    fn route_children_are_the_routes_own_signed_urls() {
+        let auth = Auth::new(AuthMode::Token, Some("k"), None, 60, 3600);
+        let route = Route::new("/cdn/", Url::parse("http://10.0.0.5:8080/base/").unwrap(), true);
+        let base = Url::parse("http://10.0.0.5:8080/base/hls/index.m3u8").unwrap();
+        let now = 1_000_000;
+        let list = "#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"../key.bin?k=1\"\n#EXTINF:4,\nseg%201.ts?t=a+b\n\
+                    #EXTINF:4,\nhttp://elsewhere.example/x.ts\n#EXT-X-ENDLIST\n";
+        let out = rewrite_route_playlist(&auth, "", &route, list, &base, None, now);
+        let lines: Vec<&str> = out.lines().collect();
+        let key = lines[1].split("URI=\"").nth(1).unwrap().trim_end_matches('"');
+        let seg = lines[3];
+        // Under the route: its own path, the query kept, then exp and sig
+        // over the query with the path bound, exactly as a request verifies.
+        for (url, path) in [(key, "/cdn/key.bin"), (seg, "/cdn/hls/seg%201.ts")] {
+            let (p, q) = url.split_once('?').unwrap();
+            assert_eq!(p, path);
+            let mut bound = Query::parse(Some(q));
+            bound.0.push(("_path".into(), routing::decoded_path(p)));
+            assert_eq!(verify_token(b"k", &bound, now), Ok(()), "{url}");
+            assert_eq!(bound.get("exp").unwrap(), (now + 60 + 8).to_string(), "VOD: token_ttl + duration");
+        }
+        assert!(seg.starts_with("/cdn/hls/seg%201.ts?t=a+b&exp="), "{seg}");
+        // Elsewhere: a signed relay URL.
+        assert!(lines[5].starts_with("/strm/proxy/x.ts?u=http%3A%2F%2Felsewhere.example%2Fx.ts&exp="), "{}", lines[5]);
+        // Apikey mode hands on the client's key; none mode adds nothing.
+        let apikey = Auth::new(AuthMode::Apikey, None, Some("key"), 60, 3600);
+        let out = rewrite_route_playlist(&apikey, "", &route, list, &base, Some("key"), now);
+        assert!(out.contains("\n/cdn/hls/seg%201.ts?t=a+b&apikey=key\n"), "{out}");
+        let open = Auth::new(AuthMode::None, None, None, 60, 3600);
+        let out = rewrite_route_playlist(&open, "https://media.example/ab", &route, list, &base, None, now);
+        assert!(out.contains("URI=\"https://media.example/ab/cdn/key.bin?k=1\""), "{out}");
     }
 
     #[test]

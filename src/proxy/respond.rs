@@ -11,7 +11,7 @@ use http::Method;
 use pingora::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
 
-use super::decide::{self, Answer, Asked, Decision};
+use super::decide::{self, Answer, Asked, Children, Decision};
 use super::relay::{relay, unless_client_leaves};
 use super::reply::{Failure, Outcome};
 use super::source::{Memory, Source};
@@ -184,7 +184,11 @@ impl Proxy {
                 Decision::Playlist => {
                     let first = first.unwrap_or_default();
                     // Boxed: the rare playlist path must not inflate every request's future.
-                    return Box::pin(playlist::answer(st, down, ctx, src, first, client_key)).await;
+                    let route = match asked.children {
+                        Children::Route(i) => st.routes.get(i),
+                        _ => None,
+                    };
+                    return Box::pin(playlist::answer(st, down, ctx, src, first, client_key, route)).await;
                 }
                 Decision::Refetch if refetched => {
                     log::warn!("{} gave no whole playlist when asked again", src.url().host_str().unwrap_or("-"));

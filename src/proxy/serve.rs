@@ -8,7 +8,7 @@ use pingora::protocols::http::ServerSession;
 use pingora_error::Result;
 use url::Url;
 
-use super::decide::Asked;
+use super::decide::{Asked, Children};
 use super::relay::drain_request_body;
 use super::reply::{reply, Failure, Outcome, Param};
 use super::{Ctx, Proxy};
@@ -59,7 +59,7 @@ impl Proxy {
         let req = down.req_header();
         let forwarded = st.client.forwarded(&req.headers);
         let asked = Asked {
-            rewrite: true,
+            children: Children::Relay,
             known_playlist: false,
             hint: None,
             range: req.headers.contains_key(header::RANGE),
@@ -98,9 +98,15 @@ impl Proxy {
                     RouteError::NotAUrl => Failure::InvalidPath,
                     RouteError::Escapes => Failure::PathEscapesRoute,
                 })?;
-                let asked = Asked { rewrite: false, known_playlist: is_playlist_path(url.path()), ..asked };
+                // An open route is a plain reverse proxy; one with auth must
+                // be playable from its playlist's URL alone.
+                let children = if route.auth { Children::Route(index) } else { Children::Untouched };
+                let known_playlist = is_playlist_path(url.path());
+                let asked = Asked { children, known_playlist, ..asked };
                 let trusted = Some(route.upstream.clone());
-                (asked, Request { method, url, forwarded, extra: None, trusted, whole: false })
+                // A rewritten playlist is fetched whole (its bytes are not the client's).
+                let whole = known_playlist && route.auth;
+                (asked, Request { method, url, forwarded, extra: None, trusted, whole })
             }
         };
         self.attempt(ctx);
