@@ -431,7 +431,18 @@ impl Config {
                         Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
                         _ => reason,
                     };
-                    err(if key == "." { "" } else { &key }, reason)
+                    // Where the parser lost its place there is no key ("?"):
+                    // the YAML itself is broken.
+                    if key == "." || key.contains('?') {
+                        return err("", format!("not valid YAML: {reason}"));
+                    }
+                    // Values checked after parsing (addresses, URLs) carry no
+                    // position of their own: name the key's line.
+                    let reason = match (reason.contains(" at line "), line_of(text, &key)) {
+                        (false, Some(line)) => format!("{reason} (at line {line})"),
+                        _ => reason,
+                    };
+                    err(&key, reason)
                 })?
             };
         if cfg.auth.secret.is_none() {
@@ -500,16 +511,24 @@ impl Config {
         if self.shutdown_grace.0 > Duration::from_secs(3600) {
             return Err(("shutdown_grace", "must be at most 1h".into()));
         }
+        for (key, d) in [("auth.token_ttl", self.auth.token_ttl), ("auth.session_ttl", self.auth.session_ttl)] {
+            if d.0.is_zero() {
+                return Err((
+                    key,
+                    "must be greater than 0 (signed playlist children would expire as they are handed out)".into(),
+                ));
+            }
+        }
+        if self.upstream.max_cooldown.0 < Duration::from_secs(1) {
+            return Err(("upstream.max_cooldown", "must be at least 1s (the shortest cooldown)".into()));
+        }
         for (key, d) in [
-            ("auth.token_ttl", self.auth.token_ttl),
-            ("auth.session_ttl", self.auth.session_ttl),
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.read_timeout", self.upstream.read_timeout),
             ("upstream.write_timeout", self.upstream.write_timeout),
             ("downstream.write_timeout", self.downstream.write_timeout),
             ("resolver.timeout", self.resolver.timeout),
             ("upstream.queue_timeout", self.upstream.queue_timeout),
-            ("upstream.max_cooldown", self.upstream.max_cooldown),
         ] {
             if d.0.is_zero() {
                 return Err((key, "must be greater than 0 (timeouts cannot be disabled)".into()));
@@ -558,6 +577,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The line (1-based) where the setting `key` (`a.b`, `a[0].b`) is written,
+/// best effort: the top-level key's line, then the first line after it
+/// that names the last part of the key.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let mut parts = key.split('.').map(|p| p.split('[').next().unwrap_or(p));
+    let top = parts.next()?;
+    let last = key.rsplit('.').next().unwrap_or(key).split('[').next().unwrap_or(key);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.starts_with(&format!("{top}:")))?;
+    if last == top {
+        return Some(start + 1);
+    }
+    let found = lines[start..].iter().position(|l| {
+        let t = l.trim_start().trim_start_matches(['-', '{', ' ']);
+        t.starts_with(&format!("{last}:")) || l.contains(&format!("{{{last}:")) || l.contains(&format!(" {last}:"))
+    });
+    Some(start + found.unwrap_or(0) + 1)
 }
 
 /// A secret from `VAR`, or from the file `VAR_FILE` names.
@@ -655,7 +693,9 @@ mod tests {
         assert_eq!(e.key, "threads", "{e}");
         assert_eq!(refused("upstream: {read_timeout: \"0s\"}\n").0, "upstream.read_timeout");
         assert_eq!(refused("upstream: {connect_timeout: 10}\n").0, "upstream.connect_timeout");
-        assert_eq!(load("auth: {mode: none, session_ttl: \"0s\"}\n").unwrap_err().key, "auth.session_ttl");
+        let e = load("auth: {mode: none, session_ttl: \"0s\"}\n").unwrap_err();
+        assert_eq!(e.key, "auth.session_ttl");
+        assert!(e.reason.contains("children would expire"), "not called a timeout: {e}");
         assert_eq!(refused("stream: {chunk_size: 0}\n").0, "stream.chunk_size");
         assert!(refused("stream: {chunk_size: 16384}\n").1.contains("64 KiB"));
         assert_eq!(refused("stream: {chunk_size: 262145}\n").0, "stream.chunk_size");
@@ -685,7 +725,15 @@ mod tests {
         let e = load("auth: {mode: sometimes}\n").unwrap_err();
         assert_eq!(e.key, "auth.mode", "{e}");
         let (key, reason) = refused("listen: \"nowhere\"\n");
-        assert_eq!((key.as_str(), reason.as_str()), ("listen", "\"nowhere\" is not an IP:port address"));
+        assert_eq!((key.as_str(), reason.as_str()), ("listen", "\"nowhere\" is not an IP:port address (at line 2)"));
+        let e = load("auth: {mode: none}\nthreads: 2\npublic_base_url: \"/relative\"\n").unwrap_err();
+        assert!(e.to_string().ends_with("(at line 3)"), "the line of a value checked after parsing: {e}");
+        // Broken YAML names no key, and says so.
+        for broken in ["auth: {mode: none}\n- x\n", "{\n", "auth: {mode: none}\n: x\n"] {
+            let e = load(broken).unwrap_err();
+            assert_eq!(e.key, "", "{broken:?}: {e}");
+            assert!(e.reason.starts_with("not valid YAML: ") && e.reason.contains(" at line "), "{e}");
+        }
         let e = load("auth: {mode: none}\nroutes: [{prefix: /cdn/, upstream: \"ftp://x/\"}]\n").unwrap_err();
         assert!(e.to_string().ends_with("at line 2 column 10"), "the position in the file is named: {e}");
         assert_eq!(refused("listen: []\n").0, "listen");

@@ -16,7 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// The YAML configuration file.
+    /// The YAML configuration file (a relative path is taken from the
+    /// directory the proxy is started in).
     #[arg(long, short, default_value = "conf/anibridge-proxy.yaml")]
     config: PathBuf,
     /// Validate the configuration and exit: 0 when valid, 1 with the reason.
@@ -38,6 +39,11 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    anibridge_proxy::server::run(cfg);
-    ExitCode::SUCCESS
+    match anibridge_proxy::server::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("anibridge-proxy: {why}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -37,8 +37,32 @@ pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
     Proxy::new(Arc::new(State::new(cfg, metrics)))
 }
 
-/// Runs the server until SIGTERM/SIGINT; returns when it has shut down.
-pub fn run(cfg: Config) {
+/// Whether every listener can be bound now. Pingora, asked to listen on a
+/// busy address, retries every second forever without failing: a second
+/// instance on a taken port must exit at once instead, with the address and
+/// the reason, so systemd and container runtimes see the failure.
+fn bindable(cfg: &Config) -> Result<(), String> {
+    for addr in cfg.listen_addrs().iter().chain([&cfg.admin_listen.0]) {
+        // std binds with SO_REUSEADDR, as Pingora does: a port left in
+        // TIME_WAIT by an earlier instance is not mistaken for a busy one.
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs the server until SIGTERM/SIGINT; returns when it has shut down, or
+/// at once when a listener cannot be bound.
+pub fn run(cfg: Config) -> Result<(), String> {
+    bindable(&cfg)?;
+    if cfg.auth.mode == crate::config::AuthMode::Token {
+        let len = cfg.auth.secret.as_deref().map_or(0, str::len);
+        if len < 32 {
+            log::warn!(
+                "auth.secret is only {len} bytes: anyone who guesses it can sign URLs; use at least 32 random \
+                 bytes (for example the output of `openssl rand -hex 32`)"
+            );
+        }
+    }
     raise_open_files_limit();
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
     conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
@@ -70,6 +94,7 @@ pub fn run(cfg: Config) {
         cfg.auth.mode
     );
     server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
+    Ok(())
 }
 
 /// Every stream holds two sockets (client and upstream), so the common soft

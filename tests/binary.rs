@@ -696,3 +696,52 @@ async fn the_cache_keeps_memory_within_max_bytes() {
     );
     drop(nginx);
 }
+
+/// A second instance on a taken port exits at once, non-zero, naming the
+/// address and the reason (Pingora alone would retry every second, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_port_fails_at_once_with_the_address() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    for (listen, admin) in [(busy, unused_addr()), (unused_addr(), busy)] {
+        let cfg = config_file(&format!("listen: \"{listen}\"\nadmin_listen: \"{admin}\"\nauth: {{mode: none}}\n"));
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(cfg.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("still running 10 s after it could not listen on {busy}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("cannot listen on {busy}")) && err.contains("in use"), "{err}");
+        assert!(!err.contains("listening on"), "it never says it listens: {err}");
+    }
+}
+
+/// A short token-mode secret is accepted, with a warning saying how to make
+/// a good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_secret_is_warned_about() {
+    let mut p =
+        Running::start_logging("auth: {mode: token}\n", Some("warn"), &[("ANIBRIDGE_PROXY_SECRET", "abc")]).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("auth.secret is only 3 bytes") && log.contains("openssl rand -hex 32"), "{log}");
+    assert!(!log.contains("abc"), "never the secret itself: {log}");
+}
