@@ -334,6 +334,16 @@ impl Default for CorsConf {
     }
 }
 
+/// `log:` — the access log.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConf {
+    /// `text` or `json`.
+    pub format: crate::access::Format,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConf {
@@ -375,6 +385,7 @@ pub struct Config {
     pub egress: EgressConf,
     pub resolver: ResolverConf,
     pub cors: CorsConf,
+    pub log: LogConf,
     pub providers: Vec<ProviderConf>,
     pub routes: Vec<RouteConf>,
 }
@@ -395,6 +406,7 @@ impl Default for Config {
             egress: EgressConf::default(),
             resolver: ResolverConf::default(),
             cors: CorsConf::default(),
+            log: LogConf::default(),
             providers: Vec::new(),
             routes: Vec::new(),
         }
@@ -702,6 +714,8 @@ mod tests {
         assert_eq!(load("auth: {mode: none}\nstream: {chunk_size: 262144}\n").unwrap().stream.chunk_size, 262144);
         assert_eq!(refused("upstream: {resume_attempts: 1000}\n").0, "upstream.resume_attempts");
         assert_eq!(refused("cache: {max_object_bytes: 0}\n").0, "cache.max_object_bytes");
+        assert_eq!(refused("log: {format: xml}\n").0, "log.format");
+        assert_eq!(refused("log: {trusted_proxies: [\"10.0.0.0/33\"]}\n").0, "log.trusted_proxies[0]");
         assert_eq!(refused("upstream: {queue_timeout: \"0s\"}\n").0, "upstream.queue_timeout");
         assert_eq!(refused("upstream: {max_cooldown: \"0s\"}\n").0, "upstream.max_cooldown");
         assert_eq!(refused("upstream: {max_connections_per_host: -1}\n").0, "upstream.max_connections_per_host");

@@ -25,8 +25,39 @@ struct Cli {
     check: bool,
 }
 
+/// The access log (target `access`) goes to standard output, one line per
+/// request as it is; everything else to standard error through env_logger.
+/// `RUST_LOG` filters both (`access=off` silences the access log).
+struct Logs(env_logger::Logger);
+
+impl log::Log for Logs {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        self.0.enabled(m)
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if !self.0.matches(r) {
+            return;
+        }
+        if r.target() == "access" {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout().lock(), "{}", r.args());
+        } else {
+            self.0.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        self.0.flush();
+    }
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,access=off")).init();
+    let logs = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    log::set_max_level(logs.filter());
+    let _ = log::set_boxed_logger(Box::new(Logs(logs)));
     let cli = Cli::parse();
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub host_cooldowns: IntCounter,
     pub host_queue_waits: IntCounter,
     pub host_refused: IntCounter,
+    pub shutdown_cut_streams: IntCounter,
 }
 
 impl Metrics {
@@ -117,8 +118,14 @@ impl Metrics {
             "Requests answered 503 by a host's gate (upstream busy or cooling down)",
         )
         .unwrap();
+        let shutdown_cut_streams = IntCounter::new(
+            "anibridge_shutdown_cut_streams_total",
+            "Streams still running when the shutdown grace period ended, cut",
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(shutdown_cut_streams.clone()),
             Box::new(host_cooldowns.clone()),
             Box::new(host_queue_waits.clone()),
             Box::new(host_refused.clone()),
@@ -172,6 +179,7 @@ impl Metrics {
             host_cooldowns,
             host_queue_waits,
             host_refused,
+            shutdown_cut_streams,
         }
     }
 

@@ -65,7 +65,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     raise_open_files_limit();
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
-    conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs());
+    // Pingora's own grace period outlasts ours by a second: the watcher in
+    // `Signals` reports the streams it cuts and exits first.
+    conf.grace_period_seconds = Some(cfg.shutdown_grace.0.as_secs() + 1);
     conf.graceful_shutdown_timeout_seconds = Some(1);
     // One work-stealing runtime per service (BENCHMARKS.md compares the runtimes).
     conf.work_stealing = true;
@@ -75,6 +77,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let metrics = Arc::new(Metrics::new());
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = build(&cfg, metrics.clone());
+    let state = proxy.state.clone();
     let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
     for addr in cfg.listen_addrs() {
         svc.add_listener(
@@ -93,7 +96,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         cfg.admin_listen.0,
         cfg.auth.mode
     );
-    server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, metrics, grace: cfg.shutdown_grace.0 }) });
+    server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, state, grace: cfg.shutdown_grace.0 }) });
     Ok(())
 }
 
@@ -121,7 +124,7 @@ const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 /// restart them one at a time.)
 struct Signals {
     draining: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    state: Arc<State>,
     grace: std::time::Duration,
 }
 
@@ -142,24 +145,39 @@ impl ShutdownSignalWatch for Signals {
         // Give load balancers a moment to see /healthz fail before the
         // listeners close (skipped when nothing is in flight).
         let notice = std::time::Instant::now() + NOTICE.min(self.grace);
-        while std::time::Instant::now() < notice && self.metrics.in_flight.get() > 0 {
+        while std::time::Instant::now() < notice && self.state.metrics.in_flight.get() > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         // Pingora then sleeps the whole grace period; end it once idle.
-        let metrics = self.metrics.clone();
+        let state = self.state.clone();
         let grace = self.grace;
         std::thread::spawn(move || {
             let until = std::time::Instant::now() + grace;
             // Let the listeners close first.
             std::thread::sleep(std::time::Duration::from_millis(100));
             while std::time::Instant::now() < until {
-                if metrics.in_flight.get() <= 0 {
+                if state.metrics.in_flight.get() <= 0 {
                     log::info!("no requests in flight; exiting");
                     std::process::exit(0);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            log::warn!("grace period over with {} requests in flight", metrics.in_flight.get());
+            log::warn!("grace period over with {} requests in flight", state.metrics.in_flight.get());
+            // The streams the shutdown cuts: each gets its access line (the
+            // bytes it sent), a warning, and a count.
+            for stream in state.streams.running() {
+                log::info!(target: "access", "{}", stream.cut_line(state.log_format));
+                log::warn!(
+                    "stream cut by the shutdown after {} body bytes: {} {} (route {})",
+                    stream.bytes.load(Ordering::Relaxed),
+                    stream.method,
+                    stream.path,
+                    stream.route
+                );
+                state.metrics.shutdown_cut_streams.inc();
+            }
+            log::logger().flush();
+            std::process::exit(0);
         });
         ShutdownSignal::GracefulTerminate
     }

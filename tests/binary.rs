@@ -87,16 +87,25 @@ impl Running {
     /// Runs `cmd` (the binary, perhaps with more set up) as [`Self::start_logging`] does.
     async fn spawn(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)], mut cmd: Command) -> Running {
         let (port, admin) = (unused_addr().port(), unused_addr().port());
+        let grace = if extra.contains("shutdown_grace:") { "" } else { "shutdown_grace: \"10s\"\n" };
         let cfg = config_file(&with_run_cache(&format!(
-            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nshutdown_grace: \"10s\"\n{extra}"
+            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n{grace}{extra}"
         )));
         let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
+        // `Some("")`: RUST_LOG unset, the binary's own default.
+        match rust_log {
+            Some("") => cmd.env_remove("RUST_LOG"),
+            other => cmd.env("RUST_LOG", other.unwrap_or("warn")),
+        };
         let child = cmd
             .arg("--config")
             .arg(cfg.path())
-            .env("RUST_LOG", rust_log.unwrap_or("warn"))
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            // The access log (standard output) and the rest (standard error), in one file.
+            .stdout(match &log {
+                Some(f) => Stdio::from(f.reopen().unwrap()),
+                None => Stdio::null(),
+            })
             .stderr(match &log {
                 Some(f) => Stdio::from(f.reopen().unwrap()),
                 None => Stdio::inherit(),
@@ -342,7 +351,7 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     p.terminate();
     let _ = p.child.wait();
     let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
-    assert!(log.contains("route=relay status=200"), "access lines are written: {log}");
+    assert!(log.contains("\"GET /strm/proxy/v.mp4\" 200 1000 ") && log.contains("route=relay"), "access lines: {log}");
     assert!(
         log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
         "one line per resumption: {log}"
@@ -744,4 +753,108 @@ async fn a_short_secret_is_warned_about() {
     let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
     assert!(log.contains("auth.secret is only 3 bytes") && log.contains("openssl rand -hex 32"), "{log}");
     assert!(!log.contains("abc"), "never the secret itself: {log}");
+}
+
+/// The access log: on by default (no `RUST_LOG`), one line per request on
+/// standard output, text or JSON; the client from trusted proxies'
+/// `X-Forwarded-For` only; the request id kept or made, and returned; the
+/// body bytes actually sent (a 401's too); never a query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_says_who_asked_what_and_how_it_went() {
+    let o = Origin::start(|req| serve_file(req, 5000, Some("video/mp4")).into()).await;
+    let path = signed_relay_path("ep1.mp4", &o.url("/v.mp4?token=SECRET-TOKEN"), None);
+    let asked = [("X-Forwarded-For", "198.51.100.7, 10.9.9.9"), ("X-Request-Id", "req-42"), ("User-Agent", "mpv/0.35")];
+    for (format, trusted) in [("json", "[\"127.0.0.1/32\", \"10.0.0.0/8\"]"), ("text", "[]")] {
+        let extra = format!(
+            "auth: {{mode: token}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nlog: {{format: {format}, trusted_proxies: {trusted}}}\n"
+        );
+        let mut p = Running::spawn(&extra, Some(""), &[("ANIBRIDGE_PROXY_SECRET", SECRET)], Command::new(BIN)).await;
+        let ok = get(p.addr(), "GET", &path, &asked).await;
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.header("x-request-id"), Some("req-42"), "returned");
+        let refused = get(p.addr(), "GET", "/strm/proxy/x.mp4?u=http%3A%2F%2Fa.example%2F&sig=00", &[]).await;
+        assert_eq!(refused.status, 401);
+        let made = refused.header("x-request-id").unwrap().to_string();
+        assert_eq!(made.len(), 16, "a new id when the client sends none");
+        p.terminate();
+        let _ = p.child.wait();
+        let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("/strm/proxy/")).collect();
+        assert_eq!(lines.len(), 2, "one line per request, with RUST_LOG unset: {log}");
+        for needle in ["token=", "SECRET-TOKEN", "sig=", "u=", SECRET, "?"] {
+            assert!(lines.iter().all(|l| !l.contains(needle)), "{needle:?} in {lines:?}");
+        }
+        if format == "json" {
+            let ok: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+            assert_eq!(ok["client"], "198.51.100.7", "the first untrusted hop: {ok}");
+            assert_eq!((ok["method"].as_str(), ok["path"].as_str()), (Some("GET"), Some("/strm/proxy/ep1.mp4")));
+            assert_eq!(
+                (ok["route"].as_str(), ok["status"].as_u64(), ok["bytes"].as_u64()),
+                (Some("relay"), Some(200), Some(5000))
+            );
+            assert_eq!((ok["upstream_host"].as_str(), ok["upstream_status"].as_u64()), (Some("127.0.0.1"), Some(200)));
+            assert_eq!((ok["user_agent"].as_str(), ok["request_id"].as_str()), (Some("mpv/0.35"), Some("req-42")));
+            assert!(
+                ok["ms"].is_u64() && ok["ttfb_ms"].is_u64() && ok["cache"].is_string() && ok["resumed"] == 0,
+                "{ok}"
+            );
+            let refused: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+            assert_eq!((refused["status"].as_u64(), refused["bytes"].as_u64()), (Some(401), Some(18)), "{refused}");
+            assert_eq!(refused["request_id"].as_str(), Some(made.as_str()));
+        } else {
+            assert!(
+                lines[0].contains(" 127.0.0.1 \"GET /strm/proxy/ep1.mp4\" 200 5000 "),
+                "an untrusted peer's XFF is ignored: {}",
+                lines[0]
+            );
+            assert!(lines[0].contains("ua=\"mpv/0.35\" id=req-42"), "{}", lines[0]);
+            assert!(lines[1].contains("\" 401 18 "), "{}", lines[1]);
+        }
+        // The proxy's own messages are not on standard output's lines.
+        assert!(log.lines().filter(|l| l.contains(" INFO ")).all(|l| !l.contains("/strm/proxy/")));
+    }
+}
+
+/// A stream still running when `shutdown_grace` ends is cut, and says so:
+/// its access line (with the bytes it sent, marked cut) and a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_by_the_shutdown_leave_a_trace() {
+    let o = Origin::start(|_| {
+        Resp::new(200, Body::Slow { len: 50_000_000, piece: 10_000, pause: Duration::from_millis(20) })
+            .header("Cache-Control", "no-store")
+            .into()
+    })
+    .await;
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"1s\"\n",
+        Some("info"),
+        &[],
+    )
+    .await;
+    let addr = p.addr();
+    let path = relay_path("long.ts", &o.url("/long.ts?secret-query"));
+    let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.terminate();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after the grace period");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let got = download.await.unwrap();
+    assert!(!got.complete, "the stream was cut");
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cut=true"))
+        .unwrap_or_else(|| panic!("no access line for the cut stream: {log}"));
+    assert!(line.contains("\"GET /strm/proxy/long.ts\" 200 ") && line.contains("route=relay"), "{line}");
+    let sent: u64 = line.split("\" 200 ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(sent > 0 && sent <= got.body.len() as u64 + 256 * 1024, "{sent} bytes logged, {} received", got.body.len());
+    assert!(log.contains("WARN  anibridge_proxy::server] stream cut by the shutdown after"), "{log}");
+    assert!(!log.contains("secret-query"), "{log}");
 }

@@ -8,6 +8,7 @@
 //! and the body is pumped one buffer at a time with end-to-end backpressure.
 
 pub mod decide;
+mod live;
 pub mod playlist;
 mod relay;
 mod reply;
@@ -30,6 +31,7 @@ pub use playlist::rewrite_playlist;
 pub use reply::{Failure, Outcome};
 pub use state::State;
 
+use crate::access;
 use crate::metrics::{CacheResult, Held, RouteLabel};
 
 /// The Pingora application.
@@ -46,7 +48,15 @@ impl Proxy {
 /// Per-request facts, for the access log and metrics (opaque outside).
 pub struct Ctx {
     route: RouteLabel,
+    /// The static route, for its prefix.
+    route_index: Option<usize>,
     start: Instant,
+    /// When the response header went out.
+    first_byte: Option<Instant>,
+    /// The client's `X-Request-Id` or a new one; returned in the response.
+    request_id: String,
+    /// Resumptions of the body mid-way.
+    resumed: u32,
     status: u16,
     upstream_status: u16,
     upstream_host: String,
@@ -67,7 +77,11 @@ impl ProxyHttp for Proxy {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             route: RouteLabel::Unrouted,
+            route_index: None,
             start: Instant::now(),
+            first_byte: None,
+            request_id: String::new(),
+            resumed: 0,
             status: 0,
             upstream_status: 0,
             upstream_host: String::new(),
@@ -97,8 +111,7 @@ impl ProxyHttp for Proxy {
         // A response already started is aborted (the connection is dropped);
         // otherwise the client gets a one-line 502.
         if session.response_written().is_none() && !matches!(e.esource(), ErrorSource::Downstream) {
-            ctx.status = Failure::UpstreamFailed.status().as_u16();
-            let _ = reply::reply(session.as_downstream_mut(), &self.state.cors, Failure::UpstreamFailed).await;
+            let _ = reply::reply(session.as_downstream_mut(), ctx, &self.state.cors, Failure::UpstreamFailed).await;
             return FailToProxy { error_code: 502, can_reuse_downstream: false };
         }
         FailToProxy { error_code: 0, can_reuse_downstream: false }
@@ -117,7 +130,8 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let m = &self.state.metrics;
+        let st = &*self.state;
+        let m = &st.metrics;
         let status =
             if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
         m.count_request(ctx.route, status);
@@ -127,21 +141,58 @@ impl ProxyHttp for Proxy {
         }
         if log::log_enabled!(target: "access", log::Level::Info) {
             let req = session.req_header();
-            log::info!(
-                target: "access",
-                "{} {} route={} status={} bytes={} ms={} upstream_status={} upstream_host={} attempts={} refreshed={}{}",
-                req.method,
-                req.uri.path(),
-                ctx.route.as_str(),
+            if ctx.request_id.is_empty() {
+                ctx.request_id = access::request_id(None);
+            }
+            let line = access::Line {
+                at: None,
+                client: &self.client(session.as_downstream()),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                route: self.route_name(ctx),
                 status,
-                ctx.body_bytes,
-                ctx.start.elapsed().as_millis(),
-                ctx.upstream_status,
-                if ctx.upstream_host.is_empty() { "-" } else { &ctx.upstream_host },
-                ctx.attempts,
-                ctx.refreshed,
-                e.map(|e| format!(" error=\"{}\"", e.etype().as_str())).unwrap_or_default(),
-            );
+                bytes: ctx.body_bytes,
+                ms: ctx.start.elapsed().as_millis() as u64,
+                ttfb_ms: ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64),
+                upstream_host: &ctx.upstream_host,
+                upstream_status: ctx.upstream_status,
+                cache: ctx.cache.map_or("", CacheResult::as_str),
+                resumed: ctx.resumed,
+                user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or(""),
+                request_id: &ctx.request_id,
+                error: e.map(|e| e.etype().as_str()),
+                cut: false,
+            };
+            log::info!(target: "access", "{}", line.render(st.log_format));
         }
+    }
+}
+
+impl Proxy {
+    /// The client's address for the log: the peer, or what trusted
+    /// proxies' `X-Forwarded-For` names.
+    fn client(&self, down: &pingora::protocols::http::ServerSession) -> String {
+        let peer = down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        access::client_address(peer, down.req_header().headers.get("x-forwarded-for"), &self.state.trusted_proxies)
+    }
+
+    /// The `route` of the log: `relay`, `stream`, a route's prefix, ...
+    fn route_name(&self, ctx: &Ctx) -> &str {
+        match ctx.route_index.and_then(|i| self.state.routes.get(i)) {
+            Some(r) => &r.prefix,
+            None => ctx.route.as_str(),
+        }
+    }
+}
+
+impl Ctx {
+    /// Stamps a response header about to go out: the request id, and the
+    /// time of the first byte.
+    fn sending(&mut self, out: &mut pingora_http::ResponseHeader) -> pingora_error::Result<()> {
+        self.first_byte = Some(Instant::now());
+        if !self.request_id.is_empty() {
+            out.insert_header("X-Request-Id", self.request_id.as_str())?;
+        }
+        Ok(())
     }
 }

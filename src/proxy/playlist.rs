@@ -61,6 +61,7 @@ pub(super) async fn answer(
     resp.finish().await;
     st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
     ctx.status = 200;
+    ctx.sending(&mut out)?;
     down.write_response_header(Box::new(out)).await?;
     if down.req_header().method != http::Method::HEAD {
         ctx.body_bytes += rewritten.len() as u64;

@@ -11,9 +11,11 @@ use pingora::protocols::http::{HttpTask, ServerSession};
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
 
+use super::live::Stream;
 use super::source::Source;
 use super::{Ctx, Outcome, State};
 use crate::metrics::Held;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Sends `header`, then (unless `bodyless`) `first` and the rest of the body.
 pub(super) async fn relay(
@@ -21,18 +23,49 @@ pub(super) async fn relay(
     down: &mut ServerSession,
     ctx: &mut Ctx,
     mut resp: Source,
-    header: ResponseHeader,
+    mut header: ResponseHeader,
     first: Vec<u8>,
     bodyless: bool,
 ) -> std::result::Result<(), Outcome> {
     ctx.status = header.status.as_u16();
+    ctx.sending(&mut header)?;
     down.write_response_header(Box::new(header)).await?;
     if !bodyless {
         let _streaming = Held::new(&st.metrics.active_streams);
-        pump(down, &mut resp, first, st.downstream_write_timeout, &mut ctx.body_bytes).await?;
+        // Registered while it runs: a stream the shutdown cuts is reported.
+        let open = st.streams.open(stream_of(st, down, ctx));
+        let pumped = pump(down, &mut resp, first, st.downstream_write_timeout, &open.stream.bytes).await;
+        ctx.body_bytes += open.stream.bytes.load(Ordering::Relaxed);
+        ctx.resumed = resp.resumptions();
+        pumped?;
     }
     resp.finish().await;
     Ok(())
+}
+
+/// What a stream's access line would say if the shutdown cut it.
+fn stream_of(st: &State, down: &ServerSession, ctx: &Ctx) -> Stream {
+    let req = down.req_header();
+    let peer = down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+    Stream {
+        at: Some(std::time::SystemTime::now() - ctx.start.elapsed()),
+        started: Some(ctx.start),
+        ttfb_ms: ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64),
+        client: crate::access::client_address(peer, req.headers.get("x-forwarded-for"), &st.trusted_proxies),
+        method: req.method.to_string(),
+        path: req.uri.path().to_string(),
+        route: match ctx.route_index.and_then(|i| st.routes.get(i)) {
+            Some(r) => r.prefix.clone(),
+            None => ctx.route.as_str().to_string(),
+        },
+        status: ctx.status,
+        upstream_host: ctx.upstream_host.clone(),
+        upstream_status: ctx.upstream_status,
+        cache: ctx.cache.map_or("", crate::metrics::CacheResult::as_str),
+        user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+        request_id: ctx.request_id.clone(),
+        bytes: AtomicU64::new(0),
+    }
 }
 
 /// Copies the upstream body to the client one buffer at a time, counting
@@ -43,10 +76,10 @@ pub(super) async fn pump(
     resp: &mut Source,
     first: Vec<u8>,
     write_timeout: Duration,
-    sent: &mut u64,
+    sent: &AtomicU64,
 ) -> Result<()> {
     write_down(down, &first).await?;
-    *sent += first.len() as u64;
+    sent.fetch_add(first.len() as u64, Ordering::Relaxed);
     // Sent: its buffer is not held for the rest of the stream.
     drop(first);
     // A request body (never forwarded) is read and dropped while we wait;
@@ -89,7 +122,7 @@ pub(super) async fn pump(
         match chunk {
             Some(bytes) => {
                 write_down(down, bytes).await?;
-                *sent += bytes.len() as u64;
+                sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
             None => break,
         }
@@ -171,7 +204,6 @@ pub(super) async fn drain_request_body(down: &mut ServerSession) -> Result<()> {
 /// server and client sessions on both ends, no sockets.
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
     use pingora::protocols::http::v1::client::HttpSession;
@@ -250,13 +282,13 @@ mod tests {
         let (mut down, client_end) = downstream(64 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
         start_200(&mut down, body.len() as u64).await;
-        let mut sent = 0;
-        pump(&mut down, &mut resp, b"".to_vec(), Duration::from_secs(5), &mut sent).await.unwrap();
+        let sent = AtomicU64::new(0);
+        pump(&mut down, &mut resp, b"".to_vec(), Duration::from_secs(5), &sent).await.unwrap();
         drop(down);
         let got = reader.await.unwrap();
         let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         assert_eq!(&got[split..], &body[..]);
-        assert_eq!(sent, body.len() as u64);
+        assert_eq!(sent.load(Ordering::SeqCst), body.len() as u64);
     }
 
     #[tokio::test]
@@ -268,8 +300,8 @@ mod tests {
         let mut resp = Source::Upstream(Response::over(&c, session));
         let (mut down, _client_end_never_read) = downstream(16 * 1024).await;
         start_200(&mut down, 4 << 20).await;
-        let mut sent = 0;
-        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
+        let sent = AtomicU64::new(0);
+        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &sent);
         // The pump blocks on the full client side; the origin can only run
         // ahead by what the buffers in between hold.
         assert!(tokio::time::timeout(Duration::from_millis(500), pumping).await.is_err());
@@ -289,12 +321,12 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(client_end);
         });
-        let mut sent = 0;
-        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &mut sent);
+        let sent = AtomicU64::new(0);
+        let pumping = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(30), &sent);
         let ended = tokio::time::timeout(Duration::from_secs(5), pumping).await;
         let e = ended.expect("the pump noticed the client leaving").unwrap_err();
         assert!(matches!(e.esource(), pingora_error::ErrorSource::Downstream), "{e}");
-        assert_eq!(sent, 1000);
+        assert_eq!(sent.load(Ordering::SeqCst), 1000);
     }
 
     #[tokio::test]
@@ -306,10 +338,10 @@ mod tests {
         let (mut down, client_end) = downstream(256 * 1024).await;
         let reader = tokio::spawn(read_all(client_end));
         start_200(&mut down, 100_000).await;
-        let mut sent = 0;
-        let e = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(5), &mut sent).await.unwrap_err();
+        let sent = AtomicU64::new(0);
+        let e = pump(&mut down, &mut resp, Vec::new(), Duration::from_secs(5), &sent).await.unwrap_err();
         assert_eq!(*e.etype(), ErrorType::ConnectionClosed, "{e}");
-        assert_eq!(sent, 5000);
+        assert_eq!(sent.load(Ordering::SeqCst), 5000);
         drop(down);
         let got = reader.await.unwrap();
         assert!(got.ends_with(&pattern(5000)), "what came before the death was delivered");

@@ -184,7 +184,12 @@ impl From<Box<Error>> for Outcome {
 }
 
 /// Writes a generated answer: status, one-line reason, no caching.
-pub async fn reply(down: &mut ServerSession, cors: &Cors, failure: Failure) -> pingora_error::Result<()> {
+pub async fn reply(
+    down: &mut ServerSession,
+    ctx: &mut super::Ctx,
+    cors: &Cors,
+    failure: Failure,
+) -> pingora_error::Result<()> {
     let body = Bytes::from(format!("{}\n", failure.reason()));
     let mut out = ResponseHeader::build(failure.status(), Some(6))?;
     out.insert_header(header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -197,9 +202,12 @@ pub async fn reply(down: &mut ServerSession, cors: &Cors, failure: Failure) -> p
         out.insert_header(header::RETRY_AFTER, secs.to_string())?;
     }
     cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
+    ctx.status = failure.status().as_u16();
+    ctx.sending(&mut out)?;
     let head = down.req_header().method == Method::HEAD;
     down.write_response_header(Box::new(out)).await?;
     if !head {
+        ctx.body_bytes += body.len() as u64;
         down.write_response_body(body, true).await?;
     }
     Ok(())

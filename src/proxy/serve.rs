@@ -23,15 +23,13 @@ impl Proxy {
     /// Answers one request on Pingora's downstream session.
     pub(super) async fn serve(&self, down: &mut ServerSession, ctx: &mut Ctx) -> Result<()> {
         down.set_write_timeout(Some(self.state.downstream_write_timeout));
+        ctx.request_id = crate::access::request_id(down.req_header().headers.get("x-request-id"));
         // Players pipeline: keep bytes of the next request that arrive
         // while this response streams, instead of failing this one.
         down.set_pipelining_enabled(true);
         match self.handle(down, ctx).await {
             Ok(()) => Ok(()),
-            Err(Outcome::Reply(failure)) => {
-                ctx.status = failure.status().as_u16();
-                reply(down, &self.state.cors, failure).await
-            }
+            Err(Outcome::Reply(failure)) => reply(down, ctx, &self.state.cors, failure).await,
             Err(Outcome::Abort(e)) => Err(e),
         }
     }
@@ -41,8 +39,9 @@ impl Proxy {
         let method = down.req_header().method.clone();
         if method == Method::OPTIONS && st.cors.enabled() {
             ctx.route = RouteLabel::Preflight;
-            let out = st.cors.preflight(down.req_header().headers.get(header::ORIGIN))?;
+            let mut out = st.cors.preflight(down.req_header().headers.get(header::ORIGIN))?;
             ctx.status = 204;
+            ctx.sending(&mut out)?;
             return Ok(down.write_response_header(Box::new(out)).await?);
         }
         if method != Method::GET && method != Method::HEAD {
@@ -85,6 +84,7 @@ impl Proxy {
             }
             Target::Route { index, rest } => {
                 ctx.route = RouteLabel::Route;
+                ctx.route_index = Some(index);
                 let route = &st.routes[index];
                 if route.auth && st.auth.mode != AuthMode::None {
                     if query.has("_path") {
@@ -192,9 +192,8 @@ mod tests {
         let session = pingora::protocols::http::v1::client::HttpSession::new(Box::new(ours));
         let mut src = super::super::source::Source::Upstream(Response::over(&p.state.client, session));
         assert!(std::mem::size_of_val(&src.read()) <= 512, "the read of each buffer");
-        let mut sent = 0;
-        let pump =
-            super::super::relay::pump(&mut down, &mut src, Vec::new(), std::time::Duration::from_secs(1), &mut sent);
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        let pump = super::super::relay::pump(&mut down, &mut src, Vec::new(), std::time::Duration::from_secs(1), &sent);
         assert!(std::mem::size_of_val(&pump) <= 1536);
     }
 }

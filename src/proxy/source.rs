@@ -129,6 +129,14 @@ impl Source {
         }
     }
 
+    /// Bodies continued on a new connection after the upstream's died.
+    pub fn resumptions(&self) -> u32 {
+        match self {
+            Source::Upstream(r) => r.resumptions(),
+            Source::Memory(_) => 0,
+        }
+    }
+
     /// Done with it: an upstream connection goes back to the pool.
     pub fn finish(self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         match self {

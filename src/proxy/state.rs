@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::live::Streams;
+use crate::access;
 use crate::auth::Auth;
 use crate::cache::{self, Cache};
 use crate::config::Config;
@@ -31,6 +33,11 @@ pub struct State {
     /// The shared cache (`None`: `cache.max_bytes: 0`).
     pub cache: Option<Cache>,
     pub metrics: Arc<Metrics>,
+    /// `log.format` and `log.trusted_proxies`.
+    pub log_format: access::Format,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The streams being relayed now (for the shutdown report).
+    pub streams: Streams,
 }
 
 impl State {
@@ -91,6 +98,9 @@ impl State {
                 metrics.clone(),
             ),
             metrics,
+            log_format: cfg.log.format,
+            trusted_proxies: cfg.log.trusted_proxies.iter().map(|c| c.0).collect(),
+            streams: Streams::default(),
         }
     }
 }

@@ -56,6 +56,8 @@ struct Recovery {
     window: Option<Option<Box<Window>>>,
     /// Counts restarts of the body from its first byte (whole refetches).
     restarts: u32,
+    /// Resumptions that succeeded.
+    resumed: u32,
 }
 
 impl Response {
@@ -75,7 +77,14 @@ impl Response {
             redirects: ex.redirects,
             received: 0,
             permit,
-            recovery: Recovery { failure: None, attempts_left: attempts, whole: false, window: None, restarts: 0 },
+            recovery: Recovery {
+                failure: None,
+                attempts_left: attempts,
+                whole: false,
+                window: None,
+                restarts: 0,
+                resumed: 0,
+            },
         }
     }
 
@@ -102,6 +111,11 @@ impl Response {
     /// The upstream was sent a HEAD (there is no body to read).
     pub fn sent_head(&self) -> bool {
         self.sent_head
+    }
+
+    /// Resumptions that continued this body.
+    pub fn resumptions(&self) -> u32 {
+        self.recovery.resumed
     }
 
     /// Redirect hops followed to get here.
@@ -237,6 +251,7 @@ impl Response {
                         self.session = ex.session;
                         self.pool_key = ex.pool_key;
                         self.count(|m| m.resumes_succeeded.inc());
+                        self.recovery.resumed += 1;
                         return Ok(());
                     }
                     Verdict::Retry(why) => {

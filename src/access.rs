@@ -1,0 +1,247 @@
+//! The access log: one line per request, as operators of nginx and Traefik
+//! expect — who asked (the client's address, through trusted proxies'
+//! `X-Forwarded-For`), what, how it was answered (status, body bytes sent,
+//! duration, time to the first byte, the upstream's host and status, the
+//! cache's result, resumptions), the user agent and a request id — as text
+//! or JSON. Never a query string: `u=`, `sig=` and keys live there.
+//!
+//! Lines go to standard output (the `access` log target, on by default;
+//! `RUST_LOG=access=off` silences them), the proxy's own messages to
+//! standard error.
+
+use std::collections::hash_map::RandomState;
+use std::fmt::Write;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+use http::HeaderValue;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One request, as logged.
+#[derive(Debug, Default)]
+pub struct Line<'a> {
+    pub at: Option<SystemTime>,
+    pub client: &'a str,
+    pub method: &'a str,
+    /// The path only, never the query.
+    pub path: &'a str,
+    /// `relay`, `stream`, a route's prefix, `preflight`, or `-`.
+    pub route: &'a str,
+    pub status: u16,
+    /// Body bytes actually sent.
+    pub bytes: u64,
+    pub ms: u64,
+    /// Until the response header went out, when it did.
+    pub ttfb_ms: Option<u64>,
+    pub upstream_host: &'a str,
+    pub upstream_status: u16,
+    /// `hit`, `coalesced`, `miss`, `bypass`; empty with the cache off.
+    pub cache: &'a str,
+    pub resumed: u32,
+    pub user_agent: &'a str,
+    pub request_id: &'a str,
+    /// Pingora's error type, when the request failed.
+    pub error: Option<&'a str>,
+    /// The stream was cut when the shutdown grace period ended.
+    pub cut: bool,
+}
+
+impl Line<'_> {
+    pub fn render(&self, format: Format) -> String {
+        let at = humantime::format_rfc3339_millis(self.at.unwrap_or_else(SystemTime::now)).to_string();
+        match format {
+            Format::Json => {
+                let mut v = serde_json::json!({
+                    "time": at,
+                    "client": self.client,
+                    "method": self.method,
+                    "path": self.path,
+                    "route": self.route,
+                    "status": self.status,
+                    "bytes": self.bytes,
+                    "ms": self.ms,
+                    "ttfb_ms": self.ttfb_ms,
+                    "upstream_host": none_if_empty(self.upstream_host),
+                    "upstream_status": (self.upstream_status > 0).then_some(self.upstream_status),
+                    "cache": none_if_empty(self.cache),
+                    "resumed": self.resumed,
+                    "user_agent": none_if_empty(self.user_agent),
+                    "request_id": self.request_id,
+                });
+                if let Some(e) = self.error {
+                    v["error"] = e.into();
+                }
+                if self.cut {
+                    v["cut"] = true.into();
+                }
+                v.to_string()
+            }
+            Format::Text => {
+                let mut s = String::with_capacity(200);
+                let dash = |v: &str| if v.is_empty() { "-".to_string() } else { v.to_string() };
+                let _ = write!(
+                    s,
+                    "{at} {} \"{} {}\" {} {} {}ms ttfb={} route={} upstream={} upstream_status={} cache={} resumed={} ua=\"{}\" id={}",
+                    self.client,
+                    self.method,
+                    self.path,
+                    self.status,
+                    self.bytes,
+                    self.ms,
+                    self.ttfb_ms.map_or("-".to_string(), |t| format!("{t}ms")),
+                    self.route,
+                    dash(self.upstream_host),
+                    if self.upstream_status > 0 { self.upstream_status.to_string() } else { "-".into() },
+                    dash(self.cache),
+                    self.resumed,
+                    escaped(self.user_agent),
+                    self.request_id,
+                );
+                if let Some(e) = self.error {
+                    let _ = write!(s, " error=\"{}\"", escaped(e));
+                }
+                if self.cut {
+                    s.push_str(" cut=true");
+                }
+                s
+            }
+        }
+    }
+}
+
+fn none_if_empty(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// A value inside double quotes: quotes, backslashes and control bytes escaped.
+fn escaped(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The client's address: the peer, or — when the peer is one of
+/// `trusted` (a reverse proxy in front) — the last address in
+/// `X-Forwarded-For` that is not a trusted proxy itself.
+pub fn client_address(peer: Option<IpAddr>, forwarded_for: Option<&HeaderValue>, trusted: &[IpNet]) -> String {
+    let Some(peer) = peer else { return "-".into() };
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer.to_string();
+    }
+    let Some(hops) = forwarded_for.and_then(|v| v.to_str().ok()) else { return peer.to_string() };
+    let hops: Vec<IpAddr> = hops.split(',').filter_map(|h| h.trim().parse().ok()).collect();
+    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer).to_string()
+}
+
+/// The request id: the client's `X-Request-Id` when it is a sane token (1 to
+/// 128 of `A-Z a-z 0-9 . _ : -`), else a new one (16 hex digits).
+pub fn request_id(client: Option<&HeaderValue>) -> String {
+    if let Some(id) = client.map(HeaderValue::as_bytes) {
+        let sane = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+        if (1..=128).contains(&id.len()) && id.iter().all(sane) {
+            return String::from_utf8_lossy(id).into_owned();
+        }
+    }
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{:016x}", KEYS.get_or_init(RandomState::new).hash_one(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_client_is_the_first_untrusted_hop() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.1/32".parse().unwrap()];
+        let xff = HeaderValue::from_static("198.51.100.7, 203.0.113.9, 10.0.0.2");
+        assert_eq!(client_address(Some(ip("10.0.0.1")), Some(&xff), &trusted), "203.0.113.9");
+        assert_eq!(
+            client_address(Some(ip("192.0.2.1")), Some(&xff), &trusted),
+            "192.0.2.1",
+            "an untrusted peer's header is ignored"
+        );
+        assert_eq!(client_address(Some(ip("10.0.0.1")), None, &trusted), "10.0.0.1");
+        let all_trusted = HeaderValue::from_static("10.1.1.1, 10.2.2.2");
+        assert_eq!(client_address(Some(ip("127.0.0.1")), Some(&all_trusted), &trusted), "10.1.1.1");
+        assert_eq!(
+            client_address(Some(ip("127.0.0.1")), Some(&HeaderValue::from_static("junk")), &trusted),
+            "127.0.0.1"
+        );
+        assert_eq!(client_address(None, None, &trusted), "-");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_made_otherwise() {
+        assert_eq!(request_id(Some(&HeaderValue::from_static("abc-123_x.y:z"))), "abc-123_x.y:z");
+        for bad in ["has space", "quo\"te", ""] {
+            let made = request_id(Some(&HeaderValue::from_str(bad).unwrap()));
+            assert_eq!(made.len(), 16, "{bad:?} -> {made}");
+        }
+        let long = "a".repeat(129);
+        assert_eq!(request_id(Some(&HeaderValue::from_str(&long).unwrap())).len(), 16);
+        assert_ne!(request_id(None), request_id(None), "new ids differ");
+    }
+
+    #[test]
+    fn lines_in_both_formats() {
+        let line = Line {
+            at: Some(SystemTime::UNIX_EPOCH),
+            client: "203.0.113.9",
+            method: "GET",
+            path: "/strm/proxy/ep1.mp4",
+            route: "relay",
+            status: 206,
+            bytes: 65536,
+            ms: 12,
+            ttfb_ms: Some(3),
+            upstream_host: "cdn.example",
+            upstream_status: 206,
+            cache: "hit",
+            resumed: 0,
+            user_agent: "mpv \"0.35\"",
+            request_id: "r1",
+            error: None,
+            cut: false,
+        };
+        assert_eq!(
+            line.render(Format::Text),
+            "1970-01-01T00:00:00.000Z 203.0.113.9 \"GET /strm/proxy/ep1.mp4\" 206 65536 12ms ttfb=3ms route=relay \
+             upstream=cdn.example upstream_status=206 cache=hit resumed=0 ua=\"mpv \\\"0.35\\\"\" id=r1"
+        );
+        let json: serde_json::Value = serde_json::from_str(&line.render(Format::Json)).unwrap();
+        assert_eq!(json["status"], 206);
+        assert_eq!(json["user_agent"], "mpv \"0.35\"");
+        assert_eq!(json["ttfb_ms"], 3);
+        let cut = Line { cut: true, error: Some("ConnectionClosed"), ..Line::default() }.render(Format::Text);
+        assert!(cut.ends_with(" error=\"ConnectionClosed\" cut=true"), "{cut}");
+    }
+}
