@@ -858,3 +858,43 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
     assert!(log.contains("WARN  anibridge_proxy::server] stream cut by the shutdown after"), "{log}");
     assert!(!log.contains("secret-query"), "{log}");
 }
+
+/// Each upstream failure's log line names the host and port and the cause
+/// in plain words; the client's reason stays the short one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_name_the_place_and_the_cause() {
+    let hangs = Origin::start(|_| Action::Hang).await;
+    let closed = unused_addr();
+    // Answers a TLS hello with plain text.
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain_addr = plain.local_addr().unwrap();
+    std::thread::spawn(move || {
+        while let Ok((mut s, _)) = plain.accept() {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n",
+        Some("warn"),
+        &[],
+    )
+    .await;
+    for (url, status, reason) in [
+        (format!("http://{closed}/x.mp4"), 502, "upstream unreachable"),
+        (hangs.url("/x.mp4"), 504, "upstream timeout"),
+        (format!("https://{plain_addr}/x.mp4"), 502, "upstream unreachable"),
+    ] {
+        let got = get(p.addr(), "GET", &relay_path("x.mp4", &url), &[]).await;
+        assert_eq!((got.status, got.text()), (status, format!("{reason}\n")), "{url}");
+    }
+    p.terminate();
+    let _ = p.child.wait();
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    for line in [
+        format!("upstream failed: {closed}: connection refused"),
+        format!("upstream failed: 127.0.0.1:{}: no response within upstream.read_timeout", hangs.addr.port()),
+        format!("upstream failed: {plain_addr}: TLS handshake failed"),
+    ] {
+        assert!(log.contains(&line), "{line:?} not in {log}");
+    }
+}

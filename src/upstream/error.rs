@@ -20,11 +20,11 @@ pub enum FetchError {
     /// Looking up the host (named here) failed.
     Dns(String, Arc<std::io::Error>),
     /// Connect refused/reset, TLS failure, malformed response.
-    Unreachable(Arc<Error>),
+    Unreachable(Cause),
     /// Connect or header read timed out.
-    Timeout(Arc<Error>),
+    Timeout(Cause),
     /// The egress proxy was unreachable, refused, or failed its handshake.
-    EgressProxy(Arc<Error>),
+    EgressProxy(Cause),
     /// The host's gate refused: over its limit for the whole queue
     /// timeout, or cooling down longer than that.
     Gate(crate::gate::Refused),
@@ -33,7 +33,33 @@ pub enum FetchError {
     Request(&'static str),
 }
 
+/// What failed, and where: Pingora's error, and the `host:port` it happened
+/// at (when known), for a log line that names both in plain words.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub error: Arc<Error>,
+    pub at: Option<Arc<str>>,
+}
+
+impl Cause {
+    fn new(error: Box<Error>) -> Cause {
+        Cause { error: error.into(), at: None }
+    }
+}
+
 impl FetchError {
+    /// The same error, saying it happened at `url`'s host and port (if it
+    /// does not say where already).
+    pub fn at(mut self, url: &url::Url) -> FetchError {
+        if let FetchError::Unreachable(c) | FetchError::Timeout(c) | FetchError::EgressProxy(c) = &mut self {
+            if c.at.is_none() {
+                let host = url.host_str().unwrap_or("-");
+                c.at = Some(format!("{host}:{}", url.port_or_known_default().unwrap_or(0)).into());
+            }
+        }
+        self
+    }
+
     /// Worth one refresh of a resolved URL (connect errors and timeouts).
     pub fn is_refreshable(&self) -> bool {
         matches!(
@@ -44,27 +70,99 @@ impl FetchError {
 
     pub fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
-            t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(e.into()),
+            t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(Cause::new(e)),
             ErrorType::ConnectTimedout
             | ErrorType::TLSHandshakeTimedout
             | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout => FetchError::Timeout(e.into()),
-            _ => FetchError::Unreachable(e.into()),
+            | ErrorType::WriteTimedout => FetchError::Timeout(Cause::new(e)),
+            _ => FetchError::Unreachable(Cause::new(e)),
         }
     }
 }
 
 impl std::fmt::Display for FetchError {
+    /// One line for the log: where, then what, in plain words (the
+    /// client's reason stays the short one of the failure table).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FetchError::Refused(r) => write!(f, "egress refused: {r}"),
-            FetchError::BadRedirect => f.write_str("redirect to a non-http(s) or missing Location"),
+            FetchError::Refused(r) => write!(f, "refused by the egress policy: {r}"),
+            FetchError::BadRedirect => f.write_str("redirected to a non-http(s) URL or without a Location"),
             FetchError::TooManyRedirects => f.write_str("too many redirects"),
-            FetchError::Dns(host, e) => write!(f, "DNS lookup of {host}: {e}"),
-            FetchError::Unreachable(e) | FetchError::Timeout(e) | FetchError::EgressProxy(e) => write!(f, "{e}"),
+            FetchError::Dns(host, e) => write!(f, "{host}: cannot resolve the name: {e}"),
+            FetchError::Unreachable(c) | FetchError::Timeout(c) => {
+                write!(f, "{}: {}", c.at.as_deref().unwrap_or("the upstream"), plain(&c.error))
+            }
+            // Names the egress proxy itself (`scheme://host:port`, never credentials).
+            FetchError::EgressProxy(c) => {
+                f.write_str(c.error.context.as_ref().map_or("egress proxy failed", |c| c.as_str()))
+            }
             FetchError::Gate(crate::gate::Refused::Busy) => f.write_str("the host's connection limit stayed reached"),
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => write!(f, "the host cools down for {s} s more"),
             FetchError::Request(why) => write!(f, "cannot build the upstream request: {why}"),
         }
+    }
+}
+
+/// What went wrong, in the words an operator would use, with the detail
+/// the lower layers gave (a certificate's problem, the OS's error).
+fn plain(e: &Error) -> String {
+    let detail = || match &e.cause {
+        Some(cause) => cause.to_string(),
+        None => e.context.as_ref().map_or("", |c| c.as_str()).to_string(),
+    };
+    let detail = |what: &str| {
+        let d = detail();
+        let d = d.trim();
+        if d.is_empty() {
+            what.to_string()
+        } else {
+            format!("{what} ({d})")
+        }
+    };
+    match e.etype() {
+        ErrorType::ConnectRefused => "connection refused".into(),
+        ErrorType::ConnectNoRoute => "no route to the address".into(),
+        ErrorType::ConnectTimedout => "no answer to connect within upstream.connect_timeout".into(),
+        ErrorType::TLSHandshakeTimedout => "TLS handshake timed out".into(),
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+            detail("TLS handshake failed")
+        }
+        ErrorType::ReadTimedout => "no response within upstream.read_timeout".into(),
+        ErrorType::WriteTimedout => "the request was not taken within upstream.write_timeout".into(),
+        ErrorType::ConnectionClosed => "the connection closed before a response".into(),
+        ErrorType::InvalidHTTPHeader | ErrorType::H1Error => detail("malformed response"),
+        ErrorType::ConnectError | ErrorType::SocketError | ErrorType::ReadError | ErrorType::WriteError => {
+            detail("connection failed")
+        }
+        other => detail(other.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_name_the_place_and_the_cause_in_plain_words() {
+        let url = url::Url::parse("https://cdn.example/v.mp4").unwrap();
+        let at = |t| FetchError::from_pingora(Error::explain(t, "raw library text")).at(&url).to_string();
+        assert_eq!(at(ErrorType::ConnectRefused), "cdn.example:443: connection refused");
+        assert_eq!(
+            at(ErrorType::ConnectTimedout),
+            "cdn.example:443: no answer to connect within upstream.connect_timeout"
+        );
+        assert_eq!(at(ErrorType::ReadTimedout), "cdn.example:443: no response within upstream.read_timeout");
+        let tls =
+            Error::because(ErrorType::TLSHandshakeFailure, "handshake", "invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            FetchError::from_pingora(tls).at(&url).to_string(),
+            "cdn.example:443: TLS handshake failed (invalid peer certificate: UnknownIssuer)"
+        );
+        let dns = FetchError::Dns("nowhere.example".into(), std::io::Error::other("no such host").into());
+        assert_eq!(dns.to_string(), "nowhere.example: cannot resolve the name: no such host");
+        // The first place named stays.
+        let other = url::Url::parse("http://other.example:8080/").unwrap();
+        let e = FetchError::from_pingora(Error::explain(ErrorType::ConnectRefused, "x")).at(&url).at(&other);
+        assert!(e.to_string().starts_with("cdn.example:443:"), "{e}");
     }
 }

@@ -24,7 +24,7 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::RequestHeader;
 use url::Url;
 
-pub use error::FetchError;
+pub use error::{Cause, FetchError};
 pub use pool::Pool;
 pub(crate) use request::Ask;
 use request::Hop;
@@ -197,7 +197,7 @@ impl Client {
             let permit_here = permit.as_ref().expect("entered above");
             let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
             let hop = Hop { method: &method, url: &url, req, ask: &ask };
-            let (session, peer, reused) = self.exchange(&hop, trusted).await?;
+            let (session, peer, reused) = self.exchange(&hop, trusted).await.map_err(|e| e.at(&url))?;
             self.count_connection(reused);
             let status = session.resp_header().map(|h| h.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let retry_after = session.resp_header().and_then(|h| h.headers.get(header::RETRY_AFTER));
