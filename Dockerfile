@@ -1,8 +1,9 @@
 # Multi-stage build: compile with the Rust toolchain, run on a slim Debian
 # image as an unprivileged user.
 #   docker build -t anibridge-proxy .
-#   docker run -p 8080:8080 -e ANIBRIDGE_PROXY_SECRET=... \
-#     -v $PWD/conf/production.yaml:/etc/anibridge-proxy/anibridge-proxy.yaml:ro anibridge-proxy
+#   docker run -p 8080:8080 -e ANIBRIDGE_PROXY_SECRET=... anibridge-proxy
+# The image's config is conf/container.yaml; to change it, mount your own:
+#   -v $PWD/my-proxy.yaml:/etc/anibridge-proxy/anibridge-proxy.yaml:ro
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

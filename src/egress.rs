@@ -75,6 +75,17 @@ pub enum Refusal {
     NoAddress(String),
 }
 
+impl Refusal {
+    /// The `reason` label of `anibridge_egress_refusals_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::DeniedHost(_) => "denied_host",
+            Refusal::DeniedAddress(_) => "denied_address",
+            Refusal::NoAddress(_) => "no_address",
+        }
+    }
+}
+
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -341,13 +341,13 @@ impl Gate {
                 if let Some(left) = cooling {
                     if now + left > deadline {
                         drop(hosts);
-                        self.count(|m| m.host_refused.inc());
+                        self.count(|m| m.host_refused.with_label_values(&["cooling_down"]).inc());
                         return Err(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64));
                     }
                 }
                 if now >= deadline {
                     drop(hosts);
-                    self.count(|m| m.host_refused.inc());
+                    self.count(|m| m.host_refused.with_label_values(&["busy"]).inc());
                     return Err(Refused::Busy);
                 }
                 if queued.is_none() {

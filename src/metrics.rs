@@ -1,15 +1,25 @@
-//! Prometheus metrics, registered once per process. Request counts and
-//! relayed bytes are added once per request (by the `logging` hook, after
-//! the response); the rest where the event happens. Gauges that must
-//! balance (`in_flight`, `active_streams`) are raised through a [`Held`]
-//! guard, which lowers them when dropped — also when a request panics.
+//! Prometheus metrics, registered once per process (docs/metrics.md lists
+//! them all). Request counts and relayed bytes are added once per request
+//! (by the `logging` hook, after the response); the rest where the event
+//! happens. Gauges that must balance (`in_flight`, `active_streams`) are
+//! raised through a [`Held`] guard, which lowers them when dropped — also
+//! when a request panics.
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::sync::OnceLock;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 pub struct Metrics {
     registry: Registry,
-    /// `requests` children resolved once: a label lookup hashes and locks.
-    requests_by: [[IntCounter; CLASSES.len()]; RouteLabel::ALL.len()],
+    /// `requests` children by (route row, status), resolved on first use: a
+    /// label lookup hashes and locks. Rows: the built-in routes, then the
+    /// configured route prefixes.
+    requests_by: Vec<Box<[OnceLock<IntCounter>]>>,
+    route_names: Vec<String>,
+    /// Every metric's name, as registered.
+    names: Vec<String>,
     upstream_by_reuse: [IntCounter; 2],
     pub requests: IntCounterVec,
     pub upstream_header_seconds: Histogram,
@@ -20,7 +30,7 @@ pub struct Metrics {
     pub retries: IntCounter,
     pub refreshes: IntCounter,
     pub redirects: IntCounter,
-    pub egress_refusals: IntCounter,
+    pub egress_refusals: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub resumes_attempted: IntCounter,
     pub resumes_succeeded: IntCounter,
@@ -35,18 +45,31 @@ pub struct Metrics {
     pub cache_saved: IntCounter,
     pub host_cooldowns: IntCounter,
     pub host_queue_waits: IntCounter,
-    pub host_refused: IntCounter,
+    pub host_refused: IntCounterVec,
     pub shutdown_cut_streams: IntCounter,
 }
 
+/// Status codes counted apart (0: no response was sent).
+const STATUSES: usize = 600;
+
 impl Metrics {
+    /// The metrics of a proxy without static routes.
     pub fn new() -> Metrics {
+        Metrics::with_routes(&[])
+    }
+
+    /// The metrics of a proxy with these static route prefixes (each a
+    /// `route` label of the request counts).
+    pub fn with_routes(prefixes: &[&str]) -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("anibridge_requests_total", "Requests by route and status class"),
+            Opts::new("anibridge_requests_total", "Requests by route and response status"),
             &["route", "status"],
         )
         .unwrap();
+        let build_info =
+            IntGaugeVec::new(Opts::new("anibridge_build_info", "The running build (always 1)"), &["version"]).unwrap();
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let upstream_header_seconds = Histogram::with_opts(
             HistogramOpts::new("anibridge_upstream_header_seconds", "Time from request to upstream response header")
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
@@ -65,8 +88,11 @@ impl Metrics {
         let refreshes =
             IntCounter::new("anibridge_resolver_refreshes_total", "Resolved URLs refreshed after a failure").unwrap();
         let redirects = IntCounter::new("anibridge_redirects_followed_total", "Upstream redirects followed").unwrap();
-        let egress_refusals =
-            IntCounter::new("anibridge_egress_refusals_total", "Destinations refused by egress policy").unwrap();
+        let egress_refusals = IntCounterVec::new(
+            Opts::new("anibridge_egress_refusals_total", "Destinations refused by the egress policy, by why"),
+            &["reason"],
+        )
+        .unwrap();
         let auth_failures = IntCounterVec::new(
             Opts::new("anibridge_auth_failures_total", "Requests refused by authentication"),
             &["reason"],
@@ -113,9 +139,12 @@ impl Metrics {
             "Upstream requests that waited for their host's gate (its limit or cooldown)",
         )
         .unwrap();
-        let host_refused = IntCounter::new(
-            "anibridge_host_refused_total",
-            "Requests answered 503 by a host's gate (upstream busy or cooling down)",
+        let host_refused = IntCounterVec::new(
+            Opts::new(
+                "anibridge_host_refused_total",
+                "Requests answered 503 by a host's gate, by why (busy: its limit stayed reached; cooling_down)",
+            ),
+            &["reason"],
         )
         .unwrap();
         let shutdown_cut_streams = IntCounter::new(
@@ -123,8 +152,11 @@ impl Metrics {
             "Streams still running when the shutdown grace period ended, cut",
         )
         .unwrap();
+        let mut names = Vec::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(shutdown_cut_streams.clone()),
             Box::new(host_cooldowns.clone()),
             Box::new(host_queue_waits.clone()),
@@ -148,14 +180,22 @@ impl Metrics {
             Box::new(egress_connections.clone()),
             Box::new(egress_failures.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).unwrap();
         }
-        let requests_by = RouteLabel::ALL.map(|r| CLASSES.map(|c| requests.with_label_values(&[r.as_str(), c])));
+        let route_names: Vec<String> = RouteLabel::BUILT_IN
+            .iter()
+            .map(|r| r.as_str().to_string())
+            .chain(prefixes.iter().map(|p| p.to_string()))
+            .collect();
+        let requests_by = route_names.iter().map(|_| (0..STATUSES).map(|_| OnceLock::new()).collect()).collect();
         let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
         let cache_requests_by = CacheResult::ALL.map(|r| cache_requests.with_label_values(&[r.as_str()]));
         Metrics {
             registry,
             requests_by,
+            route_names,
+            names,
             upstream_by_reuse,
             requests,
             upstream_header_seconds,
@@ -188,14 +228,27 @@ impl Metrics {
         self.cache_requests_by[result as usize].inc();
     }
 
-    /// Counts a finished request by route and status class.
-    pub fn count_request(&self, route: RouteLabel, status: u16) {
-        self.requests_by[route as usize][status_class(status)].inc();
+    /// Counts a finished request by route (`index`: a static route's) and status.
+    pub fn count_request(&self, route: RouteLabel, index: Option<usize>, status: u16) {
+        let row = match (route, index) {
+            (RouteLabel::Route, Some(i)) => RouteLabel::BUILT_IN.len() + i,
+            (r, _) => RouteLabel::BUILT_IN.iter().position(|b| *b == r).unwrap_or(0),
+        };
+        let status = usize::from(status).min(STATUSES - 1);
+        let (Some(cells), Some(name)) = (self.requests_by.get(row), self.route_names.get(row)) else {
+            return self.requests.with_label_values(&[route.as_str(), &status.to_string()]).inc();
+        };
+        cells[status].get_or_init(|| self.requests.with_label_values(&[name, &status.to_string()])).inc();
     }
 
     /// Counts an upstream exchange by whether its connection came from the pool.
     pub fn count_upstream_connection(&self, reused: bool) {
         self.upstream_by_reuse[reused as usize].inc();
+    }
+
+    /// Every metric's name.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The Prometheus text exposition.
@@ -241,9 +294,9 @@ pub enum RouteLabel {
 }
 
 impl RouteLabel {
-    /// Every label, in the order of their discriminants (the metrics' table index).
-    pub const ALL: [RouteLabel; 5] =
-        [RouteLabel::Unrouted, RouteLabel::Relay, RouteLabel::Stream, RouteLabel::Route, RouteLabel::Preflight];
+    /// The labels that are their own `route` value (a static route's is its prefix).
+    pub const BUILT_IN: [RouteLabel; 4] =
+        [RouteLabel::Unrouted, RouteLabel::Relay, RouteLabel::Stream, RouteLabel::Preflight];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -284,33 +337,49 @@ impl CacheResult {
     }
 }
 
-/// The `status` label values: `2xx`, `4xx`, ... (`none`: nothing was sent).
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
-
-/// The index in [`CLASSES`] of a status code's class.
-fn status_class(status: u16) -> usize {
-    match status {
-        100..=599 => usize::from(status / 100) - 1,
-        _ => CLASSES.len() - 1,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// docs/metrics.md documents every metric there is, and only those.
     #[test]
-    fn route_labels_index_their_own_row() {
-        for (i, r) in RouteLabel::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i, "{r:?}");
-        }
+    fn every_metric_is_documented() {
+        let docs = include_str!("../docs/metrics.md");
+        let documented: std::collections::BTreeSet<&str> = docs
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .map(|n| n.split('{').next().unwrap_or(n))
+            .collect();
         let m = Metrics::new();
-        m.count_request(RouteLabel::Stream, 206);
-        m.count_request(RouteLabel::Unrouted, 0);
+        let registered: std::collections::BTreeSet<&str> = m.names().iter().map(String::as_str).collect();
+        assert!(registered.len() > 30, "{registered:?}");
+        let undocumented: Vec<_> = registered.difference(&documented).collect();
+        let gone: Vec<_> = documented.difference(&registered).collect();
+        assert!(undocumented.is_empty(), "not in docs/metrics.md: {undocumented:?}");
+        assert!(gone.is_empty(), "documented but not registered: {gone:?}");
+    }
+
+    #[test]
+    fn requests_are_counted_by_route_and_status_code() {
+        let m = Metrics::with_routes(&["/cdn/", "/tv/"]);
+        m.count_request(RouteLabel::Stream, None, 206);
+        m.count_request(RouteLabel::Stream, None, 206);
+        m.count_request(RouteLabel::Unrouted, None, 0);
+        m.count_request(RouteLabel::Route, Some(1), 404);
+        m.count_request(RouteLabel::Route, Some(7), 200);
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("anibridge_requests_total{route=\"stream\",status=\"2xx\"} 1"), "{text}");
-        assert!(text.contains("anibridge_requests_total{route=\"-\",status=\"none\"} 1"), "{text}");
-        assert_eq!([100, 299, 404, 599, 600].map(|s| CLASSES[status_class(s)]), ["1xx", "2xx", "4xx", "5xx", "none"]);
+        for line in [
+            "anibridge_requests_total{route=\"stream\",status=\"206\"} 2",
+            "anibridge_requests_total{route=\"-\",status=\"0\"} 1",
+            "anibridge_requests_total{route=\"/tv/\",status=\"404\"} 1",
+            "anibridge_requests_total{route=\"route\",status=\"200\"} 1",
+            "anibridge_build_info{version=\"",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_cpu_seconds_total ",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
     }
 
     #[test]

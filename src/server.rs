@@ -32,6 +32,11 @@ const DOWNSTREAM_READ_BUFFER: usize = 0;
 /// what this saved).
 const DOWNSTREAM_WRITE_BUFFER: usize = 8 * 1024;
 
+/// The configured route prefixes (the `route` labels of static routes).
+fn route_prefixes(cfg: &Config) -> Vec<&str> {
+    cfg.routes.iter().map(|r| r.prefix.0.as_str()).collect()
+}
+
 /// Builds the proxy application for a loaded config.
 pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
     Proxy::new(Arc::new(State::new(cfg, metrics)))
@@ -74,7 +79,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_routes(&route_prefixes(&cfg)));
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = build(&cfg, metrics.clone());
     let state = proxy.state.clone();
@@ -197,7 +202,7 @@ impl Embedded {
     pub async fn start(cfg: &Config) -> Result<Embedded, String> {
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_routes(&route_prefixes(cfg)));
         let proxy = build(cfg, metrics.clone());
         let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());

@@ -266,7 +266,7 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     assert_eq!(got.status, 200);
     let count = |text: &str| -> f64 {
         text.lines()
-            .find(|l| l.starts_with("anibridge_requests_total{route=\"relay\",status=\"2xx\"}"))
+            .find(|l| l.starts_with("anibridge_requests_total{route=\"relay\",status=\"200\"}"))
             .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
             .unwrap_or(0.0)
     };

@@ -236,7 +236,7 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
     assert_eq!(other.status, 200, "host B is not cooling");
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(o.requests().len(), 2, "nothing was sent to the cooling host");
-    assert_eq!(p.server.metrics.host_refused.get(), 1);
+    assert_eq!(p.server.metrics.host_refused.with_label_values(&["cooling_down"]).get(), 1);
 
     // Saturated: B's one slot is held by a slow body; A's requests wait, B's too, separately.
     let slow = Origin::start(|_| {
@@ -251,6 +251,7 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
     let busy = get(p.addr(), "GET", &relay_path("x", &slow.url("/x").replace("127.0.0.1", "localhost")), &[]).await;
     assert_eq!((busy.status, busy.header("retry-after")), (503, Some("1")));
     assert_eq!(busy.text(), "upstream busy\n");
+    assert_eq!(p.server.metrics.host_refused.with_label_values(&["busy"]).get(), 1);
     assert_eq!(held.await.unwrap().body.len(), 400_000);
 }
 

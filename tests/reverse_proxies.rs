@@ -24,9 +24,94 @@ async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Front {
     let port = unused_addr().port();
     let snippet = snippet
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
-        .replace("server 127.0.0.1:8080;", &format!("server {proxy};"));
+        .replace("server 127.0.0.1:8080;", &format!("server {proxy};"))
+        .replace("/var/log/nginx/anibridge.log", "{dir}/anibridge.log");
     let nginx = process::spawn_nginx(&format!("access_log off;\n{snippet}"));
     Front::start(nginx, port, "error.log").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_logs_paths_never_queries() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
+    let p = Proxy::open().await;
+    let front = nginx_in_front_of(p.addr()).await;
+    // Signed (sig= in the query), though the proxy is open here.
+    let path = signed_relay_path("v.mp4", &o.url("/v.mp4?token=HOSTER-TOKEN"), None);
+    assert_eq!(get(front.addr(), "GET", &format!("/anibridge{path}"), &[]).await.status, 200);
+    let log = front.process.read("anibridge.log");
+    assert!(log.contains("\"GET /anibridge/strm/proxy/v.mp4 HTTP/1.1\" 200 1000"), "{log}");
+    for secret in ["sig=", "u=", "HOSTER-TOKEN", "?"] {
+        assert!(!log.contains(secret), "{secret:?} in nginx's log: {log}");
+    }
+}
+
+/// TLS and HTTP/2 at the front: conf/nginx-tls.conf in front of the proxy,
+/// curl over HTTP/2 with the test CA: a Range, a HEAD and a playlist whose
+/// children point back through the https front.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_http2_are_terminated_by_nginx_in_front() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("curl", "apt-get install curl").is_none()
+    {
+        return;
+    }
+    let o = Origin::start(|req| match req.path() {
+        "/live/index.m3u8" => {
+            Resp::new(200, Body::Bytes(PLAYLIST.into())).header("Content-Type", "application/vnd.apple.mpegurl").into()
+        }
+        _ => serve_file(req, 2_000_000, Some("video/mp4")).into(),
+    })
+    .await;
+    let port = unused_addr().port();
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\npublic_base_url: \"https://localhost:{port}/anibridge\"\n"
+    ))
+    .await;
+    let ca = tls::TestCa::new();
+    let (cert, key) = ca.write_leaf();
+    let snippet = std::fs::read_to_string("conf/nginx-tls.conf").unwrap();
+    for needle in ["listen 443 ssl http2;", "server 127.0.0.1:8080;", "/etc/ssl/media.example.org/fullchain.pem"] {
+        assert!(snippet.contains(needle), "{needle}");
+    }
+    let snippet = snippet
+        .replace("listen 443 ssl http2;", &format!("listen 127.0.0.1:{port} ssl http2;"))
+        .replace("server 127.0.0.1:8080;", &format!("server {};", p.addr()))
+        .replace("/etc/ssl/media.example.org/fullchain.pem", &cert.display().to_string())
+        .replace("/etc/ssl/media.example.org/privkey.pem", &key.display().to_string())
+        .replace("/var/log/nginx/anibridge.log", "{dir}/anibridge.log");
+    let nginx = process::spawn_nginx(&format!("access_log off;\n{snippet}"));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let ca_pem = ca.dir.path().join("ca.pem");
+    let curl = |args: Vec<String>| {
+        let ca_pem = ca_pem.clone();
+        async move {
+            let mut c = tokio::process::Command::new("curl");
+            c.args(["-s", "--http2", "--cacert"]).arg(&ca_pem);
+            c.args(["--resolve", &format!("localhost:{port}:127.0.0.1"), "-w", "\n%{http_version} %{http_code}"]);
+            c.args(args);
+            let out = c.output().await.unwrap();
+            let text = out.stdout;
+            let split = text.iter().rposition(|b| *b == b'\n').unwrap();
+            (text[..split].to_vec(), String::from_utf8_lossy(&text[split + 1..]).to_string())
+        }
+    };
+    let https = |path: String| format!("https://localhost:{port}/anibridge{path}");
+    let (body, how) =
+        curl(vec!["-H".into(), "Range: bytes=1000-1999".into(), https(relay_path("v.mp4", &o.url("/v.mp4")))]).await;
+    assert_eq!(how, "2 206", "HTTP/2 to nginx, a 206 from the proxy");
+    assert_body(&body, &pattern(1000, 1000));
+    let (_, how) = curl(vec!["-I".into(), https(relay_path("v.mp4", &o.url("/v.mp4")))]).await;
+    assert_eq!(how, "2 200");
+    let (list, how) = curl(vec![https(relay_path("index.m3u8", &o.url("/live/index.m3u8")))]).await;
+    assert_eq!(how, "2 200");
+    let list = String::from_utf8(list).unwrap();
+    let child = list.lines().find(|l| l.contains("seg0.ts")).unwrap();
+    assert!(child.starts_with(&format!("https://localhost:{port}/anibridge/strm/proxy/seg0.ts?u=")), "{child}");
+    let (_, how) = curl(vec!["-H".into(), "Range: bytes=0-9".into(), child.to_string()]).await;
+    assert_eq!(how, "2 206", "the child plays through the https front");
 }
 
 /// Traefik: `TRAEFIK` (what scripts/test.sh fetches), else on PATH.

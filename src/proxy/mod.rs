@@ -134,7 +134,7 @@ impl ProxyHttp for Proxy {
         let m = &st.metrics;
         let status =
             if ctx.status == 0 { session.response_written().map_or(0, |r| r.status.as_u16()) } else { ctx.status };
-        m.count_request(ctx.route, status);
+        m.count_request(ctx.route, ctx.route_index, status);
         m.bytes_relayed.inc_by(ctx.body_bytes);
         if matches!(ctx.cache, Some(CacheResult::Hit | CacheResult::Coalesced)) {
             m.cache_saved.inc_by(ctx.body_bytes);

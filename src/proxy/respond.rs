@@ -143,8 +143,8 @@ impl Proxy {
     /// The answer for an upstream failure before any response: logged,
     /// counted, one failure.
     pub(super) fn fetch_failed(&self, e: &FetchError) -> Outcome {
-        if matches!(e, FetchError::Refused(_)) {
-            self.state.metrics.egress_refusals.inc();
+        if let FetchError::Refused(r) = e {
+            self.state.metrics.egress_refusals.with_label_values(&[r.label()]).inc();
         }
         log::warn!("upstream failed: {e}");
         Failure::from(e).into()

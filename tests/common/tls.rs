@@ -80,6 +80,21 @@ impl TestCa {
         TestCa { dir, leaf: leaf.der().clone(), leaf_key: leaf_key.serialize_der() }
     }
 
+    /// The `localhost` certificate and its key as PEM files (for a server
+    /// such as nginx), in the CA's directory.
+    pub fn write_leaf(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        use base64::Engine;
+        let pem = |label: &str, der: &[u8]| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+            format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+        };
+        let (cert, key) = (self.dir.path().join("localhost.pem"), self.dir.path().join("localhost.key"));
+        std::fs::write(&cert, pem("CERTIFICATE", &self.leaf)).unwrap();
+        std::fs::write(&key, pem("PRIVATE KEY", &self.leaf_key)).unwrap();
+        (cert, key)
+    }
+
     pub fn leaf_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.clone()))
     }
