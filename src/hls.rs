@@ -187,7 +187,10 @@ impl<'a> Base<'a> {
                 && !host.starts_with('.')
                 && !host.ends_with('.')
                 && !host.contains("..")
-                && !host.split('.').any(|l| l.starts_with("xn--") || l.is_empty());
+                && !host.split('.').any(|l| l.starts_with("xn--") || l.is_empty())
+                // WHATWG parses a host whose last label is a number as IPv4
+                // (and refuses `a.0`): not plain.
+                && !host.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()) || l.starts_with("0x"));
             return plain_host.then_some(Cow::Borrowed(uri));
         }
         let first = uri.as_bytes()[0];
@@ -527,6 +530,9 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
             "%41.ts",
             "x'y.ts",
             "~u/x.ts",
+            "http://a.0/",
+            "http://cdn.7/x.ts",
+            "https://h.0x1f/x",
         ];
         for b in bases {
             let url = Url::parse(b).unwrap();
