@@ -86,7 +86,9 @@ impl Proxy {
                 ctx.route = RouteLabel::Route;
                 ctx.route_index = Some(index);
                 let route = &st.routes[index];
-                if route.auth && st.auth.mode != AuthMode::None {
+                // Open when its own `auth: false` or `auth.mode: none` says so.
+                let guarded = route.auth && st.auth.mode != AuthMode::None;
+                if guarded {
                     if query.has("_path") {
                         return Err(Failure::ReservedPath.into());
                     }
@@ -98,14 +100,14 @@ impl Proxy {
                     RouteError::NotAUrl => Failure::InvalidPath,
                     RouteError::Escapes => Failure::PathEscapesRoute,
                 })?;
-                // An open route is a plain reverse proxy; one with auth must
-                // be playable from its playlist's URL alone.
-                let children = if route.auth { Children::Route(index) } else { Children::Untouched };
+                // An open route is a plain reverse proxy; one that asks for
+                // credentials must be playable from its playlist's URL alone.
+                let children = if guarded { Children::Route(index) } else { Children::Untouched };
                 let known_playlist = is_playlist_path(url.path());
                 let asked = Asked { children, known_playlist, ..asked };
                 let trusted = Some(route.upstream.clone());
                 // A rewritten playlist is fetched whole (its bytes are not the client's).
-                let whole = known_playlist && route.auth;
+                let whole = known_playlist && guarded;
                 (asked, Request { method, url, forwarded, extra: None, trusted, whole })
             }
         };
