@@ -37,3 +37,30 @@ impl ServeHttp for Admin {
             .expect("static response parts are valid")
     }
 }
+
+/// Asks the admin listener at `addr` for `/healthz` and succeeds on a 200:
+/// the container health check (`anibridge-proxy --health`), which must work
+/// in an image without curl or a shell. A listener on every address
+/// (`0.0.0.0`, `::`) is asked on loopback. Only the status line is read.
+pub fn probe(addr: std::net::SocketAddr, timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream.take(512)).read_line(&mut line).map_err(|e| format!("{addr}: {e}"))?;
+    let line = line.trim_end();
+    match line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ if line.is_empty() => Err(format!("{addr}: no answer")),
+        _ => Err(format!("{addr}: /healthz answered {line:?}")),
+    }
+}

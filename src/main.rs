@@ -1,4 +1,4 @@
-//! `anibridge-proxy --config FILE [--check]`
+//! `anibridge-proxy --config FILE [--check | --health]`
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +23,11 @@ struct Cli {
     /// Validate the configuration and exit: 0 when valid, 1 with the reason.
     #[arg(long)]
     check: bool,
+    /// Ask the running proxy (the admin listener of this configuration) for
+    /// /healthz and exit: 0 when it answers 200, 1 with the reason. For
+    /// container health checks; the image needs no curl or shell.
+    #[arg(long, conflicts_with = "check")]
+    health: bool,
 }
 
 /// The access log (target `access`) goes to standard output, one line per
@@ -66,6 +71,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if cli.health {
+        return match anibridge_proxy::admin::probe(cfg.admin_listen.0, std::time::Duration::from_secs(3)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("unhealthy: {why}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if cli.check {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
