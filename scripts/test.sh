@@ -30,3 +30,6 @@ cargo test --lib --bins --tests --locked 2>&1 | tee "$log"
 # behaves exactly as it did before the cache.
 ANIBRIDGE_TEST_CACHE=off cargo test --tests --locked 2>&1 | tee -a "$log"
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+# The container image: the Dockerfile built and run with Podman as a user's
+# docker build / docker run / docker compose up would (scripts/container.sh).
+scripts/container.sh
