@@ -760,6 +760,21 @@ async fn hlsjs(page_origin: &Origin, src: &str) -> String {
     }
 }
 
+/// hls.js plays `src` as [`hlsjs`] does, when hls.js and Chromium are both
+/// there: its report, checked for an error; `None` when one is missing.
+async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str) -> Option<String> {
+    if js.is_none() {
+        tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+        return None;
+    }
+    if !have(&[CHROMIUM]) {
+        return None;
+    }
+    let report = hlsjs(page_origin, src).await;
+    assert!(anibridge_proxy::auth::Query::parse(Some(&report)).get("error").is_none(), "hls.js failed: {report}");
+    Some(report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
     // The media are made with ffmpeg and served by nginx; each player
@@ -795,16 +810,10 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
         }
     };
     let hlsjs_run = async {
-        let Some(_) = js else {
-            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+        let Some(report) = hlsjs_played(&js, &h, &ts).await else {
             return;
         };
-        if !have(&[CHROMIUM]) {
-            return;
-        }
-        let report = hlsjs(&h, &ts).await;
         let q = anibridge_proxy::auth::Query::parse(Some(&report));
-        assert!(q.get("error").is_none(), "hls.js failed: {report}");
         let at: f64 = q.get("ended").unwrap().parse().unwrap();
         let duration: f64 = q.get("duration").unwrap().parse().unwrap();
         assert!(duration > 3.5 && at >= duration - 0.3, "hls.js ended at {at} of {duration}");
@@ -910,16 +919,7 @@ async fn players_and_a_crowd_share_one_fetch_per_file() {
         assert!(frames.iter().all(|n| *n > 0), "every stream decoded: {frames:?}");
     };
     let hlsjs = async {
-        let Some(_) = &js else {
-            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
-            return;
-        };
-        if !have(&[CHROMIUM]) {
-            return;
-        }
-        let report = hlsjs(&h, &ts).await;
-        let q = anibridge_proxy::auth::Query::parse(Some(&report));
-        assert!(q.get("error").is_none(), "hls.js failed: {report}");
+        hlsjs_played(&js, &h, &ts).await;
     };
     let mpv_seek = async {
         if have(&[MPV]) {
@@ -1032,14 +1032,8 @@ async fn hls_plays_through_a_signed_route() {
         assert!(frames.len() >= 3 && frames.iter().all(|n| *n > 0), "every stream decoded: {frames:?}");
     };
     let hlsjs = async {
-        let Some(_) = &js else {
-            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
-            return;
-        };
-        if have(&[CHROMIUM]) {
-            let report = hlsjs(&h, &master).await;
+        if let Some(report) = hlsjs_played(&js, &h, &master).await {
             let q = anibridge_proxy::auth::Query::parse(Some(&report));
-            assert!(q.get("error").is_none(), "hls.js failed: {report}");
             assert!(q.get("ended").is_some(), "hls.js played to the end: {report}");
         }
     };

@@ -70,6 +70,20 @@ pub(super) async fn answer(
     Ok(())
 }
 
+/// What a playlist holds, and the signer for its children: credentials valid
+/// for as long as its playback needs ([`hls::child_lifetime`]) from `now`.
+fn signer_for<'a>(
+    auth: &'a Auth,
+    text: &str,
+    client_key: Option<&'a str>,
+    now: u64,
+) -> (hls::Summary, ChildSigner<'a>) {
+    let summary = hls::Summary::of(text);
+    let exp = now.saturating_add(hls::child_lifetime(&summary, auth.token_ttl, auth.session_ttl));
+    let signer = ChildSigner::new(auth, client_key, exp);
+    (summary, signer)
+}
+
 /// Rewrites a playlist so each child is `{prefix}/strm/proxy/{hint}?u=...`
 /// with the credentials `auth` hands out, valid for as long as the
 /// playlist's playback needs ([`hls::child_lifetime`]) from `now`.
@@ -81,9 +95,7 @@ pub fn rewrite_playlist(
     client_key: Option<&str>,
     now: u64,
 ) -> String {
-    let summary = hls::Summary::of(text);
-    let exp = now.saturating_add(hls::child_lifetime(&summary, auth.token_ttl, auth.session_ttl));
-    let signer = ChildSigner::new(auth, client_key, exp);
+    let (summary, signer) = signer_for(auth, text, client_key, now);
     hls::rewrite(text, &summary, base, |child, segment, out| {
         out.push_str(prefix);
         out.push_str(routing::RELAY_PREFIX);
@@ -109,9 +121,7 @@ pub fn rewrite_route_playlist(
     client_key: Option<&str>,
     now: u64,
 ) -> String {
-    let summary = hls::Summary::of(text);
-    let exp = now.saturating_add(hls::child_lifetime(&summary, auth.token_ttl, auth.session_ttl));
-    let signer = ChildSigner::new(auth, client_key, exp);
+    let (summary, signer) = signer_for(auth, text, client_key, now);
     hls::rewrite(text, &summary, base, |child, segment, out| match route.child(child) {
         Some((path, query)) => {
             out.push_str(prefix);
