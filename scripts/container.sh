@@ -49,6 +49,31 @@ sysroot=$(rustc --print sysroot)
 # --- A Podman of our own ----------------------------------------------------
 work=$(mktemp -d /var/tmp/anibridge-container.XXXXXX)
 chmod 755 "$work"
+nginx_pid=""
+ours="" # set once podman is known to use the store in $work, and only then cleaned
+project=$(basename "$repo")
+cleanup() {
+  local rc=$?
+  set +e
+  if [ $rc -ne 0 ] && [ -n "$ours" ]; then
+    # Podman's own complaints (here: no systemd for health check timers).
+    [ -f "$work/podman.err" ] && tail -20 "$work/podman.err" >&2
+    for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null); do
+      echo "--- podman logs $c (last 30 lines)" >&2
+      podman logs --tail 30 "$c" >&2 2>&1
+    done
+  fi
+  if [ -n "$ours" ]; then
+    (cd "$repo" && podman-compose down >/dev/null 2>&1)
+    podman rm -a -f -t 0 >/dev/null 2>&1
+    podman network rm -f "${project}_default" >/dev/null 2>&1
+    podman rmi -a -f >/dev/null 2>&1
+  fi
+  [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null
+  rm -rf "$work"
+  exit $rc
+}
+trap cleanup EXIT
 export CONTAINERS_STORAGE_CONF="$work/storage.conf" CONTAINERS_CONF="$work/containers.conf"
 cat >"$CONTAINERS_STORAGE_CONF" <<EOF
 [storage]
@@ -63,32 +88,10 @@ default_ulimits = []
 runtime = "runc"
 EOF
 [ "$(podman info --format '{{.Store.GraphRoot}}')" = "$work/storage" ] || fail "podman does not use the store in $work"
-
-nginx_pid=""
-project=$(basename "$repo")
-cleanup() {
-  local rc=$?
-  set +e
-  if [ $rc -ne 0 ]; then
-    # Podman's own complaints (here: no systemd for health check timers).
-    [ -f "$work/podman.err" ] && tail -20 "$work/podman.err" >&2
-    for c in $(podman ps -a --format '{{.Names}}' 2>/dev/null); do
-      echo "--- podman logs $c (last 30 lines)" >&2
-      podman logs --tail 30 "$c" >&2 2>&1
-    done
-  fi
-  (cd "$repo" && podman-compose down >/dev/null 2>&1)
-  podman rm -a -f -t 0 >/dev/null 2>&1
-  podman network rm -f "${project}_default" >/dev/null 2>&1
-  podman rmi -a -f >/dev/null 2>&1
-  [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null
-  rm -rf "$work"
-  exit $rc
-}
-trap cleanup EXIT
+ours=1
 
 # The command lines the README's container section shows, run as shown (with
-# a free port and name where the README has 8080 and anibridge-proxy).
+# a free host port where the README has 8080, and this machine's extras).
 readme_shows() {
   grep -qF -- "$1" README.md || fail "README.md no longer shows: $1"
 }
