@@ -171,13 +171,13 @@ impl ShutdownSignalWatch for Signals {
             // The streams the shutdown cuts: each gets its access line (the
             // bytes it sent), a warning, and a count.
             for stream in state.streams.running() {
-                log::info!(target: "access", "{}", stream.cut_line(state.log_format));
+                log::info!(target: "access", "{}", stream.cut_line(&state));
                 log::warn!(
                     "stream cut by the shutdown after {} body bytes: {} {} (route {})",
                     stream.bytes.load(Ordering::Relaxed),
                     stream.method,
-                    stream.path,
-                    stream.route
+                    stream.uri.path(),
+                    stream.route(&state)
                 );
                 state.metrics.shutdown_cut_streams.inc();
             }

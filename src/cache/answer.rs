@@ -39,7 +39,6 @@ impl Plan {
 /// does not parse): such a request goes upstream as it is.
 pub fn plan(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Option<Plan> {
     let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
-    let modified = stored.get(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
     if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
         // Weak comparison (RFC 9110 §13.1.2).
         let hit = etag.is_some_and(|e| inm.trim() == "*" || inm.split(',').any(|t| weak(t.trim()) == weak(e)));
@@ -49,6 +48,8 @@ pub fn plan(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Option<Plan> {
     } else if let Some(ims) =
         req.get(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
     {
+        // Parsed only here: most requests carry no conditionals.
+        let modified = stored.get(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
         if modified.is_some_and(|m| m <= ims) {
             return Some(Plan::NotModified);
         }

@@ -4,28 +4,39 @@
 //! runtime.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use crate::access::{Format, Line};
+use http::{HeaderValue, Method, Uri};
+
+use super::State;
+use crate::access::Line;
+use crate::metrics::RouteLabel;
 
 /// What a stream's access line says, fixed when its body starts; `bytes`
-/// grows as it is sent.
-#[derive(Debug, Default)]
+/// grows as it is sent. Every stream registers one, and almost none is
+/// ever cut, so it holds the request's own cheap handles (shared bytes)
+/// and the line is only worked out when the shutdown cuts it.
+#[derive(Debug)]
 pub struct Stream {
-    pub at: Option<SystemTime>,
-    pub started: Option<Instant>,
+    pub at: SystemTime,
+    pub started: Instant,
     pub ttfb_ms: Option<u64>,
-    pub client: String,
-    pub method: String,
-    pub path: String,
-    pub route: String,
+    /// The peer, and the `X-Forwarded-For` it sent (the client is worked
+    /// out from both as for any access line).
+    pub peer: Option<IpAddr>,
+    pub forwarded_for: Option<HeaderValue>,
+    pub method: Method,
+    pub uri: Uri,
+    pub route: RouteLabel,
+    pub route_index: Option<usize>,
     pub status: u16,
     pub upstream_host: String,
     pub upstream_status: u16,
     pub cache: &'static str,
-    pub user_agent: String,
+    pub user_agent: Option<HeaderValue>,
     pub request_id: String,
     /// Body bytes sent so far.
     pub bytes: AtomicU64,
@@ -33,27 +44,33 @@ pub struct Stream {
 
 impl Stream {
     /// Its access line as of now, marked cut.
-    pub fn cut_line(&self, format: Format) -> String {
+    pub fn cut_line(&self, st: &State) -> String {
+        let client = crate::access::client_address(self.peer, self.forwarded_for.as_ref(), &st.trusted_proxies);
         Line {
-            at: self.at,
-            client: &self.client,
-            method: &self.method,
-            path: &self.path,
-            route: &self.route,
+            at: Some(self.at),
+            client: &client,
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            route: self.route(st),
             status: self.status,
             bytes: self.bytes.load(Ordering::Relaxed),
-            ms: self.started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            ms: self.started.elapsed().as_millis() as u64,
             ttfb_ms: self.ttfb_ms,
             upstream_host: &self.upstream_host,
             upstream_status: self.upstream_status,
             cache: self.cache,
             resumed: 0,
-            user_agent: &self.user_agent,
+            user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             request_id: &self.request_id,
             error: Some("shutdown grace period over"),
             cut: true,
         }
-        .render(format)
+        .render(st.log_format)
+    }
+
+    /// The `route` of its access line.
+    pub fn route<'a>(&self, st: &'a State) -> &'a str {
+        st.route_name(self.route, self.route_index)
     }
 }
 

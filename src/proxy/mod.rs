@@ -178,10 +178,7 @@ impl Proxy {
 
     /// The `route` of the log: `relay`, `stream`, a route's prefix, ...
     fn route_name(&self, ctx: &Ctx) -> &str {
-        match ctx.route_index.and_then(|i| self.state.routes.get(i)) {
-            Some(r) => &r.prefix,
-            None => ctx.route.as_str(),
-        }
+        self.state.route_name(ctx.route, ctx.route_index)
     }
 }
 

@@ -33,7 +33,7 @@ pub(super) async fn relay(
     if !bodyless {
         let _streaming = Held::new(&st.metrics.active_streams);
         // Registered while it runs: a stream the shutdown cuts is reported.
-        let open = st.streams.open(stream_of(st, down, ctx));
+        let open = st.streams.open(stream_of(down, ctx));
         let pumped = pump(down, &mut resp, first, st.downstream_write_timeout, &open.stream.bytes).await;
         ctx.body_bytes += open.stream.bytes.load(Ordering::Relaxed);
         ctx.resumed = resp.resumptions();
@@ -44,25 +44,23 @@ pub(super) async fn relay(
 }
 
 /// What a stream's access line would say if the shutdown cut it.
-fn stream_of(st: &State, down: &ServerSession, ctx: &Ctx) -> Stream {
+fn stream_of(down: &ServerSession, ctx: &Ctx) -> Stream {
     let req = down.req_header();
-    let peer = down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
     Stream {
-        at: Some(std::time::SystemTime::now() - ctx.start.elapsed()),
-        started: Some(ctx.start),
+        at: std::time::SystemTime::now() - ctx.start.elapsed(),
+        started: ctx.start,
         ttfb_ms: ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64),
-        client: crate::access::client_address(peer, req.headers.get("x-forwarded-for"), &st.trusted_proxies),
-        method: req.method.to_string(),
-        path: req.uri.path().to_string(),
-        route: match ctx.route_index.and_then(|i| st.routes.get(i)) {
-            Some(r) => r.prefix.clone(),
-            None => ctx.route.as_str().to_string(),
-        },
+        peer: down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+        forwarded_for: req.headers.get("x-forwarded-for").cloned(),
+        method: req.method.clone(),
+        uri: req.uri.clone(),
+        route: ctx.route,
+        route_index: ctx.route_index,
         status: ctx.status,
         upstream_host: ctx.upstream_host.clone(),
         upstream_status: ctx.upstream_status,
         cache: ctx.cache.map_or("", crate::metrics::CacheResult::as_str),
-        user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string(),
+        user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
         request_id: ctx.request_id.clone(),
         bytes: AtomicU64::new(0),
     }

@@ -13,7 +13,7 @@ use crate::cors::Cors;
 use crate::egress::Egress;
 use crate::gate;
 use crate::hosts::HostTable;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteLabel};
 use crate::providers::Providers;
 use crate::resolver::Resolver;
 use crate::routing::Route;
@@ -41,6 +41,14 @@ pub struct State {
 }
 
 impl State {
+    /// The `route` of an access line: `relay`, `stream`, a route's prefix, ...
+    pub fn route_name(&self, label: RouteLabel, index: Option<usize>) -> &str {
+        match index.and_then(|i| self.routes.get(i)) {
+            Some(r) => &r.prefix,
+            None => label.as_str(),
+        }
+    }
+
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> State {
         let settings = Settings {
             egress: Egress::new(cfg.egress.allow_cidrs.iter().map(|c| c.0).collect(), cfg.egress.deny_hosts.clone()),
