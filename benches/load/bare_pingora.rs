@@ -7,13 +7,24 @@
 //! per request from what anibridge-proxy's auth, routing, header policy and
 //! relay add on top (`benches/load/run.py`, phases 1 and 2).
 //!
+//! With `memory:DIR` for the upstream it is instead the ceiling for any
+//! cache answering from memory on Pingora's downstream session: the files
+//! of DIR held in memory, a `GET /NAME` with one `Range: bytes=A-B` answered
+//! 206 in `request_filter` (header, then the slice) and nothing else — no
+//! auth, no policy, no lookup beyond a map (phase 1, beside anibridge-proxy's
+//! cache hits and nginx's `proxy_cache`).
+//!
 //!     bare_pingora LISTEN UPSTREAM THREADS    e.g. 127.0.0.1:18085 127.0.0.1:18081 1
+//!     bare_pingora LISTEN memory:DIR THREADS
+
+use std::collections::HashMap;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::upstreams::peer::HttpPeer;
-use pingora_http::RequestHeader;
+use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{ProxyHttp, Session};
 
 #[global_allocator]
@@ -21,12 +32,34 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Bare {
     upstream: String,
+    /// `memory:DIR`: each file's bytes by request path (`/NAME`).
+    memory: Option<HashMap<String, Bytes>>,
 }
 
 #[async_trait]
 impl ProxyHttp for Bare {
     type CTX = ();
     fn new_ctx(&self) {}
+
+    async fn request_filter(&self, session: &mut Session, _: &mut ()) -> pingora_error::Result<bool> {
+        let Some(files) = &self.memory else { return Ok(false) };
+        let req = session.req_header();
+        let body = files.get(req.uri.path()).cloned().unwrap_or_default();
+        let (first, last) = req
+            .headers
+            .get("range")
+            .and_then(|v| v.to_str().ok()?.strip_prefix("bytes=")?.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+            .filter(|&(a, b)| a <= b && b < body.len())
+            .unwrap_or((0, body.len().saturating_sub(1)));
+        let mut out = ResponseHeader::build(206, Some(4))?;
+        out.insert_header("Content-Type", "application/octet-stream")?;
+        out.insert_header("Content-Range", format!("bytes {first}-{last}/{}", body.len()))?;
+        out.insert_header("Content-Length", last + 1 - first)?;
+        session.write_response_header(Box::new(out), false).await?;
+        session.write_response_body(Some(body.slice(first..=last)), true).await?;
+        Ok(true)
+    }
 
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> pingora_error::Result<Box<HttpPeer>> {
         Ok(Box::new(HttpPeer::new(self.upstream.as_str(), false, String::new())))
@@ -52,7 +85,19 @@ fn main() {
     let conf = ServerConf { threads: threads.parse().expect("THREADS is a number"), ..ServerConf::default() };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, Bare { upstream: upstream.clone() });
+    let memory = upstream.strip_prefix("memory:").map(|dir| {
+        std::fs::read_dir(dir)
+            .expect("memory:DIR is a directory")
+            .map(|e| e.expect("a directory entry").path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let name = format!("/{}", p.file_name().unwrap().to_string_lossy());
+                (name, Bytes::from(std::fs::read(&p).expect("a readable file")))
+            })
+            .collect()
+    });
+    let bare = Bare { upstream: upstream.clone(), memory };
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, bare);
     svc.add_tcp(listen);
     server.add_service(svc);
     server.run_forever();

@@ -31,6 +31,7 @@ ORIGIN, NGINX, PROXY, ADMIN, PINGORA = 18081, 18082, 18083, 18084, 18085
 COMPARE, COMPARE_ADMIN = 18086, 18087
 MISS, MISS_ADMIN, CACHED, CACHED_ADMIN, NGINX_CACHE = 18088, 18089, 18090, 18091, 18092
 SLOW_ORIGIN, NGINX_LOCK = 18093, 18094
+PINGORA_MEMORY = 18095
 N_FILES = 16
 
 
@@ -387,6 +388,12 @@ http {{
                             env={**os.environ, "RUST_LOG": "warn"})
     procs.append(bare)
     wait_port(PINGORA)
+    # The ceiling for a cache on Pingora's downstream session: the files held
+    # in memory, each ranged GET answered with a header and a slice, nothing else.
+    bare_memory = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA_MEMORY}", f"memory:{data}", str(args.threads)],
+                                   env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(bare_memory)
+    wait_port(PINGORA_MEMORY)
 
     targets = [
         Target("direct", ORIGIN, lambda p: p, lambda: [origin.pid] + children(origin.pid)),
@@ -402,6 +409,7 @@ http {{
         Target("anibridge_miss", MISS, lambda p: signed("/ns" + p), lambda: [miss.pid]),
         Target("nginx_cache", NGINX_CACHE, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
         Target("anibridge_cache", CACHED, signed, lambda: [cached.pid]),
+        Target("pingora_memory", PINGORA_MEMORY, lambda p: p, lambda: [bare_memory.pid]),
     ]
     # Phase 5: the crowd, from the slow origin.
     crowd_targets = [
@@ -417,7 +425,7 @@ http {{
         body = subprocess.run(["curl", "-s", "-H", "Range: bytes=100-199", t.url("/f3.bin")], capture_output=True).stdout
         assert hashlib.sha256(body).hexdigest() == want, f"{t.name} returned wrong bytes"
     # The caches hold every file before phase 1 (whole GETs fill them).
-    for t in cache_targets:
+    for t in cache_targets[:-1]:
         for i in range(N_FILES):
             subprocess.run(["curl", "-s", "-o", "/dev/null", t.url(f"/f{i}.bin")], check=True)
 
@@ -476,6 +484,7 @@ http {{
 def report(args, results, clients):
     d, n, b, a = results["direct"], results["nginx"], results["pingora"], results["anibridge"]
     miss, nc, ac = results["anibridge_miss"], results["nginx_cache"], results["anibridge_cache"]
+    pm = results["pingora_memory"]
     MiB = 1 << 20
 
     def row(label, key, fmt, scale=1):
@@ -503,6 +512,9 @@ def report(args, results, clients):
              f"| small Range GETs answered from memory / proxy_cache: req/s | {ac['rps']:.0f} | {nc['rps']:.0f} | {ac['rps'] / nc['rps']:.2f}x |\n"
              f"| … p99 ms | {ac['p99']:.2f} | {nc['p99']:.2f} | {ac['p99'] / nc['p99']:.2f}x |\n"
              f"| … CPU µs per request | {ac['cpu_us']:.1f} | {nc['cpu_us']:.1f} | {ac['cpu_us'] / nc['cpu_us']:.2f}x |\n"
+             f"| the same answered by bare Pingora from memory (the ceiling on Pingora's session): req/s, vs anibridge-proxy's hits | {ac['rps']:.0f} | {pm['rps']:.0f} (bare Pingora) | {ac['rps'] / pm['rps']:.2f}x |\n"
+             f"| bare Pingora from memory vs nginx's proxy_cache: req/s | {pm['rps']:.0f} (bare Pingora) | {nc['rps']:.0f} | {pm['rps'] / nc['rps']:.2f}x |\n"
+             f"| … CPU µs per request | {pm['cpu_us']:.1f} (bare Pingora) | {nc['cpu_us']:.1f} | {pm['cpu_us'] / nc['cpu_us']:.2f}x |\n"
              f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
              f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
              f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
@@ -543,7 +555,7 @@ def report(args, results, clients):
         f"{' --compare ' + os.path.basename(args.compare) if args.compare else ''}`\n"
         f"- small Range GETs and 1 GiB download: {len(a['rps_rounds'])} interleaved rounds per target, median shown; "
         f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
-        f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}\n"
+        f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}, bare Pingora from memory {pm['rps_rounds']}\n"
         f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
         f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
         f"- the crowd: `benches/load/slow_origin.py` answers after 200 ms at 4 MiB/s per connection; 50 viewers "
