@@ -97,12 +97,18 @@ pub fn rewrite_playlist(
 ) -> String {
     let (summary, signer) = signer_for(auth, text, client_key, now);
     hls::rewrite(text, &summary, base, |child, segment, out| {
-        out.push_str(prefix);
-        out.push_str(routing::RELAY_PREFIX);
-        hls::push_hint(child, segment, summary.fmp4, out);
-        out.push('?');
-        signer.push_query(child, out);
+        push_relay_child(prefix, child, segment, summary.fmp4, &signer, out)
     })
+}
+
+/// Writes a child as the relay's signed URL:
+/// `{prefix}/strm/proxy/{hint}?u=...` and its credentials.
+fn push_relay_child(prefix: &str, child: &str, segment: bool, fmp4: bool, signer: &ChildSigner<'_>, out: &mut String) {
+    out.push_str(prefix);
+    out.push_str(routing::RELAY_PREFIX);
+    hls::push_hint(child, segment, fmp4, out);
+    out.push('?');
+    signer.push_query(child, out);
 }
 
 /// Rewrites a playlist a static route with auth serves: a child under the
@@ -129,13 +135,7 @@ pub fn rewrite_route_playlist(
             out.push('?');
             signer.push_route_query(&routing::decoded_path(&path), query, out);
         }
-        None => {
-            out.push_str(prefix);
-            out.push_str(routing::RELAY_PREFIX);
-            hls::push_hint(child, segment, summary.fmp4, out);
-            out.push('?');
-            signer.push_query(child, out);
-        }
+        None => push_relay_child(prefix, child, segment, summary.fmp4, &signer, out),
     })
 }
 
