@@ -32,6 +32,11 @@ COMPARE, COMPARE_ADMIN = 18086, 18087
 MISS, MISS_ADMIN, CACHED, CACHED_ADMIN, NGINX_CACHE = 18088, 18089, 18090, 18091, 18092
 SLOW_ORIGIN, NGINX_LOCK = 18093, 18094
 PINGORA_MEMORY = 18095
+# The cache hits and the ceiling once more with two workers, nginx's count.
+CACHED2, CACHED2_ADMIN, PINGORA_MEMORY2 = 18096, 18097, 18098
+# Phase 6: a hoster behind one shared 50 MiB/s uplink, and nginx's
+# proxy_cache_lock in front of it.
+UPLINK_ORIGIN, NGINX_UPLINK = 18099, 18100
 N_FILES = 16
 
 
@@ -213,11 +218,12 @@ async def crowd_viewer(port, paths, jitter, ttfbs, sizes):
         writer.close()
 
 
-def crowd(target, viewers, segments, work):
-    """Phase 5 for one target: `viewers` viewers of `segments` segments of
-    1 MiB from the slow origin; the origin's GETs per segment and the
-    median and p90 time to first body byte."""
-    prefix = f"/c/{target.name}"
+def crowd(target, viewers, segments, work, log="slow_origin.log", tag="c"):
+    """Phases 5 and 6 for one target: `viewers` viewers of `segments`
+    segments of 1 MiB from a slow origin (its request log: `log`); the
+    origin's GETs per segment and the median and p90 time to first body
+    byte."""
+    prefix = f"/{tag}/{target.name}"
     paths = [target.path_for(f"{prefix}/seg{i:02}.ts") for i in range(segments)]
     ttfbs, sizes = [], []
     started = time.monotonic()
@@ -228,7 +234,7 @@ def crowd(target, viewers, segments, work):
     asyncio.run(run())
     took = time.monotonic() - started
     assert len(sizes) == viewers * segments and all(n == 1 << 20 for n in sizes), f"{target.name}: short bodies"
-    gets = [l.strip() for l in open(os.path.join(work, "slow_origin.log")) if l.startswith(prefix)]
+    gets = [l.strip() for l in open(os.path.join(work, log)) if l.startswith(prefix + "/")]
     ttfbs.sort()
     return {"gets_per_segment": len(gets) / segments, "ttfb_p50_ms": 1000 * ttfbs[len(ttfbs) // 2],
             "ttfb_p90_ms": 1000 * ttfbs[len(ttfbs) * 9 // 10], "seconds": took}
@@ -244,7 +250,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="anibridge-proxy worker threads")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per target in phases 1 and 2")
     ap.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
-    ap.add_argument("--phases", default="1,2,3,5", help="which phases to run (a partial run never writes)")
+    ap.add_argument("--phases", default="1,2,3,5,6", help="which phases to run (a partial run never writes)")
     ap.add_argument("--compare", metavar="BIN", help="also measure this anibridge-proxy binary (e.g. an earlier "
                     "build, run with the config it knows) in the same interleaved rounds, as target 'compare'")
     args = ap.parse_args()
@@ -284,12 +290,12 @@ def main():
 
 
 def run_phases(args, work, data, procs, round_secs, slow_secs, clients):
-    def anibridge(binary, port, admin, extra=""):
+    def anibridge(binary, port, admin, extra="", threads=None):
         cfg = os.path.join(work, f"anibridge-{port}.yaml")
         with open(cfg, "w") as f:
             f.write(f"""listen: "127.0.0.1:{port}"
 admin_listen: "127.0.0.1:{admin}"
-threads: {args.threads}
+threads: {threads or args.threads}
 auth: {{mode: token, secret: "{SECRET}"}}
 egress: {{allow_cidrs: ["127.0.0.0/8"]}}
 {extra}""")
@@ -343,10 +349,26 @@ http {{
     }}
   }}""")
     # nginx answering from proxy_cache (phase 1's hits), and with
-    # proxy_cache_lock in front of the slow origin (phase 5).
+    # proxy_cache_lock in front of the slow origins (phases 5 and 6).
+    lock_servers = "".join(f"""
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://{upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache lock;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 60m;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 60s;
+      proxy_cache_lock_age 60s;
+    }}
+  }}""" for port, upstream in [(NGINX_LOCK, "slow"), (NGINX_UPLINK, "uplink")])
     ngx_cache = nginx("nginx_cache", NGINX_CACHE, 2, f"""
   upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
   upstream slow {{ server 127.0.0.1:{SLOW_ORIGIN}; keepalive 64; }}
+  upstream uplink {{ server 127.0.0.1:{UPLINK_ORIGIN}; keepalive 64; }}
   proxy_cache_path {work}/nginx_hits levels=1:2 keys_zone=hits:10m max_size=1g inactive=60m use_temp_path=off;
   proxy_cache_path {work}/nginx_lock levels=1:2 keys_zone=lock:10m max_size=1g inactive=60m use_temp_path=off;
   server {{
@@ -360,29 +382,25 @@ http {{
       proxy_cache_valid 200 206 60m;
     }}
   }}
-  server {{
-    listen 127.0.0.1:{NGINX_LOCK};
-    location / {{
-      proxy_pass http://slow;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_cache lock;
-      proxy_cache_key $uri;
-      proxy_cache_valid 200 60m;
-      proxy_cache_lock on;
-      proxy_cache_lock_timeout 60s;
-      proxy_cache_lock_age 60s;
-    }}
-  }}""")
+{lock_servers}""")
     slow_origin = subprocess.Popen(["python3", os.path.join(ROOT, "benches/load/slow_origin.py"), str(SLOW_ORIGIN),
                                     os.path.join(work, "slow_origin.log")])
     procs.append(slow_origin)
     wait_port(SLOW_ORIGIN)
+    # A quick hoster (first byte after 20 ms, no per-connection limit) whose
+    # uplink is shared by every connection at 50 MiB/s: a real hoster's
+    # per-address limit.
+    uplink_origin = subprocess.Popen(["python3", os.path.join(ROOT, "benches/load/slow_origin.py"), str(UPLINK_ORIGIN),
+                                      os.path.join(work, "uplink_origin.log"), "--first-byte", "0.02",
+                                      "--rate", "0", "--uplink", str(50 << 20)])
+    procs.append(uplink_origin)
+    wait_port(UPLINK_ORIGIN)
     # The relay: cache off, the same job as nginx without a cache.
     ab = anibridge(BIN, PROXY, ADMIN, "cache: {max_bytes: 0}\n")
     # The shipped default (cache on): nothing cacheable, then from memory.
     miss = anibridge(BIN, MISS, MISS_ADMIN)
     cached = anibridge(BIN, CACHED, CACHED_ADMIN)
+    cached2 = anibridge(BIN, CACHED2, CACHED2_ADMIN, threads=2)
     # Same worker count as anibridge-proxy, same origin.
     bare = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA}", f"127.0.0.1:{ORIGIN}", str(args.threads)],
                             env={**os.environ, "RUST_LOG": "warn"})
@@ -394,6 +412,10 @@ http {{
                                    env={**os.environ, "RUST_LOG": "warn"})
     procs.append(bare_memory)
     wait_port(PINGORA_MEMORY)
+    bare_memory2 = subprocess.Popen([BARE, f"127.0.0.1:{PINGORA_MEMORY2}", f"memory:{data}", "2"],
+                                    env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(bare_memory2)
+    wait_port(PINGORA_MEMORY2)
 
     targets = [
         Target("direct", ORIGIN, lambda p: p, lambda: [origin.pid] + children(origin.pid)),
@@ -410,6 +432,10 @@ http {{
         Target("nginx_cache", NGINX_CACHE, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
         Target("anibridge_cache", CACHED, signed, lambda: [cached.pid]),
         Target("pingora_memory", PINGORA_MEMORY, lambda p: p, lambda: [bare_memory.pid]),
+        # nginx runs two workers: the same hits and ceiling with two threads
+        # (anibridge-proxy's shipped default), like for like.
+        Target("anibridge_cache_t2", CACHED2, signed, lambda: [cached2.pid]),
+        Target("pingora_memory_t2", PINGORA_MEMORY2, lambda p: p, lambda: [bare_memory2.pid]),
     ]
     # Phase 5: the crowd, from the slow origin.
     crowd_targets = [
@@ -417,15 +443,22 @@ http {{
         Target("nginx_lock", NGINX_LOCK, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
         Target("anibridge", PROXY, lambda p: signed(p, SLOW_ORIGIN), lambda: [ab.pid]),
     ]
+    # Phase 6: the same crowd shape behind the shared uplink.
+    uplink_targets = [
+        Target("anibridge_cache", CACHED, lambda p: signed(p, UPLINK_ORIGIN), lambda: [cached.pid]),
+        Target("nginx_lock", NGINX_UPLINK, lambda p: p, lambda: [ngx_cache.pid] + children(ngx_cache.pid)),
+        Target("anibridge", PROXY, lambda p: signed(p, UPLINK_ORIGIN), lambda: [ab.pid]),
+    ]
     results = {t.name: {} for t in targets + cache_targets}
     results["crowd"] = {}
+    results["uplink"] = {}
     # Sanity: identical bytes through every target.
     want = hashlib.sha256(open(os.path.join(data, "f3.bin"), "rb").read()[100:200]).hexdigest()
     for t in targets + cache_targets:
         body = subprocess.run(["curl", "-s", "-H", "Range: bytes=100-199", t.url("/f3.bin")], capture_output=True).stdout
         assert hashlib.sha256(body).hexdigest() == want, f"{t.name} returned wrong bytes"
     # The caches hold every file before phase 1 (whole GETs fill them).
-    for t in cache_targets[:-1]:
+    for t in [t for t in cache_targets if not t.name.startswith("pingora")]:
         for i in range(N_FILES):
             subprocess.run(["curl", "-s", "-o", "/dev/null", t.url(f"/f{i}.bin")], check=True)
 
@@ -475,7 +508,11 @@ http {{
         r = crowd(t, 10 if args.quick else 50, 5 if args.quick else 20, work)
         results["crowd"][t.name] = r
         print(f"[5] {t.name}: {r}", flush=True)
-    if phases != {"1", "2", "3", "5"}:
+    for t in uplink_targets if "6" in phases else []:
+        r = crowd(t, 5 if args.quick else 20, 5 if args.quick else 30, work, "uplink_origin.log", "u")
+        results["uplink"][t.name] = r
+        print(f"[6] {t.name}: {r}", flush=True)
+    if phases != {"1", "2", "3", "5", "6"}:
         print(json.dumps(results, indent=1))
         return
     report(args, results, clients)
@@ -484,7 +521,7 @@ http {{
 def report(args, results, clients):
     d, n, b, a = results["direct"], results["nginx"], results["pingora"], results["anibridge"]
     miss, nc, ac = results["anibridge_miss"], results["nginx_cache"], results["anibridge_cache"]
-    pm = results["pingora_memory"]
+    pm, ac2, pm2 = results["pingora_memory"], results["anibridge_cache_t2"], results["pingora_memory_t2"]
     MiB = 1 << 20
 
     def row(label, key, fmt, scale=1):
@@ -515,6 +552,11 @@ def report(args, results, clients):
              f"| the same answered by bare Pingora from memory (the ceiling on Pingora's session): req/s, vs anibridge-proxy's hits | {ac['rps']:.0f} | {pm['rps']:.0f} (bare Pingora) | {ac['rps'] / pm['rps']:.2f}x |\n"
              f"| bare Pingora from memory vs nginx's proxy_cache: req/s | {pm['rps']:.0f} (bare Pingora) | {nc['rps']:.0f} | {pm['rps'] / nc['rps']:.2f}x |\n"
              f"| … CPU µs per request | {pm['cpu_us']:.1f} (bare Pingora) | {nc['cpu_us']:.1f} | {pm['cpu_us'] / nc['cpu_us']:.2f}x |\n"
+             f"| with two threads, as nginx's two workers: hits req/s | {ac2['rps']:.0f} | {nc['rps']:.0f} | {ac2['rps'] / nc['rps']:.2f}x |\n"
+             f"| … CPU µs per request | {ac2['cpu_us']:.1f} | {nc['cpu_us']:.1f} | {ac2['cpu_us'] / nc['cpu_us']:.2f}x |\n"
+             f"| with two threads: bare Pingora from memory req/s, vs anibridge-proxy's hits | {ac2['rps']:.0f} | {pm2['rps']:.0f} (bare Pingora) | {ac2['rps'] / pm2['rps']:.2f}x |\n"
+             f"| with two threads: bare Pingora from memory vs nginx's proxy_cache: req/s | {pm2['rps']:.0f} (bare Pingora) | {nc['rps']:.0f} | {pm2['rps'] / nc['rps']:.2f}x |\n"
+             f"| … CPU µs per request | {pm2['cpu_us']:.1f} (bare Pingora) | {nc['cpu_us']:.1f} | {pm2['cpu_us'] / nc['cpu_us']:.2f}x |\n"
              f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
              f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
              f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
@@ -526,6 +568,14 @@ def report(args, results, clients):
                         ("anibridge", "anibridge-proxy, cache off")]:
         c = crowd[name]
         crowd_table += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
+    uplink = results["uplink"]
+    uplink_table = ("| 20 viewers x 30 segments of 1 MiB, hoster uplink 50 MiB/s | origin GETs per segment | first body byte p50 ms | p90 ms | all viewers done, s |\n"
+                    "|---|---|---|---|---|\n")
+    for name, label in [("anibridge_cache", "anibridge-proxy, shipped config (cache on)"),
+                        ("nginx_lock", "nginx, proxy_cache + proxy_cache_lock"),
+                        ("anibridge", "anibridge-proxy, cache off")]:
+        c = uplink[name]
+        uplink_table += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
     compare = ""
     if "compare" in results:
         c = results["compare"]
@@ -539,6 +589,7 @@ def report(args, results, clients):
     print(table)
     print(cache)
     print(crowd_table)
+    print(uplink_table)
     print(compare)
     if errs:
         print("errors:", errs)
@@ -555,16 +606,19 @@ def report(args, results, clients):
         f"{' --compare ' + os.path.basename(args.compare) if args.compare else ''}`\n"
         f"- small Range GETs and 1 GiB download: {len(a['rps_rounds'])} interleaved rounds per target, median shown; "
         f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
-        f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}, bare Pingora from memory {pm['rps_rounds']}\n"
+        f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}, bare Pingora from memory {pm['rps_rounds']}, "
+        f"anibridge cache hits with two threads {ac2['rps_rounds']}, bare Pingora from memory with two threads {pm2['rps_rounds']}\n"
         f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
         f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
         f"- the crowd: `benches/load/slow_origin.py` answers after 200 ms at 4 MiB/s per connection; 50 viewers "
         f"(start jitter up to 200 ms) each fetch 20 segments in order on one connection\n"
+        f"- behind the uplink: the same origin answering after 20 ms, every connection sharing one 50 MiB/s uplink; "
+        f"20 viewers each fetch 30 segments\n"
     )
     text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
     start, end = "<!-- load:begin -->", "<!-- load:end -->"
     block = (f"{start}\n{machine}\n{table}\nThe shared cache (same run):\n\n{cache}\nA crowd on one stream (same run):\n\n"
-             f"{crowd_table}" + (f"\nAgainst the previous build (same run):\n\n{compare}" if compare else "") + end)
+             f"{crowd_table}\nThe same crowd behind a hoster's shared uplink (same run):\n\n{uplink_table}" + (f"\nAgainst the previous build (same run):\n\n{compare}" if compare else "") + end)
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
