@@ -560,22 +560,17 @@ def report(args, results, clients):
              f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
              f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
              f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
-    crowd = results["crowd"]
-    crowd_table = ("| 50 viewers x 20 segments of 1 MiB, slow origin | origin GETs per segment | first body byte p50 ms | p90 ms | all viewers done, s |\n"
-                   "|---|---|---|---|---|\n")
-    for name, label in [("anibridge_cache", "anibridge-proxy, shipped config (cache on)"),
-                        ("nginx_lock", "nginx, proxy_cache + proxy_cache_lock"),
-                        ("anibridge", "anibridge-proxy, cache off")]:
-        c = crowd[name]
-        crowd_table += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
-    uplink = results["uplink"]
-    uplink_table = ("| 20 viewers x 30 segments of 1 MiB, hoster uplink 50 MiB/s | origin GETs per segment | first body byte p50 ms | p90 ms | all viewers done, s |\n"
-                    "|---|---|---|---|---|\n")
-    for name, label in [("anibridge_cache", "anibridge-proxy, shipped config (cache on)"),
-                        ("nginx_lock", "nginx, proxy_cache + proxy_cache_lock"),
-                        ("anibridge", "anibridge-proxy, cache off")]:
-        c = uplink[name]
-        uplink_table += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
+    def crowd_table(title, runs):
+        out = f"| {title} | origin GETs per segment | first body byte p50 ms | p90 ms | all viewers done, s |\n|---|---|---|---|---|\n"
+        for name, label in [("anibridge_cache", "anibridge-proxy, shipped config (cache on)"),
+                            ("nginx_lock", "nginx, proxy_cache + proxy_cache_lock"),
+                            ("anibridge", "anibridge-proxy, cache off")]:
+            c = runs[name]
+            out += f"| {label} | {c['gets_per_segment']:.2f} | {c['ttfb_p50_ms']:.0f} | {c['ttfb_p90_ms']:.0f} | {c['seconds']:.1f} |\n"
+        return out
+
+    crowd = crowd_table("50 viewers x 20 segments of 1 MiB, slow origin", results["crowd"])
+    uplink = crowd_table("20 viewers x 30 segments of 1 MiB, hoster uplink 50 MiB/s", results["uplink"])
     compare = ""
     if "compare" in results:
         c = results["compare"]
@@ -588,8 +583,8 @@ def report(args, results, clients):
     errs = {k: v.get("errors") for k, v in results.items() if isinstance(v, dict) and v.get("errors")}
     print(table)
     print(cache)
-    print(crowd_table)
-    print(uplink_table)
+    print(crowd)
+    print(uplink)
     print(compare)
     if errs:
         print("errors:", errs)
@@ -618,7 +613,7 @@ def report(args, results, clients):
     text = open("BENCHMARKS.md").read() if os.path.exists("BENCHMARKS.md") else "# Benchmarks\n"
     start, end = "<!-- load:begin -->", "<!-- load:end -->"
     block = (f"{start}\n{machine}\n{table}\nThe shared cache (same run):\n\n{cache}\nA crowd on one stream (same run):\n\n"
-             f"{crowd_table}\nThe same crowd behind a hoster's shared uplink (same run):\n\n{uplink_table}" + (f"\nAgainst the previous build (same run):\n\n{compare}" if compare else "") + end)
+             f"{crowd}\nThe same crowd behind a hoster's shared uplink (same run):\n\n{uplink}" + (f"\nAgainst the previous build (same run):\n\n{compare}" if compare else "") + end)
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
