@@ -9,7 +9,7 @@
 //!
 //! With `memory:DIR` for the upstream it is instead the ceiling for any
 //! cache answering from memory on Pingora's downstream session: the files
-//! of DIR held in memory, a `GET /NAME` with one `Range: bytes=A-B` answered
+//! of DIR (those of 1 byte to 16 MiB) held in memory, a `GET /NAME` with one `Range: bytes=A-B` answered
 //! 206 in `request_filter` (header, then the slice) and nothing else — no
 //! auth, no policy, no lookup beyond a map (phase 1, beside anibridge-proxy's
 //! cache hits and nginx's `proxy_cache`).
@@ -44,7 +44,11 @@ impl ProxyHttp for Bare {
     async fn request_filter(&self, session: &mut Session, _: &mut ()) -> pingora_error::Result<bool> {
         let Some(files) = &self.memory else { return Ok(false) };
         let req = session.req_header();
-        let body = files.get(req.uri.path()).cloned().unwrap_or_default();
+        let Some(body) = files.get(req.uri.path()).cloned() else {
+            let out = ResponseHeader::build(404, Some(1))?;
+            session.write_response_header(Box::new(out), true).await?;
+            return Ok(true);
+        };
         let (first, last) = req
             .headers
             .get("range")
@@ -89,7 +93,9 @@ fn main() {
         std::fs::read_dir(dir)
             .expect("memory:DIR is a directory")
             .map(|e| e.expect("a directory entry").path())
-            .filter(|p| p.is_file())
+            // What a cache would hold (cache.max_object_bytes' default): the
+            // ranged files, not the 1 GiB and 100 MiB ones of phases 2 and 3.
+            .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && (1..=16 << 20).contains(&m.len())))
             .map(|p| {
                 let name = format!("/{}", p.file_name().unwrap().to_string_lossy());
                 (name, Bytes::from(std::fs::read(&p).expect("a readable file")))
