@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use pingora_http::ResponseHeader;
 
 /// Request headers copied from the client, when present, with the spelling
 /// they are sent with.
@@ -71,6 +72,17 @@ pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &H
     let connection = response.get_all(header::CONNECTION);
     let nominating = connection.iter().next().is_some();
     response.keys().filter(move |name| dropped_by_name(name) || (nominating && nominates(&connection, name.as_str())))
+}
+
+/// The upstream's header as the client may see it: minus what
+/// [`dropped_response_headers`] names.
+pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
+    let mut out = up.clone();
+    let dropped: Vec<HeaderName> = dropped_response_headers(&up.headers).cloned().collect();
+    for name in &dropped {
+        out.remove_header(name);
+    }
+    out
 }
 
 /// Dropped whatever `Connection` says.

@@ -249,6 +249,52 @@ async fn ranges_conditionals_and_heads_are_answered_from_memory() {
     assert_eq!(o.requests()[1].header("range"), Some("bytes=0-1,5-6"));
 }
 
+/// The header policy is applied once, when an object is stored: a hit
+/// (whole, ranged, HEAD) carries exactly the headers the fill's own client
+/// got, and none of the hop-by-hop or origin-scoped ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_relays_the_headers_the_fill_relayed() {
+    const LEN: u64 = 200_000;
+    let o = Origin::start(|req| {
+        serve_file(req, LEN, Some("video/mp4"))
+            .header("Connection", "X-Hop")
+            .header("X-Hop", "nominated by Connection")
+            .header("Keep-Alive", "timeout=5")
+            .header("Alt-Svc", "h3=\":443\"")
+            .header("Strict-Transport-Security", "max-age=63072000")
+            .header("Access-Control-Allow-Origin", "https://hoster.example")
+            .header("X-Hoster-Id", "abc")
+            .into()
+    })
+    .await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    // Names as spelled on the wire, in order, and values; minus what differs
+    // per answer by design (the body's framing, its age, the request's id).
+    let relayed = |r: &Got| -> Vec<(String, String)> {
+        let varying = ["content-length", "content-range", "age", "x-request-id", "date", "connection"];
+        r.spelled
+            .iter()
+            .zip(&r.headers)
+            .filter(|(_, (k, _))| !varying.contains(&k.as_str()))
+            .map(|(spelled, (_, v))| (spelled.clone(), v.clone()))
+            .collect()
+    };
+    let fill = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(fill.status, 200);
+    for dropped in ["x-hop", "keep-alive", "alt-svc", "strict-transport-security", "access-control-allow-origin"] {
+        assert_eq!(fill.header(dropped), None, "{dropped}");
+    }
+    assert_eq!(fill.header("x-hoster-id"), Some("abc"));
+    for (method, range) in [("GET", None), ("GET", Some("bytes=100-199")), ("HEAD", None)] {
+        let headers: Vec<(&str, &str)> = range.map(|r| ("Range", r)).into_iter().collect();
+        let hit = get(p.addr(), method, &path, &headers).await;
+        assert_eq!(relayed(&hit), relayed(&fill), "{method} {range:?}");
+        assert!(hit.header("age").is_some());
+    }
+    assert_eq!(o.requests().len(), 1, "one fill; the rest from memory");
+}
+
 /// The signature, the route and the egress policy are judged before the
 /// cache: a stored object never answers a request that would be refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

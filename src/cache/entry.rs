@@ -37,8 +37,9 @@ pub enum Progress {
 /// The upstream's answer as stored.
 #[derive(Debug)]
 pub struct Head {
-    /// As received, except that a `206` covering the whole object is kept
-    /// as the `200` it stands for (`Content-Range` dropped).
+    /// As received minus what the header policy drops (applied once here,
+    /// not on every answer), and a `206` covering the whole object kept as
+    /// the `200` it stands for (`Content-Range` dropped).
     pub header: ResponseHeader,
     /// The final URL (after redirects): what playlist URIs resolve against.
     pub url: Url,

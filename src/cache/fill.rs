@@ -34,13 +34,14 @@ pub(super) async fn run(
             return;
         }
     };
-    let len = match policy::admit(resp.header(), settings.max_object_bytes) {
+    let (len, upstream) = match policy::admit(resp.header(), settings.max_object_bytes) {
         Admission::Fill { len, whole } if cache.reserve(len) => {
-            let header = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
-            let initial_age = age_of(&header);
+            let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
+            let initial_age = age_of(&upstream);
             let url = resp.url().clone();
+            let header = crate::headers::relayed(&upstream);
             entry.set_head(Head { header, url, len, whole, received: Instant::now(), initial_age });
-            len
+            (len, upstream)
         }
         _ => {
             // Not shared (or no room): the request that asked relays it as
@@ -86,11 +87,13 @@ pub(super) async fn run(
     let life = head.whole.then(|| {
         // The first bytes tell media from a playlist; a playlist's whole
         // body (small: at most max_object_bytes) tells live from VOD.
-        let kind = match Kind::of(&head.header, head.url.path(), &entry.bytes(16)) {
+        // (Judged on the upstream's header: the stored one lacks what the
+        // header policy drops, `Set-Cookie` among them.)
+        let kind = match Kind::of(&upstream, head.url.path(), &entry.bytes(16)) {
             Kind::Media => Kind::Media,
-            _ => Kind::of(&head.header, head.url.path(), &entry.bytes(len as usize)),
+            _ => Kind::of(&upstream, head.url.path(), &entry.bytes(len as usize)),
         };
-        policy::lifetime(&head.header, kind, SystemTime::now(), &settings.lifetimes)
+        policy::lifetime(&upstream, kind, SystemTime::now(), &settings.lifetimes)
     });
     entry.finish(Progress::Done);
     cache.finished(&entry, len, life.flatten());

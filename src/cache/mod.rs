@@ -180,6 +180,7 @@ impl Cache {
         };
         let len = crate::headers::content_length(&header.headers).unwrap_or(0);
         let initial_age = age_of(&header);
+        let header = crate::headers::relayed(&header);
         let head = Head { header, url, len, whole: true, received: Instant::now(), initial_age };
         let entry = Entry::header_only(key, head);
         let weight = entry.weight();

@@ -54,6 +54,9 @@ pub struct Answer<'a> {
     /// The response is a `GET` + `Range` standing in for a HEAD the
     /// upstream refused.
     pub head_fallback: bool,
+    /// The header policy is applied already (a stored header: once per
+    /// object, not once per answer).
+    pub relayable: bool,
 }
 
 /// What to do next.
@@ -146,7 +149,7 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
 /// path, else the `{hint}`); HLS's type when `hls`; chunked framing when
 /// there is a body and no length.
 pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
-    let mut out = downstream_header(answer.header);
+    let mut out = if answer.relayable { answer.header.clone() } else { headers::relayed(answer.header) };
     if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
         // The HEAD answered through `GET` + `Range: bytes=0-0`: report the
         // whole resource, as the HEAD would have.
@@ -177,7 +180,7 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
 /// `Content-Range`, `Accept-Ranges`, `ETag` and `Last-Modified` (they
 /// describe bytes the client does not get) or its `Content-Encoding`.
 pub fn playlist_header(up: &ResponseHeader, len: usize) -> Result<ResponseHeader> {
-    let mut out = downstream_header(up);
+    let mut out = headers::relayed(up);
     out.set_status(StatusCode::OK)?;
     for name in [
         header::CONTENT_RANGE,
@@ -192,16 +195,6 @@ pub fn playlist_header(up: &ResponseHeader, len: usize) -> Result<ResponseHeader
     out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
     out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(len))?;
     Ok(out)
-}
-
-/// The upstream's header minus what the policy drops.
-fn downstream_header(up: &ResponseHeader) -> ResponseHeader {
-    let mut out = up.clone();
-    let dropped: Vec<http::HeaderName> = headers::dropped_response_headers(&up.headers).cloned().collect();
-    for name in &dropped {
-        out.remove_header(name);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -219,7 +212,7 @@ mod tests {
     }
 
     fn answer(header: &ResponseHeader) -> Answer<'_> {
-        Answer { header, path: "/get", head_sent: false, head_fallback: false }
+        Answer { header, path: "/get", head_sent: false, head_fallback: false, relayable: false }
     }
     const HLS: (&str, &str) = ("Content-Type", "application/x-mpegURL");
     const BIN: (&str, &str) = ("Content-Type", "application/octet-stream");

@@ -271,5 +271,6 @@ fn answer_of(src: &Source) -> Answer<'_> {
         path: src.url().path(),
         head_sent: src.sent_head(),
         head_fallback: src.head_fallback(),
+        relayable: matches!(src, Source::Memory(_)),
     }
 }
