@@ -295,6 +295,28 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
     assert_eq!(o.requests().len(), 1, "one fill; the rest from memory");
 }
 
+/// A HEAD whose upstream answer is typed as a playlist is fetched again
+/// whole to see what it is; when that GET comes from memory and is no
+/// playlist, the HEAD is answered with its own upstream header, and the
+/// header policy still applies to that header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_answered_with_its_own_header_after_a_stored_refetch_drops_hop_headers() {
+    let o = Origin::start(|req| {
+        serve_file(req, 50_000, Some("application/vnd.apple.mpegurl"))
+            .header("Connection", "X-Hop")
+            .header("X-Hop", "nominated by Connection")
+            .header("Keep-Alive", "timeout=5")
+            .into()
+    })
+    .await;
+    let p = cached().await;
+    let head = get(p.addr(), "HEAD", &relay_path("x", &o.url("/x")), &[]).await;
+    assert_eq!((head.status, head.header("content-length")), (200, Some("50000")));
+    assert_eq!((head.header("x-hop"), head.header("keep-alive")), (None, None));
+    let methods: Vec<String> = o.requests().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(methods, ["HEAD", "GET"], "the HEAD, then the whole GET that fills the cache");
+}
+
 /// The signature, the route and the egress policy are judged before the
 /// cache: a stored object never answers a request that would be refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

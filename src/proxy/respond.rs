@@ -171,8 +171,9 @@ impl Proxy {
         let st = &*self.state;
         let mut first: Option<Vec<u8>> = None;
         // A HEAD fetched again as a GET that then was no playlist is
-        // answered with its own first response's header.
-        let mut own: Option<(ResponseHeader, bool)> = None;
+        // answered with its own first response's header (with whether that
+        // header came from memory, the header policy applied already).
+        let mut own: Option<(ResponseHeader, bool, bool)> = None;
         let mut refetched = false;
         loop {
             let answer = answer_of(&src);
@@ -196,7 +197,7 @@ impl Proxy {
                 }
                 Decision::Refetch => {
                     if asked.head {
-                        own = Some((src.header().clone(), src.head_fallback()));
+                        own = Some((answer.header.clone(), answer.head_fallback, answer.relayable));
                     }
                     let whole = Request { method: Method::GET, whole: true, ..src.request().clone() };
                     src.finish().await;
@@ -206,7 +207,9 @@ impl Proxy {
                 }
                 Decision::Relay { hls } => {
                     let answer = match &own {
-                        Some((header, head_fallback)) => Answer { header, head_fallback: *head_fallback, ..answer },
+                        Some((header, head_fallback, relayable)) => {
+                            Answer { header, head_fallback: *head_fallback, relayable: *relayable, ..answer }
+                        }
                         None => answer,
                     };
                     // From memory: the whole object answers the client's range and
