@@ -108,6 +108,34 @@ async fn token_mode_failures_are_401_with_a_reason() {
     assert_eq!(o.requests().len(), 2);
 }
 
+/// A URL that passed is remembered by its bytes (a player repeats it for
+/// every range): a changed byte is checked in full, and so is the same URL
+/// once its `exp` has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_that_passed_is_refused_once_changed_or_expired() {
+    let o = origin().await;
+    let p = Proxy::token().await;
+    let exp = now() + 2;
+    let path = signed_relay_path("v.mp4", &o.url("/v.mp4"), Some(exp));
+    let first = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(first.status, 200);
+    for range in ["bytes=0-9", "bytes=10-19"] {
+        let got = get(p.addr(), "GET", &path, &[("Range", range)]).await;
+        assert_eq!(got.status, 206, "{range}");
+    }
+    // The signature's last hex digit changed, and a parameter added.
+    let flipped = if path.ends_with('0') { '1' } else { '0' };
+    for changed in [format!("{}{flipped}", &path[..path.len() - 1]), format!("{path}&x=1")] {
+        let got = get(p.addr(), "GET", &changed, &[]).await;
+        assert_eq!((got.status, got.text()), (401, "invalid signature\n".to_string()), "{changed}");
+    }
+    while now() <= exp {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!((got.status, got.text()), (401, "token expired\n".to_string()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apikey_mode_accepts_query_and_header() {
     let o = origin().await;

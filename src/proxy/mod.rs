@@ -17,6 +17,7 @@ mod serve;
 mod source;
 mod state;
 mod stream;
+mod verified;
 
 use std::sync::Arc;
 use std::time::Instant;

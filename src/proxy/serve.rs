@@ -52,7 +52,6 @@ impl Proxy {
         let uri = down.req_header().uri.clone();
         let (path, raw_query) = (uri.path(), uri.query());
         let target = routing::classify(path, &st.routes).ok_or(Failure::NotFound)?;
-        let query = Query::parse(raw_query);
         let key_header = down.req_header().headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
         let now = auth::now_unix();
         let req = down.req_header();
@@ -66,17 +65,32 @@ impl Proxy {
             http11: req.version == http::Version::HTTP_11,
         };
 
+        // The key the client authenticated with, handed on to playlist children.
+        let mut key = None;
         let (asked, request) = match target {
             Target::Relay { hint } => {
                 ctx.route = RouteLabel::Relay;
-                self.authenticate(&query, key_header.as_deref(), now)?;
-                let url = parse_u(&query)?;
+                let raw = raw_query.unwrap_or("");
+                let url = match st.verified.get(raw, now) {
+                    // Passed before: a key for the children only matters
+                    // in API-key mode, which remembers nothing.
+                    Some(url) => url,
+                    None => {
+                        let query = Query::parse(raw_query);
+                        self.authenticate(&query, key_header.as_deref(), now)?;
+                        let url = parse_u(&query)?;
+                        st.verified.remember(raw, &query, &url);
+                        key = client_key(&query, key_header.as_deref());
+                        url
+                    }
+                };
                 let known_playlist = is_playlist_path(url.path()) || is_playlist_path(hint);
                 let asked = Asked { known_playlist, hint: Some(hint), ..asked };
                 (asked, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist })
             }
             Target::Stream => {
                 ctx.route = RouteLabel::Stream;
+                let query = Query::parse(raw_query);
                 self.authenticate(&query, key_header.as_deref(), now)?;
                 let key = client_key(&query, key_header.as_deref());
                 // Boxed: the rare resolver path must not inflate every request's future.
@@ -88,6 +102,8 @@ impl Proxy {
                 let route = &st.routes[index];
                 // Open when its own `auth: false` or `auth.mode: none` says so.
                 let guarded = route.auth && st.auth.mode != AuthMode::None;
+                let query = Query::parse(raw_query);
+                key = client_key(&query, key_header.as_deref());
                 if guarded {
                     if query.has("_path") {
                         return Err(Failure::ReservedPath.into());
@@ -113,7 +129,6 @@ impl Proxy {
         };
         self.attempt(ctx);
         let src = self.fetch(down, ctx, request).await?.map_err(|e| self.fetch_failed(&e))?;
-        let key = client_key(&query, key_header.as_deref());
         self.respond(down, ctx, src, &asked, key.as_deref()).await
     }
 

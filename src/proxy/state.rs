@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::live::Streams;
+use super::verified::Verified;
 use crate::access;
 use crate::auth::Auth;
 use crate::cache::{self, Cache};
@@ -38,6 +39,8 @@ pub struct State {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The streams being relayed now (for the shutdown report).
     pub streams: Streams,
+    /// Relay queries already checked (token mode and auth off).
+    pub verified: Verified,
 }
 
 impl State {
@@ -109,6 +112,7 @@ impl State {
             log_format: cfg.log.format,
             trusted_proxies: cfg.log.trusted_proxies.iter().map(|c| c.0).collect(),
             streams: Streams::default(),
+            verified: Verified::new(cfg.auth.mode),
         }
     }
 }
