@@ -75,9 +75,13 @@ pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &H
 }
 
 /// The upstream's header as the client may see it: minus what
-/// [`dropped_response_headers`] names.
+/// [`dropped_response_headers`] names, and in this proxy's own HTTP version
+/// (RFC 9110 §6.2), whatever the upstream's: an `HTTP/1.0` status line
+/// would make a client distrust the chunked framing a close-delimited body
+/// is relayed with (RFC 9112 §6.1), and end keep-alive.
 pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     let mut out = up.clone();
+    out.set_version(http::Version::HTTP_11);
     let dropped: Vec<HeaderName> = dropped_response_headers(&up.headers).cloned().collect();
     for name in &dropped {
         out.remove_header(name);
@@ -391,6 +395,19 @@ mod tests {
                 assert_eq!(dropped.contains(&h), nominated.contains(&h), "{h} with Connection {connection:?}");
             }
         }
+    }
+
+    /// The relayed header is in this proxy's HTTP version, not the upstream's.
+    #[test]
+    fn relayed_is_http_1_1_whatever_the_upstream_spoke() {
+        let mut up = ResponseHeader::build(200, None).unwrap();
+        up.set_version(http::Version::HTTP_10);
+        up.insert_header("Connection", "X-Hop").unwrap();
+        up.insert_header("X-Hop", "1").unwrap();
+        up.insert_header("Content-Type", "video/mp4").unwrap();
+        let out = relayed(&up);
+        assert_eq!(out.version, http::Version::HTTP_11);
+        assert_eq!(out.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["content-type"]);
     }
 
     #[test]

@@ -380,6 +380,41 @@ async fn chunked_and_close_delimited_upstreams_are_relayed_complete() {
     assert_body(&got.body, &pattern(0, 200_000));
 }
 
+/// A proxy sends its own HTTP version (RFC 9110 §6.2), whatever the
+/// upstream's: an `HTTP/1.0` status line with `Transfer-Encoding` is framing
+/// a client must treat as faulty (RFC 9112 §6.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_upstream_is_answered_as_http_1_1() {
+    let o = Origin::start(|req| {
+        let body = pattern(0, 5000);
+        let head = match req.path() {
+            // Close-delimited: relayed chunked to an HTTP/1.1 client.
+            "/old" => "HTTP/1.0 200 OK\r\nContent-Type: video/mp4\r\n\r\n".to_string(),
+            _ => "HTTP/1.0 200 OK\r\nContent-Type: video/mp4\r\nContent-Length: 5000\r\n\r\n".to_string(),
+        };
+        Action::Raw([head.into_bytes(), body].concat())
+    })
+    .await;
+    let p = Proxy::open().await;
+    let got = get(p.addr(), "GET", &relay_path("x.mp4", &o.url("/old")), &[]).await;
+    assert_eq!((got.version.as_str(), got.status), ("HTTP/1.1", 200), "{:?}", got.headers);
+    assert_eq!(got.header("transfer-encoding"), Some("chunked"));
+    assert!(got.complete);
+    assert_body(&got.body, &pattern(0, 5000));
+    // With a length, twice: the second answer may come from the cache.
+    for _ in 0..2 {
+        let got = get(p.addr(), "GET", &relay_path("x.mp4", &o.url("/sized")), &[("Range", "bytes=10-19")]).await;
+        assert_eq!(got.version, "HTTP/1.1", "{:?}", got.headers);
+        assert!(got.complete);
+        // The origin ignores ranges; memory answers them.
+        match got.status {
+            200 => assert_body(&got.body, &pattern(0, 5000)),
+            206 => assert_body(&got.body, &pattern(10, 10)),
+            s => panic!("status {s}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;

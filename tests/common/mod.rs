@@ -499,6 +499,8 @@ pub fn parse_single_range(v: &str, total: u64) -> Option<(u64, Option<u64>)> {
 /// A response as the client received it.
 #[derive(Debug)]
 pub struct Got {
+    /// The status line's version (`HTTP/1.1`).
+    pub version: String,
     pub status: u16,
     /// Names lower-cased, for lookups.
     pub headers: Vec<(String, String)>,
@@ -552,10 +554,12 @@ impl Client {
         let head = read_head(&mut self.sock, &mut self.buf).await.expect("response header");
         let text = String::from_utf8_lossy(&head).to_string();
         let mut lines = text.split("\r\n");
-        let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let mut status_line = lines.next().unwrap().split(' ');
+        let version = status_line.next().unwrap().to_string();
+        let status: u16 = status_line.next().unwrap().parse().unwrap();
         let (spelled, headers) = header_lines(lines);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let mut got = Got { status, headers: headers.clone(), spelled, body: Vec::new(), complete: true };
+        let mut got = Got { version, status, headers: headers.clone(), spelled, body: Vec::new(), complete: true };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
             return got;
         }
