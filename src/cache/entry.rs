@@ -73,10 +73,22 @@ pub enum Ready {
 /// into one allocation of the whole body (one block per object keeps the
 /// allocator from fragmenting as objects come and go: measured in
 /// BENCHMARKS.md).
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Pieces {
     list: Vec<Bytes>,
     starts: Vec<u64>,
+}
+
+impl Pieces {
+    /// Bytes `pos..end` (at most `chunk` of them, within one piece): the
+    /// piece, and the part of it; `None` past what is there.
+    fn at(&self, pos: u64, end: u64, chunk: usize) -> Option<(&Bytes, std::ops::Range<usize>)> {
+        let i = self.starts.partition_point(|s| *s <= pos).checked_sub(1)?;
+        let (start, piece) = (self.starts[i], &self.list[i]);
+        let from = (pos - start) as usize;
+        let to = piece.len().min(from.saturating_add(chunk)).min((end - start) as usize);
+        (from < to).then_some((piece, from..to))
+    }
 }
 
 pub struct Entry {
@@ -84,6 +96,9 @@ pub struct Entry {
     progress: watch::Sender<Progress>,
     head: OnceLock<Head>,
     body: RwLock<Pieces>,
+    /// The body once complete: read as it is, without the lock or the
+    /// progress channel (most reads, on a busy cache, are of these).
+    stored: OnceLock<Pieces>,
     /// Only a header (a HEAD's answer): no body to read.
     pub head_only: bool,
 }
@@ -102,6 +117,7 @@ impl Entry {
             progress: watch::Sender::new(Progress::Pending),
             head: OnceLock::new(),
             body: RwLock::default(),
+            stored: OnceLock::new(),
             head_only: false,
         })
     }
@@ -113,6 +129,7 @@ impl Entry {
             progress: watch::Sender::new(Progress::Done),
             head: OnceLock::from(head),
             body: RwLock::default(),
+            stored: OnceLock::new(),
             head_only: true,
         })
     }
@@ -152,7 +169,7 @@ impl Entry {
 
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
-        Reader { entry: self.clone(), rx: self.progress.subscribe(), pos: first, end, chunk, piece: Bytes::new() }
+        Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new() }
     }
 
     /// The whole body, once the fill is done (for playlists, bounded by
@@ -221,6 +238,10 @@ impl Entry {
     }
 
     pub(super) fn finish(&self, state: Progress) {
+        if let Progress::Done = state {
+            // Handles to the same bytes: the list, not the body, is copied.
+            let _ = self.stored.set(self.body.read().unwrap_or_else(|e| e.into_inner()).clone());
+        }
         self.progress.send_replace(state);
     }
 
@@ -238,7 +259,8 @@ impl Entry {
 /// yet; each read hands out at most `chunk` bytes (one client write).
 pub struct Reader {
     entry: Arc<Entry>,
-    rx: watch::Receiver<Progress>,
+    /// Subscribed at the first wait: a complete body is read without it.
+    rx: Option<watch::Receiver<Progress>>,
     pos: u64,
     end: u64,
     chunk: usize,
@@ -252,8 +274,16 @@ impl Reader {
         if self.pos >= self.end {
             return Ok(None);
         }
+        if let Some(stored) = self.entry.stored.get() {
+            let Some((piece, part)) = stored.at(self.pos, self.end, self.chunk) else {
+                return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
+            };
+            self.pos += part.len() as u64;
+            return Ok(Some(&piece[part]));
+        }
+        let rx = self.rx.get_or_insert_with(|| self.entry.progress.subscribe());
         loop {
-            let state = self.rx.borrow_and_update().clone();
+            let state = rx.borrow_and_update().clone();
             match state {
                 Progress::Filling(written) if written > self.pos => break,
                 Progress::Done => break,
@@ -265,21 +295,15 @@ impl Reader {
                     return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch failed mid-body");
                 }
             }
-            if self.rx.changed().await.is_err() {
+            if rx.changed().await.is_err() {
                 return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch went away");
             }
         }
         let body = self.entry.body.read().unwrap_or_else(|e| e.into_inner());
-        let i = body.starts.partition_point(|s| *s <= self.pos).saturating_sub(1);
-        let (Some(start), Some(piece)) = (body.starts.get(i), body.list.get(i)) else {
+        let Some((piece, part)) = body.at(self.pos, self.end, self.chunk) else {
             return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
         };
-        let from = (self.pos - start) as usize;
-        let to = piece.len().min(from + self.chunk).min((self.end - start) as usize);
-        if from >= to {
-            return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
-        }
-        self.piece = piece.slice(from..to);
+        self.piece = piece.slice(part);
         drop(body);
         self.pos += self.piece.len() as u64;
         Ok(Some(&self.piece))
