@@ -65,28 +65,26 @@ impl Proxy {
             http11: req.version == http::Version::HTTP_11,
         };
 
-        // The key the client authenticated with, handed on to playlist children.
-        let mut key = None;
-        let (asked, request) = match target {
+        // `key`: the one the client authenticated with, handed on to playlist children.
+        let (asked, request, key) = match target {
             Target::Relay { hint } => {
                 ctx.route = RouteLabel::Relay;
                 let raw = raw_query.unwrap_or("");
-                let url = match st.verified.get(raw, now) {
+                let (url, key) = match st.verified.get(raw, now) {
                     // Passed before: a key for the children only matters
                     // in API-key mode, which remembers nothing.
-                    Some(url) => url,
+                    Some(url) => (url, None),
                     None => {
                         let query = Query::parse(raw_query);
                         self.authenticate(&query, key_header.as_deref(), now)?;
                         let url = parse_u(&query)?;
                         st.verified.remember(raw, &query, &url);
-                        key = client_key(&query, key_header.as_deref());
-                        url
+                        (url, client_key(&query, key_header.as_deref()))
                     }
                 };
                 let known_playlist = is_playlist_path(url.path()) || is_playlist_path(hint);
                 let asked = Asked { known_playlist, hint: Some(hint), ..asked };
-                (asked, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist })
+                (asked, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist }, key)
             }
             Target::Stream => {
                 ctx.route = RouteLabel::Stream;
@@ -103,7 +101,6 @@ impl Proxy {
                 // Open when its own `auth: false` or `auth.mode: none` says so.
                 let guarded = route.auth && st.auth.mode != AuthMode::None;
                 let query = Query::parse(raw_query);
-                key = client_key(&query, key_header.as_deref());
                 if guarded {
                     if query.has("_path") {
                         return Err(Failure::ReservedPath.into());
@@ -124,7 +121,11 @@ impl Proxy {
                 let trusted = Some(route.upstream.clone());
                 // A rewritten playlist is fetched whole (its bytes are not the client's).
                 let whole = known_playlist && guarded;
-                (asked, Request { method, url, forwarded, extra: None, trusted, whole })
+                (
+                    asked,
+                    Request { method, url, forwarded, extra: None, trusted, whole },
+                    client_key(&query, key_header.as_deref()),
+                )
             }
         };
         self.attempt(ctx);
