@@ -146,7 +146,9 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
 /// The client's header for a relayed response: the upstream's minus what
 /// the header policy drops; for the HEAD fallback the whole resource's
 /// status and length; a type when the upstream gave none (from the URL's
-/// path, else the `{hint}`); HLS's type when `hls`; chunked framing when
+/// path, else the `{hint}`) unless the status has no content (a 304 names
+/// no type: a client's cache would take a guessed one for the type of what
+/// it holds, RFC 9111 §4.3.4); HLS's type when `hls`; chunked framing when
 /// there is a body and no length.
 pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
     let mut out = if answer.relayable { answer.header.clone() } else { headers::relayed(answer.header) };
@@ -163,12 +165,13 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
             }
         }
     }
+    let contentless = matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
     if hls {
         out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
-    } else if !out.headers.contains_key(header::CONTENT_TYPE) {
+    } else if !out.headers.contains_key(header::CONTENT_TYPE) && !contentless {
         out.insert_header(header::CONTENT_TYPE, content_type::guess(answer.path, asked.hint))?;
     }
-    let bodyless = asked.head || matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
+    let bodyless = asked.head || contentless;
     if !out.headers.contains_key(header::CONTENT_LENGTH) && !bodyless && asked.http11 {
         out.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
@@ -330,6 +333,15 @@ mod tests {
         );
         let typed = relay_header(&asked, &answer(&resp(200, &[BIN])), true).unwrap();
         assert_eq!(typed.headers["content-type"], content_type::HLS);
+        // Nothing to type: no guess (a 304's headers update what a client's cache holds).
+        for status in [204, 304] {
+            let out = relayed(&asked, &resp(status, &[("ETag", "\"e\"")]));
+            assert!(!out.headers.contains_key("content-type"), "{status}");
+        }
+        assert_eq!(
+            relayed(&Asked { head: true, ..asked }, &resp(200, &[])).headers["content-type"],
+            "video/x-matroska"
+        );
     }
 
     #[test]
