@@ -292,6 +292,13 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
         assert_eq!(relayed(&hit), relayed(&fill), "{method} {range:?}");
         assert!(hit.header("age").is_some());
     }
+    // What memory writes itself is spelled as origins spell it.
+    let part = get(p.addr(), "GET", &path, &[("Range", "bytes=100-199")]).await;
+    assert!(part.spelled.iter().any(|s| s == "Content-Range"), "{:?}", part.spelled);
+    let etag = fill.header("etag").expect("the test origin sends an ETag").to_string();
+    let not_modified = get(p.addr(), "GET", &path, &[("If-None-Match", &etag)]).await;
+    assert_eq!(not_modified.status, 304);
+    assert!(not_modified.spelled.iter().any(|s| s == "ETag"), "{:?}", not_modified.spelled);
     assert_eq!(o.requests().len(), 1, "one fill; the rest from memory");
 }
 

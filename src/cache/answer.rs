@@ -119,12 +119,12 @@ pub fn shape(out: &mut ResponseHeader, plan: Plan, len: u64, age: u64) -> Result
         Plan::Whole => {}
         Plan::Part(first, last) => {
             out.set_status(StatusCode::PARTIAL_CONTENT)?;
-            out.insert_header(header::CONTENT_RANGE, content_range(first, last, len))?;
+            out.insert_header(CONTENT_RANGE, content_range(first, last, len))?;
             out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1))?;
         }
         Plan::Unsatisfiable => {
             let mut answer = ResponseHeader::build(StatusCode::RANGE_NOT_SATISFIABLE, Some(4))?;
-            answer.insert_header(header::CONTENT_RANGE, format!("bytes */{len}"))?;
+            answer.insert_header(CONTENT_RANGE, format!("bytes */{len}"))?;
             answer.insert_header(header::CONTENT_LENGTH, "0")?;
             if let Some(ranges) = out.headers.get(header::ACCEPT_RANGES).cloned() {
                 answer.insert_header(header::ACCEPT_RANGES, ranges)?;
@@ -134,17 +134,17 @@ pub fn shape(out: &mut ResponseHeader, plan: Plan, len: u64, age: u64) -> Result
         Plan::NotModified => {
             // What a 200 would carry that a cache updates from (RFC 9110 §15.4.5).
             let mut answer = ResponseHeader::build(StatusCode::NOT_MODIFIED, Some(8))?;
-            for name in [
-                header::CACHE_CONTROL,
-                header::CONTENT_LOCATION,
-                header::DATE,
-                header::ETAG,
-                header::EXPIRES,
-                header::LAST_MODIFIED,
-                header::VARY,
+            for (name, titled) in [
+                (header::CACHE_CONTROL, "Cache-Control"),
+                (header::CONTENT_LOCATION, "Content-Location"),
+                (header::DATE, "Date"),
+                (header::ETAG, "ETag"),
+                (header::EXPIRES, "Expires"),
+                (header::LAST_MODIFIED, "Last-Modified"),
+                (header::VARY, "Vary"),
             ] {
                 for v in out.headers.get_all(&name) {
-                    answer.append_header(name.clone(), v.clone())?;
+                    answer.append_header(titled, v.clone())?;
                 }
             }
             *out = answer;
@@ -153,6 +153,11 @@ pub fn shape(out: &mut ResponseHeader, plan: Plan, len: u64, age: u64) -> Result
     out.insert_header(header::AGE, HeaderValue::from(age))?;
     Ok(())
 }
+
+/// Names this module adds, in the case origins write them (Pingora writes
+/// a `HeaderName` it has no spelling for in lower case; either is valid
+/// HTTP, but an answer from memory should read like the upstream's).
+const CONTENT_RANGE: &str = "Content-Range";
 
 /// `bytes {first}-{last}/{len}`, written without `fmt`'s machinery: once
 /// per answer from memory, where it was a measurable part of a hit.
