@@ -251,6 +251,7 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
     let busy = get(p.addr(), "GET", &relay_path("x", &slow.url("/x").replace("127.0.0.1", "localhost")), &[]).await;
     assert_eq!((busy.status, busy.header("retry-after")), (503, Some("1")));
     assert_eq!(busy.text(), "upstream busy\n");
+    assert!(busy.spelled.iter().any(|s| s == "Retry-After"), "{:?}", busy.spelled);
     assert_eq!(p.server.metrics.host_refused.with_label_values(&["busy"]).get(), 1);
     assert_eq!(held.await.unwrap().body.len(), 400_000);
 }

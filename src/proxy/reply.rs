@@ -199,7 +199,7 @@ pub async fn reply(
         out.insert_header("Allow", cors::ALLOW_METHODS)?;
     }
     if let Some(secs) = failure.retry_after() {
-        out.insert_header(header::RETRY_AFTER, secs.to_string())?;
+        out.insert_header("Retry-After", secs.to_string())?;
     }
     cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
     ctx.status = failure.status().as_u16();
