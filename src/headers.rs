@@ -78,13 +78,23 @@ pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &H
 /// [`dropped_response_headers`] names, and in this proxy's own HTTP version
 /// (RFC 9110 §6.2), whatever the upstream's: an `HTTP/1.0` status line
 /// would make a client distrust the chunked framing a close-delimited body
-/// is relayed with (RFC 9112 §6.1), and end keep-alive.
+/// is relayed with (RFC 9112 §6.1), and end keep-alive. A length the
+/// upstream repeated (`Content-Length: 5` twice, or `5, 5`, which
+/// Pingora's framing accepts) goes out once, as RFC 9112 §6.3 allows: some
+/// clients refuse a repeated length outright.
 pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     let mut out = up.clone();
     out.set_version(http::Version::HTTP_11);
     let dropped: Vec<HeaderName> = dropped_response_headers(&up.headers).cloned().collect();
     for name in &dropped {
         out.remove_header(name);
+    }
+    let mut lengths = up.headers.get_all(header::CONTENT_LENGTH).iter();
+    let repeated = lengths.next().is_some_and(|v| v.as_bytes().contains(&b',') || lengths.next().is_some());
+    if repeated {
+        if let Some(n) = content_length(&up.headers) {
+            let _ = out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
     }
     out
 }
@@ -229,9 +239,26 @@ pub fn content_range(h: &HeaderMap) -> Option<ContentRange> {
     ContentRange::parse(h.get(header::CONTENT_RANGE)?.as_bytes())
 }
 
-/// The `Content-Length` of a header map, when it is one number.
+/// The `Content-Length` of a header map: one number, or one number
+/// repeated (in several fields or a list: RFC 9110 §8.6); `None` when there
+/// is none or the values differ.
 pub fn content_length(h: &HeaderMap) -> Option<u64> {
-    digits(h.get(header::CONTENT_LENGTH)?.to_str().ok()?)
+    let mut fields = h.get_all(header::CONTENT_LENGTH).iter();
+    let first = fields.next()?.to_str().ok()?;
+    if let (Some(n), None) = (digits(first), fields.next()) {
+        return Some(n);
+    }
+    let mut length = None;
+    for field in h.get_all(header::CONTENT_LENGTH) {
+        for v in field.to_str().ok()?.split(',') {
+            let n = digits(v)?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
 }
 
 /// A non-negative decimal number of digits only (no sign, no spaces inside).
@@ -408,6 +435,37 @@ mod tests {
         let out = relayed(&up);
         assert_eq!(out.version, http::Version::HTTP_11);
         assert_eq!(out.headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["content-type"]);
+    }
+
+    #[test]
+    fn a_repeated_length_is_one_length() {
+        let with = |values: &[&str]| {
+            let mut up = ResponseHeader::build(200, None).unwrap();
+            for v in values {
+                up.append_header("Content-Length", *v).unwrap();
+            }
+            up
+        };
+        for (values, want) in [
+            (&["5"][..], Some(5)),
+            (&["5", "5"][..], Some(5)),
+            (&["5, 5"][..], Some(5)),
+            (&[" 5 ,5", "5"][..], Some(5)),
+            (&["5", "6"][..], None),
+            (&["5, 6"][..], None),
+            (&["5,"][..], None),
+            (&["+5"][..], None),
+        ] {
+            let up = with(values);
+            assert_eq!(content_length(&up.headers), want, "{values:?}");
+            let out = relayed(&up);
+            let sent: Vec<_> = out.headers.get_all("content-length").iter().collect();
+            match want {
+                Some(n) => assert_eq!(sent, [&HeaderValue::from(n)], "{values:?}: sent once"),
+                // Pingora refuses these before they reach the policy; left as they are.
+                None => assert_eq!(sent.len(), values.len(), "{values:?}"),
+            }
+        }
     }
 
     #[test]
