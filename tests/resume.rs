@@ -341,3 +341,131 @@ async fn stream_and_routes_resume_too() {
     assert_eq!(seen[1].header("referer"), Some("https://hoster.example/"), "the resolver's headers go along");
     assert_eq!(seen[3].header("range"), Some(format!("bytes=200010-{}", TOTAL - 1).as_str()));
 }
+
+/// The same against a real hoster: nginx serves the file, its own `ETag`,
+/// `Last-Modified` and `If-Range` handling decide whether the rest is the
+/// same file, and a cutter between the proxy and nginx (the quirk nginx
+/// does not produce by itself) kills connections mid-body, alternately
+/// with a FIN and a reset. The client gets every byte once, for a whole
+/// GET and for a range, and nginx's log shows each continuation asked with
+/// `If-Range` and answered 206.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_nginx_hoster_that_drops_connections_is_resumed() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 3_000_000;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ep.mp4"), pattern(0, LEN)).unwrap();
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "log_format cut '$status|$http_range|$http_if_range|$body_bytes_sent';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log cut; }}\n",
+        root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let cutter = Cutter::start(([127, 0, 0, 1], port).into(), 700_000).await;
+    let p = proxy("").await;
+    for (file, range) in [("/ep.mp4", None), ("/ep.mp4?another-url", Some((100_000, 2_099_999)))] {
+        // Two cuts per answer: the first response and the first continuation.
+        cutter.arm(2);
+        let path = relay_path("ep.mp4", &format!("http://{}{file}", cutter.addr));
+        let spec = range.map(|(a, b)| format!("bytes={a}-{b}"));
+        let headers: Vec<(&str, &str)> = spec.iter().map(|s| ("Range", s.as_str())).collect();
+        let got = get(p.addr(), "GET", &path, &headers).await;
+        assert!(got.complete, "{file}");
+        match range {
+            None => {
+                assert_eq!(got.status, 200);
+                assert_body(&got.body, &pattern(0, LEN));
+            }
+            Some((a, b)) => {
+                let want = format!("bytes {a}-{b}/{LEN}");
+                assert_eq!((got.status, got.header("content-range")), (206, Some(want.as_str())));
+                assert_body(&got.body, &pattern(a, b - a + 1));
+            }
+        }
+    }
+    let log = nginx.read("access.log");
+    let lines: Vec<Vec<&str>> = log.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(lines.len(), 6, "two answers, each cut twice and continued twice:\n{log}");
+    let continued: Vec<_> = lines.iter().filter(|l| l[2] != "-").collect();
+    assert_eq!(continued.len(), 4, "{log}");
+    assert!(continued.iter().all(|l| l[0] == "206" && l[1].starts_with("bytes=")), "{log}");
+    let firsts: Vec<(&str, &str)> = lines.iter().filter(|l| l[2] == "-").map(|l| (l[0], l[1])).collect();
+    assert!(firsts.contains(&("200", "-")) && firsts.contains(&("206", "bytes=100000-2099999")), "{log}");
+    assert_eq!(resumptions(&p), (4, 4));
+}
+
+/// A TCP relay to `upstream` that cuts the response on each of the next
+/// `armed` connections after `after` bytes, alternately with a FIN and a
+/// reset; other connections are relayed untouched.
+struct Cutter {
+    addr: std::net::SocketAddr,
+    armed: Arc<AtomicUsize>,
+}
+
+impl Cutter {
+    async fn start(upstream: std::net::SocketAddr, after: usize) -> Cutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicUsize::new(0));
+        let left = armed.clone();
+        tokio::spawn(async move {
+            for i in 0usize.. {
+                let (client, _) = listener.accept().await.unwrap();
+                let cut = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
+                tokio::spawn(async move {
+                    let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                    Self::relay(client, server, cut.then_some(after), i % 2 == 1).await;
+                });
+            }
+        });
+        Cutter { addr, armed }
+    }
+
+    /// One request through (nginx asked to close after it, so the proxy
+    /// pools nothing and every request meets a fresh decision), then its
+    /// answer: all of it, or `after` bytes and the end.
+    async fn relay(
+        mut client: tokio::net::TcpStream,
+        mut server: tokio::net::TcpStream,
+        after: Option<usize>,
+        reset: bool,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        head.splice(end + 2..end + 2, b"Connection: close\r\n".iter().copied());
+        server.write_all(&head).await.unwrap();
+        let limit = after.unwrap_or(usize::MAX);
+        let mut sent = 0;
+        while sent < limit {
+            let n = match server.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n.min(limit - sent),
+            };
+            if client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+            sent += n;
+        }
+        if after.is_some() && reset {
+            client.set_zero_linger().unwrap();
+        } else {
+            let _ = client.shutdown().await;
+        }
+    }
+
+    fn arm(&self, n: usize) {
+        self.armed.store(n, Ordering::SeqCst);
+    }
+}
