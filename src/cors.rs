@@ -45,19 +45,29 @@ impl Cors {
         self.any.then(|| (HeaderValue::from_static("*"), false))
     }
 
+    /// Whether answers echo origins from a list, so they differ by the
+    /// request's `Origin`: then every answer says `Vary: Origin` — also one
+    /// to a request without an allowed `Origin`, or a browser's cache could
+    /// hand that answer (no `Access-Control-Allow-Origin`) to a player's
+    /// CORS request for the same URL (the Fetch standard, "CORS protocol and
+    /// HTTP caches").
+    fn echoes(&self) -> bool {
+        !self.origins.is_empty()
+    }
+
     /// Adds the headers a GET/HEAD answer carries for a request from `origin`.
     pub fn apply(&self, origin: Option<&HeaderValue>, out: &mut ResponseHeader) -> pingora_error::Result<()> {
-        if let Some((allow, echoed)) = self.allow_origin(origin) {
+        if let Some((allow, _)) = self.allow_origin(origin) {
             out.insert_header("Access-Control-Allow-Origin", allow)?;
             out.insert_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)?;
-            if echoed {
-                let vary = match out.headers.get(http::header::VARY).and_then(|v| v.to_str().ok()) {
-                    Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("origin")) => v.to_string(),
-                    Some(v) => format!("{v}, Origin"),
-                    None => "Origin".to_string(),
-                };
-                out.insert_header("Vary", vary)?;
-            }
+        }
+        if self.echoes() {
+            let vary = match out.headers.get(http::header::VARY).and_then(|v| v.to_str().ok()) {
+                Some(v) if v.split(',').any(|t| t.trim().eq_ignore_ascii_case("origin")) => v.to_string(),
+                Some(v) => format!("{v}, Origin"),
+                None => "Origin".to_string(),
+            };
+            out.insert_header("Vary", vary)?;
         }
         Ok(())
     }
@@ -65,11 +75,11 @@ impl Cors {
     /// The answer to a preflight (`OPTIONS`) from `origin`: 204, no body.
     pub fn preflight(&self, origin: Option<&HeaderValue>) -> pingora_error::Result<ResponseHeader> {
         let mut out = ResponseHeader::build(http::StatusCode::NO_CONTENT, Some(8))?;
-        if let Some((allow, echoed)) = self.allow_origin(origin) {
+        if let Some((allow, _)) = self.allow_origin(origin) {
             out.insert_header("Access-Control-Allow-Origin", allow)?;
-            if echoed {
-                out.insert_header("Vary", "Origin")?;
-            }
+        }
+        if self.echoes() {
+            out.insert_header("Vary", "Origin")?;
         }
         out.insert_header("Access-Control-Allow-Methods", ALLOW_METHODS)?;
         out.insert_header("Access-Control-Allow-Headers", ALLOW_HEADERS)?;
@@ -111,5 +121,19 @@ mod tests {
         assert_eq!(pre.status, 204);
         assert_eq!(pre.headers["vary"], "Origin");
         assert!(!pre.headers.contains_key("access-control-expose-headers"));
+        // Not allowed, or no Origin at all: no CORS headers, but the answer
+        // still varies by Origin.
+        for origin in [Some(HeaderValue::from_static("https://evil.example")), None] {
+            let mut out = ResponseHeader::build(200, None).unwrap();
+            list.apply(origin.as_ref(), &mut out).unwrap();
+            assert_eq!(out.headers["vary"], "Origin", "{origin:?}");
+            assert!(!out.headers.contains_key("access-control-allow-origin"), "{origin:?}");
+            assert_eq!(list.preflight(origin.as_ref()).unwrap().headers["vary"], "Origin");
+        }
+        // `*` is one answer for every origin: no Vary.
+        let mut out = ResponseHeader::build(200, None).unwrap();
+        Cors::new(["*"]).apply(Some(&o), &mut out).unwrap();
+        assert_eq!(out.headers["access-control-allow-origin"], "*");
+        assert!(!out.headers.contains_key("vary"));
     }
 }

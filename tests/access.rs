@@ -254,6 +254,8 @@ async fn cors_preflight_and_response_headers() {
     assert_eq!(acao.len(), 1, "exactly one ACAO: {:?}", got.headers);
     assert_eq!(acao[0].1, "*");
     assert_eq!(got.header("access-control-expose-headers"), Some("Content-Length, Content-Range, Accept-Ranges, ETag"));
+    // `*` is the same answer for every origin: nothing to vary on.
+    assert_eq!(got.header("vary"), None);
     let no_origin = get(p.addr(), "GET", &path, &[]).await;
     assert!(!no_origin.has("access-control-allow-origin"));
 }
@@ -280,8 +282,14 @@ async fn cors_with_an_origin_list_echoes_and_varies() {
     for name in ["Access-Control-Allow-Origin", "Access-Control-Expose-Headers", "Vary"] {
         assert!(got.spelled.iter().any(|s| s == name), "{name}: {:?}", got.spelled);
     }
-    let got = get(p.addr(), "GET", &path, &[("Origin", "https://evil.example")]).await;
-    assert!(!got.has("access-control-allow-origin"));
+    // The answer depends on the Origin, so even one without CORS headers
+    // says so: a browser's cache must not hand it to a CORS request.
+    for origin in [Some("https://evil.example"), None] {
+        let headers: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+        let got = get(p.addr(), "GET", &path, &headers).await;
+        assert!(!got.has("access-control-allow-origin"), "{origin:?}");
+        assert_eq!(got.header("vary"), Some("Origin"), "{origin:?}");
+    }
     // Errors are readable by the allowed origin too.
     let got = get(p.addr(), "GET", "/strm/proxy/v.mp4?u=x", &[("Origin", "https://app.example")]).await;
     assert_eq!(got.status, 401);
