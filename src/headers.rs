@@ -234,6 +234,30 @@ impl ContentRange {
     }
 }
 
+/// Turns a `206` the upstream gave for some bytes into the `200` for the
+/// whole object it stands for (the HEAD fallback's one byte, a fill's range
+/// that covered everything): no `Content-Range`, the whole length when the
+/// range named it (else none), and `Accept-Ranges: bytes` unless the
+/// upstream said otherwise — it has just answered a byte range, and
+/// players read a HEAD's `Accept-Ranges` to know they can seek (nginx, for
+/// one, sends it with its `200`s but not with its `206`s).
+pub fn whole_of_part(out: &mut ResponseHeader) {
+    let total = content_range(&out.headers).and_then(|r| r.total);
+    let _ = out.set_status(http::StatusCode::OK);
+    out.remove_header(&header::CONTENT_RANGE);
+    match total {
+        Some(t) => {
+            let _ = out.insert_header(header::CONTENT_LENGTH, HeaderValue::from(t));
+        }
+        None => {
+            out.remove_header(&header::CONTENT_LENGTH);
+        }
+    }
+    if !out.headers.contains_key(header::ACCEPT_RANGES) {
+        let _ = out.insert_header(header::ACCEPT_RANGES, "bytes");
+    }
+}
+
 /// The `Content-Range` of a header map, parsed.
 pub fn content_range(h: &HeaderMap) -> Option<ContentRange> {
     ContentRange::parse(h.get(header::CONTENT_RANGE)?.as_bytes())
@@ -466,6 +490,27 @@ mod tests {
                 None => assert_eq!(sent.len(), values.len(), "{values:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_part_stands_for_the_whole() {
+        let part = |extra: &[(&str, &str)]| {
+            let mut h = ResponseHeader::build(206, None).unwrap();
+            for (k, v) in [("Content-Length", "1"), ("Content-Type", "video/mp4")].iter().chain(extra) {
+                h.insert_header(k.to_string(), *v).unwrap();
+            }
+            h
+        };
+        let mut out = part(&[("Content-Range", "bytes 0-0/5000")]);
+        whole_of_part(&mut out);
+        assert_eq!(out.status, 200);
+        assert_eq!(out.headers["content-length"], "5000");
+        assert_eq!(out.headers["accept-ranges"], "bytes", "it has just answered a byte range");
+        assert!(!out.headers.contains_key("content-range"));
+        let mut unknown = part(&[("Content-Range", "bytes 0-0/*"), ("Accept-Ranges", "bytes")]);
+        whole_of_part(&mut unknown);
+        assert!(!unknown.headers.contains_key("content-length"), "no total, no length");
+        assert_eq!(unknown.headers.get_all("accept-ranges").iter().count(), 1);
     }
 
     #[test]

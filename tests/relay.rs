@@ -454,6 +454,45 @@ async fn a_repeated_content_length_goes_out_once() {
     assert_eq!(o.requests().len(), if cache_on() { 2 } else { 4 }, "each stored at its first fetch");
 }
 
+/// A real server that refuses HEAD (nginx told to answer it 405): the HEAD
+/// is answered from `GET` + `Range: bytes=0-0` with the headers the GET
+/// would have — its length, its type and `Accept-Ranges: bytes` (nginx
+/// sends that with a 200, not with the 206 the fallback reads), so players
+/// that look at a HEAD before seeking see they can. With the cache on, the
+/// next HEAD comes from memory with the same headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_refused_by_real_nginx_gets_the_headers_of_the_get() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ep.mp4"), pattern(0, 5000)).unwrap();
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "log_format seen '$request_method $status \"$http_range\"';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
+         if ($request_method = HEAD) {{ return 405; }} }}\n",
+        root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let p = Proxy::open().await;
+    let path = relay_path("ep.mp4", &format!("http://127.0.0.1:{port}/ep.mp4"));
+    let heads = [get(p.addr(), "HEAD", &path, &[]).await, get(p.addr(), "HEAD", &path, &[]).await];
+    let get_answer = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(get_answer.header("accept-ranges"), Some("bytes"), "nginx's 200 says it");
+    for head in heads {
+        assert_eq!(head.status, 200);
+        for name in ["content-length", "content-type", "accept-ranges", "etag", "last-modified"] {
+            assert_eq!(head.header(name), get_answer.header(name), "{name}");
+        }
+        assert!(head.body.is_empty());
+    }
+    let log = nginx.read("access.log");
+    let fallbacks = log.lines().filter(|l| *l == "GET 206 \"bytes=0-0\"").count();
+    assert_eq!(fallbacks, if cache_on() { 1 } else { 2 }, "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;

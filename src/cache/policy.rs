@@ -91,11 +91,10 @@ pub fn admit(up: &ResponseHeader, max_object: u64) -> Admission {
 }
 
 /// The header a whole object is stored with: a `206` for all of it becomes
-/// the `200` it stands for.
+/// the `200` it stands for ([`headers::whole_of_part`]).
 pub fn as_whole(mut up: ResponseHeader) -> ResponseHeader {
     if up.status == StatusCode::PARTIAL_CONTENT {
-        let _ = up.set_status(StatusCode::OK);
-        up.remove_header(&header::CONTENT_RANGE);
+        headers::whole_of_part(&mut up);
     }
     up
 }
@@ -105,10 +104,8 @@ pub fn as_whole(mut up: ResponseHeader) -> ResponseHeader {
 pub fn head_only(up: &ResponseHeader, head_fallback: bool) -> Option<ResponseHeader> {
     let mut out = up.clone();
     if head_fallback {
-        let (_, _, total) = headers::content_range(&up.headers).and_then(ContentRange::bytes)?;
-        let _ = out.set_status(StatusCode::OK);
-        out.remove_header(&header::CONTENT_RANGE);
-        let _ = out.insert_header(header::CONTENT_LENGTH, total.to_string());
+        headers::content_range(&up.headers).and_then(ContentRange::bytes)?;
+        headers::whole_of_part(&mut out);
     }
     (out.status == StatusCode::OK && headers::content_length(&out.headers).is_some()).then_some(out)
 }
@@ -227,6 +224,7 @@ mod tests {
         let stored = as_whole(whole);
         assert_eq!(stored.status, 200);
         assert!(!stored.headers.contains_key("content-range"));
+        assert_eq!(stored.headers["accept-ranges"], "bytes", "memory answers ranges, and the upstream did");
     }
 
     #[test]
@@ -278,6 +276,7 @@ mod tests {
         let probe = resp(206, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/5000")]);
         let kept = head_only(&probe, true).unwrap();
         assert_eq!((kept.status.as_u16(), &kept.headers["content-length"]), (200, &http::HeaderValue::from(5000)));
+        assert_eq!(kept.headers["accept-ranges"], "bytes");
         assert!(head_only(&resp(404, &[("Content-Length", "3")]), false).is_none());
         assert!(head_only(&resp(200, &[]), false).is_none(), "no length");
     }

@@ -155,15 +155,7 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
     if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
         // The HEAD answered through `GET` + `Range: bytes=0-0`: report the
         // whole resource, as the HEAD would have.
-        let total = headers::content_range(&out.headers).and_then(|r| r.total);
-        out.set_status(StatusCode::OK)?;
-        out.remove_header(&header::CONTENT_RANGE);
-        match total {
-            Some(t) => out.insert_header(header::CONTENT_LENGTH, t.to_string())?,
-            None => {
-                out.remove_header(&header::CONTENT_LENGTH);
-            }
-        }
+        headers::whole_of_part(&mut out);
     }
     let contentless = matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
     if hls {
@@ -325,6 +317,7 @@ mod tests {
         let out = relay_header(&Asked { head: true, ..asked }, &fallback, false).unwrap();
         assert_eq!((out.status.as_u16(), &out.headers["content-length"]), (200, &HeaderValue::from(777)));
         assert!(!out.headers.contains_key("content-range"));
+        assert_eq!(out.headers["accept-ranges"], "bytes", "as the GET's 200 would say");
         let ranged = Asked { range: true, head: true, ..asked };
         assert_eq!(
             relay_header(&ranged, &fallback, false).unwrap().status,
