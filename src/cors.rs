@@ -34,15 +34,15 @@ impl Cors {
         self.any || !self.origins.is_empty()
     }
 
-    /// The `Access-Control-Allow-Origin` value for a request's `Origin`, and
-    /// whether it echoes the origin (then `Vary: Origin` is due).
-    pub fn allow_origin(&self, origin: Option<&HeaderValue>) -> Option<(HeaderValue, bool)> {
+    /// The `Access-Control-Allow-Origin` value for a request's `Origin`:
+    /// the origin itself when the list names it, else `*` when allowed.
+    pub fn allow_origin(&self, origin: Option<&HeaderValue>) -> Option<HeaderValue> {
         let origin = origin?;
         let o = origin.to_str().ok()?;
         if self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)) {
-            return Some((origin.clone(), true));
+            return Some(origin.clone());
         }
-        self.any.then(|| (HeaderValue::from_static("*"), false))
+        self.any.then(|| HeaderValue::from_static("*"))
     }
 
     /// Whether answers echo origins from a list, so they differ by the
@@ -57,7 +57,7 @@ impl Cors {
 
     /// Adds the headers a GET/HEAD answer carries for a request from `origin`.
     pub fn apply(&self, origin: Option<&HeaderValue>, out: &mut ResponseHeader) -> pingora_error::Result<()> {
-        if let Some((allow, _)) = self.allow_origin(origin) {
+        if let Some(allow) = self.allow_origin(origin) {
             out.insert_header("Access-Control-Allow-Origin", allow)?;
             out.insert_header("Access-Control-Expose-Headers", EXPOSE_HEADERS)?;
         }
@@ -75,7 +75,7 @@ impl Cors {
     /// The answer to a preflight (`OPTIONS`) from `origin`: 204, no body.
     pub fn preflight(&self, origin: Option<&HeaderValue>) -> pingora_error::Result<ResponseHeader> {
         let mut out = ResponseHeader::build(http::StatusCode::NO_CONTENT, Some(8))?;
-        if let Some((allow, _)) = self.allow_origin(origin) {
+        if let Some(allow) = self.allow_origin(origin) {
             out.insert_header("Access-Control-Allow-Origin", allow)?;
         }
         if self.echoes() {
@@ -98,10 +98,12 @@ mod tests {
     fn origins() {
         let any = Cors::new(["*"]);
         let o = HeaderValue::from_static("https://app.example");
-        assert_eq!(any.allow_origin(Some(&o)), Some((HeaderValue::from_static("*"), false)));
+        assert_eq!(any.allow_origin(Some(&o)), Some(HeaderValue::from_static("*")));
+        assert!(!any.echoes(), "`*` is the same answer for every origin");
         assert_eq!(any.allow_origin(None), None);
         let list = Cors::new(["https://app.example/"]);
-        assert_eq!(list.allow_origin(Some(&o)), Some((o.clone(), true)));
+        assert_eq!(list.allow_origin(Some(&o)), Some(o.clone()));
+        assert!(list.echoes(), "a list echoes the origin");
         assert_eq!(list.allow_origin(Some(&HeaderValue::from_static("https://evil.example"))), None);
         assert!(!Cors::new([]).enabled());
     }
