@@ -477,6 +477,14 @@ impl Config {
                 p.url.credentials = Some(Credentials::new(user, password).map_err(|r| err(&key, r))?);
             }
         }
+        // Named with the entry's index, as a parse error would be.
+        if let Some(i) = cfg.providers.iter().position(|p| p.hosts.is_empty()) {
+            return Err(err(&format!("providers[{i}].hosts"), "each provider needs at least one host".into()));
+        }
+        if let Some(i) = cfg.egress.proxies.iter().position(|p| p.hosts.is_empty()) {
+            let reason = "each proxy needs at least one host (\"*\" for all)".into();
+            return Err(err(&format!("egress.proxies[{i}].hosts"), reason));
+        }
         cfg.validate().map_err(|(key, reason)| err(key, reason))?;
         Ok(cfg)
     }
@@ -580,12 +588,6 @@ impl Config {
         }
         if self.resolver.cache_entries == 0 {
             return Err(("resolver.cache_entries", "must be at least 1".into()));
-        }
-        if self.providers.iter().any(|p| p.hosts.is_empty()) {
-            return Err(("providers.hosts", "each provider needs at least one host".into()));
-        }
-        if self.egress.proxies.iter().any(|p| p.hosts.is_empty()) {
-            return Err(("egress.proxies.hosts", "each proxy needs at least one host (\"*\" for all)".into()));
         }
         Ok(())
     }
@@ -760,7 +762,9 @@ mod tests {
         assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad header name \"Bad Name\""));
         let (key, reason) = refused("providers: [{hosts: [a.com], headers: {Referer: \"x\\ny\"}}]\n");
         assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad value for header Referer"));
-        assert_eq!(refused("providers: [{hosts: [], headers: {}}]\n").0, "providers.hosts");
+        assert_eq!(refused("providers: [{hosts: [], headers: {}}]\n").0, "providers[0].hosts");
+        let second = "providers: [{hosts: [a.example]}, {hosts: []}]\n";
+        assert_eq!(refused(second).0, "providers[1].hosts");
     }
 
     #[test]
@@ -833,7 +837,7 @@ mod tests {
             assert_eq!(key, "egress.proxies[0].url", "{url}");
             assert!(reason.contains(why), "{url}: {reason}");
         }
-        assert_eq!(refused("egress: {proxies: [{hosts: [], url: \"socks5://h:1\"}]}\n").0, "egress.proxies.hosts");
+        assert_eq!(refused("egress: {proxies: [{hosts: [], url: \"socks5://h:1\"}]}\n").0, "egress.proxies[0].hosts");
         // Credentials from the environment (or a file it names).
         let yaml =
             "auth: {mode: none}\negress: {proxies: [{hosts: [\"*\"], url: \"socks5://h:1\", credentials_env: WARP}]}\n";
