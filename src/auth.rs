@@ -140,6 +140,15 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every reason (the metrics start each at 0).
+    pub const ALL: [AuthError; 5] = [
+        AuthError::MissingSignature,
+        AuthError::InvalidSignature,
+        AuthError::TokenExpired,
+        AuthError::InvalidExpiry,
+        AuthError::InvalidApiKey,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             AuthError::MissingSignature => "missing signature",

@@ -76,6 +76,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every [`Refusal::label`] (the metrics start each at 0).
+    pub const LABELS: [&'static str; 3] = ["denied_host", "denied_address", "no_address"];
+
     /// The `reason` label of `anibridge_egress_refusals_total`.
     pub fn label(&self) -> &'static str {
         match self {

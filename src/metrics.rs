@@ -49,6 +49,9 @@ pub struct Metrics {
     pub shutdown_cut_streams: IntCounter,
 }
 
+/// The `reason` labels of `anibridge_host_refused_total`: the gate's two 503s.
+pub const HOST_REFUSALS: [&str; 2] = ["busy", "cooling_down"];
+
 /// Status codes counted apart (0: no response was sent).
 const STATUSES: usize = 600;
 
@@ -191,6 +194,18 @@ impl Metrics {
         let requests_by = route_names.iter().map(|_| (0..STATUSES).map(|_| OnceLock::new()).collect()).collect();
         let upstream_by_reuse = ["false", "true"].map(|r| upstream_connections.with_label_values(&[r]));
         let cache_requests_by = CacheResult::ALL.map(|r| cache_requests.with_label_values(&[r.as_str()]));
+        // Every known reason is there from the start at 0, as a scrape
+        // (and `rate()`, or an alert on the series) expects, not only after
+        // its first event.
+        for reason in HOST_REFUSALS {
+            host_refused.with_label_values(&[reason]);
+        }
+        for reason in crate::egress::Refusal::LABELS {
+            egress_refusals.with_label_values(&[reason]);
+        }
+        for e in crate::auth::AuthError::ALL {
+            auth_failures.with_label_values(&[e.reason()]);
+        }
         Metrics {
             registry,
             requests_by,
@@ -379,6 +394,20 @@ mod tests {
             "process_cpu_seconds_total ",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn reasons_are_there_from_the_start() {
+        let text = String::from_utf8(Metrics::new().render()).unwrap();
+        for line in [
+            "anibridge_host_refused_total{reason=\"busy\"} 0",
+            "anibridge_host_refused_total{reason=\"cooling_down\"} 0",
+            "anibridge_egress_refusals_total{reason=\"denied_address\"} 0",
+            "anibridge_auth_failures_total{reason=\"invalid signature\"} 0",
+            "anibridge_cache_requests_total{result=\"hit\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
     }
 
