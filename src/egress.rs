@@ -3,6 +3,7 @@
 //! check and connect cannot happen.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use ipnet::IpNet;
 
@@ -220,13 +221,14 @@ impl Dialable {
 /// Resolves `host:port` without blocking the event loop (through `dns`'s
 /// short-lived cache) and returns the addresses the policy allows, in order
 /// (`trusted` skips the address check, for operator-configured upstreams).
-/// `Err(Err(_))` means DNS failed.
+/// `Err(Err(_))` means DNS failed (`TimedOut`: no answer `within`).
 pub async fn resolve(
     policy: &Egress,
     dns: &Dns,
     host: &UrlHost<'_>,
     port: u16,
     trusted: bool,
+    within: Duration,
 ) -> Result<Dialable, Result<Refusal, std::io::Error>> {
     match host {
         UrlHost::Ip(ip) => Dialable::select(policy, &[SocketAddr::new(*ip, port)], trusted, host).map_err(Ok),
@@ -234,7 +236,7 @@ pub async fn resolve(
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
             }
-            let resolved = dns.lookup(name, port).await.map_err(Err)?;
+            let resolved = dns.lookup(name, port, within).await.map_err(Err)?;
             Dialable::select(policy, &resolved, trusted, host).map_err(Ok)
         }
     }
@@ -250,6 +252,8 @@ fn host_label(h: &UrlHost<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const T: Duration = Duration::from_secs(5);
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -349,16 +353,16 @@ mod tests {
     async fn resolve_checks_the_dialled_address() {
         let deny = Egress::default();
         let dns = Dns::default();
-        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
+        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false, T).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
-        let trusted = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, true).await.unwrap();
+        let trusted = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, true, T).await.unwrap();
         assert!(trusted.as_slice().iter().all(|a| a.ip().is_loopback()));
         // A cached lookup is judged again: still refused.
-        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false).await;
+        let r = resolve(&deny, &dns, &UrlHost::Name("localhost"), 80, false, T).await;
         assert!(matches!(r, Err(Ok(Refusal::DeniedAddress(_)))), "{r:?}");
         let allow = Egress::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()], vec![]);
-        assert!(resolve(&allow, &dns, &UrlHost::Ip(ip("127.0.0.1")), 80, false).await.is_ok());
-        assert!(resolve(&allow, &dns, &UrlHost::Name("localhost"), 80, false).await.is_ok());
+        assert!(resolve(&allow, &dns, &UrlHost::Ip(ip("127.0.0.1")), 80, false, T).await.is_ok());
+        assert!(resolve(&allow, &dns, &UrlHost::Name("localhost"), 80, false, T).await.is_ok());
     }
 
     #[test]

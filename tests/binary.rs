@@ -915,3 +915,52 @@ async fn upstream_failures_name_the_place_and_the_cause() {
         assert!(log.contains(&line), "{line:?} not in {log}");
     }
 }
+
+/// A DNS server that stops answering (a VPN or DNS container that went
+/// away) holds a request no longer than `upstream.connect_timeout`: a 504,
+/// not the resolver's own 10 s (two tries of 5 s) and a 502. The binary
+/// runs in a mount namespace of its own whose /etc/resolv.conf names a
+/// silent server on 127.0.0.153 (loopback: no query leaves the machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
+    use std::os::unix::process::CommandExt;
+    let dns = std::net::UdpSocket::bind("127.0.0.153:53").expect("port 53 on 127.0.0.153 (the suite runs as root)");
+    let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = queries.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while dns.recv_from(&mut buf).is_ok() {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let mut resolv = tempfile::NamedTempFile::new().unwrap();
+    resolv.write_all(b"nameserver 127.0.0.153\noptions timeout:5 attempts:2\n").unwrap();
+    let source = std::ffi::CString::new(resolv.path().to_str().unwrap()).unwrap();
+    let mut cmd = Command::new(BIN);
+    // SAFETY: unshare and mount are async-signal-safe system calls; the
+    // strings were made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let none = std::ptr::null();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none as _) != 0
+                || libc::mount(source.as_ptr(), c"/etc/resolv.conf".as_ptr(), none, libc::MS_BIND, none as _) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let r = Running::spawn("auth: {mode: none}\nupstream: {connect_timeout: \"1s\"}\n", Some("warn"), &[], cmd).await;
+    let started = Instant::now();
+    let got = get(r.addr(), "GET", "/strm/proxy/x.mp4?u=http://video.hoster.example/x.mp4", &[]).await;
+    let took = started.elapsed();
+    assert_eq!((got.status, got.text().trim()), (504, "upstream timeout"));
+    assert!(took < Duration::from_secs(5), "took {took:?}: the lookup outlived the connect timeout");
+    assert!(queries.load(Ordering::Relaxed) > 0, "the lookup went to the silent server");
+    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
+    assert!(
+        log.contains("video.hoster.example:80: no answer to the name lookup within upstream.connect_timeout"),
+        "{log}"
+    );
+}

@@ -260,6 +260,9 @@ mod tests {
         use pingora_error::ErrorType as T;
         assert_eq!(Failure::from(&FetchError::Dns("h.example".into(), io().into())), Failure::Unreachable);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectTimedout))), Failure::Timeout);
+        // A name lookup without an answer is a timeout before any header, as a silent connect is.
+        let url = url::Url::parse("http://h.example/").unwrap();
+        assert_eq!(Failure::from(&FetchError::lookup_timed_out(&url)), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ReadTimedout))), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectRefused))), Failure::Unreachable);
         // Building the upstream request is the proxy's own business, never an unreachable upstream.

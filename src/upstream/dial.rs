@@ -27,16 +27,18 @@ impl Client {
         let url = &req.url;
         let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
         let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
-        self.dialable(url, via, trusted).await.map(|_| ())
+        self.dialable(url, via, trusted, Instant::now() + self.settings.timeouts.connect).await.map(|_| ())
     }
 
     /// The addresses `url` may be dialled at (through `via`), each allowed
-    /// by the egress policy, or why there are none.
+    /// by the egress policy, or why there are none; a name lookup still
+    /// unanswered at `deadline` is a timeout.
     pub(super) async fn dialable(
         &self,
         url: &Url,
         via: Option<&Arc<EgressProxy>>,
         trusted: bool,
+        deadline: Instant,
     ) -> Result<Dialable, FetchError> {
         let host = UrlHost::of(url).ok_or(FetchError::Request("a URL without a host"))?;
         let port = url.port_or_known_default().unwrap_or(80);
@@ -48,10 +50,16 @@ impl Client {
                 }
                 Ok(Dialable::unresolved(port))
             }
-            _ => egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted).await.map_err(|e| match e {
-                Ok(refusal) => FetchError::Refused(refusal),
-                Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io.into()),
-            }),
+            _ => {
+                let within = deadline.saturating_duration_since(Instant::now());
+                egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted, within).await.map_err(|e| {
+                    match e {
+                        Ok(refusal) => FetchError::Refused(refusal),
+                        Err(io) if io.kind() == std::io::ErrorKind::TimedOut => FetchError::lookup_timed_out(url),
+                        Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io.into()),
+                    }
+                })
+            }
         }
     }
 
@@ -69,8 +77,8 @@ impl Client {
     }
 
     /// A new connection to the first of `addrs` that accepts one (through
-    /// the egress proxy `via`, if any), within `upstream.connect_timeout`
-    /// in all. Like curl, each address but the last may use half of the
+    /// the egress proxy `via`, if any), by `deadline` (what is left of
+    /// `upstream.connect_timeout` after the name lookup). Like curl, each address but the last may use half of the
     /// time left, so one silent address cannot use it all; like nginx, an
     /// address that refuses or cannot be routed to gives way to the next at
     /// once. TLS certificate failures do not: a wrong certificate is an
@@ -80,8 +88,8 @@ impl Client {
         addrs: &[SocketAddr],
         url: &Url,
         via: Option<&Arc<EgressProxy>>,
+        deadline: Instant,
     ) -> Result<(HttpSession, HttpPeer), FetchError> {
-        let deadline = Instant::now() + self.settings.timeouts.connect;
         let mut last = None;
         for (i, a) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -183,6 +191,11 @@ mod tests {
         Client::new(Settings { egress, pool_size: 8, ..Settings::plain(timeouts) }, None)
     }
 
+    /// The deadline of a connect starting now.
+    fn by(c: &Client) -> Instant {
+        Instant::now() + c.settings.timeouts.connect
+    }
+
     /// An address that refuses connections (nothing listens there).
     fn refusing() -> SocketAddr {
         std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -210,17 +223,17 @@ mod tests {
         let url = Url::parse(&format!("http://{good}/")).unwrap();
         let c = client(Duration::from_secs(4));
 
-        let (_, peer) = c.connect_any(&[refusing(), good], &url, None).await.unwrap();
+        let (_, peer) = c.connect_any(&[refusing(), good], &url, None, by(&c)).await.unwrap();
         assert_eq!(peer._address.to_string(), good.to_string());
 
         // A silent first address gets half the time, then the next one is tried.
         let (_keep, _queued, quiet) = silent();
-        let (_, peer) = c.connect_any(&[quiet, good], &url, None).await.unwrap();
+        let (_, peer) = c.connect_any(&[quiet, good], &url, None, by(&c)).await.unwrap();
         assert_eq!(peer._address.to_string(), good.to_string());
     }
 
     async fn failure(c: &Client, addrs: &[SocketAddr], url: &Url) -> FetchError {
-        match c.connect_any(addrs, url, None).await {
+        match c.connect_any(addrs, url, None, by(c)).await {
             Ok((_, peer)) => panic!("connected to {}", peer._address),
             Err(e) => e,
         }

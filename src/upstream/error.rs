@@ -8,6 +8,9 @@ use pingora_error::{Error, ErrorType};
 use crate::egress::Refusal;
 use crate::tunnel::EGRESS_PROXY_FAILED;
 
+/// The name lookup got no answer before `upstream.connect_timeout`.
+const LOOKUP_TIMEDOUT: ErrorType = ErrorType::Custom("LookupTimedout");
+
 /// Clone: a failure of a fill the cache shares reaches every waiting request.
 #[derive(Debug, Clone)]
 pub enum FetchError {
@@ -68,6 +71,12 @@ impl FetchError {
         )
     }
 
+    /// The host's name got no answer before the connect timeout: a timeout
+    /// before any header, like a connect that never completes.
+    pub fn lookup_timed_out(url: &url::Url) -> FetchError {
+        FetchError::Timeout(Cause::new(Error::new(LOOKUP_TIMEDOUT))).at(url)
+    }
+
     pub fn from_pingora(e: Box<Error>) -> FetchError {
         match e.etype() {
             t if *t == EGRESS_PROXY_FAILED => FetchError::EgressProxy(Cause::new(e)),
@@ -120,6 +129,7 @@ fn plain(e: &Error) -> String {
         }
     };
     match e.etype() {
+        t if *t == LOOKUP_TIMEDOUT => "no answer to the name lookup within upstream.connect_timeout".into(),
         ErrorType::ConnectRefused => "connection refused".into(),
         ErrorType::ConnectNoRoute => "no route to the address".into(),
         ErrorType::ConnectTimedout => "no answer to connect within upstream.connect_timeout".into(),
@@ -157,6 +167,10 @@ mod tests {
         assert_eq!(
             FetchError::from_pingora(tls).at(&url).to_string(),
             "cdn.example:443: TLS handshake failed (invalid peer certificate: UnknownIssuer)"
+        );
+        assert_eq!(
+            FetchError::lookup_timed_out(&url).to_string(),
+            "cdn.example:443: no answer to the name lookup within upstream.connect_timeout"
         );
         let dns = FetchError::Dns("nowhere.example".into(), std::io::Error::other("no such host").into());
         assert_eq!(dns.to_string(), "nowhere.example: cannot resolve the name: no such host");

@@ -271,7 +271,9 @@ impl Client {
         let url = hop.url;
         // Chosen again on every hop: a redirect may lead elsewhere.
         let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
-        let dialable = self.dialable(url, via, trusted).await?;
+        // One budget for the name lookup and the connect.
+        let deadline = std::time::Instant::now() + self.settings.timeouts.connect;
+        let dialable = self.dialable(url, via, trusted, deadline).await?;
 
         let mut fresh_only = false;
         loop {
@@ -282,7 +284,7 @@ impl Client {
                     // Boxed: a new connection is the rare path, and its
                     // future (peer, deadline) would otherwise be carried,
                     // and copied, by every request's future.
-                    let (session, peer) = Box::pin(self.connect_any(dialable.as_slice(), url, via)).await?;
+                    let (session, peer) = Box::pin(self.connect_any(dialable.as_slice(), url, via, deadline)).await?;
                     (session, peer, false)
                 }
             };
