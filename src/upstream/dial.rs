@@ -27,18 +27,18 @@ impl Client {
         let url = &req.url;
         let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
         let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
-        self.dialable(url, via, trusted, Instant::now() + self.settings.timeouts.connect).await.map(|_| ())
+        self.dialable(url, via, trusted, self.settings.timeouts.connect).await.map(|_| ())
     }
 
     /// The addresses `url` may be dialled at (through `via`), each allowed
     /// by the egress policy, or why there are none; a name lookup still
-    /// unanswered at `deadline` is a timeout.
+    /// unanswered `within` that time is a timeout.
     pub(super) async fn dialable(
         &self,
         url: &Url,
         via: Option<&Arc<EgressProxy>>,
         trusted: bool,
-        deadline: Instant,
+        within: Duration,
     ) -> Result<Dialable, FetchError> {
         let host = UrlHost::of(url).ok_or(FetchError::Request("a URL without a host"))?;
         let port = url.port_or_known_default().unwrap_or(80);
@@ -50,16 +50,13 @@ impl Client {
                 }
                 Ok(Dialable::unresolved(port))
             }
-            _ => {
-                let within = deadline.saturating_duration_since(Instant::now());
-                egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted, within).await.map_err(|e| {
-                    match e {
-                        Ok(refusal) => FetchError::Refused(refusal),
-                        Err(io) if io.kind() == std::io::ErrorKind::TimedOut => FetchError::lookup_timed_out(url),
-                        Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io.into()),
-                    }
-                })
-            }
+            _ => egress::resolve(&self.settings.egress, &self.dns, &host, port, trusted, within).await.map_err(|e| {
+                match e {
+                    Ok(refusal) => FetchError::Refused(refusal),
+                    Err(io) if io.kind() == std::io::ErrorKind::TimedOut => FetchError::lookup_timed_out(url),
+                    Err(io) => FetchError::Dns(url.host_str().unwrap_or_default().to_string(), io.into()),
+                }
+            }),
         }
     }
 

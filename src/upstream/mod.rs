@@ -272,8 +272,9 @@ impl Client {
         // Chosen again on every hop: a redirect may lead elsewhere.
         let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
         // One budget for the name lookup and the connect.
-        let deadline = std::time::Instant::now() + self.settings.timeouts.connect;
-        let dialable = self.dialable(url, via, trusted, deadline).await?;
+        let connect = self.settings.timeouts.connect;
+        let deadline = std::time::Instant::now() + connect;
+        let dialable = self.dialable(url, via, trusted, connect).await?;
 
         let mut fresh_only = false;
         loop {
