@@ -75,8 +75,9 @@ impl Client {
 
     /// A new connection to the first of `addrs` that accepts one (through
     /// the egress proxy `via`, if any), by `deadline` (what is left of
-    /// `upstream.connect_timeout` after the name lookup). Like curl, each address but the last may use half of the
-    /// time left, so one silent address cannot use it all; like nginx, an
+    /// `upstream.connect_timeout` after the name lookup). Like curl, each
+    /// address but the last may use half of the time left, so one silent
+    /// address cannot use it all; like nginx, an
     /// address that refuses or cannot be routed to gives way to the next at
     /// once. TLS certificate failures do not: a wrong certificate is an
     /// answer, not an absence; nor does a failing egress proxy.

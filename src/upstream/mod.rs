@@ -273,7 +273,7 @@ impl Client {
         let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
         // One budget for the name lookup and the connect.
         let connect = self.settings.timeouts.connect;
-        let deadline = std::time::Instant::now() + connect;
+        let mut deadline = std::time::Instant::now() + connect;
         let dialable = self.dialable(url, via, trusted, connect).await?;
 
         let mut fresh_only = false;
@@ -299,6 +299,8 @@ impl Client {
                 Err(e) if reused && !fresh_only && is_stale_connection(&e) => {
                     log::debug!("pooled upstream connection was stale ({e}); retrying on a new one");
                     fresh_only = true;
+                    // A connect of its own, after the pooled attempt's time.
+                    deadline = std::time::Instant::now() + connect;
                 }
                 Err(e) => return Err(FetchError::from_pingora(e)),
             }
