@@ -142,6 +142,14 @@ fn escaped(v: &str) -> String {
     out
 }
 
+/// A request header as the log shows it: its bytes as text, a byte that
+/// is not UTF-8 as U+FFFD. `HeaderValue::to_str` takes visible ASCII only,
+/// so a player whose `User-Agent` has one accented letter would be logged
+/// with none at all.
+pub fn header_text(v: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
+    v.map_or(std::borrow::Cow::Borrowed(""), |v| String::from_utf8_lossy(v.as_bytes()))
+}
+
 /// The client's address: the peer, or — when the peer is one of
 /// `trusted` (a reverse proxy in front) — the last address in
 /// `X-Forwarded-For` that is not a trusted proxy itself.
@@ -241,6 +249,14 @@ mod tests {
         assert_eq!(json["status"], 206);
         assert_eq!(json["user_agent"], "mpv \"0.35\"");
         assert_eq!(json["ttfb_ms"], 3);
+        let ua = HeaderValue::from_bytes("Lavf/60 Schöne\u{200b}\tx".as_bytes()).unwrap();
+        assert_eq!(header_text(Some(&ua)), "Lavf/60 Schöne\u{200b}\tx");
+        assert_eq!(header_text(Some(&HeaderValue::from_bytes(b"a\xffb").unwrap())), "a\u{fffd}b");
+        assert_eq!(header_text(None), "");
+        let line = Line { user_agent: &header_text(Some(&ua)), ..Line::default() };
+        let json: serde_json::Value = serde_json::from_str(&line.render(Format::Json)).unwrap();
+        assert_eq!(json["user_agent"], "Lavf/60 Schöne\u{200b}\tx");
+        assert!(line.render(Format::Text).contains("ua=\"Lavf/60 Schöne\u{200b}\\x09x\""));
         let cut = Line { cut: true, error: Some("ConnectionClosed"), ..Line::default() }.render(Format::Text);
         assert!(cut.ends_with(" error=\"ConnectionClosed\" cut=true"), "{cut}");
     }

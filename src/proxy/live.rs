@@ -60,7 +60,7 @@ impl Stream {
             upstream_status: self.upstream_status,
             cache: self.cache,
             resumed: 0,
-            user_agent: self.user_agent.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            user_agent: &crate::access::header_text(self.user_agent.as_ref()),
             request_id: &self.request_id,
             error: Some("shutdown grace period over"),
             cut: true,

@@ -145,6 +145,7 @@ impl ProxyHttp for Proxy {
             if ctx.request_id.is_empty() {
                 ctx.request_id = access::request_id(None);
             }
+            let user_agent = access::header_text(req.headers.get(http::header::USER_AGENT));
             let line = access::Line {
                 at: None,
                 client: &self.client(session.as_downstream()),
@@ -159,7 +160,7 @@ impl ProxyHttp for Proxy {
                 upstream_status: ctx.upstream_status,
                 cache: ctx.cache.map_or("", CacheResult::as_str),
                 resumed: ctx.resumed,
-                user_agent: req.headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).unwrap_or(""),
+                user_agent: &user_agent,
                 request_id: &ctx.request_id,
                 error: e.map(|e| e.etype().as_str()),
                 cut: false,
