@@ -70,6 +70,19 @@ pub enum Refused {
     CoolingDown(u64),
 }
 
+impl Refused {
+    /// Every [`Refused::label`] (the metrics start each at 0).
+    pub const LABELS: [&'static str; 2] = ["busy", "cooling_down"];
+
+    /// The `reason` label of `anibridge_host_refused_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refused::Busy => Self::LABELS[0],
+            Refused::CoolingDown(_) => Self::LABELS[1],
+        }
+    }
+}
+
 /// What a response said about the host's patience.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -341,14 +354,12 @@ impl Gate {
                 if let Some(left) = cooling {
                     if now + left > deadline {
                         drop(hosts);
-                        self.count(|m| m.host_refused.with_label_values(&["cooling_down"]).inc());
-                        return Err(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64));
+                        return Err(self.refuse(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64)));
                     }
                 }
                 if now >= deadline {
                     drop(hosts);
-                    self.count(|m| m.host_refused.with_label_values(&["busy"]).inc());
-                    return Err(Refused::Busy);
+                    return Err(self.refuse(Refused::Busy));
                 }
                 if queued.is_none() {
                     let me = Arc::new(Notify::new());
@@ -402,6 +413,12 @@ impl Gate {
         if let Some(m) = &self.0.metrics {
             f(m);
         }
+    }
+
+    /// Counts a refusal by its reason, and hands it back.
+    fn refuse(&self, r: Refused) -> Refused {
+        self.count(|m| m.host_refused.with_label_values(&[r.label()]).inc());
+        r
     }
 }
 

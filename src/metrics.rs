@@ -49,9 +49,6 @@ pub struct Metrics {
     pub shutdown_cut_streams: IntCounter,
 }
 
-/// The `reason` labels of `anibridge_host_refused_total`: the gate's two 503s.
-pub const HOST_REFUSALS: [&str; 2] = ["busy", "cooling_down"];
-
 /// Status codes counted apart (0: no response was sent).
 const STATUSES: usize = 600;
 
@@ -197,7 +194,7 @@ impl Metrics {
         // Every known reason is there from the start at 0, as a scrape
         // (and `rate()`, or an alert on the series) expects, not only after
         // its first event.
-        for reason in HOST_REFUSALS {
+        for reason in crate::gate::Refused::LABELS {
             host_refused.with_label_values(&[reason]);
         }
         for reason in crate::egress::Refusal::LABELS {
