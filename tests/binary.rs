@@ -776,7 +776,8 @@ async fn a_short_secret_is_warned_about() {
 async fn the_access_log_says_who_asked_what_and_how_it_went() {
     let o = Origin::start(|req| serve_file(req, 5000, Some("video/mp4")).into()).await;
     let path = signed_relay_path("ep1.mp4", &o.url("/v.mp4?token=SECRET-TOKEN"), None);
-    let asked = [("X-Forwarded-For", "198.51.100.7, 10.9.9.9"), ("X-Request-Id", "req-42"), ("User-Agent", "mpv/0.35")];
+    let asked =
+        [("X-Forwarded-For", "198.51.100.7, 10.9.9.9"), ("X-Request-Id", "req-42"), ("User-Agent", "mpv/0.35 Schöne")];
     for (format, trusted) in [("json", "[\"127.0.0.1/32\", \"10.0.0.0/8\"]"), ("text", "[]")] {
         let extra = format!(
             "auth: {{mode: token}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nlog: {{format: {format}, trusted_proxies: {trusted}}}\n"
@@ -811,7 +812,10 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
                 (Some("relay"), Some(200), Some(5000))
             );
             assert_eq!((ok["upstream_host"].as_str(), ok["upstream_status"].as_u64()), (Some("127.0.0.1"), Some(200)));
-            assert_eq!((ok["user_agent"].as_str(), ok["request_id"].as_str()), (Some("mpv/0.35"), Some("req-42")));
+            assert_eq!(
+                (ok["user_agent"].as_str(), ok["request_id"].as_str()),
+                (Some("mpv/0.35 Schöne"), Some("req-42"))
+            );
             assert!(ok["ms"].is_u64() && ok["ttfb_ms"].is_u64() && ok["resumed"] == 0, "{ok}");
             // `miss`, or null with the cache off.
             assert!(if cache_on() { ok["cache"] == "miss" } else { ok["cache"].is_null() }, "{ok}");
@@ -824,7 +828,7 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
                 "an untrusted peer's XFF is ignored: {}",
                 lines[0]
             );
-            assert!(lines[0].contains("ua=\"mpv/0.35\" id=req-42"), "{}", lines[0]);
+            assert!(lines[0].contains("ua=\"mpv/0.35 Schöne\" id=req-42"), "{}", lines[0]);
             assert!(lines[1].contains("\" 401 18 "), "{}", lines[1]);
         }
         // The proxy's own messages are not on standard output's lines.
