@@ -927,7 +927,6 @@ async fn upstream_failures_name_the_place_and_the_cause() {
 /// silent server on 127.0.0.153 (loopback: no query leaves the machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
-    use std::os::unix::process::CommandExt;
     let dns = std::net::UdpSocket::bind("127.0.0.153:53").expect("port 53 on 127.0.0.153 (the suite runs as root)");
     let queries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = queries.clone();
@@ -937,8 +936,29 @@ async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
             seen.fetch_add(1, Ordering::Relaxed);
         }
     });
+    let (cmd, _resolv) = with_resolv_conf("nameserver 127.0.0.153\noptions timeout:5 attempts:2\n");
+    let r = Running::spawn("auth: {mode: none}\nupstream: {connect_timeout: \"1s\"}\n", Some("warn"), &[], cmd).await;
+    let started = Instant::now();
+    let got = get(r.addr(), "GET", "/strm/proxy/x.mp4?u=http://video.hoster.example/x.mp4", &[]).await;
+    let took = started.elapsed();
+    assert_eq!((got.status, got.text().trim()), (504, "upstream timeout"));
+    assert!(took < Duration::from_secs(5), "took {took:?}: the lookup outlived the connect timeout");
+    assert!(queries.load(Ordering::Relaxed) > 0, "the lookup went to the silent server");
+    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
+    assert!(
+        log.contains("video.hoster.example:80: no answer to the name lookup within upstream.connect_timeout"),
+        "{log}"
+    );
+}
+
+/// The binary in a mount namespace of its own whose /etc/resolv.conf is
+/// `text` (the file lives as long as the returned handle): the system
+/// resolver then asks a DNS server the test runs on loopback, and nothing
+/// else on the machine changes.
+fn with_resolv_conf(text: &str) -> (Command, tempfile::NamedTempFile) {
+    use std::os::unix::process::CommandExt;
     let mut resolv = tempfile::NamedTempFile::new().unwrap();
-    resolv.write_all(b"nameserver 127.0.0.153\noptions timeout:5 attempts:2\n").unwrap();
+    resolv.write_all(text.as_bytes()).unwrap();
     let source = std::ffi::CString::new(resolv.path().to_str().unwrap()).unwrap();
     let mut cmd = Command::new(BIN);
     // SAFETY: unshare and mount are async-signal-safe system calls; the
@@ -955,16 +975,70 @@ async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
             Ok(())
         });
     }
-    let r = Running::spawn("auth: {mode: none}\nupstream: {connect_timeout: \"1s\"}\n", Some("warn"), &[], cmd).await;
-    let started = Instant::now();
-    let got = get(r.addr(), "GET", "/strm/proxy/x.mp4?u=http://video.hoster.example/x.mp4", &[]).await;
-    let took = started.elapsed();
-    assert_eq!((got.status, got.text().trim()), (504, "upstream timeout"));
-    assert!(took < Duration::from_secs(5), "took {took:?}: the lookup outlived the connect timeout");
-    assert!(queries.load(Ordering::Relaxed) > 0, "the lookup went to the silent server");
-    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
-    assert!(
-        log.contains("video.hoster.example:80: no answer to the name lookup within upstream.connect_timeout"),
-        "{log}"
-    );
+    (cmd, resolv)
+}
+
+/// A DNS server on `addr` (port 53) that answers each A question with
+/// 127.0.0.1 after `delay` and each other question with no records; counts
+/// the A questions.
+fn slow_dns(addr: &str, delay: Duration) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let socket = std::net::UdpSocket::bind(addr).expect("port 53 on loopback (the suite runs as root)");
+    let questions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = questions.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let query = &buf[..n];
+            // The question: labels up to the root's 0, then type and class.
+            let mut end = 12;
+            while end < n && query[end] != 0 {
+                end += 1 + query[end] as usize;
+            }
+            let end = end + 5;
+            if end > n {
+                continue;
+            }
+            let is_a = query[end - 4..end - 2] == [0, 1];
+            let mut answer = query[..2].to_vec(); // the id
+            answer.extend_from_slice(&[0x81, 0x80, 0, 1, 0, is_a as u8, 0, 0, 0, 0]);
+            answer.extend_from_slice(&query[12..end]);
+            if is_a {
+                counted.fetch_add(1, Ordering::SeqCst);
+                // Name: pointer to the question's; A, IN, TTL 30, 4 bytes.
+                answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 127, 0, 0, 1]);
+            }
+            let socket = socket.try_clone().unwrap();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let _ = socket.send_to(&answer, from);
+            });
+        }
+    });
+    questions
+}
+
+/// Release day on a new hoster: a crowd's requests for a name the proxy
+/// has not looked up yet share one lookup (one question to the DNS server),
+/// where each used to run its own.
+#[tokio::test]
+async fn a_crowd_for_a_new_host_name_asks_the_dns_server_once() {
+    let questions = slow_dns("127.0.0.154:53", Duration::from_millis(300));
+    let (cmd, _resolv) = with_resolv_conf("nameserver 127.0.0.154\n");
+    let o = Origin::start(|req| serve_file(req, 10_000, Some("video/mp2t")).into()).await;
+    let r = Running::spawn("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", None, &[], cmd).await;
+    let port = o.addr.port();
+    let addr = r.addr();
+    let viewers: Vec<_> = (0..20)
+        .map(|i| {
+            let target = format!("/strm/proxy/s{i}.ts?u=http://release.hoster.example:{port}/s{i}.ts");
+            tokio::spawn(async move { get(addr, "GET", &target, &[]).await })
+        })
+        .collect();
+    for v in viewers {
+        let got = v.await.unwrap();
+        assert_eq!((got.status, got.body.len()), (200, 10_000));
+    }
+    assert_eq!(questions.load(Ordering::SeqCst), 1, "one A question for 20 concurrent requests");
+    assert_eq!(o.requests().len(), 20);
+    drop(r);
 }
