@@ -62,13 +62,24 @@ impl Resolver {
         Resolver { base: Arc::new(base), client: Client::new(settings, None), timeout, cache }
     }
 
-    /// Resolves `params` (the client query minus `sig`). With `refresh`,
-    /// the cached answer is evicted first (concurrent refreshes still share
-    /// one call).
-    pub async fn resolve(&self, params: &Query, refresh: bool) -> Result<Arc<Resolved>, String> {
+    /// Resolves `params` (the client query minus `sig`). With `stale` (an
+    /// answer whose URL failed), that answer is evicted first — only if it
+    /// is still the one held: when another request has already refreshed
+    /// it, the refreshed answer is used, so a crowd that finds a link dead
+    /// asks the resolver once, not once per viewer. Concurrent refreshes
+    /// share one call.
+    pub async fn resolve(&self, params: &Query, stale: Option<&Arc<Resolved>>) -> Result<Arc<Resolved>, String> {
         let key = canonical_query(&params.without(&["exp"]));
-        if refresh {
-            self.cache.invalidate(&key).await;
+        if let Some(stale) = stale {
+            // One step under the key's lock: no refreshed answer is lost
+            // between looking and evicting.
+            let evict = |held: Option<moka::Entry<String, Arc<Resolved>>>| async move {
+                match held {
+                    Some(held) if Arc::ptr_eq(held.value(), stale) => moka::ops::compute::Op::Remove,
+                    _ => moka::ops::compute::Op::Nop,
+                }
+            };
+            self.cache.entry(key.clone()).and_compute_with(evict).await;
         }
         self.cache.try_get_with(key, self.lookup(params)).await.map_err(|e| e.to_string())
     }

@@ -285,3 +285,37 @@ async fn head_of_a_resolved_playlist_fetches_it_with_the_resolvers_headers_and_n
     assert!(seen.iter().all(|r| r.header("referer") == Some("https://hoster.example/")), "{seen:?}");
     assert_eq!(p.server.metrics.retries.get(), 0, "fetching the playlist is not a retry");
 }
+
+/// A crowd whose cached link went stale: each viewer that finds the link
+/// dead refreshes it only if no one has yet, and otherwise retries with the
+/// refreshed answer — it does not throw that away and ask the resolver
+/// again (each resolver call is a scrape of the provider's page). Here the
+/// dead link hangs, so viewers find out one read timeout after they came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_refreshes_a_stale_link_once() {
+    let m = media().await;
+    let (hang, good) = (m.url("/hang.mp4"), m.url("/fresh.mp4"));
+    let (r, calls) = resolver(move |n, _| json(if n == 0 { &hang } else { &good }, 300)).await;
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nupstream: {{read_timeout: \"1s\"}}\nresolver: {{url: \"{}\"}}\n",
+        r.url("/resolve")
+    ))
+    .await;
+    let addr = p.addr();
+    let tasks: Vec<_> = (0..16u64)
+        .map(|i| {
+            tokio::spawn(async move {
+                // Viewers arrive over 750 ms, all before the first of them
+                // finds the link dead.
+                tokio::time::sleep(Duration::from_millis(i * 50)).await;
+                get(addr, "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, 206, "{}", got.text());
+        assert_body(&got.body, &pattern(0, 10));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "one resolve, one refresh");
+}

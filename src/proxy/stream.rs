@@ -1,6 +1,8 @@
 //! `/strm/stream`: resolve (cached), stream, and when the resolved URL has
 //! gone stale (connect error, timeout, 403/404/410/429/451) evict it,
-//! resolve once more and retry once — never more than two attempts.
+//! resolve once more and retry once — never more than two attempts. If
+//! another request has already replaced the failed answer, the retry uses
+//! that one instead of asking the resolver again.
 
 use std::sync::Arc;
 
@@ -36,9 +38,10 @@ impl Proxy {
         }
         let params = query.without(&["sig"]);
         let method = down.req_header().method.clone();
-        let mut refresh = false;
+        // The answer that failed, once one has: the retry resolves again.
+        let mut stale: Option<Arc<Resolved>> = None;
         loop {
-            let resolved: Arc<Resolved> = resolver.resolve(&params, refresh).await.map_err(|e| {
+            let resolved: Arc<Resolved> = resolver.resolve(&params, stale.as_ref()).await.map_err(|e| {
                 log::warn!("resolver unavailable: {e}");
                 Failure::ResolverUnavailable
             })?;
@@ -53,12 +56,12 @@ impl Proxy {
             };
             self.attempt(ctx);
             let outcome = self.fetch(down, ctx, request).await?;
-            let stale = match &outcome {
+            let failed = match &outcome {
                 Ok(src) => STALE.contains(&src.header().status.as_u16()),
                 Err(e) => e.is_refreshable(),
             };
-            if stale && !refresh {
-                refresh = true;
+            if failed && stale.is_none() {
+                stale = Some(resolved);
                 ctx.refreshed = true;
                 self.state.metrics.refreshes.inc();
                 match outcome {
