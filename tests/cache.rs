@@ -548,3 +548,45 @@ async fn a_stored_playlist_is_rewritten_for_each_client() {
         assert_eq!(get(p.addr(), "GET", child, &[]).await.status, 200, "{child}");
     }
 }
+
+/// A crowd of HEADs for an object memory does not hold (players that ask
+/// before they play, on release day): one HEAD reaches the hoster — with a
+/// hoster that refuses HEAD, one HEAD and its one fallback GET — and the
+/// others get the kept answer. An answer that must not be kept is not
+/// waited for twice: those HEADs then go upstream side by side, never one
+/// after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_heads_send_one_upstream() {
+    let o = Origin::start(|req| {
+        let resp = match (req.method.as_str(), req.path()) {
+            ("HEAD", "/refuses-head.mp4") => Resp::new(405, Body::Bytes(Vec::new())).header("Allow", "GET"),
+            (_, "/private.mp4") => serve_file(req, 10_000, Some("video/mp4")).header("Cache-Control", "no-store"),
+            _ => serve_file(req, 10_000, Some("video/mp4")),
+        };
+        Action::Delayed(Duration::from_millis(300), resp)
+    })
+    .await;
+    let p = cached().await;
+    const CROWD: usize = 20;
+    for (path, upstream) in
+        [("/v.mp4", vec!["HEAD"]), ("/refuses-head.mp4", vec!["HEAD", "GET"]), ("/private.mp4", vec!["HEAD"; CROWD])]
+    {
+        let target = relay_path("v.mp4", &o.url(path));
+        let addr = p.addr();
+        let heads: Vec<_> = (0..CROWD)
+            .map(|_| {
+                let target = target.clone();
+                tokio::spawn(async move { get(addr, "HEAD", &target, &[]).await })
+            })
+            .collect();
+        for h in heads {
+            let got = h.await.unwrap();
+            assert_eq!((got.status, got.header("content-length")), (200, Some("10000")), "{path}");
+            assert_eq!(got.header("content-type"), Some("video/mp4"), "{path}");
+            assert!(got.body.is_empty());
+        }
+        let seen: Vec<String> = o.requests().iter().filter(|r| r.path() == path).map(|r| r.method.clone()).collect();
+        assert_eq!(seen, upstream, "{path}: what the origin saw");
+    }
+    assert!(o.max_in_flight.load(Ordering::SeqCst) > 1, "the unkeepable HEADs went upstream side by side");
+}

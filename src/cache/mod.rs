@@ -6,7 +6,9 @@
 //! cache so that it goes on when that client leaves; everyone, the first
 //! included, reads the body from memory as it arrives ([`entry`]). What is
 //! stored and for how long is [`policy`]; answering ranges and conditionals
-//! from memory is [`answer`].
+//! from memory is [`answer`]. Concurrent HEADs of an object memory does
+//! not hold send one HEAD upstream: the others wait for its answer to be
+//! kept ([`HeadLead`]).
 //!
 //! Memory: stored bodies and bodies being filled together stay within
 //! `cache.max_bytes`. A fill reserves its `Content-Length` when it starts,
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 use pingora_http::ResponseHeader;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use url::Url;
 
 pub use answer::{answerable_range, plan, shape, Plan};
@@ -87,8 +89,13 @@ pub enum Want {
     /// object, else goes upstream alone.
     Join,
     /// A HEAD: answered from any stored header (a HEAD's own too) or a
-    /// fill's, else upstream alone (and its answer kept).
+    /// fill's, else upstream (and its answer kept) — the first of
+    /// concurrent HEADs only; the others wait for it and look again.
     Head,
+    /// A HEAD that waited for another's answer and looks again: from
+    /// memory, else upstream alone (an answer that could not be kept is
+    /// not waited for twice, so a crowd never queues behind one another).
+    HeadAgain,
 }
 
 /// What the cache has for a request.
@@ -100,8 +107,26 @@ pub enum Found {
     /// A fill this request started; if the upstream's answer is not shared,
     /// it comes back through the receiver for this request alone.
     Led(Arc<Entry>, oneshot::Receiver<Response>),
-    /// Nothing: go upstream.
-    Miss,
+    /// Another HEAD of the object is upstream: wait for its answer (the
+    /// receiver sees the sender go), then look again with `HeadAgain`.
+    HeadWait(watch::Receiver<()>),
+    /// Nothing: go upstream. A `HeadLead` (for a `Head`) is held until the
+    /// answer is kept; dropping it wakes the HEADs waiting for it.
+    Miss(Option<HeadLead>),
+}
+
+/// The first of concurrent HEADs of one object while it asks upstream.
+pub struct HeadLead {
+    cache: Cache,
+    key: Key,
+}
+
+impl Drop for HeadLead {
+    fn drop(&mut self) {
+        // Removing the sender wakes every waiter (also when the client
+        // left and the request was dropped mid-fetch).
+        self.cache.lock().heads.remove(&self.key);
+    }
 }
 
 /// The cache: a cheap handle (the fill task holds one).
@@ -118,6 +143,8 @@ struct Store {
     lru: LruCache<Key, Stored>,
     /// Fills in flight (not stored yet), by key.
     filling: HashMap<Key, Arc<Entry>>,
+    /// HEADs upstream, by key: their waiters subscribe.
+    heads: HashMap<Key, watch::Sender<()>>,
     stored_bytes: u64,
     filling_bytes: u64,
 }
@@ -132,8 +159,13 @@ impl Cache {
     /// The cache, or `None` when `max_bytes` is 0 (no storing, no coalescing).
     pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Option<Cache> {
         (settings.max_bytes > 0).then(|| {
-            let store =
-                Store { lru: LruCache::unbounded(), filling: HashMap::new(), stored_bytes: 0, filling_bytes: 0 };
+            let store = Store {
+                lru: LruCache::unbounded(),
+                filling: HashMap::new(),
+                heads: HashMap::new(),
+                stored_bytes: 0,
+                filling_bytes: 0,
+            };
             Cache(Arc::new(Inner { settings, store: Mutex::new(store), metrics }))
         })
     }
@@ -147,7 +179,7 @@ impl Cache {
     pub fn find(&self, key: Key, want: Want, client: &Client, req: &Request) -> Found {
         let mut store = self.lock();
         if let Some(s) = store.lru.get(&key) {
-            let usable = want == Want::Head || !s.entry.head_only;
+            let usable = matches!(want, Want::Head | Want::HeadAgain) || !s.entry.head_only;
             if Instant::now() < s.fresh_until && usable {
                 return Found::Hit(s.entry.clone());
             }
@@ -160,8 +192,15 @@ impl Cache {
         if let Some(entry) = store.filling.get(&key) {
             return Found::Coalesced(entry.clone());
         }
+        if want == Want::Head {
+            if let Some(asking) = store.heads.get(&key) {
+                return Found::HeadWait(asking.subscribe());
+            }
+            store.heads.insert(key.clone(), watch::channel(()).0);
+            return Found::Miss(Some(HeadLead { cache: self.clone(), key }));
+        }
         if want != Want::Fill {
-            return Found::Miss;
+            return Found::Miss(None);
         }
         let entry = Entry::pending(key.clone());
         store.filling.insert(key, entry.clone());

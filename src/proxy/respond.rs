@@ -52,61 +52,75 @@ impl Proxy {
             return Ok(Err(e));
         }
         let key = Key::new(&req.url, st.client.added_headers(&req));
-        match cache.find(key.clone(), want, &st.client, &req) {
-            Found::Hit(entry) => {
-                self.count_cache(ctx, CacheResult::Hit);
-                Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
-            }
-            Found::Coalesced(entry) => {
-                let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
-                match ready {
-                    Ready::Head => {
-                        self.count_cache(ctx, CacheResult::Coalesced);
-                        Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
-                    }
-                    Ready::Declined => {
-                        self.count_cache(ctx, CacheResult::Bypass);
-                        self.open(down, ctx, req).await
-                    }
-                    Ready::Failed(e) => {
-                        self.count_cache(ctx, CacheResult::Coalesced);
-                        Ok(Err(e))
-                    }
+        let mut want = want;
+        loop {
+            return match cache.find(key.clone(), want, &st.client, &req) {
+                Found::Hit(entry) => {
+                    // A HEAD that waited for another's answer shared its fetch.
+                    let shared = want == Want::HeadAgain;
+                    self.count_cache(ctx, if shared { CacheResult::Coalesced } else { CacheResult::Hit });
+                    Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
                 }
-            }
-            Found::Led(entry, handoff) => {
-                self.count_cache(ctx, CacheResult::Miss);
-                if log::log_enabled!(target: "access", log::Level::Info) {
-                    ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
-                }
-                let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
-                match ready {
-                    Ready::Head => {
-                        ctx.upstream_status = entry.head().map_or(0, |h| h.header.status.as_u16());
-                        Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
-                    }
-                    Ready::Failed(e) => Ok(Err(e)),
-                    Ready::Declined => match handoff.await {
-                        Ok(resp) => {
-                            ctx.upstream_status = resp.header().status.as_u16();
-                            Ok(Ok(Source::Upstream(resp)))
+                Found::Coalesced(entry) => {
+                    let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
+                    match ready {
+                        Ready::Head => {
+                            self.count_cache(ctx, CacheResult::Coalesced);
+                            Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
                         }
-                        // The fill ended otherwise (it cannot: it hands a declined answer over).
-                        Err(_) => Ok(Err(FetchError::Request("the cache fill ended without an answer"))),
-                    },
-                }
-            }
-            Found::Miss => {
-                self.count_cache(ctx, CacheResult::Miss);
-                let opened = self.open(down, ctx, req).await?;
-                if let (Ok(Source::Upstream(resp)), Want::Head) = (&opened, want) {
-                    // A HEAD's answer is kept, so the next HEAD never reaches the upstream.
-                    if let Some(header) = cache::policy::head_only(resp.header(), resp.head_fallback()) {
-                        cache.keep_head(key, header, resp.url().clone());
+                        Ready::Declined => {
+                            self.count_cache(ctx, CacheResult::Bypass);
+                            self.open(down, ctx, req).await
+                        }
+                        Ready::Failed(e) => {
+                            self.count_cache(ctx, CacheResult::Coalesced);
+                            Ok(Err(e))
+                        }
                     }
                 }
-                Ok(opened)
-            }
+                Found::Led(entry, handoff) => {
+                    self.count_cache(ctx, CacheResult::Miss);
+                    if log::log_enabled!(target: "access", log::Level::Info) {
+                        ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
+                    }
+                    let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
+                    match ready {
+                        Ready::Head => {
+                            ctx.upstream_status = entry.head().map_or(0, |h| h.header.status.as_u16());
+                            Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                        }
+                        Ready::Failed(e) => Ok(Err(e)),
+                        Ready::Declined => match handoff.await {
+                            Ok(resp) => {
+                                ctx.upstream_status = resp.header().status.as_u16();
+                                Ok(Ok(Source::Upstream(resp)))
+                            }
+                            // The fill ended otherwise (it cannot: it hands a declined answer over).
+                            Err(_) => Ok(Err(FetchError::Request("the cache fill ended without an answer"))),
+                        },
+                    }
+                }
+                Found::HeadWait(mut asking) => {
+                    // Another HEAD of this object is upstream: its answer,
+                    // once kept, answers this one too.
+                    let _gone = unless_client_leaves(down, pin!(asking.changed())).await?;
+                    want = Want::HeadAgain;
+                    continue;
+                }
+                Found::Miss(lead) => {
+                    self.count_cache(ctx, CacheResult::Miss);
+                    let opened = self.open(down, ctx, req).await?;
+                    if let (Ok(Source::Upstream(resp)), Want::Head | Want::HeadAgain) = (&opened, want) {
+                        // A HEAD's answer is kept, so the next HEAD never reaches the upstream.
+                        if let Some(header) = cache::policy::head_only(resp.header(), resp.head_fallback()) {
+                            cache.keep_head(key, header, resp.url().clone());
+                        }
+                    }
+                    // Kept (or not keepable): the HEADs waiting look again.
+                    drop(lead);
+                    Ok(opened)
+                }
+            };
         }
     }
 
