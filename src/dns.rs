@@ -11,24 +11,26 @@
 //! arriving for a new hoster (an episode's release) asks the DNS server
 //! once, not once per viewer, and holds one blocking thread, not dozens.
 //! The egress policy is still applied to the cached addresses on every
-//! request, so caching cannot widen what is reachable.
+//! request, so caching cannot widen what is reachable. Entries are by name
+//! alone (a lookup's addresses do not depend on the port), so a lookup from
+//! the cache allocates nothing: it runs on every request, hits included.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a lookup result is reused.
 pub const TTL: Duration = Duration::from_secs(30);
-/// Most (host, port) pairs kept; hosters are many, memory is bounded.
+/// Most host names kept; hosters are many, memory is bounded.
 pub const CAPACITY: u64 = 4096;
 
-type Addrs = Arc<[SocketAddr]>;
+type Addrs = Arc<[IpAddr]>;
 
 /// A resolver with a cache (moka: bounded, expiring, one init per key) in
 /// front of tokio's `lookup_host`.
 pub struct Dns {
-    cache: moka::future::Cache<(Box<str>, u16), Addrs>,
+    cache: moka::future::Cache<Box<str>, Addrs>,
 }
 
 impl Default for Dns {
@@ -38,39 +40,33 @@ impl Default for Dns {
 }
 
 impl Dns {
-    /// `capacity` bounds the number of (host, port) pairs kept.
+    /// `capacity` bounds the number of host names kept.
     pub fn new(ttl: Duration, capacity: u64) -> Dns {
         Dns { cache: moka::future::Cache::builder().max_capacity(capacity).time_to_live(ttl).build() }
     }
 
-    /// The addresses of `name:port`, from the cache while fresh; a lookup
+    /// The addresses of `name`, from the cache while fresh; a lookup
     /// without an answer `within` that time fails with `TimedOut`.
-    pub async fn lookup(&self, name: &str, port: u16, within: Duration) -> std::io::Result<Addrs> {
-        self.lookup_with(
-            name,
-            port,
-            within,
-            || async move { Ok(tokio::net::lookup_host((name, port)).await?.collect()) },
-        )
-        .await
+    pub async fn lookup(&self, name: &str, within: Duration) -> std::io::Result<Addrs> {
+        let system = || async move { Ok(tokio::net::lookup_host((name, 0)).await?.map(|a| a.ip()).collect()) };
+        self.lookup_with(name, within, system).await
     }
 
     /// `lookup` with the system lookup given as `look` (tests count it).
     /// Callers waiting on one lookup all get its answer or its error; each
     /// gives up at its own `within`. If the caller running the lookup gives
     /// up (its timeout, or its client left), a waiting one starts it again.
-    async fn lookup_with<F, L>(&self, name: &str, port: u16, within: Duration, look: L) -> std::io::Result<Addrs>
+    async fn lookup_with<F, L>(&self, name: &str, within: Duration, look: L) -> std::io::Result<Addrs>
     where
         L: FnOnce() -> F,
         F: Future<Output = std::io::Result<Addrs>>,
     {
-        let key = (Box::from(name), port);
-        if let Some(hit) = self.cache.get(&key).await {
+        if let Some(hit) = self.cache.get(name).await {
             return Ok(hit);
         }
         // Rare, and moka's shared init is a large future: boxed, so every
         // request's future (memory per slow client) does not carry it.
-        let shared = Box::pin(self.cache.try_get_with(key, async {
+        let shared = Box::pin(self.cache.try_get_with(Box::from(name), async {
             let addrs = look().await?;
             match addrs.is_empty() {
                 true => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses")),
@@ -81,7 +77,7 @@ impl Dns {
         bounded(within, async { shared.await.map_err(|e| std::io::Error::new(e.kind(), e.to_string())) }).await
     }
 
-    /// (host, port) pairs held now (after pending evictions ran).
+    /// Host names held now (after pending evictions ran).
     pub async fn len(&self) -> u64 {
         self.cache.run_pending_tasks().await;
         self.cache.entry_count()
@@ -125,17 +121,16 @@ mod tests {
     async fn fresh_entries_are_reused_and_expire() {
         // Only names from /etc/hosts: tests never query a DNS server.
         let dns = Dns::new(Duration::from_millis(200), 8);
-        let first = dns.lookup("localhost", 80, T).await.unwrap();
-        assert!(first.iter().all(|a| a.ip().is_loopback() && a.port() == 80));
-        let again = dns.lookup("localhost", 80, T).await.unwrap();
+        let first = dns.lookup("localhost", T).await.unwrap();
+        assert!(first.iter().all(|a| a.is_loopback()));
+        let again = dns.lookup("localhost", T).await.unwrap();
         assert!(Arc::ptr_eq(&first, &again), "a fresh entry is served from the cache");
-        // Another port is another entry.
-        let other = dns.lookup("localhost", 81, T).await.unwrap();
-        assert!(other.iter().all(|a| a.port() == 81));
-        assert!(Arc::ptr_eq(&first, &dns.lookup("localhost", 80, T).await.unwrap()));
+        let other = dns.lookup("127.0.0.1", T).await.unwrap();
+        assert_eq!(&other[..], &[IpAddr::from([127, 0, 0, 1])]);
+        assert!(Arc::ptr_eq(&first, &dns.lookup("localhost", T).await.unwrap()));
         assert_eq!(dns.len().await, 2);
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let later = dns.lookup("localhost", 80, T).await.unwrap();
+        let later = dns.lookup("localhost", T).await.unwrap();
         assert!(!Arc::ptr_eq(&first, &later), "an expired entry is looked up again");
     }
 
@@ -143,12 +138,12 @@ mod tests {
     async fn the_cache_is_bounded_and_failures_are_not_kept() {
         let dns = Dns::new(Duration::from_secs(60), 2);
         for name in ["localhost", "127.0.0.1", "::1", "localhost"] {
-            dns.lookup(name, 80, T).await.unwrap();
+            dns.lookup(name, T).await.unwrap();
             assert!(dns.len().await <= 2, "{name}");
         }
         // A name that cannot be looked up (fails before any query) is not kept.
         let before = dns.len().await;
-        assert!(dns.lookup("bad\0name", 80, T).await.is_err());
+        assert!(dns.lookup("bad\0name", T).await.is_err());
         assert_eq!(dns.len().await, before);
     }
 
@@ -161,12 +156,12 @@ mod tests {
             Box::pin(async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(wait).await;
-                Ok(Arc::from([SocketAddr::from(([127, 0, 0, 1], 80))]))
+                Ok(Arc::from([IpAddr::from([127, 0, 0, 1])]))
             })
         }
     }
 
-    /// `n` concurrent lookups of `name:80`, each running `look()` if it leads.
+    /// `n` concurrent lookups of `name`, each running `look()` if it leads.
     async fn crowd<L, F>(dns: &Arc<Dns>, name: &'static str, n: usize, look: L) -> Vec<std::io::Result<Addrs>>
     where
         L: Fn() -> F,
@@ -175,7 +170,7 @@ mod tests {
         let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let (dns, look) = (dns.clone(), look());
-                tokio::spawn(async move { dns.lookup_with(name, 80, T, look).await })
+                tokio::spawn(async move { dns.lookup_with(name, T, look).await })
             })
             .collect();
         let mut out = Vec::new();
@@ -193,10 +188,9 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one system lookup for the crowd");
         let first = answers[0].as_ref().unwrap();
         assert!(answers.iter().all(|a| Arc::ptr_eq(a.as_ref().unwrap(), first)));
-        // Another name or port is its own lookup.
-        dns.lookup_with("hoster.example", 443, T, counted(&calls, Duration::ZERO)).await.unwrap();
-        dns.lookup_with("cdn.example", 80, T, counted(&calls, Duration::ZERO)).await.unwrap();
-        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        // Another name is its own lookup.
+        dns.lookup_with("cdn.example", T, counted(&calls, Duration::ZERO)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,10 +212,10 @@ mod tests {
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // An empty answer is a failure too (nothing to dial).
-        let empty = dns.lookup_with("empty.example", 80, T, || async { Ok(Arc::from([])) }).await;
+        let empty = dns.lookup_with("empty.example", T, || async { Ok(Arc::from([])) }).await;
         assert_eq!(empty.unwrap_err().kind(), std::io::ErrorKind::NotFound);
         // Nothing was kept: the next request asks again.
-        dns.lookup_with("gone.example", 80, T, counted(&calls, Duration::ZERO)).await.unwrap();
+        dns.lookup_with("gone.example", T, counted(&calls, Duration::ZERO)).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 
@@ -232,10 +226,10 @@ mod tests {
         let slow = Duration::from_millis(300);
         // The first caller gives up after 50 ms; the second waits longer and
         // gets an answer from a lookup it runs itself.
-        let impatient = dns.lookup_with("slow.example", 80, Duration::from_millis(50), counted(&calls, slow));
+        let impatient = dns.lookup_with("slow.example", Duration::from_millis(50), counted(&calls, slow));
         let patient = async {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            dns.lookup_with("slow.example", 80, T, counted(&calls, slow)).await
+            dns.lookup_with("slow.example", T, counted(&calls, slow)).await
         };
         let (impatient, patient) = tokio::join!(impatient, patient);
         assert_eq!(impatient.unwrap_err().kind(), std::io::ErrorKind::TimedOut);

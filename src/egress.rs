@@ -169,7 +169,7 @@ impl Dialable {
         Dialable { addrs: [SocketAddr::from(([0, 0, 0, 0], port)); MAX_DIAL], len: 1 }
     }
 
-    /// Up to [`MAX_DIAL`] of the `addrs` that `policy` allows (all of them
+    /// Up to [`MAX_DIAL`] of `ips` (at `port`) that `policy` allows (all of them
     /// when `trusted`), or why none is. The resolver's order is kept within
     /// each address family and the two families take turns, starting with
     /// the resolver's first (as RFC 8305 asks), so a host whose IPv6 path is
@@ -177,7 +177,8 @@ impl Dialable {
     /// first.
     pub fn select(
         policy: &Egress,
-        addrs: &[SocketAddr],
+        ips: &[IpAddr],
+        port: u16,
         trusted: bool,
         host: &UrlHost<'_>,
     ) -> Result<Dialable, Refusal> {
@@ -186,13 +187,13 @@ impl Dialable {
         let mut by_family = [empty, empty];
         let mut first_is_v6 = None;
         let mut first_refusal = None;
-        for a in addrs {
-            match if trusted { Ok(()) } else { policy.ip_allowed(a.ip()) } {
+        for &ip in ips {
+            match if trusted { Ok(()) } else { policy.ip_allowed(ip) } {
                 Ok(()) => {
-                    let same = *first_is_v6.get_or_insert(a.is_ipv6()) == a.is_ipv6();
+                    let same = *first_is_v6.get_or_insert(ip.is_ipv6()) == ip.is_ipv6();
                     let list = &mut by_family[usize::from(!same)];
                     if list.len < MAX_DIAL {
-                        list.addrs[list.len] = *a;
+                        list.addrs[list.len] = SocketAddr::new(ip, port);
                         list.len += 1;
                     }
                 }
@@ -231,13 +232,13 @@ pub async fn resolve(
     within: Duration,
 ) -> Result<Dialable, Result<Refusal, std::io::Error>> {
     match host {
-        UrlHost::Ip(ip) => Dialable::select(policy, &[SocketAddr::new(*ip, port)], trusted, host).map_err(Ok),
+        UrlHost::Ip(ip) => Dialable::select(policy, &[*ip], port, trusted, host).map_err(Ok),
         UrlHost::Name(name) => {
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
             }
-            let resolved = dns.lookup(name, port, within).await.map_err(Err)?;
-            Dialable::select(policy, &resolved, trusted, host).map_err(Ok)
+            let resolved = dns.lookup(name, within).await.map_err(Err)?;
+            Dialable::select(policy, &resolved, port, trusted, host).map_err(Ok)
         }
     }
 }
@@ -368,27 +369,28 @@ mod tests {
     #[test]
     fn every_allowed_address_is_a_candidate_in_order_up_to_max_dial() {
         let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ips = |a: &[SocketAddr]| a.iter().map(SocketAddr::ip).collect::<Vec<_>>();
         let policy = Egress::default();
         let host = UrlHost::Name("cdn.example");
         let addrs =
             [sa("10.0.0.1:443"), sa("93.184.216.34:443"), sa("[2606:2800::1]:443"), sa("[::ffff:127.0.0.1]:443")];
-        let d = Dialable::select(&policy, &addrs, false, &host).unwrap();
+        let d = Dialable::select(&policy, &ips(&addrs), addrs[0].port(), false, &host).unwrap();
         assert_eq!(d.as_slice(), &[sa("93.184.216.34:443"), sa("[2606:2800::1]:443")]);
         // Trusted upstreams keep every address; the list is capped.
         let many: Vec<SocketAddr> = (1..=9).map(|i| sa(&format!("10.0.0.{i}:80"))).collect();
-        let d = Dialable::select(&policy, &many, true, &host).unwrap();
+        let d = Dialable::select(&policy, &ips(&many), many[0].port(), true, &host).unwrap();
         assert_eq!(d.as_slice(), &many[..MAX_DIAL]);
         // The families take turns, each in the resolver's order.
         let v6: Vec<SocketAddr> = (1..=5).map(|i| sa(&format!("[2606:2800::{i}]:443"))).collect();
         let mixed: Vec<SocketAddr> =
             v6.iter().copied().chain([sa("93.184.216.1:443"), sa("93.184.216.2:443")]).collect();
-        let d = Dialable::select(&policy, &mixed, false, &host).unwrap();
+        let d = Dialable::select(&policy, &ips(&mixed), mixed[0].port(), false, &host).unwrap();
         assert_eq!(d.as_slice(), &[v6[0], sa("93.184.216.1:443"), v6[1], sa("93.184.216.2:443")]);
-        let d = Dialable::select(&policy, &v6, false, &host).unwrap();
+        let d = Dialable::select(&policy, &ips(&v6), v6[0].port(), false, &host).unwrap();
         assert_eq!(d.as_slice(), &v6[..MAX_DIAL]);
         // None allowed: the first refusal says why.
-        let r = Dialable::select(&policy, &addrs[..1], false, &host).unwrap_err();
+        let r = Dialable::select(&policy, &ips(&addrs[..1]), 443, false, &host).unwrap_err();
         assert!(matches!(r, Refusal::DeniedAddress(_)), "{r:?}");
-        assert!(matches!(Dialable::select(&policy, &[], false, &host), Err(Refusal::NoAddress(_))));
+        assert!(matches!(Dialable::select(&policy, &[], 443, false, &host), Err(Refusal::NoAddress(_))));
     }
 }
