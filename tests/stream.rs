@@ -134,8 +134,9 @@ async fn exactly_the_stale_statuses_are_refreshed() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timeout_before_headers_is_refreshed() {
+/// The resolver's first answer is a link that hangs, the next ones a good
+/// link; the proxy gives up on a silent upstream after 1 s.
+async fn first_link_hangs() -> (Origin, Origin, Arc<AtomicUsize>, Proxy) {
     let m = media().await;
     let (hang, good) = (m.url("/hang.mp4"), m.url("/fresh.mp4"));
     let (r, calls) = resolver(move |n, _| json(if n == 0 { &hang } else { &good }, 300)).await;
@@ -144,6 +145,12 @@ async fn a_timeout_before_headers_is_refreshed() {
         r.url("/resolve")
     ))
     .await;
+    (m, r, calls, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_before_headers_is_refreshed() {
+    let (m, _r, calls, p) = first_link_hangs().await;
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await;
     assert_eq!(got.status, 206);
     assert_body(&got.body, &pattern(0, 10));
@@ -293,14 +300,7 @@ async fn head_of_a_resolved_playlist_fetches_it_with_the_resolvers_headers_and_n
 /// dead link hangs, so viewers find out one read timeout after they came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crowd_refreshes_a_stale_link_once() {
-    let m = media().await;
-    let (hang, good) = (m.url("/hang.mp4"), m.url("/fresh.mp4"));
-    let (r, calls) = resolver(move |n, _| json(if n == 0 { &hang } else { &good }, 300)).await;
-    let p = Proxy::start(&format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nupstream: {{read_timeout: \"1s\"}}\nresolver: {{url: \"{}\"}}\n",
-        r.url("/resolve")
-    ))
-    .await;
+    let (m, _r, calls, p) = first_link_hangs().await;
     let addr = p.addr();
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
@@ -318,4 +318,6 @@ async fn a_crowd_refreshes_a_stale_link_once() {
         assert_body(&got.body, &pattern(0, 10));
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2, "one resolve, one refresh");
+    // Each viewer: one attempt on the dead link, one on the refreshed one.
+    assert_eq!((m.count("/hang.mp4"), m.count("/fresh.mp4")), (16, 16));
 }
