@@ -590,3 +590,33 @@ async fn concurrent_heads_send_one_upstream() {
     }
     assert!(o.max_in_flight.load(Ordering::SeqCst) > 1, "the unkeepable HEADs went upstream side by side");
 }
+
+/// The HEAD the others wait for is given up when its client leaves: one of
+/// the waiters then asks in its place, and the rest wait for that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_given_up_by_its_client_is_asked_again_by_one_waiter() {
+    use tokio::io::AsyncWriteExt;
+    let o =
+        Origin::start(|req| Action::Delayed(Duration::from_millis(500), serve_file(req, 10_000, Some("video/mp4"))))
+            .await;
+    let p = cached().await;
+    let target = relay_path("v.mp4", &o.url("/v.mp4"));
+    // The first asks, then leaves before the origin answers.
+    let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    first.write_all(format!("HEAD {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let addr = p.addr();
+    let waiters: Vec<_> = (0..10)
+        .map(|_| {
+            let target = target.clone();
+            tokio::spawn(async move { get(addr, "HEAD", &target, &[]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(first);
+    for w in waiters {
+        let got = w.await.unwrap();
+        assert_eq!((got.status, got.header("content-length")), (200, Some("10000")));
+    }
+    assert_eq!(o.count("/v.mp4"), 2, "the abandoned HEAD and the one asked in its place");
+}

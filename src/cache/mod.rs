@@ -107,8 +107,10 @@ pub enum Found {
     /// A fill this request started; if the upstream's answer is not shared,
     /// it comes back through the receiver for this request alone.
     Led(Arc<Entry>, oneshot::Receiver<Response>),
-    /// Another HEAD of the object is upstream: wait for its answer (the
-    /// receiver sees the sender go), then look again with `HeadAgain`.
+    /// Another HEAD of the object is upstream: wait for it. `changed()`
+    /// is `Ok` when it was answered (look again with `HeadAgain`), `Err`
+    /// when it was given up unanswered, its client gone (look again as a
+    /// `Head`: one of the waiters asks instead).
     HeadWait(watch::Receiver<()>),
     /// Nothing: go upstream. A `HeadLead` (for a `Head`) is held until the
     /// answer is kept; dropping it wakes the HEADs waiting for it.
@@ -121,10 +123,19 @@ pub struct HeadLead {
     key: Key,
 }
 
+impl HeadLead {
+    /// The upstream answered (kept or not): the waiters look again.
+    pub fn answered(&self) {
+        if let Some(asking) = self.cache.lock().heads.get(&self.key) {
+            asking.send_replace(());
+        }
+    }
+}
+
 impl Drop for HeadLead {
     fn drop(&mut self) {
-        // Removing the sender wakes every waiter (also when the client
-        // left and the request was dropped mid-fetch).
+        // Removing the sender wakes every waiter: after `answered`, or
+        // unanswered when the client left and the request was dropped.
         self.cache.lock().heads.remove(&self.key);
     }
 }

@@ -102,9 +102,10 @@ impl Proxy {
                 }
                 Found::HeadWait(mut asking) => {
                     // Another HEAD of this object is upstream: its answer,
-                    // once kept, answers this one too.
-                    let _gone = unless_client_leaves(down, pin!(asking.changed())).await?;
-                    want = Want::HeadAgain;
+                    // once kept, answers this one too. Given up unanswered
+                    // (its client left), a waiter asks in its place.
+                    let answered = unless_client_leaves(down, pin!(asking.changed())).await?.is_ok();
+                    want = if answered { Want::HeadAgain } else { Want::Head };
                     continue;
                 }
                 Found::Miss(lead) => {
@@ -117,7 +118,9 @@ impl Proxy {
                         }
                     }
                     // Kept (or not keepable): the HEADs waiting look again.
-                    drop(lead);
+                    if let Some(lead) = lead {
+                        lead.answered();
+                    }
                     Ok(opened)
                 }
             };
