@@ -187,15 +187,19 @@ async fn ranges_heads_playlists_and_redirects_through_each_kind_of_egress_proxy(
         ))
         .await;
         let what = format!("{name} ({user:?})");
-        let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[("Range", "bytes=100-199")]).await;
+        // One player's requests, one after another on its keep-alive
+        // connection (each one's upstream connection is back in the pool
+        // before the next is read).
+        let mut player = Client::connect(p.addr()).await;
+        let got = player.request("GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[("Range", "bytes=100-199")]).await;
         assert_eq!(got.status, 206, "{what}: {}", got.text());
         assert_body(&got.body, &pattern(100, 100));
-        let head = get(p.addr(), "HEAD", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
+        let head = player.request("HEAD", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
         assert_eq!((head.status, head.header("content-length")), (200, Some("10000")), "{what}");
         // A playlist, and its child, which goes through the tunnel too.
-        let list = get(p.addr(), "GET", &relay_path("list.m3u8", &o.url("/list.m3u8")), &[]).await;
+        let list = player.request("GET", &relay_path("list.m3u8", &o.url("/list.m3u8")), &[]).await;
         let child = list.text().lines().find(|l| l.starts_with("/strm/proxy/seg0.ts?")).unwrap().to_string();
-        let seg = get(p.addr(), "GET", &child, &[("Range", "bytes=0-9")]).await;
+        let seg = player.request("GET", &child, &[("Range", "bytes=0-9")]).await;
         assert_eq!(seg.status, 206, "{what}");
         // Four requests, one tunnel: pooled per (egress proxy, upstream).
         assert_eq!(server.tunnels(), std::slice::from_ref(&target), "{what}");
