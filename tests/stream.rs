@@ -305,9 +305,9 @@ async fn a_crowd_refreshes_a_stale_link_once() {
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
             tokio::spawn(async move {
-                // Viewers arrive over 750 ms, all before the first of them
-                // finds the link dead.
-                tokio::time::sleep(Duration::from_millis(i * 50)).await;
+                // Viewers arrive over 300 ms, all well before the first of
+                // them finds the link dead (1 s), so each finds it dead too.
+                tokio::time::sleep(Duration::from_millis(i * 20)).await;
                 get(addr, "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=0-9")]).await
             })
         })
