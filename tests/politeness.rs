@@ -342,3 +342,52 @@ async fn a_resolved_url_refused_429_is_refreshed_and_the_retry_waits_its_turn() 
     assert_eq!(seen.iter().map(|r| r.path().to_string()).collect::<Vec<_>>(), ["/old", "/new"]);
     assert!(seen[1].at - seen[0].at >= Duration::from_millis(950), "the retry waited out the cooldown");
 }
+
+/// A hoster that allows one connection per address (some answer 509 to a
+/// second one, open or idle): with `max_connections_per_host: 1`, requests
+/// taking turns for the one slot share one upstream connection. The slot
+/// is handed on only once the connection is back in the pool, so the next
+/// request reuses it rather than dialling a second one — also when giving
+/// it back means reading a small rest first (a HEAD answered by a GET the
+/// hoster sends whole and slowly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_slot_the_hoster_sees_one_connection() {
+    let o = Origin::start(|req| {
+        if req.path() == "/refuses-head" {
+            return match req.method.as_str() {
+                "HEAD" => Resp::new(405, Body::Empty { content_length: Some(0) }).into(),
+                // The range ignored, the whole small body sent slowly.
+                _ => Resp::new(200, Body::Slow { len: 12_000, piece: 3_000, pause: Duration::from_millis(60) })
+                    .header("Content-Type", "video/mp4")
+                    .header("Cache-Control", "no-store")
+                    .into(),
+            };
+        }
+        let i: u64 = req.path().trim_start_matches("/seg").trim_end_matches(".ts").parse().unwrap_or(0);
+        serve_bytes(req, &pattern(i * SEG, SEG), Some("video/mp2t")).header("Cache-Control", "no-store").into()
+    })
+    .await;
+    let p = proxy("upstream: {max_connections_per_host: 1}\n").await;
+    let head = get(p.addr(), "HEAD", &relay_path("v.mp4", &o.url("/refuses-head")), &[]).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("12000"));
+    let players: Vec<_> = (0..6u64)
+        .map(|n| {
+            let (addr, base) = (p.addr(), o.url(""));
+            tokio::spawn(async move {
+                let mut c = Client::connect(addr).await;
+                for i in (0..8).map(|k| n * 8 + k) {
+                    let got = c.request("GET", &relay_path("s.ts", &format!("{base}/seg{i}.ts")), &[]).await;
+                    assert_eq!(got.status, 200);
+                    assert_body(&got.body, &pattern(i * SEG, SEG));
+                }
+            })
+        })
+        .collect();
+    for pl in players {
+        pl.await.unwrap();
+    }
+    assert_eq!(o.requests().len(), 2 + 48);
+    assert_eq!(o.max_in_flight.load(Ordering::SeqCst), 1);
+    assert_eq!(o.connections.load(Ordering::SeqCst), 1, "one connection, reused by every request");
+}

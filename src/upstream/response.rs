@@ -196,17 +196,21 @@ impl Response {
     }
 
     /// Gives the connection back: to the pool when the body was read to its
-    /// end (a small unread rest is drained first), closed otherwise.
+    /// end (a small unread rest is drained first), closed otherwise. The
+    /// host's slot is given back after the connection: a request waiting
+    /// for the slot then finds the connection in the pool instead of
+    /// dialling another (a hoster that allows one connection sees one).
     ///
     /// Not an `async fn`: the giving back is a future of a few KiB, boxed
     /// here so that a stream's state (which awaits this at its end) stays
     /// small for as long as it streams.
     pub fn finish(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        let Response { client, session, pool_key, recovery, .. } = self;
+        let Response { client, session, pool_key, recovery, permit, .. } = self;
         Box::pin(async move {
             if recovery.failure.is_none() {
                 client.finish(session, pool_key).await;
             }
+            drop(permit);
         })
     }
 
