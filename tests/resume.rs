@@ -126,6 +126,9 @@ async fn a_reset_and_a_stall_are_resumed_too() {
     assert!(got.complete);
     assert_body(&got.body, &pattern(100, TOTAL - 100));
     assert_eq!(asked(&o)[1], (some(&format!("bytes=200100-{}", TOTAL - 1)), some("\"v1\"")));
+    // The stalled connection was given up before the resumption was sent
+    // (a hoster that allows one connection per address sees one).
+    assert_eq!(o.requests()[1].in_flight, 1, "the stalled request still open beside the resumption");
 }
 
 /// A resumed answer that is not the rest of the same file aborts the

@@ -233,6 +233,7 @@ impl Response {
             );
             return Err(e);
         };
+        self.hang_up().await;
         let mut tried = 0u32;
         while self.recovery.attempts_left > 0 {
             self.recovery.attempts_left -= 1;
@@ -277,6 +278,7 @@ impl Response {
 
     /// A playlist's body died: fetch it again whole, from its first byte.
     async fn refetch_in_place(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
+        self.hang_up().await;
         let mut tried = 0u32;
         while self.recovery.attempts_left > 0 {
             self.recovery.attempts_left -= 1;
@@ -300,6 +302,15 @@ impl Response {
             }
         }
         Err(e)
+    }
+
+    /// Says goodbye on the connection that failed before another is
+    /// dialled: a hoster that stalled (the read timed out) still counts
+    /// that connection as ours, and one that allows a single connection per
+    /// address would refuse the resumption beside it. (Closed for good when
+    /// the new connection replaces it.)
+    async fn hang_up(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.session.shutdown()).await;
     }
 
     /// The upstream host, for logs (never the path or query: tokens live there).
