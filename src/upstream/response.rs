@@ -209,6 +209,8 @@ impl Response {
         Box::pin(async move {
             if recovery.failure.is_none() {
                 client.finish(session, pool_key).await;
+            } else {
+                drop(session);
             }
             drop(permit);
         })
