@@ -100,11 +100,17 @@ impl<'de> Deserialize<'de> for Listen {
     }
 }
 
-/// A CIDR such as `10.0.0.0/8`.
+/// A CIDR such as `10.0.0.0/8`, or one address (`172.17.0.1`: the range of
+/// that address alone, as nginx's `allow` and `set_real_ip_from` read it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub IpNet);
 
-from_str!(Cidr, |s: &str| s.parse().map(Cidr).map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/8)")));
+from_str!(Cidr, |s: &str| {
+    s.parse()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map(Cidr)
+        .map_err(|_| format!("{s:?} is neither a CIDR (e.g. 10.0.0.0/8) nor an address"))
+});
 
 from_str!(HostPattern, |s: &str| HostPattern::parse(s).map_err(|r| format!("{s:?}: {r}")));
 
@@ -737,6 +743,13 @@ mod tests {
         assert_eq!(refused("routes: [{prefix: cdn, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
         assert_eq!(refused("routes: [{prefix: /strm/x/, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").0, "egress.allow_cidrs[0]");
+        assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0\"]}\n").0, "egress.allow_cidrs[0]");
+        // One address is the range of that address alone.
+        let c = load("auth: {mode: none}\negress: {allow_cidrs: [\"10.0.0.5\", \"::1\"]}\nlog: {trusted_proxies: [\"172.17.0.1\"]}\n")
+            .unwrap();
+        assert_eq!(c.egress.allow_cidrs[0].0, "10.0.0.5/32".parse::<IpNet>().unwrap());
+        assert_eq!(c.egress.allow_cidrs[1].0, "::1/128".parse::<IpNet>().unwrap());
+        assert_eq!(c.log.trusted_proxies[0].0, "172.17.0.1/32".parse::<IpNet>().unwrap());
         assert_eq!(refused("egress: {deny_hosts: [\"a.*.b\"]}\n").0, "egress.deny_hosts[0]");
         let e = load("auth: {mode: sometimes}\n").unwrap_err();
         assert_eq!(e.key, "auth.mode", "{e}");
