@@ -42,11 +42,13 @@ pub enum FetchError {
 pub struct Cause {
     pub error: Arc<Error>,
     pub at: Option<Arc<str>>,
+    /// The place is https: connecting includes the TLS handshake.
+    pub tls: bool,
 }
 
 impl Cause {
     fn new(error: Box<Error>) -> Cause {
-        Cause { error: error.into(), at: None }
+        Cause { error: error.into(), at: None, tls: false }
     }
 }
 
@@ -58,6 +60,7 @@ impl FetchError {
             if c.at.is_none() {
                 let host = url.host_str().unwrap_or("-");
                 c.at = Some(format!("{host}:{}", url.port_or_known_default().unwrap_or(0)).into());
+                c.tls = url.scheme() == "https";
             }
         }
         self
@@ -99,7 +102,7 @@ impl std::fmt::Display for FetchError {
             FetchError::TooManyRedirects => f.write_str("too many redirects"),
             FetchError::Dns(host, e) => write!(f, "{host}: cannot resolve the name: {e}"),
             FetchError::Unreachable(c) | FetchError::Timeout(c) => {
-                write!(f, "{}: {}", c.at.as_deref().unwrap_or("the upstream"), plain(&c.error))
+                write!(f, "{}: {}", c.at.as_deref().unwrap_or("the upstream"), plain(&c.error, c.tls))
             }
             // Names the egress proxy itself (`scheme://host:port`, never credentials).
             FetchError::EgressProxy(c) => {
@@ -114,7 +117,7 @@ impl std::fmt::Display for FetchError {
 
 /// What went wrong, in the words an operator would use, with the detail
 /// the lower layers gave (a certificate's problem, the OS's error).
-fn plain(e: &Error) -> String {
+fn plain(e: &Error, tls: bool) -> String {
     let detail = || match &e.cause {
         Some(cause) => cause.to_string(),
         None => e.context.as_ref().map_or("", |c| c.as_str()).to_string(),
@@ -132,6 +135,12 @@ fn plain(e: &Error) -> String {
         t if *t == LOOKUP_TIMEDOUT => "no answer to the name lookup within upstream.connect_timeout".into(),
         ErrorType::ConnectRefused => "connection refused".into(),
         ErrorType::ConnectNoRoute => "no route to the address".into(),
+        // Pingora's connect timeout covers the TLS handshake too, without
+        // saying which one ran out: a server that accepts and never
+        // handshakes must not read as a firewall dropping the connect.
+        ErrorType::ConnectTimedout if tls => {
+            "no answer to connect or to the TLS handshake within upstream.connect_timeout".into()
+        }
         ErrorType::ConnectTimedout => "no answer to connect within upstream.connect_timeout".into(),
         ErrorType::TLSHandshakeTimedout => "TLS handshake timed out".into(),
         ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
@@ -159,7 +168,12 @@ mod tests {
         assert_eq!(at(ErrorType::ConnectRefused), "cdn.example:443: connection refused");
         assert_eq!(
             at(ErrorType::ConnectTimedout),
-            "cdn.example:443: no answer to connect within upstream.connect_timeout"
+            "cdn.example:443: no answer to connect or to the TLS handshake within upstream.connect_timeout"
+        );
+        let plain_http = url::Url::parse("http://cdn.example/v.mp4").unwrap();
+        assert_eq!(
+            FetchError::from_pingora(Error::explain(ErrorType::ConnectTimedout, "x")).at(&plain_http).to_string(),
+            "cdn.example:80: no answer to connect within upstream.connect_timeout"
         );
         assert_eq!(at(ErrorType::ReadTimedout), "cdn.example:443: no response within upstream.read_timeout");
         let tls =
