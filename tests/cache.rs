@@ -169,12 +169,7 @@ async fn the_first_viewer_leaving_does_not_stop_the_fill() {
     first.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
     let mut some = vec![0u8; 200_000];
     first.read_exact(&mut some).await.unwrap();
-    let followers: Vec<_> = (0..5)
-        .map(|_| {
-            let (addr, path) = (p.addr(), path.clone());
-            tokio::spawn(async move { get(addr, "GET", &path, &[]).await })
-        })
-        .collect();
+    let followers = spawn_gets(5, p.addr(), "GET", &path);
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(first);
     for f in followers {
@@ -387,12 +382,7 @@ async fn what_is_never_stored_or_shared() {
         ("/stored", 1, 0),
     ] {
         let url = o.url(path);
-        let at_once: Vec<_> = (0..3)
-            .map(|_| {
-                let (addr, u) = (p.addr(), url.clone());
-                tokio::spawn(async move { get(addr, "GET", &relay_path("x.ts", &u), &[]).await })
-            })
-            .collect();
+        let at_once = spawn_gets(3, p.addr(), "GET", &relay_path("x.ts", &url));
         for r in at_once {
             let got = r.await.unwrap();
             assert_eq!((got.status, got.complete), (200, true), "{path}");
@@ -461,15 +451,7 @@ async fn a_fill_that_dies_aborts_its_readers_and_one_that_resumes_serves_them() 
     })
     .await;
     let p = cached().await;
-    let crowd = |path: &'static str| {
-        let (addr, url) = (p.addr(), o.url(path));
-        (0..4)
-            .map(move |_| {
-                let url = url.clone();
-                tokio::spawn(async move { get(addr, "GET", &relay_path("v.mp4", &url), &[]).await })
-            })
-            .collect::<Vec<_>>()
-    };
+    let crowd = |path: &str| spawn_gets(4, p.addr(), "GET", &relay_path("v.mp4", &o.url(path)));
     for r in crowd("/resumes") {
         let got = r.await.unwrap();
         assert_eq!((got.status, got.complete), (200, true));
@@ -571,14 +553,7 @@ async fn concurrent_heads_send_one_upstream() {
     for (path, upstream) in
         [("/v.mp4", vec!["HEAD"]), ("/refuses-head.mp4", vec!["HEAD", "GET"]), ("/private.mp4", vec!["HEAD"; CROWD])]
     {
-        let target = relay_path("v.mp4", &o.url(path));
-        let addr = p.addr();
-        let heads: Vec<_> = (0..CROWD)
-            .map(|_| {
-                let target = target.clone();
-                tokio::spawn(async move { get(addr, "HEAD", &target, &[]).await })
-            })
-            .collect();
+        let heads = spawn_gets(CROWD, p.addr(), "HEAD", &relay_path("v.mp4", &o.url(path)));
         for h in heads {
             let got = h.await.unwrap();
             assert_eq!((got.status, got.header("content-length")), (200, Some("10000")), "{path}");
@@ -605,13 +580,7 @@ async fn a_head_given_up_by_its_client_is_asked_again_by_one_waiter() {
     let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
     first.write_all(format!("HEAD {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let addr = p.addr();
-    let waiters: Vec<_> = (0..10)
-        .map(|_| {
-            let target = target.clone();
-            tokio::spawn(async move { get(addr, "HEAD", &target, &[]).await })
-        })
-        .collect();
+    let waiters = spawn_gets(10, p.addr(), "HEAD", &target);
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(first);
     for w in waiters {

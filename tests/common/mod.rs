@@ -657,6 +657,18 @@ pub async fn get(addr: SocketAddr, method: &str, target: &str, headers: &[(&str,
     Client::connect(addr).await.request(method, target, headers).await
 }
 
+/// `n` concurrent requests for one target, each on a fresh connection (a
+/// crowd of viewers). The caller awaits the handles, and may act while
+/// they run (a first viewer leaving, say).
+pub fn spawn_gets(n: usize, addr: SocketAddr, method: &'static str, target: &str) -> Vec<tokio::task::JoinHandle<Got>> {
+    (0..n)
+        .map(|_| {
+            let target = target.to_string();
+            tokio::spawn(async move { get(addr, method, &target, &[]).await })
+        })
+        .collect()
+}
+
 /// The proxy, in-process on an ephemeral port.
 pub struct Proxy {
     pub server: Embedded,
