@@ -35,13 +35,21 @@ struct Cli {
 /// `RUST_LOG` filters both (`access=off` silences the access log).
 struct Logs(env_logger::Logger);
 
+/// Pingora's trace lines print whole request and response heads: the
+/// client's `sig` and `u`, the hoster's tokenised path, the resolver's
+/// headers — what the proxy itself never logs. They are dropped whatever
+/// `RUST_LOG` asks; Pingora's debug lines and everything else still pass.
+fn leaks_secrets(m: &log::Metadata<'_>) -> bool {
+    m.level() == log::Level::Trace && m.target().starts_with("pingora")
+}
+
 impl log::Log for Logs {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        self.0.enabled(m)
+        self.0.enabled(m) && !leaks_secrets(m)
     }
 
     fn log(&self, r: &log::Record<'_>) {
-        if !self.0.matches(r) {
+        if !self.0.matches(r) || leaks_secrets(r.metadata()) {
             return;
         }
         if r.target() == "access" {
