@@ -256,8 +256,9 @@ const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 /// an absolute child URL to the output (`segment`: the child is a media
 /// segment or part, not a playlist, key or map). Lines keep their endings;
 /// comments, tags without URIs, blank lines and URIs that are not http(s)
-/// after resolution (`skd://`, `data:`) are left exactly as they were. The
-/// output has as many lines as the input.
+/// after resolution (`skd://`, `data:`) are left exactly as they were,
+/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]). The output has as
+/// many lines as the input.
 pub fn rewrite(
     playlist: &str,
     summary: &Summary,
@@ -283,7 +284,15 @@ pub fn rewrite(
             out.push_str(line);
         } else if trimmed.starts_with('#') {
             // #EXTINF (every other line of a media playlist) never has URIs.
-            if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
+            if let Some(attrs) = trimmed.strip_prefix(SERVER_CONTROL) {
+                let start = content.len() - content.trim_start().len();
+                if let Some(kept) = server_control(attrs) {
+                    out.push_str(&content[..start]);
+                    out.push_str(SERVER_CONTROL);
+                    out.push_str(&kept);
+                }
+                out.push_str(ending);
+            } else if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
                 let parts = trimmed.starts_with("#EXT-X-PART:") || trimmed.starts_with("#EXT-X-PRELOAD-HINT:");
                 rewrite_uri_attributes(content, &base, parts, &mut proxied, &mut out);
                 out.push_str(ending);
@@ -305,6 +314,44 @@ pub fn rewrite(
         }
     }
     out
+}
+
+const SERVER_CONTROL: &str = "#EXT-X-SERVER-CONTROL:";
+
+/// The attributes of `#EXT-X-SERVER-CONTROL` a rewritten playlist keeps:
+/// all but the delivery directives. `CAN-BLOCK-RELOAD` and `CAN-SKIP-UNTIL`
+/// (with `CAN-SKIP-DATERANGES`) invite LL-HLS players (hls.js, AVPlayer) to
+/// append `_HLS_msn`, `_HLS_part` or `_HLS_skip` to the playlist's URL; a
+/// signed URL with a parameter added no longer verifies (401 on every
+/// reload), and the proxy does not pass the directives upstream anyway.
+/// Without them players reload the playlist as any live one. `None` when
+/// nothing is left: the tag becomes a blank line, which players ignore.
+fn server_control(attrs: &str) -> Option<String> {
+    const DIRECTIVES: [&str; 3] = ["CAN-BLOCK-RELOAD", "CAN-SKIP-UNTIL", "CAN-SKIP-DATERANGES"];
+    let mut kept = String::with_capacity(attrs.len());
+    for attr in attribute_list(attrs) {
+        let name = attr.split('=').next().unwrap_or("").trim();
+        if !DIRECTIVES.iter().any(|d| d.eq_ignore_ascii_case(name)) {
+            if !kept.is_empty() {
+                kept.push(',');
+            }
+            kept.push_str(attr);
+        }
+    }
+    (!kept.is_empty()).then_some(kept)
+}
+
+/// Splits an attribute list at the commas outside quoted strings.
+fn attribute_list(attrs: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    attrs
+        .split(move |c| {
+            if c == '"' {
+                quoted = !quoted;
+            }
+            c == ',' && !quoted
+        })
+        .filter(|a| !a.trim().is_empty())
 }
 
 fn split_ending(line: &str) -> (&str, &str) {
@@ -418,6 +465,32 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
         assert!(out.contains("URI=\"P[part1.m4s|https://cdn.example/hls/v1/part1.m4s]\",INDEPENDENT=YES"));
         assert!(out.contains("PRELOAD-HINT:TYPE=PART,URI=\"P[part2.m4s|https://cdn.example/hls/v1/part2.m4s]\""));
         assert!(out.contains("URI=\"P[index.m3u8|https://cdn.example/hls/low/index.m3u8]\",LAST-MSN=10"));
+    }
+
+    #[test]
+    fn server_control_loses_only_the_delivery_directives() {
+        let src = "#EXTM3U\r\n\
+#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.0,CAN-SKIP-DATERANGES=YES,PART-HOLD-BACK=1.0,HOLD-BACK=6.0\r\n\
+#EXT-X-TARGETDURATION:2\r\n#EXTINF:2,\r\nseg1.ts\r\n\
+  #EXT-X-SERVER-CONTROL:can-block-reload=YES,HOLD-BACK=6\n\
+#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12\r\n";
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
+        let expect = "#EXTM3U\r\n\
+#EXT-X-SERVER-CONTROL:PART-HOLD-BACK=1.0,HOLD-BACK=6.0\r\n\
+#EXT-X-TARGETDURATION:2\r\n#EXTINF:2,\r\nP[seg1.ts|https://cdn.example/hls/v1/seg1.ts]\r\n\
+  #EXT-X-SERVER-CONTROL:HOLD-BACK=6\n\
+\r\n";
+        assert_eq!(out, expect);
+        assert_eq!(
+            rewrite("#EXTM3U\n#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES", &Summary::default(), &base(), mark),
+            "#EXTM3U\n"
+        );
+        assert_eq!(out.split_inclusive('\n').count(), src.split_inclusive('\n').count());
+        // A quoted value keeps its commas.
+        assert_eq!(
+            server_control("X-A=\"1,CAN-BLOCK-RELOAD=YES\",CAN-BLOCK-RELOAD=YES").as_deref(),
+            Some("X-A=\"1,CAN-BLOCK-RELOAD=YES\"")
+        );
     }
 
     #[test]

@@ -21,6 +21,13 @@ const MEDIA: &str = "#EXTM3U\r\n#EXT-X-TARGETDURATION:2\r\n#EXT-X-KEY:METHOD=AES
 const LIVE: &str =
     "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:2.0,\nseg7.ts\n#EXTINF:2.0,\nseg8.ts\n";
 
+/// A live LL-HLS playlist as such origins write it: blocking reloads and
+/// delta updates offered, parts announced.
+const LL_HLS: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-PART-INF:PART-TARGET=0.5\n\
+#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=12.0,PART-HOLD-BACK=1.5,HOLD-BACK=6.0\n\
+#EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:2.0,\nseg7.ts\n#EXT-X-PART:DURATION=0.5,URI=\"seg8.0.ts\"\n\
+#EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"seg8.1.ts\"\n";
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
@@ -58,6 +65,7 @@ async fn origin() -> Origin {
         // Like nginx or an object store: ranges, validators, any type.
         "/hls/ranged" => serve_bytes(req, MEDIA.as_bytes(), Some("application/octet-stream")).into(),
         "/hls/live.m3u8" => serve_bytes(req, LIVE.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
+        "/hls/ll.m3u8" => serve_bytes(req, LL_HLS.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         "/hls/known.m3u8" => serve_bytes(req, MEDIA.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
     })
@@ -367,4 +375,26 @@ async fn live_playlist_children_live_for_token_ttl() {
         let exp: u64 = child_query(&c).get("exp").unwrap().parse().unwrap();
         assert!(exp >= now() + 110 && exp <= now() + 130, "{c}");
     }
+}
+
+/// LL-HLS players (hls.js, AVPlayer) append `_HLS_msn`/`_HLS_part`/`_HLS_skip`
+/// to a playlist's URL when it offers blocking reloads or delta updates; a
+/// signed URL with a parameter added is refused, so every reload was a 401.
+/// The rewritten playlist no longer offers them (the relay never passed the
+/// directives upstream): players reload it as any live playlist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ll_hls_playlists_offer_no_delivery_directives() {
+    let o = origin().await;
+    let p = Proxy::token().await;
+    let path = signed_relay_path("ll.m3u8", &o.url("/hls/ll.m3u8"), None);
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(got.status, 200);
+    let text = got.text();
+    assert_eq!(text.lines().count(), LL_HLS.lines().count());
+    assert!(text.contains("\n#EXT-X-SERVER-CONTROL:PART-HOLD-BACK=1.5,HOLD-BACK=6.0\n"), "{text}");
+    assert!(!text.contains("CAN-BLOCK-RELOAD") && !text.contains("CAN-SKIP"), "{text}");
+    assert_eq!(uris(&text).len(), 3, "segment, part and preload hint still go through the proxy: {text}");
+    // What a player would have sent: the directive breaks the signature.
+    assert_eq!(get(p.addr(), "GET", &format!("{path}&_HLS_msn=9&_HLS_part=0"), &[]).await.status, 401);
+    assert_eq!(get(p.addr(), "GET", &path, &[]).await.status, 200);
 }
