@@ -265,11 +265,15 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 /// - `/tok/...`: media playlists whose segment and key URIs are absolute
 ///   nginx URLs with query tokens;
 /// - `/redir/...`: playlists here, segments answered by a redirect to
-///   nginx under another host name (`localhost`).
+///   nginx under another host name (`localhost`);
+/// - `/live/lo.m3u8`: the low variant as a live LL-HLS stream offering
+///   blocking reloads and delta updates: two segments at its first request,
+///   one more each second, then `#EXT-X-ENDLIST`.
 ///
 /// And the hls.js page, hls.js itself and `/report` for the page's results.
 async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
     let ts = media().join("ts");
+    let live_since = OnceLock::new();
     Origin::start(move |req| {
         let path = req.path();
         let file = |rel: &str| std::fs::read(ts.join(rel)).ok().filter(|_| !rel.contains(".."));
@@ -311,6 +315,37 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
                     .collect::<Vec<_>>()
                     .join("\n");
                 serve_bytes(req, text.as_bytes(), Some("application/vnd.apple.mpegurl")).into()
+            }
+            ("/live/lo.m3u8", _) => {
+                let vod = String::from_utf8(file("lo/index.m3u8").unwrap()).unwrap();
+                let since = live_since.get_or_init(std::time::Instant::now).elapsed().as_secs() as usize;
+                let nginx = format!("http://127.0.0.1:{nginx_port}/ts");
+                let mut text = String::new();
+                let mut segments = 0;
+                for line in vod.lines().filter(|l| *l != "#EXT-X-PLAYLIST-TYPE:VOD" && *l != "#EXT-X-ENDLIST") {
+                    if line.starts_with("#EXTINF") {
+                        if segments == (2 + since).min(4) {
+                            break;
+                        }
+                        segments += 1;
+                    }
+                    match line {
+                        l if l.ends_with(".ts") => text.push_str(&format!("{nginx}/lo/{l}")),
+                        l => text.push_str(&l.replace("URI=\"../key.bin\"", &format!("URI=\"{nginx}/key.bin\""))),
+                    }
+                    text.push('\n');
+                    if line.starts_with("#EXT-X-TARGETDURATION") {
+                        text.push_str("#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,CAN-SKIP-UNTIL=6.0\n");
+                    }
+                }
+                if segments == 4 {
+                    text.push_str("#EXT-X-ENDLIST\n");
+                }
+                // As live origins say: never to be reused.
+                Resp::new(200, Body::Bytes(text.into_bytes()))
+                    .header("Content-Type", "application/vnd.apple.mpegurl")
+                    .header("Cache-Control", "no-cache")
+                    .into()
             }
             (_, Some(("redir", rel))) if rel.ends_with(".m3u8") => {
                 serve_bytes(req, &file(rel).unwrap(), Some("application/vnd.apple.mpegurl")).into()
@@ -1047,4 +1082,32 @@ async fn hls_plays_through_a_signed_route() {
     let open = get(p.addr(), "GET", "/open/ts/hi/index.m3u8", &[]).await;
     assert_eq!(open.body, std::fs::read(media().join("ts/hi/index.m3u8")).unwrap(), "untouched");
     assert_eq!(open.header("content-type"), Some("application/vnd.apple.mpegurl"));
+}
+
+/// hls.js plays a live stream whose origin offers LL-HLS blocking reloads
+/// and delta updates to its end (the origin ends it after 4 s). hls.js
+/// appends `_HLS_msn` to the playlist's URL when offered them, which breaks
+/// the URL's signature: the rewritten playlist must not offer them, and no
+/// reload may fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hlsjs_plays_a_live_ll_hls_stream_without_a_failed_reload() {
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(nginx.port, js.clone()).await;
+    let p = proxy("15m").await;
+    let live = relay_url(&p, "lo.m3u8", &h.url("/live/lo.m3u8"));
+    let Some(report) = hlsjs_played(&js, &h, &live).await else {
+        return;
+    };
+    let q = anibridge_proxy::auth::Query::parse(Some(&report));
+    let at: f64 = q.get("ended").unwrap_or_else(|| panic!("never ended: {report}")).parse().unwrap();
+    assert!(at > 3.5, "hls.js ended at {at} of 4 s: {report}");
+    let warnings = q.get("warnings").unwrap_or("");
+    assert!(!warnings.contains("levelLoadError"), "a playlist reload failed: {warnings}");
+    let reloads = h.requests().iter().filter(|r| r.path() == "/live/lo.m3u8").count();
+    assert!(reloads >= 2, "the live playlist was never reloaded");
+    assert!(nginx.served_through_proxy().contains("/ts/lo/seg003.ts"));
 }
