@@ -359,6 +359,15 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
     .await
 }
 
+/// nginx serving the media, hls.js when `HLSJS` names it, and the
+/// [`hoster`] in front of that nginx (which serves the hls.js page too).
+async fn nginx_and_hoster() -> (MediaServer, Option<Arc<Vec<u8>>>, Origin) {
+    let nginx = MediaServer::start().await;
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(nginx.port, js.clone()).await;
+    (nginx, js, h)
+}
+
 /// The proxy in token mode, allowed to reach loopback origins, adding
 /// `X-Through-Proxy: 1` to every upstream request (a provider profile).
 async fn proxy(token_ttl: &str) -> Proxy {
@@ -817,9 +826,7 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
     if !have(&[FFMPEG, NGINX]) {
         return;
     }
-    let nginx = MediaServer::start().await;
-    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
-    let h = hoster(nginx.port, js.clone()).await;
+    let (nginx, js, h) = nginx_and_hoster().await;
     let p = proxy("15m").await;
     let script = tempfile::Builder::new().suffix(".lua").tempfile().unwrap();
     std::fs::write(script.path(), MPV_REPORT).unwrap();
@@ -936,9 +943,7 @@ async fn players_and_a_crowd_share_one_fetch_per_file() {
     if !have(&[FFMPEG, NGINX]) {
         return;
     }
-    let nginx = MediaServer::start().await;
-    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
-    let h = hoster(nginx.port, js.clone()).await;
+    let (nginx, js, h) = nginx_and_hoster().await;
     let p = proxy_with("15m", "cache: {}\n").await;
     let ts = relay_url(&p, "master.m3u8", &nginx.url("/ts/master.m3u8"));
     let mp4 = relay_url(&p, "episode.mp4", &nginx.url("/files/progressive.mp4"));
@@ -1035,9 +1040,7 @@ async fn hls_plays_through_a_signed_route() {
     if !have(&[FFMPEG, NGINX]) {
         return;
     }
-    let nginx = MediaServer::start().await;
-    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
-    let h = hoster(nginx.port, js.clone()).await;
+    let (nginx, js, h) = nginx_and_hoster().await;
     let p = proxy_with(
         "15m",
         &format!(
@@ -1094,9 +1097,7 @@ async fn hlsjs_plays_a_live_ll_hls_stream_without_a_failed_reload() {
     if !have(&[FFMPEG, NGINX]) {
         return;
     }
-    let nginx = MediaServer::start().await;
-    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
-    let h = hoster(nginx.port, js.clone()).await;
+    let (nginx, js, h) = nginx_and_hoster().await;
     let p = proxy("15m").await;
     let live = relay_url(&p, "lo.m3u8", &h.url("/live/lo.m3u8"));
     let Some(report) = hlsjs_played(&js, &h, &live).await else {
