@@ -257,8 +257,9 @@ const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 /// segment or part, not a playlist, key or map). Lines keep their endings;
 /// comments, tags without URIs, blank lines and URIs that are not http(s)
 /// after resolution (`skd://`, `data:`) are left exactly as they were,
-/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]). The output has as
-/// many lines as the input.
+/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]) and the tags
+/// [`left_out`] names, which become blank lines. The output has as many
+/// lines as the input.
 pub fn rewrite(
     playlist: &str,
     summary: &Summary,
@@ -291,6 +292,8 @@ pub fn rewrite(
                     out.push_str(SERVER_CONTROL);
                     out.push_str(&kept);
                 }
+                out.push_str(ending);
+            } else if left_out(trimmed) {
                 out.push_str(ending);
             } else if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
                 let parts = trimmed.starts_with("#EXT-X-PART:") || trimmed.starts_with("#EXT-X-PRELOAD-HINT:");
@@ -339,6 +342,28 @@ fn server_control(attrs: &str) -> Option<String> {
         }
     }
     (!kept.is_empty()).then_some(kept)
+}
+
+/// Tags a rewritten playlist leaves out, because they send the player to
+/// the hoster with a URL the proxy cannot hand out signed: content
+/// steering (`#EXT-X-CONTENT-STEERING`: its `SERVER-URI` serves JSON whose
+/// pathway clones rewrite the proxy's own host, and players append
+/// `_HLS_pathway` to it) and interstitials (`#EXT-X-DATERANGE` with
+/// `X-ASSET-URI` or `X-ASSET-LIST`: players append `_HLS_primary_id` to the
+/// asset's URL, and an asset list is JSON of more URLs). Pointed through
+/// the proxy they would fail their signature; left as they are the player
+/// fetches from the hoster itself, which then learns who watches. Without
+/// them players take the first pathway and play the primary content.
+fn left_out(tag: &str) -> bool {
+    const ASSETS: [&str; 2] = ["X-ASSET-URI", "X-ASSET-LIST"];
+    if tag.starts_with("#EXT-X-CONTENT-STEERING:") {
+        return true;
+    }
+    let Some(attrs) = tag.strip_prefix("#EXT-X-DATERANGE:") else { return false };
+    attribute_list(attrs).any(|attr| {
+        let name = attr.split('=').next().unwrap_or("").trim();
+        ASSETS.iter().any(|a| a.eq_ignore_ascii_case(name))
+    })
 }
 
 /// Splits an attribute list at the commas outside quoted strings.
@@ -491,6 +516,33 @@ P[index.m3u8|https://cdn.example/hls/1080p/index.m3u8?x=1]\n\
             server_control("X-A=\"1,CAN-BLOCK-RELOAD=YES\",CAN-BLOCK-RELOAD=YES").as_deref(),
             Some("X-A=\"1,CAN-BLOCK-RELOAD=YES\"")
         );
+    }
+
+    #[test]
+    fn steering_and_interstitials_are_left_out() {
+        let master = "#EXTM3U\n\
+#EXT-X-CONTENT-STEERING:SERVER-URI=\"https://steer.example/s.json\",PATHWAY-ID=\"CDN-A\"\n\
+#EXT-X-STREAM-INF:BANDWIDTH=1280000,PATHWAY-ID=\"CDN-A\"\n\
+a/index.m3u8\n";
+        let out = rewrite(master, &Summary::of(master), &base(), mark);
+        assert_eq!(
+            out,
+            "#EXTM3U\n\n#EXT-X-STREAM-INF:BANDWIDTH=1280000,PATHWAY-ID=\"CDN-A\"\n\
+P[index.m3u8|https://cdn.example/hls/v1/a/index.m3u8]\n"
+        );
+        let media = "#EXTM3U\r\n\
+#EXT-X-DATERANGE:ID=\"ad1\",CLASS=\"com.apple.hls.interstitial\",START-DATE=\"2026-01-01T00:00:05Z\",X-ASSET-URI=\"https://ads.example/ad.m3u8\"\r\n\
+#EXT-X-DATERANGE:ID=\"ad2\",CLASS=\"com.apple.hls.interstitial\",START-DATE=\"2026-01-01T00:00:09Z\",x-asset-list=\"/list.json\"\r\n\
+#EXT-X-DATERANGE:ID=\"chapter\",START-DATE=\"2026-01-01T00:00:00Z\",X-TITLE=\"X-ASSET-URI=no\"\r\n\
+#EXTINF:4,\r\nseg1.ts\r\n#EXT-X-ENDLIST";
+        let out = rewrite(media, &Summary::of(media), &base(), mark);
+        assert_eq!(
+            out,
+            "#EXTM3U\r\n\r\n\r\n\
+#EXT-X-DATERANGE:ID=\"chapter\",START-DATE=\"2026-01-01T00:00:00Z\",X-TITLE=\"X-ASSET-URI=no\"\r\n\
+#EXTINF:4,\r\nP[seg1.ts|https://cdn.example/hls/v1/seg1.ts]\r\n#EXT-X-ENDLIST"
+        );
+        assert_eq!(out.split_inclusive('\n').count(), media.split_inclusive('\n').count());
     }
 
     #[test]

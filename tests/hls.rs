@@ -28,6 +28,18 @@ const LL_HLS: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-PART-INF:PART-TAR
 #EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:2.0,\nseg7.ts\n#EXT-X-PART:DURATION=0.5,URI=\"seg8.0.ts\"\n\
 #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"seg8.1.ts\"\n";
 
+/// A master with content steering and a VOD media playlist with
+/// interstitials: each names a URL the player would fetch from the hoster
+/// itself (`SERVER-URI`, `X-ASSET-URI`, `X-ASSET-LIST`).
+const STEERED: &str = "#EXTM3U\n\
+#EXT-X-CONTENT-STEERING:SERVER-URI=\"/steer.json\",PATHWAY-ID=\"A\"\n\
+#EXT-X-STREAM-INF:BANDWIDTH=800000,PATHWAY-ID=\"A\"\nlow/index.m3u8\n\
+#EXT-X-STREAM-INF:BANDWIDTH=800000,PATHWAY-ID=\"B\"\nhttps://b.example/low/index.m3u8\n";
+const WITH_ADS: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXT-X-PROGRAM-DATE-TIME:2026-01-01T00:00:00Z\n\
+#EXT-X-DATERANGE:ID=\"ad\",CLASS=\"com.apple.hls.interstitial\",START-DATE=\"2026-01-01T00:00:04Z\",X-ASSET-URI=\"ad/index.m3u8\"\n\
+#EXT-X-DATERANGE:ID=\"ads\",CLASS=\"com.apple.hls.interstitial\",START-DATE=\"2026-01-01T00:00:08Z\",X-ASSET-LIST=\"ads.json\"\n\
+#EXTINF:4,\nseg1.ts\n#EXTINF:4,\nseg2.ts\n#EXTINF:4,\nseg3.ts\n#EXT-X-ENDLIST\n";
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
@@ -66,6 +78,8 @@ async fn origin() -> Origin {
         "/hls/ranged" => serve_bytes(req, MEDIA.as_bytes(), Some("application/octet-stream")).into(),
         "/hls/live.m3u8" => serve_bytes(req, LIVE.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         "/hls/ll.m3u8" => serve_bytes(req, LL_HLS.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
+        "/hls/steered.m3u8" => serve_bytes(req, STEERED.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
+        "/hls/ads.m3u8" => serve_bytes(req, WITH_ADS.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         "/hls/known.m3u8" => serve_bytes(req, MEDIA.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
     })
@@ -397,4 +411,35 @@ async fn ll_hls_playlists_offer_no_delivery_directives() {
     // What a player would have sent: the directive breaks the signature.
     assert_eq!(get(p.addr(), "GET", &format!("{path}&_HLS_msn=9&_HLS_part=0"), &[]).await.status, 401);
     assert_eq!(get(p.addr(), "GET", &path, &[]).await.status, 200);
+}
+
+/// Content steering and interstitials would send the player to the hoster
+/// with URLs the proxy cannot sign for it (players append `_HLS_pathway`,
+/// `_HLS_primary_id`): those tags are left out (blank lines), everything
+/// else is kept, and every URL left in the playlists goes through the proxy.
+#[tokio::test]
+async fn steering_and_interstitials_never_send_the_player_to_the_hoster() {
+    let o = origin().await;
+    let p = Proxy::token().await;
+    for (name, src, dropped) in
+        [("steered.m3u8", STEERED, "#EXT-X-CONTENT-STEERING"), ("ads.m3u8", WITH_ADS, "X-ASSET-")]
+    {
+        let path = signed_relay_path(name, &o.url(&format!("/hls/{name}")), None);
+        let got = get(p.addr(), "GET", &path, &[]).await;
+        assert_eq!(got.status, 200);
+        let text = got.text();
+        assert_eq!(text.lines().count(), src.lines().count(), "{text}");
+        assert!(!text.contains(dropped) && !text.contains("json"), "{text}");
+        let kept: Vec<&str> = src.lines().filter(|l| !l.contains(dropped)).collect();
+        let left: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+        assert_eq!(left.len(), kept.len(), "{text}");
+        for (line, was) in left.iter().zip(&kept) {
+            if line.starts_with('#') {
+                assert_eq!(line, was);
+            } else {
+                assert!(line.starts_with("/strm/proxy/"), "{line}");
+            }
+        }
+        assert!(uris(&text).iter().all(|u| u.starts_with("/strm/proxy/")), "{text}");
+    }
 }
