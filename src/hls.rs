@@ -257,9 +257,9 @@ const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 /// segment or part, not a playlist, key or map). Lines keep their endings;
 /// comments, tags without URIs, blank lines and URIs that are not http(s)
 /// after resolution (`skd://`, `data:`) are left exactly as they were,
-/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]) and the tags
-/// [`left_out`] names, which become blank lines. The output has as many
-/// lines as the input.
+/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]), the tags
+/// [`left_out`] names, which become blank lines, and `#EXT-X-DEFINE`
+/// (see [`Variables`]). The output has as many lines as the input.
 pub fn rewrite(
     playlist: &str,
     summary: &Summary,
@@ -278,11 +278,14 @@ pub fn rewrite(
         }
         None => playlist,
     };
+    let mut vars = Variables::default();
     for line in playlist.split_inclusive('\n') {
         let (content, ending) = split_ending(line);
         let trimmed = content.trim();
         if trimmed.is_empty() {
             out.push_str(line);
+        } else if let Some(attrs) = trimmed.strip_prefix(DEFINE) {
+            vars.define(attrs, base.url, line, &mut out);
         } else if trimmed.starts_with('#') {
             // #EXTINF (every other line of a media playlist) never has URIs.
             if let Some(attrs) = trimmed.strip_prefix(SERVER_CONTROL) {
@@ -297,13 +300,13 @@ pub fn rewrite(
                 out.push_str(ending);
             } else if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
                 let parts = trimmed.starts_with("#EXT-X-PART:") || trimmed.starts_with("#EXT-X-PRELOAD-HINT:");
-                rewrite_uri_attributes(content, &base, parts, &mut proxied, &mut out);
+                rewrite_uri_attributes(content, &base, &vars, parts, &mut proxied, &mut out);
                 out.push_str(ending);
             } else {
                 out.push_str(line);
             }
         } else {
-            match base.resolve(trimmed) {
+            match base.resolve(&vars.substitute(trimmed)) {
                 Some(child) => {
                     // Keep surrounding whitespace; replace only the URI.
                     let start = content.len() - content.trim_start().len();
@@ -320,6 +323,85 @@ pub fn rewrite(
 }
 
 const SERVER_CONTROL: &str = "#EXT-X-SERVER-CONTROL:";
+const DEFINE: &str = "#EXT-X-DEFINE:";
+
+/// The `#EXT-X-DEFINE` variables defined so far. A player substitutes
+/// `{$name}` in URIs itself, but the rewritten URIs carry the upstream URL
+/// percent-encoded inside the proxy's query, where no reference is left to
+/// substitute: so the proxy substitutes the references in the URIs it
+/// rewrites. `NAME`/`VALUE` definitions stay as they are (players still
+/// substitute other attributes, and import from a master). A `QUERYPARAM`
+/// definition names a query parameter of the playlist's own URL, which for
+/// the player is now the proxy's: it becomes a `NAME`/`VALUE` definition of
+/// the upstream URL's value. An `IMPORT` in a media playlist names a
+/// variable of the master, which the proxy does not see: left as it is.
+#[derive(Default)]
+struct Variables(Vec<(String, String)>);
+
+impl Variables {
+    /// Takes in one `#EXT-X-DEFINE` (its attribute list `attrs`; `line` as
+    /// it came) and writes the line the client gets to `out`.
+    fn define(&mut self, attrs: &str, url: &Url, line: &str, out: &mut String) {
+        let quoted = |name: &str| {
+            attribute_list(attrs).find_map(|a| {
+                let (n, v) = a.split_once('=')?;
+                (n.trim() == name).then(|| v.trim().strip_prefix('"')?.strip_suffix('"'))?
+            })
+        };
+        if let (Some(name), Some(value)) = (quoted("NAME"), quoted("VALUE")) {
+            self.0.push((name.to_owned(), value.to_owned()));
+            out.push_str(line);
+            return;
+        }
+        let found = quoted("QUERYPARAM").and_then(|name| {
+            let value = url.query_pairs().find(|(k, _)| k == name)?.1;
+            // A quoted-string cannot hold these: the player would not read it.
+            (!value.contains(['"', '\r', '\n'])).then(|| (name.to_owned(), value.into_owned()))
+        });
+        match found {
+            Some((name, value)) => {
+                let start = line.len() - line.trim_start().len();
+                out.push_str(&line[..start]);
+                out.push_str(DEFINE);
+                out.push_str(&format!("NAME=\"{name}\",VALUE=\"{value}\""));
+                out.push_str(split_ending(line).1);
+                self.0.push((name, value));
+            }
+            None => out.push_str(line),
+        }
+    }
+
+    /// `text` with every reference to a defined variable replaced by its
+    /// value; other references are left as they are.
+    fn substitute<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        if self.0.is_empty() || !text.contains("{$") {
+            return Cow::Borrowed(text);
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(at) = rest.find("{$") {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 2..];
+            let value = after.find('}').and_then(|end| {
+                let name = &after[..end];
+                let value = self.0.iter().rev().find(|(n, _)| n == name)?;
+                Some((end, value.1.as_str()))
+            });
+            match value {
+                Some((end, value)) => {
+                    out.push_str(value);
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    out.push_str("{$");
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+        Cow::Owned(out)
+    }
+}
 
 /// The attributes of `#EXT-X-SERVER-CONTROL` a rewritten playlist keeps:
 /// all but the delivery directives. `CAN-BLOCK-RELOAD` and `CAN-SKIP-UNTIL`
@@ -393,6 +475,7 @@ fn split_ending(line: &str) -> (&str, &str) {
 fn rewrite_uri_attributes(
     line: &str,
     base: &Base<'_>,
+    vars: &Variables,
     segment: bool,
     proxied: &mut impl FnMut(&str, bool, &mut String),
     out: &mut String,
@@ -404,7 +487,7 @@ fn rewrite_uri_attributes(
         let Some(len) = rest[value_start..].find('"') else { break };
         out.push_str(&rest[..value_start]);
         let value = &rest[value_start..value_start + len];
-        match base.resolve(value).filter(|_| attr_start) {
+        match base.resolve(&vars.substitute(value)).filter(|_| attr_start) {
             Some(child) => proxied(&child, segment, out),
             None => out.push_str(value),
         }
@@ -543,6 +626,31 @@ P[index.m3u8|https://cdn.example/hls/v1/a/index.m3u8]\n"
 #EXTINF:4,\r\nP[seg1.ts|https://cdn.example/hls/v1/seg1.ts]\r\n#EXT-X-ENDLIST"
         );
         assert_eq!(out.split_inclusive('\n').count(), media.split_inclusive('\n').count());
+    }
+
+    #[test]
+    fn variables_are_substituted_in_the_uris_rewritten() {
+        let src = "#EXTM3U\n\
+#EXT-X-DEFINE:NAME=\"dir\",VALUE=\"v2\"\n\
+ #EXT-X-DEFINE:QUERYPARAM=\"tok\"\r\n\
+#EXT-X-DEFINE:QUERYPARAM=\"absent\"\n\
+#EXT-X-DEFINE:IMPORT=\"cdn\"\n\
+#EXT-X-MAP:URI=\"{$dir}/init.mp4?t={$tok}\"\n\
+#EXTINF:4,\n{$dir}/seg1.m4s?t={$tok}&x={$cdn}\n\
+#EXTINF:4,\n{$dir/seg2.m4s\n";
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
+        let expect = "#EXTM3U\n\
+#EXT-X-DEFINE:NAME=\"dir\",VALUE=\"v2\"\n\
+ #EXT-X-DEFINE:NAME=\"tok\",VALUE=\"abc\"\r\n\
+#EXT-X-DEFINE:QUERYPARAM=\"absent\"\n\
+#EXT-X-DEFINE:IMPORT=\"cdn\"\n\
+#EXT-X-MAP:URI=\"P[init.mp4|https://cdn.example/hls/v1/v2/init.mp4?t=abc]\"\n\
+#EXTINF:4,\nP[seg1.m4s|https://cdn.example/hls/v1/v2/seg1.m4s?t=abc&x={$cdn}]\n\
+#EXTINF:4,\nP[seg2.m4s|https://cdn.example/hls/v1/%7B$dir/seg2.m4s]\n";
+        assert_eq!(out, expect);
+        // Without definitions a reference is only a (strange) name.
+        let plain = "#EXTM3U\n#EXTINF:4,\n{$dir}/seg1.ts\n";
+        assert!(rewrite(plain, &Summary::of(plain), &base(), mark).contains("/v1/%7B$dir%7D/seg1.ts]"));
     }
 
     #[test]

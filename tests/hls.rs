@@ -40,6 +40,13 @@ const WITH_ADS: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXT-X-PROGRAM-DATE-TI
 #EXT-X-DATERANGE:ID=\"ads\",CLASS=\"com.apple.hls.interstitial\",START-DATE=\"2026-01-01T00:00:08Z\",X-ASSET-LIST=\"ads.json\"\n\
 #EXTINF:4,\nseg1.ts\n#EXTINF:4,\nseg2.ts\n#EXTINF:4,\nseg3.ts\n#EXT-X-ENDLIST\n";
 
+/// Playlists with variables: the master takes the hoster's token from its
+/// own URL (`QUERYPARAM`), the media playlist names its directory.
+const DEFINED_MASTER: &str =
+    "#EXTM3U\n#EXT-X-DEFINE:QUERYPARAM=\"tok\"\n#EXT-X-STREAM-INF:BANDWIDTH=800000\nmedia.m3u8?tok={$tok}\n";
+const DEFINED_MEDIA: &str = "#EXTM3U\n#EXT-X-DEFINE:NAME=\"dir\",VALUE=\"low\"\n#EXT-X-TARGETDURATION:2\n\
+#EXTINF:2.0,\n{$dir}/seg000.ts\n#EXT-X-ENDLIST\n";
+
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(data).unwrap();
@@ -80,6 +87,11 @@ async fn origin() -> Origin {
         "/hls/ll.m3u8" => serve_bytes(req, LL_HLS.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         "/hls/steered.m3u8" => serve_bytes(req, STEERED.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         "/hls/ads.m3u8" => serve_bytes(req, WITH_ADS.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
+        "/hls/def/master.m3u8" => serve_bytes(req, DEFINED_MASTER.as_bytes(), None).into(),
+        "/hls/def/media.m3u8" if req.target.ends_with("?tok=t0k") => {
+            serve_bytes(req, DEFINED_MEDIA.as_bytes(), None).into()
+        }
+        "/hls/def/low/seg000.ts" => serve_file(req, 5000, Some("video/mp2t")).into(),
         "/hls/known.m3u8" => serve_bytes(req, MEDIA.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
         _ => Resp::new(404, Body::Bytes(Vec::new())).into(),
     })
@@ -442,4 +454,33 @@ async fn steering_and_interstitials_never_send_the_player_to_the_hoster() {
         }
         assert!(uris(&text).iter().all(|u| u.starts_with("/strm/proxy/")), "{text}");
     }
+}
+
+/// `#EXT-X-DEFINE` variables are substituted in the URIs the proxy rewrites
+/// (a player cannot: the upstream URL is encoded in the proxy's query), and
+/// a `QUERYPARAM` definition — a parameter of the playlist's own URL, which
+/// the player now sees as the proxy's — becomes the value it had upstream.
+/// hls.js refused such a master before (`manifestParsingError`).
+#[tokio::test]
+async fn playlist_variables_are_substituted_in_rewritten_uris() {
+    let o = origin().await;
+    let p = Proxy::token().await;
+    let master =
+        get(p.addr(), "GET", &signed_relay_path("master.m3u8", &o.url("/hls/def/master.m3u8?tok=t0k"), None), &[])
+            .await;
+    assert_eq!(master.status, 200);
+    let text = master.text();
+    assert!(text.contains("\n#EXT-X-DEFINE:NAME=\"tok\",VALUE=\"t0k\"\n"), "{text}");
+    let variant = &uris(&text)[0];
+    assert_eq!(child_query(variant).get("u"), Some(o.url("/hls/def/media.m3u8?tok=t0k").as_str()));
+    let media = get(p.addr(), "GET", variant, &[]).await;
+    assert_eq!(media.status, 200);
+    let text = media.text();
+    assert!(text.contains("\n#EXT-X-DEFINE:NAME=\"dir\",VALUE=\"low\"\n"), "{text}");
+    let seg = &uris(&text)[0];
+    assert!(seg.starts_with("/strm/proxy/seg000.ts?"), "{seg}");
+    assert_eq!(child_query(seg).get("u"), Some(o.url("/hls/def/low/seg000.ts").as_str()));
+    let got = get(p.addr(), "GET", seg, &[]).await;
+    assert_eq!(got.status, 200);
+    assert_body(&got.body, &pattern(0, 5000));
 }
