@@ -244,6 +244,67 @@ async fn ranges_conditionals_and_heads_are_answered_from_memory() {
     assert_eq!(o.requests()[1].header("range"), Some("bytes=0-1,5-6"));
 }
 
+/// A range memory cannot answer goes upstream with its `Range`; when the
+/// origin ignores it (Python's `http.server`, many scripts) and sends the
+/// whole object, that client gets the `200` as sent, and the object is
+/// stored from it: later ranges come from memory, a request arriving while
+/// it is still coming shares it, and the client leaving does not stop it.
+/// A `206` for part of the object is relayed to its client only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_to_a_range_is_stored() {
+    const LEN: u64 = 1 << 20;
+    let o = Origin::start(|req| match req.path() {
+        "/honours" => serve_file(req, LEN, Some("video/mp4")).into(),
+        _ => Resp::new(200, Body::Slow { len: LEN, piece: 64 * 1024, pause: Duration::from_millis(20) })
+            .header("Content-Type", "video/mp4")
+            .header("ETag", "\"e1\"")
+            .into(),
+    })
+    .await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/ignores"));
+    // The first client asks a range, reads the start of the whole answer and leaves.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    first
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nRange: bytes=1000-1999\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut some = vec![0u8; 100_000];
+    first.read_exact(&mut some).await.unwrap();
+    let head = String::from_utf8_lossy(&some[..some.windows(4).position(|w| w == b"\r\n\r\n").unwrap()]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+    assert!(head.contains(&format!("\r\nContent-Length: {LEN}\r\n")), "{head}");
+    // Meanwhile another range: from the fill, as its bytes arrive.
+    let during = tokio::spawn({
+        let (addr, path) = (p.addr(), path.clone());
+        async move { get(addr, "GET", &path, &[("Range", "bytes=-100")]).await }
+    });
+    drop(first);
+    let got = during.await.unwrap();
+    assert_eq!(
+        (got.status, got.header("content-range")),
+        (206, Some(format!("bytes {}-{}/{LEN}", LEN - 100, LEN - 1).as_str()))
+    );
+    assert_body(&got.body, &pattern(LEN - 100, 100));
+    let got = get(p.addr(), "GET", &path, &[("Range", "bytes=1000-1999")]).await;
+    assert_eq!((got.status, got.header("content-range")), (206, Some(format!("bytes 1000-1999/{LEN}").as_str())));
+    assert_body(&got.body, &pattern(1000, 1000));
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(got.status, 200);
+    assert_body(&got.body, &pattern(0, LEN));
+    assert_eq!(o.count("/ignores"), 1, "one GET for the three clients and the ranges after");
+
+    // An origin that honours the range: its 206 is that client's alone.
+    let path = relay_path("v.mp4", &o.url("/honours"));
+    for _ in 0..2 {
+        let got = get(p.addr(), "GET", &path, &[("Range", "bytes=10-19")]).await;
+        assert_eq!((got.status, got.header("content-range")), (206, Some(format!("bytes 10-19/{LEN}").as_str())));
+        assert_body(&got.body, &pattern(10, 10));
+    }
+    assert_eq!(o.count("/honours"), 2);
+}
+
 /// The header policy is applied once, when an object is stored: a hit
 /// (whole, ranged, HEAD) carries exactly the headers the fill's own client
 /// got, and none of the hop-by-hop or origin-scoped ones.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
+use pingora_http::ResponseHeader;
 use tokio::sync::oneshot;
 
 use super::entry::{Entry, Head, Progress};
@@ -22,11 +23,10 @@ pub(super) async fn run(
     req: Request,
     handoff: oneshot::Sender<Response>,
 ) {
-    let settings = *cache.settings();
     // A playlist (asked for whole) that dies is fetched again whole, never
     // spliced: it is read whole before readers see it.
     let playlist = req.whole;
-    let mut resp = match client.open(req).await {
+    let resp = match client.open(req).await {
         Ok(resp) => resp,
         Err(e) => {
             entry.finish(Progress::Failed(Some(e)));
@@ -34,25 +34,53 @@ pub(super) async fn run(
             return;
         }
     };
-    let (len, upstream) = match policy::admit(resp.header(), settings.max_object_bytes) {
+    match start(&cache, &entry, &resp) {
+        Some(started) => {
+            drop(handoff);
+            body(cache, entry, resp, started, playlist).await;
+        }
+        None => {
+            // The request that asked relays it as it would without a cache.
+            let _ = handoff.send(resp);
+        }
+    }
+}
+
+/// What a fill that has its header goes on with.
+pub(super) struct Started {
+    /// Body bytes reserved.
+    len: u64,
+    /// The upstream's own header (freshness is judged on it).
+    upstream: ResponseHeader,
+}
+
+/// Admits the upstream's answer into `entry` (its header set, its length
+/// reserved), or declines it: not shared, or no room — then the entry is
+/// done with and the others go upstream themselves.
+pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response) -> Option<Started> {
+    match policy::admit(resp.header(), cache.settings().max_object_bytes) {
         Admission::Fill { len, whole } if cache.reserve(len) => {
             let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
             let initial_age = age_of(&upstream);
             let url = resp.url().clone();
             let header = crate::headers::relayed(&upstream);
             entry.set_head(Head { header, url, len, whole, received: Instant::now(), initial_age });
-            (len, upstream)
+            Some(Started { len, upstream })
         }
         _ => {
-            // Not shared (or no room): the request that asked relays it as
-            // it would without a cache; the others go upstream themselves.
             entry.finish(Progress::Declined);
-            cache.finished(&entry, 0, None);
-            let _ = handoff.send(resp);
-            return;
+            cache.finished(entry, 0, None);
+            None
         }
-    };
-    drop(handoff);
+    }
+}
+
+/// Reads the body into `entry` for its readers, then stores it for its
+/// freshness; a body that dies for good aborts the readers still waiting
+/// and stores nothing.
+pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, started: Started, playlist: bool) {
+    let Started { len, upstream } = started;
+    let settings = *cache.settings();
     let mut block = BytesMut::new();
     let complete = if playlist {
         match resp.read_to_vec(Vec::new(), len as usize).await {
@@ -75,8 +103,6 @@ pub(super) async fn run(
     };
     if !complete {
         log::warn!("cache fill from {} failed mid-body", resp.url().host_str().unwrap_or("-"));
-    }
-    if !complete {
         // Readers still waiting are aborted, as a relay would be; nothing is stored.
         entry.finish(Progress::Failed(None));
         cache.finished(&entry, len, None);

@@ -221,6 +221,42 @@ impl Cache {
         Found::Led(entry, rx)
     }
 
+    /// A request that went upstream alone (a range memory could not
+    /// answer, a conditional) and was answered the whole object anyway (the
+    /// upstream ignored the range, or the range covered it all): the rest of
+    /// its fetch becomes a fill like any other, so the object is stored and
+    /// requests meanwhile share it. The entry to read it from, or the
+    /// response back when it is not a whole object to keep, does not fit,
+    /// or another fill of the object is in flight. With the entry: the
+    /// request that was sent and the upstream's status.
+    // The response goes back as it came (no box: this is every ranged miss).
+    #[allow(clippy::result_large_err)]
+    pub fn adopt(&self, key: Key, resp: Response) -> Result<(Arc<Entry>, Request, http::StatusCode), Response> {
+        let whole = matches!(
+            policy::admit(resp.header(), self.0.settings.max_object_bytes),
+            policy::Admission::Fill { whole: true, .. }
+        );
+        if !whole {
+            return Err(resp);
+        }
+        let entry = Entry::pending(key.clone());
+        {
+            let mut store = self.lock();
+            if store.filling.contains_key(&key) {
+                return Err(resp);
+            }
+            store.filling.insert(key, entry.clone());
+        }
+        match fill::start(self, &entry, &resp) {
+            Some(started) => {
+                let (request, status) = (resp.request().clone(), resp.header().status);
+                tokio::spawn(fill::body(self.clone(), entry.clone(), resp, started, false));
+                Ok((entry, request, status))
+            }
+            None => Err(resp),
+        }
+    }
+
     /// Keeps what a HEAD was answered (`header`: a `200` with its length)
     /// for its freshness, so later HEADs never reach the upstream.
     pub fn keep_head(&self, key: Key, header: ResponseHeader, url: Url) {

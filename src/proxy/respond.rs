@@ -52,6 +52,7 @@ impl Proxy {
             return Ok(Err(e));
         }
         let key = Key::new(&req.url, st.client.added_headers(&req));
+        let chunk = cache.settings().chunk;
         let mut want = want;
         loop {
             return match cache.find(key.clone(), want, &st.client, &req) {
@@ -111,6 +112,18 @@ impl Proxy {
                 Found::Miss(lead) => {
                     self.count_cache(ctx, CacheResult::Miss);
                     let opened = self.open(down, ctx, req).await?;
+                    if want == Want::Join {
+                        // The whole object came anyway: stored, and shared meanwhile.
+                        return Ok(opened.map(|src| match src {
+                            Source::Upstream(resp) => match cache.adopt(key, resp) {
+                                Ok((entry, request, status)) => {
+                                    Source::Memory(Memory::fetched(entry, request, chunk, status))
+                                }
+                                Err(resp) => Source::Upstream(resp),
+                            },
+                            memory => memory,
+                        }));
+                    }
                     if let (Ok(Source::Upstream(resp)), Want::Head | Want::HeadAgain) = (&opened, want) {
                         // A HEAD's answer is kept, so the next HEAD never reaches the upstream.
                         if let Some(header) = cache::policy::head_only(resp.header(), resp.head_fallback()) {
@@ -232,7 +245,7 @@ impl Proxy {
                     // From memory: the whole object answers the client's range and
                     // conditionals; anything else (an error status) goes out as it is.
                     let memory = match &src {
-                        Source::Memory(m) => Some((m.head().whole && own.is_none(), m.head().len, m.head().age())),
+                        Source::Memory(m) => Some((m.shaped() && own.is_none(), m.head().len, m.head().age())),
                         Source::Upstream(_) => None,
                     };
                     let (mut out, range) = match memory {

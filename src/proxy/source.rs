@@ -32,13 +32,29 @@ pub(super) struct Memory {
     /// The range being relayed, once chosen.
     reader: Option<Reader>,
     chunk: usize,
+    /// Answered as the upstream answered this request (its own fetch,
+    /// adopted by the cache), not shaped by the client's range.
+    as_fetched: bool,
 }
 
 impl Memory {
     /// `entry` must have its header (`Entry::ready` said so).
     pub fn new(entry: Arc<Entry>, request: Request, chunk: usize) -> Memory {
         debug_assert!(entry.head().is_some());
-        Memory { entry, request, reader: None, chunk }
+        Memory { entry, request, reader: None, chunk, as_fetched: false }
+    }
+
+    /// The request's own fetch, which the cache adopted ([`crate::cache::Cache::adopt`]):
+    /// a `200` goes to this client as the upstream sent it, whatever range it
+    /// asked (the upstream ignored it); a `206` for all of the object is
+    /// shaped by the range like any answer from memory, which gives the same.
+    pub fn fetched(entry: Arc<Entry>, request: Request, chunk: usize, status: http::StatusCode) -> Memory {
+        Memory { as_fetched: status == http::StatusCode::OK, ..Memory::new(entry, request, chunk) }
+    }
+
+    /// Whether the client's range and conditionals shape the answer (see [`Memory::fetched`]).
+    pub fn shaped(&self) -> bool {
+        self.head().whole && !self.as_fetched
     }
 
     pub fn head(&self) -> &Head {
