@@ -289,9 +289,8 @@ pub fn rewrite(
         } else if trimmed.starts_with('#') {
             // #EXTINF (every other line of a media playlist) never has URIs.
             if let Some(attrs) = trimmed.strip_prefix(SERVER_CONTROL) {
-                let start = content.len() - content.trim_start().len();
                 if let Some(kept) = server_control(attrs) {
-                    out.push_str(&content[..start]);
+                    out.push_str(indent(content));
                     out.push_str(SERVER_CONTROL);
                     out.push_str(&kept);
                 }
@@ -309,10 +308,10 @@ pub fn rewrite(
             match base.resolve(&vars.substitute(trimmed)) {
                 Some(child) => {
                     // Keep surrounding whitespace; replace only the URI.
-                    let start = content.len() - content.trim_start().len();
-                    out.push_str(&content[..start]);
+                    let indent = indent(content);
+                    out.push_str(indent);
                     proxied(&child, !master, &mut out);
-                    out.push_str(&content[start + trimmed.len()..]);
+                    out.push_str(&content[indent.len() + trimmed.len()..]);
                     out.push_str(ending);
                 }
                 None => out.push_str(line),
@@ -344,8 +343,8 @@ impl Variables {
     fn define(&mut self, attrs: &str, url: &Url, line: &str, out: &mut String) {
         let quoted = |name: &str| {
             attribute_list(attrs).find_map(|a| {
-                let (n, v) = a.split_once('=')?;
-                (n.trim() == name).then(|| v.trim().strip_prefix('"')?.strip_suffix('"'))?
+                let (n, v) = attribute(a);
+                (n == name).then(|| v.strip_prefix('"')?.strip_suffix('"'))?
             })
         };
         if let (Some(name), Some(value)) = (quoted("NAME"), quoted("VALUE")) {
@@ -360,8 +359,7 @@ impl Variables {
         });
         match found {
             Some((name, value)) => {
-                let start = line.len() - line.trim_start().len();
-                out.push_str(&line[..start]);
+                out.push_str(indent(line));
                 out.push_str(DEFINE);
                 out.push_str(&format!("NAME=\"{name}\",VALUE=\"{value}\""));
                 out.push_str(split_ending(line).1);
@@ -415,7 +413,7 @@ fn server_control(attrs: &str) -> Option<String> {
     const DIRECTIVES: [&str; 3] = ["CAN-BLOCK-RELOAD", "CAN-SKIP-UNTIL", "CAN-SKIP-DATERANGES"];
     let mut kept = String::with_capacity(attrs.len());
     for attr in attribute_list(attrs) {
-        let name = attr.split('=').next().unwrap_or("").trim();
+        let (name, _) = attribute(attr);
         if !DIRECTIVES.iter().any(|d| d.eq_ignore_ascii_case(name)) {
             if !kept.is_empty() {
                 kept.push(',');
@@ -442,10 +440,7 @@ fn left_out(tag: &str) -> bool {
         return true;
     }
     let Some(attrs) = tag.strip_prefix("#EXT-X-DATERANGE:") else { return false };
-    attribute_list(attrs).any(|attr| {
-        let name = attr.split('=').next().unwrap_or("").trim();
-        ASSETS.iter().any(|a| a.eq_ignore_ascii_case(name))
-    })
+    attribute_list(attrs).any(|attr| ASSETS.iter().any(|a| a.eq_ignore_ascii_case(attribute(attr).0)))
 }
 
 /// Splits an attribute list at the commas outside quoted strings.
@@ -459,6 +454,18 @@ fn attribute_list(attrs: &str) -> impl Iterator<Item = &str> {
             c == ',' && !quoted
         })
         .filter(|a| !a.trim().is_empty())
+}
+
+/// One attribute's name and value (an attribute without `=` has an empty
+/// value), both trimmed.
+fn attribute(attr: &str) -> (&str, &str) {
+    let (name, value) = attr.split_once('=').unwrap_or((attr, ""));
+    (name.trim(), value.trim())
+}
+
+/// The whitespace a line starts with.
+fn indent(line: &str) -> &str {
+    &line[..line.len() - line.trim_start().len()]
 }
 
 fn split_ending(line: &str) -> (&str, &str) {
