@@ -34,7 +34,8 @@ pub(super) async fn run(
             return;
         }
     };
-    match start(&cache, &entry, &resp) {
+    let admission = policy::admit(resp.header(), cache.settings().max_object_bytes);
+    match start(&cache, &entry, &resp, admission) {
         Some(started) => {
             drop(handoff);
             body(cache, entry, resp, started, playlist).await;
@@ -54,11 +55,12 @@ pub(super) struct Started {
     upstream: ResponseHeader,
 }
 
-/// Admits the upstream's answer into `entry` (its header set, its length
-/// reserved), or declines it: not shared, or no room — then the entry is
-/// done with and the others go upstream themselves.
-pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response) -> Option<Started> {
-    match policy::admit(resp.header(), cache.settings().max_object_bytes) {
+/// Takes the upstream's answer into `entry` as `admission` says (its
+/// header set, its length reserved), or declines it: not shared, or no
+/// room — then the entry is done with and the others go upstream
+/// themselves.
+pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response, admission: Admission) -> Option<Started> {
+    match admission {
         Admission::Fill { len, whole } if cache.reserve(len) => {
             let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
             let initial_age = age_of(&upstream);

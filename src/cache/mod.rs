@@ -232,11 +232,8 @@ impl Cache {
     // The response goes back as it came (no box: this is every ranged miss).
     #[allow(clippy::result_large_err)]
     pub fn adopt(&self, key: Key, resp: Response) -> Result<(Arc<Entry>, Request, http::StatusCode), Response> {
-        let whole = matches!(
-            policy::admit(resp.header(), self.0.settings.max_object_bytes),
-            policy::Admission::Fill { whole: true, .. }
-        );
-        if !whole {
+        let admission = policy::admit(resp.header(), self.0.settings.max_object_bytes);
+        if !matches!(admission, policy::Admission::Fill { whole: true, .. }) {
             return Err(resp);
         }
         let entry = Entry::pending(key.clone());
@@ -247,7 +244,7 @@ impl Cache {
             }
             store.filling.insert(key, entry.clone());
         }
-        match fill::start(self, &entry, &resp) {
+        match fill::start(self, &entry, &resp, admission) {
             Some(started) => {
                 let (request, status) = (resp.request().clone(), resp.header().status);
                 tokio::spawn(fill::body(self.clone(), entry.clone(), resp, started, false));
