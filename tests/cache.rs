@@ -594,7 +594,8 @@ async fn a_stored_playlist_is_rewritten_for_each_client() {
 
 /// A crowd of HEADs for an object memory does not hold (players that ask
 /// before they play, on release day): one HEAD reaches the hoster — with a
-/// hoster that refuses HEAD, one HEAD and its one fallback GET — and the
+/// hoster that refuses HEAD, one HEAD and its one fallback GET, also when
+/// that GET's range is ignored and the whole file starts — and the
 /// others get the kept answer. An answer that must not be kept is not
 /// waited for twice: those HEADs then go upstream side by side, never one
 /// after another.
@@ -602,7 +603,13 @@ async fn a_stored_playlist_is_rewritten_for_each_client() {
 async fn concurrent_heads_send_one_upstream() {
     let o = Origin::start(|req| {
         let resp = match (req.method.as_str(), req.path()) {
-            ("HEAD", "/refuses-head.mp4") => Resp::new(405, Body::Bytes(Vec::new())).header("Allow", "GET"),
+            ("HEAD", "/refuses-head.mp4" | "/refuses-head-and-ranges.mp4") => {
+                Resp::new(405, Body::Bytes(Vec::new())).header("Allow", "GET")
+            }
+            // A script that refuses HEAD and sends the whole file to any GET.
+            ("GET", "/refuses-head-and-ranges.mp4") => {
+                Resp::new(200, Body::Pattern { start: 0, len: 10_000 }).header("Content-Type", "video/mp4")
+            }
             (_, "/private.mp4") => serve_file(req, 10_000, Some("video/mp4")).header("Cache-Control", "no-store"),
             _ => serve_file(req, 10_000, Some("video/mp4")),
         };
@@ -611,9 +618,12 @@ async fn concurrent_heads_send_one_upstream() {
     .await;
     let p = cached().await;
     const CROWD: usize = 20;
-    for (path, upstream) in
-        [("/v.mp4", vec!["HEAD"]), ("/refuses-head.mp4", vec!["HEAD", "GET"]), ("/private.mp4", vec!["HEAD"; CROWD])]
-    {
+    for (path, upstream) in [
+        ("/v.mp4", vec!["HEAD"]),
+        ("/refuses-head.mp4", vec!["HEAD", "GET"]),
+        ("/refuses-head-and-ranges.mp4", vec!["HEAD", "GET"]),
+        ("/private.mp4", vec!["HEAD"; CROWD]),
+    ] {
         let heads = spawn_gets(CROWD, p.addr(), "HEAD", &relay_path("v.mp4", &o.url(path)));
         for h in heads {
             let got = h.await.unwrap();

@@ -100,14 +100,17 @@ pub fn as_whole(mut up: ResponseHeader) -> ResponseHeader {
 }
 
 /// The header a HEAD's answer is kept with, when it is kept: a plain `200`,
-/// or the HEAD fallback's `206` of one byte as the `200` it stands for.
+/// or the HEAD fallback's `206` of one byte as the `200` it stands for —
+/// or its `200`, when the upstream ignored that range (the whole object's
+/// header as it is).
 pub fn head_only(up: &ResponseHeader, head_fallback: bool) -> Option<ResponseHeader> {
     let mut out = up.clone();
-    if head_fallback {
+    if head_fallback && up.status == StatusCode::PARTIAL_CONTENT {
         headers::content_range(&up.headers).and_then(ContentRange::bytes)?;
         headers::whole_of_part(&mut out);
     }
-    (out.status == StatusCode::OK && headers::content_length(&out.headers).is_some()).then_some(out)
+    let plain = out.status == StatusCode::OK && !out.headers.contains_key(header::CONTENT_RANGE);
+    (plain && headers::content_length(&out.headers).is_some()).then_some(out)
 }
 
 /// The freshness settings of `cache:`.
@@ -277,7 +280,13 @@ mod tests {
         let kept = head_only(&probe, true).unwrap();
         assert_eq!((kept.status.as_u16(), &kept.headers["content-length"]), (200, &http::HeaderValue::from(5000)));
         assert_eq!(kept.headers["accept-ranges"], "bytes");
+        // The fallback GET's range ignored: its 200 is the whole object's header.
+        let ignored = resp(200, &[("Content-Length", "5000")]);
+        assert_eq!(head_only(&ignored, true).unwrap().headers["content-length"], "5000");
+        let odd = resp(200, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/5000")]);
+        assert!(head_only(&odd, true).is_none(), "a 200 with a Content-Range is no whole object");
         assert!(head_only(&resp(404, &[("Content-Length", "3")]), false).is_none());
+        assert!(head_only(&resp(404, &[("Content-Length", "3")]), true).is_none());
         assert!(head_only(&resp(200, &[]), false).is_none(), "no length");
     }
 }
