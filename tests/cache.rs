@@ -596,9 +596,10 @@ async fn a_stored_playlist_is_rewritten_for_each_client() {
 /// before they play, on release day): one HEAD reaches the hoster — with a
 /// hoster that refuses HEAD, one HEAD and its one fallback GET, also when
 /// that GET's range is ignored and the whole file starts — and the
-/// others get the kept answer. An answer that must not be kept is not
-/// waited for twice: those HEADs then go upstream side by side, never one
-/// after another.
+/// others get its answer: kept, or only shared when it is not to be stored
+/// (an expired link's 404, `no-cache`). An answer that must not be shared
+/// (`no-store`) is not waited for twice: those HEADs then go upstream side
+/// by side, never one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_heads_send_one_upstream() {
     let o = Origin::start(|req| {
@@ -611,6 +612,8 @@ async fn concurrent_heads_send_one_upstream() {
                 Resp::new(200, Body::Pattern { start: 0, len: 10_000 }).header("Content-Type", "video/mp4")
             }
             (_, "/private.mp4") => serve_file(req, 10_000, Some("video/mp4")).header("Cache-Control", "no-store"),
+            (_, "/no-cache.mp4") => serve_file(req, 10_000, Some("video/mp4")).header("Cache-Control", "no-cache"),
+            (_, "/gone.mp4") => Resp::new(404, Body::Bytes(b"not found".to_vec())).header("Content-Type", "text/plain"),
             _ => serve_file(req, 10_000, Some("video/mp4")),
         };
         Action::Delayed(Duration::from_millis(300), resp)
@@ -618,17 +621,20 @@ async fn concurrent_heads_send_one_upstream() {
     .await;
     let p = cached().await;
     const CROWD: usize = 20;
-    for (path, upstream) in [
-        ("/v.mp4", vec!["HEAD"]),
-        ("/refuses-head.mp4", vec!["HEAD", "GET"]),
-        ("/refuses-head-and-ranges.mp4", vec!["HEAD", "GET"]),
-        ("/private.mp4", vec!["HEAD"; CROWD]),
+    let video = (200, "10000", "video/mp4");
+    for (path, upstream, (status, length, ctype)) in [
+        ("/v.mp4", vec!["HEAD"], video),
+        ("/refuses-head.mp4", vec!["HEAD", "GET"], video),
+        ("/refuses-head-and-ranges.mp4", vec!["HEAD", "GET"], video),
+        ("/no-cache.mp4", vec!["HEAD"], video),
+        ("/gone.mp4", vec!["HEAD"], (404, "9", "text/plain")),
+        ("/private.mp4", vec!["HEAD"; CROWD], video),
     ] {
         let heads = spawn_gets(CROWD, p.addr(), "HEAD", &relay_path("v.mp4", &o.url(path)));
         for h in heads {
             let got = h.await.unwrap();
-            assert_eq!((got.status, got.header("content-length")), (200, Some("10000")), "{path}");
-            assert_eq!(got.header("content-type"), Some("video/mp4"), "{path}");
+            assert_eq!((got.status, got.header("content-length")), (status, Some(length)), "{path}");
+            assert_eq!(got.header("content-type"), Some(ctype), "{path}");
             assert!(got.body.is_empty());
         }
         let seen: Vec<String> = o.requests().iter().filter(|r| r.path() == path).map(|r| r.method.clone()).collect();

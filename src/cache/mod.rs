@@ -7,8 +7,9 @@
 //! included, reads the body from memory as it arrives ([`entry`]). What is
 //! stored and for how long is [`policy`]; answering ranges and conditionals
 //! from memory is [`answer`]. Concurrent HEADs of an object memory does
-//! not hold send one HEAD upstream: the others wait for its answer to be
-//! kept ([`HeadLead`]).
+//! not hold send one HEAD upstream: the others wait for its answer and are
+//! answered with it, kept for later HEADs when it is a whole object's
+//! header ([`HeadLead`]).
 //!
 //! Memory: stored bodies and bodies being filled together stay within
 //! `cache.max_bytes`. A fill reserves its `Content-Length` when it starts,
@@ -90,11 +91,12 @@ pub enum Want {
     Join,
     /// A HEAD: answered from any stored header (a HEAD's own too) or a
     /// fill's, else upstream (and its answer kept) — the first of
-    /// concurrent HEADs only; the others wait for it and look again.
+    /// concurrent HEADs only; the others wait for its answer.
     Head,
-    /// A HEAD that waited for another's answer and looks again: from
-    /// memory, else upstream alone (an answer that could not be kept is
-    /// not waited for twice, so a crowd never queues behind one another).
+    /// A HEAD that waited for another's answer, which was not to be shared
+    /// (`no-store`, or an answer to that request's own range or
+    /// conditionals), and looks again: from memory, else upstream alone
+    /// (not waited for twice, so a crowd never queues behind one another).
     HeadAgain,
 }
 
@@ -108,12 +110,13 @@ pub enum Found {
     /// it comes back through the receiver for this request alone.
     Led(Arc<Entry>, oneshot::Receiver<Response>),
     /// Another HEAD of the object is upstream: wait for it. `changed()`
-    /// is `Ok` when it was answered (look again with `HeadAgain`), `Err`
-    /// when it was given up unanswered, its client gone (look again as a
-    /// `Head`: one of the waiters asks instead).
-    HeadWait(watch::Receiver<()>),
+    /// is `Ok` when it was answered: with the answer to share, or `None`
+    /// (look again with `HeadAgain`); `Err` when it was given up
+    /// unanswered, its client gone (look again as a `Head`: one of the
+    /// waiters asks instead) — or answered just before (the value holds it).
+    HeadWait(watch::Receiver<Option<Arc<Entry>>>),
     /// Nothing: go upstream. A `HeadLead` (for a `Head`) is held until the
-    /// answer is kept; dropping it wakes the HEADs waiting for it.
+    /// answer is in; dropping it wakes the HEADs waiting for it.
     Miss(Option<HeadLead>),
 }
 
@@ -124,10 +127,11 @@ pub struct HeadLead {
 }
 
 impl HeadLead {
-    /// The upstream answered (kept or not): the waiters look again.
-    pub fn answered(&self) {
+    /// The upstream answered: the waiters are answered with `shared`
+    /// ([`Cache::head_answered`]), or with `None` look again.
+    pub fn answered(&self, shared: Option<Arc<Entry>>) {
         if let Some(asking) = self.cache.lock().heads.get(&self.key) {
-            asking.send_replace(());
+            asking.send_replace(shared);
         }
     }
 }
@@ -154,8 +158,8 @@ struct Store {
     lru: LruCache<Key, Stored>,
     /// Fills in flight (not stored yet), by key.
     filling: HashMap<Key, Arc<Entry>>,
-    /// HEADs upstream, by key: their waiters subscribe.
-    heads: HashMap<Key, watch::Sender<()>>,
+    /// HEADs upstream, by key: their waiters subscribe to the answer.
+    heads: HashMap<Key, watch::Sender<Option<Arc<Entry>>>>,
     stored_bytes: u64,
     filling_bytes: u64,
 }
@@ -207,7 +211,7 @@ impl Cache {
             if let Some(asking) = store.heads.get(&key) {
                 return Found::HeadWait(asking.subscribe());
             }
-            store.heads.insert(key.clone(), watch::channel(()).0);
+            store.heads.insert(key.clone(), watch::channel(None).0);
             return Found::Miss(Some(HeadLead { cache: self.clone(), key }));
         }
         if want != Want::Fill {
@@ -254,18 +258,47 @@ impl Cache {
         }
     }
 
-    /// Keeps what a HEAD was answered (`header`: a `200` with its length)
-    /// for its freshness, so later HEADs never reach the upstream.
-    pub fn keep_head(&self, key: Key, header: ResponseHeader, url: Url) {
+    /// What a HEAD was answered (`up`; `head_fallback`: by the GET that
+    /// stands in for a refused HEAD), as the HEADs that waited for it are
+    /// answered: a whole object's header (a `200` with its length) is also
+    /// kept for its freshness, so later HEADs never reach the upstream;
+    /// another answer the same for every request (an error status, a `200`
+    /// without a length or not to be stored) is only shared. `None`: not to
+    /// be shared (`no-store`, `private`, `Set-Cookie`), or an answer to
+    /// that request's own range or conditionals (`206`, `304`, `416`).
+    pub fn head_answered(&self, key: Key, up: &ResponseHeader, head_fallback: bool, url: Url) -> Option<Arc<Entry>> {
+        if !policy::shareable(&up.headers) {
+            return None;
+        }
+        let status = up.status;
+        let (kept, whole) = match policy::head_only(up, head_fallback) {
+            Some(whole) => (whole, true),
+            None if status == http::StatusCode::OK
+                || status.is_server_error()
+                || (status.is_client_error() && status != http::StatusCode::RANGE_NOT_SATISFIABLE) =>
+            {
+                (up.clone(), false)
+            }
+            None => return None,
+        };
+        let len = crate::headers::content_length(&kept.headers).unwrap_or(0);
+        let initial_age = age_of(&kept);
+        let head =
+            Head { header: crate::headers::relayed(&kept), url, len, whole, received: Instant::now(), initial_age };
+        let entry = Entry::header_only(key, head);
+        if whole {
+            self.keep_head(entry.clone(), &kept);
+        }
+        Some(entry)
+    }
+
+    /// Stores a HEAD's answer, `entry` (`up`: its upstream header), for
+    /// its freshness.
+    fn keep_head(&self, entry: Arc<Entry>, up: &ResponseHeader) {
         let now = SystemTime::now();
-        let Some(life) = policy::lifetime(&header, policy::Kind::Media, now, &self.0.settings.lifetimes) else {
+        let Some(life) = policy::lifetime(up, policy::Kind::Media, now, &self.0.settings.lifetimes) else {
             return;
         };
-        let len = crate::headers::content_length(&header.headers).unwrap_or(0);
-        let initial_age = age_of(&header);
-        let header = crate::headers::relayed(&header);
-        let head = Head { header, url, len, whole: true, received: Instant::now(), initial_age };
-        let entry = Entry::header_only(key, head);
         let weight = entry.weight();
         let mut store = self.lock();
         if store.lru.peek(&entry.key).is_some_and(|s| !s.entry.head_only) || !store.make_room(weight, self.max()) {

@@ -102,10 +102,14 @@ impl Proxy {
                     }
                 }
                 Found::HeadWait(mut asking) => {
-                    // Another HEAD of this object is upstream: its answer,
-                    // once kept, answers this one too. Given up unanswered
-                    // (its client left), a waiter asks in its place.
+                    // Another HEAD of this object is upstream: its answer
+                    // answers this one too. Given up unanswered (its client
+                    // left), a waiter asks in its place.
                     let answered = unless_client_leaves(down, pin!(asking.changed())).await?.is_ok();
+                    if let Some(entry) = asking.borrow_and_update().clone() {
+                        self.count_cache(ctx, CacheResult::Coalesced);
+                        return Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))));
+                    }
                     want = if answered { Want::HeadAgain } else { Want::Head };
                     continue;
                 }
@@ -124,15 +128,17 @@ impl Proxy {
                             memory => memory,
                         }));
                     }
-                    if let (Ok(Source::Upstream(resp)), Want::Head | Want::HeadAgain) = (&opened, want) {
-                        // A HEAD's answer is kept, so the next HEAD never reaches the upstream.
-                        if let Some(header) = cache::policy::head_only(resp.header(), resp.head_fallback()) {
-                            cache.keep_head(key, header, resp.url().clone());
+                    // A HEAD's answer goes to the HEADs that waited for it,
+                    // and is kept when it can be, so the next HEAD never
+                    // reaches the upstream; not shared, they look again.
+                    let shared = match (&opened, want) {
+                        (Ok(Source::Upstream(resp)), Want::Head | Want::HeadAgain) => {
+                            cache.head_answered(key, resp.header(), resp.head_fallback(), resp.url().clone())
                         }
-                    }
-                    // Kept (or not keepable): the HEADs waiting look again.
+                        _ => None,
+                    };
                     if let Some(lead) = lead {
-                        lead.answered();
+                        lead.answered(shared);
                     }
                     Ok(opened)
                 }
