@@ -643,6 +643,38 @@ async fn concurrent_heads_send_one_upstream() {
     assert!(o.max_in_flight.load(Ordering::SeqCst) > 1, "the unkeepable HEADs went upstream side by side");
 }
 
+/// HEADs with ranges (nginx answers each with a 206 for it): the first one's
+/// answer tells the whole object's length, so it is kept as the object's
+/// header and every HEAD of the crowd gets its own range's 206 from it —
+/// one HEAD upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_heads_send_one_upstream() {
+    let o =
+        Origin::start(|req| Action::Delayed(Duration::from_millis(300), serve_file(req, 10_000, Some("video/mp4"))))
+            .await;
+    let p = cached().await;
+    let target = relay_path("v.mp4", &o.url("/v.mp4"));
+    let heads: Vec<_> = (0..20u64)
+        .map(|i| {
+            let target = target.clone();
+            let addr = p.addr();
+            tokio::spawn(
+                async move { (i, get(addr, "HEAD", &target, &[("Range", &format!("bytes={}-", i * 100))]).await) },
+            )
+        })
+        .collect();
+    for h in heads {
+        let (i, got) = h.await.unwrap();
+        let first = i * 100;
+        assert_eq!(got.status, 206, "HEAD {i}");
+        assert_eq!(got.header("content-range"), Some(format!("bytes {first}-9999/10000").as_str()), "HEAD {i}");
+        assert_eq!(got.header("content-length"), Some((10_000 - first).to_string().as_str()), "HEAD {i}");
+        assert!(got.body.is_empty());
+    }
+    let seen: Vec<String> = o.requests().iter().map(|r| r.method.clone()).collect();
+    assert_eq!(seen, ["HEAD"], "one HEAD reached the origin");
+}
+
 /// The HEAD the others wait for is given up when its client leaves: one of
 /// the waiters then asks in its place, and the rest wait for that one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

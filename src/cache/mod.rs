@@ -94,8 +94,8 @@ pub enum Want {
     /// concurrent HEADs only; the others wait for its answer.
     Head,
     /// A HEAD that waited for another's answer, which was not to be shared
-    /// (`no-store`, or an answer to that request's own range or
-    /// conditionals), and looks again: from memory, else upstream alone
+    /// (`no-store`, or an answer only to that request's own range or
+    /// conditionals: `304`, `416`), and looks again: from memory, else upstream alone
     /// (not waited for twice, so a crowd never queues behind one another).
     HeadAgain,
 }
@@ -258,20 +258,20 @@ impl Cache {
         }
     }
 
-    /// What a HEAD was answered (`up`; `head_fallback`: by the GET that
-    /// stands in for a refused HEAD), as the HEADs that waited for it are
-    /// answered: a whole object's header (a `200` with its length) is also
+    /// What a HEAD was answered (`up`, perhaps by the GET that stands in
+    /// for a refused HEAD), as the HEADs that waited for it are answered: a whole object's header (a `200` with its length) is also
     /// kept for its freshness, so later HEADs never reach the upstream;
     /// another answer the same for every request (an error status, a `200`
     /// without a length or not to be stored) is only shared. `None`: not to
     /// be shared (`no-store`, `private`, `Set-Cookie`), or an answer to
-    /// that request's own range or conditionals (`206`, `304`, `416`).
-    pub fn head_answered(&self, key: Key, up: &ResponseHeader, head_fallback: bool, url: Url) -> Option<Arc<Entry>> {
+    /// that request's own range or conditionals that tells nothing of the
+    /// whole object (`304`, `416`, a `206` without the total).
+    pub fn head_answered(&self, key: Key, up: &ResponseHeader, url: Url) -> Option<Arc<Entry>> {
         if !policy::shareable(&up.headers) {
             return None;
         }
         let status = up.status;
-        let (kept, whole) = match policy::head_only(up, head_fallback) {
+        let (kept, whole) = match policy::head_only(up) {
             Some(whole) => (whole, true),
             None if status == http::StatusCode::OK
                 || status.is_server_error()

@@ -99,13 +99,13 @@ pub fn as_whole(mut up: ResponseHeader) -> ResponseHeader {
     up
 }
 
-/// The header a HEAD's answer is kept with, when it is kept: a plain `200`,
-/// or the HEAD fallback's `206` of one byte as the `200` it stands for —
-/// or its `200`, when the upstream ignored that range (the whole object's
-/// header as it is).
-pub fn head_only(up: &ResponseHeader, head_fallback: bool) -> Option<ResponseHeader> {
+/// The header a HEAD's answer is kept with, when it is kept: a plain `200`
+/// (also the HEAD fallback's, when the upstream ignored its range), or a
+/// `206` — to a HEAD with a `Range` (nginx answers those so), or the
+/// fallback's one byte — as the `200` it stands for.
+pub fn head_only(up: &ResponseHeader) -> Option<ResponseHeader> {
     let mut out = up.clone();
-    if head_fallback && up.status == StatusCode::PARTIAL_CONTENT {
+    if up.status == StatusCode::PARTIAL_CONTENT {
         headers::content_range(&up.headers).and_then(ContentRange::bytes)?;
         headers::whole_of_part(&mut out);
     }
@@ -275,18 +275,19 @@ mod tests {
     #[test]
     fn head_answers_kept() {
         let plain = resp(200, &[("Content-Length", "5000"), ("ETag", "\"e\"")]);
-        assert_eq!(head_only(&plain, false).unwrap().headers["content-length"], "5000");
+        assert_eq!(head_only(&plain).unwrap().headers["content-length"], "5000");
         let probe = resp(206, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/5000")]);
-        let kept = head_only(&probe, true).unwrap();
+        let kept = head_only(&probe).unwrap();
         assert_eq!((kept.status.as_u16(), &kept.headers["content-length"]), (200, &http::HeaderValue::from(5000)));
         assert_eq!(kept.headers["accept-ranges"], "bytes");
         // The fallback GET's range ignored: its 200 is the whole object's header.
         let ignored = resp(200, &[("Content-Length", "5000")]);
-        assert_eq!(head_only(&ignored, true).unwrap().headers["content-length"], "5000");
+        assert_eq!(head_only(&ignored).unwrap().headers["content-length"], "5000");
         let odd = resp(200, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/5000")]);
-        assert!(head_only(&odd, true).is_none(), "a 200 with a Content-Range is no whole object");
-        assert!(head_only(&resp(404, &[("Content-Length", "3")]), false).is_none());
-        assert!(head_only(&resp(404, &[("Content-Length", "3")]), true).is_none());
-        assert!(head_only(&resp(200, &[]), false).is_none(), "no length");
+        assert!(head_only(&odd).is_none(), "a 200 with a Content-Range is no whole object");
+        assert!(head_only(&resp(404, &[("Content-Length", "3")])).is_none());
+        assert!(head_only(&resp(200, &[])).is_none(), "no length");
+        let unknown = resp(206, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/*")]);
+        assert!(head_only(&unknown).is_none(), "no total, no length");
     }
 }

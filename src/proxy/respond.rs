@@ -133,7 +133,7 @@ impl Proxy {
                     // reaches the upstream; not shared, they look again.
                     let shared = match (&opened, want) {
                         (Ok(Source::Upstream(resp)), Want::Head | Want::HeadAgain) => {
-                            cache.head_answered(key, resp.header(), resp.head_fallback(), resp.url().clone())
+                            cache.head_answered(key, resp.header(), resp.url().clone())
                         }
                         _ => None,
                     };
