@@ -95,8 +95,9 @@ pub enum Want {
     Head,
     /// A HEAD that waited for another's answer, which was not to be shared
     /// (`no-store`, or an answer only to that request's own range or
-    /// conditionals: `304`, `416`), and looks again: from memory, else upstream alone
-    /// (not waited for twice, so a crowd never queues behind one another).
+    /// conditionals: `304`, `416`), and looks again: from memory, else
+    /// upstream alone (not waited for twice, so a crowd never queues
+    /// behind one another).
     HeadAgain,
 }
 
@@ -259,10 +260,11 @@ impl Cache {
     }
 
     /// What a HEAD was answered (`up`, perhaps by the GET that stands in
-    /// for a refused HEAD), as the HEADs that waited for it are answered: a whole object's header (a `200` with its length) is also
-    /// kept for its freshness, so later HEADs never reach the upstream;
-    /// another answer the same for every request (an error status, a `200`
-    /// without a length or not to be stored) is only shared. `None`: not to
+    /// for a refused HEAD), as the HEADs that waited for it are answered:
+    /// a whole object's header (a `200` with its length, or a `206` that
+    /// tells it) is also kept for its freshness, so later HEADs never reach
+    /// the upstream; another answer the same for every request (an error
+    /// status, a `200` without a length or not to be stored) is only shared. `None`: not to
     /// be shared (`no-store`, `private`, `Set-Cookie`), or an answer to
     /// that request's own range or conditionals that tells nothing of the
     /// whole object (`304`, `416`, a `206` without the total).
