@@ -260,29 +260,12 @@ impl Cache {
     }
 
     /// What a HEAD was answered (`up`, perhaps by the GET that stands in
-    /// for a refused HEAD), as the HEADs that waited for it are answered:
-    /// a whole object's header (a `200` with its length, or a `206` that
-    /// tells it) is also kept for its freshness, so later HEADs never reach
-    /// the upstream; another answer the same for every request (an error
-    /// status, a `200` without a length or not to be stored) is only shared. `None`: not to
-    /// be shared (`no-store`, `private`, `Set-Cookie`), or an answer to
-    /// that request's own range or conditionals that tells nothing of the
-    /// whole object (`304`, `416`, a `206` without the total).
+    /// for a refused HEAD), as the HEADs that waited for it are answered
+    /// ([`policy::shared_head`]): a whole object's header is also kept for
+    /// its freshness, so later HEADs never reach the upstream; another
+    /// answer the same for every request is only shared. `None`: not shared.
     pub fn head_answered(&self, key: Key, up: &ResponseHeader, url: Url) -> Option<Arc<Entry>> {
-        if !policy::shareable(&up.headers) {
-            return None;
-        }
-        let status = up.status;
-        let (kept, whole) = match policy::head_only(up) {
-            Some(whole) => (whole, true),
-            None if status == http::StatusCode::OK
-                || status.is_server_error()
-                || (status.is_client_error() && status != http::StatusCode::RANGE_NOT_SATISFIABLE) =>
-            {
-                (up.clone(), false)
-            }
-            None => return None,
-        };
+        let (kept, whole) = policy::shared_head(up)?;
         let len = crate::headers::content_length(&kept.headers).unwrap_or(0);
         let initial_age = age_of(&kept);
         let head =

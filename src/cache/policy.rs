@@ -113,6 +113,26 @@ pub fn head_only(up: &ResponseHeader) -> Option<ResponseHeader> {
     (plain && headers::content_length(&out.headers).is_some()).then_some(out)
 }
 
+/// What the HEADs that waited for a HEAD are answered with, of its answer
+/// `up`: the whole object's header (`true`: kept too, see [`head_only`]),
+/// or, as it is (`false`), an answer the same for every request — an error
+/// status other than `416`, a `200` that is not a whole object's header.
+/// `None`: not to be shared (`no-store`, `private`, `Set-Cookie`), or an
+/// answer only to that request's own range or conditionals (`304`, `416`,
+/// a `206` without the total).
+pub fn shared_head(up: &ResponseHeader) -> Option<(ResponseHeader, bool)> {
+    if !shareable(&up.headers) {
+        return None;
+    }
+    if let Some(whole) = head_only(up) {
+        return Some((whole, true));
+    }
+    let s = up.status;
+    let same_for_all =
+        s == StatusCode::OK || s.is_server_error() || (s.is_client_error() && s != StatusCode::RANGE_NOT_SATISFIABLE);
+    same_for_all.then(|| (up.clone(), false))
+}
+
 /// The freshness settings of `cache:`.
 #[derive(Debug, Clone, Copy)]
 pub struct Lifetimes {
@@ -289,5 +309,24 @@ mod tests {
         assert!(head_only(&resp(200, &[])).is_none(), "no length");
         let unknown = resp(206, &[("Content-Length", "1"), ("Content-Range", "bytes 0-0/*")]);
         assert!(head_only(&unknown).is_none(), "no total, no length");
+    }
+
+    #[test]
+    fn head_answers_shared() {
+        let whole = |r: &ResponseHeader| shared_head(r).map(|(_, whole)| whole);
+        assert_eq!(whole(&resp(200, &[("Content-Length", "5000")])), Some(true));
+        assert_eq!(whole(&resp(206, &[("Content-Range", "bytes 0-0/5000")])), Some(true));
+        assert_eq!(whole(&resp(200, &[])), Some(false), "no length: shared as it is");
+        assert_eq!(whole(&resp(404, &[("Content-Length", "9")])), Some(false));
+        assert_eq!(whole(&resp(503, &[("Retry-After", "5")])), Some(false));
+        assert_eq!(whole(&resp(206, &[("Content-Range", "bytes 0-0/*")])), None, "only that request's range");
+        assert_eq!(whole(&resp(416, &[("Content-Range", "bytes */5000")])), None);
+        assert_eq!(whole(&resp(304, &[])), None);
+        for never in [("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=b")] {
+            assert_eq!(whole(&resp(200, &[("Content-Length", "5000"), never])), None, "{never:?}");
+            assert_eq!(whole(&resp(404, &[never])), None, "{never:?}");
+        }
+        let (kept, _) = shared_head(&resp(206, &[("Content-Range", "bytes 0-0/5000")])).unwrap();
+        assert_eq!((kept.status.as_u16(), &kept.headers["content-length"]), (200, &http::HeaderValue::from(5000)));
     }
 }

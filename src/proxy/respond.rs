@@ -60,14 +60,14 @@ impl Proxy {
                     // A HEAD that waited for another's answer shared its fetch.
                     let shared = want == Want::HeadAgain;
                     self.count_cache(ctx, if shared { CacheResult::Coalesced } else { CacheResult::Hit });
-                    Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                    Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                 }
                 Found::Coalesced(entry) => {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
                             self.count_cache(ctx, CacheResult::Coalesced);
-                            Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                            Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                         }
                         Ready::Declined => {
                             self.count_cache(ctx, CacheResult::Bypass);
@@ -88,7 +88,7 @@ impl Proxy {
                     match ready {
                         Ready::Head => {
                             ctx.upstream_status = entry.head().map_or(0, |h| h.header.status.as_u16());
-                            Ok(Ok(Source::Memory(Memory::new(entry, req, cache.settings().chunk))))
+                            Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                         }
                         Ready::Failed(e) => Ok(Err(e)),
                         Ready::Declined => match handoff.await {
