@@ -370,6 +370,12 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
         log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
         "one line per resumption: {log}"
     );
+    // With the cache on, the body came through a fill that was resumed: the
+    // client's line says so as a relay's does.
+    assert!(
+        log.lines().any(|l| l.contains("\"GET /strm/proxy/v.mp4\" 200 100000 ") && l.contains(" resumed=1 ")),
+        "the resumed body's access line counts the resumption: {log}"
+    );
     assert!(
         log.contains("WARN  anibridge_proxy::gate] upstream host 127.0.0.1 refused (429): cooling down for 1 s"),
         "a WARN line when a host enters cooldown, with host and seconds: {log}"

@@ -5,6 +5,7 @@
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
 //! reader never holds up the fill or another reader.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -101,6 +102,9 @@ pub struct Entry {
     stored: OnceLock<Pieces>,
     /// Only a header (a HEAD's answer): no body to read.
     pub head_only: bool,
+    /// Times the fill's body was continued on a new upstream connection
+    /// (its readers' access lines say so, as a relay's would).
+    resumed: AtomicU32,
 }
 
 impl std::fmt::Debug for Entry {
@@ -119,6 +123,7 @@ impl Entry {
             body: RwLock::default(),
             stored: OnceLock::new(),
             head_only: false,
+            resumed: AtomicU32::new(0),
         })
     }
 
@@ -131,6 +136,7 @@ impl Entry {
             body: RwLock::default(),
             stored: OnceLock::new(),
             head_only: true,
+            resumed: AtomicU32::new(0),
         })
     }
 
@@ -167,6 +173,11 @@ impl Entry {
         matches!(*self.progress.borrow(), Progress::Done)
     }
 
+    /// Times the fill's body was continued on a new upstream connection so far.
+    pub fn resumptions(&self) -> u32 {
+        self.resumed.load(Ordering::Relaxed)
+    }
+
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
         Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new() }
@@ -190,6 +201,11 @@ impl Entry {
     pub(super) fn set_head(&self, head: Head) {
         let _ = self.head.set(head);
         self.progress.send_replace(Progress::Filling(0));
+    }
+
+    /// The fill's upstream body has been resumed `times` so far.
+    pub(super) fn resumed(&self, times: u32) {
+        self.resumed.store(times, Ordering::Relaxed);
     }
 
     /// Appends `piece` (copied into `block`, the buffer of the rest of the

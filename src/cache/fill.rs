@@ -85,7 +85,9 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
     let settings = *cache.settings();
     let mut block = BytesMut::new();
     let complete = if playlist {
-        match resp.read_to_vec(Vec::new(), len as usize).await {
+        let read = resp.read_to_vec(Vec::new(), len as usize).await;
+        entry.resumed(resp.resumptions());
+        match read {
             Ok(body) if body.len() as u64 == len => {
                 for piece in body.chunks(settings.chunk) {
                     entry.append(&mut block, piece);
@@ -96,9 +98,13 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         }
     } else {
         loop {
-            match resp.read().await {
-                Ok(Some(piece)) => entry.append(&mut block, piece),
-                Ok(None) => break entry.written() == len,
+            match resp.read_counted().await {
+                Ok((Some(piece), resumed)) => {
+                    // Told before the bytes past a seam reach a reader.
+                    entry.resumed(resumed);
+                    entry.append(&mut block, piece)
+                }
+                Ok((None, _)) => break entry.written() == len,
                 Err(_) => break false,
             }
         }

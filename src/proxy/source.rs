@@ -35,13 +35,17 @@ pub(super) struct Memory {
     /// Answered as the upstream answered this request (its own fetch,
     /// adopted by the cache), not shaped by the client's range.
     as_fetched: bool,
+    /// Read while the fill was still fetching (not a stored object): its
+    /// resumptions are this answer's too.
+    filling: bool,
 }
 
 impl Memory {
     /// `entry` must have its header (`Entry::ready` said so).
     pub fn new(entry: Arc<Entry>, request: Request, chunk: usize) -> Memory {
         debug_assert!(entry.head().is_some());
-        Memory { entry, request, reader: None, chunk, as_fetched: false }
+        let filling = !entry.is_done();
+        Memory { entry, request, reader: None, chunk, as_fetched: false, filling }
     }
 
     /// The request's own fetch, which the cache adopted ([`crate::cache::Cache::adopt`]):
@@ -149,6 +153,7 @@ impl Source {
     pub fn resumptions(&self) -> u32 {
         match self {
             Source::Upstream(r) => r.resumptions(),
+            Source::Memory(m) if m.filling => m.entry.resumptions(),
             Source::Memory(_) => 0,
         }
     }

@@ -127,22 +127,30 @@ impl Response {
     /// the connection failed, and the next call mends that (resumes on a new
     /// connection) or returns the error.
     pub async fn read(&mut self) -> pingora_error::Result<Option<&[u8]>> {
+        Ok(self.read_counted().await?.0)
+    }
+
+    /// [`Response::read`], with the times the body has been resumed up to
+    /// this piece (a reader of the piece can tell it without a second
+    /// borrow of the response).
+    pub async fn read_counted(&mut self) -> pingora_error::Result<(Option<&[u8]>, u32)> {
         if let Some(e) = self.recovery.failure.take() {
             // Boxed: reconnecting is a large future that the read of every
             // buffer (a future made per 64 KiB) must not carry along.
             Box::pin(self.recover(e)).await?;
         }
+        let resumed = self.recovery.resumed;
         match self.session.read_body_ref().await {
             Ok(Some(chunk)) => {
                 self.received += chunk.len() as u64;
-                Ok(Some(chunk))
+                Ok((Some(chunk), resumed))
             }
-            Ok(None) => Ok(None),
+            Ok(None) => Ok((None, resumed)),
             Err(e) => {
                 // Mended on the next call, which may replace the session:
                 // this call's result borrows it, so it cannot happen here.
                 self.recovery.failure = Some(e);
-                Ok(Some(&[]))
+                Ok((Some(&[]), resumed))
             }
         }
     }
