@@ -255,6 +255,21 @@ async fn upstream_sees_exactly_the_allowed_request_headers() {
     assert_eq!(seen.header("range"), Some("bytes=0-9"));
 }
 
+/// Credentials written into `u` (`user:password@`) are not turned into an
+/// `Authorization` header: upstream credentials come from profiles or the
+/// resolver, never from a URL a client may have built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn userinfo_in_u_is_not_sent_upstream() {
+    let (o, p) = setup().await;
+    let u = o.url("/small.mp4").replacen("http://", "http://viewer:pa%40ss@", 1);
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &u), &[("Range", "bytes=0-9")]).await;
+    assert_eq!(got.status, 206);
+    let seen = &o.requests()[0];
+    assert_eq!(seen.target, "/small.mp4");
+    assert!(seen.headers.iter().all(|(k, v)| k != "authorization" && !v.contains("viewer")), "{:?}", seen.headers);
+    assert_eq!(seen.header("host"), Some(o.url("/").trim_start_matches("http://").trim_end_matches('/')));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_is_forwarded_as_head() {
     let (o, p) = setup().await;
