@@ -534,6 +534,29 @@ impl Config {
                 }
             }
         }
+        // Pingora binds with SO_REUSEPORT: an admin listener on a proxy
+        // address would not fail, the kernel would split connections
+        // between the two services at random.
+        let admin = self.admin_listen.0;
+        if let Some(both) = self.listen_addrs().iter().find(|a| overlaps(**a, admin)) {
+            return Err((
+                "admin_listen",
+                format!(
+                    "{admin} overlaps the proxy listener {both} (listen): connections would go to either at random"
+                ),
+            ));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(j) = self.routes[..i].iter().position(|o| o.prefix == r.prefix) {
+                return Err((
+                    "routes",
+                    format!(
+                        "routes[{j}] and routes[{i}] have the same prefix {:?}: one would never be used",
+                        r.prefix.0
+                    ),
+                ));
+            }
+        }
         if self.shutdown_grace.0 > Duration::from_secs(3600) {
             return Err(("shutdown_grace", "must be at most 1h".into()));
         }
@@ -648,6 +671,12 @@ fn is_origin(o: &str) -> bool {
         && !authority.contains(['/', '?', '#', '@'])
         && Url::parse(bare).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
         && HeaderValue::from_str(bare).is_ok()
+}
+
+/// Whether listeners on `a` and `b` take the same connections: the same
+/// port on the same address, or on a wildcard address (`0.0.0.0`, `[::]`).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]
@@ -768,6 +797,19 @@ mod tests {
         assert_eq!(refused("listen: []\n").0, "listen");
         assert_eq!(refused("listen: [\"127.0.0.1:1\", \"x\"]\n").0, "listen");
         assert_eq!(refused("admin_listen: \"x:1\"\n").0, "admin_listen");
+        for same in ["127.0.0.1:8080", "0.0.0.0:8080", "[::]:8080"] {
+            let (key, reason) =
+                refused(&format!("listen: [\"[::1]:1\", \"127.0.0.1:8080\"]\nadmin_listen: \"{same}\"\n"));
+            assert_eq!(key, "admin_listen", "{same}");
+            assert!(reason.contains("overlaps the proxy listener 127.0.0.1:8080"), "{reason}");
+        }
+        let apart = "auth: {mode: none}\nlisten: \"127.0.0.1:8080\"\nadmin_listen: \"127.0.0.2:8080\"\n";
+        assert!(load(apart).is_ok(), "another address on the same port");
+        let (key, reason) = refused("routes: [{prefix: /a/, upstream: \"http://x/\"}, {prefix: /b/, upstream: \"http://y/\"}, {prefix: /a/, upstream: \"http://z/\"}]\n");
+        assert_eq!(
+            (key.as_str(), reason.as_str()),
+            ("routes", "routes[0] and routes[2] have the same prefix \"/a/\": one would never be used")
+        );
         assert_eq!(refused("public_base_url: \"/relative\"\n").0, "public_base_url");
         assert_eq!(refused("resolver: {url: \"file:///etc/passwd\"}\n").0, "resolver.url");
         assert_eq!(refused("upstream: {user_agent: \"a\\nb\"}\n").0, "upstream.user_agent");
