@@ -233,7 +233,7 @@ mod tests {
             ttfb_ms: Some(3),
             upstream_host: "cdn.example",
             upstream_status: 206,
-            cache: "hit",
+            cache: "miss",
             resumed: 0,
             user_agent: "mpv \"0.35\"",
             request_id: "r1",
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(
             line.render(Format::Text),
             "1970-01-01T00:00:00.000Z 203.0.113.9 \"GET /strm/proxy/ep1.mp4\" 206 65536 12ms ttfb=3ms route=relay \
-             upstream=cdn.example upstream_status=206 cache=hit resumed=0 ua=\"mpv \\\"0.35\\\"\" id=r1"
+             upstream=cdn.example upstream_status=206 cache=miss resumed=0 ua=\"mpv \\\"0.35\\\"\" id=r1"
         );
         let json: serde_json::Value = serde_json::from_str(&line.render(Format::Json)).unwrap();
         assert_eq!(json["status"], 206);

@@ -355,6 +355,10 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     assert_eq!(get(p.addr(), "GET", &ok, &[]).await.status, 200);
     let (dies, sig_dies) = signed("/die-secret-path.mp4");
     assert!(!get(p.addr(), "GET", &dies, &[]).await.complete);
+    // A ranged request for all of it: the upstream's 206 is what the line
+    // reports, also when the cache keeps it as the whole object's 200.
+    let (ranged, _) = signed("/ranged-secret-path.mp4");
+    assert_eq!(get(p.addr(), "GET", &ranged, &[("Range", "bytes=0-")]).await.status, 206);
     let (resumes, sig_resumes) = signed("/resume-secret-path.mp4?token=TOKEN-in-query");
     assert!(get(p.addr(), "GET", &resumes, &[]).await.complete);
     let bad = format!("{}&sig=0123456789abcdef-BADSIG", relay_path("v.mp4", &o.url("/secret-path.mp4")));
@@ -369,6 +373,10 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     assert!(
         log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
         "one line per resumption: {log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("\"GET /strm/proxy/v.mp4\" 206 1000 ") && l.contains(" upstream_status=206 ")),
+        "the upstream's own status: {log}"
     );
     // With the cache on, the body came through a fill that was resumed: the
     // client's line says so as a relay's does.

@@ -49,6 +49,9 @@ pub struct Head {
     /// A `200` for the whole object: ranges and conditionals can be
     /// answered from it. Otherwise (an error status) it is relayed as it is.
     pub whole: bool,
+    /// The status the upstream answered with (a `206` for the whole
+    /// object, where `header` says `200`): what the access log reports.
+    pub upstream_status: u16,
     /// When the header arrived, and the upstream's own `Age` then.
     pub received: Instant,
     pub initial_age: u64,
@@ -336,6 +339,7 @@ mod tests {
             url: Url::parse("http://o.test/x").unwrap(),
             len,
             whole: true,
+            upstream_status: 200,
             received: Instant::now(),
             initial_age: 0,
         }

@@ -66,7 +66,8 @@ pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response, admissio
             let initial_age = age_of(&upstream);
             let url = resp.url().clone();
             let header = crate::headers::relayed(&upstream);
-            entry.set_head(Head { header, url, len, whole, received: Instant::now(), initial_age });
+            let upstream_status = resp.header().status.as_u16();
+            entry.set_head(Head { header, url, len, whole, upstream_status, received: Instant::now(), initial_age });
             Some(Started { len, upstream })
         }
         _ => {

@@ -87,7 +87,7 @@ impl Proxy {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
-                            ctx.upstream_status = entry.head().map_or(0, |h| h.header.status.as_u16());
+                            ctx.upstream_status = entry.head().map_or(0, |h| h.upstream_status);
                             Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                         }
                         Ready::Failed(e) => Ok(Err(e)),
