@@ -282,11 +282,14 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
             ("/page.html", _) => {
                 Resp::new(200, Body::Bytes(PAGE.into())).header("Content-Type", "text/html; charset=utf-8").into()
             }
+            ("/native.html", _) => Resp::new(200, Body::Bytes(NATIVE_PAGE.into()))
+                .header("Content-Type", "text/html; charset=utf-8")
+                .into(),
             ("/hls.min.js", _) => match &hlsjs {
                 Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
                 None => Resp::new(404, Body::Bytes(Vec::new())).into(),
             },
-            ("/report", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
+            ("/report" | "/report-native", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
             ("/oct/master", _) => {
                 serve_bytes(req, &file("master.m3u8").unwrap(), Some("application/octet-stream")).into()
             }
@@ -498,6 +501,26 @@ v.addEventListener('ended', () => {
 });
 hls.loadSource(new URLSearchParams(location.search).get('src'));
 hls.attachMedia(v);
+</script>
+"#;
+
+/// Chromium's own HLS player (no hls.js: `<video src>`, as Jellyfin's web
+/// client uses it where the browser plays HLS itself): plays `?src=` muted,
+/// seeks back to 1 s once past 2 s, and reports to `/report` how it ended
+/// (`ended` with the position, the duration and the seek), a fatal `error`,
+/// or `unsupported` when this Chromium has no HLS player — to
+/// `/report-native`, so it runs beside the hls.js page.
+const NATIVE_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" muted autoplay playsinline></video>
+<script>
+const report = (q) => fetch('/report-native?' + q).catch(() => {});
+const v = document.getElementById('v');
+let sought = false;
+if (!v.canPlayType('application/vnd.apple.mpegurl')) report('unsupported=1');
+v.addEventListener('error', () => report('error=' + encodeURIComponent((v.error && v.error.code) + ' ' + (v.error && v.error.message))));
+v.addEventListener('timeupdate', () => { if (!sought && v.currentTime > 2) { sought = true; v.currentTime = 1; } });
+v.addEventListener('ended', () => report('ended=' + v.currentTime + '&duration=' + v.duration + '&sought=' + sought));
+v.src = new URLSearchParams(location.search).get('src');
+v.play().catch((e) => report('error=' + encodeURIComponent('play ' + e)));
 </script>
 "#;
 
@@ -771,8 +794,14 @@ fn is_root() -> bool {
 /// hls.js in headless Chromium, on a page served by `page_origin` (another
 /// origin than the proxy: CORS), plays `src`; returns the page's report.
 async fn hlsjs(page_origin: &Origin, src: &str) -> String {
+    chromium(page_origin, "/page.html", "/report", src).await
+}
+
+/// Headless Chromium opens `page` of `page_origin` with `?src=`; returns
+/// what the page reported to `report`.
+async fn chromium(page_origin: &Origin, page: &str, report: &str, src: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let page = format!("{}?src={}", page_origin.url("/page.html"), anibridge_proxy::auth::quote_plus(src));
+    let page = format!("{}?src={}", page_origin.url(page), anibridge_proxy::auth::quote_plus(src));
     let mut cmd = tokio::process::Command::new("chromium");
     cmd.args([
         "--headless",
@@ -796,10 +825,10 @@ async fn hlsjs(page_origin: &Origin, src: &str) -> String {
     let _chromium = cmd.spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        if let Some(r) = page_origin.requests().iter().find(|r| r.path() == "/report") {
+        if let Some(r) = page_origin.requests().iter().find(|r| r.path() == report) {
             return r.target.split_once('?').map_or("", |(_, q)| q).to_string();
         }
-        assert!(std::time::Instant::now() < deadline, "the hls.js page never reported");
+        assert!(std::time::Instant::now() < deadline, "the page never reported");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -820,7 +849,7 @@ async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
+async fn mpv_vlc_hlsjs_and_chromium_play_to_the_end_in_real_time() {
     // The media are made with ffmpeg and served by nginx; each player
     // below is checked for on its own.
     if !have(&[FFMPEG, NGINX]) {
@@ -861,7 +890,23 @@ async fn mpv_vlc_and_hlsjs_play_to_the_end_in_real_time() {
         assert!(duration > 3.5 && at >= duration - 0.3, "hls.js ended at {at} of {duration}");
         assert!(q.get("subs").unwrap().parse::<u32>().unwrap() > 0, "no WebVTT fragment loaded: {report}");
     };
-    tokio::join!(mpv_runs, vlc_run, hlsjs_run);
+    let native_run = async {
+        if !have(&[CHROMIUM]) {
+            return;
+        }
+        let report = chromium(&h, "/native.html", "/report-native", &ts).await;
+        let q = anibridge_proxy::auth::Query::parse(Some(&report));
+        if q.get("unsupported").is_some() {
+            tools::missing("Chromium's own HLS player", "a Chromium that plays HLS itself (Debian's 156 does)");
+            return;
+        }
+        assert!(q.get("error").is_none(), "Chromium's HLS player failed: {report}");
+        let at: f64 = q.get("ended").unwrap().parse().unwrap();
+        let duration: f64 = q.get("duration").unwrap().parse().unwrap();
+        assert!(duration > 3.5 && at >= duration - 0.3, "Chromium's HLS player ended at {at} of {duration}");
+        assert_eq!(q.get("sought"), Some("true"), "{report}");
+    };
+    tokio::join!(mpv_runs, vlc_run, hlsjs_run, native_run);
 
     let served = nginx.served_through_proxy();
     for f in ["/ts/master.m3u8", "/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
