@@ -504,8 +504,8 @@ hls.attachMedia(v);
 </script>
 "#;
 
-/// Chromium's own HLS player (no hls.js: `<video src>`, as Jellyfin's web
-/// client uses it where the browser plays HLS itself): plays `?src=` muted,
+/// Chromium's own HLS player (no hls.js: `<video src>`, as a web player
+/// may use it where the browser plays HLS itself): plays `?src=` muted,
 /// seeks back to 1 s once past 2 s, and reports to `/report` how it ended
 /// (`ended` with the position, the duration and the seek), a fatal `error`,
 /// or `unsupported` when this Chromium has no HLS player — to
