@@ -506,10 +506,10 @@ hls.attachMedia(v);
 
 /// Chromium's own HLS player (no hls.js: `<video src>`, as a web player
 /// may use it where the browser plays HLS itself): plays `?src=` muted,
-/// seeks back to 1 s once past 2 s, and reports to `/report` how it ended
-/// (`ended` with the position, the duration and the seek), a fatal `error`,
-/// or `unsupported` when this Chromium has no HLS player — to
-/// `/report-native`, so it runs beside the hls.js page.
+/// seeks back to 1 s once past 2 s, and reports to `/report-native` (so it
+/// can run beside the hls.js page) how it ended: `ended` with the position,
+/// the duration and the seek, a fatal `error`, or `unsupported` when this
+/// Chromium has no HLS player.
 const NATIVE_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" muted autoplay playsinline></video>
 <script>
 const report = (q) => fetch('/report-native?' + q).catch(() => {});
