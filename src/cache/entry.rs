@@ -171,9 +171,10 @@ impl Entry {
         }
     }
 
-    /// Whether the fill completed (the object is whole in memory).
+    /// Whether the fill completed (the object is whole in memory): one
+    /// atomic load, no lock — every answer from memory asks it.
     pub fn is_done(&self) -> bool {
-        matches!(*self.progress.borrow(), Progress::Done)
+        self.head_only || self.stored.get().is_some()
     }
 
     /// Times the fill's body was continued on a new upstream connection so far.
