@@ -1,22 +1,30 @@
 //! Scaling out (DESIGN "Running it"): three proxy instances sharing one
-//! secret behind the real nginx running conf/nginx-fleet.conf (consistent
-//! hashing of `u=`). Viewers through the balancer fetch an HLS stream and
-//! the origin (nginx too) serves each file once across the fleet; a URL
-//! signed by one instance plays through any; stopping an instance moves
-//! only its share of the URLs.
+//! secret behind a real balancer hashing consistently, nginx running
+//! conf/nginx-fleet.conf and HAProxy running conf/haproxy-fleet.cfg.
+//! Viewers through the balancer fetch an HLS stream and `/strm/stream`
+//! episodes (each viewer with its own signature), and the origin (nginx)
+//! serves each file once across the fleet; a URL signed by one instance
+//! plays through any; stopping an instance moves only its share of the
+//! URLs.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
+use anibridge_proxy::auth::{sign, Query};
 use common::process::{spawn_nginx, Spawned};
 use common::*;
 
 const SEGMENTS: u64 = 12;
 const SEG: u64 = 64 << 10;
+const EPISODES: u64 = 6;
 
-/// The origin: an HLS stream on disk, served by nginx, logging which
-/// instance fetched each file (`X-Instance`, a provider-profile header).
+/// The origin: an HLS stream and some episodes on disk, served by nginx,
+/// logging which instance fetched each file (`X-Instance`, a
+/// provider-profile header).
 async fn origin(root: &std::path::Path) -> (Spawned, u16) {
     let mut list = String::from("#EXTM3U\n#EXT-X-TARGETDURATION:4\n");
     for i in 0..SEGMENTS {
@@ -25,15 +33,34 @@ async fn origin(root: &std::path::Path) -> (Spawned, u16) {
     }
     list.push_str("#EXT-X-ENDLIST\n");
     std::fs::write(root.join("index.m3u8"), list).unwrap();
+    for e in 1..=EPISODES {
+        std::fs::write(root.join(format!("ep{e}.mp4")), pattern(e * 7, SEG)).unwrap();
+    }
     let port = unused_addr().port();
     let nginx = spawn_nginx(&format!(
         "log_format fleet '$request_method $uri $status $http_x_instance';\n\
-         types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}\n\
+         types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4; }}\n\
          server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log fleet; }}\n",
         root.display()
     ));
     nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
     (nginx, port)
+}
+
+/// The resolver every instance asks (operator config): episode `e` is
+/// `ep{e}.mp4` on the origin. Counts its calls.
+async fn resolver(origin_port: u16) -> (Origin, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let o = Origin::start(move |req| {
+        c.fetch_add(1, Ordering::SeqCst);
+        let q = Query::parse(req.target.split_once('?').map(|(_, q)| q));
+        let e = q.0.iter().find(|(k, _)| k == "e").map(|(_, v)| v.clone()).unwrap_or_default();
+        let body = format!(r#"{{"url":"http://127.0.0.1:{origin_port}/ep{e}.mp4","ttl_seconds":600}}"#);
+        Resp::new(200, Body::Bytes(body.into_bytes())).header("Content-Type", "application/json").into()
+    })
+    .await;
+    (o, calls)
 }
 
 /// Which instance fetched each path, as the origin logged it, in order.
@@ -63,13 +90,48 @@ async fn watch(front: u16, master: &str) {
     }
 }
 
+/// `/strm/stream` for episode `e` through the balancer, signed with the
+/// viewer's own expiry (so every viewer's query differs in `exp` and `sig`).
+async fn stream_episode(front: u16, e: u64, viewer: u64) {
+    let mut q = Query::parse(Some(&format!(
+        "site=aniworld.to&slug=frieren&s=1&e={e}&lang=German+Sub&provider=VOE&exp={}",
+        now() + 600 + viewer
+    )));
+    let s = sign(SECRET.as_bytes(), &q);
+    q.0.push(("sig".into(), s));
+    let got = get(([127, 0, 0, 1], front).into(), "GET", &format!("/anibridge/strm/stream?{}", q.encode()), &[]).await;
+    assert_eq!((got.status, got.complete), (200, true), "episode {e}: {}", got.text());
+    assert_body(&got.body, &pattern(e * 7, SEG));
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Balancer {
+    Nginx,
+    Haproxy,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
+async fn a_fleet_behind_nginx_fetches_each_file_once() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
+    fleet_fetches_each_file_once(Balancer::Nginx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_haproxy_fetches_each_file_once() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("haproxy", "apt-get install haproxy").is_none()
+    {
+        return;
+    }
+    fleet_fetches_each_file_once(Balancer::Haproxy).await;
+}
+
+async fn fleet_fetches_each_file_once(kind: Balancer) {
     let root = tempfile::tempdir().unwrap();
     let (origin, origin_port) = origin(root.path()).await;
+    let (resolver, resolutions) = resolver(origin_port).await;
     let front_port = unused_addr().port();
     let mut fleet = Vec::new();
     for n in 1..=3 {
@@ -77,20 +139,25 @@ async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
             Proxy::start(&format!(
                 "auth: {{mode: token}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n\
                  public_base_url: \"http://127.0.0.1:{front_port}/anibridge\"\n\
-                 providers: [{{hosts: [\"127.0.0.1\"], headers: {{X-Instance: \"i{n}\"}}}}]\ncache: {{}}\n"
+                 resolver: {{url: \"{}\"}}\n\
+                 providers: [{{hosts: [\"127.0.0.1\"], headers: {{X-Instance: \"i{n}\"}}}}]\ncache: {{}}\n",
+                resolver.url("/resolve")
             ))
             .await,
         ));
     }
     let addrs: Vec<_> = fleet.iter().map(|p| p.as_ref().unwrap().addr()).collect();
     // The balancer listens where the instances' public_base_url says.
-    let front = balancer(&addrs, front_port).await;
+    let front = match kind {
+        Balancer::Nginx => nginx_balancer(&addrs, front_port).await,
+        Balancer::Haproxy => haproxy_balancer(&addrs, front_port).await,
+    };
     let master = format!(
         "/anibridge{}",
         signed_relay_path("index.m3u8", &format!("http://127.0.0.1:{origin_port}/index.m3u8"), Some(now() + 600))
     );
 
-    let viewers: Vec<_> = (0..10)
+    let mut viewers: Vec<_> = (0..10)
         .map(|_| {
             tokio::spawn({
                 let m = master.clone();
@@ -98,6 +165,12 @@ async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
             })
         })
         .collect();
+    // /strm/stream: three viewers per episode, each with its own signature.
+    for e in 1..=EPISODES {
+        for v in 0..3 {
+            viewers.push(tokio::spawn(stream_episode(front_port, e, v)));
+        }
+    }
     for v in viewers {
         v.await.unwrap();
     }
@@ -106,29 +179,47 @@ async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
     for (path, instance) in &first {
         assert!(
             owner.insert(path.clone(), instance.clone()).is_none(),
-            "{path} fetched twice across the fleet: {first:?}"
+            "{kind:?}: {path} fetched twice across the fleet: {first:?}"
         );
     }
-    assert_eq!(owner.len(), SEGMENTS as usize + 1);
+    assert_eq!(owner.len(), (SEGMENTS + 1 + EPISODES) as usize, "{first:?}");
+    assert_eq!(
+        resolutions.load(Ordering::SeqCst),
+        EPISODES as usize,
+        "{kind:?}: one resolution per episode across the fleet"
+    );
     let shares: BTreeMap<&String, usize> = owner.values().fold(BTreeMap::new(), |mut m, i| {
         *m.entry(i).or_default() += 1;
         m
     });
-    assert!(shares.len() >= 2, "the URLs spread over the fleet: {shares:?}");
+    assert!(shares.len() >= 2, "{kind:?}: the URLs spread over the fleet: {shares:?}");
 
     // Stop the instance with the largest share: only its URLs move.
     let (gone, _) = shares.iter().max_by_key(|(_, n)| **n).map(|(i, n)| ((*i).clone(), *n)).unwrap();
     let k: usize = gone.trim_start_matches('i').parse::<usize>().unwrap() - 1;
     let before = fetched(&origin).len();
     fleet[k] = None;
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    match kind {
+        Balancer::Nginx => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        // HAProxy takes it out of the ring when its health check fails
+        // (until then a retry goes to another instance, not always the one
+        // the ring will choose without it).
+        Balancer::Haproxy => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !front.read("haproxy.log").contains(&format!("/{gone} is DOWN")) {
+                assert!(std::time::Instant::now() < deadline, "HAProxy saw no DOWN: {}", front.read("haproxy.log"));
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
     watch(front_port, &master).await;
     watch(front_port, &master).await;
     let moved: Vec<(String, String)> = fetched(&origin)[before..].to_vec();
-    let expected: Vec<&String> = owner.iter().filter(|(_, i)| **i == gone).map(|(p, _)| p).collect();
+    let expected: Vec<&String> =
+        owner.iter().filter(|(p, i)| **i == gone && !p.starts_with("/ep")).map(|(p, _)| p).collect();
     let mut refetched: Vec<&String> = moved.iter().map(|(p, _)| p).collect();
     refetched.sort();
-    assert_eq!(refetched, expected, "exactly the stopped instance's URLs were fetched again, once each");
+    assert_eq!(refetched, expected, "{kind:?}: exactly the stopped instance's URLs were fetched again, once each");
     assert!(moved.iter().all(|(_, i)| *i != gone), "{moved:?}");
     // A URL signed by one instance (a segment of the playlist it rewrote)
     // plays through every one still running (checked last: it fills their
@@ -146,19 +237,42 @@ async fn a_fleet_behind_consistent_hashing_fetches_each_file_once() {
     drop(front);
 }
 
+/// The instances' addresses the fleet configs name, replaced by the test's.
+const DEFAULTS: [&str; 3] = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
+
 /// conf/nginx-fleet.conf listening on `port`, with the instances'
 /// addresses and its log path replaced.
-async fn balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+async fn nginx_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
     let conf = std::fs::read_to_string("conf/nginx-fleet.conf").unwrap();
-    let defaults = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
-    assert!(conf.contains("listen 80;") && defaults.iter().all(|d| conf.contains(&format!("server {d} "))));
+    assert!(conf.contains("listen 80;") && DEFAULTS.iter().all(|d| conf.contains(&format!("server {d} "))));
     let mut conf = conf
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
         .replace("/var/log/nginx/anibridge.log", "{dir}/fleet.log");
-    for (d, a) in defaults.iter().zip(instances) {
+    for (d, a) in DEFAULTS.iter().zip(instances) {
         conf = conf.replace(&format!("server {d} "), &format!("server {a} "));
     }
     let nginx = spawn_nginx(&conf);
     nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
     nginx
+}
+
+/// conf/haproxy-fleet.cfg listening on `port`, with the instances'
+/// addresses replaced, HAProxy in the foreground.
+async fn haproxy_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+    let conf = std::fs::read_to_string("conf/haproxy-fleet.cfg").unwrap();
+    assert!(conf.contains("bind :80\n") && DEFAULTS.iter().all(|d| conf.contains(&format!(" {d} check"))));
+    let mut conf = conf.replace("bind :80\n", &format!("bind 127.0.0.1:{port}\n"));
+    for (d, a) in DEFAULTS.iter().zip(instances) {
+        conf = conf.replace(&format!(" {d} check"), &format!(" {a} check"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, conf).unwrap();
+    let haproxy = Spawned::start_logging(
+        Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file),
+        dir,
+        "haproxy.log",
+    );
+    haproxy.wait_listening(([127, 0, 0, 1], port).into(), "haproxy.log").await;
+    haproxy
 }
