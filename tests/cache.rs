@@ -455,6 +455,51 @@ async fn what_is_never_stored_or_shared() {
     }
 }
 
+/// A playlist sent without a length (chunked, as dynamic playlist
+/// endpoints and CDNs send them, or until the connection closes) is read
+/// whole anyway, so requests that come while it is read share that one
+/// fetch, each getting its own rewrite; it is never stored (no declared
+/// length). One over `stream.max_playlist_bytes` is 502 for all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
+    let list = b"#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:4,\ns7.ts\n#EXTINF:4,\ns8.ts\n";
+    let o = Origin::start(move |req| {
+        let body = match req.path() {
+            "/chunked.m3u8" => Body::Chunked(list.to_vec()),
+            "/close.m3u8" => Body::UntilClose(list.to_vec()),
+            _ => Body::Chunked([&list[..], &[b'#'; 4000][..]].concat()),
+        };
+        Action::Delayed(
+            Duration::from_millis(300),
+            Resp::new(200, body).header("Content-Type", "application/x-mpegurl"),
+        )
+    })
+    .await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nstream: {max_playlist_bytes: 2000}\ncache: {}\n",
+    )
+    .await;
+    for path in ["/chunked.m3u8", "/close.m3u8"] {
+        let url = o.url(path);
+        for r in spawn_gets(10, p.addr(), "GET", &relay_path("index.m3u8", &url)) {
+            let got = r.await.unwrap();
+            assert_eq!((got.status, got.complete), (200, true), "{path}");
+            assert_eq!(got.header("content-type"), Some("application/vnd.apple.mpegurl"));
+            assert_eq!(got.header("content-length"), Some(got.body.len().to_string().as_str()));
+            assert_eq!(children(&got.text()).len(), 2, "{path}: {}", got.text());
+        }
+        assert_eq!(o.count(path), 1, "{path}: one GET for ten concurrent requests");
+        let got = get(p.addr(), "GET", &relay_path("index.m3u8", &url), &[]).await;
+        assert_eq!((got.status, children(&got.text()).len()), (200, 2));
+        assert_eq!(o.count(path), 2, "{path}: not stored, so the next request goes upstream");
+    }
+    for r in spawn_gets(5, p.addr(), "GET", &relay_path("index.m3u8", &o.url("/large.m3u8"))) {
+        let got = r.await.unwrap();
+        assert_eq!((got.status, got.text().as_str()), (502, "playlist too large\n"));
+    }
+    assert_eq!(o.count("/large.m3u8"), 1, "one GET for five concurrent requests");
+}
+
 /// Freshness: the upstream's `max-age`, else `cache.ttl`; a live playlist
 /// half its target duration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::entry::{Entry, Head, Progress};
 use super::policy::{self, Admission, Kind};
 use super::{age_of, Cache};
-use crate::upstream::{Client, Request, Response};
+use crate::upstream::{BodyError, Client, FetchError, Request, Response};
 
 pub(super) async fn run(
     cache: Cache,
@@ -35,6 +35,10 @@ pub(super) async fn run(
         }
     };
     let admission = policy::admit(resp.header(), cache.settings().max_object_bytes);
+    if playlist && admission == Admission::Decline && policy::unsized_whole(resp.header()) {
+        drop(handoff);
+        return unsized_playlist(cache, entry, resp).await;
+    }
     match start(&cache, &entry, &resp, admission) {
         Some(started) => {
             drop(handoff);
@@ -45,6 +49,50 @@ pub(super) async fn run(
             let _ = handoff.send(resp);
         }
     }
+}
+
+/// A playlist sent without a length (chunked, or until the connection
+/// closes): read whole first — bounded by `stream.max_playlist_bytes`, as
+/// the relay reads one — then handed to the requests that came meanwhile,
+/// each rewriting it for itself. Never stored: its length was not declared.
+/// Too long, or failed: every one of them gets the failure the relay would
+/// have answered with.
+async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
+    let max = cache.settings().max_playlist;
+    let read = resp.read_to_vec(Vec::new(), max).await;
+    entry.resumed(resp.resumptions());
+    let body = match read {
+        Ok(body) => body,
+        Err(e) => {
+            let e = match e {
+                BodyError::TooLarge => {
+                    log::warn!("playlist exceeds stream.max_playlist_bytes ({max})");
+                    FetchError::PlaylistTooLarge
+                }
+                BodyError::Failed(e) => FetchError::from_pingora(e).at(resp.url()),
+            };
+            entry.finish(Progress::Failed(Some(e)));
+            cache.finished(&entry, 0, None);
+            return;
+        }
+    };
+    // Not reserved from `cache.max_bytes`: it is never stored, and is held
+    // no longer than its readers take, bounded as one relay's would be.
+    let len = body.len() as u64;
+    let mut upstream = resp.header().clone();
+    upstream.remove_header(&http::header::TRANSFER_ENCODING);
+    let _ = upstream.insert_header(http::header::CONTENT_LENGTH, len);
+    let header = crate::headers::relayed(&upstream);
+    let (url, upstream_status) = (resp.url().clone(), upstream.status.as_u16());
+    let initial_age = age_of(&upstream);
+    entry.set_head(Head { header, url, len, whole: true, upstream_status, received: Instant::now(), initial_age });
+    let mut block = BytesMut::new();
+    for piece in body.chunks(cache.settings().chunk) {
+        entry.append(&mut block, piece);
+    }
+    entry.finish(Progress::Done);
+    cache.finished(&entry, 0, None);
+    resp.finish().await;
 }
 
 /// What a fill that has its header goes on with.

@@ -77,6 +77,9 @@ pub struct Settings {
     pub lifetimes: Lifetimes,
     /// `stream.chunk_size`: the most a reader hands to one client write.
     pub chunk: usize,
+    /// `stream.max_playlist_bytes`: the most a fill reads of a playlist
+    /// sent without a length.
+    pub max_playlist: usize,
 }
 
 /// What a request may do with the cache.

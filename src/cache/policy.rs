@@ -90,6 +90,16 @@ pub fn admit(up: &ResponseHeader, max_object: u64) -> Admission {
     }
 }
 
+/// Whether a declined answer is a whole object sent without a length
+/// (chunked, or until the connection closes) that may be shared: a `200`,
+/// not `no-store`, `private` or setting a cookie. A playlist such as this
+/// is read whole anyway, so the requests that come meanwhile can share it.
+pub fn unsized_whole(up: &ResponseHeader) -> bool {
+    let h = &up.headers;
+    let no_length = h.contains_key(header::TRANSFER_ENCODING) || headers::content_length(h).is_none();
+    up.status == StatusCode::OK && no_length && !h.contains_key(header::CONTENT_RANGE) && shareable(h)
+}
+
 /// The header a whole object is stored with: a `206` for all of it becomes
 /// the `200` it stands for ([`headers::whole_of_part`]).
 pub fn as_whole(mut up: ResponseHeader) -> ResponseHeader {
@@ -221,6 +231,18 @@ mod tests {
 
     fn life(up: &ResponseHeader, kind: Kind) -> Option<u64> {
         lifetime(up, kind, SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000), &CFG).map(|d| d.as_secs())
+    }
+
+    #[test]
+    fn what_is_read_whole_when_it_has_no_length() {
+        assert!(unsized_whole(&resp(200, &[("Transfer-Encoding", "chunked")])));
+        assert!(unsized_whole(&resp(200, &[])), "until the connection closes");
+        assert!(!unsized_whole(&resp(200, &[("Content-Length", "10")])), "a length: filled as any object");
+        assert!(!unsized_whole(&resp(404, &[("Transfer-Encoding", "chunked")])));
+        assert!(!unsized_whole(&resp(206, &[("Content-Range", "bytes 0-9/100")])));
+        for never in [("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=b")] {
+            assert!(!unsized_whole(&resp(200, &[never])), "{never:?} is not shared");
+        }
     }
 
     #[test]

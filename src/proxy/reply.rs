@@ -148,6 +148,7 @@ impl From<&FetchError> for Failure {
             FetchError::Timeout(_) => Failure::Timeout,
             FetchError::EgressProxy(_) => Failure::EgressProxy,
             FetchError::Request(_) => Failure::Internal,
+            FetchError::PlaylistTooLarge => Failure::PlaylistTooLarge,
             FetchError::Gate(crate::gate::Refused::Busy) => Failure::Busy,
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => Failure::CoolingDown(*s),
         }

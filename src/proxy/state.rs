@@ -105,6 +105,7 @@ impl State {
                         playlist_ttl: cfg.cache.playlist_ttl.0,
                     },
                     chunk: cfg.stream.chunk_size,
+                    max_playlist: cfg.stream.max_playlist_bytes,
                 },
                 metrics.clone(),
             ),

@@ -34,6 +34,10 @@ pub enum FetchError {
     /// The upstream request could not be built (a URL without a host, a
     /// header Pingora refused): the proxy's own fault, never the upstream's.
     Request(&'static str),
+    /// A playlist the cache read for the requests sharing it was longer
+    /// than `stream.max_playlist_bytes`: each of them gets what the relay
+    /// answers such a playlist with.
+    PlaylistTooLarge,
 }
 
 /// What failed, and where: Pingora's error, and the `host:port` it happened
@@ -111,6 +115,7 @@ impl std::fmt::Display for FetchError {
             FetchError::Gate(crate::gate::Refused::Busy) => f.write_str("the host's connection limit stayed reached"),
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => write!(f, "the host cools down for {s} s more"),
             FetchError::Request(why) => write!(f, "cannot build the upstream request: {why}"),
+            FetchError::PlaylistTooLarge => f.write_str("the playlist exceeds stream.max_playlist_bytes"),
         }
     }
 }
