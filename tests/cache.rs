@@ -459,7 +459,8 @@ async fn what_is_never_stored_or_shared() {
 /// endpoints and CDNs send them, or until the connection closes) is read
 /// whole anyway, so requests that come while it is read share that one
 /// fetch, each getting its own rewrite; it is never stored (no declared
-/// length). One over `stream.max_playlist_bytes` is 502 for all of them.
+/// length). One over `stream.max_playlist_bytes`, or one that dies each
+/// time it is fetched, is 502 for all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
     let list = b"#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:4,\ns7.ts\n#EXTINF:4,\ns8.ts\n";
@@ -467,6 +468,7 @@ async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
         let body = match req.path() {
             "/chunked.m3u8" => Body::Chunked(list.to_vec()),
             "/close.m3u8" => Body::UntilClose(list.to_vec()),
+            "/dies.m3u8" => Body::ChunkedDie(list[..40].to_vec()),
             _ => Body::Chunked([&list[..], &[b'#'; 4000][..]].concat()),
         };
         Action::Delayed(
@@ -498,6 +500,12 @@ async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
         assert_eq!((got.status, got.text().as_str()), (502, "playlist too large\n"));
     }
     assert_eq!(o.count("/large.m3u8"), 1, "one GET for five concurrent requests");
+    // One that dies every time: fetched again whole (resume_attempts: 3),
+    // once for all of them, and a 502 for each.
+    for r in spawn_gets(5, p.addr(), "GET", &relay_path("index.m3u8", &o.url("/dies.m3u8"))) {
+        assert_eq!(r.await.unwrap().status, 502);
+    }
+    assert_eq!(o.count("/dies.m3u8"), 4, "one fetch and three refetches for five concurrent requests");
 }
 
 /// Freshness: the upstream's `max-age`, else `cache.ttl`; a live playlist
