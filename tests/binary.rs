@@ -13,6 +13,11 @@ use tokio::io::AsyncReadExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_anibridge-proxy");
 
+/// `f` opened again for appending.
+fn appending(f: &tempfile::NamedTempFile) -> std::fs::File {
+    std::fs::OpenOptions::new().append(true).open(f.path()).unwrap()
+}
+
 fn config_file(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
     f.write_all(text.as_bytes()).unwrap();
@@ -101,13 +106,15 @@ impl Running {
             .arg("--config")
             .arg(cfg.path())
             .envs(env.iter().copied())
-            // The access log (standard output) and the rest (standard error), in one file.
+            // The access log (standard output) and the rest (standard error),
+            // in one file, both appending (two plain opens would each write
+            // from offset 0, over each other's lines).
             .stdout(match &log {
-                Some(f) => Stdio::from(f.reopen().unwrap()),
+                Some(f) => Stdio::from(appending(f)),
                 None => Stdio::null(),
             })
             .stderr(match &log {
-                Some(f) => Stdio::from(f.reopen().unwrap()),
+                Some(f) => Stdio::from(appending(f)),
                 None => Stdio::inherit(),
             })
             .spawn()
@@ -933,6 +940,38 @@ async fn upstream_failures_name_the_place_and_the_cause() {
     ] {
         assert!(log.contains(&line), "{line:?} not in {log}");
     }
+}
+
+/// A fill that dies for good (no validator: it cannot be resumed) is
+/// logged once, by the fill, not once per reader it aborts: five viewers
+/// of one dying file leave one WARN for the fill and no ERROR lines, and
+/// each viewer's access line says its response failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
+    let o = Origin::start(|_| {
+        let dies = Body::DieAfter { declared: 100_000, sent: pattern(0, 1000) };
+        Action::Delayed(Duration::from_millis(300), Resp::new(200, dies).header("Content-Type", "video/mp4"))
+    })
+    .await;
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\n",
+        Some("warn,access=info"),
+        &[],
+    )
+    .await;
+    for r in spawn_gets(5, p.addr(), "GET", &relay_path("x.mp4", &o.url("/dies.mp4"))) {
+        assert!(!r.await.unwrap().complete);
+    }
+    assert_eq!(o.requests().len(), 1, "one fill for the five");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert_eq!(log.matches("cache fill from 127.0.0.1 failed mid-body").count(), 1, "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    let failed = log.lines().filter(|l| l.contains("\"GET /strm/proxy/x.mp4\" 200 1000 ")).collect::<Vec<_>>();
+    assert_eq!(failed.len(), 5, "{log}");
+    assert!(failed.iter().all(|l| l.contains("error=\"ConnectionClosed\"")), "{log}");
 }
 
 /// A DNS server that stops answering (a VPN or DNS container that went

@@ -18,6 +18,16 @@ use url::Url;
 use super::Key;
 use crate::upstream::FetchError;
 
+/// Why a reader was aborted: its fill died for good (which the fill
+/// logged, once for all its readers).
+const FILL_FAILED: &str = "the cache's upstream fetch failed mid-body";
+
+/// Whether `e` aborted a reader because its fill died: the fill said so in
+/// the log already, so its readers' errors need no line each.
+pub fn is_fill_failure(e: &Error) -> bool {
+    *e.etype() == ErrorType::ConnectionClosed && e.context.as_ref().is_some_and(|c| c.as_str() == FILL_FAILED)
+}
+
 /// Where a fill is.
 #[derive(Debug, Clone)]
 pub enum Progress {
@@ -312,7 +322,7 @@ impl Reader {
                 // waiting for more is aborted, as a relay would be.
                 Progress::Failed(_) if self.entry.written() > self.pos => break,
                 Progress::Declined | Progress::Failed(_) => {
-                    return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch failed mid-body");
+                    return Error::e_explain(ErrorType::ConnectionClosed, FILL_FAILED);
                 }
             }
             if rx.changed().await.is_err() {

@@ -36,7 +36,7 @@ use tokio::sync::{oneshot, watch};
 use url::Url;
 
 pub use answer::{answerable_range, plan, shape, Plan};
-pub use entry::{Entry, Head, Reader, Ready};
+pub use entry::{is_fill_failure, Entry, Head, Reader, Ready};
 use policy::Lifetimes;
 
 use crate::headers::WireHeader;
