@@ -64,11 +64,9 @@ async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
     let body = match read {
         Ok(body) => body,
         Err(e) => {
+            // Each request that shared it logs the failure it is answered with.
             let e = match e {
-                BodyError::TooLarge => {
-                    log::warn!("playlist exceeds stream.max_playlist_bytes ({max})");
-                    FetchError::PlaylistTooLarge
-                }
+                BodyError::TooLarge => FetchError::PlaylistTooLarge(max),
                 BodyError::Failed(e) => FetchError::from_pingora(e).at(resp.url()),
             };
             entry.finish(Progress::Failed(Some(e)));

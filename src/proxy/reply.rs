@@ -148,7 +148,7 @@ impl From<&FetchError> for Failure {
             FetchError::Timeout(_) => Failure::Timeout,
             FetchError::EgressProxy(_) => Failure::EgressProxy,
             FetchError::Request(_) => Failure::Internal,
-            FetchError::PlaylistTooLarge => Failure::PlaylistTooLarge,
+            FetchError::PlaylistTooLarge(_) => Failure::PlaylistTooLarge,
             FetchError::Gate(crate::gate::Refused::Busy) => Failure::Busy,
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => Failure::CoolingDown(*s),
         }
@@ -268,5 +268,7 @@ mod tests {
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectRefused))), Failure::Unreachable);
         // Building the upstream request is the proxy's own business, never an unreachable upstream.
         assert_eq!(Failure::from(&FetchError::Request("no host")), Failure::Internal);
+        // A shared playlist too long for any of its readers: what the relay answers.
+        assert_eq!(Failure::from(&FetchError::PlaylistTooLarge(8)), Failure::PlaylistTooLarge);
     }
 }

@@ -35,9 +35,9 @@ pub enum FetchError {
     /// header Pingora refused): the proxy's own fault, never the upstream's.
     Request(&'static str),
     /// A playlist the cache read for the requests sharing it was longer
-    /// than `stream.max_playlist_bytes`: each of them gets what the relay
-    /// answers such a playlist with.
-    PlaylistTooLarge,
+    /// than `stream.max_playlist_bytes` (this many bytes): each of them gets
+    /// what the relay answers such a playlist with.
+    PlaylistTooLarge(usize),
 }
 
 /// What failed, and where: Pingora's error, and the `host:port` it happened
@@ -115,7 +115,7 @@ impl std::fmt::Display for FetchError {
             FetchError::Gate(crate::gate::Refused::Busy) => f.write_str("the host's connection limit stayed reached"),
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => write!(f, "the host cools down for {s} s more"),
             FetchError::Request(why) => write!(f, "cannot build the upstream request: {why}"),
-            FetchError::PlaylistTooLarge => f.write_str("the playlist exceeds stream.max_playlist_bytes"),
+            FetchError::PlaylistTooLarge(max) => write!(f, "the playlist exceeds stream.max_playlist_bytes ({max})"),
         }
     }
 }
