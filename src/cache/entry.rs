@@ -68,6 +68,21 @@ pub struct Head {
 }
 
 impl Head {
+    /// The header kept of `upstream` (what the upstream answered, or the
+    /// whole object's `200` it stands for), received now from `url` with
+    /// `upstream_status`, for a body of `len` bytes.
+    pub(super) fn new(upstream: &ResponseHeader, url: Url, upstream_status: u16, len: u64, whole: bool) -> Head {
+        Head {
+            header: crate::headers::relayed(upstream),
+            url,
+            len,
+            whole,
+            upstream_status,
+            received: Instant::now(),
+            initial_age: super::age_of(upstream),
+        }
+    }
+
     /// RFC 9111's `Age`: the upstream's plus the time held here.
     pub fn age(&self) -> u64 {
         self.initial_age.saturating_add(self.received.elapsed().as_secs())
@@ -220,6 +235,15 @@ impl Entry {
     /// The fill's upstream body has been resumed `times` so far.
     pub(super) fn resumed(&self, times: u32) {
         self.resumed.store(times, Ordering::Relaxed);
+    }
+
+    /// Appends a body read whole, in pieces of at most `chunk` bytes (what
+    /// a reader hands to one client write).
+    pub(super) fn append_whole(&self, body: &[u8], chunk: usize) {
+        let mut block = BytesMut::new();
+        for piece in body.chunks(chunk) {
+            self.append(&mut block, piece);
+        }
     }
 
     /// Appends `piece` (copied into `block`, the buffer of the rest of the

@@ -5,7 +5,7 @@
 //! upstream `Response`, so a resumed fill is still one fill.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use bytes::BytesMut;
 use pingora_http::ResponseHeader;
@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use super::entry::{Entry, Head, Progress};
 use super::policy::{self, Admission, Kind};
-use super::{age_of, Cache};
+use super::Cache;
 use crate::upstream::{BodyError, Client, FetchError, Request, Response};
 
 pub(super) async fn run(
@@ -80,14 +80,8 @@ async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
     let mut upstream = resp.header().clone();
     upstream.remove_header(&http::header::TRANSFER_ENCODING);
     let _ = upstream.insert_header(http::header::CONTENT_LENGTH, len);
-    let header = crate::headers::relayed(&upstream);
-    let (url, upstream_status) = (resp.url().clone(), upstream.status.as_u16());
-    let initial_age = age_of(&upstream);
-    entry.set_head(Head { header, url, len, whole: true, upstream_status, received: Instant::now(), initial_age });
-    let mut block = BytesMut::new();
-    for piece in body.chunks(cache.settings().chunk) {
-        entry.append(&mut block, piece);
-    }
+    entry.set_head(Head::new(&upstream, resp.url().clone(), upstream.status.as_u16(), len, true));
+    entry.append_whole(&body, cache.settings().chunk);
     entry.finish(Progress::Done);
     cache.finished(&entry, 0, None);
     resp.finish().await;
@@ -109,11 +103,8 @@ pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response, admissio
     match admission {
         Admission::Fill { len, whole } if cache.reserve(len) => {
             let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
-            let initial_age = age_of(&upstream);
-            let url = resp.url().clone();
-            let header = crate::headers::relayed(&upstream);
-            let upstream_status = resp.header().status.as_u16();
-            entry.set_head(Head { header, url, len, whole, upstream_status, received: Instant::now(), initial_age });
+            let status = resp.header().status.as_u16();
+            entry.set_head(Head::new(&upstream, resp.url().clone(), status, len, whole));
             Some(Started { len, upstream })
         }
         _ => {
@@ -136,9 +127,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         entry.resumed(resp.resumptions());
         match read {
             Ok(body) if body.len() as u64 == len => {
-                for piece in body.chunks(settings.chunk) {
-                    entry.append(&mut block, piece);
-                }
+                entry.append_whole(&body, settings.chunk);
                 true
             }
             Ok(_) | Err(_) => false,

@@ -270,16 +270,7 @@ impl Cache {
     pub fn head_answered(&self, key: Key, up: &ResponseHeader, url: Url) -> Option<Arc<Entry>> {
         let (kept, whole) = policy::shared_head(up)?;
         let len = crate::headers::content_length(&kept.headers).unwrap_or(0);
-        let initial_age = age_of(&kept);
-        let head = Head {
-            header: crate::headers::relayed(&kept),
-            url,
-            len,
-            whole,
-            upstream_status: up.status.as_u16(),
-            received: Instant::now(),
-            initial_age,
-        };
+        let head = Head::new(&kept, url, up.status.as_u16(), len, whole);
         let entry = Entry::header_only(key, head);
         if whole {
             self.keep_head(entry.clone(), &kept);
