@@ -1,12 +1,13 @@
 //! Real players on real origins. ffmpeg and ffprobe (Jellyfin's engine),
-//! mpv, VLC and hls.js in Chromium play streams through the proxy from
-//! nginx — a real server: Range, HEAD, ETag, and a 206 to the `bytes=0-`
-//! players open playlists with — and from an in-process origin for hoster
-//! quirks nginx cannot produce. Every player must play every stream to its
-//! end (exit status, decoded frames or position, no error lines), and the
-//! origins' logs must show that every playlist, key and segment request
-//! came through the proxy (a provider profile adds `X-Through-Proxy: 1` to
-//! each upstream request) and none bypassed it.
+//! mpv, VLC and hls.js in Chromium play streams, and streamlink and yt-dlp
+//! save them, through the proxy from nginx — a real server: Range, HEAD,
+//! ETag, and a 206 to the `bytes=0-` players open playlists with — and from
+//! an in-process origin for hoster quirks nginx cannot produce. Every
+//! player must play every stream to its end (exit status, decoded frames or
+//! position, no error lines), and the origins' logs must show that every
+//! playlist, key and segment request came through the proxy (a provider
+//! profile adds `X-Through-Proxy: 1` to each upstream request) and none
+//! bypassed it.
 //!
 //! Media are made by ffmpeg from lavfi test sources (a few seconds each)
 //! once into `CARGO_TARGET_TMPDIR` and reused by later runs.
@@ -442,6 +443,8 @@ const MPV: (&str, &str) = ("mpv", "apt-get install mpv");
 const CVLC: (&str, &str) = ("cvlc", "apt-get install vlc-bin vlc-plugin-base");
 const RUNUSER: (&str, &str) = ("runuser", "apt-get install util-linux");
 const CHROMIUM: (&str, &str) = ("chromium", "apt-get install chromium");
+const STREAMLINK: (&str, &str) = ("streamlink", "apt-get install streamlink");
+const YT_DLP: (&str, &str) = ("yt-dlp", "apt-get install yt-dlp");
 
 /// Whether every one of `programs` is here (each missing one is reported:
 /// a skip, or a failure under scripts/test.sh).
@@ -1027,6 +1030,67 @@ async fn players_and_a_crowd_share_one_fetch_per_file() {
     let again: Vec<_> = per_path.iter().filter(|(_, n)| **n > 1).collect();
     assert!(again.is_empty(), "nginx served these more than once: {again:?}");
     assert!(p.server.metrics.cache_saved.get() > 0);
+}
+
+/// Download tools fetch a stream byte for byte: streamlink and yt-dlp's
+/// own HLS downloader (not ffmpeg) save the `long/` master's variant
+/// through the proxy, and each file is exactly the variant's segments one
+/// after another. nginx served every playlist and segment once for both
+/// (the cache is on), each through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamlink_and_yt_dlp_save_a_stream_byte_for_byte() {
+    if !have(&[NGINX, STREAMLINK, YT_DLP]) {
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let p = proxy_with("15m", "cache: {}\n").await;
+    let master = relay_url(&p, "master.m3u8", &nginx.url("/long/master.m3u8"));
+    let variant = media().join("long/v");
+    let playlist = std::fs::read_to_string(variant.join("index.m3u8")).unwrap();
+    let segments: Vec<&str> = playlist.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert!(segments.len() >= 8, "{playlist}");
+    let want: Vec<u8> = segments.iter().flat_map(|s| std::fs::read(variant.join(s)).unwrap()).collect();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sl, yt) = (dir.path().join("streamlink.ts"), dir.path().join("yt-dlp.ts"));
+    // `hls://`: streamlink 5 (Debian 12's) otherwise ends the URL at its
+    // last `.m3u8`, the end of `u=`, and drops `sig` (README, "Signing URLs").
+    let hls = format!("hls://{master}");
+    let streamlink = args(&["--loglevel", "warning", "--force", "-o", sl.to_str().unwrap(), &hls, "best"]);
+    play("streamlink", &streamlink, Duration::from_secs(60)).await.assert_clean("streamlink", &[]);
+    // Its own downloader, no ffmpeg remux afterwards: the bytes as fetched.
+    let ytdlp = args(&[
+        "--ignore-config",
+        "--no-cache-dir",
+        "--no-part",
+        "--quiet",
+        "--no-warnings",
+        "--hls-prefer-native",
+        "--fixup",
+        "never",
+        "-o",
+        yt.to_str().unwrap(),
+        &master,
+    ]);
+    play("yt-dlp", &ytdlp, Duration::from_secs(60)).await.assert_clean("yt-dlp", &[]);
+    for (tool, file) in [("streamlink", &sl), ("yt-dlp", &yt)] {
+        let got = std::fs::read(file).unwrap_or_else(|e| panic!("{tool} saved nothing: {e}"));
+        assert!(got == want, "{tool} saved {} bytes, not the {} of the segments", got.len(), want.len());
+    }
+
+    let mut per_path = std::collections::BTreeMap::<String, usize>::new();
+    for l in nginx.log() {
+        assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
+        if l.method == "GET" {
+            *per_path.entry(l.path).or_default() += 1;
+        }
+    }
+    for s in &segments {
+        assert_eq!(per_path.get(&format!("/long/v/{s}")), Some(&1), "{s}: {per_path:?}");
+    }
+    for pl in ["/long/master.m3u8", "/long/v/index.m3u8"] {
+        assert_eq!(per_path.get(pl), Some(&1), "{pl}: {per_path:?}");
+    }
 }
 
 /// DESIGN "Hoster politeness", with a real client: a hoster that answers
