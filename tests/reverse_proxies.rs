@@ -1,6 +1,7 @@
-//! The real nginx (conf/nginx.conf) and the real Traefik (conf/traefik-static.yml
-//! with conf/traefik.yml) in front of the proxy: Range, HEAD and playlists come
-//! through unchanged, and bodies are not buffered.
+//! The real nginx (conf/nginx.conf), the real Traefik (conf/traefik-static.yml
+//! with conf/traefik.yml) and the real Caddy (conf/Caddyfile) in front of the
+//! proxy: Range, HEAD and playlists come through unchanged, and bodies are not
+//! buffered.
 
 mod common;
 
@@ -157,6 +158,34 @@ async fn traefik_in_front_of(proxy: std::net::SocketAddr, traefik: String) -> Fr
     Front::start(traefik, port, "traefik.log").await
 }
 
+/// Runs conf/Caddyfile with its site address (plain HTTP on loopback) and
+/// upstream address replaced; Caddy's storage in its own directory.
+async fn caddy_in_front_of(proxy: std::net::SocketAddr) -> Front {
+    let file = std::fs::read_to_string("conf/Caddyfile").unwrap();
+    assert!(file.contains("\n:80 {\n") && file.contains("reverse_proxy 127.0.0.1:8080 {"));
+    let port = unused_addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("Caddyfile");
+    std::fs::write(
+        &config,
+        file.replace("\n:80 {\n", &format!("\nhttp://:{port} {{\n\tbind 127.0.0.1\n"))
+            .replace("reverse_proxy 127.0.0.1:8080 {", &format!("reverse_proxy {proxy} {{")),
+    )
+    .unwrap();
+    let d = dir.path().to_path_buf();
+    let caddy = process::Spawned::start_logging(
+        Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&config)
+            .env("HOME", &d)
+            .env("XDG_DATA_HOME", &d)
+            .env("XDG_CONFIG_HOME", &d),
+        dir,
+        "caddy.log",
+    );
+    Front::start(caddy, port, "caddy.log").await
+}
+
 impl Front {
     /// Waits until `process`, configured to listen on `port` and to log to
     /// `log` in its directory, routes to the proxy.
@@ -199,6 +228,13 @@ async fn range_head_and_playlists_pass_through_nginx_unbuffered() {
 async fn range_head_and_playlists_pass_through_traefik_unbuffered() {
     if let Some(traefik) = traefik_bin() {
         streams_through(|proxy| traefik_in_front_of(proxy, traefik)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_head_and_playlists_pass_through_caddy_unbuffered() {
+    if tools::needs("caddy", "apt-get install caddy").is_some() {
+        streams_through(caddy_in_front_of).await;
     }
 }
 
