@@ -244,6 +244,19 @@ impl MediaServer {
         log.into_iter().map(|l| l.path).collect()
     }
 
+    /// How many GETs nginx served of each path; every request it logged
+    /// (any method) came through the proxy.
+    fn gets_through_proxy(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut per_path = std::collections::BTreeMap::new();
+        for l in self.log() {
+            assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
+            if l.method == "GET" {
+                *per_path.entry(l.path).or_default() += 1;
+            }
+        }
+        per_path
+    }
+
     /// Every file in `want` was served (through the proxy).
     fn assert_served(&self, want: &BTreeSet<String>) {
         let served = self.served_through_proxy();
@@ -1019,13 +1032,7 @@ async fn players_and_a_crowd_share_one_fetch_per_file() {
     for v in crowd {
         v.await.unwrap();
     }
-    let mut per_path = std::collections::BTreeMap::<String, usize>::new();
-    for l in nginx.log() {
-        assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
-        if l.method == "GET" {
-            *per_path.entry(l.path).or_default() += 1;
-        }
-    }
+    let per_path = nginx.gets_through_proxy();
     assert!(per_path.contains_key("/ts/master.m3u8") && per_path.contains_key("/ts/key.bin"), "{per_path:?}");
     let again: Vec<_> = per_path.iter().filter(|(_, n)| **n > 1).collect();
     assert!(again.is_empty(), "nginx served these more than once: {again:?}");
@@ -1078,13 +1085,7 @@ async fn streamlink_and_yt_dlp_save_a_stream_byte_for_byte() {
         assert!(got == want, "{tool} saved {} bytes, not the {} of the segments", got.len(), want.len());
     }
 
-    let mut per_path = std::collections::BTreeMap::<String, usize>::new();
-    for l in nginx.log() {
-        assert!(l.through_proxy, "a request bypassed the proxy: {l:?}");
-        if l.method == "GET" {
-            *per_path.entry(l.path).or_default() += 1;
-        }
-    }
+    let per_path = nginx.gets_through_proxy();
     for s in &segments {
         assert_eq!(per_path.get(&format!("/long/v/{s}")), Some(&1), "{s}: {per_path:?}");
     }
