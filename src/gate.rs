@@ -6,8 +6,10 @@
 //!   limit a request waits, first come first served, at most
 //!   `upstream.queue_timeout`, then is refused (`503 upstream busy`).
 //! - **Cooldown**: a refusal (`429`, `509`, `503` with `Retry-After`) stops
-//!   everything to the host for `Retry-After` (or 1 s, doubling while the
-//!   refusals go on), clamped to 1 s .. `upstream.max_cooldown`. A request
+//!   everything to the host for `Retry-After` (or 1 s, doubling with each
+//!   wave of refusals: the requests sent before a refusal came and
+//!   refused after it are the same wave), clamped to 1 s ..
+//!   `upstream.max_cooldown`. A request
 //!   whose wait would end within the queue timeout waits; others are
 //!   refused (`503 upstream cooling down`).
 //! - **Learned limit**: a refusal also sets the host's limit to what it
@@ -157,7 +159,9 @@ impl Host {
         self.cooldown_until.filter(|until| *until > now).map(|until| until - now)
     }
 
-    /// Records an answer. A refusal returns the cooldown it started.
+    /// Records an answer. A refusal returns the cooldown it started (or
+    /// the length it set a running one to, when it lengthens it by a
+    /// second or more); `None` for the rest of a wave.
     pub fn answered(
         &mut self,
         verdict: Verdict,
@@ -179,20 +183,12 @@ impl Host {
                 None
             }
             Verdict::Refusal(after) => {
-                let cooldown = match after {
-                    Some(d) => d,
-                    None => {
-                        let d = Duration::from_secs(1u64 << self.backoffs.min(16));
-                        self.backoffs += 1;
-                        d
-                    }
-                }
-                .clamp(Duration::from_secs(1), max_cooldown.max(Duration::from_secs(1)));
-                // What the host accepted: the requests in flight (this one
-                // among them) minus one. Refusals of one wave (while the
-                // cooldown they started runs) only ever lower it.
-                let accepted = self.in_flight.saturating_sub(1).max(1);
+                // Refusals of one wave (requests sent together, answered
+                // while the cooldown the first of them started runs).
                 let same_wave = self.cooling(now).is_some();
+                // What the host accepted: the requests in flight (this one
+                // among them) minus one.
+                let accepted = self.in_flight.saturating_sub(1).max(1);
                 let learned = match self.learned {
                     // One wave: its refusals only ever lower the limit.
                     Some(l) if same_wave => l.min(accepted),
@@ -208,9 +204,31 @@ impl Host {
                 self.learned = Some(if configured > 0 { learned.min(configured) } else { learned });
                 self.successes = 0;
                 self.last_refusal = Some(now);
+                let cooldown = match after {
+                    Some(d) => d,
+                    // The backoff doubles per wave, not per refusal: the
+                    // rest of a wave were sent before its first refusal
+                    // came (nginx's `limit_conn` refuses 20 of 24 requests
+                    // sent together, without `Retry-After`; doubling for
+                    // each would pause the host for `max_cooldown`).
+                    None if same_wave => return None,
+                    None => {
+                        let d = Duration::from_secs(1u64 << self.backoffs.min(16));
+                        self.backoffs += 1;
+                        d
+                    }
+                }
+                .clamp(Duration::from_secs(1), max_cooldown.max(Duration::from_secs(1)));
                 let until = now + cooldown;
-                self.cooldown_until = Some(self.cooldown_until.map_or(until, |u| u.max(until)));
-                Some(cooldown)
+                let running = self.cooldown_until.filter(|u| *u > now);
+                self.cooldown_until = Some(running.map_or(until, |u| u.max(until)));
+                // Reported when it starts a cooldown or lengthens the one
+                // running by a second or more (not for each refusal of a
+                // wave that asks the same pause a little later).
+                match running {
+                    Some(u) if until < u + Duration::from_secs(1) => None,
+                    _ => Some(cooldown),
+                }
             }
         }
     }
@@ -457,17 +475,42 @@ mod tests {
     #[test]
     fn cooldowns_clamp_and_back_off() {
         let t0 = Instant::now();
+        let (s, ms) = (Duration::from_secs, Duration::from_millis);
         let mut h = Host { in_flight: 1, ..Host::default() };
-        assert_eq!(h.answered(Verdict::Refusal(Some(Duration::from_secs(3600))), 0, MAX, t0), Some(MAX));
-        assert_eq!(h.answered(Verdict::Refusal(Some(Duration::ZERO)), 0, MAX, t0), Some(Duration::from_secs(1)));
+        assert_eq!(h.answered(Verdict::Refusal(Some(s(3600))), 0, MAX, t0), Some(MAX));
         let mut h = Host { in_flight: 1, ..Host::default() };
-        let secs: Vec<u64> =
-            (0..4).map(|_| h.answered(Verdict::Refusal(None), 0, MAX, t0).unwrap().as_secs()).collect();
+        assert_eq!(h.answered(Verdict::Refusal(Some(Duration::ZERO)), 0, MAX, t0), Some(s(1)));
+        // Without `Retry-After`: 1 s, doubling with each refusal after the
+        // last pause, back to 1 s after a success.
+        let mut h = Host { in_flight: 1, ..Host::default() };
+        let (mut at, mut secs) = (t0, Vec::new());
+        for _ in 0..4 {
+            let pause = h.answered(Verdict::Refusal(None), 0, MAX, at).unwrap();
+            secs.push(pause.as_secs());
+            at += pause;
+        }
         assert_eq!(secs, [1, 2, 4, 8], "doubling while refusals go on");
-        h.answered(Verdict::Success, 0, MAX, t0);
-        assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, t0).unwrap().as_secs(), 1, "back to 1 s after a success");
-        assert_eq!(h.cooling(t0 + Duration::from_millis(500)), Some(Duration::from_millis(7500)));
-        assert_eq!(h.cooling(t0 + Duration::from_secs(9)), None);
+        assert_eq!(h.cooling(at - ms(500)), Some(ms(500)));
+        assert_eq!(h.cooling(at), None);
+        h.answered(Verdict::Success, 0, MAX, at);
+        assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, at), Some(s(1)), "back to 1 s after a success");
+        // A wave: 24 requests sent together, 20 refused. The refusals after
+        // the first come while its pause runs: no doubling, nothing to
+        // report; the next refusal after the pause doubles.
+        let mut h = Host { in_flight: 24, ..Host::default() };
+        assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, t0), Some(s(1)));
+        for k in 1..20 {
+            h.in_flight -= 1;
+            assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, t0 + ms(10 * k)), None, "refusal {k} of the wave");
+        }
+        assert_eq!(h.cooling(t0), Some(s(1)), "one second, as for one refusal");
+        assert_eq!(h.limit(0, QUIET, t0), Some(4), "the wave still taught the limit");
+        assert_eq!(h.answered(Verdict::Refusal(None), 0, MAX, t0 + s(1)), Some(s(2)), "the next wave doubles");
+        // A refusal of a wave that asks for longer lengthens the pause (and
+        // is reported); the same asked a little later is not.
+        assert_eq!(h.answered(Verdict::Refusal(Some(s(30))), 0, MAX, t0 + s(2)), Some(s(30)));
+        assert_eq!(h.answered(Verdict::Refusal(Some(s(30))), 0, MAX, t0 + s(2) + ms(100)), None);
+        assert_eq!(h.cooling(t0 + s(2)), Some(s(30) + ms(100)));
     }
 
     #[test]

@@ -131,9 +131,11 @@ impl Metrics {
             "Body bytes sent to clients from memory that the upstream did not send again",
         )
         .unwrap();
-        let host_cooldowns =
-            IntCounter::new("anibridge_host_cooldowns_total", "Times an upstream host's refusal started a cooldown")
-                .unwrap();
+        let host_cooldowns = IntCounter::new(
+            "anibridge_host_cooldowns_total",
+            "Times an upstream host's refusal started (or lengthened) a cooldown",
+        )
+        .unwrap();
         let host_queue_waits = IntCounter::new(
             "anibridge_host_queue_waits_total",
             "Upstream requests that waited for their host's gate (its limit or cooldown)",

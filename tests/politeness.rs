@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process;
 use common::*;
 
 const SEG: u64 = 128 * 1024;
@@ -45,9 +46,14 @@ enum Player {
 /// 24 players fetch 48 distinct segments (two each) through the proxy,
 /// retrying refusals as `player` does; every file is checked byte for byte.
 async fn crowd(p: &Proxy, o: &Origin, player: Player) {
+    crowd_of(p, &o.url(""), player).await
+}
+
+/// [`crowd`], of the segments `{base}/seg{i}.ts`.
+async fn crowd_of(p: &Proxy, base: &str, player: Player) {
     let players: Vec<_> = (0..24u64)
         .map(|n| {
-            let (addr, base) = (p.addr(), o.url(""));
+            let (addr, base) = (p.addr(), base.to_string());
             tokio::spawn(async move {
                 for i in [2 * n, 2 * n + 1] {
                     let path = relay_path("s.ts", &format!("{base}/seg{i}.ts"));
@@ -58,7 +64,7 @@ async fn crowd(p: &Proxy, o: &Origin, player: Player) {
                             assert_body(&got.body, &pattern(i * SEG, SEG));
                             break;
                         }
-                        assert!(matches!(got.status, 429 | 503), "{}", got.status);
+                        assert!(matches!(got.status, 429 | 503 | 509), "{}", got.status);
                         assert!(started.elapsed() < Duration::from_secs(60), "segment {i} never arrived");
                         let wait = match player {
                             Player::Impatient => Duration::from_millis(200),
@@ -390,4 +396,71 @@ async fn with_one_slot_the_hoster_sees_one_connection() {
     assert_eq!(o.requests().len(), 2 + 48);
     assert_eq!(o.max_in_flight.load(Ordering::SeqCst), 1);
     assert_eq!(o.connections.load(Ordering::SeqCst), 1, "one connection, reused by every request");
+}
+
+/// Hosters throttle with nginx's own modules, so here nginx is the hoster:
+/// `limit_conn` (4 requests at once, the rest refused with `509`, each
+/// answer sent at 1 MiB/s so that requests overlap) and `limit_req` (10 a
+/// second with a burst of 5, the rest refused with `429`), neither sending
+/// `Retry-After`. For each, 24 players fetch 48 files through the proxy
+/// (both kinds of player of [`crowd`]); nginx's own access log must show
+/// every file served once, nothing arriving inside a pause (but what was
+/// on its way), and for `limit_conn` at most one wave of refusals (one per
+/// player). A rate limit cannot be learned as a number of connections: each
+/// pause's burst ends in a refusal (about one a second), still fewer
+/// refusals than files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_limit_conn_and_limit_req_are_met_with_pauses() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    for i in 0..48 {
+        std::fs::write(root.path().join(format!("seg{i}.ts")), pattern(i * SEG, SEG)).unwrap();
+    }
+    let port = unused_addr().port();
+    let nginx = process::spawn_nginx(&format!(
+        "limit_conn_zone $binary_remote_addr zone=conns:1m;\n\
+         limit_req_zone $binary_remote_addr zone=rate:1m rate=10r/s;\n\
+         log_format hoster '$msec $request_time $uri $status';\n\
+         server {{ listen 127.0.0.1:{port}; access_log {{dir}}/access.log hoster;\n\
+           location /conn/ {{ alias {root}/; limit_conn conns 4; limit_conn_status 509; limit_rate 1m; }}\n\
+           location /rate/ {{ alias {root}/; limit_req zone=rate burst=5 nodelay; limit_req_status 429; }}\n\
+         }}\n",
+        root = root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    for (kind, refusal, most) in [("conn", 509, 24), ("rate", 429, 47)] {
+        for player in [Player::Impatient, Player::Obedient] {
+            let before = nginx.read("access.log").lines().count();
+            let p = proxy("").await;
+            crowd_of(&p, &format!("http://127.0.0.1:{port}/{kind}"), player).await;
+            // (when it arrived, the file, the status)
+            let seen: Vec<(f64, String, u16)> = nginx
+                .read("access.log")
+                .lines()
+                .skip(before)
+                .map(|l| {
+                    let f: Vec<_> = l.split(' ').collect();
+                    let (end, took): (f64, f64) = (f[0].parse().unwrap(), f[1].parse().unwrap());
+                    (end - took, f[2].to_string(), f[3].parse().unwrap())
+                })
+                .collect();
+            let mut served = std::collections::BTreeMap::new();
+            for (_, file, _) in seen.iter().filter(|s| s.2 == 200) {
+                *served.entry(file.as_str()).or_insert(0) += 1;
+            }
+            assert_eq!(served.len(), 48, "{kind}: every file served");
+            assert!(served.values().all(|n| *n == 1), "{kind}: each file once: {served:?}");
+            let refused: Vec<f64> = seen.iter().filter(|s| s.2 == refusal).map(|s| s.0).collect();
+            assert_eq!(seen.len(), 48 + refused.len(), "{kind}: nothing but files and refusals: {seen:?}");
+            assert!(!refused.is_empty(), "{kind}: nginx was asked too much at first");
+            assert!(refused.len() <= most, "{kind}: at most {most} refusals, not {}", refused.len());
+            for r in &refused {
+                let early = seen.iter().filter(|s| s.0 > r + 0.05 && s.0 < r + 0.95).count();
+                assert_eq!(early, 0, "{kind}: requests arrived inside the pause after a refusal");
+            }
+            eprintln!("nginx {kind}: {} refusals for 48 files", refused.len());
+        }
+    }
 }
