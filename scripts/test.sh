@@ -4,7 +4,7 @@
 # property tests, and the criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh cmake ffmpeg nginx-light ca-certificates curl unzip \
+scripts/deps.sh cmake ffmpeg nginx-light ca-certificates openssl curl unzip \
   mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy
 # Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
 # hls.js for tests/players.rs (from the npm registry), both pinned.

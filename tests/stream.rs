@@ -321,3 +321,61 @@ async fn a_crowd_refreshes_a_stale_link_once() {
     // Each viewer: one attempt on the dead link, one on the refreshed one.
     assert_eq!((m.count("/hang.mp4"), m.count("/fresh.mp4")), (16, 16));
 }
+
+/// A real expiring link: nginx's `secure_link` (an MD5 of the expiry, the
+/// path and a secret; `410` once expired, `403` when tampered with), the
+/// way hosters bind links to time. The resolver hands out links that live
+/// 2 s but lets the proxy keep them for 10 minutes, so a viewer 3 s later
+/// meets an expired link: one `410`, one more resolution, then the file
+/// byte for byte, counted in nginx's own log. The file is `no-store`, so
+/// the proxy's cache does not answer in the hoster's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_nginx_secure_link_is_resolved_again() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("openssl", "apt-get install openssl").is_none()
+    {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("media")).unwrap();
+    std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, 300_000)).unwrap();
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "log_format hoster '$uri $status';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+           location /media/ {{\n\
+             secure_link $arg_md5,$arg_expires;\n\
+             secure_link_md5 \"$secure_link_expires$uri s3cret\";\n\
+             if ($secure_link = \"\") {{ return 403; }}\n\
+             if ($secure_link = \"0\") {{ return 410; }}\n\
+             add_header Cache-Control no-store;\n\
+           }}\n\
+         }}\n",
+        root = root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let (r, calls) = resolver(move |_, _| {
+        let expires = now() + 2;
+        // nginx's form: base64url of the MD5, without padding.
+        let md5 = std::process::Command::new("sh")
+            .args(["-c", "printf %s \"$1\" | openssl md5 -binary | openssl base64 | tr '+/' '-_' | tr -d '=\\n'", "-"])
+            .arg(format!("{expires}/media/ep3.mp4 s3cret"))
+            .output()
+            .unwrap();
+        let md5 = String::from_utf8(md5.stdout).unwrap();
+        json(&format!("http://127.0.0.1:{port}/media/ep3.mp4?md5={md5}&expires={expires}"), 600)
+    })
+    .await;
+    let p = proxy(&r, "token").await;
+    let first = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_body(&first.body, &pattern(0, 300_000));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let later = get(p.addr(), "GET", &signed(EPISODE), &[("Range", "bytes=1000-")]).await;
+    assert_eq!(later.status, 206, "{}", later.text());
+    assert_body(&later.body, &pattern(1000, 299_000));
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once more");
+    let log = nginx.read("access.log");
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["/media/ep3.mp4 200", "/media/ep3.mp4 410", "/media/ep3.mp4 206"]);
+}
