@@ -407,7 +407,7 @@ async fn with_one_slot_the_hoster_sees_one_connection() {
 /// every file served once, nothing arriving inside a pause (but what was
 /// on its way), and for `limit_conn` at most one wave of refusals (one per
 /// player). A rate limit cannot be learned as a number of connections: each
-/// pause's burst ends in a refusal or a few (26-36 refusals in all here),
+/// pause's burst ends in a refusal or a few (14-36 refusals in all in our runs),
 /// bounded at 72. For scale, with the gate ignoring refusals (no pause, no
 /// limit learned) nginx refused 60 (`limit_conn`) and 126-280 (`limit_req`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
