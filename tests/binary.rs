@@ -281,11 +281,16 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
             .unwrap_or(0.0)
     };
     // The client has every byte before the proxy's logging hook runs:
-    // wait (bounded) for the counters to settle.
+    // wait (bounded) for the counters to settle, then read them all once
+    // more. One scrape is no snapshot: it reads the metrics one after
+    // another, so the one that showed the request done may have read
+    // `anibridge_bytes_relayed_total` (earlier in the alphabet) before the
+    // hook counted the bytes (seen once in CI).
     let mut after = String::new();
     for _ in 0..100 {
         after = get(admin, "GET", "/metrics", &[]).await.text();
         if count(&after) > count(&before) && after.contains("anibridge_requests_in_flight 0") {
+            after = get(admin, "GET", "/metrics", &[]).await.text();
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
