@@ -183,9 +183,11 @@ impl Host {
                 None
             }
             Verdict::Refusal(after) => {
-                // Refusals of one wave (requests sent together, answered
-                // while the cooldown the first of them started runs).
-                let same_wave = self.cooling(now).is_some();
+                // The pause running, if any. Refusals that come during it
+                // are of one wave (requests sent together, answered while
+                // the cooldown the first of them started runs).
+                let running = self.cooldown_until.filter(|u| *u > now);
+                let same_wave = running.is_some();
                 // What the host accepted: the requests in flight (this one
                 // among them) minus one.
                 let accepted = self.in_flight.saturating_sub(1).max(1);
@@ -220,7 +222,6 @@ impl Host {
                 }
                 .clamp(Duration::from_secs(1), max_cooldown.max(Duration::from_secs(1)));
                 let until = now + cooldown;
-                let running = self.cooldown_until.filter(|u| *u > now);
                 self.cooldown_until = Some(running.map_or(until, |u| u.max(until)));
                 // Reported when it starts a cooldown or lengthens the one
                 // running by a second or more (not for each refusal of a
