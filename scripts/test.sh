@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, integration (real proxy, real local origins,
-# real players: ffmpeg, mpv, VLC, hls.js in Chromium, streamlink, yt-dlp),
-# property tests, and the criterion benches run once as tests.
+# real players: ffmpeg, mpv, VLC, GStreamer, hls.js in Chromium, streamlink,
+# yt-dlp), property tests, and the criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh cmake ffmpeg nginx-light ca-certificates openssl curl unzip \
-  mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy
+  mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy \
+  gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 # Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
 # hls.js for tests/players.rs (from the npm registry), both pinned.
 TRAEFIK="${TRAEFIK:-$(scripts/traefik.sh)}"

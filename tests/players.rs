@@ -458,6 +458,10 @@ const RUNUSER: (&str, &str) = ("runuser", "apt-get install util-linux");
 const CHROMIUM: (&str, &str) = ("chromium", "apt-get install chromium");
 const STREAMLINK: (&str, &str) = ("streamlink", "apt-get install streamlink");
 const YT_DLP: (&str, &str) = ("yt-dlp", "apt-get install yt-dlp");
+const GST: (&str, &str) = (
+    "gst-launch-1.0",
+    "apt-get install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
+);
 
 /// Whether every one of `programs` is here (each missing one is reported:
 /// a skip, or a failure under scripts/test.sh).
@@ -802,6 +806,25 @@ async fn vlc(url: &str) {
     assert!(played.stderr.contains("end of playlist"), "vlc did not reach the end: {}", played.stderr);
 }
 
+/// GStreamer's `playbin` (souphttpsrc, its own HLS demuxer, qtdemux) to
+/// the end in real time: the engine of GNOME's players and of many
+/// set-top boxes.
+async fn gstreamer(url: &str) {
+    let uri = format!("uri={url}");
+    let a = args(&[
+        "playbin",
+        &uri,
+        "video-sink=fakesink sync=true",
+        "audio-sink=fakesink sync=true",
+        "text-sink=fakesink sync=true",
+    ]);
+    let mut played = play("gst-launch-1.0", &a, Duration::from_secs(60)).await;
+    // gst-launch reports on standard output, errors included.
+    played.stderr.push_str(&std::mem::take(&mut played.stdout));
+    played.assert_clean("gst-launch-1.0", &[]);
+    assert!(played.stderr.contains("Got EOS from element"), "GStreamer did not reach the end: {}", played.stderr);
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -865,7 +888,7 @@ async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mpv_vlc_hlsjs_and_chromium_play_to_the_end_in_real_time() {
+async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
     // The media are made with ffmpeg and served by nginx; each player
     // below is checked for on its own.
     if !have(&[FFMPEG, NGINX]) {
@@ -896,6 +919,17 @@ async fn mpv_vlc_hlsjs_and_chromium_play_to_the_end_in_real_time() {
             vlc(&ts).await;
         }
     };
+    // The master (keys, two audio renditions, subtitles), the disguised
+    // variant and an MP4 whose index is at its end (a seek to read it).
+    let gst_runs = async {
+        if !have(&[GST]) {
+            return false;
+        }
+        let disguised = relay_url(&p, "index.m3u8", &nginx.url("/ts/dis/index.m3u8"));
+        let mp4 = relay_url(&p, "progressive.mp4", &nginx.url("/files/progressive.mp4"));
+        tokio::join!(gstreamer(&ts), gstreamer(&disguised), gstreamer(&mp4));
+        true
+    };
     let hlsjs_run = async {
         let Some(report) = hlsjs_played(&js, &h, &ts).await else {
             return;
@@ -922,9 +956,13 @@ async fn mpv_vlc_hlsjs_and_chromium_play_to_the_end_in_real_time() {
         assert!(duration > 3.5 && at >= duration - 0.3, "Chromium's HLS player ended at {at} of {duration}");
         assert_eq!(q.get("sought"), Some("true"), "{report}");
     };
-    tokio::join!(mpv_runs, vlc_run, hlsjs_run, native_run);
+    let ((), (), gst_ran, (), ()) = tokio::join!(mpv_runs, vlc_run, gst_runs, hlsjs_run, native_run);
 
     let served = nginx.served_through_proxy();
+    if gst_ran {
+        assert!(served.contains("/files/progressive.mp4"), "GStreamer's MP4 never fetched: {served:?}");
+        assert!(served.iter().any(|s| s.starts_with("/ts/dis/seg")), "no disguised segment: {served:?}");
+    }
     for f in ["/ts/master.m3u8", "/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
         assert!(served.contains(f), "{f} never fetched: {served:?}");
     }
