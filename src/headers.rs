@@ -64,10 +64,12 @@ fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
 
 /// The names of an upstream response's headers that are not relayed to the
 /// client: hop-by-hop headers (fixed ones and those `Connection` names) and
-/// what only makes sense on the hoster's own origin — its CORS headers (the
-/// proxy sets its own), cookies, HSTS and Alt-Svc (which would otherwise
-/// apply to the proxy's host name). `Connection` is looked up once per
-/// response, not once per header.
+/// what only makes sense on the hoster's own origin — its CORS headers and
+/// `Cross-Origin-Resource-Policy` (the proxy sets its own cross-origin
+/// policy: a hoster's `same-origin` would make browsers refuse the media on
+/// every other page), cookies, HSTS, Alt-Svc and `Clear-Site-Data` (which
+/// would otherwise apply to the proxy's host name). `Connection` is looked
+/// up once per response, not once per header.
 pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &HeaderName> {
     let connection = response.get_all(header::CONNECTION);
     let nominating = connection.iter().next().is_some();
@@ -107,8 +109,10 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n.starts_with("access-control-")
         || n == "set-cookie"
         || n == "set-cookie2"
+        || n == "cross-origin-resource-policy"
         || n == "alt-svc"
         || n == "strict-transport-security"
+        || n == "clear-site-data"
 }
 
 /// The client's headers that go upstream, in the order they are sent:
@@ -385,7 +389,7 @@ mod tests {
     }
 
     /// Headers the policy always drops, and always keeps.
-    const ALWAYS_DROPPED: [&str; 13] = [
+    const ALWAYS_DROPPED: [&str; 15] = [
         "Keep-Alive",
         "Proxy-Connection",
         "TE",
@@ -398,6 +402,8 @@ mod tests {
         "Set-Cookie",
         "Alt-Svc",
         "Strict-Transport-Security",
+        "Cross-Origin-Resource-Policy",
+        "Clear-Site-Data",
         "Connection",
     ];
     const ALWAYS_KEPT: [&str; 13] = [

@@ -328,6 +328,8 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
             .header("Alt-Svc", "h3=\":443\"")
             .header("Strict-Transport-Security", "max-age=63072000")
             .header("Access-Control-Allow-Origin", "https://hoster.example")
+            .header("Cross-Origin-Resource-Policy", "same-origin")
+            .header("Clear-Site-Data", "\"cookies\"")
             .header("X-Hoster-Id", "abc")
             .into()
     })
@@ -347,7 +349,15 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
     };
     let fill = get(p.addr(), "GET", &path, &[]).await;
     assert_eq!(fill.status, 200);
-    for dropped in ["x-hop", "keep-alive", "alt-svc", "strict-transport-security", "access-control-allow-origin"] {
+    for dropped in [
+        "x-hop",
+        "keep-alive",
+        "alt-svc",
+        "strict-transport-security",
+        "access-control-allow-origin",
+        "cross-origin-resource-policy",
+        "clear-site-data",
+    ] {
         assert_eq!(fill.header(dropped), None, "{dropped}");
     }
     assert_eq!(fill.header("x-hoster-id"), Some("abc"));

@@ -202,8 +202,10 @@ impl MediaServer {
              types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4 m4s; image/jpeg jpg;\n\
                image/png png; text/html html; text/vtt vtt; video/x-matroska mkv; }}\n\
              default_type application/octet-stream;\n\
-             server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log players; }}\n",
-            media().display()
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log players;\n\
+               # A hoster that marks its answers same-origin (helmet's default).\n\
+               location /corp/ {{ alias {root}/; add_header Cross-Origin-Resource-Policy same-origin; }} }}\n",
+            root = media().display()
         ));
         nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
         MediaServer { nginx, port }
@@ -535,11 +537,12 @@ const NATIVE_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" 
 const report = (q) => fetch('/report-native?' + q).catch(() => {});
 const v = document.getElementById('v');
 let sought = false;
-if (!v.canPlayType('application/vnd.apple.mpegurl')) report('unsupported=1');
+const src = new URLSearchParams(location.search).get('src');
+if (new URL(src).pathname.endsWith('.m3u8') && !v.canPlayType('application/vnd.apple.mpegurl')) report('unsupported=1');
 v.addEventListener('error', () => report('error=' + encodeURIComponent((v.error && v.error.code) + ' ' + (v.error && v.error.message))));
 v.addEventListener('timeupdate', () => { if (!sought && v.currentTime > 2) { sought = true; v.currentTime = 1; } });
 v.addEventListener('ended', () => report('ended=' + v.currentTime + '&duration=' + v.duration + '&sought=' + sought));
-v.src = new URLSearchParams(location.search).get('src');
+v.src = src;
 v.play().catch((e) => report('error=' + encodeURIComponent('play ' + e)));
 </script>
 "#;
@@ -970,6 +973,30 @@ async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
     if js.is_some() && served.contains("/ts/hi/index_vtt.m3u8") {
         assert!(served.iter().any(|s| s.ends_with(".vtt")), "subtitle segments: {served:?}");
     }
+}
+
+/// Hosters built on Express with helmet's defaults (and others) mark every
+/// answer `Cross-Origin-Resource-Policy: same-origin`. Relayed, that would
+/// speak for the proxy's origin: Chromium would refuse the media in a
+/// `<video>` on any other page (a Jellyfin web client's), whatever the
+/// proxy's CORS headers say. The proxy drops it, as it drops the hoster's
+/// CORS headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_plays_an_mp4_its_hoster_marks_same_origin() {
+    if !have(&[FFMPEG, NGINX, CHROMIUM]) {
+        return;
+    }
+    let (nginx, _js, h) = nginx_and_hoster().await;
+    let p = proxy("15m").await;
+    let mp4 = relay_url(&p, "progressive.mp4", &nginx.url("/corp/files/progressive.mp4"));
+    let report = chromium(&h, "/native.html", "/report-native", &mp4).await;
+    let q = anibridge_proxy::auth::Query::parse(Some(&report));
+    assert!(q.get("error").is_none(), "Chromium refused the MP4: {report}");
+    let at: f64 = q.get("ended").unwrap().parse().unwrap();
+    let duration: f64 = q.get("duration").unwrap().parse().unwrap();
+    assert!(duration > 5.5 && at >= duration - 0.3, "Chromium ended at {at} of {duration}");
+    assert_eq!(q.get("sought"), Some("true"), "{report}");
+    assert!(nginx.served_through_proxy().contains("/corp/files/progressive.mp4"));
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
