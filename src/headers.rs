@@ -64,12 +64,12 @@ fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
 
 /// The names of an upstream response's headers that are not relayed to the
 /// client: hop-by-hop headers (fixed ones and those `Connection` names) and
-/// what only makes sense on the hoster's own origin — its CORS headers and
-/// `Cross-Origin-Resource-Policy` (the proxy sets its own cross-origin
-/// policy: a hoster's `same-origin` would make browsers refuse the media on
-/// every other page), cookies, HSTS, Alt-Svc and `Clear-Site-Data` (which
-/// would otherwise apply to the proxy's host name). `Connection` is looked
-/// up once per response, not once per header.
+/// what only makes sense on the hoster's own origin, and would otherwise
+/// apply to the proxy's host name — its CORS headers (the proxy sends its
+/// own), `Cross-Origin-Resource-Policy` (a hoster's `same-origin` would make
+/// browsers refuse the media on every page of another origin), cookies,
+/// HSTS, Alt-Svc and `Clear-Site-Data`. `Connection` is looked up once per
+/// response, not once per header.
 pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &HeaderName> {
     let connection = response.get_all(header::CONNECTION);
     let nominating = connection.iter().next().is_some();
