@@ -875,6 +875,15 @@ async fn chromium(page_origin: &Origin, page: &str, report: &str, src: &str) -> 
     }
 }
 
+/// A page reported that `what` played a VOD longer than `longer_than`
+/// seconds to its end.
+#[track_caller]
+fn assert_played_to_the_end(q: &anibridge_proxy::auth::Query, what: &str, longer_than: f64) {
+    let at: f64 = q.get("ended").unwrap().parse().unwrap();
+    let duration: f64 = q.get("duration").unwrap().parse().unwrap();
+    assert!(duration > longer_than && at >= duration - 0.3, "{what} ended at {at} of {duration}");
+}
+
 /// hls.js plays `src` as [`hlsjs`] does, when hls.js and Chromium are both
 /// there: its report, checked for an error; `None` when one is missing.
 async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str) -> Option<String> {
@@ -938,9 +947,7 @@ async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
             return;
         };
         let q = anibridge_proxy::auth::Query::parse(Some(&report));
-        let at: f64 = q.get("ended").unwrap().parse().unwrap();
-        let duration: f64 = q.get("duration").unwrap().parse().unwrap();
-        assert!(duration > 3.5 && at >= duration - 0.3, "hls.js ended at {at} of {duration}");
+        assert_played_to_the_end(&q, "hls.js", 3.5);
         assert!(q.get("subs").unwrap().parse::<u32>().unwrap() > 0, "no WebVTT fragment loaded: {report}");
     };
     let native_run = async {
@@ -954,9 +961,7 @@ async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
             return;
         }
         assert!(q.get("error").is_none(), "Chromium's HLS player failed: {report}");
-        let at: f64 = q.get("ended").unwrap().parse().unwrap();
-        let duration: f64 = q.get("duration").unwrap().parse().unwrap();
-        assert!(duration > 3.5 && at >= duration - 0.3, "Chromium's HLS player ended at {at} of {duration}");
+        assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
         assert_eq!(q.get("sought"), Some("true"), "{report}");
     };
     let ((), (), gst_ran, (), ()) = tokio::join!(mpv_runs, vlc_run, gst_runs, hlsjs_run, native_run);
@@ -992,9 +997,7 @@ async fn chromium_plays_an_mp4_its_hoster_marks_same_origin() {
     let report = chromium(&h, "/native.html", "/report-native", &mp4).await;
     let q = anibridge_proxy::auth::Query::parse(Some(&report));
     assert!(q.get("error").is_none(), "Chromium refused the MP4: {report}");
-    let at: f64 = q.get("ended").unwrap().parse().unwrap();
-    let duration: f64 = q.get("duration").unwrap().parse().unwrap();
-    assert!(duration > 5.5 && at >= duration - 0.3, "Chromium ended at {at} of {duration}");
+    assert_played_to_the_end(&q, "Chromium", 5.5);
     assert_eq!(q.get("sought"), Some("true"), "{report}");
     assert!(nginx.served_through_proxy().contains("/corp/files/progressive.mp4"));
 }
