@@ -68,8 +68,11 @@ fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
 /// apply to the proxy's host name — its CORS headers (the proxy sends its
 /// own), `Cross-Origin-Resource-Policy` (a hoster's `same-origin` would make
 /// browsers refuse the media on every page of another origin), cookies,
-/// HSTS, Alt-Svc and `Clear-Site-Data`. `Connection` is looked up once per
-/// response, not once per header.
+/// HSTS, Alt-Svc and `Clear-Site-Data` — and `X-Content-Type-Options`:
+/// hosters type disguised segments `image/png` or `text/html`, and with
+/// their `nosniff` a browser's own HLS player refuses the bytes the
+/// proxy relays for a `.ts` (the type itself is the hoster's and kept).
+/// `Connection` is looked up once per response, not once per header.
 pub fn dropped_response_headers(response: &HeaderMap) -> impl Iterator<Item = &HeaderName> {
     let connection = response.get_all(header::CONNECTION);
     let nominating = connection.iter().next().is_some();
@@ -113,6 +116,7 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n == "alt-svc"
         || n == "strict-transport-security"
         || n == "clear-site-data"
+        || n == "x-content-type-options"
 }
 
 /// The client's headers that go upstream, in the order they are sent:
@@ -389,7 +393,7 @@ mod tests {
     }
 
     /// Headers the policy always drops, and always keeps.
-    const ALWAYS_DROPPED: [&str; 15] = [
+    const ALWAYS_DROPPED: [&str; 16] = [
         "Keep-Alive",
         "Proxy-Connection",
         "TE",
@@ -404,6 +408,7 @@ mod tests {
         "Strict-Transport-Security",
         "Cross-Origin-Resource-Policy",
         "Clear-Site-Data",
+        "X-Content-Type-Options",
         "Connection",
     ];
     const ALWAYS_KEPT: [&str; 13] = [

@@ -203,8 +203,9 @@ impl MediaServer {
                image/png png; text/html html; text/vtt vtt; video/x-matroska mkv; }}\n\
              default_type application/octet-stream;\n\
              server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log players;\n\
-               # A hoster that marks its answers same-origin (helmet's default).\n\
-               location /corp/ {{ alias {root}/; add_header Cross-Origin-Resource-Policy same-origin; }} }}\n",
+               # A hoster with helmet's defaults: answers marked same-origin and nosniff.\n\
+               location /corp/ {{ alias {root}/; add_header Cross-Origin-Resource-Policy same-origin;\n\
+                 add_header X-Content-Type-Options nosniff; }} }}\n",
             root = media().display()
         ));
         nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
@@ -981,13 +982,15 @@ async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
 }
 
 /// Hosters built on Express with helmet's defaults (and others) mark every
-/// answer `Cross-Origin-Resource-Policy: same-origin`. Relayed, that would
-/// speak for the proxy's origin: Chromium would refuse the media in a
-/// `<video>` on any other page (a Jellyfin web client's), whatever the
-/// proxy's CORS headers say. The proxy drops it, as it drops the hoster's
-/// CORS headers.
+/// answer `Cross-Origin-Resource-Policy: same-origin` and
+/// `X-Content-Type-Options: nosniff`. Relayed, the first would speak for
+/// the proxy's origin: Chromium would refuse the media in a `<video>` on
+/// any other page (a Jellyfin web client's), whatever the proxy's CORS
+/// headers say. The second, on segments the hoster types `image/png` or
+/// `text/html`, makes Chromium's own HLS player refuse them. The proxy
+/// drops both, as it drops the hoster's CORS headers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_plays_an_mp4_its_hoster_marks_same_origin() {
+async fn chromium_plays_media_its_hoster_marks_same_origin_and_nosniff() {
     if !have(&[FFMPEG, NGINX, CHROMIUM]) {
         return;
     }
@@ -1000,6 +1003,23 @@ async fn chromium_plays_an_mp4_its_hoster_marks_same_origin() {
     assert_played_to_the_end(&q, "Chromium", 5.5);
     assert_eq!(q.get("sought"), Some("true"), "{report}");
     assert!(nginx.served_through_proxy().contains("/corp/files/progressive.mp4"));
+
+    // The disguised variant (segments typed image/jpeg, image/png and
+    // text/html), through Chromium's own HLS player; a page of its own.
+    let h = hoster(nginx.port, None).await;
+    let disguised = relay_url(&p, "index.m3u8", &nginx.url("/corp/ts/dis/index.m3u8"));
+    let report = chromium(&h, "/native.html", "/report-native", &disguised).await;
+    let q = anibridge_proxy::auth::Query::parse(Some(&report));
+    if q.get("unsupported").is_some() {
+        tools::missing("Chromium's own HLS player", "a Chromium that plays HLS itself (Debian's 156 does)");
+        return;
+    }
+    assert!(q.get("error").is_none(), "Chromium refused the disguised segments: {report}");
+    assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
+    let served = nginx.served_through_proxy();
+    for ext in ["jpg", "png", "html"] {
+        assert!(served.iter().any(|s| s.starts_with("/corp/ts/dis/seg") && s.ends_with(ext)), "{ext}: {served:?}");
+    }
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
