@@ -293,6 +293,43 @@ async fn head_of_a_resolved_playlist_fetches_it_with_the_resolvers_headers_and_n
     assert_eq!(p.server.metrics.retries.get(), 0, "fetching the playlist is not a retry");
 }
 
+/// The resolver's headers go with the URL it returned, on every hop. A
+/// playlist's children are their own `/strm/proxy/` requests (a player may
+/// fetch them from any replica, signed URLs carry no headers): each gets
+/// the provider profile of its host, which is where an operator puts a
+/// `Referer` the hoster's segment servers check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolved_playlists_children_get_their_hosts_profile() {
+    const LIST: &str = "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nseg0.ts\n#EXT-X-ENDLIST\n";
+    let m = Origin::start(|req| match req.path() {
+        "/list" => serve_bytes(req, LIST.as_bytes(), Some("application/vnd.apple.mpegurl")).into(),
+        _ => serve_file(req, 1000, Some("video/mp2t")).into(),
+    })
+    .await;
+    let list = m.url("/list");
+    let (r, _) = resolver(move |_, _| json(&list, 300)).await;
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\"}}\n\
+         providers: [{{hosts: [\"127.0.0.1\"], headers: {{Referer: \"https://cdn-referer.example/\", X-Profile: \"1\"}}}}]\n",
+        r.url("/resolve")
+    ))
+    .await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    let child = got.text().lines().find(|l| l.starts_with("/strm/proxy/")).unwrap().to_string();
+    let seg = get(p.addr(), "GET", &child, &[]).await;
+    assert_eq!((seg.status, seg.body.len()), (200, 1000));
+    let seen = m.requests();
+    let by_path = |path: &str| seen.iter().find(|r| r.path() == path).unwrap().clone();
+    // The playlist: the profile's headers, the resolver's Referer winning.
+    let (list, seg) = (by_path("/list"), by_path("/seg0.ts"));
+    assert_eq!(list.header("referer"), Some("https://hoster.example/"));
+    assert_eq!(list.header("x-profile"), Some("1"));
+    // Its child: its host's profile alone.
+    assert_eq!(seg.header("referer"), Some("https://cdn-referer.example/"));
+    assert_eq!(seg.header("x-profile"), Some("1"));
+}
+
 /// A crowd whose cached link went stale: each viewer that finds the link
 /// dead refreshes it only if no one has yet, and otherwise retries with the
 /// refreshed answer — it does not throw that away and ask the resolver
