@@ -287,10 +287,13 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 ///   blocking reloads and delta updates: two segments at its first request,
 ///   one more each second, then `#EXT-X-ENDLIST`.
 ///
-/// And the hls.js page, hls.js itself and `/report` for the page's results.
+/// And the hls.js page, hls.js itself and `/report` for the page's results;
+/// the Shaka Player page, Shaka Player (when `SHAKA` names it) and
+/// `/report-shaka`.
 async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
     let ts = media().join("ts");
     let live_since = OnceLock::new();
+    let shaka = std::env::var("SHAKA").ok().and_then(|p| std::fs::read(p).ok());
     Origin::start(move |req| {
         let path = req.path();
         let file = |rel: &str| std::fs::read(ts.join(rel)).ok().filter(|_| !rel.contains(".."));
@@ -306,7 +309,16 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
                 Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
                 None => Resp::new(404, Body::Bytes(Vec::new())).into(),
             },
-            ("/report" | "/report-native", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
+            ("/shaka.html", _) => {
+                Resp::new(200, Body::Bytes(SHAKA_PAGE.into())).header("Content-Type", "text/html; charset=utf-8").into()
+            }
+            ("/shaka.js", _) => match &shaka {
+                Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
+                None => Resp::new(404, Body::Bytes(Vec::new())).into(),
+            },
+            ("/report" | "/report-native" | "/report-shaka", _) => {
+                Resp::new(204, Body::Empty { content_length: None }).into()
+            }
             ("/oct/master", _) => {
                 serve_bytes(req, &file("master.m3u8").unwrap(), Some("application/octet-stream")).into()
             }
@@ -524,6 +536,28 @@ v.addEventListener('ended', () => {
 });
 hls.loadSource(new URLSearchParams(location.search).get('src'));
 hls.attachMedia(v);
+</script>
+"#;
+
+/// Shaka Player (its own HLS parser, and its own TS transmuxer where hls.js
+/// has another): plays `?src=` muted and reports to `/report-shaka` how it
+/// ended: `ended` with the position and the duration, or an `error` with
+/// Shaka's code.
+const SHAKA_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" muted autoplay playsinline></video>
+<script src="/shaka.js"></script>
+<script>
+const report = (q) => fetch('/report-shaka?' + q).catch(() => {});
+const fail = (what, e) => report('error=' + encodeURIComponent(what + ' ' + (e && e.code) + ' ' + JSON.stringify(e && e.data).slice(0, 300)));
+const v = document.getElementById('v');
+shaka.polyfill.installAll();
+if (!shaka.Player.isBrowserSupported()) report('error=unsupported');
+const player = new shaka.Player();
+player.addEventListener('error', (e) => fail('error', e.detail));
+v.addEventListener('ended', () => report('ended=' + v.currentTime + '&duration=' + v.duration));
+player.attach(v)
+  .then(() => player.load(new URLSearchParams(location.search).get('src')))
+  .then(() => v.play())
+  .catch((e) => fail('load', e));
 </script>
 "#;
 
@@ -1017,6 +1051,39 @@ async fn chromium_plays_media_its_hoster_marks_same_origin_and_nosniff() {
     assert!(q.get("error").is_none(), "Chromium refused the disguised segments: {report}");
     assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
     let served = nginx.served_through_proxy();
+    for ext in ["jpg", "png", "html"] {
+        assert!(served.iter().any(|s| s.starts_with("/corp/ts/dis/seg") && s.ends_with(ext)), "{ext}: {served:?}");
+    }
+}
+
+/// Shaka Player, the other widespread web player, plays through the proxy
+/// what hls.js plays: the keyed TS master (two audio renditions,
+/// subtitles), the disguised variant from a hoster with helmet's headers,
+/// and the fMP4 master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shaka_player_plays_keyed_disguised_and_fmp4_streams() {
+    if !have(&[FFMPEG, NGINX, CHROMIUM]) {
+        return;
+    }
+    if std::env::var("SHAKA").ok().and_then(|p| std::fs::metadata(p).ok()).is_none() {
+        tools::missing("Shaka Player", "scripts/shaka.sh fetches it; set SHAKA to its path");
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let p = proxy("15m").await;
+    for upstream in ["/ts/master.m3u8", "/corp/ts/dis/index.m3u8", "/fmp4/master.m3u8"] {
+        // A page of its own for each: the page's report is its first.
+        let h = hoster(nginx.port, None).await;
+        let src = relay_url(&p, "master.m3u8", &nginx.url(upstream));
+        let report = chromium(&h, "/shaka.html", "/report-shaka", &src).await;
+        let q = anibridge_proxy::auth::Query::parse(Some(&report));
+        assert!(q.get("error").is_none(), "Shaka Player failed on {upstream}: {report}");
+        assert_played_to_the_end(&q, &format!("Shaka Player ({upstream})"), 3.5);
+    }
+    let served = nginx.served_through_proxy();
+    for f in ["/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
+        assert!(served.contains(f), "{f} never fetched: {served:?}");
+    }
     for ext in ["jpg", "png", "html"] {
         assert!(served.iter().any(|s| s.starts_with("/corp/ts/dis/seg") && s.ends_with(ext)), "{ext}: {served:?}");
     }
