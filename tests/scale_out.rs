@@ -132,7 +132,11 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     let root = tempfile::tempdir().unwrap();
     let (origin, origin_port) = origin(root.path()).await;
     let (resolver, resolutions) = resolver(origin_port).await;
-    let front_port = unused_addr().port();
+    // The balancer's port, held until the balancer starts: the instances
+    // (and other tests' servers) bind ports of their own meanwhile, and one
+    // of them taking this one would answer in the balancer's place.
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_port = front.local_addr().unwrap().port();
     let mut fleet = Vec::new();
     for n in 1..=3 {
         fleet.push(Some(
@@ -148,6 +152,7 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     }
     let addrs: Vec<_> = fleet.iter().map(|p| p.as_ref().unwrap().addr()).collect();
     // The balancer listens where the instances' public_base_url says.
+    drop(front);
     let front = match kind {
         Balancer::Nginx => nginx_balancer(&addrs, front_port).await,
         Balancer::Haproxy => haproxy_balancer(&addrs, front_port).await,

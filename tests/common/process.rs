@@ -5,11 +5,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// A running server process and its directory.
 pub struct Spawned {
-    child: Child,
+    child: Mutex<Child>,
     pub dir: tempfile::TempDir,
 }
 
@@ -17,7 +18,7 @@ impl Spawned {
     /// Spawns `cmd` (stdout discarded, stderr to the test's).
     pub fn start(cmd: &mut Command, dir: tempfile::TempDir) -> Spawned {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
-        Spawned { child, dir }
+        Spawned { child: Mutex::new(child), dir }
     }
 
     /// Spawns `cmd` with its standard output and error written to `log`
@@ -25,7 +26,7 @@ impl Spawned {
     pub fn start_logging(cmd: &mut Command, dir: tempfile::TempDir, log: &str) -> Spawned {
         let file = std::fs::File::create(dir.path().join(log)).unwrap();
         let child = cmd.stdout(file.try_clone().unwrap()).stderr(file).spawn().unwrap();
-        Spawned { child, dir }
+        Spawned { child: Mutex::new(child), dir }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -37,21 +38,58 @@ impl Spawned {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
-    /// Waits until it accepts connections on `addr` (its `log` is shown
-    /// when it does not).
+    /// Waits until it listens on `addr` itself (its `log` is shown when it
+    /// does not). Another process listening there (one that took the port
+    /// first) does not count: the server then fails here, once it gives up
+    /// binding and exits, rather than leave the test talking to another.
     pub async fn wait_listening(&self, addr: SocketAddr, log: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
+        loop {
+            let (exited, pid) = {
+                let mut child = self.child.lock().unwrap();
+                (child.try_wait().unwrap(), child.id())
+            };
+            assert!(exited.is_none(), "the server exited ({}): {}", exited.unwrap(), self.read(log));
+            if listens(pid, addr.port()) && tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
             assert!(Instant::now() < deadline, "the server did not start: {}", self.read(log));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
+/// Whether process `pid` holds a listening TCP socket on `port` (from
+/// `/proc/net/tcp{,6}` and the process's file descriptors).
+fn listens(pid: u32, port: u16) -> bool {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    let local_port = f.get(1)?.rsplit_once(':')?.1;
+                    let listening = f.get(3)? == &"0A";
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| f.get(9).map(|i| i.to_string()))?
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.to_string_lossy() == format!("socket:[{i}]")))
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
