@@ -62,27 +62,21 @@ impl Spawned {
 /// Whether process `pid` holds a listening TCP socket on `port` (from
 /// `/proc/net/tcp{,6}` and the process's file descriptors).
 fn listens(pid: u32, port: u16) -> bool {
-    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+    // Each table line: sl local_address rem_address st ... inode (field 9);
+    // st 0A is LISTEN.
+    let listening_inode = |line: &str| -> Option<String> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+        (local_port == port && *f.get(3)? == "0A").then(|| f.get(9).map(|i| format!("socket:[{i}]")))?
+    };
+    let sockets: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|table| {
-            table
-                .lines()
-                .skip(1)
-                .filter_map(|l| {
-                    // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    let local_port = f.get(1)?.rsplit_once(':')?.1;
-                    let listening = f.get(3)? == &"0A";
-                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
-                        .then(|| f.get(9).map(|i| i.to_string()))?
-                })
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|table| table.lines().skip(1).filter_map(listening_inode).collect::<Vec<_>>())
         .collect();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
     fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-        .any(|target| inodes.iter().any(|i| target.to_string_lossy() == format!("socket:[{i}]")))
+        .any(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
 }
 
 impl Drop for Spawned {
