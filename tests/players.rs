@@ -919,6 +919,20 @@ fn assert_played_to_the_end(q: &anibridge_proxy::auth::Query, what: &str, longer
     assert!(duration > longer_than && at >= duration - 0.3, "{what} ended at {at} of {duration}");
 }
 
+/// Chromium's own HLS player plays the playlist `src` on the native page of
+/// `page_origin`: the page's report, parsed and as it came; `None` (and
+/// the player reported missing) when this Chromium does not play HLS
+/// itself.
+async fn native_hls_played(page_origin: &Origin, src: &str) -> Option<(anibridge_proxy::auth::Query, String)> {
+    let report = chromium(page_origin, "/native.html", "/report-native", src).await;
+    let q = anibridge_proxy::auth::Query::parse(Some(&report));
+    if q.get("unsupported").is_some() {
+        tools::missing("Chromium's own HLS player", "a Chromium that plays HLS itself (Debian's 156 does)");
+        return None;
+    }
+    Some((q, report))
+}
+
 /// hls.js plays `src` as [`hlsjs`] does, when hls.js and Chromium are both
 /// there: its report, checked for an error; `None` when one is missing.
 async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str) -> Option<String> {
@@ -989,12 +1003,9 @@ async fn mpv_vlc_gstreamer_hlsjs_and_chromium_play_to_the_end_in_real_time() {
         if !have(&[CHROMIUM]) {
             return;
         }
-        let report = chromium(&h, "/native.html", "/report-native", &ts).await;
-        let q = anibridge_proxy::auth::Query::parse(Some(&report));
-        if q.get("unsupported").is_some() {
-            tools::missing("Chromium's own HLS player", "a Chromium that plays HLS itself (Debian's 156 does)");
+        let Some((q, report)) = native_hls_played(&h, &ts).await else {
             return;
-        }
+        };
         assert!(q.get("error").is_none(), "Chromium's HLS player failed: {report}");
         assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
         assert_eq!(q.get("sought"), Some("true"), "{report}");
@@ -1042,12 +1053,9 @@ async fn chromium_plays_media_its_hoster_marks_same_origin_and_nosniff() {
     // text/html), through Chromium's own HLS player; a page of its own.
     let h = hoster(nginx.port, None).await;
     let disguised = relay_url(&p, "index.m3u8", &nginx.url("/corp/ts/dis/index.m3u8"));
-    let report = chromium(&h, "/native.html", "/report-native", &disguised).await;
-    let q = anibridge_proxy::auth::Query::parse(Some(&report));
-    if q.get("unsupported").is_some() {
-        tools::missing("Chromium's own HLS player", "a Chromium that plays HLS itself (Debian's 156 does)");
+    let Some((q, report)) = native_hls_played(&h, &disguised).await else {
         return;
-    }
+    };
     assert!(q.get("error").is_none(), "Chromium refused the disguised segments: {report}");
     assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
     let served = nginx.served_through_proxy();
