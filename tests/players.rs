@@ -260,6 +260,16 @@ impl MediaServer {
         per_path
     }
 
+    /// Segments of the disguised variant under `dir` in each of its
+    /// disguises (`.jpg`, `.png`, `.html`) were served (through the proxy).
+    fn assert_every_disguise_served(&self, dir: &str) {
+        let served = self.served_through_proxy();
+        for ext in ["jpg", "png", "html"] {
+            let seen = served.iter().any(|s| s.starts_with(&format!("{dir}seg")) && s.ends_with(ext));
+            assert!(seen, "no .{ext} segment of {dir}: {served:?}");
+        }
+    }
+
     /// Every file in `want` was served (through the proxy).
     fn assert_served(&self, want: &BTreeSet<String>) {
         let served = self.served_through_proxy();
@@ -1058,10 +1068,7 @@ async fn chromium_plays_media_its_hoster_marks_same_origin_and_nosniff() {
     };
     assert!(q.get("error").is_none(), "Chromium refused the disguised segments: {report}");
     assert_played_to_the_end(&q, "Chromium's HLS player", 3.5);
-    let served = nginx.served_through_proxy();
-    for ext in ["jpg", "png", "html"] {
-        assert!(served.iter().any(|s| s.starts_with("/corp/ts/dis/seg") && s.ends_with(ext)), "{ext}: {served:?}");
-    }
+    nginx.assert_every_disguise_served("/corp/ts/dis/");
 }
 
 /// Shaka Player, the other widespread web player, plays through the proxy
@@ -1092,9 +1099,7 @@ async fn shaka_player_plays_keyed_disguised_and_fmp4_streams() {
     for f in ["/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
         assert!(served.contains(f), "{f} never fetched: {served:?}");
     }
-    for ext in ["jpg", "png", "html"] {
-        assert!(served.iter().any(|s| s.starts_with("/corp/ts/dis/seg") && s.ends_with(ext)), "{ext}: {served:?}");
-    }
+    nginx.assert_every_disguise_served("/corp/ts/dis/");
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
