@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, integration (real proxy, real local origins,
-# real players: ffmpeg, mpv, VLC, GStreamer, hls.js and Shaka Player in
-# Chromium, streamlink, yt-dlp), property tests, and the criterion benches
-# run once as tests.
+# real players: ffmpeg, mpv, VLC, GStreamer, hls.js, Shaka Player and
+# video.js in Chromium, streamlink, yt-dlp), property tests, and the
+# criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh cmake ffmpeg nginx-light ca-certificates openssl curl unzip \
   mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy \
   gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
 # Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
-# hls.js and Shaka Player for tests/players.rs (from the npm registry), all
-# pinned.
+# hls.js, Shaka Player and video.js for tests/players.rs (from the npm
+# registry), all pinned.
 TRAEFIK="${TRAEFIK:-$(scripts/traefik.sh)}"
 HLSJS="${HLSJS:-$(scripts/hlsjs.sh)}"
 SHAKA="${SHAKA:-$(scripts/shaka.sh)}"
-export TRAEFIK HLSJS SHAKA
+VIDEOJS="${VIDEOJS:-$(scripts/videojs.sh)}"
+export TRAEFIK HLSJS SHAKA VIDEOJS
 # Everything the tests run was installed above: a missing tool is a failure
 # here, not a skip (tests/common/tools.rs).
 export ANIBRIDGE_TEST_TOOLS=required

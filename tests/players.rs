@@ -298,14 +298,31 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 ///   one more each second, then `#EXT-X-ENDLIST`.
 ///
 /// And the hls.js page, hls.js itself and `/report` for the page's results;
-/// the Shaka Player page, Shaka Player (when `SHAKA` names it) and
-/// `/report-shaka`.
+/// each of [`JS_PLAYERS`]: its page, its script (when its variable names
+/// it) and its report path.
 async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
     let ts = media().join("ts");
     let live_since = OnceLock::new();
-    let shaka = std::env::var("SHAKA").ok().and_then(|p| std::fs::read(p).ok());
+    let scripts: Vec<Option<Vec<u8>>> =
+        JS_PLAYERS.iter().map(|j| std::env::var(j.env).ok().and_then(|p| std::fs::read(p).ok())).collect();
     Origin::start(move |req| {
         let path = req.path();
+        for (j, script) in JS_PLAYERS.iter().zip(&scripts) {
+            if path == j.page {
+                return Resp::new(200, Body::Bytes(j.html.into()))
+                    .header("Content-Type", "text/html; charset=utf-8")
+                    .into();
+            }
+            if path == j.script {
+                return match script {
+                    Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
+                    None => Resp::new(404, Body::Bytes(Vec::new())).into(),
+                };
+            }
+            if path == j.report {
+                return Resp::new(204, Body::Empty { content_length: None }).into();
+            }
+        }
         let file = |rel: &str| std::fs::read(ts.join(rel)).ok().filter(|_| !rel.contains(".."));
         let quirk = path.trim_start_matches('/').split_once('/');
         match (path, quirk) {
@@ -319,16 +336,7 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
                 Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
                 None => Resp::new(404, Body::Bytes(Vec::new())).into(),
             },
-            ("/shaka.html", _) => {
-                Resp::new(200, Body::Bytes(SHAKA_PAGE.into())).header("Content-Type", "text/html; charset=utf-8").into()
-            }
-            ("/shaka.js", _) => match &shaka {
-                Some(js) => serve_bytes(req, js, Some("text/javascript")).into(),
-                None => Resp::new(404, Body::Bytes(Vec::new())).into(),
-            },
-            ("/report" | "/report-native" | "/report-shaka", _) => {
-                Resp::new(204, Body::Empty { content_length: None }).into()
-            }
+            ("/report" | "/report-native", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
             ("/oct/master", _) => {
                 serve_bytes(req, &file("master.m3u8").unwrap(), Some("application/octet-stream")).into()
             }
@@ -570,6 +578,59 @@ player.attach(v)
   .catch((e) => fail('load', e));
 </script>
 "#;
+
+/// video.js with its HLS engine (VHS: its own playlist parser, mux.js for
+/// TS), forced over Chromium's own HLS player: plays `?src=` muted and
+/// reports to `/report-videojs` how it ended: `ended` with the position and
+/// the duration, or an `error` (also when VHS was not the engine).
+const VIDEOJS_PAGE: &str = r#"<!doctype html><meta charset="utf-8"><video id="v" muted autoplay playsinline></video>
+<script src="/video.min.js"></script>
+<script>
+const report = (q) => fetch('/report-videojs?' + q).catch(() => {});
+const p = videojs('v', { html5: { vhs: { overrideNative: true }, nativeAudioTracks: false, nativeVideoTracks: false } });
+p.on('error', () => { const e = p.error(); report('error=' + encodeURIComponent((e && e.code) + ' ' + (e && e.message))); });
+p.on('ended', () => {
+  if (!p.tech(true).vhs) return report('error=not-played-by-vhs');
+  report('ended=' + p.currentTime() + '&duration=' + p.duration());
+});
+p.src({ src: new URLSearchParams(location.search).get('src'), type: 'application/x-mpegURL' });
+p.play().catch((e) => report('error=' + encodeURIComponent('play ' + e)));
+</script>
+"#;
+
+/// A browser player with an HLS engine of its own (parser and transmuxer),
+/// fetched by the script `fetched_by` and named by `env`; the hoster serves
+/// its `page` (`html`), the player as `script`, and takes its `report`.
+struct JsPlayer {
+    name: &'static str,
+    env: &'static str,
+    fetched_by: &'static str,
+    page: &'static str,
+    html: &'static str,
+    script: &'static str,
+    report: &'static str,
+}
+
+const JS_PLAYERS: [JsPlayer; 2] = [
+    JsPlayer {
+        name: "Shaka Player",
+        env: "SHAKA",
+        fetched_by: "scripts/shaka.sh",
+        page: "/shaka.html",
+        html: SHAKA_PAGE,
+        script: "/shaka.js",
+        report: "/report-shaka",
+    },
+    JsPlayer {
+        name: "video.js",
+        env: "VIDEOJS",
+        fetched_by: "scripts/videojs.sh",
+        page: "/videojs.html",
+        html: VIDEOJS_PAGE,
+        script: "/video.min.js",
+        report: "/report-videojs",
+    },
+];
 
 /// Chromium's own HLS player (no hls.js: `<video src>`, as a web player
 /// may use it where the browser plays HLS itself): plays `?src=` muted,
@@ -1071,35 +1132,42 @@ async fn chromium_plays_media_its_hoster_marks_same_origin_and_nosniff() {
     nginx.assert_every_disguise_served("/corp/ts/dis/");
 }
 
-/// Shaka Player, the other widespread web player, plays through the proxy
-/// what hls.js plays: the keyed TS master (two audio renditions,
-/// subtitles), the disguised variant from a hoster with helmet's headers,
-/// and the fMP4 master.
+/// Shaka Player and video.js, the widespread web players with HLS engines
+/// of their own, play through the proxy what hls.js plays: the keyed TS
+/// master (two audio renditions, subtitles), the disguised variant from a
+/// hoster with helmet's headers and the fMP4 master; and the byte-range
+/// stream (every segment a range of one file), each range relayed as asked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shaka_player_plays_keyed_disguised_and_fmp4_streams() {
+async fn shaka_player_and_videojs_play_keyed_disguised_fmp4_and_byte_range_streams() {
     if !have(&[FFMPEG, NGINX, CHROMIUM]) {
         return;
     }
-    if std::env::var("SHAKA").ok().and_then(|p| std::fs::metadata(p).ok()).is_none() {
-        tools::missing("Shaka Player", "scripts/shaka.sh fetches it; set SHAKA to its path");
-        return;
+    for j in &JS_PLAYERS {
+        if std::env::var(j.env).ok().and_then(|p| std::fs::metadata(p).ok()).is_none() {
+            tools::missing(j.name, &format!("{} fetches it; set {} to its path", j.fetched_by, j.env));
+            continue;
+        }
+        // An nginx of its own: what it served is this player's.
+        let nginx = MediaServer::start().await;
+        let p = proxy("15m").await;
+        for upstream in ["/ts/master.m3u8", "/corp/ts/dis/index.m3u8", "/fmp4/master.m3u8", "/br/index.m3u8"] {
+            // A page of its own for each: the page's report is its first.
+            let h = hoster(nginx.port, None).await;
+            let src = relay_url(&p, "master.m3u8", &nginx.url(upstream));
+            let report = chromium(&h, j.page, j.report, &src).await;
+            let q = anibridge_proxy::auth::Query::parse(Some(&report));
+            assert!(q.get("error").is_none(), "{} failed on {upstream}: {report}", j.name);
+            assert_played_to_the_end(&q, &format!("{} ({upstream})", j.name), 3.5);
+        }
+        let served = nginx.served_through_proxy();
+        for f in ["/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
+            assert!(served.contains(f), "{}: {f} never fetched: {served:?}", j.name);
+        }
+        nginx.assert_every_disguise_served("/corp/ts/dis/");
+        let ranges: BTreeSet<String> =
+            nginx.log().into_iter().filter(|l| l.path == "/br/index.ts" && l.status == 206).map(|l| l.range).collect();
+        assert!(ranges.len() >= 4, "{}: the byte-range segments as nginx served them: {ranges:?}", j.name);
     }
-    let nginx = MediaServer::start().await;
-    let p = proxy("15m").await;
-    for upstream in ["/ts/master.m3u8", "/corp/ts/dis/index.m3u8", "/fmp4/master.m3u8"] {
-        // A page of its own for each: the page's report is its first.
-        let h = hoster(nginx.port, None).await;
-        let src = relay_url(&p, "master.m3u8", &nginx.url(upstream));
-        let report = chromium(&h, "/shaka.html", "/report-shaka", &src).await;
-        let q = anibridge_proxy::auth::Query::parse(Some(&report));
-        assert!(q.get("error").is_none(), "Shaka Player failed on {upstream}: {report}");
-        assert_played_to_the_end(&q, &format!("Shaka Player ({upstream})"), 3.5);
-    }
-    let served = nginx.served_through_proxy();
-    for f in ["/ts/key.bin", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
-        assert!(served.contains(f), "{f} never fetched: {served:?}");
-    }
-    nginx.assert_every_disguise_served("/corp/ts/dis/");
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
