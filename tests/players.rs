@@ -491,6 +491,7 @@ const RUNUSER: (&str, &str) = ("runuser", "apt-get install util-linux");
 const CHROMIUM: (&str, &str) = ("chromium", "apt-get install chromium");
 const STREAMLINK: (&str, &str) = ("streamlink", "apt-get install streamlink");
 const YT_DLP: (&str, &str) = ("yt-dlp", "apt-get install yt-dlp");
+const CADDY: (&str, &str) = ("caddy", "apt-get install caddy");
 const GST: (&str, &str) = (
     "gst-launch-1.0",
     "apt-get install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
@@ -1168,6 +1169,106 @@ async fn shaka_player_and_videojs_play_keyed_disguised_fmp4_and_byte_range_strea
             nginx.log().into_iter().filter(|l| l.path == "/br/index.ts" && l.status == 206).map(|l| l.range).collect();
         assert!(ranges.len() >= 4, "{}: the byte-range segments as nginx served them: {ranges:?}", j.name);
     }
+}
+
+/// Caddy's file server (Go's `http.ServeContent` and MIME table) as the
+/// hoster, serving the media: the types it gives HLS files are ones no
+/// player expects — TS segments `text/vnd.trolltech.linguist` (Qt's
+/// translation files share the extension), playlists `audio/x-mpegurl`,
+/// `.m4s` segments and keys no type at all. The proxy relays the types
+/// as they are and rewrites the playlists; ffmpeg, hls.js and Chromium's
+/// own HLS player play the keyed TS master and the fMP4 master to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn players_play_from_a_caddy_hoster_that_types_segments_as_qt_translations() {
+    if !have(&[FFMPEG, CADDY, CHROMIUM]) {
+        return;
+    }
+    let port = unused_addr().port();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let config = d.join("Caddyfile");
+    std::fs::write(
+        &config,
+        format!(
+            "{{\n\tadmin off\n\tauto_https off\n}}\nhttp://:{port} {{\n\tbind 127.0.0.1\n\troot * {}\n\tfile_server\n\
+             \tlog {{\n\t\toutput file {}\n\t}}\n}}\n",
+            media().display(),
+            d.join("access.log").display()
+        ),
+    )
+    .unwrap();
+    let caddy = Spawned::start_logging(
+        std::process::Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&config)
+            .env("HOME", &d)
+            .env("XDG_DATA_HOME", &d)
+            .env("XDG_CONFIG_HOME", &d),
+        dir,
+        "caddy.log",
+    );
+    caddy.wait_listening(([127, 0, 0, 1], port).into(), "caddy.log").await;
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let p = proxy("15m").await;
+
+    // The types, as Caddy gives them and the proxy relays them (a segment
+    // with none is typed by its name, as any answer without a type).
+    for (path, hint, direct_type, relayed_type) in [
+        ("/ts/hi/seg000.ts", "seg000.ts", Some("text/vnd.trolltech.linguist; charset=utf-8"), None),
+        ("/fmp4/v/seg000.m4s", "seg000.m4s", None, Some("video/iso.segment")),
+    ] {
+        let direct = get(([127, 0, 0, 1], port).into(), "GET", path, &[]).await;
+        assert_eq!(direct.status, 200, "{path}: {:?}", direct.headers);
+        assert_eq!(direct.header("content-type"), direct_type, "Caddy's type for {path}");
+        let relayed = get(p.addr(), "GET", &signed_relay_path(hint, &url(path), Some(now() + 600)), &[]).await;
+        assert_eq!(relayed.status, 200);
+        assert_eq!(relayed.header("content-type"), relayed_type.or(direct_type), "{path}");
+        assert_eq!(relayed.body, direct.body, "{path}");
+    }
+    let master = relay_url(&p, "master.m3u8", &url("/ts/master.m3u8"));
+    let master_path = signed_relay_path("master.m3u8", &url("/ts/master.m3u8"), Some(now() + 600));
+    let listed = get(p.addr(), "GET", &master_path, &[("Range", "bytes=0-")]).await;
+    assert_eq!((listed.status, listed.header("content-type")), (200, Some("application/vnd.apple.mpegurl")));
+
+    let (played, frames) = ffmpeg_decode(&master, &[]).await;
+    played.assert_clean("ffmpeg (TS master from Caddy)", &[]);
+    assert_eq!(frames.iter().filter(|&&n| n == 100).count(), 2, "two 4 s video variants at 25 fps: {frames:?}");
+    let (played, frames) = ffmpeg_decode(&relay_url(&p, "master.m3u8", &url("/fmp4/master.m3u8")), &[]).await;
+    played.assert_clean("ffmpeg (fMP4 master from Caddy)", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+
+    let js = std::env::var("HLSJS").ok().and_then(|p| std::fs::read(p).ok()).map(Arc::new);
+    let h = hoster(0, js.clone()).await;
+    if let Some(report) = hlsjs_played(&js, &h, &master).await {
+        assert_played_to_the_end(&anibridge_proxy::auth::Query::parse(Some(&report)), "hls.js (Caddy)", 3.5);
+    }
+    for upstream in ["/ts/master.m3u8", "/fmp4/master.m3u8"] {
+        let h = hoster(0, None).await;
+        let Some((q, report)) = native_hls_played(&h, &relay_url(&p, "master.m3u8", &url(upstream))).await else {
+            break;
+        };
+        assert!(q.get("error").is_none(), "Chromium's own HLS player failed on {upstream} from Caddy: {report}");
+        assert_played_to_the_end(&q, &format!("Chromium's own HLS player ({upstream} from Caddy)"), 3.5);
+    }
+
+    // Caddy served every file of both streams, each through the proxy.
+    let mut served = BTreeSet::new();
+    for line in caddy.read("access.log").lines() {
+        let l: serde_json::Value = serde_json::from_str(line).unwrap();
+        let uri = l["request"]["uri"].as_str().unwrap().to_string();
+        let through = &l["request"]["headers"]["X-Through-Proxy"][0];
+        // The direct requests above are this test's own.
+        if through != "1" {
+            assert!(uri == "/ts/hi/seg000.ts" || uri == "/fmp4/v/seg000.m4s", "{uri} bypassed the proxy");
+            continue;
+        }
+        assert!(matches!(l["status"].as_u64(), Some(200 | 206)), "{line}");
+        served.insert(uri);
+    }
+    let mut want = stream_files("ts", false);
+    want.extend(stream_files("fmp4", false));
+    let missing: Vec<&String> = want.difference(&served).collect();
+    assert!(missing.is_empty(), "never fetched through the proxy from Caddy: {missing:?}");
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
