@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite: unit, integration (real proxy, real local origins,
-# real players: ffmpeg, mpv, VLC, GStreamer, hls.js, Shaka Player and
-# video.js in Chromium, streamlink, yt-dlp), property tests, and the
+# real players: ffmpeg, mpv, VLC, GStreamer, Kodi, hls.js, Shaka Player
+# and video.js in Chromium, streamlink, yt-dlp), property tests, and the
 # criterion benches run once as tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh cmake ffmpeg nginx-light ca-certificates openssl curl unzip \
   mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy \
-  gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav
+  gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
+  kodi xvfb strace
 # Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
 # hls.js, Shaka Player and video.js for tests/players.rs (from the npm
 # registry), all pinned.

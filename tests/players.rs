@@ -492,6 +492,9 @@ const CHROMIUM: (&str, &str) = ("chromium", "apt-get install chromium");
 const STREAMLINK: (&str, &str) = ("streamlink", "apt-get install streamlink");
 const YT_DLP: (&str, &str) = ("yt-dlp", "apt-get install yt-dlp");
 const CADDY: (&str, &str) = ("caddy", "apt-get install caddy");
+const KODI: (&str, &str) = ("kodi", "apt-get install kodi");
+const XVFB: (&str, &str) = ("Xvfb", "apt-get install xvfb");
+const STRACE: (&str, &str) = ("strace", "apt-get install strace");
 const GST: (&str, &str) = (
     "gst-launch-1.0",
     "apt-get install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
@@ -632,6 +635,112 @@ const JS_PLAYERS: [JsPlayer; 2] = [
         report: "/report-videojs",
     },
 ];
+
+/// A process and the children it starts, killed together when dropped
+/// (Kodi's launcher is a script that starts `kodi.bin`).
+struct Group(std::process::Child);
+
+impl Group {
+    fn spawn(cmd: &mut std::process::Command) -> Group {
+        use std::os::unix::process::CommandExt;
+        Group(cmd.process_group(0).spawn().unwrap())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on this child's own process group.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Kodi's settings for a test: no add-on updates, and every service that
+/// would talk to the network off (WS-Discovery, zeroconf, UPnP, AirPlay,
+/// the event server, the web server); `mirrors.kodi.tv` (its add-on
+/// repository) names loopback in case anything still asks for it.
+const KODI_SETTINGS: &str = r#"<settings version="2">
+    <setting id="general.addonupdates">2</setting>
+    <setting id="services.esenabled">false</setting>
+    <setting id="services.zeroconf">false</setting>
+    <setting id="services.upnp">false</setting>
+    <setting id="services.webserver">false</setting>
+    <setting id="services.airplay">false</setting>
+    <setting id="services.wsdiscovery">false</setting>
+</settings>
+"#;
+const KODI_ADVANCED: &str = r#"<advancedsettings version="1.0">
+    <hosts><entry name="mirrors.kodi.tv">127.0.0.1</entry></hosts>
+</advancedsettings>
+"#;
+
+/// Kodi plays `url` (as a `.strm` file hands it over) on a virtual X
+/// server, with a home of its own and its audio going to ALSA's null
+/// device, under `strace`; returns its log once the log says how playback
+/// ended. Every address Kodi sent to or bound is loopback (checked here).
+async fn kodi(url: &str) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let userdata = home.path().join(".kodi/userdata");
+    std::fs::create_dir_all(&userdata).unwrap();
+    std::fs::write(userdata.join("guisettings.xml"), KODI_SETTINGS).unwrap();
+    std::fs::write(userdata.join("advancedsettings.xml"), KODI_ADVANCED).unwrap();
+    std::fs::write(home.path().join(".asoundrc"), "pcm.!default { type null }\npcm.Default { type null }\n").unwrap();
+    // Xvfb picks a free display and says which.
+    let mut xvfb = Group::spawn(
+        std::process::Command::new("Xvfb")
+            .args(["-displayfd", "1", "-screen", "0", "640x480x24", "-nolisten", "tcp"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut display = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(xvfb.0.stdout.take().unwrap()), &mut display).unwrap();
+    let traced = home.path().join("strace.txt");
+    let _kodi = Group::spawn(
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,bind", "-o"])
+            .arg(&traced)
+            .args(["kodi", "--standalone", "--debug", url])
+            .env("HOME", home.path())
+            .env("DISPLAY", format!(":{}", display.trim()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let log_path = home.path().join(".kodi/temp/kodi.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if ["OnPlayBackEnded", "OnPlayBackError", "OnPlayBackStopped"].iter().any(|e| log.contains(e)) {
+            break log;
+        }
+        assert!(std::time::Instant::now() < deadline, "Kodi never finished playing {url}: {}", last_lines(&log));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let traced = std::fs::read_to_string(&traced).unwrap();
+    for addr in traced.split("inet_addr(\"").skip(1).chain(traced.split("inet_pton(AF_INET6, \"").skip(1)) {
+        let addr = addr.split('"').next().unwrap();
+        assert!(addr == "127.0.0.1" || addr == "::1", "Kodi reached beyond loopback: {addr}");
+    }
+    log
+}
+
+/// The end of a long log (Kodi's debug log starts with pages of OpenGL).
+fn last_lines(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// How long Kodi played: from when its log says playback started to when
+/// it says playback ended.
+fn kodi_played_seconds(log: &str) -> f64 {
+    let at = |event: &str| {
+        let line = log.lines().find(|l| l.contains(event)).unwrap_or_else(|| panic!("no {event}: {}", last_lines(log)));
+        let time = line.split(' ').nth(1).unwrap();
+        let (h, rest) = time.split_once(':').unwrap();
+        let (m, s) = rest.split_once(':').unwrap();
+        h.parse::<f64>().unwrap() * 3600.0 + m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap()
+    };
+    at("OnPlayBackEnded") - at("OnPlayBackStarted")
+}
 
 /// Chromium's own HLS player (no hls.js: `<video src>`, as a web player
 /// may use it where the browser plays HLS itself): plays `?src=` muted,
@@ -1269,6 +1378,34 @@ async fn players_play_from_a_caddy_hoster_that_types_segments_as_qt_translations
     want.extend(stream_files("fmp4", false));
     let missing: Vec<&String> = want.difference(&served).collect();
     assert!(missing.is_empty(), "never fetched through the proxy from Caddy: {missing:?}");
+}
+
+/// Kodi (its own HTTP client asks each URL's type with a HEAD first, then
+/// its player, on ffmpeg, reads it) plays to the end in real time, as a
+/// `.strm` file hands it over: the keyed TS master, the disguised variant,
+/// and the MP4 with its index at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kodi_plays_hls_and_an_mp4_to_the_end_in_real_time() {
+    if !have(&[FFMPEG, NGINX, KODI, XVFB, STRACE]) {
+        return;
+    }
+    let nginx = MediaServer::start().await;
+    let p = proxy("15m").await;
+    for (upstream, hint, seconds) in [
+        ("/ts/master.m3u8", "master.m3u8", 4.0),
+        ("/ts/dis/index.m3u8", "index.m3u8", 4.0),
+        ("/files/progressive.mp4", "episode.mp4", 6.0),
+    ] {
+        let log = kodi(&relay_url(&p, hint, &nginx.url(upstream))).await;
+        assert!(log.contains("OnPlayBackEnded"), "Kodi did not play {upstream} to the end: {}", last_lines(&log));
+        let played = kodi_played_seconds(&log);
+        assert!(played > seconds - 1.0, "Kodi played {upstream} in {played} s");
+    }
+    let served = nginx.served_through_proxy();
+    for f in ["/ts/key.bin", "/ts/hi/seg003.ts", "/files/progressive.mp4"] {
+        assert!(served.contains(f), "{f} never fetched: {served:?}");
+    }
+    nginx.assert_every_disguise_served("/ts/dis/");
 }
 
 /// `auth.token_ttl` of 2 s and an 8 s VOD played in real time: the children
