@@ -16,7 +16,9 @@ TRAEFIK="${TRAEFIK:-$(scripts/traefik.sh)}"
 HLSJS="${HLSJS:-$(scripts/hlsjs.sh)}"
 SHAKA="${SHAKA:-$(scripts/shaka.sh)}"
 VIDEOJS="${VIDEOJS:-$(scripts/videojs.sh)}"
-export TRAEFIK HLSJS SHAKA VIDEOJS
+# A current FFmpeg beside Debian's, for tests/players.rs (from PyPI, pinned).
+FFMPEG_CURRENT="${FFMPEG_CURRENT:-$(scripts/ffmpeg-current.sh)}"
+export TRAEFIK HLSJS SHAKA VIDEOJS FFMPEG_CURRENT
 # Everything the tests run was installed above: a missing tool is a failure
 # here, not a skip (tests/common/tools.rs).
 export ANIBRIDGE_TEST_TOOLS=required

@@ -513,10 +513,15 @@ fn args(list: &[&str]) -> Vec<String> {
 /// ffmpeg decodes every stream of `url` (Jellyfin runs ffmpeg with its
 /// defaults: `extension_picky` on); returns the frames per stream.
 async fn ffmpeg_decode(url: &str, extra: &[&str]) -> (Played, Vec<usize>) {
+    ffmpeg_decode_by("ffmpeg", url, extra).await
+}
+
+/// [`ffmpeg_decode`] by the ffmpeg `program`; `extra` goes before `-i`.
+async fn ffmpeg_decode_by(program: &str, url: &str, extra: &[&str]) -> (Played, Vec<usize>) {
     let mut a = args(&["-nostdin", "-v", "warning"]);
     a.extend(args(extra));
     a.extend(args(&["-i", url, "-map", "0", "-f", "framecrc", "-"]));
-    let played = play("ffmpeg", &a, Duration::from_secs(60)).await;
+    let played = play(program, &a, Duration::from_secs(60)).await;
     let mut frames = Vec::new();
     for line in played.stdout.lines().filter(|l| !l.starts_with('#')) {
         let stream: usize = line.split(',').next().unwrap().trim().parse().unwrap();
@@ -824,6 +829,47 @@ async fn ffmpeg_plays_every_hls_variant_from_nginx() {
         assert!(served.iter().any(|s| s.ends_with(ext)), "no .{ext} segment fetched: {served:?}");
     }
     nginx.served_through_proxy();
+}
+
+/// A current FFmpeg (9.0, `FFMPEG_CURRENT`; Jellyfin plays through its own
+/// recent build, not Debian's 5.1) decodes through the proxy the keyed TS
+/// master with its two audio renditions, fMP4, byte ranges, and the
+/// disguised variant, which it refuses straight from nginx (its HLS
+/// demuxer checks each segment's URL extension).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_ffmpeg_plays_every_hls_variant_and_the_disguised_one() {
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
+    let Some(ffmpeg) = std::env::var("FFMPEG_CURRENT").ok().filter(|p| std::fs::metadata(p).is_ok()) else {
+        tools::missing("a current FFmpeg", "scripts/ffmpeg-current.sh fetches it; set FFMPEG_CURRENT to its path");
+        return;
+    };
+    let bare = MediaServer::start().await;
+    let direct = play(
+        &ffmpeg,
+        &args(&["-nostdin", "-v", "error", "-i", &bare.url("/ts/dis/index.m3u8"), "-f", "null", "-"]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(!direct.ok && direct.stderr.contains("allowed_segment_extensions"), "{}", direct.stderr);
+
+    let nginx = MediaServer::start().await;
+    let p = proxy("15m").await;
+    // `-sn`: this ffmpeg reads the WebVTT rendition too, which framecrc cannot write.
+    for (upstream, hint, streams) in [
+        ("/ts/master.m3u8", "master.m3u8", 4),
+        ("/fmp4/master.m3u8", "master.m3u8", 1),
+        ("/br/index.m3u8", "index.m3u8", 1),
+        ("/ts/dis/index.m3u8", "index.m3u8", 1),
+    ] {
+        let (played, frames) = ffmpeg_decode_by(&ffmpeg, &relay_url(&p, hint, &nginx.url(upstream)), &["-sn"]).await;
+        played.assert_clean(&format!("ffmpeg 9 ({upstream})"), &[]);
+        assert!(frames.len() >= streams && frames.contains(&100), "{upstream}: {frames:?}");
+    }
+    nginx.assert_served(&stream_files("ts", false));
+    nginx.assert_served(&stream_files("fmp4", false));
+    nginx.assert_every_disguise_served("/ts/dis/");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
