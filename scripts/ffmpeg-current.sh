@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Prints the path of a current FFmpeg (9.0.2) for tests/players.rs, beside
 # Debian's 5.1: Jellyfin plays through its own recent build, not Debian's.
-# PyPI's imageio-ffmpeg wheel carries a static build; the wheel
-# is checked against its pinned SHA-256 and only the binary is unpacked:
-# nothing is installed into any Python environment.
+# PyPI's imageio-ffmpeg wheel carries a static build (scripts/wheel-bin.sh:
+# pinned, checked, only the binary unpacked).
 set -euo pipefail
 VERSION=0.8.1
 case "$(uname -m)" in
@@ -15,13 +14,4 @@ case "$(uname -m)" in
     echo "no imageio-ffmpeg $VERSION wheel pinned for $(uname -m)" >&2
     exit 1 ;;
 esac
-dir="${XDG_CACHE_HOME:-$HOME/.cache}/anibridge-proxy/imageio-ffmpeg-$VERSION"
-bin="$dir/ffmpeg"
-if [ ! -x "$bin" ]; then
-  "$(dirname "$0")/fetch.sh" "$url" "$sha" "$dir/ffmpeg.whl"
-  unzip -q -o -j "$dir/ffmpeg.whl" "imageio_ffmpeg/binaries/$file" -d "$dir"
-  mv "$dir/$file" "$bin"
-  chmod 0755 "$bin"
-  rm "$dir/ffmpeg.whl"
-fi
-echo "$bin"
+exec "$(dirname "$0")/wheel-bin.sh" "$url" "$sha" "imageio_ffmpeg/binaries/$file" "imageio-ffmpeg-$VERSION" ffmpeg

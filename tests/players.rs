@@ -1352,16 +1352,7 @@ async fn players_play_from_a_caddy_hoster_that_types_segments_as_qt_translations
         ),
     )
     .unwrap();
-    let caddy = Spawned::start_logging(
-        std::process::Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&config)
-            .env("HOME", &d)
-            .env("XDG_DATA_HOME", &d)
-            .env("XDG_CONFIG_HOME", &d),
-        dir,
-        "caddy.log",
-    );
+    let caddy = common::process::spawn_caddy(&config, dir);
     caddy.wait_listening(([127, 0, 0, 1], port).into(), "caddy.log").await;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let p = proxy("15m").await;

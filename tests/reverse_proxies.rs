@@ -172,17 +172,7 @@ async fn caddy_in_front_of(proxy: std::net::SocketAddr) -> Front {
             .replace("reverse_proxy 127.0.0.1:8080 {", &format!("reverse_proxy {proxy} {{")),
     )
     .unwrap();
-    let d = dir.path().to_path_buf();
-    let caddy = process::Spawned::start_logging(
-        Command::new("caddy")
-            .args(["run", "--adapter", "caddyfile", "--config"])
-            .arg(&config)
-            .env("HOME", &d)
-            .env("XDG_DATA_HOME", &d)
-            .env("XDG_CONFIG_HOME", &d),
-        dir,
-        "caddy.log",
-    );
+    let caddy = process::spawn_caddy(&config, dir);
     Front::start(caddy, port, "caddy.log").await
 }
 

@@ -87,6 +87,22 @@ impl Drop for Spawned {
     }
 }
 
+/// Spawns Caddy on the Caddyfile `config`, with its storage (`HOME`, XDG
+/// directories) in `dir` and its output in `caddy.log` there.
+pub fn spawn_caddy(config: &std::path::Path, dir: tempfile::TempDir) -> Spawned {
+    let d = dir.path().to_path_buf();
+    Spawned::start_logging(
+        Command::new("caddy")
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(config)
+            .env("HOME", &d)
+            .env("XDG_DATA_HOME", &d)
+            .env("XDG_CONFIG_HOME", &d),
+        dir,
+        "caddy.log",
+    )
+}
+
 /// The nginx binary (tests check for it with `tools::needs` first).
 pub fn nginx_bin() -> String {
     super::tools::path("nginx")
