@@ -500,6 +500,17 @@ const GST: (&str, &str) = (
     "apt-get install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
 );
 
+/// The path the variable `env` names, of a pinned download (`what`) that
+/// `script` fetches and scripts/test.sh names so; `None` when it is not
+/// there, reported as missing (a skip, or a failure under scripts/test.sh).
+fn downloaded(env: &str, what: &str, script: &str) -> Option<String> {
+    let path = std::env::var(env).ok().filter(|p| std::fs::metadata(p).is_ok());
+    if path.is_none() {
+        tools::missing(what, &format!("{script} fetches it; set {env} to its path"));
+    }
+    path
+}
+
 /// Whether every one of `programs` is here (each missing one is reported:
 /// a skip, or a failure under scripts/test.sh).
 fn have(programs: &[(&str, &str)]) -> bool {
@@ -845,8 +856,7 @@ async fn a_current_ffmpeg_plays_every_hls_variant_and_the_disguised_one() {
     if !have(&[FFMPEG, NGINX]) {
         return;
     }
-    let Some(ffmpeg) = std::env::var("FFMPEG_CURRENT").ok().filter(|p| std::fs::metadata(p).is_ok()) else {
-        tools::missing("a current FFmpeg", "scripts/ffmpeg-current.sh fetches it; set FFMPEG_CURRENT to its path");
+    let Some(ffmpeg) = downloaded("FFMPEG_CURRENT", "a current FFmpeg", "scripts/ffmpeg-current.sh") else {
         return;
     };
     let bare = MediaServer::start().await;
@@ -1303,8 +1313,7 @@ async fn shaka_player_and_videojs_play_keyed_disguised_fmp4_and_byte_range_strea
         return;
     }
     for j in &JS_PLAYERS {
-        if std::env::var(j.env).ok().and_then(|p| std::fs::metadata(p).ok()).is_none() {
-            tools::missing(j.name, &format!("{} fetches it; set {} to its path", j.fetched_by, j.env));
+        if downloaded(j.env, j.name, j.fetched_by).is_none() {
             continue;
         }
         // An nginx of its own: what it served is this player's.
