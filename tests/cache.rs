@@ -314,6 +314,128 @@ async fn a_whole_answer_to_a_range_is_stored() {
     assert_eq!(o.count("/honours"), 2);
 }
 
+/// nginx is the reference for answers from memory: for a matrix of ranges
+/// (open, suffix, past the end, empty and one-byte objects, malformed and
+/// multiple ranges), `If-Range`, `If-None-Match` and `If-Modified-Since`,
+/// GET and HEAD, a stored object answers with nginx's own status,
+/// `Content-Range`, `Content-Length` and bytes — nginx set to judge
+/// `If-Modified-Since` as RFC 9110 does (`before`; its default, `exact`,
+/// answers `304` only to the very date). The relay with the cache off is
+/// the same, byte for byte. What memory answers never reaches nginx;
+/// what it cannot (several ranges, another unit, a range that does not
+/// parse) goes upstream as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_memory_are_the_answers_nginx_gives() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let files = [("f.mp4", 100_000u64), ("one.mp4", 1), ("empty.mp4", 0)];
+    for (name, len) in files {
+        std::fs::write(root.path().join(name), pattern(0, len)).unwrap();
+    }
+    let port = unused_addr().port();
+    let nginx = spawn_nginx(&format!(
+        "log_format seen '$http_user_agent $request_method $status \"$http_range\"';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
+         if_modified_since before; }}\n",
+        root.path().display()
+    ));
+    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    nginx.wait_listening(origin, "error.log").await;
+    let (on, off) = (cached().await, proxy("{max_bytes: 0}").await);
+    let (mut direct, mut via_on, mut via_off) =
+        (Client::connect(origin).await, Client::connect(on.addr()).await, Client::connect(off.addr()).await);
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600));
+    let earlier = "Mon, 01 Jan 2001 00:00:00 GMT";
+    let (mut upstream, mut relayed_count) = (0, 0);
+    for (name, len) in files {
+        let path = relay_path(name, &format!("http://{origin}/{name}"));
+        let agent = ("User-Agent", "via-proxy");
+        let warm = via_on.request("GET", &path, &[agent]).await;
+        assert_eq!((warm.status, warm.body.len() as u64), (200, len));
+        upstream += 1;
+        let stored = direct.request("HEAD", &format!("/{name}"), &[]).await;
+        let (etag, modified) = (stored.header("etag").unwrap().to_string(), stored.header("last-modified").unwrap());
+        let weak_etag = format!("W/{etag}");
+        let listed_etag = format!("\"a\", {etag}");
+        // (headers, whether memory answers it)
+        let cases: Vec<(Vec<(&str, &str)>, bool)> = vec![
+            (vec![], true),
+            (vec![("Range", "bytes=0-")], true),
+            (vec![("Range", "bytes=0-0")], true),
+            (vec![("Range", "bytes=10-19")], true),
+            (vec![("Range", "bytes=-100")], true),
+            (vec![("Range", "bytes=-0")], true),
+            (vec![("Range", "bytes=99999-")], true),
+            (vec![("Range", "bytes=100000-")], true),
+            (vec![("Range", "bytes=0-99999999")], true),
+            (vec![("Range", "bytes=-99999999")], true),
+            (vec![("Range", "bytes= 3-7")], true),
+            (vec![("Range", "bytes=5-4")], false),
+            (vec![("Range", "bytes=0-1,5-6")], false),
+            (vec![("Range", "bytes=0-9,")], false),
+            (vec![("Range", "Bytes=0-9")], false),
+            (vec![("Range", "items=0-9")], false),
+            (vec![("Range", "bytes=-")], false),
+            (vec![("Range", "bytes=99999999999999999999-")], false),
+            (vec![("Range", "bytes=10-19"), ("If-Range", &etag)], true),
+            (vec![("Range", "bytes=10-19"), ("If-Range", "\"other\"")], true),
+            (vec![("Range", "bytes=10-19"), ("If-Range", &weak_etag)], true),
+            (vec![("Range", "bytes=10-19"), ("If-Range", modified)], true),
+            (vec![("Range", "bytes=10-19"), ("If-Range", earlier)], true),
+            (vec![("If-None-Match", &etag)], true),
+            (vec![("If-None-Match", &weak_etag)], true),
+            (vec![("If-None-Match", "*")], true),
+            (vec![("If-None-Match", &listed_etag)], true),
+            (vec![("If-None-Match", "\"other\"")], true),
+            (vec![("If-Modified-Since", modified)], true),
+            (vec![("If-Modified-Since", &later)], true),
+            (vec![("If-Modified-Since", earlier)], true),
+            (vec![("If-Modified-Since", "garbage")], true),
+            (vec![("If-None-Match", "\"other\""), ("If-Modified-Since", modified)], true),
+            (vec![("If-None-Match", &etag), ("Range", "bytes=0-9")], true),
+            (vec![("If-Modified-Since", modified), ("Range", "bytes=0-9")], true),
+        ];
+        for method in ["GET", "HEAD"] {
+            for (headers, from_memory) in &cases {
+                let said = |got: &Got| (got.status, got.header("content-range").map(str::to_string));
+                let with_agent = [headers.as_slice(), &[agent]].concat();
+                let want = direct.request(method, &format!("/{name}"), headers).await;
+                let relayed = via_off.request(method, &path, &with_agent).await;
+                relayed_count += 1;
+                let answered = via_on.request(method, &path, &with_agent).await;
+                let case = format!("{method} {name} {headers:?}");
+                assert_eq!(said(&relayed), said(&want), "{case}: the relay");
+                assert_eq!(said(&answered), said(&want), "{case}: from memory");
+                if !*from_memory {
+                    upstream += 1;
+                }
+                if want.header("content-type").is_some_and(|t| t.starts_with("multipart/")) {
+                    // Its boundary is new on every answer.
+                    assert_eq!(relayed.header("content-length"), want.header("content-length"), "{case}");
+                    continue;
+                }
+                assert_eq!(relayed.header("content-length"), want.header("content-length"), "{case}: the relay");
+                assert_body(&relayed.body, &want.body);
+                if want.status == 416 {
+                    // nginx's page for it is its own.
+                    assert!(answered.complete, "{case}");
+                    continue;
+                }
+                assert_eq!(answered.header("content-length"), want.header("content-length"), "{case}: from memory");
+                assert_body(&answered.body, &want.body);
+            }
+        }
+    }
+    // Each GET and HEAD the relay sent, and the cache's own: the warm-up
+    // GETs and what memory could not answer.
+    let log = nginx.read("access.log");
+    let via = log.lines().filter(|l| l.starts_with("via-proxy ")).count();
+    assert_eq!(via, relayed_count + upstream, "{log}");
+}
+
 /// The header policy is applied once, when an object is stored: a hit
 /// (whole, ranged, HEAD) carries exactly the headers the fill's own client
 /// got, and none of the hop-by-hop or origin-scoped ones.

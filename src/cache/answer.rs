@@ -80,6 +80,11 @@ pub fn answerable_range(v: &http::HeaderValue) -> bool {
 }
 
 /// One `bytes=` range of a `len`-byte object: `A-B`, `A-` or `-N`.
+///
+/// An empty object has no bytes to send in a `206`: a range from its
+/// start, or a suffix (which RFC 9110 calls satisfiable there), is answered
+/// with the whole (empty) object, as nginx and Apache answer it; one
+/// starting later is past the end.
 fn single_range(v: &str, len: u64) -> Option<Plan> {
     let spec = v.trim().strip_prefix("bytes=")?.trim();
     if spec.contains(',') {
@@ -96,13 +101,16 @@ fn single_range(v: &str, len: u64) -> Option<Plan> {
                 return None;
             }
             if first >= len {
-                return Some(Plan::Unsatisfiable);
+                return Some(if len == 0 && first == 0 { Plan::Whole } else { Plan::Unsatisfiable });
             }
             Some(Plan::Part(first, last.map_or(len - 1, |l| l.min(len - 1))))
         }
         (true, false) => {
             let n = digits(b)?;
-            if n == 0 || len == 0 {
+            if len == 0 {
+                return Some(Plan::Whole);
+            }
+            if n == 0 {
                 return Some(Plan::Unsatisfiable);
             }
             Some(Plan::Part(len - n.min(len), len - 1))
@@ -205,7 +213,12 @@ mod tests {
         assert_eq!(plan_for(&[("Range", "bytes=-5000")]), Some(Plan::Part(0, 999)));
         assert_eq!(plan_for(&[("Range", "bytes=1000-")]), Some(Plan::Unsatisfiable));
         assert_eq!(plan_for(&[("Range", "bytes=-0")]), Some(Plan::Unsatisfiable));
-        assert_eq!(plan(&map(&[("Range", "bytes=0-")]), &stored(), 0), Some(Plan::Unsatisfiable));
+        // An empty object: no 206 can carry it.
+        let empty = |spec| plan(&map(&[("Range", spec)]), &stored(), 0);
+        for whole in ["bytes=0-", "bytes=0-0", "bytes=-100", "bytes=-0"] {
+            assert_eq!(empty(whole), Some(Plan::Whole), "{whole}");
+        }
+        assert_eq!(empty("bytes=10-19"), Some(Plan::Unsatisfiable));
         for upstream in ["bytes=0-1,5-6", "items=0-1", "bytes=abc", "bytes=5-4", "bytes=-", "bytes=+1-2"] {
             assert_eq!(plan_for(&[("Range", upstream)]), None, "{upstream} goes upstream as it is");
         }
