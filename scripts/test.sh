@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh cmake ffmpeg nginx-light ca-certificates openssl curl unzip \
   mpv vlc-bin vlc-plugin-base chromium streamlink yt-dlp microsocks tinyproxy haproxy caddy \
   gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav \
-  kodi kodi-inputstream-adaptive xvfb strace
+  kodi kodi-inputstream-adaptive xvfb strace firefox-esr
 # Traefik, for tests/reverse_proxies.rs (not packaged by Debian), and
 # hls.js, Shaka Player and video.js for tests/players.rs (from the npm
 # registry), all pinned.

@@ -495,6 +495,7 @@ const CADDY: (&str, &str) = ("caddy", "apt-get install caddy");
 const KODI: (&str, &str) = ("kodi", "apt-get install kodi");
 const XVFB: (&str, &str) = ("Xvfb", "apt-get install xvfb");
 const STRACE: (&str, &str) = ("strace", "apt-get install strace");
+const FIREFOX: (&str, &str) = ("firefox-esr", "apt-get install firefox-esr");
 const GST: (&str, &str) = (
     "gst-launch-1.0",
     "apt-get install gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad gstreamer1.0-libav",
@@ -735,12 +736,22 @@ async fn kodi(strm: &str) -> String {
         assert!(std::time::Instant::now() < deadline, "Kodi never finished playing {strm}: {}", last_lines(&log));
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let traced = std::fs::read_to_string(&traced).unwrap();
-    for addr in traced.split("inet_addr(\"").skip(1).chain(traced.split("inet_pton(AF_INET6, \"").skip(1)) {
-        let addr = addr.split('"').next().unwrap();
-        assert!(addr == "127.0.0.1" || addr == "::1", "Kodi reached beyond loopback: {addr}");
-    }
+    assert_loopback_only(&std::fs::read_to_string(&traced).unwrap(), "Kodi");
     log
+}
+
+/// Every IPv4 or IPv6 address in `strace`'s record of `connect`, `sendto`,
+/// `sendmsg` and `bind` is loopback. Questions to the kernel's routing
+/// table (netlink, which names addresses but sends nothing anywhere) are
+/// not traffic.
+#[track_caller]
+fn assert_loopback_only(traced: &str, who: &str) {
+    for line in traced.lines().filter(|l| !l.contains("AF_NETLINK")) {
+        for addr in line.split("inet_addr(\"").skip(1).chain(line.split("inet_pton(AF_INET6, \"").skip(1)) {
+            let addr = addr.split('"').next().unwrap();
+            assert!(addr == "127.0.0.1" || addr == "::1", "{who} reached beyond loopback: {line}");
+        }
+    }
 }
 
 /// The end of a long log (Kodi's debug log starts with pages of OpenGL).
@@ -1141,6 +1152,11 @@ async fn chromium(page_origin: &Origin, page: &str, report: &str, src: &str) -> 
     .stderr(Stdio::null())
     .kill_on_drop(true);
     let _chromium = cmd.spawn().unwrap();
+    page_report(page_origin, report).await
+}
+
+/// What a page of `page_origin` reported to `report` (its query), once it has.
+async fn page_report(page_origin: &Origin, report: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         if let Some(r) = page_origin.requests().iter().find(|r| r.path() == report) {
@@ -1149,6 +1165,64 @@ async fn chromium(page_origin: &Origin, page: &str, report: &str, src: &str) -> 
         assert!(std::time::Instant::now() < deadline, "the page never reported");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Firefox's settings for a test: media may play without a click, and
+/// nothing leaves loopback. Firefox looks up its services' names at start
+/// (remote settings, the captive-portal check, ...) whatever else is
+/// turned off, so its own resolver answers every name with loopback; a
+/// host other than 127.0.0.1 would go through a SOCKS proxy on a loopback
+/// port where nothing listens.
+const FIREFOX_PREFS: &str = r#"user_pref("media.autoplay.default", 0);
+user_pref("media.autoplay.blocking_policy", 0);
+user_pref("network.dns.native-is-localhost", true);
+user_pref("network.dns.forceResolve", "127.0.0.1");
+user_pref("network.trr.mode", 5);
+user_pref("network.dns.disablePrefetch", true);
+user_pref("network.prefetch-next", false);
+user_pref("network.predictor.enabled", false);
+user_pref("network.proxy.type", 1);
+user_pref("network.proxy.socks", "127.0.0.1");
+user_pref("network.proxy.socks_port", 9);
+user_pref("network.proxy.socks_remote_dns", true);
+user_pref("network.proxy.no_proxies_on", "127.0.0.1");
+user_pref("network.captive-portal-service.enabled", false);
+user_pref("network.connectivity-service.enabled", false);
+user_pref("toolkit.telemetry.enabled", false);
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("app.update.enabled", false);
+user_pref("extensions.update.enabled", false);
+user_pref("browser.safebrowsing.malware.enabled", false);
+user_pref("browser.safebrowsing.phishing.enabled", false);
+user_pref("media.gmp-manager.updateEnabled", false);
+"#;
+
+/// Headless Firefox (ESR) opens `page` of `page_origin` with `?src=`, in a
+/// profile and a home of its own, under `strace`; returns what the page
+/// reported to `report`. Every address Firefox sent to or bound is
+/// loopback (checked here).
+async fn firefox(page_origin: &Origin, page: &str, report: &str, src: &str) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let profile = home.path().join("profile");
+    std::fs::create_dir(&profile).unwrap();
+    std::fs::write(profile.join("user.js"), FIREFOX_PREFS).unwrap();
+    let traced = home.path().join("strace.txt");
+    let page = format!("{}?src={}", page_origin.url(page), anibridge_proxy::auth::quote_plus(src));
+    let firefox = Group::spawn(
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,bind", "-o"])
+            .arg(&traced)
+            .args(["firefox-esr", "--headless", "--no-remote", "--profile"])
+            .arg(&profile)
+            .arg(page)
+            .env("HOME", home.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let report = page_report(page_origin, report).await;
+    drop(firefox);
+    assert_loopback_only(&std::fs::read_to_string(&traced).unwrap(), "Firefox");
+    report
 }
 
 /// A page reported that `what` played a VOD longer than `longer_than`
@@ -1507,6 +1581,52 @@ async fn kodi_inputstream_adaptive_plays_keyed_hls_with_absolute_children() {
     let served = nginx.served_through_proxy();
     for f in ["/ts/key.bin", "/ts/hi/seg003.ts", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
         assert!(served.contains(f), "{f} never fetched: {served:?}");
+    }
+}
+
+/// Firefox, the other browser engine (its own MP4 demuxer, its own way of
+/// reading a `<video>`'s file with ranges, its own Media Source
+/// Extensions), plays through the proxy: the MP4 with its index at its end
+/// in a `<video>`, seeking back once, and with hls.js the keyed TS master
+/// (two audio renditions, subtitles) and the fMP4 master; never beyond
+/// loopback (strace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_plays_an_mp4_and_hls_through_hlsjs() {
+    if !have(&[FFMPEG, NGINX, FIREFOX, STRACE]) {
+        return;
+    }
+    let (nginx, js, h) = nginx_and_hoster().await;
+    let p = proxy("15m").await;
+    let mp4 = relay_url(&p, "progressive.mp4", &nginx.url("/files/progressive.mp4"));
+    let mp4_run = async {
+        let report = firefox(&h, "/native.html", "/report-native", &mp4).await;
+        let q = anibridge_proxy::auth::Query::parse(Some(&report));
+        assert!(q.get("error").is_none(), "Firefox refused the MP4: {report}");
+        assert_played_to_the_end(&q, "Firefox", 5.5);
+        assert_eq!(q.get("sought"), Some("true"), "{report}");
+    };
+    let hls_runs = async {
+        if js.is_none() {
+            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+            return false;
+        }
+        for master in ["/ts/master.m3u8", "/fmp4/master.m3u8"] {
+            // A page of its own for each: a page reports once.
+            let h = hoster(nginx.port, js.clone()).await;
+            let report = firefox(&h, "/page.html", "/report", &relay_url(&p, "master.m3u8", &nginx.url(master))).await;
+            let q = anibridge_proxy::auth::Query::parse(Some(&report));
+            assert!(q.get("error").is_none(), "hls.js in Firefox failed on {master}: {report}");
+            assert_played_to_the_end(&q, master, 3.5);
+        }
+        true
+    };
+    let ((), hls_ran) = tokio::join!(mp4_run, hls_runs);
+    let served = nginx.served_through_proxy();
+    assert!(served.contains("/files/progressive.mp4"), "{served:?}");
+    if hls_ran {
+        for f in ["/ts/key.bin", "/ts/hi/seg003.ts", "/fmp4/v/init.mp4", "/fmp4/v/seg003.m4s"] {
+            assert!(served.contains(f), "{f} never fetched: {served:?}");
+        }
     }
 }
 
