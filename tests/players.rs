@@ -734,7 +734,7 @@ async fn kodi_once(strm: &str) -> Result<String, String> {
     let traced = home.path().join("strace.txt");
     let kodi = Group::spawn(
         std::process::Command::new("strace")
-            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,bind", "-o"])
+            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind", "-o"])
             .arg(&traced)
             .args(["kodi", "--standalone", "--debug"])
             .arg(&episode)
@@ -761,7 +761,7 @@ async fn kodi_once(strm: &str) -> Result<String, String> {
 }
 
 /// Every IPv4 or IPv6 address in `strace`'s record of `connect`, `sendto`,
-/// `sendmsg` and `bind` is loopback. Questions to the kernel's routing
+/// `sendmsg`, `sendmmsg` (glibc's resolver) and `bind` is loopback. Questions to the kernel's routing
 /// table (netlink, which names addresses but sends nothing anywhere) are
 /// not traffic.
 #[track_caller]
@@ -1230,7 +1230,7 @@ async fn firefox(page_origin: &Origin, page: &str, report: &str, src: &str) -> S
     let page = format!("{}?src={}", page_origin.url(page), anibridge_proxy::auth::quote_plus(src));
     let firefox = Group::spawn(
         std::process::Command::new("strace")
-            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,bind", "-o"])
+            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind", "-o"])
             .arg(&traced)
             .args(["firefox-esr", "--headless", "--no-remote", "--profile"])
             .arg(&profile)
