@@ -733,9 +733,7 @@ async fn kodi_once(strm: &str) -> Result<String, String> {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(xvfb.0.stdout.take().unwrap()), &mut display).unwrap();
     let traced = home.path().join("strace.txt");
     let kodi = Group::spawn(
-        std::process::Command::new("strace")
-            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind", "-o"])
-            .arg(&traced)
+        traced_network(&traced)
             .args(["kodi", "--standalone", "--debug"])
             .arg(&episode)
             .env("HOME", home.path())
@@ -760,10 +758,19 @@ async fn kodi_once(strm: &str) -> Result<String, String> {
     log
 }
 
-/// Every IPv4 or IPv6 address in `strace`'s record of `connect`, `sendto`,
-/// `sendmsg`, `sendmmsg` (glibc's resolver) and `bind` is loopback. Questions to the kernel's routing
-/// table (netlink, which names addresses but sends nothing anywhere) are
-/// not traffic.
+/// `strace` recording, into `out`, every address the program given next
+/// (and each process it starts) connects to, sends to or binds: `connect`,
+/// `sendto`, `sendmsg`, `sendmmsg` (glibc's resolver) and `bind`; for
+/// [`assert_loopback_only`].
+fn traced_network(out: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind", "-o"]).arg(out);
+    cmd
+}
+
+/// Every IPv4 or IPv6 address in a [`traced_network`] record is loopback.
+/// Questions to the kernel's routing table (netlink, which names addresses
+/// but sends nothing anywhere) are not traffic.
 #[track_caller]
 fn assert_loopback_only(traced: &str, who: &str) {
     for line in traced.lines().filter(|l| !l.contains("AF_NETLINK")) {
@@ -1229,9 +1236,7 @@ async fn firefox(page_origin: &Origin, page: &str, report: &str, src: &str) -> S
     let traced = home.path().join("strace.txt");
     let page = format!("{}?src={}", page_origin.url(page), anibridge_proxy::auth::quote_plus(src));
     let firefox = Group::spawn(
-        std::process::Command::new("strace")
-            .args(["-f", "-qq", "-e", "trace=connect,sendto,sendmsg,sendmmsg,bind", "-o"])
-            .arg(&traced)
+        traced_network(&traced)
             .args(["firefox-esr", "--headless", "--no-remote", "--profile"])
             .arg(&profile)
             .arg(page)
@@ -1268,14 +1273,19 @@ async fn native_hls_played(page_origin: &Origin, src: &str) -> Option<(anibridge
     Some((q, report))
 }
 
+/// Whether hls.js (`js`, read from where `HLSJS` names) is here; reported
+/// as missing when not (a skip, or a failure under scripts/test.sh).
+fn hlsjs_here(js: &Option<Arc<Vec<u8>>>) -> bool {
+    if js.is_none() {
+        tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+    }
+    js.is_some()
+}
+
 /// hls.js plays `src` as [`hlsjs`] does, when hls.js and Chromium are both
 /// there: its report, checked for an error; `None` when one is missing.
 async fn hlsjs_played(js: &Option<Arc<Vec<u8>>>, page_origin: &Origin, src: &str) -> Option<String> {
-    if js.is_none() {
-        tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
-        return None;
-    }
-    if !have(&[CHROMIUM]) {
+    if !hlsjs_here(js) || !have(&[CHROMIUM]) {
         return None;
     }
     let report = hlsjs(page_origin, src).await;
@@ -1626,8 +1636,7 @@ async fn firefox_plays_an_mp4_and_hls_through_hlsjs() {
         assert_eq!(q.get("sought"), Some("true"), "{report}");
     };
     let hls_runs = async {
-        if js.is_none() {
-            tools::missing("hls.js", "scripts/hlsjs.sh fetches it; set HLSJS to its path");
+        if !hlsjs_here(&js) {
             return false;
         }
         for master in ["/ts/master.m3u8", "/fmp4/master.m3u8"] {
