@@ -455,7 +455,8 @@ async fn soak_mixed_requests_with_faults() {
     let list = Arc::new(o.url("/list.m3u8"));
     let die = Arc::new(o.url("/die.mp4"));
     let busy = Arc::new(o.url("/busy"));
-    let dead = unused_addr();
+    let dead_port = RefusedPort::bind();
+    let dead = dead_port.addr();
     let counts: Arc<[AtomicU64; 8]> = Arc::new(Default::default());
     // 0 ok, 1 corrupted, 2 unexpected status, 3 disconnects, 4 faults seen as expected, 5 aborted (expected), 6 bytes
     let mut after_round = Vec::new();
@@ -912,7 +913,8 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_name_the_place_and_the_cause() {
     let hangs = Origin::start(|_| Action::Hang).await;
-    let closed = unused_addr();
+    let closed_port = RefusedPort::bind();
+    let closed = closed_port.addr();
     // Answers a TLS hello with plain text.
     let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let plain_addr = plain.local_addr().unwrap();

@@ -299,7 +299,8 @@ async fn failing_egress_proxies_are_502_with_a_log_line_and_no_credentials_anywh
             held.push(s);
         }
     });
-    let closed = unused_addr().port();
+    let closed_port = RefusedPort::bind();
+    let closed = closed_port.addr().port();
     let cases = [
         (format!("socks5://alice:{PASSWORD}@127.0.0.1:{closed}"), "connect: Connection refused"),
         (socks.url("socks5", Some("alice"), "wrong-WRONG-pw"), "SOCKS5: "),

@@ -517,8 +517,9 @@ async fn refused_port_is_502_and_hang_is_504() {
         "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n",
     )
     .await;
-    // A port nobody listens on: bind, learn it, close.
-    let dead = unused_addr();
+    // A port nobody listens on.
+    let dead_port = RefusedPort::bind();
+    let dead = dead_port.addr();
     let got = get(p.addr(), "GET", &relay_path("x", &format!("http://{dead}/x.mp4")), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "upstream unreachable\n");
@@ -667,4 +668,19 @@ async fn unknown_paths_and_methods() {
     let got = get(p.addr(), "DELETE", &relay_path("x", &o.url("/small.mp4")), &[]).await;
     assert_eq!(got.status, 405);
     assert!(o.requests().is_empty());
+}
+
+/// The suite's refused port (tests/common `RefusedPort`) refuses, and no
+/// test running beside it can take the port while it is held: `bind` with
+/// `SO_REUSEADDR`, as std and tokio listeners do, fails.
+#[test]
+fn a_refused_port_refuses_and_cannot_be_taken_while_held() {
+    let held = RefusedPort::bind();
+    let err = std::net::TcpStream::connect(held.addr()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let err = std::net::TcpListener::bind(held.addr()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    let addr = held.addr();
+    drop(held);
+    std::net::TcpListener::bind(addr).expect("free once released");
 }

@@ -106,7 +106,8 @@ async fn permanent_failure_is_passed_through_after_exactly_two_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failure_is_refreshed() {
     let m = media().await;
-    let dead = unused_addr();
+    let dead_port = RefusedPort::bind();
+    let dead = dead_port.addr();
     let good = m.url("/fresh.mp4");
     let (r, calls) =
         resolver(move |n, _| json(&if n == 0 { format!("http://{dead}/x.mp4") } else { good.clone() }, 300)).await;
@@ -212,7 +213,8 @@ async fn ttl_zero_is_not_cached_and_head_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolver_failures_are_502() {
-    let dead = unused_addr();
+    let dead_port = RefusedPort::bind();
+    let dead = dead_port.addr();
     let down =
         Proxy::start(&format!("auth: {{mode: none}}\nresolver: {{url: \"http://{dead}/resolve\", timeout: \"1s\"}}\n"))
             .await;

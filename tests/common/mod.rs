@@ -738,10 +738,31 @@ pub fn signed_relay_path(hint: &str, upstream: &str, exp: Option<u64>) -> String
     format!("/strm/proxy/{hint}?{}", q.encode())
 }
 
-/// A loopback address nobody listens on (bound, learned, released): a
-/// refused port, or a free port to start something on.
+/// A free loopback port to start something on (bound, learned, released).
+/// Not for a port that must refuse: once released, a test running beside
+/// this one may take it (see `RefusedPort`).
 pub fn unused_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A loopback port that refuses connections for as long as this value
+/// lives: a TCP socket bound without `listen`, so the kernel answers a SYN
+/// with a reset, and without `SO_REUSEADDR`, so no other socket (the tests
+/// beside this one bind with it) can take the port meanwhile. A port merely
+/// released once was taken by another test's proxy in CI, and the "refused"
+/// upstream answered 404.
+pub struct RefusedPort(socket2::Socket);
+
+impl RefusedPort {
+    pub fn bind() -> Self {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        RefusedPort(s)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.0.local_addr().unwrap().as_socket().unwrap()
+    }
 }
 
 pub fn now() -> u64 {
