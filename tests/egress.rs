@@ -6,6 +6,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
+use common::process::spawn_nginx;
 use common::*;
 
 async fn origin() -> Origin {
@@ -124,6 +125,45 @@ async fn redirect_methods_and_bad_locations() {
     assert_eq!(got.status, 502);
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/no-location")), &[]).await;
     assert_eq!(got.status, 502);
+}
+
+/// Hosters redirect to file names as they stand: nginx's `return 302 /$1`
+/// writes its decoded capture, so the `Location` carries a space and raw
+/// UTF-8. The proxy follows it as curl and browsers do, percent-encoding
+/// those bytes, and the file plays; it used to answer 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_raw_file_name_is_followed() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("my file ä.mp4"), pattern(0, 100_000)).unwrap();
+    let port = unused_addr().port();
+    let nginx = spawn_nginx(&format!(
+        "log_format seen '$request_method $request_uri $status \"$http_range\"';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
+         location ~ ^/moved/(.*)$ {{ return 302 /$1; }} }}\n",
+        root.path().display()
+    ));
+    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    nginx.wait_listening(origin, "error.log").await;
+    let p = Proxy::open().await;
+    let path = relay_path("a.mp4", &format!("http://{origin}/moved/my%20file%20%C3%A4.mp4"));
+    let got = get(p.addr(), "GET", &path, &[("Range", "bytes=10-19")]).await;
+    assert_eq!(got.status, 206, "{}", got.text());
+    assert_eq!(got.header("content-range"), Some("bytes 10-19/100000"));
+    assert_body(&got.body, &pattern(10, 10));
+    assert!(!got.has("location"));
+    let head = get(p.addr(), "HEAD", &path, &[]).await;
+    assert_eq!((head.status, head.header("content-length")), (200, Some("100000")));
+    let log = nginx.read("access.log");
+    let seen: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        seen[..2],
+        ["GET /moved/my%20file%20%C3%A4.mp4 302 \"bytes=10-19\"", "GET /my%20file%20%C3%A4.mp4 206 \"bytes=10-19\""],
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

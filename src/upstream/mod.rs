@@ -214,8 +214,7 @@ impl Client {
                 let next = session
                     .resp_header()
                     .and_then(|h| h.headers.get(header::LOCATION))
-                    .and_then(|l| l.to_str().ok())
-                    .and_then(|l| url.join(l.trim()).ok())
+                    .and_then(|l| url.join(location_text(l).trim()).ok())
                     .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
                 Box::pin(self.finish(session, peer.reuse_hash())).await;
                 let Some(next) = next else { return Err(FetchError::BadRedirect) };
@@ -356,7 +355,48 @@ fn is_redirect(s: StatusCode) -> bool {
     matches!(s.as_u16(), 301 | 302 | 303 | 307 | 308)
 }
 
+/// A `Location` as text for the URL parser. Hosters send file names raw
+/// (nginx's `return 302 /$1` writes its decoded capture, spaces and UTF-8
+/// bytes included): bytes above ASCII are percent-encoded as they stand,
+/// as curl does with them — for UTF-8 exactly what a browser sends — and
+/// the URL parser encodes the rest (spaces) as it does for `u=`.
+fn location_text(v: &HeaderValue) -> Cow<'_, str> {
+    match v.to_str() {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => {
+            let mut out = String::with_capacity(v.len() * 3);
+            for &b in v.as_bytes() {
+                if b.is_ascii() {
+                    out.push(b as char);
+                } else {
+                    out.push_str(&format!("%{b:02X}"));
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
 /// Errors that a server closing an idle keep-alive connection produces.
 fn is_stale_connection(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_locations_are_encoded_as_curl_and_browsers_send_them() {
+        let base = Url::parse("http://h.example/dir/a.mp4").unwrap();
+        let next = |raw: &[u8]| base.join(location_text(&HeaderValue::from_bytes(raw).unwrap()).trim()).unwrap();
+        // nginx's `return 302 /$1` with a decoded file name: a space and UTF-8.
+        assert_eq!(next("/my file ä.mp4".as_bytes()).as_str(), "http://h.example/my%20file%20%C3%A4.mp4");
+        assert_eq!(next("ä.mp4?n=ä b".as_bytes()).as_str(), "http://h.example/dir/%C3%A4.mp4?n=%C3%A4%20b");
+        // Not UTF-8 (a Latin-1 server): the bytes as they stand.
+        assert_eq!(next(b"/caf\xe9.mp4").as_str(), "http://h.example/caf%E9.mp4");
+        // Already encoded, or plain ASCII: untouched.
+        assert_eq!(next(b"/x%20y.mp4").as_str(), "http://h.example/x%20y.mp4");
+        assert!(matches!(location_text(&HeaderValue::from_static("/a")), Cow::Borrowed("/a")));
+    }
 }
