@@ -791,6 +791,13 @@ async fn a_stored_playlist_is_rewritten_for_each_client() {
             .unwrap()
     };
     assert!(exp(&second) > exp(&first), "the second client's children carry their own, later exp");
+    // An answer from memory says how long memory has held it (RFC 9111),
+    // a rewritten playlist too; the upstream sent no Age.
+    let head = get(p.addr(), "HEAD", &path, &[]).await;
+    let age = |g: &Got| g.header("age").map(|a| a.parse::<u64>().unwrap());
+    assert_eq!(age(&first), Some(0));
+    assert!(age(&second) >= Some(1) && age(&head) >= age(&second), "{:?} {:?}", age(&second), age(&head));
+    assert_eq!(head.header("content-length"), second.header("content-length"));
     for g in [&first, &second] {
         let child = &children(&g.text())[0];
         assert_eq!(get(p.addr(), "GET", child, &[]).await.status, 200, "{child}");

@@ -58,6 +58,10 @@ pub(super) async fn answer(
         Some(route) => rewrite_route_playlist(&st.auth, &st.public_base, route, &text, resp.url(), client_key, now),
     };
     let mut out = playlist_header(resp.header(), rewritten.len())?;
+    if let Source::Memory(m) = &resp {
+        // From memory, as every answer from it: how long it has been held.
+        out.insert_header(header::AGE, http::HeaderValue::from(m.head().age()))?;
+    }
     resp.finish().await;
     st.cors.apply(down.req_header().headers.get(header::ORIGIN), &mut out)?;
     ctx.status = 200;
