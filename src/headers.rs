@@ -55,11 +55,12 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// Whether `Connection` (any of its values) lists `name` — such headers are
 /// hop-by-hop too. Checked in place: no allocation per response.
 fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
+    // As bytes: a value with a stray non-ASCII byte still nominates the
+    // names it lists.
     connection
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(name))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// The names of an upstream response's headers that are not relayed to the
@@ -436,6 +437,8 @@ mod tests {
             (Some("close, X-Custom"), &["x-custom", "close"][..]),
             (Some("keep-alive"), &[][..]),
             (Some("X-Other,  x-custom "), &["x-other", "x-custom"][..]),
+            // A token with a byte above ASCII does not hide the others.
+            (Some("X-Custom, x-ä"), &["x-custom"][..]),
         ] {
             let mut pairs: Vec<(&str, &str)> = ALWAYS_DROPPED
                 .iter()

@@ -570,6 +570,8 @@ async fn what_is_never_stored_or_shared() {
         let r = match req.path() {
             "/no-store" => r.header("Cache-Control", "no-store"),
             "/private" => r.header("Cache-Control", "private, max-age=60"),
+            // A byte above ASCII (obs-text) does not hide the directive.
+            "/private-raw" => r.header("Cache-Control", "private, max-age=60, x=\"ä\""),
             "/cookie" => r.header("Set-Cookie", "id=1"),
             "/no-cache" => r.header("Cache-Control", "no-cache"),
             "/max-age-0" => r.header("Cache-Control", "max-age=0"),
@@ -586,6 +588,7 @@ async fn what_is_never_stored_or_shared() {
     for (path, concurrent, later) in [
         ("/no-store", 3, 1),
         ("/private", 3, 1),
+        ("/private-raw", 3, 1),
         ("/cookie", 3, 1),
         ("/no-cache", 1, 1),
         ("/max-age-0", 1, 1),

@@ -26,7 +26,9 @@ impl CacheControl {
     pub fn of(h: &HeaderMap) -> CacheControl {
         let mut cc = CacheControl::default();
         for value in h.get_all(header::CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
+            // Lossy, never skipped: a value with a stray non-ASCII byte
+            // (`private, x="ä"`) still says `private`.
+            let value = String::from_utf8_lossy(value.as_bytes());
             for directive in value.split(',') {
                 let (name, arg) = match directive.split_once('=') {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
@@ -194,7 +196,7 @@ pub fn lifetime(up: &ResponseHeader, kind: Kind, now: SystemTime, cfg: &Lifetime
     let h = &up.headers;
     let cc = CacheControl::of(h);
     let vary_any =
-        h.get_all(header::VARY).iter().any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == "*")));
+        h.get_all(header::VARY).iter().any(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii() == b"*"));
     if up.status != StatusCode::OK
         || cc.no_store
         || cc.private
@@ -240,7 +242,12 @@ mod tests {
         assert!(!unsized_whole(&resp(200, &[("Content-Length", "10")])), "a length: filled as any object");
         assert!(!unsized_whole(&resp(404, &[("Transfer-Encoding", "chunked")])));
         assert!(!unsized_whole(&resp(206, &[("Content-Range", "bytes 0-9/100")])));
-        for never in [("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=b")] {
+        for never in [
+            ("Cache-Control", "no-store"),
+            ("Cache-Control", "private"),
+            ("Cache-Control", "private, x=\"ä\""),
+            ("Set-Cookie", "a=b"),
+        ] {
             assert!(!unsized_whole(&resp(200, &[never])), "{never:?} is not shared");
         }
     }
@@ -258,7 +265,12 @@ mod tests {
         assert_eq!(admit(&part, 1000), Admission::Decline, "a partial 206 is not the object");
         assert_eq!(admit(&resp(404, &[("Content-Length", "9")]), 1000), Admission::Fill { len: 9, whole: false });
         assert_eq!(admit(&resp(304, &[("Content-Length", "0")]), 1000), Admission::Decline);
-        for never in [("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=b")] {
+        for never in [
+            ("Cache-Control", "no-store"),
+            ("Cache-Control", "private"),
+            ("Cache-Control", "private, x=\"ä\""),
+            ("Set-Cookie", "a=b"),
+        ] {
             assert_eq!(admit(&resp(200, &[cl, never]), 1000), Admission::Decline, "{never:?} is not even shared");
         }
         // no-cache is shared with concurrent requests, but never stored (below).
@@ -292,6 +304,9 @@ mod tests {
             ("Cache-Control", "s-maxage=0, max-age=60"),
             ("Set-Cookie", "a=b"),
             ("Vary", "Accept, *"),
+            // A stray non-ASCII byte hides nothing.
+            ("Cache-Control", "no-store, x=\"ä\""),
+            ("Vary", "*, ä"),
         ] {
             assert_eq!(life(&resp(200, &[never]), Kind::Media), None, "{never:?}");
         }
@@ -344,7 +359,12 @@ mod tests {
         assert_eq!(whole(&resp(206, &[("Content-Range", "bytes 0-0/*")])), None, "only that request's range");
         assert_eq!(whole(&resp(416, &[("Content-Range", "bytes */5000")])), None);
         assert_eq!(whole(&resp(304, &[])), None);
-        for never in [("Cache-Control", "no-store"), ("Cache-Control", "private"), ("Set-Cookie", "a=b")] {
+        for never in [
+            ("Cache-Control", "no-store"),
+            ("Cache-Control", "private"),
+            ("Cache-Control", "private, x=\"ä\""),
+            ("Set-Cookie", "a=b"),
+        ] {
             assert_eq!(whole(&resp(200, &[("Content-Length", "5000"), never])), None, "{never:?}");
             assert_eq!(whole(&resp(404, &[never])), None, "{never:?}");
         }
