@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::process::spawn_nginx;
+use common::process::nginx_hoster;
 use common::*;
 
 /// Open mode, loopback origins allowed, the cache as `cache` says.
@@ -63,16 +63,15 @@ async fn a_crowd_on_one_hls_stream_costs_the_origin_one_get_per_file() {
     }
     list.push_str("#EXT-X-ENDLIST\n");
     std::fs::write(root.path().join("index.m3u8"), &list).unwrap();
-    let port = unused_addr().port();
-    let nginx = spawn_nginx(&format!(
-        "log_format crowd '$request_method $uri $status \"$http_range\"';\n\
-         types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log crowd; }}\n",
-        root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let (nginx, origin) = nginx_hoster(
+        root.path(),
+        "application/vnd.apple.mpegurl m3u8; video/mp2t ts;",
+        "$request_method $uri $status \"$http_range\"",
+        "",
+    )
+    .await;
     let p = cached().await;
-    let master = relay_path("index.m3u8", &format!("http://127.0.0.1:{port}/index.m3u8"));
+    let master = relay_path("index.m3u8", &format!("http://{origin}/index.m3u8"));
 
     let viewers: Vec<_> = (0..50u64)
         .map(|v| {
@@ -334,16 +333,13 @@ async fn answers_from_memory_are_the_answers_nginx_gives() {
     for (name, len) in files {
         std::fs::write(root.path().join(name), pattern(0, len)).unwrap();
     }
-    let port = unused_addr().port();
-    let nginx = spawn_nginx(&format!(
-        "log_format seen '$http_user_agent $request_method $status \"$http_range\"';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
-         if_modified_since before; }}\n",
-        root.path().display()
-    ));
-    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    nginx.wait_listening(origin, "error.log").await;
+    let (nginx, origin) = nginx_hoster(
+        root.path(),
+        "video/mp4 mp4;",
+        "$http_user_agent $request_method $status \"$http_range\"",
+        "if_modified_since before;",
+    )
+    .await;
     let (on, off) = (cached().await, proxy("{max_bytes: 0}").await);
     let (mut direct, mut via_on, mut via_off) =
         (Client::connect(origin).await, Client::connect(on.addr()).await, Client::connect(off.addr()).await);

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::process::spawn_nginx;
+use common::process::nginx_hoster;
 use common::*;
 
 async fn origin() -> Origin {
@@ -138,16 +138,13 @@ async fn a_redirect_to_a_raw_file_name_is_followed() {
     }
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("my file ä.mp4"), pattern(0, 100_000)).unwrap();
-    let port = unused_addr().port();
-    let nginx = spawn_nginx(&format!(
-        "log_format seen '$request_method $request_uri $status \"$http_range\"';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
-         location ~ ^/moved/(.*)$ {{ return 302 /$1; }} }}\n",
-        root.path().display()
-    ));
-    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    nginx.wait_listening(origin, "error.log").await;
+    let (nginx, origin) = nginx_hoster(
+        root.path(),
+        "video/mp4 mp4;",
+        "$request_method $request_uri $status \"$http_range\"",
+        "location ~ ^/moved/(.*)$ { return 302 /$1; }",
+    )
+    .await;
     let p = Proxy::open().await;
     let path = relay_path("a.mp4", &format!("http://{origin}/moved/my%20file%20%C3%A4.mp4"));
     let got = get(p.addr(), "GET", &path, &[("Range", "bytes=10-19")]).await;

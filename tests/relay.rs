@@ -484,17 +484,15 @@ async fn a_head_refused_by_real_nginx_gets_the_headers_of_the_get() {
     }
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("ep.mp4"), pattern(0, 5000)).unwrap();
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "log_format seen '$request_method $status \"$http_range\"';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log seen;\n\
-         if ($request_method = HEAD) {{ return 405; }} }}\n",
-        root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let (nginx, origin) = common::process::nginx_hoster(
+        root.path(),
+        "video/mp4 mp4;",
+        "$request_method $status \"$http_range\"",
+        "if ($request_method = HEAD) { return 405; }",
+    )
+    .await;
     let p = Proxy::open().await;
-    let path = relay_path("ep.mp4", &format!("http://127.0.0.1:{port}/ep.mp4"));
+    let path = relay_path("ep.mp4", &format!("http://{origin}/ep.mp4"));
     let heads = [get(p.addr(), "HEAD", &path, &[]).await, get(p.addr(), "HEAD", &path, &[]).await];
     let get_answer = get(p.addr(), "GET", &path, &[]).await;
     assert_eq!(get_answer.header("accept-ranges"), Some("bytes"), "nginx's 200 says it");

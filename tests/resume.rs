@@ -360,15 +360,14 @@ async fn a_real_nginx_hoster_that_drops_connections_is_resumed() {
     const LEN: u64 = 3_000_000;
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("ep.mp4"), pattern(0, LEN)).unwrap();
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "log_format cut '$status|$http_range|$http_if_range|$body_bytes_sent';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log cut; }}\n",
-        root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
-    let cutter = Cutter::start(([127, 0, 0, 1], port).into(), 700_000).await;
+    let (nginx, origin) = common::process::nginx_hoster(
+        root.path(),
+        "video/mp4 mp4;",
+        "$status|$http_range|$http_if_range|$body_bytes_sent",
+        "",
+    )
+    .await;
+    let cutter = Cutter::start(origin, 700_000).await;
     let p = proxy("").await;
     for (file, range) in [("/ep.mp4", None), ("/ep.mp4?another-url", Some((100_000, 2_099_999)))] {
         // Two cuts per answer: the first response and the first continuation.

@@ -103,6 +103,21 @@ pub fn spawn_caddy(config: &std::path::Path, dir: tempfile::TempDir) -> Spawned 
     )
 }
 
+/// A real nginx serving the files under `root` on a fresh loopback port,
+/// as a hoster would: `types` is its `types {}` block, `log` the format of
+/// its `access.log` (read back with [`Spawned::read`]), `server` more of
+/// its `server {}` block. Returns once it listens.
+pub async fn nginx_hoster(root: &std::path::Path, types: &str, log: &str, server: &str) -> (Spawned, SocketAddr) {
+    let addr = SocketAddr::from(([127, 0, 0, 1], super::unused_addr().port()));
+    let nginx = spawn_nginx(&format!(
+        "log_format hoster '{log}';\ntypes {{ {types} }}\n\
+         server {{ listen {addr}; root {}; access_log {{dir}}/access.log hoster;\n{server} }}\n",
+        root.display()
+    ));
+    nginx.wait_listening(addr, "error.log").await;
+    (nginx, addr)
+}
+
 /// The nginx binary (tests check for it with `tools::needs` first).
 pub fn nginx_bin() -> String {
     super::tools::path("nginx")
