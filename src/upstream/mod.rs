@@ -393,6 +393,8 @@ mod tests {
         // nginx's `return 302 /$1` with a decoded file name: a space and UTF-8.
         assert_eq!(next("/my file ä.mp4".as_bytes()).as_str(), "http://h.example/my%20file%20%C3%A4.mp4");
         assert_eq!(next("ä.mp4?n=ä b".as_bytes()).as_str(), "http://h.example/dir/%C3%A4.mp4?n=%C3%A4%20b");
+        // A raw international host name: its ASCII form, as for `u=`.
+        assert_eq!(next("http://bücher.example/x".as_bytes()).as_str(), "http://xn--bcher-kva.example/x");
         // Not UTF-8 (a Latin-1 server): the bytes as they stand.
         assert_eq!(next(b"/caf\xe9.mp4").as_str(), "http://h.example/caf%E9.mp4");
         // Already encoded, or plain ASCII: untouched.
