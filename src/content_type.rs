@@ -74,12 +74,19 @@ fn base_type_is(ct: &str, types: &[&str]) -> bool {
     types.iter().any(|t| t.eq_ignore_ascii_case(base))
 }
 
-/// Types under which a playlist may hide: generic ones, where the body
-/// decides.
+/// Types under which a playlist may hide, where the body decides: none,
+/// generic binary ones and any text type.
 pub fn is_generic_type(ct: Option<&str>) -> bool {
     match ct {
         None => true,
-        Some(ct) => base_type_is(ct, &["", "text/plain", "application/octet-stream", "binary/octet-stream"]),
+        // Any text type: a script's default (PHP and CGI say `text/html`)
+        // or a plain-text server's. A disguised segment typed `text/html`
+        // only costs its first bytes read before they are relayed.
+        Some(ct) => {
+            let base = ct.split(';').next().unwrap_or("").trim().as_bytes();
+            base.len() >= 5 && base[..5].eq_ignore_ascii_case(b"text/")
+                || base_type_is(ct, &["", "application/octet-stream", "binary/octet-stream"])
+        }
     }
 }
 
@@ -115,6 +122,8 @@ mod tests {
         assert!(!is_hls_type("video/mp2t"));
         assert!(is_generic_type(None));
         assert!(is_generic_type(Some("text/plain; charset=UTF-8")));
+        assert!(is_generic_type(Some("Text/HTML; charset=UTF-8")), "a PHP endpoint's default");
+        assert!(!is_generic_type(Some("textual/x")));
         assert!(!is_generic_type(Some("video/mp4")));
     }
 }

@@ -64,6 +64,10 @@ async fn origin() -> Origin {
         "/hls/plain" => {
             Resp::new(200, Body::Bytes(MASTER.into())).header("Content-Type", "text/plain; charset=utf-8").into()
         }
+        // A PHP endpoint's default type.
+        "/hls/playlist.php" => {
+            Resp::new(200, Body::Bytes(MEDIA.into())).header("Content-Type", "text/html; charset=UTF-8").into()
+        }
         "/hls/bom" => Resp::new(200, Body::Bytes([&b"\xEF\xBB\xBF"[..], MEDIA.as_bytes()].concat())).into(),
         "/hls/gz.m3u8" => Resp::new(200, Body::Bytes(gzip(MEDIA.as_bytes())))
             .header("Content-Type", "application/vnd.apple.mpegurl")
@@ -173,7 +177,7 @@ async fn master_playlist_is_rewritten_with_signed_children() {
 async fn playlists_are_detected_by_url_type_or_body() {
     let o = origin().await;
     let p = Proxy::open().await;
-    for path in ["/hls/plain", "/hls/bom", "/hls/low/index.m3u8", "/hls/gz.m3u8"] {
+    for path in ["/hls/plain", "/hls/playlist.php", "/hls/bom", "/hls/low/index.m3u8", "/hls/gz.m3u8"] {
         let got = get(p.addr(), "GET", &relay_path("x", &o.url(path)), &[]).await;
         assert_eq!(got.status, 200, "{path}");
         assert_eq!(got.header("content-type"), Some("application/vnd.apple.mpegurl"), "{path}");
