@@ -293,6 +293,9 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 ///   nginx URLs with query tokens;
 /// - `/redir/...`: playlists here, segments answered by a redirect to
 ///   nginx under another host name (`localhost`);
+/// - `/php/master.php`: the stream as PHP scripts serve it, every answer
+///   typed PHP's default `text/html` and no `.m3u8` in any URL
+///   (`variant.php?p=lo/index.m3u8`, `file.php?f=lo/seg000.ts`);
 /// - `/live/lo.m3u8`: the low variant as a live LL-HLS stream offering
 ///   blocking reloads and delta updates: two segments at its first request,
 ///   one more each second, then `#EXT-X-ENDLIST`.
@@ -337,6 +340,20 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
                 None => Resp::new(404, Body::Bytes(Vec::new())).into(),
             },
             ("/report" | "/report-native", _) => Resp::new(204, Body::Empty { content_length: None }).into(),
+            ("/php/master.php" | "/php/variant.php", _) => {
+                let rel = match req.target.split_once("?p=") {
+                    Some((_, rel)) => rel.to_string(),
+                    None => "master.m3u8".to_string(),
+                };
+                let dir = rel.rsplit_once('/').map_or("", |(d, _)| d);
+                let text = String::from_utf8(file(&rel).unwrap()).unwrap();
+                let text: Vec<String> = text.lines().map(|l| php_uris(l, dir)).collect();
+                serve_bytes(req, text.join("\n").as_bytes(), Some("text/html; charset=UTF-8")).into()
+            }
+            ("/php/file.php", _) => match req.target.split_once("?f=").and_then(|(_, rel)| file(rel)) {
+                Some(b) => serve_bytes(req, &b, Some("text/html; charset=UTF-8")).into(),
+                None => Resp::new(404, Body::Bytes(Vec::new())).into(),
+            },
             ("/oct/master", _) => {
                 serve_bytes(req, &file("master.m3u8").unwrap(), Some("application/octet-stream")).into()
             }
@@ -407,6 +424,40 @@ async fn hoster(nginx_port: u16, hlsjs: Option<Arc<Vec<u8>>>) -> Origin {
         }
     })
     .await
+}
+
+/// A playlist line as a hoster's PHP scripts write it: each URI (a line,
+/// or a `URI="..."` attribute) relative to `dir` becomes
+/// `variant.php?p=PATH` for a playlist, `file.php?f=PATH` for anything else.
+fn php_uris(line: &str, dir: &str) -> String {
+    let script = |uri: &str| {
+        let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+        for piece in uri.split('/') {
+            match piece {
+                ".." => drop(parts.pop()),
+                p => parts.push(p),
+            }
+        }
+        let path = parts.join("/");
+        if path.ends_with(".m3u8") {
+            format!("variant.php?p={path}")
+        } else {
+            format!("file.php?f={path}")
+        }
+    };
+    if line.is_empty() {
+        return String::new();
+    }
+    if !line.starts_with('#') {
+        return script(line);
+    }
+    match line.split_once("URI=\"") {
+        Some((before, rest)) => {
+            let (uri, after) = rest.split_once('"').unwrap();
+            format!("{before}URI=\"{}\"{after}", script(uri))
+        }
+        None => line.to_string(),
+    }
 }
 
 /// nginx serving the media, hls.js when `HLSJS` names it, and the
@@ -941,6 +992,9 @@ async fn ffmpeg_plays_hoster_quirks() {
         ("tokenised segments", "index.m3u8", "/tok/lo/index.m3u8"),
         // Segments reached through a redirect to another host.
         ("redirected segments", "index.m3u8", "/redir/lo/index.m3u8"),
+        // PHP scripts: every playlist, key and segment typed text/html, no
+        // .m3u8 anywhere in the URLs.
+        ("PHP scripts", "master", "/php/master.php"),
     ] {
         let (played, frames) = ffmpeg_decode(&relay_url(&p, hint, &h.url(path)), &[]).await;
         played.assert_clean(&format!("ffmpeg ({name})"), &[]);
@@ -951,6 +1005,7 @@ async fn ffmpeg_plays_hoster_quirks() {
     assert!(served.contains("/ts/key.bin") && served.contains("/ts/lo/seg003.ts"), "{served:?}");
     let log = nginx.log();
     assert!(log.iter().any(|l| l.path == "/ts/lo/seg000.ts"), "the redirected and tokenised segments came from nginx");
+    assert!(h.count("/php/variant.php") >= 4 && h.count("/php/file.php") > 0, "the PHP stream's children");
     // The octet-stream master's variants were all read through the proxy.
     for v in ["hi", "lo", "ja", "de"] {
         assert!(h.count(&format!("/oct/{v}/index.m3u8")) > 0, "{v}");
