@@ -65,7 +65,16 @@ pub fn guess(upstream_path: &str, hint: Option<&str>) -> &'static str {
 /// Whether a media type names an HLS playlist (case-insensitive, with
 /// parameters).
 pub fn is_hls_type(ct: &str) -> bool {
-    base_type_is(ct, &["application/vnd.apple.mpegurl", "application/x-mpegurl", "audio/mpegurl", "audio/x-mpegurl"])
+    base_type_is(
+        ct,
+        &[
+            "application/vnd.apple.mpegurl",
+            "application/x-mpegurl",
+            "application/mpegurl",
+            "audio/mpegurl",
+            "audio/x-mpegurl",
+        ],
+    )
 }
 
 /// Whether the media type without parameters is one of `types` (lower-case).
@@ -119,6 +128,7 @@ mod tests {
         assert!(is_hls_type("application/vnd.apple.mpegurl"));
         assert!(is_hls_type("Application/X-MpegURL; charset=utf-8"));
         assert!(is_hls_type("audio/mpegurl"));
+        assert!(is_hls_type("application/mpegurl"), "what some streaming servers send");
         assert!(!is_hls_type("video/mp2t"));
         assert!(is_generic_type(None));
         assert!(is_generic_type(Some("text/plain; charset=UTF-8")));
