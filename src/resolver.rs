@@ -30,11 +30,14 @@ pub struct Resolved {
 #[derive(Deserialize)]
 struct Answer {
     url: String,
-    /// In the answer's order: they go upstream in that order.
+    /// In the answer's order: they go upstream in that order. `null` is
+    /// none, as Python's `None` serialises.
     #[serde(default)]
-    headers: indexmap::IndexMap<String, String>,
+    headers: Option<indexmap::IndexMap<String, String>>,
+    /// Any JSON number (Python computes it as a float as often as not;
+    /// whole seconds are kept, a negative one is 0) or `null` (0).
     #[serde(default)]
-    ttl_seconds: u64,
+    ttl_seconds: Option<f64>,
 }
 
 /// Each answer lives for its own `ttl_seconds` (0: not kept at all).
@@ -126,8 +129,11 @@ pub fn parse_answer(body: &[u8]) -> Result<Resolved, String> {
     if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
         return Err("answer url is not http(s)".into());
     }
-    let headers = crate::headers::parse_pairs(a.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
-    Ok(Resolved { url, headers: headers.into(), ttl: Duration::from_secs(a.ttl_seconds) })
+    let pairs = a.headers.iter().flatten().map(|(k, v)| (k.as_str(), v.as_str()));
+    let headers = crate::headers::parse_pairs(pairs)?;
+    // `as` saturates: negative is 0, beyond u64 is u64::MAX.
+    let ttl = Duration::from_secs(a.ttl_seconds.unwrap_or(0.0) as u64);
+    Ok(Resolved { url, headers: headers.into(), ttl })
 }
 
 #[cfg(test)]
@@ -145,6 +151,13 @@ mod tests {
         assert_eq!(&r.headers[0].spelling[..], b"Referer");
         assert_eq!(r.ttl, Duration::from_secs(60));
         assert!(parse_answer(br#"{"url":"https://x/"}"#).unwrap().ttl.is_zero());
+        // What a Python resolver may send: a float, null, a negative number.
+        let ttl = |json: &str| parse_answer(json.as_bytes()).map(|r| r.ttl.as_secs());
+        assert_eq!(ttl(r#"{"url":"https://x/","ttl_seconds":299.7}"#), Ok(299));
+        assert_eq!(ttl(r#"{"url":"https://x/","ttl_seconds":null,"headers":null}"#), Ok(0));
+        assert_eq!(ttl(r#"{"url":"https://x/","ttl_seconds":-5}"#), Ok(0));
+        assert_eq!(ttl(r#"{"url":"https://x/","ttl_seconds":1e300}"#), Ok(u64::MAX));
+        assert!(ttl(r#"{"url":"https://x/","ttl_seconds":"60"}"#).is_err(), "a string is not a number");
         assert!(parse_answer(b"not json").is_err());
         assert!(parse_answer(br#"{"url":"file:///etc/passwd"}"#).is_err());
         assert!(parse_answer(br#"{"headers":{}}"#).is_err());
