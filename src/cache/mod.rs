@@ -51,8 +51,10 @@ pub struct Key(Arc<str>);
 
 impl Key {
     pub fn new<'a>(url: &Url, added: impl IntoIterator<Item = &'a WireHeader>) -> Key {
-        let mut k = String::with_capacity(url.as_str().len() + 64);
-        k.push_str(url.as_str());
+        // Without the fragment: it never goes upstream, so it names no other fetch.
+        let fetched = &url[..url::Position::AfterQuery];
+        let mut k = String::with_capacity(fetched.len() + 64);
+        k.push_str(fetched);
         for h in added {
             k.push('\n');
             k.push_str(h.name.as_str());
@@ -370,4 +372,18 @@ impl Store {
 /// The upstream's `Age`, in seconds.
 fn age_of(h: &ResponseHeader) -> u64 {
     h.headers.get(http::header::AGE).and_then(|v| crate::headers::digits(v.to_str().ok()?)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_what_goes_upstream() {
+        let key = |u: &str| Key::new(&Url::parse(u).unwrap(), []);
+        assert_eq!(key("http://h.example/a.mp4?t=1#t=10"), key("http://h.example/a.mp4?t=1"));
+        assert_ne!(key("http://h.example/a.mp4?t=1"), key("http://h.example/a.mp4?t=2"));
+        let referer = crate::headers::parse_pairs([("Referer", "https://x/")]).unwrap();
+        assert_ne!(Key::new(&Url::parse("http://h.example/a").unwrap(), &referer), key("http://h.example/a"));
+    }
 }
