@@ -77,9 +77,14 @@ pub fn is_hls_type(ct: &str) -> bool {
     )
 }
 
+/// The media type without its parameters.
+fn base_type(ct: &str) -> &str {
+    ct.split(';').next().unwrap_or("").trim()
+}
+
 /// Whether the media type without parameters is one of `types` (lower-case).
 fn base_type_is(ct: &str, types: &[&str]) -> bool {
-    let base = ct.split(';').next().unwrap_or("").trim();
+    let base = base_type(ct);
     types.iter().any(|t| t.eq_ignore_ascii_case(base))
 }
 
@@ -92,8 +97,7 @@ pub fn is_generic_type(ct: Option<&str>) -> bool {
         // or a plain-text server's. A disguised segment typed `text/html`
         // only costs its first bytes read before they are relayed.
         Some(ct) => {
-            let base = ct.split(';').next().unwrap_or("").trim().as_bytes();
-            base.len() >= 5 && base[..5].eq_ignore_ascii_case(b"text/")
+            base_type(ct).as_bytes().get(..5).is_some_and(|t| t.eq_ignore_ascii_case(b"text/"))
                 || base_type_is(ct, &["", "application/octet-stream", "binary/octet-stream"])
         }
     }
