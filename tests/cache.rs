@@ -429,16 +429,9 @@ async fn answers_from_memory_are_the_answers_nginx_gives() {
     // GETs and what memory could not answer. (nginx writes a line just
     // after its answer: a moment for the last one.)
     let want = relayed_count + upstream;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let (log, via) = loop {
-        let log = nginx.read("access.log");
-        let via = log.lines().filter(|l| l.starts_with("via-proxy ")).count();
-        if via >= want || Instant::now() > deadline {
-            break (log, via);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(via, want, "{log}");
+    let via = |log: &str| log.lines().filter(|l| l.starts_with("via-proxy ")).count();
+    let log = nginx.read_when("access.log", |log| via(log) >= want).await;
+    assert_eq!(via(&log), want, "{log}");
 }
 
 /// The header policy is applied once, when an object is stored: a hit

@@ -436,9 +436,11 @@ async fn nginx_limit_conn_and_limit_req_are_met_with_pauses() {
             let before = nginx.read("access.log").lines().count();
             let p = proxy("").await;
             crowd_of(&p, &format!("http://127.0.0.1:{port}/{kind}"), player).await;
+            // Every player has its files; nginx logs each just after its answer.
+            let served = |log: &str| log.lines().skip(before).filter(|l| l.ends_with(" 200")).count();
+            let log = nginx.read_when("access.log", |log| served(log) >= 48).await;
             // (when it arrived, the file, the status)
-            let seen: Vec<(f64, String, u16)> = nginx
-                .read("access.log")
+            let seen: Vec<(f64, String, u16)> = log
                 .lines()
                 .skip(before)
                 .map(|l| {

@@ -38,6 +38,20 @@ impl Spawned {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
+    /// The file once `done` holds for it, or as it is after 2 s: nginx
+    /// writes an access line just after its answer, so a client can have
+    /// the last answer a moment before the log has its line.
+    pub async fn read_when(&self, name: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let text = self.read(name);
+            if done(&text) || Instant::now() > deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until it listens on `addr` itself (its `log` is shown when it
     /// does not). Another process listening there (one that took the port
     /// first) does not count: the server then fails here, once it gives up
