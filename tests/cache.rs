@@ -96,7 +96,8 @@ async fn a_crowd_on_one_hls_stream_costs_the_origin_one_get_per_file() {
     for v in viewers {
         v.await.unwrap();
     }
-    let log = nginx.read("access.log");
+    let paths = |log: &str| log.lines().map(|l| l.split(' ').nth(1)).collect::<std::collections::BTreeSet<_>>().len();
+    let log = nginx.read_when("access.log", |log| paths(log) > SEGMENTS as usize).await;
     let mut per_path = std::collections::BTreeMap::new();
     for line in log.lines() {
         *per_path.entry(line.split(' ').nth(1).unwrap().to_string()).or_insert(0) += 1;

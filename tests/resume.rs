@@ -389,7 +389,7 @@ async fn a_real_nginx_hoster_that_drops_connections_is_resumed() {
             }
         }
     }
-    let log = nginx.read("access.log");
+    let log = nginx.read_when("access.log", |log| log.lines().count() >= 6).await;
     let lines: Vec<Vec<&str>> = log.lines().map(|l| l.split('|').collect()).collect();
     assert_eq!(lines.len(), 6, "two answers, each cut twice and continued twice:\n{log}");
     let continued: Vec<_> = lines.iter().filter(|l| l[2] != "-").collect();

@@ -179,6 +179,9 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     for v in viewers {
         v.await.unwrap();
     }
+    let want = (SEGMENTS + 1 + EPISODES) as usize;
+    let paths = |log: &str| log.lines().map(|l| l.split(' ').nth(1)).collect::<std::collections::BTreeSet<_>>().len();
+    origin.read_when("access.log", |log| paths(log) >= want).await;
     let first = fetched(&origin);
     let mut owner = BTreeMap::new();
     for (path, instance) in &first {
@@ -187,7 +190,7 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
             "{kind:?}: {path} fetched twice across the fleet: {first:?}"
         );
     }
-    assert_eq!(owner.len(), (SEGMENTS + 1 + EPISODES) as usize, "{first:?}");
+    assert_eq!(owner.len(), want, "{first:?}");
     assert_eq!(
         resolutions.load(Ordering::SeqCst),
         EPISODES as usize,
@@ -219,9 +222,10 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     }
     watch(front_port, &master).await;
     watch(front_port, &master).await;
-    let moved: Vec<(String, String)> = fetched(&origin)[before..].to_vec();
     let expected: Vec<&String> =
         owner.iter().filter(|(p, i)| **i == gone && !p.starts_with("/ep")).map(|(p, _)| p).collect();
+    origin.read_when("access.log", |log| log.lines().count() >= before + expected.len()).await;
+    let moved: Vec<(String, String)> = fetched(&origin)[before..].to_vec();
     let mut refetched: Vec<&String> = moved.iter().map(|(p, _)| p).collect();
     refetched.sort();
     assert_eq!(refetched, expected, "{kind:?}: exactly the stopped instance's URLs were fetched again, once each");
