@@ -142,9 +142,16 @@ pub struct HeaderList(pub Vec<WireHeader>);
 impl<'de> Deserialize<'de> for HeaderList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = indexmap::IndexMap::<String, String>::deserialize(d)?;
-        crate::headers::parse_pairs(map.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map(HeaderList)
-            .map_err(de::Error::custom)
+        let list = crate::headers::parse_pairs(map.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(de::Error::custom)?;
+        // Refused rather than left out unseen.
+        for h in &list {
+            if let Some(why) = crate::headers::not_settable(&h.name) {
+                let name = String::from_utf8_lossy(&h.spelling);
+                return Err(de::Error::custom(format!("{name:?} cannot be set here: {why}")));
+            }
+        }
+        Ok(HeaderList(list))
     }
 }
 
@@ -817,6 +824,16 @@ mod tests {
         assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad header name \"Bad Name\""));
         let (key, reason) = refused("providers: [{hosts: [a.com], headers: {Referer: \"x\\ny\"}}]\n");
         assert_eq!((key.as_str(), reason.as_str()), ("providers[0].headers", "bad value for header Referer"));
+        for (name, why) in [
+            ("Host", "the proxy sends the upstream URL's host"),
+            ("content-length", "the proxy sends no request body"),
+            ("Connection", "it is hop-by-hop and never goes upstream"),
+            ("Proxy-Authorization", "it is hop-by-hop and never goes upstream"),
+        ] {
+            let (key, reason) =
+                refused(&format!("providers: [{{hosts: [a.com], headers: {{Referer: r, {name}: x}}}}]\n"));
+            assert_eq!((key.as_str(), reason), ("providers[0].headers", format!("{name:?} cannot be set here: {why}")));
+        }
         assert_eq!(refused("providers: [{hosts: [], headers: {}}]\n").0, "providers[0].hosts");
         let second = "providers: [{hosts: [a.example]}, {hosts: []}]\n";
         assert_eq!(refused(second).0, "providers[1].hosts");

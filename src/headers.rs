@@ -161,8 +161,7 @@ pub fn upstream_request_headers<'a>(
     profile: &'a [WireHeader],
     resolver: &'a [WireHeader],
 ) -> impl Iterator<Item = &'a WireHeader> {
-    let settable =
-        |h: &&WireHeader| h.name != header::HOST && h.name != header::CONTENT_LENGTH && !is_hop_by_hop(h.name.as_str());
+    let settable = |h: &&WireHeader| not_settable(&h.name).is_none();
     let overrides = profile.iter().chain(resolver).filter(settable);
     let (later, again) = (overrides.clone(), overrides.clone());
     forwarded.iter().filter(move |h| !later.clone().any(|o| o.name == h.name)).chain(
@@ -171,6 +170,21 @@ pub fn upstream_request_headers<'a>(
             .filter(move |(i, h)| !again.clone().skip(i + 1).any(|o| o.name == h.name))
             .map(|(_, h)| h),
     )
+}
+
+/// Why a provider profile or the resolver cannot set the upstream request
+/// header `name` (`None`: it can). Config naming one is refused at start;
+/// a resolver answer's is left out.
+pub fn not_settable(name: &HeaderName) -> Option<&'static str> {
+    if *name == header::HOST {
+        Some("the proxy sends the upstream URL's host")
+    } else if *name == header::CONTENT_LENGTH {
+        Some("the proxy sends no request body")
+    } else if is_hop_by_hop(name.as_str()) {
+        Some("it is hop-by-hop and never goes upstream")
+    } else {
+        None
+    }
 }
 
 /// `Host` value for a URL: the host, plus the port when not the default.
