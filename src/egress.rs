@@ -119,6 +119,19 @@ impl Egress {
         Ok(())
     }
 
+    /// `deny_hosts` for a URL whose host is an address: listed addresses
+    /// are refused as names are (an IPv4-mapped one as the IPv4 it carries).
+    pub fn address_host_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.deny_hosts.is_empty() {
+            return Ok(());
+        }
+        let host: url::Host<&str> = match canonical_ip(ip) {
+            IpAddr::V4(a) => url::Host::Ipv4(a),
+            IpAddr::V6(a) => url::Host::Ipv6(a),
+        };
+        self.host_allowed(&host.to_string())
+    }
+
     pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
         let canon = canonical_ip(ip);
         let listed = self.allow.iter().any(|n| n.contains(&canon) || n.contains(&ip));
@@ -232,7 +245,12 @@ pub async fn resolve(
     within: Duration,
 ) -> Result<Dialable, Result<Refusal, std::io::Error>> {
     match host {
-        UrlHost::Ip(ip) => Dialable::select(policy, &[*ip], port, trusted, host).map_err(Ok),
+        UrlHost::Ip(ip) => {
+            if !trusted {
+                policy.address_host_allowed(*ip).map_err(Ok)?;
+            }
+            Dialable::select(policy, &[*ip], port, trusted, host).map_err(Ok)
+        }
         UrlHost::Name(name) => {
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
@@ -337,6 +355,17 @@ mod tests {
         let e = Egress::new(vec![], vec![HostPattern::parse("*.internal").unwrap()]);
         assert!(e.host_allowed("db.internal").is_err());
         assert!(e.host_allowed("internal.example").is_ok());
+        // A listed address refuses a URL that names it, however written.
+        let listed = ["203.0.113.7", "2001:db8::1"].map(|p| HostPattern::parse(p).unwrap());
+        let e = Egress::new(vec![], listed.to_vec());
+        for s in
+            ["http://203.0.113.7/", "http://3405803783/", "http://[::ffff:203.0.113.7]/", "http://[2001:DB8:0::1]/"]
+        {
+            let Some(UrlHost::Ip(a)) = UrlHost::of(&url::Url::parse(s).unwrap()) else { panic!("{s}") };
+            assert!(matches!(e.address_host_allowed(a), Err(Refusal::DeniedHost(_))), "{s}");
+        }
+        assert!(e.address_host_allowed(ip("203.0.113.8")).is_ok());
+        assert!(Egress::default().address_host_allowed(ip("203.0.113.7")).is_ok());
     }
 
     #[test]

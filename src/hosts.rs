@@ -3,7 +3,10 @@
 //! per-host gate's configured limits are looked up in.
 
 /// A host name pattern: `example.com` (exact), `*.example.com` (any
-/// subdomain, not the apex) or `*` (every host).
+/// subdomain, not the apex) or `*` (every host). Names and addresses are
+/// kept as a URL writes its host — lower case, international names in
+/// their `xn--` form, IPv6 addresses in brackets — so a pattern matches
+/// whatever spelling of the host a URL used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
     Exact(String),
@@ -13,21 +16,33 @@ pub enum HostPattern {
 
 impl HostPattern {
     pub fn parse(s: &str) -> Result<HostPattern, String> {
-        let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+        let s = s.trim();
         if s == "*" {
             return Ok(HostPattern::Any);
         }
-        let bare = s.strip_prefix("*.").unwrap_or(&s);
-        if bare.is_empty()
-            || bare.contains('*')
-            || !bare.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
-        {
-            return Err("not a host name or *.suffix pattern".into());
+        let (suffix, bare) = match s.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, s),
+        };
+        let bare = bare.trim_end_matches('.');
+        let bad = || "not a host name, IP address or *.suffix pattern".to_string();
+        if bare.is_empty() || bare.contains('*') {
+            return Err(bad());
         }
-        Ok(match s.strip_prefix('*') {
-            Some(suffix) => HostPattern::Suffix(suffix.to_string()),
-            None => HostPattern::Exact(s),
-        })
+        // An IPv6 address may be written with or without its brackets.
+        let host = match bare.parse::<std::net::Ipv6Addr>() {
+            Ok(v6) => url::Host::Ipv6(v6),
+            Err(_) => url::Host::parse(bare).map_err(|_| bad())?,
+        };
+        match host {
+            url::Host::Domain(name) if name.split('.').any(str::is_empty) => {
+                Err("has an empty label (for every subdomain of a name, write *.name)".into())
+            }
+            url::Host::Domain(name) if suffix => Ok(HostPattern::Suffix(format!(".{name}"))),
+            url::Host::Domain(name) => Ok(HostPattern::Exact(name)),
+            _ if suffix => Err("*. goes before a host name, not an address".into()),
+            address => Ok(HostPattern::Exact(address.to_string())),
+        }
     }
 
     /// `host` must already be lower-case (as `url` normalises it).
@@ -92,6 +107,20 @@ mod tests {
         assert!(HostPattern::parse("*.*").is_err());
         assert!(HostPattern::parse("a.*.b").is_err());
         assert!(HostPattern::parse("").is_err());
+        // Written as a URL writes its host, whatever the spelling.
+        let same = |pattern: &str, host: &str| HostPattern::parse(pattern).unwrap() == HostPattern::Exact(host.into());
+        assert!(same("Bücher.Example", "xn--bcher-kva.example"));
+        assert!(same("::1", "[::1]"));
+        assert!(same("[0:0::1]", "[::1]"));
+        assert!(same("0x7f.1", "127.0.0.1"));
+        assert!(same("10.0.0.1.", "10.0.0.1"));
+        assert_eq!(HostPattern::parse("*.bücher.example"), Ok(HostPattern::Suffix(".xn--bcher-kva.example".into())));
+        // Never matching anything: refused, not kept.
+        for never in
+            ["voe.sx:443", "https://voe.sx", "voe.sx/", "voe sx", ".voe.sx", "a..b", "*.1.2.3.4", "*.[::1]", "*voe.sx"]
+        {
+            assert!(HostPattern::parse(never).is_err(), "{never}");
+        }
     }
 
     #[test]

@@ -317,6 +317,10 @@ mod tests {
         assert_eq!(p.pick("elsewhere.example").unwrap().name, "socks5h://warp:1080");
         assert!(p.pick("elsewhere.example").unwrap().resolves_names());
         assert!(proxies("- {hosts: [\"a.example\"], url: \"socks5://h:1\"}\n").pick("b.example").is_none());
+        // Picked by the host as a URL writes it: an IPv6 address in brackets.
+        let v6 = proxies("- {hosts: [\"2001:db8::1\"], url: \"socks5://h:1\"}\n");
+        let url = url::Url::parse("http://[2001:DB8:0::1]:8080/x").unwrap();
+        assert!(v6.pick(url.host_str().unwrap()).is_some());
         // Each proxy pools apart, and apart from direct connections (group 0).
         let groups: Vec<u64> = p.0.values().map(|e| e.group).collect();
         assert!(groups.iter().all(|g| *g != 0));

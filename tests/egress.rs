@@ -80,15 +80,28 @@ async fn loopback_in_every_spelling_is_refused_before_connecting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_hosts_refuses_names() {
     let o = origin().await;
+    // Also an address: a URL naming it, however spelled, is refused, though
+    // allow_cidrs lets the address through.
     let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"localhost\", \"*.internal\"]}\n",
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"LocalHost\", \"*.internal\", \"127.0.0.1\"]}\n",
     )
     .await;
-    for u in [format!("http://localhost:{}/file.mp4", o.addr.port()), "http://db.internal/x".to_string()] {
+    let port = o.addr.port();
+    for u in [
+        format!("http://localhost:{port}/file.mp4"),
+        "http://db.internal/x".to_string(),
+        format!("http://127.0.0.1:{port}/file.mp4"),
+        format!("http://2130706433:{port}/file.mp4"),
+        format!("http://[::ffff:127.0.0.1]:{port}/file.mp4"),
+    ] {
         let got = get(p.addr(), "GET", &relay_path("v.mp4", &u), &[]).await;
-        assert_eq!(got.status, 403, "{u}");
+        assert_eq!((got.status, got.text()), (403, "destination not allowed\n".to_string()), "{u}");
     }
     assert_eq!(o.connections.load(Ordering::SeqCst), 0);
+    // Only what is listed: the same origin at another loopback address.
+    let other = format!("http://127.0.0.2:{port}/file.mp4");
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &other), &[]).await;
+    assert_ne!(got.status, 403, "{other}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,7 @@ impl Client {
     pub async fn admit(&self, req: &Request) -> Result<(), FetchError> {
         let url = &req.url;
         let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());
-        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
+        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default());
         self.dialable(url, via, trusted, self.settings.timeouts.connect).await.map(|_| ())
     }
 

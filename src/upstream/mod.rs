@@ -269,7 +269,7 @@ impl Client {
     async fn exchange(&self, hop: &Hop<'_>, trusted: bool) -> Result<(HttpSession, HttpPeer, bool), FetchError> {
         let url = hop.url;
         // Chosen again on every hop: a redirect may lead elsewhere.
-        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default().trim_matches(['[', ']']));
+        let via = self.settings.proxies.pick(url.host_str().unwrap_or_default());
         // One budget for the name lookup and the connect.
         let connect = self.settings.timeouts.connect;
         let mut deadline = std::time::Instant::now() + connect;
