@@ -125,11 +125,18 @@ impl Egress {
         if self.deny_hosts.is_empty() {
             return Ok(());
         }
-        let host: url::Host<&str> = match canonical_ip(ip) {
-            IpAddr::V4(a) => url::Host::Ipv4(a),
-            IpAddr::V6(a) => url::Host::Ipv6(a),
+        let text = |ip: IpAddr| {
+            let host: url::Host<&str> = match ip {
+                IpAddr::V4(a) => url::Host::Ipv4(a),
+                IpAddr::V6(a) => url::Host::Ipv6(a),
+            };
+            host.to_string()
         };
-        self.host_allowed(&host.to_string())
+        self.host_allowed(&text(ip))?;
+        match canonical_ip(ip) {
+            carried if carried != ip => self.host_allowed(&text(carried)),
+            _ => Ok(()),
+        }
     }
 
     pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
@@ -365,6 +372,8 @@ mod tests {
             assert!(matches!(e.address_host_allowed(a), Err(Refusal::DeniedHost(_))), "{s}");
         }
         assert!(e.address_host_allowed(ip("203.0.113.8")).is_ok());
+        let mapped = Egress::new(vec![], vec![HostPattern::parse("::ffff:203.0.113.7").unwrap()]);
+        assert!(mapped.address_host_allowed(ip("::ffff:203.0.113.7")).is_err(), "listed as written");
         assert!(Egress::default().address_host_allowed(ip("203.0.113.7")).is_ok());
     }
 
