@@ -41,8 +41,11 @@ impl Route {
             s.push_str(&q);
         }
         let u = Url::parse(&s).map_err(|_| RouteError::NotAUrl)?;
-        // `..` segments must not climb out of the route's base path.
-        if !u.path().starts_with(self.upstream.path()) || u.origin() != self.upstream.origin() {
+        // `..` segments must not climb out of the route's base path: neither
+        // as the URL reads them, nor as an upstream that decodes `%2F`
+        // before it resolves dot segments reads them (nginx serves
+        // `/base/..%2Fsecret` as `/secret`).
+        if !u.path().starts_with(self.upstream.path()) || u.origin() != self.upstream.origin() || climbs(rest) {
             return Err(RouteError::Escapes);
         }
         Ok(u)
@@ -58,10 +61,25 @@ impl Route {
         let rest = child.strip_prefix(self.upstream.as_str())?;
         let (path, query) = rest.split_once('?').map_or((rest, ""), |(p, q)| (p, q));
         let (path, query) = (path.split('#').next().unwrap_or(path), query.split('#').next().unwrap_or(query));
+        if climbs(path) {
+            // The route would refuse it (see `target`): the relay fetches it.
+            return None;
+        }
         let reserved = url::form_urlencoded::parse(query.as_bytes())
             .any(|(k, _)| CREDENTIAL_PARAMS.contains(&k.as_ref()) || k == "_path");
         (!reserved).then(|| (format!("{}{path}", self.prefix), query))
     }
+}
+
+/// Whether a raw path has a `..` segment once percent-decoded, with `/` or
+/// `\` (which Windows servers read as `/`) between segments.
+fn climbs(raw: &str) -> bool {
+    if !raw.contains('%') {
+        // The URL's own reading (a raw `\` is a `/` to it) is checked already.
+        return false;
+    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    decoded.split(|b| *b == b'/' || *b == b'\\').any(|segment| segment == b"..")
 }
 
 /// Why a request path cannot be mapped onto a route's upstream.
@@ -150,6 +168,7 @@ mod tests {
         assert_eq!(r.child("https://10.0.0.5:8080/base/k.bin"), None, "another origin");
         assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?sig=abc"), None, "a credential name in its query");
         assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?_path=/x"), None);
+        assert_eq!(r.child("http://10.0.0.5:8080/base/..%2Fs.ts"), None, "out of the base once decoded");
     }
 
     #[test]
@@ -160,6 +179,15 @@ mod tests {
         assert_eq!(t.as_str(), "http://10.0.0.5:8080/base/dir/a%20b.ts?x=1&y=%2F");
         assert_eq!(r.target("../../etc/passwd", None), Err(RouteError::Escapes));
         assert_eq!(r.target("%2e%2e/secret", None), Err(RouteError::Escapes));
+        // As an upstream that decodes `%2F` first would read them.
+        for climbing in
+            ["..%2Fsecret", "..%2fsecret", "%2E%2E%2Fsecret", "dir/..%2F..%2Fsecret", "..%5Csecret", "dir%2F..%2F.."]
+        {
+            assert_eq!(r.target(climbing, None), Err(RouteError::Escapes), "{climbing}");
+        }
+        for fine in ["a..b.ts", "..a/b.ts", "dir%2Fa.ts", "%2E/a.ts", "a/...ts"] {
+            assert!(r.target(fine, None).is_ok(), "{fine}");
+        }
         assert_eq!(strip_credentials("sig=1&exp=2"), "");
         assert_eq!(decoded_path("/cdn/a%20b%2Fc.ts"), "/cdn/a b/c.ts");
     }

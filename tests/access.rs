@@ -4,6 +4,7 @@
 mod common;
 
 use anibridge_proxy::auth::{canonical_query, sign, Query};
+use common::process::nginx_hoster;
 use common::*;
 
 async fn origin() -> Origin {
@@ -309,4 +310,54 @@ async fn cors_disabled_means_no_headers_and_options_405() {
     let got = get(p.addr(), "GET", &path, &[("Origin", "https://app.example")]).await;
     assert_eq!(got.status, 200);
     assert!(got.headers.iter().all(|(k, _)| !k.starts_with("access-control-")), "{:?}", got.headers);
+}
+
+/// An open route exposes its base path and nothing else on its upstream,
+/// also to paths that climb out only once decoded: a real nginx decodes
+/// `%2F` before it resolves `..`, so it would serve `/pub/..%2Fsecret.txt`
+/// as `/secret.txt`. Such a request is refused before it goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_route_never_reaches_outside_its_base_on_a_real_nginx() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("secret.txt"), "secret\n").unwrap();
+    std::fs::create_dir_all(root.path().join("pub/dir")).unwrap();
+    std::fs::write(root.path().join("pub/a..b.txt"), "public\n").unwrap();
+    std::fs::write(root.path().join("pub/dir/c.txt"), "public too\n").unwrap();
+    let (nginx, addr) = nginx_hoster(root.path(), "text/plain txt;", "$request_uri $status", "").await;
+    // What the route must keep its clients from: nginx itself climbs out.
+    let mut direct = Client::connect(addr).await;
+    let climbed = direct.request("GET", "/pub/..%2Fsecret.txt", &[]).await;
+    assert_eq!((climbed.status, climbed.text()), (200, "secret\n".to_string()), "nginx decodes %2F first");
+
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\nroutes: [{{prefix: \"/open/\", upstream: \"http://{addr}/pub/\", auth: false}}]\n"
+    ))
+    .await;
+    for climbing in [
+        "/open/..%2Fsecret.txt",
+        "/open/..%2fsecret.txt",
+        "/open/%2E%2E%2Fsecret.txt",
+        "/open/dir/..%2F..%2Fsecret.txt",
+        "/open/dir%2F..%2F..%2Fsecret.txt",
+    ] {
+        let got = get(p.addr(), "GET", climbing, &[]).await;
+        assert_eq!(got.status, 400, "{climbing}: {}", got.text());
+        assert!(!got.text().contains("secret"), "{climbing}");
+    }
+    // What is under the base still goes, `..` inside a name and an encoded
+    // `/` between names included.
+    for (path, body) in [("/open/a..b.txt", "public\n"), ("/open/dir%2Fc.txt", "public too\n")] {
+        let got = get(p.addr(), "GET", path, &[]).await;
+        assert_eq!((got.status, got.text()), (200, body.to_string()), "{path}");
+    }
+    let log = nginx.read_when("access.log", |l| l.lines().count() >= 3).await;
+    let seen: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        seen,
+        ["/pub/..%2Fsecret.txt 200", "/pub/a..b.txt 200", "/pub/dir%2Fc.txt 200"],
+        "nothing else reached nginx"
+    );
 }
