@@ -72,14 +72,15 @@ impl Route {
 }
 
 /// Whether a raw path has a `..` segment once percent-decoded, with `/` or
-/// `\` (which Windows servers read as `/`) between segments.
+/// `\` (which Windows servers read as `/`) between segments; `..;x` counts
+/// too (Java servers drop `;` path parameters before resolving `..`).
 fn climbs(raw: &str) -> bool {
-    if !raw.contains('%') {
+    if !raw.contains(['%', ';']) {
         // The URL's own reading (a raw `\` is a `/` to it) is checked already.
         return false;
     }
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
-    decoded.split(|b| *b == b'/' || *b == b'\\').any(|segment| segment == b"..")
+    decoded.split(|b| *b == b'/' || *b == b'\\').any(|segment| segment == b".." || segment.starts_with(b"..;"))
 }
 
 /// Why a request path cannot be mapped onto a route's upstream.
@@ -185,7 +186,7 @@ mod tests {
         {
             assert_eq!(r.target(climbing, None), Err(RouteError::Escapes), "{climbing}");
         }
-        for fine in ["a..b.ts", "..a/b.ts", "dir%2Fa.ts", "%2E/a.ts", "a/...ts"] {
+        for fine in ["a..b.ts", "..a/b.ts", "dir%2Fa.ts", "%2E/a.ts", "a/...ts", "a;b/c.ts", "..a;b.ts"] {
             assert!(r.target(fine, None).is_ok(), "{fine}");
         }
         assert_eq!(strip_credentials("sig=1&exp=2"), "");
