@@ -181,9 +181,16 @@ mod tests {
         assert_eq!(r.target("../../etc/passwd", None), Err(RouteError::Escapes));
         assert_eq!(r.target("%2e%2e/secret", None), Err(RouteError::Escapes));
         // As an upstream that decodes `%2F` first would read them.
-        for climbing in
-            ["..%2Fsecret", "..%2fsecret", "%2E%2E%2Fsecret", "dir/..%2F..%2Fsecret", "..%5Csecret", "dir%2F..%2F.."]
-        {
+        for climbing in [
+            "..%2Fsecret",
+            "..%2fsecret",
+            "%2E%2E%2Fsecret",
+            "dir/..%2F..%2Fsecret",
+            "..%5Csecret",
+            "dir%2F..%2F..",
+            "..;/secret",
+            "a/..;x=1/s",
+        ] {
             assert_eq!(r.target(climbing, None), Err(RouteError::Escapes), "{climbing}");
         }
         for fine in ["a..b.ts", "..a/b.ts", "dir%2Fa.ts", "%2E/a.ts", "a/...ts", "a;b/c.ts", "..a;b.ts"] {
