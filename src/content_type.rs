@@ -88,6 +88,15 @@ fn base_type_is(ct: &str, types: &[&str]) -> bool {
     types.iter().any(|t| t.eq_ignore_ascii_case(base))
 }
 
+/// Whether a browser opening an answer of this type would render it as a
+/// document that can run scripts (HTML, XHTML, SVG, XML with a stylesheet).
+pub fn is_document(ct: &str) -> bool {
+    base_type_is(
+        ct,
+        &["text/html", "application/xhtml+xml", "image/svg+xml", "text/xml", "application/xml", "text/xsl"],
+    )
+}
+
 /// Types under which a playlist may hide, where the body decides: none,
 /// generic binary ones and any text type.
 pub fn is_generic_type(ct: Option<&str>) -> bool {
@@ -106,6 +115,16 @@ pub fn is_generic_type(ct: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documents() {
+        for doc in ["text/html", "Text/HTML; charset=utf-8", "image/svg+xml", "application/xhtml+xml", "text/xml"] {
+            assert!(is_document(doc), "{doc}");
+        }
+        for media in ["video/mp4", "text/plain", "text/vtt", HLS, OCTET_STREAM, "application/json", ""] {
+            assert!(!is_document(media), "{media}");
+        }
+    }
 
     #[test]
     fn table() {

@@ -10,6 +10,9 @@ use common::*;
 
 const MB: u64 = 1024 * 1024;
 
+/// A hoster's page with a script in it.
+const PAGE: &[u8] = b"<!doctype html><script>localStorage.clear()</script>";
+
 /// An origin with the usual endpoints.
 async fn origin() -> Origin {
     Origin::start(|req| {
@@ -31,6 +34,9 @@ async fn origin() -> Origin {
                 .header("Accept-Ranges", "none")
                 .into(),
             "/notype.mkv" | "/get" | "/dir.v2/get" => serve_file(req, 100, None).into(),
+            "/page" | "/missing-page" => Resp::new(if p == "/page" { 200 } else { 404 }, Body::Bytes(PAGE.to_vec()))
+                .header("Content-Type", "text/html; charset=utf-8")
+                .into(),
             "/meta" => Resp::new(200, Body::Bytes(b"meta".to_vec()))
                 .header("Content-Type", "video/webm")
                 .header("Content-Disposition", "attachment; filename=\"ep 1.webm\"")
@@ -386,6 +392,26 @@ async fn other_statuses_pass_through_unchanged() {
     // for: a guessed type would overwrite the one a client's cache holds.
     let got = get(p.addr(), "GET", &relay_path("ep.mp4", &o.url("/notmodified")), &[("If-None-Match", "\"v1\"")]).await;
     assert_eq!((got.status, got.header("content-type")), (304, None), "{:?}", got.headers);
+}
+
+/// A page a browser would run scripts in (a hoster's error page, a link
+/// that turned into HTML) is relayed byte for byte but sandboxed: opened
+/// where the proxy shares an origin with another app, its scripts get none.
+/// From memory too; media answers carry no policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_a_browser_would_run_are_sandboxed() {
+    let (o, p) = setup().await;
+    for (path, method, status) in
+        [("/page", "GET", 200), ("/page", "GET", 200), ("/page", "HEAD", 200), ("/missing-page", "GET", 404)]
+    {
+        let got = get(p.addr(), method, &relay_path("x", &o.url(path)), &[]).await;
+        assert_eq!(got.status, status, "{method} {path}");
+        assert_eq!(got.header("content-security-policy"), Some("sandbox"), "{method} {path}");
+        assert_eq!(got.header("content-type"), Some("text/html; charset=utf-8"));
+        assert_eq!(got.body, if method == "HEAD" { &b""[..] } else { PAGE }, "{method} {path}");
+    }
+    let got = get(p.addr(), "GET", &relay_path("x", &o.url("/small.mp4")), &[]).await;
+    assert_eq!((got.status, got.has("content-security-policy")), (200, false));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,8 +148,8 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
 /// status and length; a type when the upstream gave none (from the URL's
 /// path, else the `{hint}`) unless the status has no content (a 304 names
 /// no type: a client's cache would take a guessed one for the type of what
-/// it holds, RFC 9111 §4.3.4); HLS's type when `hls`; chunked framing when
-/// there is a body and no length.
+/// it holds, RFC 9111 §4.3.4); HLS's type when `hls`; a sandbox for a
+/// document type; chunked framing when there is a body and no length.
 pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
     let mut out = if answer.relayable { answer.header.clone() } else { headers::relayed(answer.header) };
     if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
@@ -162,6 +162,16 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
         out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
     } else if !out.headers.contains_key(header::CONTENT_TYPE) && !contentless {
         out.insert_header(header::CONTENT_TYPE, content_type::guess(answer.path, asked.hint))?;
+    }
+    let document = out
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| content_type::is_document(&String::from_utf8_lossy(t.as_bytes())));
+    if document {
+        // A hoster's page opened in a browser runs sandboxed, in no origin:
+        // where the proxy shares an origin with other apps (a sub-path
+        // beside Jellyfin), its scripts would otherwise act there.
+        out.append_header("Content-Security-Policy", "sandbox")?;
     }
     let bodyless = asked.head || contentless;
     if !out.headers.contains_key(header::CONTENT_LENGTH) && !bodyless && asked.http11 {
@@ -335,6 +345,16 @@ mod tests {
             relayed(&Asked { head: true, ..asked }, &resp(200, &[])).headers["content-type"],
             "video/x-matroska"
         );
+        // A page a browser would run scripts in is sandboxed (the hoster's
+        // own policy kept beside it); media is not touched.
+        let page = resp(404, &[("Content-Type", "text/html; charset=UTF-8"), ("Content-Security-Policy", "img-src *")]);
+        let out = relayed(&asked, &page);
+        let policies: Vec<_> = out.headers.get_all("content-security-policy").iter().collect();
+        assert_eq!(policies, ["img-src *", "sandbox"]);
+        assert_eq!(out.status, 404);
+        for media in [resp(200, &[MP4]), resp(200, &[BIN]), resp(200, &[("Content-Type", "text/plain")])] {
+            assert!(!relayed(&asked, &media).headers.contains_key("content-security-policy"));
+        }
     }
 
     #[test]
