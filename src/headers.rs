@@ -69,7 +69,9 @@ fn nominates(connection: &header::GetAll<'_, HeaderValue>, name: &str) -> bool {
 /// apply to the proxy's host name — its CORS headers (the proxy sends its
 /// own), `Cross-Origin-Resource-Policy` (a hoster's `same-origin` would make
 /// browsers refuse the media on every page of another origin), cookies,
-/// HSTS, Alt-Svc and `Clear-Site-Data` — and `X-Content-Type-Options`:
+/// HSTS, Alt-Svc, `Clear-Site-Data` and `Service-Worker-Allowed` (which
+/// would let a hoster's script be a service worker for every path of the
+/// proxy's host) — and `X-Content-Type-Options`:
 /// hosters type disguised segments `image/png` or `text/html`, and with
 /// their `nosniff` a browser's own HLS player refuses the bytes the
 /// proxy relays for a `.ts` (the type itself is the hoster's and kept).
@@ -117,6 +119,7 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n == "alt-svc"
         || n == "strict-transport-security"
         || n == "clear-site-data"
+        || n == "service-worker-allowed"
         || n == "x-content-type-options"
 }
 
@@ -408,7 +411,7 @@ mod tests {
     }
 
     /// Headers the policy always drops, and always keeps.
-    const ALWAYS_DROPPED: [&str; 16] = [
+    const ALWAYS_DROPPED: [&str; 17] = [
         "Keep-Alive",
         "Proxy-Connection",
         "TE",
@@ -423,6 +426,7 @@ mod tests {
         "Strict-Transport-Security",
         "Cross-Origin-Resource-Policy",
         "Clear-Site-Data",
+        "Service-Worker-Allowed",
         "X-Content-Type-Options",
         "Connection",
     ];

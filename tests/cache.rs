@@ -451,6 +451,7 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
             .header("Access-Control-Allow-Origin", "https://hoster.example")
             .header("Cross-Origin-Resource-Policy", "same-origin")
             .header("Clear-Site-Data", "\"cookies\"")
+            .header("Service-Worker-Allowed", "/")
             .header("X-Content-Type-Options", "nosniff")
             .header("X-Hoster-Id", "abc")
             .into()
@@ -479,6 +480,7 @@ async fn a_hit_relays_the_headers_the_fill_relayed() {
         "access-control-allow-origin",
         "cross-origin-resource-policy",
         "clear-site-data",
+        "service-worker-allowed",
         "x-content-type-options",
     ] {
         assert_eq!(fill.header(dropped), None, "{dropped}");
