@@ -114,7 +114,8 @@ from_str!(Cidr, |s: &str| {
 
 from_str!(HostPattern, |s: &str| HostPattern::parse(s).map_err(|r| format!("{s:?}: {r}")));
 
-/// An absolute http(s) URL with a host and without a query.
+/// An absolute http(s) URL with a host and nothing the proxy would leave
+/// unused: no query, fragment or `user:password@`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl(pub Url);
 
@@ -125,6 +126,18 @@ from_str!(HttpUrl, |s: &str| {
     }
     if u.query().is_some() {
         return Err(format!("{s:?} must not have a query"));
+    }
+    if u.fragment().is_some() {
+        return Err(format!("{s:?} must not have a fragment (#...)"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        // Named without them: the error is printed.
+        let mut shown = u.clone();
+        let _ = (shown.set_username(""), shown.set_password(None));
+        return Err(format!(
+            "{shown} must not hold credentials (user:password@): they are never sent; \
+             for a route, set an Authorization header in a provider profile for its host"
+        ));
     }
     Ok(HttpUrl(u))
 });
@@ -776,6 +789,23 @@ mod tests {
         assert_eq!((key.as_str(), reason.as_str()), ("routes[0].upstream", "\"ftp://x/\" must be an http(s) URL"));
         let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"http://x/?a=1\"}]\n");
         assert_eq!((key.as_str(), reason.as_str()), ("routes[0].upstream", "\"http://x/?a=1\" must not have a query"));
+        // Never used: a fragment would swallow the path appended to it.
+        let (key, reason) = refused("routes: [{prefix: /cdn/, upstream: \"http://x/base/#f\"}]\n");
+        assert_eq!(
+            (key.as_str(), reason.as_str()),
+            ("routes[0].upstream", "\"http://x/base/#f\" must not have a fragment (#...)")
+        );
+        for key in ["public_base_url: \"https://x.example/a#", "resolver: {url: \"http://r/x#y"] {
+            assert!(
+                refused(&format!("{key}\"{}\n", if key.starts_with("res") { "}" } else { "" })).1.contains("fragment"),
+                "{key}"
+            );
+        }
+        let (key, reason) = refused("resolver: {url: \"http://anibridge:s3cret@r:8000/api\"}\n");
+        assert_eq!(key, "resolver.url");
+        assert!(reason.starts_with("http://r:8000/api must not hold credentials"), "{reason}");
+        assert!(!reason.contains("s3cret") && !reason.contains("anibridge"), "never printed: {reason}");
+        assert_eq!(refused("routes: [{prefix: /nas/, upstream: \"http://u@nas/\"}]\n").0, "routes[0].upstream");
         assert_eq!(refused("routes: [{prefix: cdn, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
         assert_eq!(refused("routes: [{prefix: /strm/x/, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").0, "egress.allow_cidrs[0]");
