@@ -554,6 +554,16 @@ impl Config {
                 }
             }
         }
+        // Two entries of one family on one port: Pingora would find the
+        // port taken by the first and retry binding forever, serving none
+        // (an IPv6 and an IPv4 entry are bound apart, the IPv6 one v6-only).
+        let listen = self.listen_addrs();
+        for (i, b) in listen.iter().enumerate() {
+            if let Some(a) = listen[..i].iter().find(|a| a.is_ipv4() == b.is_ipv4() && overlaps(**a, *b)) {
+                let why = if a == b { "listed twice".to_string() } else { format!("overlaps {a}") };
+                return Err(("listen", format!("{b} {why}: one address per port and family")));
+            }
+        }
         // Pingora binds with SO_REUSEPORT: an admin listener on a proxy
         // address would not fail, the kernel would split connections
         // between the two services at random.
@@ -840,6 +850,16 @@ mod tests {
             assert_eq!(key, "admin_listen", "{same}");
             assert!(reason.contains("overlaps the proxy listener 127.0.0.1:8080"), "{reason}");
         }
+        for (listen, reason) in [
+            ("[\"127.0.0.1:8080\", \"127.0.0.1:8080\"]", "127.0.0.1:8080 listed twice"),
+            ("[\"0.0.0.0:8080\", \"127.0.0.1:8080\"]", "127.0.0.1:8080 overlaps 0.0.0.0:8080"),
+            ("[\"[::1]:8080\", \"[::]:8080\"]", "[::]:8080 overlaps [::1]:8080"),
+        ] {
+            let e = load(&format!("listen: {listen}\nauth: {{mode: none, allow_open: true}}\n")).unwrap_err();
+            assert_eq!((e.key.as_str(), e.reason), ("listen", format!("{reason}: one address per port and family")));
+        }
+        let dual = "auth: {mode: none, allow_open: true}\nlisten: [\"0.0.0.0:8080\", \"[::]:8080\", \"127.0.0.1:9\"]\n";
+        assert!(load(dual).is_ok(), "IPv4 and IPv6 on one port: the IPv6 listener is bound v6-only");
         let apart = "auth: {mode: none}\nlisten: \"127.0.0.1:8080\"\nadmin_listen: \"127.0.0.2:8080\"\n";
         assert!(load(apart).is_ok(), "another address on the same port");
         let (key, reason) = refused("routes: [{prefix: /a/, upstream: \"http://x/\"}, {prefix: /b/, upstream: \"http://y/\"}, {prefix: /a/, upstream: \"http://z/\"}]\n");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -55,6 +55,15 @@ fn bindable(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the IPv6 listener `addr` takes IPv6 only: when IPv4 is listened
+/// to on its port too (`0.0.0.0:8080` and `[::]:8080`, as nginx users write
+/// it). A dual-stack `[::]` would hold that IPv4 port itself, and Pingora,
+/// finding it taken, would retry binding forever and serve neither. Alone,
+/// `[::]` keeps the system's dual stack.
+fn ipv6_only(addr: std::net::SocketAddr, all: &[std::net::SocketAddr]) -> bool {
+    addr.is_ipv6() && all.iter().any(|a| a.is_ipv4() && a.port() == addr.port())
+}
+
 /// Runs the server until SIGTERM/SIGINT; returns when it has shut down, or
 /// at once when a listener cannot be bound.
 pub fn run(cfg: Config) -> Result<(), String> {
@@ -85,10 +94,14 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let state = proxy.state.clone();
     let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
     for addr in cfg.listen_addrs() {
-        svc.add_listener(
-            ListenerConfig::tcp(addr.to_string())
-                .l4_buffer(L4BufferSettings::new(DOWNSTREAM_READ_BUFFER, DOWNSTREAM_WRITE_BUFFER)),
-        );
+        let mut listener = ListenerConfig::tcp(addr.to_string())
+            .l4_buffer(L4BufferSettings::new(DOWNSTREAM_READ_BUFFER, DOWNSTREAM_WRITE_BUFFER));
+        if ipv6_only(*addr, cfg.listen_addrs()) {
+            let mut options = TcpSocketOptions::default();
+            options.ipv6_only = Some(true);
+            listener = listener.tcp_socket_options(options);
+        }
+        svc.add_listener(listener);
     }
     let mut admin = Service::new("admin".to_string(), Admin { metrics: metrics.clone(), draining: draining.clone() });
     admin.threads = Some(1);
