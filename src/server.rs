@@ -254,3 +254,16 @@ impl Drop for Embedded {
         let _ = self.shutdown.send(true);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_ipv6_listener_sharing_its_port_with_ipv4_takes_ipv6_only() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let dual = [a("0.0.0.0:8080"), a("[::]:8080"), a("[::1]:9000")];
+        assert!(super::ipv6_only(dual[1], &dual));
+        assert!(!super::ipv6_only(dual[0], &dual), "IPv4 is never v6-only");
+        assert!(!super::ipv6_only(dual[2], &dual), "no IPv4 on its port");
+        assert!(!super::ipv6_only(a("[::]:8080"), &[a("[::]:8080")]), "alone: the system's dual stack");
+    }
+}
