@@ -192,6 +192,22 @@ from_str!(RoutePrefix, |s: &str| {
     if s.starts_with("/strm/") || s == "/" {
         return Err(format!("{s:?} would shadow the built-in routes"));
     }
+    // Compared with the path as clients send it: a prefix no request path
+    // can start with would leave the route unused.
+    let hex = |b: Option<&u8>| b.is_some_and(u8::is_ascii_hexdigit);
+    let bytes = s.as_bytes();
+    let sendable = bytes.iter().enumerate().all(|(i, b)| match b {
+        b'%' => hex(bytes.get(i + 1)) && hex(bytes.get(i + 2)),
+        b => b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(b),
+    });
+    if !sendable {
+        return Err(format!(
+            "{s:?} can never match a request path: write it as clients send it, percent-encoded (a space is %20)"
+        ));
+    }
+    if s.split('/').any(|segment| segment == "." || segment == "..") {
+        return Err(format!("{s:?} can never match a request path: clients resolve '.' and '..' segments"));
+    }
     Ok(RoutePrefix(s.to_string()))
 });
 
@@ -818,6 +834,18 @@ mod tests {
         assert_eq!(refused("routes: [{prefix: /nas/, upstream: \"http://u@nas/\"}]\n").0, "routes[0].upstream");
         assert_eq!(refused("routes: [{prefix: cdn, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
         assert_eq!(refused("routes: [{prefix: /strm/x/, upstream: \"http://x/\"}]\n").0, "routes[0].prefix");
+        for never in ["/my cdn/", "/ä/", "/a?b/", "/a#b/", "/a%2/", "/a%zz/", "/../", "/a/./b/"] {
+            let (key, reason) = refused(&format!("routes: [{{prefix: \"{never}\", upstream: \"http://x/\"}}]\n"));
+            assert_eq!(key, "routes[0].prefix", "{never}");
+            assert!(reason.contains("can never match a request path"), "{never}: {reason}");
+        }
+        for fine in ["/my%20cdn/", "/a-b_c.d~e/", "/v1/media/", "/a:b@c/"] {
+            assert!(
+                load(&format!("auth: {{mode: none}}\nroutes: [{{prefix: \"{fine}\", upstream: \"http://x/\"}}]\n"))
+                    .is_ok(),
+                "{fine}"
+            );
+        }
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").0, "egress.allow_cidrs[0]");
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0\"]}\n").0, "egress.allow_cidrs[0]");
         // One address is the range of that address alone.
