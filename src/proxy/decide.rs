@@ -149,7 +149,7 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
 /// path, else the `{hint}`) unless the status has no content (a 304 names
 /// no type: a client's cache would take a guessed one for the type of what
 /// it holds, RFC 9111 §4.3.4); HLS's type when `hls`; a sandbox for a
-/// document type; chunked framing when there is a body and no length.
+/// hoster's document; chunked framing when there is a body and no length.
 pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
     let mut out = if answer.relayable { answer.header.clone() } else { headers::relayed(answer.header) };
     if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
@@ -163,14 +163,17 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
     } else if !out.headers.contains_key(header::CONTENT_TYPE) && !contentless {
         out.insert_header(header::CONTENT_TYPE, content_type::guess(answer.path, asked.hint))?;
     }
-    let document = out
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|t| content_type::is_document(&String::from_utf8_lossy(t.as_bytes())));
-    if document {
-        // A hoster's page opened in a browser runs sandboxed, in no origin:
-        // where the proxy shares an origin with other apps (a sub-path
-        // beside Jellyfin), its scripts would otherwise act there.
+    let third_party = matches!(asked.children, Children::Relay);
+    let document = |out: &ResponseHeader| {
+        let t = out.headers.get(header::CONTENT_TYPE);
+        t.is_some_and(|t| content_type::is_document(&String::from_utf8_lossy(t.as_bytes())))
+    };
+    if third_party && document(&out) {
+        // A hoster's page (the relay's and `/strm/stream`'s URLs come from
+        // anywhere) opened in a browser runs sandboxed, in no origin: where
+        // the proxy shares an origin with other apps (a sub-path beside
+        // Jellyfin), its scripts would otherwise act there. A static
+        // route's upstream is the operator's own, and its pages may run.
         out.append_header("Content-Security-Policy", "sandbox")?;
     }
     let bodyless = asked.head || contentless;
@@ -348,6 +351,11 @@ mod tests {
         // A page a browser would run scripts in is sandboxed (the hoster's
         // own policy kept beside it); media is not touched.
         let page = resp(404, &[("Content-Type", "text/html; charset=UTF-8"), ("Content-Security-Policy", "img-src *")]);
+        for own in [Children::Untouched, Children::Route(0)] {
+            let out = relayed(&Asked { children: own, ..asked }, &page);
+            let policies: Vec<_> = out.headers.get_all("content-security-policy").iter().collect();
+            assert_eq!(policies, ["img-src *"], "a static route's pages are its operator's own");
+        }
         let out = relayed(&asked, &page);
         let policies: Vec<_> = out.headers.get_all("content-security-policy").iter().collect();
         assert_eq!(policies, ["img-src *", "sandbox"]);
