@@ -135,11 +135,13 @@ fn raise_open_files_limit() {
 /// How long `/healthz` reports draining before the listeners close.
 const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// SIGTERM, SIGINT and SIGQUIT all drain gracefully: `/healthz` turns 503,
+/// SIGTERM, SIGINT, SIGQUIT and SIGHUP all drain gracefully: `/healthz` turns 503,
 /// the listeners stop accepting, and the process exits 0 as soon as nothing
 /// is in flight or the grace period is over. (Pingora's socket-passing
 /// upgrade is not wired up: zero-downtime restarts run two instances and
-/// restart them one at a time.)
+/// restart them one at a time. SIGHUP, which nginx takes as "reload" and a
+/// closing terminal sends, would otherwise end the process on the spot,
+/// cutting every stream: there is no reload, so it drains too, and says so.)
 struct Signals {
     draining: Arc<AtomicBool>,
     state: Arc<State>,
@@ -153,10 +155,14 @@ impl ShutdownSignalWatch for Signals {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = quit.recv() => {}
+            _ = hup.recv() => {
+                log::warn!("SIGHUP: the configuration is not reloaded; the proxy drains and exits (start it again to apply a new one)");
+            }
         }
         self.draining.store(true, Ordering::Relaxed);
         log::info!("shutdown requested: /healthz answers 503, draining for at most {:?}", self.grace);

@@ -326,6 +326,31 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     assert!(!ok && msg.starts_with(&format!("unhealthy: 127.0.0.1:{}: ", p.admin)), "{msg}");
 }
 
+/// SIGHUP (nginx's "reload", a closing terminal's hangup) drains like
+/// SIGTERM and says why, instead of ending the process on the spot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_drains_and_exits_instead_of_dying_on_the_spot() {
+    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
+    let mut p =
+        Running::start_logging("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", Some("info"), &[])
+            .await;
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
+    assert_eq!(got.status, 200);
+    unsafe_kill(p.child.id(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exits 0 once drained, not killed by the signal: {status:?}");
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("SIGHUP: the configuration is not reloaded"), "{log}");
+    assert!(log.contains("no requests in flight; exiting"), "{log}");
+}
+
 /// `--health` with the configuration `p` runs with: (exit 0, its output).
 fn health(p: &Running) -> (bool, String) {
     let out = Command::new(BIN).arg("--config").arg(p.cfg.path()).arg("--health").output().unwrap();
