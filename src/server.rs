@@ -132,6 +132,22 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Whether SIGHUP is ignored in this process now (as `nohup` starts a
+/// program): Linux lists the ignored signals in `/proc/self/status`.
+fn hangup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| ignores_hangup(&status))
+}
+
+/// Whether a `/proc/PID/status` text says SIGHUP is ignored: its `SigIgn`
+/// mask (hexadecimal, bit N-1 for signal N) has bit 0 set.
+fn ignores_hangup(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 != 0)
+}
+
 /// How long `/healthz` reports draining before the listeners close.
 const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -141,7 +157,8 @@ const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 /// upgrade is not wired up: zero-downtime restarts run two instances and
 /// restart them one at a time. SIGHUP, which nginx takes as "reload" and a
 /// closing terminal sends, would otherwise end the process on the spot,
-/// cutting every stream: there is no reload, so it drains too, and says so.)
+/// cutting every stream: there is no reload, so it drains too, and says so;
+/// unless the proxy was started with it ignored, as `nohup` does.)
 struct Signals {
     draining: Arc<AtomicBool>,
     state: Arc<State>,
@@ -155,12 +172,26 @@ impl ShutdownSignalWatch for Signals {
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        // Started under `nohup` (or by anything that ignores hangups on
+        // purpose): a closing terminal must not stop it, so SIGHUP stays
+        // ignored. Asked before the handler below would replace that.
+        let mut hup = if hangup_ignored() {
+            log::info!("SIGHUP was ignored when the proxy started (nohup): it stays ignored");
+            None
+        } else {
+            Some(signal(SignalKind::hangup()).expect("SIGHUP handler"))
+        };
+        let hangup = async {
+            match &mut hup {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = quit.recv() => {}
-            _ = hup.recv() => {
+            _ = hangup => {
                 log::warn!("SIGHUP: the configuration is not reloaded; the proxy drains and exits (start it again to apply a new one)");
             }
         }
@@ -271,5 +302,20 @@ mod tests {
         assert!(!super::ipv6_only(dual[0], &dual), "IPv4 is never v6-only");
         assert!(!super::ipv6_only(dual[2], &dual), "no IPv4 on its port");
         assert!(!super::ipv6_only(a("[::]:8080"), &[a("[::]:8080")]), "alone: the system's dual stack");
+    }
+
+    #[test]
+    fn a_hangup_is_ignored_when_the_status_says_so() {
+        let status = |ign: &str| {
+            format!("Name:\tanibridge-proxy\nSigBlk:\t0000000000000000\nSigIgn:\t{ign}\nSigCgt:\t0000000000004a02\n")
+        };
+        assert!(super::ignores_hangup(&status("0000000000000001")), "nohup");
+        assert!(super::ignores_hangup(&status("0000000000001007")), "nohup in a background job");
+        assert!(!super::ignores_hangup(&status("0000000000000006")), "SIGINT and SIGQUIT only");
+        assert!(!super::ignores_hangup(&status("0000000000000000")));
+        assert!(!super::ignores_hangup("Name:\tx\n"), "no mask: not ignored");
+        // This test process: nothing here ignores SIGHUP unless it was started so.
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert_eq!(super::hangup_ignored(), super::ignores_hangup(&own));
     }
 }

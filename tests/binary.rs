@@ -351,6 +351,45 @@ async fn sighup_drains_and_exits_instead_of_dying_on_the_spot() {
     assert!(log.contains("no requests in flight; exiting"), "{log}");
 }
 
+/// Started under `nohup`, as people start a server from a shell they will
+/// close: the terminal's hangup does not stop it (SIGHUP stays ignored, as
+/// it was before the proxy had a handler for it); SIGTERM still drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_with_nohup_outlives_the_hangup() {
+    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
+    let mut nohup = Command::new("nohup");
+    nohup.arg(BIN);
+    let mut p =
+        Running::spawn("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", Some("info"), &[], nohup)
+            .await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    assert_eq!(get(p.addr(), "GET", &path, &[]).await.status, 200);
+    unsafe_kill(p.child.id(), "HUP");
+    // A handled SIGHUP turns /healthz 503 at once; an ignored one never
+    // does: it keeps answering and serving for a while after.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], p.admin));
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(p.child.try_wait().unwrap().is_none(), "the hangup ended the process");
+        assert_eq!(get(admin, "GET", "/healthz", &[]).await.status, 200, "the hangup started a drain");
+    }
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!((got.status, got.body.len()), (200, 1000));
+    p.terminate();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("SIGHUP was ignored when the proxy started (nohup): it stays ignored"), "{log}");
+    assert!(!log.contains("SIGHUP: the configuration is not reloaded"), "{log}");
+}
+
 /// `--health` with the configuration `p` runs with: (exit 0, its output).
 fn health(p: &Running) -> (bool, String) {
     let out = Command::new(BIN).arg("--config").arg(p.cfg.path()).arg("--health").output().unwrap();
