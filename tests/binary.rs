@@ -331,9 +331,18 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_drains_and_exits_instead_of_dying_on_the_spot() {
     let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
-    let mut p =
-        Running::start_logging("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n", Some("info"), &[])
-            .await;
+    // Started with SIGHUP at its default, as from an interactive shell or a
+    // service manager, even when this test runs under `nohup` (whose ignore
+    // the proxy would keep: see the next test).
+    let mut default_hup = Command::new("env");
+    default_hup.args(["--default-signal=HUP", BIN]);
+    let mut p = Running::spawn(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n",
+        Some("info"),
+        &[],
+        default_hup,
+    )
+    .await;
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
     assert_eq!(got.status, 200);
     unsafe_kill(p.child.id(), "HUP");
