@@ -13,6 +13,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
@@ -158,7 +159,8 @@ const NOTICE: std::time::Duration = std::time::Duration::from_secs(1);
 /// restart them one at a time. SIGHUP, which nginx takes as "reload" and a
 /// closing terminal sends, would otherwise end the process on the spot,
 /// cutting every stream: there is no reload, so it drains too, and says so;
-/// unless the proxy was started with it ignored, as `nohup` does.)
+/// unless the proxy was started with it ignored, as `nohup` does.) A second
+/// signal during the drain ends it at once, cutting what still runs.
 struct Signals {
     draining: Arc<AtomicBool>,
     state: Arc<State>,
@@ -168,35 +170,24 @@ struct Signals {
 #[async_trait]
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
-        // Started under `nohup` (or by anything that ignores hangups on
-        // purpose): a closing terminal must not stop it, so SIGHUP stays
-        // ignored. Asked before the handler below would replace that.
-        let mut hup = if hangup_ignored() {
-            log::info!("SIGHUP was ignored when the proxy started (nohup): it stays ignored");
-            None
-        } else {
-            Some(signal(SignalKind::hangup()).expect("SIGHUP handler"))
-        };
-        let hangup = async {
-            match &mut hup {
-                Some(hup) => hup.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = quit.recv() => {}
-            _ = hangup => {
-                log::warn!("SIGHUP: the configuration is not reloaded; the proxy drains and exits (start it again to apply a new one)");
-            }
+        let mut stops = Stops::new();
+        let first = stops.next().await;
+        if first == "SIGHUP" {
+            log::warn!("SIGHUP: the configuration is not reloaded; the proxy drains and exits (start it again to apply a new one)");
         }
         self.draining.store(true, Ordering::Relaxed);
-        log::info!("shutdown requested: /healthz answers 503, draining for at most {:?}", self.grace);
+        log::info!(
+            "shutdown requested ({first}): /healthz answers 503, draining for at most {:?}; a second signal ends it at once",
+            self.grace
+        );
+        // Whoever stops a drain they are waiting for (Ctrl-C twice, or a
+        // second `kill`) means now: the streams still running are cut.
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let again = stops.next().await;
+            log::warn!("{again} while draining: the drain ends now");
+            cut_and_exit(&state);
+        });
         // Give load balancers a moment to see /healthz fail before the
         // listeners close (skipped when nothing is in flight).
         let notice = std::time::Instant::now() + NOTICE.min(self.grace);
@@ -218,24 +209,76 @@ impl ShutdownSignalWatch for Signals {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             log::warn!("grace period over with {} requests in flight", state.metrics.in_flight.get());
-            // The streams the shutdown cuts: each gets its access line (the
-            // bytes it sent), a warning, and a count.
-            for stream in state.streams.running() {
-                log::info!(target: "access", "{}", stream.cut_line(&state));
-                log::warn!(
-                    "stream cut by the shutdown after {} body bytes: {} {} (route {})",
-                    stream.bytes.load(Ordering::Relaxed),
-                    stream.method,
-                    stream.uri.path(),
-                    stream.route(&state)
-                );
-                state.metrics.shutdown_cut_streams.inc();
-            }
-            log::logger().flush();
-            std::process::exit(0);
+            cut_and_exit(&state);
         });
         ShutdownSignal::GracefulTerminate
     }
+}
+
+/// The signals that stop the proxy, each listened to from the start (one
+/// that arrives between two waits is kept for the next).
+struct Stops {
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+    /// `None` when SIGHUP was ignored at start (`nohup`).
+    hup: Option<Signal>,
+}
+
+impl Stops {
+    fn new() -> Stops {
+        let listen = |kind: SignalKind| signal(kind).expect("a signal handler");
+        // Started under `nohup` (or by anything that ignores hangups on
+        // purpose): a closing terminal must not stop it, so SIGHUP stays
+        // ignored. Asked before a handler would replace that.
+        let hup = if hangup_ignored() {
+            log::info!("SIGHUP was ignored when the proxy started (nohup): it stays ignored");
+            None
+        } else {
+            Some(listen(SignalKind::hangup()))
+        };
+        Stops {
+            term: listen(SignalKind::terminate()),
+            int: listen(SignalKind::interrupt()),
+            quit: listen(SignalKind::quit()),
+            hup,
+        }
+    }
+
+    /// The name of the next one to arrive.
+    async fn next(&mut self) -> &'static str {
+        let Stops { term, int, quit, hup } = self;
+        let hangup = async {
+            match hup {
+                Some(hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => "SIGQUIT",
+            _ = hangup => "SIGHUP",
+        }
+    }
+}
+
+/// Ends the process, cutting the streams still running: each gets its
+/// access line (the bytes it sent), a warning, and a count.
+fn cut_and_exit(state: &State) -> ! {
+    for stream in state.streams.running() {
+        log::info!(target: "access", "{}", stream.cut_line(state));
+        log::warn!(
+            "stream cut by the shutdown after {} body bytes: {} {} (route {})",
+            stream.bytes.load(Ordering::Relaxed),
+            stream.method,
+            stream.uri.path(),
+            stream.route(state)
+        );
+        state.metrics.shutdown_cut_streams.inc();
+    }
+    log::logger().flush();
+    std::process::exit(0)
 }
 
 /// The proxy served on a tokio listener inside the caller's runtime; for

@@ -981,6 +981,54 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
     assert!(!log.contains("secret-query"), "{log}");
 }
 
+/// Ctrl-C pressed twice (or a second `kill`) while streams drain ends the
+/// drain at once instead of waiting out `shutdown_grace`: what still runs
+/// is cut, with its access line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_the_drain_at_once() {
+    let o = Origin::start(|_| {
+        Resp::new(200, Body::Slow { len: 50_000_000, piece: 10_000, pause: Duration::from_millis(20) })
+            .header("Cache-Control", "no-store")
+            .into()
+    })
+    .await;
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"5m\"\n",
+        Some("info"),
+        &[],
+    )
+    .await;
+    let addr = p.addr();
+    let path = relay_path("long.ts", &o.url("/long.ts"));
+    let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    unsafe_kill(p.child.id(), "INT");
+    // The first is taken once /healthz says so; the stream keeps the
+    // process draining.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], p.admin));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(admin, "GET", "/healthz", &[]).await.status != 503 {
+        assert!(Instant::now() < deadline, "the first SIGINT did not start a drain");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(p.child.try_wait().unwrap().is_none(), "a stream is running: the drain waits for it");
+    unsafe_kill(p.child.id(), "INT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "still draining after a second SIGINT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!download.await.unwrap().complete, "the stream was cut");
+    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    assert!(log.contains("SIGINT while draining: the drain ends now"), "{log}");
+    assert!(log.lines().any(|l| l.contains("cut=true") && l.contains("\"GET /strm/proxy/long.ts\" 200 ")), "{log}");
+    assert!(log.contains("stream cut by the shutdown after"), "{log}");
+}
+
 /// Each upstream failure's log line names the host and port and the cause
 /// in plain words; the client's reason stays the short one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
