@@ -150,6 +150,24 @@ impl Running {
     fn terminate(&mut self) {
         unsafe_kill(self.child.id(), "TERM");
     }
+
+    /// How the process ended, once it has (at most `within`; past that
+    /// the test fails with `stuck`, what should have ended it).
+    async fn exit_status(&mut self, within: Duration, stuck: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{stuck}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What it logged (started with a `RUST_LOG`).
+    fn logged(&self) -> String {
+        std::fs::read_to_string(self.log.as_ref().unwrap().path()).unwrap()
+    }
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
@@ -313,14 +331,7 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     assert_eq!(got.status, 200);
     assert!(got.complete, "the download finished within the grace period");
     assert_body(&got.body, &pattern(0, 40 * 25 * 1024));
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit once drained");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.exit_status(Duration::from_secs(8), "did not exit once drained").await;
     assert!(status.success(), "exit status {status:?}");
     let (ok, msg) = health(&p);
     assert!(!ok && msg.starts_with(&format!("unhealthy: 127.0.0.1:{}: ", p.admin)), "{msg}");
@@ -346,16 +357,9 @@ async fn sighup_drains_and_exits_instead_of_dying_on_the_spot() {
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
     assert_eq!(got.status, 200);
     unsafe_kill(p.child.id(), "HUP");
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGHUP");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.exit_status(Duration::from_secs(8), "did not exit after SIGHUP").await;
     assert!(status.success(), "exits 0 once drained, not killed by the signal: {status:?}");
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert!(log.contains("SIGHUP: the configuration is not reloaded"), "{log}");
     assert!(log.contains("no requests in flight; exiting"), "{log}");
 }
@@ -385,16 +389,9 @@ async fn a_proxy_started_with_nohup_outlives_the_hangup() {
     let got = get(p.addr(), "GET", &path, &[]).await;
     assert_eq!((got.status, got.body.len()), (200, 1000));
     p.terminate();
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.exit_status(Duration::from_secs(8), "did not exit after SIGTERM").await;
     assert!(status.success(), "{status:?}");
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert!(log.contains("SIGHUP was ignored when the proxy started (nohup): it stays ignored"), "{log}");
     assert!(!log.contains("SIGHUP: the configuration is not reloaded"), "{log}");
 }
@@ -453,7 +450,7 @@ async fn logs_never_contain_secrets_or_upstream_urls() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     p.terminate();
     let _ = p.child.wait();
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert!(log.contains("\"GET /strm/proxy/v.mp4\" 200 1000 ") && log.contains("route=relay"), "access lines: {log}");
     assert!(
         log.contains("after 1000 body bytes (ConnectionClosed); resuming at byte 1000"),
@@ -864,7 +861,7 @@ async fn a_short_secret_is_warned_about() {
         Running::start_logging("auth: {mode: token}\n", Some("warn"), &[("ANIBRIDGE_PROXY_SECRET", "abc")]).await;
     p.terminate();
     let _ = p.child.wait();
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert!(log.contains("auth.secret is only 3 bytes") && log.contains("openssl rand -hex 32"), "{log}");
     assert!(!log.contains("abc"), "never the secret itself: {log}");
 }
@@ -893,7 +890,7 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
         assert_eq!(made.len(), 16, "a new id when the client sends none");
         p.terminate();
         let _ = p.child.wait();
-        let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+        let log = p.logged();
         let lines: Vec<&str> = log.lines().filter(|l| l.contains("/strm/proxy/")).collect();
         assert_eq!(lines.len(), 2, "one line per request, with RUST_LOG unset: {log}");
         // Each is written as its request ends, which for the first can come
@@ -937,16 +934,22 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
     }
 }
 
-/// A stream still running when `shutdown_grace` ends is cut, and says so:
-/// its access line (with the bytes it sent, marked cut) and a warning.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_cut_by_the_shutdown_leave_a_trace() {
-    let o = Origin::start(|_| {
+/// An origin whose every answer is a 50 MB body at about 500 KB/s, never
+/// stored: a stream still running whenever a test stops the proxy.
+async fn long_stream_origin() -> Origin {
+    Origin::start(|_| {
         Resp::new(200, Body::Slow { len: 50_000_000, piece: 10_000, pause: Duration::from_millis(20) })
             .header("Cache-Control", "no-store")
             .into()
     })
-    .await;
+    .await
+}
+
+/// A stream still running when `shutdown_grace` ends is cut, and says so:
+/// its access line (with the bytes it sent, marked cut) and a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_by_the_shutdown_leave_a_trace() {
+    let o = long_stream_origin().await;
     let mut p = Running::start_logging(
         "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"1s\"\n",
         Some("info"),
@@ -958,18 +961,11 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
     let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     p.terminate();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit after the grace period");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.exit_status(Duration::from_secs(10), "did not exit after the grace period").await;
     assert!(status.success(), "{status:?}");
     let got = download.await.unwrap();
     assert!(!got.complete, "the stream was cut");
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     let line = log
         .lines()
         .find(|l| l.contains("cut=true"))
@@ -986,12 +982,7 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
 /// is cut, with its access line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let o = Origin::start(|_| {
-        Resp::new(200, Body::Slow { len: 50_000_000, piece: 10_000, pause: Duration::from_millis(20) })
-            .header("Cache-Control", "no-store")
-            .into()
-    })
-    .await;
+    let o = long_stream_origin().await;
     let mut p = Running::start_logging(
         "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"5m\"\n",
         Some("info"),
@@ -1013,17 +1004,10 @@ async fn a_second_signal_ends_the_drain_at_once() {
     }
     assert!(p.child.try_wait().unwrap().is_none(), "a stream is running: the drain waits for it");
     unsafe_kill(p.child.id(), "INT");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "still draining after a second SIGINT");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = p.exit_status(Duration::from_secs(10), "still draining after a second SIGINT").await;
     assert!(status.success(), "{status:?}");
     assert!(!download.await.unwrap().complete, "the stream was cut");
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert!(log.contains("SIGINT while draining: the drain ends now"), "{log}");
     assert!(log.lines().any(|l| l.contains("cut=true") && l.contains("\"GET /strm/proxy/long.ts\" 200 ")), "{log}");
     assert!(log.contains("stream cut by the shutdown after"), "{log}");
@@ -1060,7 +1044,7 @@ async fn upstream_failures_name_the_place_and_the_cause() {
     }
     p.terminate();
     let _ = p.child.wait();
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     for line in [
         format!("upstream failed: {closed}: connection refused"),
         format!("upstream failed: 127.0.0.1:{}: no response within upstream.read_timeout", hangs.addr.port()),
@@ -1094,7 +1078,7 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     p.terminate();
     let _ = p.child.wait();
-    let log = std::fs::read_to_string(p.log.as_ref().unwrap().path()).unwrap();
+    let log = p.logged();
     assert_eq!(log.matches("cache fill from 127.0.0.1 failed mid-body").count(), 1, "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     let failed = log.lines().filter(|l| l.contains("\"GET /strm/proxy/x.mp4\" 200 1000 ")).collect::<Vec<_>>();
