@@ -934,32 +934,35 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
     }
 }
 
-/// An origin whose every answer is a 50 MB body at about 500 KB/s, never
-/// stored: a stream still running whenever a test stops the proxy.
-async fn long_stream_origin() -> Origin {
-    Origin::start(|_| {
+/// A proxy (logging, `shutdown_grace: grace`) half a second into a long
+/// stream of `upstream_path` (a 50 MB body at about 500 KB/s, never
+/// stored: still running whenever the test stops the proxy), and the
+/// download (to see it cut); the origin lives as long as the returned value.
+async fn streaming(grace: &str, upstream_path: &str) -> (Running, Origin, tokio::task::JoinHandle<Got>) {
+    let o = Origin::start(|_| {
         Resp::new(200, Body::Slow { len: 50_000_000, piece: 10_000, pause: Duration::from_millis(20) })
             .header("Cache-Control", "no-store")
             .into()
     })
-    .await
+    .await;
+    let p = Running::start_logging(
+        &format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nshutdown_grace: \"{grace}\"\n"),
+        Some("info"),
+        &[],
+    )
+    .await;
+    let addr = p.addr();
+    let path = relay_path("long.ts", &o.url(upstream_path));
+    let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (p, o, download)
 }
 
 /// A stream still running when `shutdown_grace` ends is cut, and says so:
 /// its access line (with the bytes it sent, marked cut) and a warning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_cut_by_the_shutdown_leave_a_trace() {
-    let o = long_stream_origin().await;
-    let mut p = Running::start_logging(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"1s\"\n",
-        Some("info"),
-        &[],
-    )
-    .await;
-    let addr = p.addr();
-    let path = relay_path("long.ts", &o.url("/long.ts?secret-query"));
-    let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut p, _origin, download) = streaming("1s", "/long.ts?secret-query").await;
     p.terminate();
     let status = p.exit_status(Duration::from_secs(10), "did not exit after the grace period").await;
     assert!(status.success(), "{status:?}");
@@ -982,17 +985,7 @@ async fn streams_cut_by_the_shutdown_leave_a_trace() {
 /// is cut, with its access line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_ends_the_drain_at_once() {
-    let o = long_stream_origin().await;
-    let mut p = Running::start_logging(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nshutdown_grace: \"5m\"\n",
-        Some("info"),
-        &[],
-    )
-    .await;
-    let addr = p.addr();
-    let path = relay_path("long.ts", &o.url("/long.ts"));
-    let download = tokio::spawn(async move { get(addr, "GET", &path, &[]).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut p, _origin, download) = streaming("5m", "/long.ts").await;
     unsafe_kill(p.child.id(), "INT");
     // The first is taken once /healthz says so; the stream keeps the
     // process draining.
