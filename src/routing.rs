@@ -6,6 +6,9 @@ use std::sync::Arc;
 use url::Url;
 
 pub const RELAY_PREFIX: &str = "/strm/proxy/";
+/// The relay without a `{hint}`: AniBridge's own URL builder writes
+/// `/strm/proxy?u=...`, and the Python data plane served it.
+const RELAY_PATH: &str = "/strm/proxy";
 pub const STREAM_PATH: &str = "/strm/stream";
 
 /// Query parameters that carry credentials and are never forwarded upstream.
@@ -127,6 +130,9 @@ pub fn classify<'a>(path: &'a str, routes: &[Route]) -> Option<Target<'a>> {
     if let Some(hint) = path.strip_prefix(RELAY_PREFIX) {
         return Some(Target::Relay { hint });
     }
+    if path == RELAY_PATH {
+        return Some(Target::Relay { hint: "" });
+    }
     if path == STREAM_PATH {
         return Some(Target::Stream);
     }
@@ -150,6 +156,8 @@ mod tests {
         ];
         assert_eq!(classify("/strm/proxy/seg-001.ts", &routes), Some(Target::Relay { hint: "seg-001.ts" }));
         assert_eq!(classify("/strm/proxy/", &routes), Some(Target::Relay { hint: "" }));
+        assert_eq!(classify("/strm/proxy", &routes), Some(Target::Relay { hint: "" }), "AniBridge writes it so");
+        assert_eq!(classify("/strm/proxyx", &routes), None);
         assert_eq!(classify("/strm/stream", &routes), Some(Target::Stream));
         assert_eq!(classify("/strm/streamx", &routes), None);
         assert_eq!(classify("/cdn/a/b.mp4", &routes), Some(Target::Route { index: 0, rest: "a/b.mp4" }));

@@ -71,6 +71,55 @@ async fn python_signed_urls_pass_auth_end_to_end() {
     assert!(checked >= 2);
 }
 
+/// AniBridge's URL builder (`build_proxy_url`) writes the relay without a
+/// `{hint}`: `/strm/proxy?exp=...&sig=...&u=...`, every parameter sorted
+/// (its Python data plane served both forms). `.strm` files and playlists
+/// it wrote that way play here too: the type and the playlist come from
+/// the upstream URL, and a playlist's children get hints as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anibridge_relay_urls_without_a_hint_are_served() {
+    let o = Origin::start(|req| match req.path() {
+        "/v/index.m3u8" => Resp::new(
+            200,
+            Body::Bytes(b"#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4,\nseg0.ts\n#EXT-X-ENDLIST\n".to_vec()),
+        )
+        .header("Content-Type", "text/plain")
+        .into(),
+        "/v/seg0.ts" => serve_file(req, 5000, None).into(),
+        _ => serve_file(req, 1000, None).into(),
+    })
+    .await;
+    let p = Proxy::token().await;
+    // As Python builds it: sign the sorted parameters, send them sorted with `sig`.
+    let anibridge = |u: &str| {
+        let mut q = Query(vec![("exp".into(), (now() + 600).to_string()), ("u".into(), u.into())]);
+        let sig = sign(SECRET.as_bytes(), &q);
+        q.0.insert(1, ("sig".into(), sig));
+        format!("/strm/proxy?{}", q.encode())
+    };
+    let video = anibridge(&o.url("/ep%201.mp4"));
+    let got = get(p.addr(), "GET", &video, &[("Range", "bytes=10-19")]).await;
+    assert_eq!((got.status, got.header("content-range")), (206, Some("bytes 10-19/1000")), "{}", got.text());
+    assert_body(&got.body, &pattern(10, 10));
+    assert_eq!(got.header("content-type"), Some("video/mp4"), "typed from the upstream URL");
+    let got = get(p.addr(), "HEAD", &video, &[]).await;
+    assert_eq!((got.status, got.header("content-length")), (200, Some("1000")));
+
+    let got = get(p.addr(), "GET", &anibridge(&o.url("/v/index.m3u8")), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-type"), Some("application/vnd.apple.mpegurl"));
+    let child = got.text().lines().find(|l| !l.starts_with('#')).unwrap().to_string();
+    assert!(child.starts_with("/strm/proxy/seg0.ts?"), "{child}");
+    let seg = get(p.addr(), "GET", &child, &[]).await;
+    assert_eq!(seg.status, 200);
+    assert_body(&seg.body, &pattern(0, 5000));
+
+    let tampered = video.replace("sig=", "sig=0");
+    assert_eq!(get(p.addr(), "GET", &tampered, &[]).await.status, 401);
+    assert_eq!(get(p.addr(), "GET", &video.replace("/strm/proxy?", "/strm/proxyx?"), &[]).await.status, 404);
+    assert_eq!(o.count("/ep%201.mp4"), 2, "the range and the HEAD, nothing for the refused two");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_mode_failures_are_401_with_a_reason() {
     let o = origin().await;
