@@ -26,25 +26,17 @@ relayed) or `off`.
 Usage: benches/load/cut_soak.sh [--seconds 60] [--clients 40]
        [--cut-rate 0.5] [--max-cut 3000000] [--cache small]
 """
-import argparse, asyncio, collections, hashlib, hmac, http.client, os, random, re, shutil, socket
+import argparse, asyncio, collections, hashlib, hmac, http.client, os, random, re, shutil
 import subprocess, sys, tempfile, threading, time
 from urllib.parse import urlencode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import wait_port  # noqa: E402  (benches/load/run.py, the load benchmark)
 
 ROOT = os.getcwd()
 BIN = os.path.join(ROOT, "target/release/anibridge-proxy")
 SECRET = "cut-soak-secret-of-at-least-32-bytes"
 ORIGIN, CUT, PROXY, ADMIN = 18181, 18190, 18183, 18184
-
-
-def wait_port(port, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} did not open")
 
 
 class Cutter:
