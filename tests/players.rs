@@ -960,14 +960,18 @@ async fn a_current_ffmpeg_plays_every_hls_variant_and_the_disguised_one() {
     let nginx = MediaServer::start().await;
     let p = proxy("15m").await;
     // `-sn`: this ffmpeg reads the WebVTT rendition too, which framecrc cannot write.
+    // An empty hint: `/strm/proxy?u=...` as AniBridge writes it, with no
+    // `.m3u8` in the URL (this ffmpeg takes HLS then from the type alone).
     for (upstream, hint, streams) in [
         ("/ts/master.m3u8", "master.m3u8", 4),
         ("/fmp4/master.m3u8", "master.m3u8", 1),
         ("/br/index.m3u8", "index.m3u8", 1),
         ("/ts/dis/index.m3u8", "index.m3u8", 1),
+        ("/fmp4/master.m3u8", "", 1),
     ] {
-        let (played, frames) = ffmpeg_decode_by(&ffmpeg, &relay_url(&p, hint, &nginx.url(upstream)), &["-sn"]).await;
-        played.assert_clean(&format!("ffmpeg 9 ({upstream})"), &[]);
+        let url = relay_url(&p, hint, &nginx.url(upstream)).replacen("/strm/proxy/?", "/strm/proxy?", 1);
+        let (played, frames) = ffmpeg_decode_by(&ffmpeg, &url, &["-sn"]).await;
+        played.assert_clean(&format!("ffmpeg 9 ({upstream} as {url})"), &[]);
         assert!(frames.len() >= streams && frames.contains(&100), "{upstream}: {frames:?}");
     }
     nginx.assert_served(&stream_files("ts", false));
