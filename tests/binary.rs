@@ -202,7 +202,7 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(nums, ["4096", "4096"], "{line}");
-    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
+    let log = r.logged();
     assert!(log.contains("open files limit raised from 256 to 4096"), "{log}");
 }
 
@@ -1103,7 +1103,7 @@ async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
     assert_eq!((got.status, got.text().trim()), (504, "upstream timeout"));
     assert!(took < Duration::from_secs(5), "took {took:?}: the lookup outlived the connect timeout");
     assert!(queries.load(Ordering::Relaxed) > 0, "the lookup went to the silent server");
-    let log = std::fs::read_to_string(r.log.as_ref().unwrap().path()).unwrap();
+    let log = r.logged();
     assert!(
         log.contains("video.hoster.example:80: no answer to the name lookup within upstream.connect_timeout"),
         "{log}"
