@@ -102,14 +102,26 @@ impl<'de> Deserialize<'de> for Listen {
 
 /// A CIDR such as `10.0.0.0/8`, or one address (`172.17.0.1`: the range of
 /// that address alone, as nginx's `allow` and `set_real_ip_from` read it).
+/// A CIDR with host bits set (`192.168.1.10/24`) is refused, as Python's
+/// `ipaddress.ip_network` refuses it: it reads as one address but allows
+/// the whole network, and these lists widen what the proxy may reach or
+/// whom it believes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub IpNet);
 
 from_str!(Cidr, |s: &str| {
-    s.parse()
+    let net = s
+        .parse()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map(Cidr)
-        .map_err(|_| format!("{s:?} is neither a CIDR (e.g. 10.0.0.0/8) nor an address"))
+        .map_err(|_| format!("{s:?} is neither a CIDR (e.g. 10.0.0.0/8) nor an address"))?;
+    if net != net.trunc() {
+        return Err(format!(
+            "{s:?} has host bits set: write {} for the network, or {} for that one address",
+            net.trunc(),
+            net.addr()
+        ));
+    }
+    Ok(Cidr(net))
 });
 
 from_str!(HostPattern, |s: &str| HostPattern::parse(s).map_err(|r| format!("{s:?}: {r}")));
@@ -848,6 +860,13 @@ mod tests {
         }
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0.0/33\"]}\n").0, "egress.allow_cidrs[0]");
         assert_eq!(refused("egress: {allow_cidrs: [\"10.0.0\"]}\n").0, "egress.allow_cidrs[0]");
+        // Host bits set: refused with both readings, never widened silently.
+        let (key, reason) = refused("egress: {allow_cidrs: [\"127.0.0.0/8\", \"192.168.1.10/24\"]}\n");
+        assert_eq!(key, "egress.allow_cidrs[1]");
+        assert!(reason.contains("192.168.1.0/24") && reason.contains("192.168.1.10 for that one"), "{reason}");
+        let (key, reason) = refused("log: {trusted_proxies: [\"fd00::1/64\"]}\n");
+        assert_eq!(key, "log.trusted_proxies[0]");
+        assert!(reason.contains("fd00::/64"), "{reason}");
         // One address is the range of that address alone.
         let c = load("auth: {mode: none}\negress: {allow_cidrs: [\"10.0.0.5\", \"::1\"]}\nlog: {trusted_proxies: [\"172.17.0.1\"]}\n")
             .unwrap();
