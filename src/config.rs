@@ -926,6 +926,11 @@ mod tests {
             ("content-length", "the proxy sends no request body"),
             ("Connection", "it is hop-by-hop and never goes upstream"),
             ("Proxy-Authorization", "it is hop-by-hop and never goes upstream"),
+            ("Range", "each request's range and conditionals are the client's own"),
+            ("If-Range", "each request's range and conditionals are the client's own"),
+            ("If-None-Match", "each request's range and conditionals are the client's own"),
+            ("If-Modified-Since", "each request's range and conditionals are the client's own"),
+            ("Accept-Encoding", "the proxy asks for identity, so bodies stay byte for byte"),
         ] {
             let (key, reason) =
                 refused(&format!("providers: [{{hosts: [a.com], headers: {{Referer: r, {name}: x}}}}]\n"));

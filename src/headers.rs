@@ -183,6 +183,10 @@ pub fn not_settable(name: &HeaderName) -> Option<&'static str> {
         Some("the proxy sends the upstream URL's host")
     } else if *name == header::CONTENT_LENGTH {
         Some("the proxy sends no request body")
+    } else if is_range_or_conditional(name) {
+        Some("each request's range and conditionals are the client's own")
+    } else if *name == header::ACCEPT_ENCODING {
+        Some("the proxy asks for identity, so bodies stay byte for byte")
     } else if is_hop_by_hop(name.as_str()) {
         Some("it is hop-by-hop and never goes upstream")
     } else {

@@ -332,6 +332,44 @@ async fn a_resolved_playlists_children_get_their_hosts_profile() {
     assert_eq!(seg.header("x-profile"), Some("1"));
 }
 
+/// A resolver answer may carry the hoster's `Referer`, cookies or `Accept`,
+/// but never a request's own `Range` or conditionals, nor another
+/// `Accept-Encoding`: such headers in it are left out, so the client's
+/// range goes upstream as it sent it (or none), and bodies stay plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolvers_range_conditionals_and_encoding_are_left_out() {
+    let m = media().await;
+    let url = m.url("/v.mp4");
+    let (r, _) = resolver(move |_, _| {
+        let body = format!(
+            r#"{{"url":"{url}","headers":{{"Referer":"https://hoster.example/","Range":"bytes=0-0","If-Range":"\"x\"","If-None-Match":"\"x\"","If-Modified-Since":"Thu, 01 Jan 2099 00:00:00 GMT","Accept-Encoding":"gzip"}},"ttl_seconds":300}}"#
+        );
+        Resp::new(200, Body::Bytes(body.into_bytes())).header("Content-Type", "application/json").into()
+    })
+    .await;
+    let p = Proxy::start(&format!(
+        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\"}}\ncache: {{max_bytes: 0}}\n",
+        r.url("/resolve")
+    ))
+    .await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_body(&got.body, &pattern(0, 10_000));
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[("Range", "bytes=100-199")]).await;
+    assert_eq!(got.status, 206, "{}", got.text());
+    assert_body(&got.body, &pattern(100, 100));
+    let seen = m.requests();
+    assert_eq!(seen.len(), 2);
+    for (req, range) in seen.iter().zip([None, Some("bytes=100-199")]) {
+        assert_eq!(req.header("range"), range);
+        assert_eq!(req.header("accept-encoding"), Some("identity"));
+        assert_eq!(req.header("referer"), Some("https://hoster.example/"));
+        for name in ["if-range", "if-none-match", "if-modified-since"] {
+            assert_eq!(req.header(name), None, "{name}");
+        }
+    }
+}
+
 /// A crowd whose cached link went stale: each viewer that finds the link
 /// dead refreshes it only if no one has yet, and otherwise retries with the
 /// refreshed answer — it does not throw that away and ask the resolver
