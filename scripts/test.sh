@@ -27,10 +27,11 @@ unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY ALL_PROXY all_proxy
 export PATH="$PATH:/usr/sbin"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Formatting (rustfmt.toml) and lints, then benches (each runs once, as a
-# smoke test), then every test target.
+# Formatting (rustfmt.toml), lints and the developer docs' links, then
+# benches (each runs once, as a smoke test), then every test target.
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --document-private-items
 cargo test --benches --locked
 cargo test --lib --bins --tests --locked 2>&1 | tee "$log"
 # The integration tests once more with the shared cache off (every proxy

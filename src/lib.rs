@@ -7,6 +7,9 @@
 //! idle-connection pool.
 
 #![forbid(unsafe_code)]
+// The docs are for this crate's developers (`cargo doc --document-private-items`):
+// module docs name the private modules and functions they are made of.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod access;
 pub mod admin;

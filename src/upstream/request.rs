@@ -12,13 +12,13 @@ use super::FetchError;
 use crate::headers::{self, WireHeader};
 use crate::providers::Providers;
 
-/// What to fetch. Owned, because the [`Response`] keeps it: a body that dies
+/// What to fetch. Owned, because the [`Response`](super::Response) keeps it: a body that dies
 /// is resumed, and a playlist fetched again, with the same headers.
 #[derive(Debug, Clone)]
 pub struct Request {
     /// GET or HEAD, as the client asked.
     pub method: Method,
-    /// The URL; after [`Client::open`], the final one (redirects followed).
+    /// The URL; after [`Client::open`](super::Client::open), the final one (redirects followed).
     pub url: Url,
     /// The client's headers that go upstream ([`headers::forwarded_request_headers`]).
     pub forwarded: Vec<WireHeader>,
