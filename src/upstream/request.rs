@@ -12,8 +12,9 @@ use super::FetchError;
 use crate::headers::{self, WireHeader};
 use crate::providers::Providers;
 
-/// What to fetch. Owned, because the [`Response`](super::Response) keeps it: a body that dies
-/// is resumed, and a playlist fetched again, with the same headers.
+/// What to fetch. Owned, because the [`Response`](super::Response) keeps
+/// it: a body that dies is resumed, and a playlist fetched again, with the
+/// same headers.
 #[derive(Debug, Clone)]
 pub struct Request {
     /// GET or HEAD, as the client asked.
