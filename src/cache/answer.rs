@@ -90,8 +90,8 @@ fn single_range(v: &str, len: u64) -> Option<Plan> {
     if spec.contains(',') {
         return None;
     }
-    let (a, b) = spec.split_once('-')?;
-    let (a, b) = (a.trim(), b.trim());
+    let (a, raw_b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), raw_b.trim());
     let digits = |s: &str| crate::headers::digits(s);
     match (a.is_empty(), b.is_empty()) {
         (false, _) => {
@@ -106,6 +106,10 @@ fn single_range(v: &str, len: u64) -> Option<Plan> {
             Some(Plan::Part(first, last.map_or(len - 1, |l| l.min(len - 1))))
         }
         (true, false) => {
+            // `-N` is one token (RFC 9110 §14.1.1); nginx refuses `- N` too.
+            if !raw_b.starts_with(|c: char| c.is_ascii_digit()) {
+                return None;
+            }
             let n = digits(b)?;
             if len == 0 {
                 return Some(Plan::Whole);
@@ -210,6 +214,8 @@ mod tests {
         assert_eq!(plan_for(&[("Range", "bytes=10-19")]), Some(Plan::Part(10, 19)));
         assert_eq!(plan_for(&[("Range", "bytes=990-5000")]), Some(Plan::Part(990, 999)), "clamped to the end");
         assert_eq!(plan_for(&[("Range", "bytes=-100")]), Some(Plan::Part(900, 999)));
+        assert_eq!(plan_for(&[("Range", " bytes= -100 ")]), Some(Plan::Part(900, 999)), "space around is fine");
+        assert_eq!(plan_for(&[("Range", "bytes=10 - 19")]), Some(Plan::Part(10, 19)), "as nginx reads it");
         assert_eq!(plan_for(&[("Range", "bytes=-5000")]), Some(Plan::Part(0, 999)));
         assert_eq!(plan_for(&[("Range", "bytes=1000-")]), Some(Plan::Unsatisfiable));
         assert_eq!(plan_for(&[("Range", "bytes=-0")]), Some(Plan::Unsatisfiable));
@@ -219,7 +225,8 @@ mod tests {
             assert_eq!(empty(whole), Some(Plan::Whole), "{whole}");
         }
         assert_eq!(empty("bytes=10-19"), Some(Plan::Unsatisfiable));
-        for upstream in ["bytes=0-1,5-6", "items=0-1", "bytes=abc", "bytes=5-4", "bytes=-", "bytes=+1-2"] {
+        for upstream in ["bytes=0-1,5-6", "items=0-1", "bytes=abc", "bytes=5-4", "bytes=-", "bytes=+1-2", "bytes= - 1"]
+        {
             assert_eq!(plan_for(&[("Range", upstream)]), None, "{upstream} goes upstream as it is");
         }
     }
@@ -232,6 +239,9 @@ mod tests {
         assert_eq!(plan_for(&[("If-None-Match", "\"v2\"")]), Some(Plan::Whole));
         // If-None-Match wins over If-Modified-Since.
         assert_eq!(plan_for(&[("If-None-Match", "\"v2\""), ("If-Modified-Since", LM)]), Some(Plan::Whole));
+        // Either way (RFC 9110 §13.2.2; nginx alone wants both to match).
+        let earlier = "Mon, 30 Jun 2025 10:00:00 GMT";
+        assert_eq!(plan_for(&[("If-None-Match", "\"v1\""), ("If-Modified-Since", earlier)]), Some(Plan::NotModified));
         assert_eq!(plan_for(&[("If-Modified-Since", LM)]), Some(Plan::NotModified));
         assert_eq!(plan_for(&[("If-Modified-Since", "Mon, 30 Jun 2025 10:00:00 GMT")]), Some(Plan::Whole));
         // If-Range: the range only for the same version, else the whole object.
