@@ -323,9 +323,9 @@ async fn a_whole_answer_to_a_range_is_stored() {
 /// answers `304` only to the very date; and a matching `If-None-Match`
 /// beside an older `If-Modified-Since` is left out: RFC 9110 answers it
 /// `304` from the tag alone, as memory does, while nginx wants both). The
-/// relay with the cache off is the same, byte for byte. What memory answers never reaches nginx;
-/// what it cannot (several ranges, another unit, a range that does not
-/// parse) goes upstream as it is.
+/// relay with the cache off is the same, byte for byte. What memory
+/// answers never reaches nginx; what it cannot (several ranges, another
+/// unit, a range that does not parse) goes upstream as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_from_memory_are_the_answers_nginx_gives() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {

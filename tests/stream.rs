@@ -347,6 +347,7 @@ async fn a_resolvers_range_conditionals_and_encoding_are_left_out() {
         Resp::new(200, Body::Bytes(body.into_bytes())).header("Content-Type", "application/json").into()
     })
     .await;
+    // The cache off: both requests reach the origin, which shows what each sent.
     let p = Proxy::start(&format!(
         "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\"}}\ncache: {{max_bytes: 0}}\n",
         r.url("/resolve")
