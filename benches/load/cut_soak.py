@@ -26,16 +26,14 @@ relayed) or `off`.
 Usage: benches/load/cut_soak.sh [--seconds 60] [--clients 40]
        [--cut-rate 0.5] [--max-cut 3000000] [--cache small]
 """
-import argparse, asyncio, collections, hashlib, hmac, http.client, os, random, re, shutil
+import argparse, asyncio, collections, http.client, os, random, re, shutil
 import subprocess, sys, tempfile, threading, time
-from urllib.parse import urlencode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import wait_port  # noqa: E402  (benches/load/run.py, the load benchmark)
+from run import SECRET, signed, wait_port  # noqa: E402  (benches/load/run.py, the load benchmark)
 
 ROOT = os.getcwd()
 BIN = os.path.join(ROOT, "target/release/anibridge-proxy")
-SECRET = "cut-soak-secret-of-at-least-32-bytes"
 ORIGIN, CUT, PROXY, ADMIN = 18181, 18190, 18183, 18184
 
 
@@ -96,12 +94,6 @@ class Cutter:
         wait_port(CUT)
 
 
-def signed(name):
-    params = [("u", f"http://127.0.0.1:{CUT}/{name}")]
-    sig = hmac.new(SECRET.encode(), urlencode(sorted(params)).encode(), hashlib.sha256).hexdigest()
-    return f"/strm/proxy/{name}?" + urlencode(params + [("sig", sig)])
-
-
 def client(seed, seconds, files, results, aborts, wrong, lock):
     rnd = random.Random(seed)
     end = time.time() + seconds
@@ -130,7 +122,7 @@ def client(seed, seconds, files, results, aborts, wrong, lock):
         try:
             if conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", PROXY, timeout=60)
-            conn.request("HEAD" if kind == "HEAD" else "GET", signed(name), headers=headers)
+            conn.request("HEAD" if kind == "HEAD" else "GET", signed(f"/{name}", origin=CUT), headers=headers)
             r = conn.getresponse()
             data = r.read()
             if kind == "HEAD":
