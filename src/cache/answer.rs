@@ -39,9 +39,12 @@ impl Plan {
 /// does not parse): such a request goes upstream as it is.
 pub fn plan(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Option<Plan> {
     let etag = stored.get(header::ETAG).and_then(|v| v.to_str().ok());
-    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
-        // Weak comparison (RFC 9110 §13.1.2).
-        let hit = etag.is_some_and(|e| inm.trim() == "*" || inm.split(',').any(|t| weak(t.trim()) == weak(e)));
+    if req.contains_key(header::IF_NONE_MATCH) {
+        // A list, also when sent as several field lines (RFC 9110 §5.3);
+        // weak comparison (§13.1.2).
+        let mut tags = req.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok());
+        let hit =
+            etag.is_some_and(|e| tags.any(|inm| inm.split(',').map(str::trim).any(|t| t == "*" || weak(t) == weak(e))));
         if hit {
             return Some(Plan::NotModified);
         }
@@ -237,6 +240,14 @@ mod tests {
         assert_eq!(plan_for(&[("If-None-Match", "\"x\", W/\"v1\"")]), Some(Plan::NotModified), "weak comparison");
         assert_eq!(plan_for(&[("If-None-Match", "*")]), Some(Plan::NotModified));
         assert_eq!(plan_for(&[("If-None-Match", "\"v2\"")]), Some(Plan::Whole));
+        // One list, though sent as two field lines (RFC 9110 §5.3).
+        let two_lines = [("If-None-Match", "\"x\""), ("If-None-Match", "\"y\", \"v1\"")];
+        assert_eq!(plan_for(&two_lines), Some(Plan::NotModified));
+        assert_eq!(plan_for(&[("If-None-Match", "\"x\""), ("If-None-Match", "*")]), Some(Plan::NotModified));
+        // A tag that cannot be read is still a condition: If-Modified-Since is not asked.
+        let mut unreadable = map(&[("If-Modified-Since", LM)]);
+        unreadable.append(header::IF_NONE_MATCH, HeaderValue::from_bytes(b"\"\xe4\"").unwrap());
+        assert_eq!(plan(&unreadable, &stored(), 1000), Some(Plan::Whole));
         // If-None-Match wins over If-Modified-Since.
         assert_eq!(plan_for(&[("If-None-Match", "\"v2\""), ("If-Modified-Since", LM)]), Some(Plan::Whole));
         // Either way (RFC 9110 §13.2.2; nginx alone wants both to match).
