@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -152,7 +152,12 @@ pub fn header_text(v: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
 
 /// The client's address: the peer, or — when the peer is one of
 /// `trusted` (a reverse proxy in front) — the last address in
-/// `X-Forwarded-For` that is not a trusted proxy itself.
+/// `X-Forwarded-For` ([`forwarded_for`]) that is not a trusted proxy
+/// itself. Read from the right, as nginx's `real_ip_recursive` reads it: an
+/// entry that is not an address (`unknown`, a name) ends the walk at the
+/// trusted hop that wrote it, so whatever a client put further left is
+/// never taken for it. An address with a port (`203.0.113.9:5123`,
+/// `[2001:db8::1]:443`, as some load balancers write them) is the address.
 pub fn client_address(peer: Option<IpAddr>, forwarded_for: Option<&HeaderValue>, trusted: &[IpNet]) -> String {
     let Some(peer) = peer else { return "-".into() };
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
@@ -160,9 +165,47 @@ pub fn client_address(peer: Option<IpAddr>, forwarded_for: Option<&HeaderValue>,
         return peer.to_string();
     }
     let Some(hops) = forwarded_for.and_then(|v| v.to_str().ok()) else { return peer.to_string() };
-    let hops: Vec<IpAddr> = hops.split(',').filter_map(|h| h.trim().parse().ok()).collect();
-    hops.iter().rev().find(|ip| !is_trusted(ip)).or(hops.first()).copied().unwrap_or(peer).to_string()
+    let mut client = peer;
+    for hop in hops.rsplit(',').map(str::trim).filter(|h| !h.is_empty()) {
+        let Some(ip) = hop_address(hop) else { break };
+        client = ip;
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    client.to_string()
 }
+
+/// One `X-Forwarded-For` entry's address: `a.b.c.d`, an IPv6 address, in
+/// brackets or not, either with a port.
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    hop.parse()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+}
+
+/// The request's `X-Forwarded-For` as one list: its field lines in order,
+/// joined. nginx and Traefik append their hop to the one line; HAProxy's
+/// `option forwardfor` sends its hop as a line of its own, after any the
+/// client sent — reading the first line alone would name whatever the
+/// client wrote there.
+pub fn forwarded_for(h: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = h.get_all(X_FORWARDED_FOR).iter();
+    let first = lines.next()?;
+    let mut rest = lines.peekable();
+    if rest.peek().is_none() {
+        return Some(first.clone());
+    }
+    let mut joined = first.as_bytes().to_vec();
+    for line in rest {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&joined).ok()
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// The request id: the client's `X-Request-Id` when it is a sane token (1 to
 /// 128 of `A-Z a-z 0-9 . _ : -`), else a new one (16 hex digits).
@@ -205,6 +248,35 @@ mod tests {
             "127.0.0.1"
         );
         assert_eq!(client_address(None, None, &trusted), "-");
+    }
+
+    #[test]
+    fn what_a_client_writes_left_of_a_trusted_hop_is_never_taken_for_it() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let from =
+            |xff: &str| client_address(Some(ip("10.0.0.1")), Some(&HeaderValue::from_str(xff).unwrap()), &trusted);
+        // Not an address: the walk ends at the trusted hop that wrote it.
+        assert_eq!(from("6.6.6.6, unknown, 10.0.0.2"), "10.0.0.2");
+        assert_eq!(from("6.6.6.6, 10.0.0.2, not-an-ip"), "10.0.0.1");
+        // Addresses with ports, and empty list elements.
+        assert_eq!(from("6.6.6.6, 203.0.113.9:5123, 10.0.0.2"), "203.0.113.9");
+        assert_eq!(from("6.6.6.6, [2001:db8::1]:443"), "2001:db8::1");
+        assert_eq!(from("6.6.6.6, [2001:db8::1]"), "2001:db8::1");
+        assert_eq!(from("198.51.100.7, , 10.0.0.2,"), "198.51.100.7");
+    }
+
+    #[test]
+    fn the_forwarded_for_list_is_every_line_in_order() {
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&h), None);
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        assert_eq!(forwarded_for(&h).unwrap(), "6.6.6.6");
+        // HAProxy's `option forwardfor`: the hop it saw, as a line of its own.
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.9"));
+        let list = forwarded_for(&h).unwrap();
+        assert_eq!(list, "6.6.6.6, 203.0.113.9");
+        let trusted: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+        assert_eq!(client_address(Some(ip("127.0.0.1")), Some(&list), &trusted), "203.0.113.9");
     }
 
     #[test]

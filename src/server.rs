@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::{L4BufferSettings, ListenerConfig, TcpSocketOptions};
 use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::{GetSocketDigest, SocketDigest};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -312,12 +313,18 @@ impl Embedded {
                     _ = stop.changed() => break,
                     Some(_) = connections.join_next() => continue,
                 };
-                let Ok((tcp, _)) = accepted else { continue };
+                let Ok((tcp, peer)) = accepted else { continue };
                 let _ = tcp.set_nodelay(true);
                 let app = app.clone();
                 let rx = rx.clone();
                 connections.spawn(async move {
-                    let mut stream: pingora::protocols::Stream = Box::new(L4Stream::from(tcp));
+                    // The client's address, as Pingora's own listener
+                    // records it (the access log's client).
+                    let mut l4 = L4Stream::from(tcp);
+                    let digest = SocketDigest::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(&l4));
+                    let _ = digest.peer_addr.set(Some(peer.into()));
+                    l4.set_socket_digest(digest);
+                    let mut stream: pingora::protocols::Stream = Box::new(l4);
                     // Keep-alive: serve the connection until it is not reusable.
                     while let Some(next) = app.process_new(stream, &rx).await {
                         stream = next;

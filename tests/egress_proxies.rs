@@ -7,45 +7,22 @@
 mod common;
 
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use common::logs::logs;
 use common::process::Spawned;
 use common::tls::{tls_origin, TestCa};
 use common::*;
 
 const PASSWORD: &str = "pa55-w0rd-SECRET";
 
-// ---- what the proxy logs ---------------------------------------------------------
-
-/// Every log line of this test process (the proxy runs in-process).
-static LOGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            LOGS.lock().unwrap().push(format!("{} {}", r.level(), r.args()));
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn logs() -> String {
-    LOGS.lock().unwrap().join("\n")
-}
-
 /// Once per process, before any proxy exists: capture the logs, and trust
 /// the test CA (rustls reads it when a proxy builds its TLS connector).
 fn setup() -> &'static TestCa {
     static CA: OnceLock<TestCa> = OnceLock::new();
     CA.get_or_init(|| {
-        log::set_logger(&Capture).unwrap();
-        log::set_max_level(log::LevelFilter::Info);
+        common::logs::capture();
         let ca = TestCa::new();
         ca.trust();
         ca

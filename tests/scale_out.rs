@@ -246,6 +246,53 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     drop(front);
 }
 
+/// Behind either balancer, an instance that lists it in
+/// `log.trusted_proxies` logs the viewer's own address, never what the
+/// viewer wrote in an `X-Forwarded-For` of its own. nginx appends its hop to
+/// that line; HAProxy's `option forwardfor` sends its hop as a second line,
+/// and reading the first line alone logged the viewer's forgery. The viewer
+/// connects from 127.0.0.2 so that its address differs from the balancer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_viewer_behind_either_balancer() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("haproxy", "apt-get install haproxy").is_none()
+    {
+        return;
+    }
+    common::logs::capture();
+    let o = Origin::start(|req| serve_file(req, 1000, Some("video/mp4")).into()).await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nlog: {trusted_proxies: [\"127.0.0.1/32\"]}\n",
+    )
+    .await;
+    let viewer = std::net::IpAddr::from([127, 0, 0, 2]);
+    for kind in [Balancer::Nginx, Balancer::Haproxy] {
+        let port = unused_addr().port();
+        let _front = match kind {
+            Balancer::Nginx => nginx_balancer(&[p.addr(); 3], port).await,
+            Balancer::Haproxy => haproxy_balancer(&[p.addr(); 3], port).await,
+        };
+        let id = format!("forged-{kind:?}");
+        let mut c = Client::connect_from(([127, 0, 0, 1], port).into(), viewer).await;
+        let path = format!("/anibridge{}", relay_path("v.mp4", &o.url("/v.mp4")));
+        let got = c.request("GET", &path, &[("X-Forwarded-For", "6.6.6.6"), ("X-Request-Id", &id)]).await;
+        assert_eq!(got.status, 200, "{kind:?}");
+        // The line is written as the request ends, just after its last byte.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let line = loop {
+            let found = common::logs::logs().lines().find(|l| l.contains(&format!("id={id}"))).map(str::to_string);
+            match found {
+                Some(line) => break line,
+                None if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                None => panic!("{kind:?}: no access line with id={id}:\n{}", common::logs::logs()),
+            }
+        };
+        assert!(line.contains(" 127.0.0.2 \"GET /strm/proxy/v.mp4\" 200 1000 "), "{kind:?}: {line}");
+    }
+}
+
 /// The instances' addresses the fleet configs name, replaced by the test's.
 const DEFAULTS: [&str; 3] = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
 

@@ -177,7 +177,8 @@ impl Proxy {
     /// proxies' `X-Forwarded-For` names.
     fn client(&self, down: &pingora::protocols::http::ServerSession) -> String {
         let peer = down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        access::client_address(peer, down.req_header().headers.get("x-forwarded-for"), &self.state.trusted_proxies)
+        let forwarded_for = access::forwarded_for(&down.req_header().headers);
+        access::client_address(peer, forwarded_for.as_ref(), &self.state.trusted_proxies)
     }
 
     /// The `route` of the log: `relay`, `stream`, a route's prefix, ...

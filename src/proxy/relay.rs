@@ -51,7 +51,7 @@ fn stream_of(down: &ServerSession, ctx: &Ctx) -> Stream {
         started: ctx.start,
         ttfb_ms: ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64),
         peer: down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-        forwarded_for: req.headers.get("x-forwarded-for").cloned(),
+        forwarded_for: crate::access::forwarded_for(&req.headers),
         method: req.method.clone(),
         uri: req.uri.clone(),
         route: ctx.route,

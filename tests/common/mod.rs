@@ -4,6 +4,7 @@
 //! cleanly terminated, and a harness that runs the real proxy in-process.
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod process;
 pub mod tls;
 pub mod tools;
@@ -533,6 +534,14 @@ pub struct Client {
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Client {
         Client { sock: TcpStream::connect(addr).await.unwrap(), buf: Vec::new() }
+    }
+
+    /// Connects from `from` (another loopback address), so the server
+    /// sees a client that is not 127.0.0.1.
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Client {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        Client { sock: sock.connect(addr).await.unwrap(), buf: Vec::new() }
     }
 
     pub async fn send_raw(&mut self, raw: &[u8]) {
