@@ -320,8 +320,10 @@ impl Default for StreamConf {
 pub struct CacheConf {
     /// Stored and filling bodies together; 0 turns storing and coalescing off.
     pub max_bytes: u64,
-    /// Larger responses are relayed, never stored.
-    pub max_object_bytes: u64,
+    /// Larger responses are relayed, never stored. Unset: 16 MiB, or
+    /// `max_bytes` when that is smaller (see [`CacheConf::max_object_bytes`]).
+    #[serde(rename = "max_object_bytes")]
+    pub max_object: Option<u64>,
     /// Freshness when the upstream gives none.
     pub ttl: Dur,
     /// VOD and master playlists (live ones: half their target duration).
@@ -332,10 +334,18 @@ impl Default for CacheConf {
     fn default() -> Self {
         Self {
             max_bytes: 128 << 20,
-            max_object_bytes: 16 << 20,
+            max_object: None,
             ttl: Dur(Duration::from_secs(600)),
             playlist_ttl: Dur(Duration::from_secs(60)),
         }
+    }
+}
+
+impl CacheConf {
+    /// `max_object_bytes`: as set, else 16 MiB, or all of `max_bytes`
+    /// when that is smaller (a small cache needs one key changed, not two).
+    pub fn max_object_bytes(&self) -> u64 {
+        self.max_object.unwrap_or(self.max_bytes.min(16 << 20))
     }
 }
 
@@ -661,7 +671,7 @@ impl Config {
         }
         if self.cache.max_bytes > 0 {
             let c = &self.cache;
-            if c.max_object_bytes == 0 || c.max_object_bytes > c.max_bytes {
+            if c.max_object.is_some_and(|m| m == 0 || m > c.max_bytes) {
                 return Err((
                     "cache.max_object_bytes",
                     "must be between 1 and cache.max_bytes (set cache.max_bytes: 0 to turn the cache off)".into(),
@@ -816,6 +826,13 @@ mod tests {
         assert_eq!(refused("upstream: {max_connections_per_host: -1}\n").0, "upstream.max_connections_per_host");
         assert_eq!(refused("providers: [{hosts: [a.com], max_connections: x}]\n").0, "providers[0].max_connections");
         assert_eq!(refused("cache: {max_bytes: 1000, max_object_bytes: 1001}\n").0, "cache.max_object_bytes");
+        // Unset, it is 16 MiB, or all of a smaller max_bytes.
+        let object =
+            |yaml: &str| load(&format!("auth: {{mode: none}}\ncache: {yaml}\n")).unwrap().cache.max_object_bytes();
+        assert_eq!(object("{}"), 16 << 20);
+        assert_eq!(object("{max_bytes: 8388608}"), 8 << 20);
+        assert_eq!(object("{max_bytes: 8388608, max_object_bytes: 1000000}"), 1_000_000);
+        assert_eq!(object("{max_bytes: 1073741824, max_object_bytes: 104857600}"), 100 << 20);
         assert_eq!(refused("cache: {ttl: \"0s\"}\n").0, "cache.ttl");
         assert_eq!(refused("cache: {playlist_ttl: \"0s\"}\n").0, "cache.playlist_ttl");
         assert_eq!(refused("cache: {max_bytes: -1}\n").0, "cache.max_bytes");

@@ -99,7 +99,7 @@ impl State {
             cache: Cache::new(
                 cache::Settings {
                     max_bytes: cfg.cache.max_bytes,
-                    max_object_bytes: cfg.cache.max_object_bytes,
+                    max_object_bytes: cfg.cache.max_object_bytes(),
                     lifetimes: cache::policy::Lifetimes {
                         ttl: cfg.cache.ttl.0,
                         playlist_ttl: cfg.cache.playlist_ttl.0,
