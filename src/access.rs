@@ -158,8 +158,11 @@ pub fn header_text(v: Option<&HeaderValue>) -> std::borrow::Cow<'_, str> {
 /// trusted hop that wrote it, so whatever a client put further left is
 /// never taken for it. An address with a port (`203.0.113.9:5123`,
 /// `[2001:db8::1]:443`, as some load balancers write them) is the address.
+/// An IPv4-mapped address (`::ffff:a.b.c.d`: an IPv4 peer of a dual-stack
+/// listener such as `[::]:8080`) is the IPv4 address it carries, for
+/// `trusted` and in the log, as the egress policy judges it.
 pub fn client_address(peer: Option<IpAddr>, forwarded_for: Option<&HeaderValue>, trusted: &[IpNet]) -> String {
-    let Some(peer) = peer else { return "-".into() };
+    let Some(peer) = peer.map(|p| p.to_canonical()) else { return "-".into() };
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer.to_string();
@@ -179,10 +182,12 @@ pub fn client_address(peer: Option<IpAddr>, forwarded_for: Option<&HeaderValue>,
 /// One `X-Forwarded-For` entry's address: `a.b.c.d`, an IPv6 address, in
 /// brackets or not, either with a port.
 fn hop_address(hop: &str) -> Option<IpAddr> {
-    hop.parse()
+    let ip: IpAddr = hop
+        .parse()
         .ok()
         .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
-        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+        .or_else(|| hop.strip_prefix('[')?.strip_suffix(']')?.parse().ok())?;
+    Some(ip.to_canonical())
 }
 
 /// The request's `X-Forwarded-For` as one list: its field lines in order,
@@ -263,6 +268,17 @@ mod tests {
         assert_eq!(from("6.6.6.6, [2001:db8::1]:443"), "2001:db8::1");
         assert_eq!(from("6.6.6.6, [2001:db8::1]"), "2001:db8::1");
         assert_eq!(from("198.51.100.7, , 10.0.0.2,"), "198.51.100.7");
+        // IPv4-mapped: the IPv4 address it carries.
+        assert_eq!(from("6.6.6.6, ::ffff:203.0.113.9, ::ffff:10.0.0.2"), "203.0.113.9");
+    }
+
+    #[test]
+    fn an_ipv4_peer_of_a_dual_stack_listener_is_its_ipv4_address() {
+        let trusted: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+        let xff = HeaderValue::from_static("203.0.113.5");
+        assert_eq!(client_address(Some(ip("::ffff:127.0.0.1")), Some(&xff), &trusted), "203.0.113.5", "trusted");
+        assert_eq!(client_address(Some(ip("::ffff:192.0.2.1")), Some(&xff), &trusted), "192.0.2.1", "logged as IPv4");
+        assert_eq!(client_address(Some(ip("::1")), Some(&xff), &trusted), "::1");
     }
 
     #[test]
