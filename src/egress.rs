@@ -105,11 +105,22 @@ impl std::fmt::Display for Refusal {
 pub struct Egress {
     allow: Vec<IpNet>,
     deny_hosts: Vec<HostPattern>,
+    /// The addresses among `deny_hosts`: never dialled, also when a name
+    /// resolves to one.
+    denied_ips: Vec<IpAddr>,
 }
 
 impl Egress {
     pub fn new(allow: Vec<IpNet>, deny_hosts: Vec<HostPattern>) -> Egress {
-        Egress { allow, deny_hosts }
+        let denied_ips = deny_hosts
+            .iter()
+            .filter_map(|p| match p {
+                HostPattern::Exact(h) => h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok(),
+                _ => None,
+            })
+            .map(canonical_ip)
+            .collect();
+        Egress { allow, deny_hosts, denied_ips }
     }
 
     pub fn host_allowed(&self, host: &str) -> Result<(), Refusal> {
@@ -139,8 +150,13 @@ impl Egress {
         }
     }
 
+    /// Whether an address may be dialled: not listed in `deny_hosts`, and
+    /// public or in `allow_cidrs`.
     pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
         let canon = canonical_ip(ip);
+        if self.denied_ips.contains(&canon) {
+            return Err(Refusal::DeniedHost(canon.to_string()));
+        }
         let listed = self.allow.iter().any(|n| n.contains(&canon) || n.contains(&ip));
         if is_non_public(ip) && !listed {
             return Err(Refusal::DeniedAddress(ip));
@@ -375,6 +391,12 @@ mod tests {
         let mapped = Egress::new(vec![], vec![HostPattern::parse("::ffff:203.0.113.7").unwrap()]);
         assert!(mapped.address_host_allowed(ip("::ffff:203.0.113.7")).is_err(), "listed as written");
         assert!(Egress::default().address_host_allowed(ip("203.0.113.7")).is_ok());
+        // An address a name resolves to: never dialled either, even in allow_cidrs.
+        let e = Egress::new(vec!["203.0.113.0/24".parse().unwrap()], listed.to_vec());
+        assert_eq!(e.ip_allowed(ip("203.0.113.7")), Err(Refusal::DeniedHost("203.0.113.7".into())));
+        assert!(matches!(e.ip_allowed(ip("::ffff:203.0.113.7")), Err(Refusal::DeniedHost(_))));
+        assert!(matches!(e.ip_allowed(ip("2001:db8::1")), Err(Refusal::DeniedHost(_))));
+        assert!(e.ip_allowed(ip("203.0.113.8")).is_ok());
     }
 
     #[test]

@@ -104,6 +104,21 @@ async fn deny_hosts_refuses_names() {
     assert_ne!(got.status, 403, "{other}");
 }
 
+/// An address in `deny_hosts` is never dialled, also when the URL names a
+/// host that resolves to it (here `localhost`; each redirect hop is
+/// resolved and judged the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_address_is_not_dialled_for_a_name_that_resolves_to_it() {
+    let o = origin().await;
+    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"], deny_hosts: [\"127.0.0.1\"]}\n")
+        .await;
+    let port = o.addr.port();
+    let by_name = format!("http://localhost:{port}/file.mp4");
+    let got = get(p.addr(), "GET", &relay_path("v.mp4", &by_name), &[]).await;
+    assert_eq!((got.status, got.text()), (403, "destination not allowed\n".to_string()), "{by_name}");
+    assert_eq!(o.connections.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_followed_server_side_up_to_the_limit() {
     let o = origin().await;
