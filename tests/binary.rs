@@ -1079,6 +1079,36 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     assert!(failed.iter().all(|l| l.contains("error=\"ConnectionClosed\"")), "{log}");
 }
 
+/// A relayed body whose upstream dies for good (no validator: it cannot be
+/// resumed) is logged once, as the WARN that says why, not again as an
+/// ERROR of Pingora's; the access line says the response failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
+    let o = Origin::start(|_| {
+        let dies = Body::DieAfter { declared: 100_000, sent: pattern(0, 1000) };
+        Resp::new(200, dies).header("Content-Type", "video/mp4").into()
+    })
+    .await;
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {max_bytes: 0}\n",
+        Some("warn,access=info"),
+        &[],
+    )
+    .await;
+    let got = get(p.addr(), "GET", &relay_path("x.mp4", &o.url("/dies.mp4")), &[]).await;
+    assert!(!got.complete);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = p.logged();
+    let why = "upstream 127.0.0.1 failed mid-body (ConnectionClosed); the response cannot be resumed";
+    assert_eq!(log.matches(why).count(), 1, "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    let line =
+        log.lines().find(|l| l.contains("\"GET /strm/proxy/x.mp4\" 200 1000 ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("error=\"ConnectionClosed\""), "{line}");
+}
+
 /// A DNS server that stops answering (a VPN or DNS container that went
 /// away) holds a request no longer than `upstream.connect_timeout`: a 504,
 /// not the resolver's own 10 s (two tries of 5 s) and a 502. The binary

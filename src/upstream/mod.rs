@@ -29,7 +29,7 @@ pub use pool::Pool;
 pub(crate) use request::Ask;
 use request::Hop;
 pub use request::Request;
-pub use response::{BodyError, Response};
+pub use response::{is_logged_body_failure, BodyError, Response};
 
 use crate::dns::Dns;
 use crate::egress::Egress;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use pingora::protocols::http::v1::client::HttpSession;
-use pingora_error::{Error, ErrorType};
+use pingora_error::{Error, ErrorSource, ErrorType};
 use pingora_http::ResponseHeader;
 use url::Url;
 
@@ -137,7 +137,9 @@ impl Response {
         if let Some(e) = self.recovery.failure.take() {
             // Boxed: reconnecting is a large future that the read of every
             // buffer (a future made per 64 KiB) must not carry along.
-            Box::pin(self.recover(e)).await?;
+            // Marked as the upstream's: a failure `recover` gave up on has
+            // had its log line (see `is_logged_body_failure`).
+            Box::pin(self.recover(e)).await.map_err(Error::into_up)?;
         }
         let resumed = self.recovery.resumed;
         match self.session.read_body_ref().await {
@@ -358,6 +360,13 @@ impl Response {
         };
         Response::new(client, ex, request, 0)
     }
+}
+
+/// An upstream body failure a response gave up on, which it has logged
+/// (why it could not be resumed, or that no resumption was left): Pingora
+/// need not print it again as an ERROR.
+pub fn is_logged_body_failure(e: &Error) -> bool {
+    matches!(e.esource(), ErrorSource::Upstream) && is_body_failure(e)
 }
 
 /// Errors of a body read that a new connection may mend: the connection
