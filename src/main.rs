@@ -43,6 +43,17 @@ fn leaks_secrets(m: &log::Metadata<'_>) -> bool {
     m.level() == log::Level::Trace && m.target().starts_with("pingora")
 }
 
+/// Pingora's ERROR for a client that went away (or stalled past the read
+/// timeout) before its request header was whole: a scanner, a health
+/// check that only connects, a player closing a connection it had just
+/// opened. Pingora prints it before any request exists, so the proxy's
+/// `suppress_error_log` is never asked.
+fn client_left_early(r: &log::Record<'_>) -> bool {
+    r.level() == log::Level::Error
+        && r.target() == "pingora_proxy"
+        && r.args().to_string().starts_with("Fail to proxy: Downstream ")
+}
+
 impl log::Log for Logs {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
         self.0.enabled(m) && !leaks_secrets(m)
@@ -50,6 +61,22 @@ impl log::Log for Logs {
 
     fn log(&self, r: &log::Record<'_>) {
         if !self.0.matches(r) || leaks_secrets(r.metadata()) {
+            return;
+        }
+        if client_left_early(r) {
+            // As ordinary as a client leaving mid-body, which the proxy
+            // does not report either: a debug line, not an ERROR.
+            let debug = log::Record::builder()
+                .level(log::Level::Debug)
+                .target(r.target())
+                .args(*r.args())
+                .module_path(r.module_path())
+                .file(r.file())
+                .line(r.line())
+                .build();
+            if self.0.matches(&debug) {
+                self.0.log(&debug);
+            }
             return;
         }
         if r.target() == "access" {

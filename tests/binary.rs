@@ -1109,6 +1109,28 @@ async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
     assert!(line.contains("error=\"ConnectionClosed\""), "{line}");
 }
 
+/// A client that hangs up before its request header is whole (a scanner, a
+/// health check that only connects, a player dropping a connection it had
+/// just opened) is no error: Pingora's ERROR line for it becomes a debug
+/// line, and the next request is served and logged as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_request_header_leaves_no_error_line() {
+    let mut p = Running::start_logging("auth: {mode: none}\n", Some("info"), &[]).await;
+    for partial in [&b"GET /strm/proxy/x.mp4 HTTP/1.1\r\nHost: x\r\n"[..], b"GET /strm/pro"] {
+        let mut c = Client::connect(p.addr()).await;
+        c.send_raw(partial).await;
+        drop(c);
+    }
+    let got = get(p.addr(), "GET", "/nope", &[]).await;
+    assert_eq!(got.status, 404);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = p.logged();
+    assert!(log.contains("\"GET /nope\" 404 "), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
 /// A DNS server that stops answering (a VPN or DNS container that went
 /// away) holds a request no longer than `upstream.connect_timeout`: a 504,
 /// not the resolver's own 10 s (two tries of 5 s) and a 502. The binary
