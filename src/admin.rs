@@ -1,10 +1,11 @@
-//! The admin listener: `/healthz` (503 while draining) and `/metrics`.
+//! The admin listener: `GET /healthz` (503 while draining) and `GET /metrics`
+//! (`HEAD` too; another method is 405).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
@@ -19,7 +20,18 @@ pub struct Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let path = session.req_header().uri.path().to_string();
+        let req = session.req_header();
+        if req.method != Method::GET && req.method != Method::HEAD {
+            let body = b"method not allowed\n".to_vec();
+            return Response::builder()
+                .status(StatusCode::METHOD_NOT_ALLOWED)
+                .header("Allow", "GET, HEAD")
+                .header("Content-Type", "text/plain")
+                .header("Content-Length", body.len())
+                .body(body)
+                .expect("static response parts are valid");
+        }
+        let path = req.uri.path().to_string();
         let (status, ctype, body) = match path.as_str() {
             "/healthz" if self.draining.load(Ordering::Relaxed) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "application/json", br#"{"status":"draining"}"#.to_vec())

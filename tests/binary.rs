@@ -289,6 +289,11 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     // The container health check: the binary asks its own admin listener.
     let (ok, msg) = health(&p);
     assert!(ok, "{msg}");
+    for path in ["/healthz", "/metrics"] {
+        let refused = get(admin, "POST", path, &[("Content-Length", "0")]).await;
+        assert_eq!((refused.status, refused.header("allow")), (405, Some("GET, HEAD")), "POST {path}");
+        assert_eq!(get(admin, "HEAD", path, &[]).await.status, 200, "HEAD {path}");
+    }
     let before = get(admin, "GET", "/metrics", &[]).await.text();
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
     assert_eq!(got.status, 200);
