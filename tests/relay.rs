@@ -34,6 +34,7 @@ async fn origin() -> Origin {
                 .header("Accept-Ranges", "none")
                 .into(),
             "/notype.mkv" | "/get" | "/dir.v2/get" => serve_file(req, 100, None).into(),
+            "/emptytype.mkv" => serve_file(req, 100, Some("")).into(),
             "/page" | "/missing-page" => Resp::new(if p == "/page" { 200 } else { 404 }, Body::Bytes(PAGE.to_vec()))
                 .header("Content-Type", "text/html; charset=utf-8")
                 .into(),
@@ -369,6 +370,10 @@ async fn content_type_from_upstream_path_then_hint_then_octet_stream() {
     assert_eq!(got.header("content-type"), Some("video/mp2t"));
     let got = get(p.addr(), "GET", &relay_path("file", &o.url("/dir.v2/get")), &[]).await;
     assert_eq!(got.header("content-type"), Some("application/octet-stream"));
+    // An empty type names none: the same guess.
+    let got = get(p.addr(), "GET", &relay_path("ep.mp4", &o.url("/emptytype.mkv")), &[]).await;
+    assert_eq!(got.headers.iter().filter(|(k, _)| k == "content-type").count(), 1, "{:?}", got.headers);
+    assert_eq!(got.header("content-type"), Some("video/x-matroska"));
     // An upstream type is never overridden by the extension.
     let got = get(p.addr(), "GET", &relay_path("ep.mkv", &o.url("/small.mp4")), &[]).await;
     assert_eq!(got.header("content-type"), Some("video/mp4"));

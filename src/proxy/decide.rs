@@ -145,11 +145,12 @@ pub fn decide(asked: &Asked<'_>, answer: &Answer<'_>, first: Option<&[u8]>) -> D
 
 /// The client's header for a relayed response: the upstream's minus what
 /// the header policy drops; for the HEAD fallback the whole resource's
-/// status and length; a type when the upstream gave none (from the URL's
-/// path, else the `{hint}`) unless the status has no content (a 304 names
-/// no type: a client's cache would take a guessed one for the type of what
-/// it holds, RFC 9111 §4.3.4); HLS's type when `hls`; a sandbox for a
-/// hoster's document; chunked framing when there is a body and no length.
+/// status and length; a type when the upstream gave none or an empty one
+/// (from the URL's path, else the `{hint}`) unless the status has no
+/// content (a 304 names no type: a client's cache would take a guessed one
+/// for the type of what it holds, RFC 9111 §4.3.4); HLS's type when `hls`;
+/// a sandbox for a hoster's document; chunked framing when there is a body
+/// and no length.
 pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result<ResponseHeader> {
     let mut out = if answer.relayable { answer.header.clone() } else { headers::relayed(answer.header) };
     if answer.head_fallback && !asked.range && out.status == StatusCode::PARTIAL_CONTENT {
@@ -160,7 +161,9 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
     let contentless = matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
     if hls {
         out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
-    } else if !out.headers.contains_key(header::CONTENT_TYPE) && !contentless {
+    } else if !contentless && out.headers.get(header::CONTENT_TYPE).is_none_or(|t| t.as_bytes().trim_ascii().is_empty())
+    {
+        // An empty `Content-Type` names no type either.
         out.insert_header(header::CONTENT_TYPE, content_type::guess(answer.path, asked.hint))?;
     }
     let third_party = matches!(asked.children, Children::Relay);
