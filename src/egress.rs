@@ -130,33 +130,22 @@ impl Egress {
         Ok(())
     }
 
-    /// `deny_hosts` for a URL whose host is an address: listed addresses
-    /// are refused as names are (an IPv4-mapped one as the IPv4 it carries).
+    /// `deny_hosts` for an address, whether a URL names it or a name
+    /// resolved to it: a listed one (an IPv4-mapped one judged as the IPv4
+    /// it carries), or any when `"*"` is listed, is never dialled.
     pub fn address_host_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
-        if self.deny_hosts.is_empty() {
-            return Ok(());
-        }
-        let text = |ip: IpAddr| {
-            let host: url::Host<&str> = match ip {
-                IpAddr::V4(a) => url::Host::Ipv4(a),
-                IpAddr::V6(a) => url::Host::Ipv6(a),
-            };
-            host.to_string()
-        };
-        self.host_allowed(&text(ip))?;
-        match canonical_ip(ip) {
-            carried if carried != ip => self.host_allowed(&text(carried)),
-            _ => Ok(()),
-        }
-    }
-
-    /// Whether an address may be dialled: not listed in `deny_hosts`, and
-    /// public or in `allow_cidrs`.
-    pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
         let canon = canonical_ip(ip);
-        if self.denied_ips.contains(&canon) {
+        if self.denied_ips.contains(&canon) || self.deny_hosts.iter().any(|p| matches!(p, HostPattern::Any)) {
             return Err(Refusal::DeniedHost(canon.to_string()));
         }
+        Ok(())
+    }
+
+    /// Whether an address may be dialled: not refused by `deny_hosts`, and
+    /// public or in `allow_cidrs`.
+    pub fn ip_allowed(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.address_host_allowed(ip)?;
+        let canon = canonical_ip(ip);
         let listed = self.allow.iter().any(|n| n.contains(&canon) || n.contains(&ip));
         if is_non_public(ip) && !listed {
             return Err(Refusal::DeniedAddress(ip));
@@ -268,12 +257,8 @@ pub async fn resolve(
     within: Duration,
 ) -> Result<Dialable, Result<Refusal, std::io::Error>> {
     match host {
-        UrlHost::Ip(ip) => {
-            if !trusted {
-                policy.address_host_allowed(*ip).map_err(Ok)?;
-            }
-            Dialable::select(policy, &[*ip], port, trusted, host).map_err(Ok)
-        }
+        // `select` judges the address, `deny_hosts` included (unless trusted).
+        UrlHost::Ip(ip) => Dialable::select(policy, &[*ip], port, trusted, host).map_err(Ok),
         UrlHost::Name(name) => {
             if !trusted {
                 policy.host_allowed(name).map_err(Ok)?;
