@@ -123,6 +123,29 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n == "x-content-type-options"
 }
 
+/// Removes from a client's request the end-to-end headers this proxy would
+/// otherwise act on or send upstream (`Range`, the conditionals, `Accept`,
+/// `User-Agent`) when its `Connection` names them: the client made them
+/// hop-by-hop (RFC 9110 §7.6.1), so they end here and the request is
+/// answered as one without them. `Connection` itself stays (Pingora reads
+/// keep-alive from it) and is never sent upstream. Costs one lookup when
+/// there is no `Connection`, as for most players.
+pub fn drop_nominated(req: &mut pingora_http::RequestHeader) {
+    let connection = req.headers.get_all(header::CONNECTION);
+    if connection.iter().next().is_none() {
+        return;
+    }
+    let nominated: Vec<HeaderName> = FORWARDED_REQUEST_HEADERS
+        .into_iter()
+        .map(|(name, _)| name)
+        .chain([header::USER_AGENT])
+        .filter(|name| req.headers.contains_key(name) && nominates(&connection, name.as_str()))
+        .collect();
+    for name in &nominated {
+        req.remove_header(name);
+    }
+}
+
 /// The client's headers that go upstream, in the order they are sent:
 /// `Range` and the conditionals byte for byte (all values, in order),
 /// `Accept`, `Accept-Encoding: identity` (bodies stay byte-exact and
@@ -341,6 +364,31 @@ mod tests {
             m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         m
+    }
+
+    #[test]
+    fn headers_named_by_the_clients_connection_end_here() {
+        let mut req = pingora_http::RequestHeader::build("GET", b"/", None).unwrap();
+        for (k, v) in [
+            ("Range", "bytes=0-1"),
+            ("User-Agent", "mpv"),
+            ("Accept", "*/*"),
+            ("X-Api-Key", "k"),
+            ("Connection", "keep-alive, RANGE"),
+            ("Connection", " user-agent ,X-Api-Key"),
+        ] {
+            req.append_header(k, v).unwrap();
+        }
+        drop_nominated(&mut req);
+        let mut left: Vec<&str> = req.headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        // X-Api-Key is for this hop and never forwarded: it stays for the check.
+        assert_eq!(left, vec!["accept", "connection", "x-api-key"]);
+        // Without `Connection`, nothing changes.
+        let mut plain = pingora_http::RequestHeader::build("GET", b"/", None).unwrap();
+        plain.append_header("Range", "bytes=0-1").unwrap();
+        drop_nominated(&mut plain);
+        assert!(plain.headers.contains_key(header::RANGE));
     }
 
     /// The whole upstream list, as the client builds it.

@@ -262,6 +262,42 @@ async fn upstream_sees_exactly_the_allowed_request_headers() {
     assert_eq!(seen.header("range"), Some("bytes=0-9"));
 }
 
+/// A header the client's `Connection` names is hop-by-hop (RFC 9110
+/// §7.6.1) even when it is one the proxy forwards: `Connection: Range,
+/// User-Agent` makes the request one without a range, sent upstream without
+/// either, and answered whole; the same again from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_the_client_names_in_connection_are_not_forwarded() {
+    let (o, p) = setup().await;
+    let path = relay_path("v.mp4", &o.url("/small.mp4"));
+    let asked = [
+        ("Range", "bytes=0-9"),
+        ("User-Agent", "mpv 0.38"),
+        ("Accept", "video/*"),
+        ("Connection", "range, User-Agent"),
+    ];
+    let got = get(p.addr(), "GET", &path, &asked).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), 1000);
+    let seen = &o.requests()[0];
+    let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, vec!["host", "accept", "accept-encoding"]);
+    // A hit: the range is not answered from memory either.
+    let cached =
+        Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {max_bytes: 1048576}\n")
+            .await;
+    for _ in 0..2 {
+        let got = get(cached.addr(), "GET", &path, &asked).await;
+        assert_eq!((got.status, got.body.len()), (200, 1000));
+    }
+    assert_eq!(o.requests().len(), 2, "the second was a hit");
+    // Named but absent, or a name the proxy never forwards: nothing else changes.
+    let other = relay_path("v.mp4", &o.url("/small.mp4?n=1"));
+    let got = get(p.addr(), "GET", &other, &[("Range", "bytes=0-9"), ("Connection", "keep-alive, If-Range")]).await;
+    assert_eq!((got.status, got.body.len()), (206, 10));
+    assert_eq!(o.requests().last().unwrap().header("range"), Some("bytes=0-9"));
+}
+
 /// Credentials written into `u` (`user:password@`) are not turned into an
 /// `Authorization` header: upstream credentials come from profiles or the
 /// resolver, never from a URL a client may have built.

@@ -48,6 +48,7 @@ impl Proxy {
             return Err(Failure::MethodNotAllowed.into());
         }
         drain_request_body(down).await?;
+        crate::headers::drop_nominated(down.req_header_mut());
         // A cheap (shared-bytes) copy, so the session can be borrowed mutably later.
         let uri = down.req_header().uri.clone();
         let (path, raw_query) = (uri.path(), uri.query());
