@@ -123,8 +123,11 @@ impl Metrics {
             &["result"],
         )
         .unwrap();
-        let cache_bytes =
-            IntGauge::new("anibridge_cache_bytes", "Body bytes the cache holds (stored and being filled)").unwrap();
+        let cache_bytes = IntGauge::new(
+            "anibridge_cache_bytes",
+            "Body bytes the cache holds (stored, being filled, or still being read)",
+        )
+        .unwrap();
         let cache_objects = IntGauge::new("anibridge_cache_objects", "Objects stored in the cache").unwrap();
         let cache_saved = IntCounter::new(
             "anibridge_cache_upstream_bytes_saved_total",

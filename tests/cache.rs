@@ -765,6 +765,65 @@ async fn memory_stays_within_max_bytes_least_recently_used_first() {
     assert!(bytes <= 3_200_000.0 && objects <= 3.0, "{bytes} bytes in {objects} objects");
 }
 
+/// A viewer that reads slowly keeps its object in memory until it is done,
+/// stored or not: such bytes count against `cache.max_bytes` too. Two
+/// stalled viewers hold two objects of 8 MiB with a budget of 19 MB, so a
+/// third object is relayed without being stored (evicting one of the two
+/// would free nothing); when they leave, it is stored. Before, the stalled
+/// objects were evicted and the third stored: 24 MiB of bodies in memory,
+/// and so on with every further viewer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_still_being_read_count_against_max_bytes() {
+    const LEN: u64 = 8 << 20;
+    let o = Origin::start(|req| serve_file(req, LEN, Some("video/mp4")).into()).await;
+    let p = proxy("{max_bytes: 19000000, max_object_bytes: 8500000}").await;
+    let path = |i: u32| relay_path("v.mp4", &o.url(&format!("/v{i}.mp4")));
+    // Two viewers read the start of v0 and v1, then stop reading.
+    let mut stalled = Vec::new();
+    for i in 0..2 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let mut sock = sock.connect(p.addr()).await.unwrap();
+        let req = format!("GET {} HTTP/1.1\r\nHost: proxy.test\r\n\r\n", path(i));
+        tokio::io::AsyncWriteExt::write_all(&mut sock, req.as_bytes()).await.unwrap();
+        let mut start = [0u8; 1024];
+        tokio::io::AsyncReadExt::read_exact(&mut sock, &mut start).await.unwrap();
+        assert!(start.starts_with(b"HTTP/1.1 200"));
+        stalled.push(sock);
+    }
+    // Their fills go on without them and are stored.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&p, "anibridge_cache_objects") < 2.0 {
+        assert!(Instant::now() < deadline, "v0 and v1 were not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = pattern(0, LEN);
+    let whole = |got: &Got| got.status == 200 && got.body == body;
+    for _ in 0..2 {
+        let got = get(p.addr(), "GET", &path(2), &[]).await;
+        assert!(whole(&got), "v2 whole");
+    }
+    assert_eq!(o.count("/v2.mp4"), 2, "v2 was not stored: v0 and v1 are still being read");
+    assert!(metric(&p, "anibridge_cache_bytes") <= 19_000_000.0);
+    for _ in 0..2 {
+        assert_eq!(get(p.addr(), "GET", &path(0), &[]).await.status, 200);
+    }
+    assert_eq!(o.count("/v0.mp4"), 1, "v0 stayed stored while read");
+    // The viewers leave: their objects may go, and v2 is stored.
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = o.count("/v2.mp4");
+        assert!(whole(&get(p.addr(), "GET", &path(2), &[]).await));
+        if o.count("/v2.mp4") == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "v2 never stored after the viewers left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(metric(&p, "anibridge_cache_bytes") <= 19_000_000.0);
+}
+
 /// Every client gets its own rewrite of a stored playlist (fresh child
 /// credentials), from one upstream fetch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

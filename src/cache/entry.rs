@@ -5,7 +5,7 @@
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
 //! reader never holds up the fill or another reader.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -133,6 +133,27 @@ pub struct Entry {
     /// Times the fill's body was continued on a new upstream connection
     /// (its readers' access lines say so, as a relay's would).
     resumed: AtomicU32,
+    /// Its share of `cache.max_bytes`, given back when it is dropped: when
+    /// it is out of the store and its last reader is done.
+    charge: OnceLock<Charge>,
+}
+
+/// Bytes of `cache.max_bytes` an entry holds, given back on drop.
+pub(super) struct Charge {
+    bytes: u64,
+    held: Arc<AtomicU64>,
+}
+
+impl Charge {
+    pub(super) fn new(bytes: u64, held: Arc<AtomicU64>) -> Charge {
+        Charge { bytes, held }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Entry {
@@ -152,6 +173,7 @@ impl Entry {
             stored: OnceLock::new(),
             head_only: false,
             resumed: AtomicU32::new(0),
+            charge: OnceLock::new(),
         })
     }
 
@@ -165,6 +187,7 @@ impl Entry {
             stored: OnceLock::new(),
             head_only: true,
             resumed: AtomicU32::new(0),
+            charge: OnceLock::new(),
         })
     }
 
@@ -230,6 +253,11 @@ impl Entry {
     pub(super) fn set_head(&self, head: Head) {
         let _ = self.head.set(head);
         self.progress.send_replace(Progress::Filling(0));
+    }
+
+    /// Its share of the budget (once).
+    pub(super) fn charge(&self, charge: Charge) {
+        let _ = self.charge.set(charge);
     }
 
     /// The fill's upstream body has been resumed `times` so far.

@@ -101,7 +101,7 @@ pub(super) struct Started {
 /// themselves.
 pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response, admission: Admission) -> Option<Started> {
     match admission {
-        Admission::Fill { len, whole } if cache.reserve(len) => {
+        Admission::Fill { len, whole } if cache.reserve(entry, len) => {
             let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
             let status = resp.header().status.as_u16();
             entry.set_head(Head::new(&upstream, resp.url().clone(), status, len, whole));

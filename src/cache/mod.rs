@@ -11,11 +11,15 @@
 //! answered with it, kept for later HEADs when it is a whole object's
 //! header ([`HeadLead`]).
 //!
-//! Memory: stored bodies and bodies being filled together stay within
-//! `cache.max_bytes`. A fill reserves its `Content-Length` when it starts,
-//! evicting the least recently used stored objects to make room; one that
-//! cannot get room is not stored (its client is served as without a cache,
-//! nobody waits). The LRU is the `lru` crate under one mutex, chosen over
+//! Memory: the bodies the cache holds stay within `cache.max_bytes` —
+//! stored, being filled, and those still being read after they left the
+//! store (evicted, expired or replaced while a slow client reads them: their
+//! bytes are in memory until it is done). A fill reserves its
+//! `Content-Length` when it starts, and the reservation is given back when
+//! its entry is dropped ([`entry::Charge`]). To make room it evicts the least
+//! recently used stored objects that nobody is reading (evicting one that is
+//! read would free nothing); one that cannot get room is not stored (its
+//! client is served as without a cache, nobody waits). The LRU is the `lru` crate under one mutex, chosen over
 //! moka (which the project uses for the resolver and DNS caches) because the
 //! budget must cover fills that are not in the store yet and evict at the
 //! moment a fill reserves: moka's capacity is fixed when built and its
@@ -27,6 +31,7 @@ mod fill;
 pub mod policy;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,6 +41,7 @@ use tokio::sync::{oneshot, watch};
 use url::Url;
 
 pub use answer::{answerable_range, plan, shape, Plan};
+use entry::Charge;
 pub use entry::{is_fill_failure, Entry, Head, Reader, Ready};
 use policy::Lifetimes;
 
@@ -158,6 +164,8 @@ struct Inner {
     settings: Settings,
     store: Mutex<Store>,
     metrics: Arc<Metrics>,
+    /// Body bytes reserved and not given back: what `max_bytes` bounds.
+    held: Arc<AtomicU64>,
 }
 
 struct Store {
@@ -166,13 +174,12 @@ struct Store {
     filling: HashMap<Key, Arc<Entry>>,
     /// HEADs upstream, by key: their waiters subscribe to the answer.
     heads: HashMap<Key, watch::Sender<Option<Arc<Entry>>>>,
-    stored_bytes: u64,
-    filling_bytes: u64,
 }
 
 struct Stored {
     entry: Arc<Entry>,
     fresh_until: Instant,
+    /// The bytes its charge holds.
     weight: u64,
 }
 
@@ -180,14 +187,9 @@ impl Cache {
     /// The cache, or `None` when `max_bytes` is 0 (no storing, no coalescing).
     pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Option<Cache> {
         (settings.max_bytes > 0).then(|| {
-            let store = Store {
-                lru: LruCache::unbounded(),
-                filling: HashMap::new(),
-                heads: HashMap::new(),
-                stored_bytes: 0,
-                filling_bytes: 0,
-            };
-            Cache(Arc::new(Inner { settings, store: Mutex::new(store), metrics }))
+            let store = Store { lru: LruCache::unbounded(), filling: HashMap::new(), heads: HashMap::new() };
+            let held = Arc::new(AtomicU64::new(0));
+            Cache(Arc::new(Inner { settings, store: Mutex::new(store), metrics, held }))
         })
     }
 
@@ -205,9 +207,8 @@ impl Cache {
                 return Found::Hit(s.entry.clone());
             }
             if Instant::now() >= s.fresh_until {
-                if let Some(stale) = store.lru.pop(&key) {
-                    store.stored_bytes -= stale.weight;
-                }
+                // Its bytes stay charged until a reader still on it is done.
+                store.lru.pop(&key);
             }
         }
         if let Some(entry) = store.filling.get(&key) {
@@ -289,7 +290,7 @@ impl Cache {
         };
         let weight = entry.weight();
         let mut store = self.lock();
-        if store.lru.peek(&entry.key).is_some_and(|s| !s.entry.head_only) || !store.make_room(weight, self.max()) {
+        if store.lru.peek(&entry.key).is_some_and(|s| !s.entry.head_only) || !self.charge(&mut store, &entry, weight) {
             // A whole object is there already (it answers HEADs too), or no room.
             return;
         }
@@ -305,67 +306,88 @@ impl Cache {
         self.0.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves `len` bytes for a fill, evicting stored objects as needed.
-    fn reserve(&self, len: u64) -> bool {
+    /// Reserves `len` bytes for a fill's body, evicting stored objects as
+    /// needed; false when there is no room.
+    fn reserve(&self, entry: &Entry, len: u64) -> bool {
         let mut store = self.lock();
-        let ok = store.make_room(len, self.max());
-        if ok {
-            store.filling_bytes += len;
-        }
+        let ok = self.charge(&mut store, entry, len);
         self.gauges(&store);
         ok
     }
 
+    /// Charges `entry` with `len` bytes of the budget, given back when it
+    /// is dropped, after making room for them.
+    fn charge(&self, store: &mut Store, entry: &Entry, len: u64) -> bool {
+        // Under the store's lock, so two charges never share the last room;
+        // bytes given back meanwhile only leave more.
+        if !store.make_room(len, self.max(), &self.0.held) {
+            return false;
+        }
+        self.0.held.fetch_add(len, Ordering::Relaxed);
+        entry.charge(Charge::new(len, self.0.held.clone()));
+        true
+    }
+
     /// A fill ended: stored for `life`, or (`None`) only forgotten.
-    /// `reserved`: the bytes it held.
+    /// `reserved`: the bytes it was charged with, which stay charged while
+    /// it is stored or read.
     fn finished(&self, entry: &Arc<Entry>, reserved: u64, life: Option<Duration>) {
         let mut store = self.lock();
-        store.filling_bytes -= reserved;
         if store.filling.get(&entry.key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             store.filling.remove(&entry.key);
         }
         if let Some(life) = life {
-            // Within the budget: the bytes were reserved while filling.
-            if store.make_room(reserved, self.max()) {
-                store.insert(entry.clone(), life, reserved);
-            }
+            store.insert(entry.clone(), life, reserved);
         }
         self.gauges(&store);
     }
 
     fn gauges(&self, store: &Store) {
         let m = &self.0.metrics;
-        m.cache_bytes.set((store.stored_bytes + store.filling_bytes) as i64);
+        m.cache_bytes.set(self.0.held.load(Ordering::Relaxed) as i64);
         m.cache_objects.set(store.lru.len() as i64);
     }
 
-    /// Bytes held now (stored and filling), objects stored.
+    /// Body bytes held now (stored, filling, or still read after leaving
+    /// the store), and objects stored.
     pub fn usage(&self) -> (u64, usize) {
         let store = self.lock();
-        (store.stored_bytes + store.filling_bytes, store.lru.len())
+        (self.0.held.load(Ordering::Relaxed), store.lru.len())
     }
 }
 
 impl Store {
-    /// Evicts least recently used objects until `len` more bytes fit
-    /// within `max`; false when they cannot (fills hold the rest).
-    fn make_room(&mut self, len: u64, max: u64) -> bool {
-        while self.stored_bytes + self.filling_bytes + len > max {
-            match self.lru.pop_lru() {
-                Some((_, gone)) => self.stored_bytes -= gone.weight,
-                None => return false,
+    /// Makes room for `len` more bytes within `max`, `held` being held
+    /// now: evicts the least recently used stored objects that nobody is
+    /// reading (dropping one gives its bytes back at once). False, and
+    /// nothing evicted, when that would not make room: the rest is being
+    /// filled or read.
+    fn make_room(&mut self, len: u64, max: u64, held: &AtomicU64) -> bool {
+        let over = (held.load(Ordering::Relaxed) + len).saturating_sub(max);
+        if over == 0 {
+            return true;
+        }
+        let mut freed = 0;
+        let mut idle = Vec::new();
+        // Only the store holds an idle entry, and only under this lock can
+        // anyone take a new hold of it: its count cannot rise meanwhile.
+        for (key, s) in self.lru.iter().rev().filter(|(_, s)| Arc::strong_count(&s.entry) == 1) {
+            idle.push(key.clone());
+            freed += s.weight;
+            if freed >= over {
+                for key in &idle {
+                    self.lru.pop(key);
+                }
+                return true;
             }
         }
-        true
+        false
     }
 
     fn insert(&mut self, entry: Arc<Entry>, life: Duration, weight: u64) {
         let key = entry.key.clone();
-        let stored = Stored { entry, fresh_until: Instant::now() + life, weight };
-        if let Some((_, old)) = self.lru.push(key, stored) {
-            self.stored_bytes -= old.weight;
-        }
-        self.stored_bytes += weight;
+        // One replaced is given back when its last reader is done.
+        self.lru.push(key, Stored { entry, fresh_until: Instant::now() + life, weight });
     }
 }
 
