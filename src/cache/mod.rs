@@ -19,11 +19,12 @@
 //! its entry is dropped ([`entry::Charge`]). To make room it evicts the least
 //! recently used stored objects that nobody is reading (evicting one that is
 //! read would free nothing); one that cannot get room is not stored (its
-//! client is served as without a cache, nobody waits). The LRU is the `lru` crate under one mutex, chosen over
-//! moka (which the project uses for the resolver and DNS caches) because the
-//! budget must cover fills that are not in the store yet and evict at the
-//! moment a fill reserves: moka's capacity is fixed when built and its
-//! weighted size catches up only when its pending tasks run.
+//! client is served as without a cache, nobody waits). The LRU is the `lru`
+//! crate under one mutex, chosen over moka (which the project uses for the
+//! resolver and DNS caches) because the budget must cover fills that are
+//! not in the store yet and evict at the moment a fill reserves: moka's
+//! capacity is fixed when built and its weighted size catches up only when
+//! its pending tasks run.
 
 mod answer;
 mod entry;
