@@ -5,7 +5,7 @@
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
 //! reader never holds up the fill or another reader.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -141,18 +141,18 @@ pub struct Entry {
 /// Bytes of `cache.max_bytes` an entry holds, given back on drop.
 pub(super) struct Charge {
     bytes: u64,
-    held: Arc<AtomicU64>,
+    held: prometheus::IntGauge,
 }
 
 impl Charge {
-    pub(super) fn new(bytes: u64, held: Arc<AtomicU64>) -> Charge {
+    pub(super) fn new(bytes: u64, held: prometheus::IntGauge) -> Charge {
         Charge { bytes, held }
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.held.sub(self.bytes as i64);
     }
 }
 

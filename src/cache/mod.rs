@@ -32,12 +32,12 @@ mod fill;
 pub mod policy;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 use pingora_http::ResponseHeader;
+use prometheus::IntGauge;
 use tokio::sync::{oneshot, watch};
 use url::Url;
 
@@ -165,8 +165,9 @@ struct Inner {
     settings: Settings,
     store: Mutex<Store>,
     metrics: Arc<Metrics>,
-    /// Body bytes reserved and not given back: what `max_bytes` bounds.
-    held: Arc<AtomicU64>,
+    /// Body bytes reserved and not given back: what `max_bytes` bounds
+    /// (the `anibridge_cache_bytes` gauge itself, so it is never stale).
+    held: IntGauge,
 }
 
 struct Store {
@@ -189,7 +190,7 @@ impl Cache {
     pub fn new(settings: Settings, metrics: Arc<Metrics>) -> Option<Cache> {
         (settings.max_bytes > 0).then(|| {
             let store = Store { lru: LruCache::unbounded(), filling: HashMap::new(), heads: HashMap::new() };
-            let held = Arc::new(AtomicU64::new(0));
+            let held = metrics.cache_bytes.clone();
             Cache(Arc::new(Inner { settings, store: Mutex::new(store), metrics, held }))
         })
     }
@@ -324,7 +325,7 @@ impl Cache {
         if !store.make_room(len, self.max(), &self.0.held) {
             return false;
         }
-        self.0.held.fetch_add(len, Ordering::Relaxed);
+        self.0.held.add(len as i64);
         entry.charge(Charge::new(len, self.0.held.clone()));
         true
     }
@@ -345,7 +346,6 @@ impl Cache {
 
     fn gauges(&self, store: &Store) {
         let m = &self.0.metrics;
-        m.cache_bytes.set(self.0.held.load(Ordering::Relaxed) as i64);
         m.cache_objects.set(store.lru.len() as i64);
     }
 
@@ -353,7 +353,7 @@ impl Cache {
     /// the store), and objects stored.
     pub fn usage(&self) -> (u64, usize) {
         let store = self.lock();
-        (self.0.held.load(Ordering::Relaxed), store.lru.len())
+        (self.0.held.get().max(0) as u64, store.lru.len())
     }
 }
 
@@ -363,8 +363,8 @@ impl Store {
     /// reading (dropping one gives its bytes back at once). False, and
     /// nothing evicted, when that would not make room: the rest is being
     /// filled or read.
-    fn make_room(&mut self, len: u64, max: u64, held: &AtomicU64) -> bool {
-        let over = (held.load(Ordering::Relaxed) + len).saturating_sub(max);
+    fn make_room(&mut self, len: u64, max: u64, held: &IntGauge) -> bool {
+        let over = (held.get().max(0) as u64 + len).saturating_sub(max);
         if over == 0 {
             return true;
         }
