@@ -19,8 +19,14 @@ use url::Url;
 use crate::auth::Query;
 use crate::config::AuthMode;
 
-/// Bytes of queries and URLs kept: thousands of distinct signed URLs.
+/// Bytes kept: thousands of distinct signed URLs.
 const MAX_BYTES: u64 = 4 << 20;
+
+/// What one remembered query costs beside its bytes and its URL's: the
+/// entry, its `Url` and moka's bookkeeping. Measured: 50 000 distinct
+/// queries of about 80 bytes grew the process by 17.7 MB with 64 counted
+/// here (four times the bound); with 512, by 6.3 MB.
+const ENTRY_COST: usize = 512;
 
 struct Entry {
     url: Url,
@@ -38,7 +44,7 @@ impl Verified {
         let seen = matches!(mode, AuthMode::Token | AuthMode::None).then(|| {
             moka::sync::Cache::<Box<str>, Arc<Entry>>::builder()
                 .max_capacity(MAX_BYTES)
-                .weigher(|k, v| u32::try_from(k.len() + v.url.as_str().len() + 64).unwrap_or(u32::MAX))
+                .weigher(|k, v| u32::try_from(k.len() + v.url.as_str().len() + ENTRY_COST).unwrap_or(u32::MAX))
                 .build()
         });
         Verified { seen }
