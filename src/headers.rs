@@ -107,6 +107,37 @@ pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     out
 }
 
+/// A copy of `h` that owns its bytes, all names and values in one buffer.
+/// A header Pingora parsed shares its whole read buffer (4 KiB or more,
+/// often with the first body bytes) through every name and value: kept as
+/// it is, a stored header of a few hundred bytes holds that buffer too.
+pub fn compact(h: &ResponseHeader) -> pingora_error::Result<ResponseHeader> {
+    let total = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    let mut buf = bytes::BytesMut::with_capacity(total);
+    let mut spans = Vec::with_capacity(h.headers.len());
+    h.map(|name, value| {
+        let name = match name {
+            pingora_http::HeaderNameVariant::Case(c) => c.as_slice(),
+            pingora_http::HeaderNameVariant::Titled(t) => t.as_bytes(),
+        };
+        let (n, v) = (buf.len(), buf.len() + name.len());
+        buf.extend_from_slice(name);
+        buf.extend_from_slice(value.as_bytes());
+        spans.push((n..v, v..buf.len()));
+        Ok(())
+    })?;
+    let buf = buf.freeze();
+    let mut out = ResponseHeader::build(h.status, Some(spans.len()))?;
+    out.set_version(h.version);
+    out.set_reason_phrase(h.get_reason_phrase())?;
+    for (name, value) in spans {
+        let value = HeaderValue::from_maybe_shared(buf.slice(value))
+            .map_err(|_| pingora_error::Error::new_str("a stored header value is not valid"))?;
+        out.append_header(buf.slice(name), value)?;
+    }
+    Ok(out)
+}
+
 /// Dropped whatever `Connection` says.
 fn dropped_by_name(name: &HeaderName) -> bool {
     // `HeaderName`s are lower-case already.
@@ -364,6 +395,36 @@ mod tests {
             m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
         }
         m
+    }
+
+    #[test]
+    fn a_compact_header_owns_its_bytes_and_keeps_their_spelling() {
+        // As Pingora parses one: every name and value a view of one read buffer.
+        let wire = Bytes::from(format!("ETag\"v1\"x-Odd-Name1Content-Length5{}", "body".repeat(1000)));
+        let mut h = ResponseHeader::build(206, None).unwrap();
+        h.set_reason_phrase(Some("Partial")).unwrap();
+        h.append_header(wire.slice(0..4), HeaderValue::from_maybe_shared(wire.slice(4..8)).unwrap()).unwrap();
+        h.append_header(wire.slice(8..18), HeaderValue::from_maybe_shared(wire.slice(18..19)).unwrap()).unwrap();
+        h.append_header(wire.slice(19..33), HeaderValue::from_maybe_shared(wire.slice(33..34)).unwrap()).unwrap();
+        let c = compact(&h).unwrap();
+        assert_eq!((c.status.as_u16(), c.get_reason_phrase()), (206, Some("Partial")));
+        let spelled = |h: &ResponseHeader| {
+            let mut out = Vec::new();
+            h.map(|n, v| {
+                let n = match n {
+                    pingora_http::HeaderNameVariant::Case(c) => c.as_slice().to_vec(),
+                    pingora_http::HeaderNameVariant::Titled(t) => t.as_bytes().to_vec(),
+                };
+                out.push((n, v.as_bytes().to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            out
+        };
+        assert_eq!(spelled(&c), spelled(&h));
+        let inside = |p: *const u8| wire.as_ptr_range().contains(&p);
+        assert!(c.headers.values().all(|v| !inside(v.as_bytes().as_ptr())));
+        assert!(h.headers.values().all(|v| inside(v.as_bytes().as_ptr())));
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Metrics {
         .unwrap();
         let cache_bytes = IntGauge::new(
             "anibridge_cache_bytes",
-            "Body bytes the cache holds (stored, being filled, or still being read)",
+            "Bytes the cache holds: bodies and their headers (stored, being filled, or still being read)",
         )
         .unwrap();
         let cache_objects = IntGauge::new("anibridge_cache_objects", "Objects stored in the cache").unwrap();

@@ -821,9 +821,31 @@ async fn bodies_still_being_read_count_against_max_bytes() {
         assert!(Instant::now() < deadline, "v2 never stored after the viewers left");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Nobody reads any more: the gauge is what the store holds.
-    assert_eq!(metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects") * LEN as f64);
+    // Nobody reads any more: the gauge is what the store holds, each
+    // object its body and a few KiB for its header and bookkeeping.
+    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    assert!(bytes >= objects * LEN as f64 && bytes <= objects * (LEN + 16384) as f64, "{bytes} for {objects}");
     assert!(metric(&p, "anibridge_cache_bytes") <= 19_000_000.0);
+}
+
+/// Small objects are not free: each costs its header and bookkeeping as
+/// well as its body, so 1 000 empty ones cannot pile up in a budget of
+/// 1 MB (before, an empty body weighed nothing, and every one was kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_objects_stay_within_max_bytes() {
+    let o = Origin::start(|req| serve_bytes(req, b"", Some("application/octet-stream")).into()).await;
+    let p = proxy("{max_bytes: 1000000}").await;
+    for i in 0..1000 {
+        let got = get(p.addr(), "GET", &relay_path("k.bin", &o.url(&format!("/k{i}.bin"))), &[]).await;
+        assert_eq!((got.status, got.body.len()), (200, 0));
+    }
+    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    assert!(bytes <= 1_000_000.0, "{bytes}");
+    assert!((100.0..=250.0).contains(&objects), "{objects} objects of about 4 KiB each in 1 MB");
+    // The most recent are the ones kept.
+    let before = o.requests().len();
+    get(p.addr(), "GET", &relay_path("k.bin", &o.url("/k999.bin")), &[]).await;
+    assert_eq!(o.requests().len(), before);
 }
 
 /// Every client gets its own rewrite of a stored playlist (fresh child

@@ -30,7 +30,7 @@ pub(super) async fn run(
         Ok(resp) => resp,
         Err(e) => {
             entry.finish(Progress::Failed(Some(e)));
-            cache.finished(&entry, 0, None);
+            cache.finished(&entry, None);
             return;
         }
     };
@@ -70,7 +70,7 @@ async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
                 BodyError::Failed(e) => FetchError::from_pingora(e).at(resp.url()),
             };
             entry.finish(Progress::Failed(Some(e)));
-            cache.finished(&entry, 0, None);
+            cache.finished(&entry, None);
             return;
         }
     };
@@ -83,13 +83,13 @@ async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
     entry.set_head(Head::new(&upstream, resp.url().clone(), upstream.status.as_u16(), len, true));
     entry.append_whole(&body, cache.settings().chunk);
     entry.finish(Progress::Done);
-    cache.finished(&entry, 0, None);
+    cache.finished(&entry, None);
     resp.finish().await;
 }
 
 /// What a fill that has its header goes on with.
 pub(super) struct Started {
-    /// Body bytes reserved.
+    /// Body length.
     len: u64,
     /// The upstream's own header (freshness is judged on it).
     upstream: ResponseHeader,
@@ -100,19 +100,18 @@ pub(super) struct Started {
 /// room — then the entry is done with and the others go upstream
 /// themselves.
 pub(super) fn start(cache: &Cache, entry: &Arc<Entry>, resp: &Response, admission: Admission) -> Option<Started> {
-    match admission {
-        Admission::Fill { len, whole } if cache.reserve(entry, len) => {
-            let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
-            let status = resp.header().status.as_u16();
-            entry.set_head(Head::new(&upstream, resp.url().clone(), status, len, whole));
-            Some(Started { len, upstream })
-        }
-        _ => {
-            entry.finish(Progress::Declined);
-            cache.finished(entry, 0, None);
-            None
+    if let Admission::Fill { len, whole } = admission {
+        let upstream = if whole { policy::as_whole(resp.header().clone()) } else { resp.header().clone() };
+        let status = resp.header().status.as_u16();
+        let head = Head::new(&upstream, resp.url().clone(), status, len, whole);
+        if cache.reserve(entry, len + head.cost(&entry.key)) {
+            entry.set_head(head);
+            return Some(Started { len, upstream });
         }
     }
+    entry.finish(Progress::Declined);
+    cache.finished(entry, None);
+    None
 }
 
 /// Reads the body into `entry` for its readers, then stores it for its
@@ -149,7 +148,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         log::warn!("cache fill from {} failed mid-body", resp.url().host_str().unwrap_or("-"));
         // Readers still waiting are aborted, as a relay would be; nothing is stored.
         entry.finish(Progress::Failed(None));
-        cache.finished(&entry, len, None);
+        cache.finished(&entry, None);
         return;
     }
     resp.finish().await;
@@ -166,5 +165,5 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         policy::lifetime(&upstream, kind, SystemTime::now(), &settings.lifetimes)
     });
     entry.finish(Progress::Done);
-    cache.finished(&entry, len, life.flatten());
+    cache.finished(&entry, life.flatten());
 }

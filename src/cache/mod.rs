@@ -308,8 +308,8 @@ impl Cache {
         self.0.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves `len` bytes for a fill's body, evicting stored objects as
-    /// needed; false when there is no room.
+    /// Reserves `len` bytes for a fill (its body and [`Head::cost`]),
+    /// evicting stored objects as needed; false when there is no room.
     fn reserve(&self, entry: &Entry, len: u64) -> bool {
         let mut store = self.lock();
         let ok = self.charge(&mut store, entry, len);
@@ -330,16 +330,15 @@ impl Cache {
         true
     }
 
-    /// A fill ended: stored for `life`, or (`None`) only forgotten.
-    /// `reserved`: the bytes it was charged with, which stay charged while
-    /// it is stored or read.
-    fn finished(&self, entry: &Arc<Entry>, reserved: u64, life: Option<Duration>) {
+    /// A fill ended: stored for `life`, or (`None`) only forgotten. What
+    /// it was charged with stays charged while it is stored or read.
+    fn finished(&self, entry: &Arc<Entry>, life: Option<Duration>) {
         let mut store = self.lock();
         if store.filling.get(&entry.key).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             store.filling.remove(&entry.key);
         }
         if let Some(life) = life {
-            store.insert(entry.clone(), life, reserved);
+            store.insert(entry.clone(), life, entry.charged());
         }
         self.gauges(&store);
     }
