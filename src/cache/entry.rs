@@ -87,9 +87,9 @@ impl Head {
 
     /// What keeping an object costs beside its body, in bytes of
     /// `cache.max_bytes`: its header and key, and the bookkeeping around
-    /// them. Measured (BENCHMARKS.md): 50 000 objects of a 1 KiB body and a
-    /// ten-field header took about 5.7 KiB each.
-    pub fn cost(&self, key: &Key) -> u64 {
+    /// them. Measured (BENCHMARKS.md): 50 000 objects of a 1 KiB body with
+    /// nginx's header took about 5.7 KiB each.
+    pub(super) fn cost(&self, key: &Key) -> u64 {
         let header: usize = self.header.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
         ENTRY_COST + (key.0.len() + header) as u64
     }

@@ -165,8 +165,8 @@ struct Inner {
     settings: Settings,
     store: Mutex<Store>,
     metrics: Arc<Metrics>,
-    /// Body bytes reserved and not given back: what `max_bytes` bounds
-    /// (the `anibridge_cache_bytes` gauge itself, so it is never stale).
+    /// Bytes reserved and not given back: what `max_bytes` bounds (the
+    /// `anibridge_cache_bytes` gauge itself, so it is never stale).
     held: IntGauge,
 }
 
@@ -348,8 +348,8 @@ impl Cache {
         m.cache_objects.set(store.lru.len() as i64);
     }
 
-    /// Body bytes held now (stored, filling, or still read after leaving
-    /// the store), and objects stored.
+    /// Bytes of the budget held now (objects stored, filling, or still
+    /// read after leaving the store), and objects stored.
     pub fn usage(&self) -> (u64, usize) {
         let store = self.lock();
         (self.0.held.get().max(0) as u64, store.lru.len())
