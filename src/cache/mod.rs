@@ -11,15 +11,16 @@
 //! answered with it, kept for later HEADs when it is a whole object's
 //! header ([`HeadLead`]).
 //!
-//! Memory: the bodies the cache holds stay within `cache.max_bytes` —
+//! Memory: the objects the cache holds stay within `cache.max_bytes` —
 //! stored, being filled, and those still being read after they left the
 //! store (evicted, expired or replaced while a slow client reads them: their
-//! bytes are in memory until it is done). A fill reserves its
-//! `Content-Length` when it starts, and the reservation is given back when
-//! its entry is dropped ([`entry::Charge`]). To make room it evicts the least
-//! recently used stored objects that nobody is reading (evicting one that is
-//! read would free nothing); one that cannot get room is not stored (its
-//! client is served as without a cache, nobody waits). The LRU is the `lru`
+//! bytes are in memory until it is done), each its body and what keeping it
+//! costs besides ([`entry::Head::cost`]). A fill reserves both when it
+//! starts, and the reservation is given back when its entry is dropped
+//! ([`entry::Charge`]). To make room it evicts the least recently used
+//! stored objects that nobody is reading (evicting one that is read would
+//! free nothing); one that cannot get room is not stored (its client is
+//! served as without a cache, nobody waits). The LRU is the `lru`
 //! crate under one mutex, chosen over moka (which the project uses for the
 //! resolver and DNS caches) because the budget must cover fills that are
 //! not in the store yet and evict at the moment a fill reserves: moka's
