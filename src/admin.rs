@@ -21,18 +21,9 @@ pub struct Admin {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        if req.method != Method::GET && req.method != Method::HEAD {
-            let body = b"method not allowed\n".to_vec();
-            return Response::builder()
-                .status(StatusCode::METHOD_NOT_ALLOWED)
-                .header("Allow", "GET, HEAD")
-                .header("Content-Type", "text/plain")
-                .header("Content-Length", body.len())
-                .body(body)
-                .expect("static response parts are valid");
-        }
-        let path = req.uri.path().to_string();
-        let (status, ctype, body) = match path.as_str() {
+        let allowed = req.method == Method::GET || req.method == Method::HEAD;
+        let (status, ctype, body) = match req.uri.path() {
+            _ if !allowed => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"method not allowed\n".to_vec()),
             "/healthz" if self.draining.load(Ordering::Relaxed) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "application/json", br#"{"status":"draining"}"#.to_vec())
             }
@@ -40,13 +31,15 @@ impl ServeHttp for Admin {
             "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics.render()),
             _ => (StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
         };
-        Response::builder()
+        let mut out = Response::builder()
             .status(status)
             .header("Content-Type", ctype)
             .header("Content-Length", body.len())
-            .header("Cache-Control", "no-store")
-            .body(body)
-            .expect("static response parts are valid")
+            .header("Cache-Control", "no-store");
+        if !allowed {
+            out = out.header("Allow", "GET, HEAD");
+        }
+        out.body(body).expect("static response parts are valid")
     }
 }
 
