@@ -81,6 +81,15 @@ async fn origin() -> Origin {
             "/hang" => Action::Hang,
             p if p.starts_with("/Folge%201") => serve_file(req, 1000, Some("video/mp4")).into(),
             "/garbage" => Action::Raw(b"HTTP/1.1 abc\r\n\r\n".to_vec()),
+            // A header line every 100 ms for 20 s, each well within the read timeout.
+            "/trickle" => {
+                let lines = std::iter::once(b"HTTP/1.1 200 OK\r\n".to_vec());
+                Action::Trickle(lines.chain((0..200).map(|i| format!("X-{i}: y\r\n").into_bytes())).collect(), TRICKLE)
+            }
+            // Interim answers without end, each well within the read timeout.
+            "/interim-forever" => {
+                Action::Trickle(vec![b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n".to_vec(); 200], TRICKLE)
+            }
             "/nocontent" => Resp::new(204, Body::Empty { content_length: None }).into(),
             "/notmodified" => Resp::new(304, Body::Empty { content_length: None }).header("ETag", "\"v1\"").into(),
             _ => {
@@ -575,6 +584,9 @@ async fn a_head_refused_by_real_nginx_gets_the_headers_of_the_get() {
     assert_eq!(fallbacks, if cache_on() { 1 } else { 2 }, "{log}");
 }
 
+/// The pause between the lines of a trickling upstream.
+const TRICKLE: Duration = Duration::from_millis(100);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;
@@ -593,6 +605,17 @@ async fn refused_port_is_502_and_hang_is_504() {
     assert_eq!(got.text(), "upstream timeout\n");
     let got = get(p.addr(), "GET", &relay_path("x", &o.url("/garbage")), &[]).await;
     assert_eq!(got.status, 502);
+    // The read timeout is per read, and so not enough on its own: a header
+    // that trickles in, or interim answers without end, must not hold the
+    // request for ever (here 20 s).
+    let started = std::time::Instant::now();
+    let trickle = relay_path("x", &o.url("/trickle"));
+    let got = tokio::time::timeout(Duration::from_secs(10), get(p.addr(), "GET", &trickle, &[])).await;
+    assert_eq!(got.expect("answered before the header ends").status, 504);
+    let interim = relay_path("x", &o.url("/interim-forever"));
+    let got = tokio::time::timeout(Duration::from_secs(10), get(p.addr(), "GET", &interim, &[])).await;
+    assert_eq!(got.expect("answered before the interim answers end").status, 502);
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
     // Still healthy afterwards.
     let got = get(p.addr(), "GET", &relay_path("x", &o.url("/small.mp4")), &[]).await;
     assert_eq!(got.status, 200);

@@ -293,7 +293,7 @@ impl Client {
             // Built per attempt: Pingora takes the header by value, and a
             // second attempt is rare enough not to keep a copy around.
             let request = request::build(hop, &self.settings.providers)?;
-            match Self::send_and_read_header(&mut session, request).await {
+            match Self::send_and_read_header(&mut session, request, self.settings.timeouts.read).await {
                 Ok(()) => return Ok((session, peer, reused)),
                 Err(e) if reused && !fresh_only && is_stale_connection(&e) => {
                     log::debug!("pooled upstream connection was stale ({e}); retrying on a new one");
@@ -306,17 +306,30 @@ impl Client {
         }
     }
 
-    async fn send_and_read_header(session: &mut HttpSession, request: Box<RequestHeader>) -> pingora_error::Result<()> {
+    /// Sends the request and reads the final response header. Pingora's
+    /// read timeout is per read, so a header trickling in a line at a time,
+    /// or interim answers without end, would hold the request for ever:
+    /// each header must arrive whole within `read`, and at most
+    /// [`MAX_INTERIM`] interim answers come before the final one.
+    async fn send_and_read_header(
+        session: &mut HttpSession,
+        request: Box<RequestHeader>,
+        read: Duration,
+    ) -> pingora_error::Result<()> {
         session.write_request_header(request).await?;
         session.finish_body().await?;
-        loop {
-            session.read_response().await?;
+        for _ in 0..=MAX_INTERIM {
+            match tokio::time::timeout(read, session.read_response()).await {
+                Ok(read) => read?,
+                Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "the header did not arrive whole"),
+            };
             let status = session.resp_header().map(|h| h.status.as_u16()).unwrap_or(0);
             // Interim 1xx responses are consumed; 101 is never requested.
             if !(100..200).contains(&status) {
                 return Ok(());
             }
         }
+        Error::e_explain(ErrorType::InvalidHTTPHeader, "interim responses without end")
     }
 
     /// Gives a connection back: with its body fully read it goes to the
@@ -366,6 +379,10 @@ fn location_text(v: &HeaderValue) -> Cow<'_, str> {
 }
 
 /// Errors that a server closing an idle keep-alive connection produces.
+/// Interim (1xx) answers accepted before the final one: servers send one
+/// or two (`100 Continue`, `103 Early Hints`).
+const MAX_INTERIM: usize = 8;
+
 fn is_stale_connection(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error)
 }

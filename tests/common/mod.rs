@@ -120,6 +120,9 @@ pub enum Action {
     Hang,
     /// Answer after a pause.
     Delayed(Duration, Resp),
+    /// Write these lines one at a time, pausing after each (a header that
+    /// trickles in), then close.
+    Trickle(Vec<Vec<u8>>, Duration),
 }
 
 impl From<Resp> for Action {
@@ -309,6 +312,13 @@ async fn serve_conn(
             }
             Action::Raw(bytes) => {
                 sock.write_all(&bytes).await?;
+                return Ok(());
+            }
+            Action::Trickle(lines, pause) => {
+                for line in lines {
+                    sock.write_all(&line).await?;
+                    tokio::time::sleep(pause).await;
+                }
                 return Ok(());
             }
             Action::Delayed(pause, resp) => {
