@@ -185,8 +185,10 @@ impl<'de> Deserialize<'de> for HeaderList {
 pub struct AllowedOrigin(pub String);
 
 from_str!(AllowedOrigin, |s: &str| {
-    if s == "*" || is_origin(s) {
-        Ok(AllowedOrigin(s.trim_end_matches('/').to_string()))
+    if s == "*" {
+        Ok(AllowedOrigin(s.into()))
+    } else if is_origin(s) {
+        Ok(AllowedOrigin(serialized_origin(s.trim_end_matches('/'))))
     } else {
         Err(format!("{s:?} is not an origin (\"*\" or scheme://host[:port], as browsers send it)"))
     }
@@ -629,10 +631,10 @@ impl Config {
             return Err(("shutdown_grace", "must be at most 1h".into()));
         }
         for (key, d) in [("auth.token_ttl", self.auth.token_ttl), ("auth.session_ttl", self.auth.session_ttl)] {
-            if d.0.is_zero() {
+            if d.0 < Duration::from_secs(1) {
                 return Err((
                     key,
-                    "must be greater than 0 (signed playlist children would expire as they are handed out)".into(),
+                    "must be at least 1s (`exp` is in whole seconds: signed playlist children would expire as they are handed out)".into(),
                 ));
             }
         }
@@ -741,6 +743,18 @@ fn is_origin(o: &str) -> bool {
         && HeaderValue::from_str(bare).is_ok()
 }
 
+/// An http(s) origin written as browsers write `Origin`: host in lower
+/// case (an international name in its ASCII form), no default port
+/// (`https://Bücher.example:443` is `https://xn--bcher-kva.example`); an
+/// entry spelled otherwise would never match. Other schemes (an app's
+/// `capacitor://localhost`) are kept as they are written.
+fn serialized_origin(o: &str) -> String {
+    match Url::parse(o) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => u.origin().ascii_serialization(),
+        _ => o.to_string(),
+    }
+}
+
 /// Whether listeners on `a` and `b` take the same connections: the same
 /// port on the same address, or on a wildcard address (`0.0.0.0`, `[::]`).
 fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
@@ -813,6 +827,8 @@ mod tests {
         let e = load("auth: {mode: none, session_ttl: \"0s\"}\n").unwrap_err();
         assert_eq!(e.key, "auth.session_ttl");
         assert!(e.reason.contains("children would expire"), "not called a timeout: {e}");
+        let e = load("auth: {mode: none, token_ttl: \"500ms\"}\n").unwrap_err();
+        assert_eq!(e.key, "auth.token_ttl", "exp is in whole seconds");
         assert_eq!(refused("stream: {chunk_size: 0}\n").0, "stream.chunk_size");
         assert!(refused("stream: {chunk_size: 16384}\n").1.contains("64 KiB"));
         assert_eq!(refused("stream: {chunk_size: 262145}\n").0, "stream.chunk_size");
@@ -982,6 +998,17 @@ mod tests {
         {
             let cfg = format!("auth: {{mode: none}}\ncors: {{allow_origins: [\"{good}\"]}}\n");
             assert!(load(&cfg).is_ok(), "{good}");
+        }
+        // Kept as browsers send `Origin`, which is what a request is matched against.
+        for (written, sent) in [
+            ("https://App.Example:443/", "https://app.example"),
+            ("http://127.0.0.1:80", "http://127.0.0.1"),
+            ("http://[::1]:8096", "http://[::1]:8096"),
+            ("https://bücher.example", "https://xn--bcher-kva.example"),
+            ("capacitor://localhost", "capacitor://localhost"),
+        ] {
+            let cfg = format!("auth: {{mode: none}}\ncors: {{allow_origins: [\"{written}\"]}}\n");
+            assert_eq!(load(&cfg).unwrap().cors.allow_origins, [AllowedOrigin(sent.into())], "{written}");
         }
         for bad in [
             "not an origin",
