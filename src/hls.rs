@@ -4,6 +4,7 @@
 //! long they must stay valid, what their names must end in).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use url::Url;
 
@@ -335,7 +336,7 @@ const DEFINE: &str = "#EXT-X-DEFINE:";
 /// the upstream URL's value. An `IMPORT` in a media playlist names a
 /// variable of the master, which the proxy does not see: left as it is.
 #[derive(Default)]
-struct Variables(Vec<(String, String)>);
+struct Variables(HashMap<String, String>);
 
 impl Variables {
     /// Takes in one `#EXT-X-DEFINE` (its attribute list `attrs`; `line` as
@@ -348,7 +349,8 @@ impl Variables {
             })
         };
         if let (Some(name), Some(value)) = (quoted("NAME"), quoted("VALUE")) {
-            self.0.push((name.to_owned(), value.to_owned()));
+            // A later definition of a name wins, as in a player.
+            self.0.insert(name.to_owned(), value.to_owned());
             out.push_str(line);
             return;
         }
@@ -363,7 +365,7 @@ impl Variables {
                 out.push_str(DEFINE);
                 out.push_str(&format!("NAME=\"{name}\",VALUE=\"{value}\""));
                 out.push_str(split_ending(line).1);
-                self.0.push((name, value));
+                self.0.insert(name, value);
             }
             None => out.push_str(line),
         }
@@ -371,6 +373,11 @@ impl Variables {
 
     /// `text` with every reference to a defined variable replaced by its
     /// value; other references are left as they are.
+    ///
+    /// A variable name is `[A-Za-z0-9_-]+` (RFC 8216bis §4.2), read once
+    /// per reference: the playlist comes from the hoster, and a line of
+    /// unclosed `{$` (or thousands of definitions) must cost time in
+    /// proportion to its length, not to its square.
     fn substitute<'a>(&self, text: &'a str) -> Cow<'a, str> {
         if self.0.is_empty() || !text.contains("{$") {
             return Cow::Borrowed(text);
@@ -380,15 +387,12 @@ impl Variables {
         while let Some(at) = rest.find("{$") {
             out.push_str(&rest[..at]);
             let after = &rest[at + 2..];
-            let value = after.find('}').and_then(|end| {
-                let name = &after[..end];
-                let value = self.0.iter().rev().find(|(n, _)| n == name)?;
-                Some((end, value.1.as_str()))
-            });
-            match value {
-                Some((end, value)) => {
+            let len = after.bytes().take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-')).count();
+            let (name, closed) = (&after[..len], after.as_bytes().get(len) == Some(&b'}'));
+            match self.0.get(name).filter(|_| closed) {
+                Some(value) => {
                     out.push_str(value);
-                    rest = &after[end + 1..];
+                    rest = &after[len + 1..];
                 }
                 None => {
                     out.push_str("{$");
@@ -658,6 +662,25 @@ P[index.m3u8|https://cdn.example/hls/v1/a/index.m3u8]\n"
         // Without definitions a reference is only a (strange) name.
         let plain = "#EXTM3U\n#EXTINF:4,\n{$dir}/seg1.ts\n";
         assert!(rewrite(plain, &Summary::of(plain), &base(), mark).contains("/v1/%7B$dir%7D/seg1.ts]"));
+    }
+
+    #[test]
+    fn variable_names_are_read_as_the_spec_writes_them() {
+        let src = "#EXTM3U\n\
+#EXT-X-DEFINE:NAME=\"a-1_B\",VALUE=\"x\"\n\
+#EXT-X-DEFINE:NAME=\"a-1_B\",VALUE=\"y\"\n\
+#EXTINF:4,\n{$a-1_B}/{${$a-1_B}/{$a-1_B.ts\n";
+        let out = rewrite(src, &Summary::of(src), &base(), mark);
+        // The later definition wins; an unclosed reference is left as it is.
+        assert!(out.contains("P[%7B$a-1_B.ts|https://cdn.example/hls/v1/y/%7B$y/%7B$a-1_B.ts]"), "{out}");
+        // A hoster's line of unclosed references, beside many definitions.
+        let mut src = String::from("#EXTM3U\n");
+        for i in 0..2000 {
+            src.push_str(&format!("#EXT-X-DEFINE:NAME=\"v{i}\",VALUE=\"{i}\"\n"));
+        }
+        src.push_str(&format!("#EXTINF:4,\n{}{{$v0}}.ts\n", "{$".repeat(100_000)));
+        let out = rewrite(&src, &Summary::of(&src), &base(), mark);
+        assert!(out.ends_with(&format!("/v1/{}0.ts]\n", "%7B$".repeat(100_000))), "each left as it is but the last");
     }
 
     #[test]

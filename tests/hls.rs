@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::Write;
+use std::time::Duration;
 
 use anibridge_proxy::auth::{verify_token, Query};
 use common::*;
@@ -80,6 +81,9 @@ async fn origin() -> Origin {
             }
             Resp::new(200, Body::Bytes(s.into_bytes())).header("Content-Type", "application/vnd.apple.mpegurl").into()
         }
+        "/hls/hostile.m3u8" => Resp::new(200, Body::Bytes(hostile_playlist().into_bytes()))
+            .header("Content-Type", "application/vnd.apple.mpegurl")
+            .into(),
         "/hls/moved.m3u8" => Resp::new(302, Body::Bytes(Vec::new())).header("Location", "/hls/low/index.m3u8").into(),
         "/hls/notreally.m3u8" => {
             Resp::new(200, Body::Bytes(b"<html>error</html>".to_vec())).header("Content-Type", "text/html").into()
@@ -217,6 +221,42 @@ async fn oversized_playlists_are_refused_not_buffered() {
     assert_eq!(got.text(), "playlist too large\n");
     // A small one still works on the same proxy.
     let got = get(p.addr(), "GET", &relay_path("x.m3u8", &o.url("/hls/master.m3u8")), &[]).await;
+    assert_eq!(got.status, 200);
+}
+
+/// A hoster's playlist made to cost its square in time: 20 000 variable
+/// definitions and as many references, then one line of 2 million
+/// unclosed references (under the default 8 MiB limit).
+fn hostile_playlist() -> String {
+    let mut s = String::from("#EXTM3U\n#EXT-X-TARGETDURATION:4\n");
+    for i in 0..20_000 {
+        s.push_str(&format!("#EXT-X-DEFINE:NAME=\"v{i}\",VALUE=\"d{i}\"\n"));
+    }
+    for i in 0..20_000 {
+        s.push_str(&format!("#EXTINF:4,\n{{$v0}}/s{i}.ts\n"));
+    }
+    s.push_str("#EXTINF:4,\n");
+    s.push_str(&"{$".repeat(2_000_000));
+    s.push_str("\n#EXT-X-ENDLIST\n");
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_playlist_cannot_stall_the_proxy() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("x.m3u8", &o.url("/hls/hostile.m3u8"));
+    // Rewritten in moments; before variables were looked up by name and
+    // unclosed references read once, this took many minutes of a worker's CPU.
+    let got = tokio::time::timeout(Duration::from_secs(60), get(p.addr(), "GET", &path, &[]))
+        .await
+        .expect("the rewrite takes time in proportion to the playlist");
+    assert_eq!(got.status, 200);
+    let children = uris(&got.text());
+    assert_eq!(children.len(), 20_001);
+    assert!(children[..20_000].iter().all(|u| child_query(u).get("u").unwrap().contains("/hls/d0/s")));
+    // Still answering others at once.
+    let got = get(p.addr(), "GET", &relay_path("m.m3u8", &o.url("/hls/master.m3u8")), &[]).await;
     assert_eq!(got.status, 200);
 }
 
