@@ -252,41 +252,75 @@ fn is_dot_segment(seg: &[u8]) -> bool {
 /// Bytes the URL parser copies unchanged in paths and queries.
 const PLAIN: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&()*+,;=:@/?%");
 
-/// Rewrites a playlist. `base` is the final upstream URL (after redirects);
-/// `proxied(child, segment, out)` appends the URL the client should use for
-/// an absolute child URL to the output (`segment`: the child is a media
-/// segment or part, not a playlist, key or map). Lines keep their endings;
-/// comments, tags without URIs, blank lines and URIs that are not http(s)
-/// after resolution (`skd://`, `data:`) are left exactly as they were,
-/// except `#EXT-X-SERVER-CONTROL` (see [`server_control`]), the tags
-/// [`left_out`] names, which become blank lines, and `#EXT-X-DEFINE`
-/// (see [`Variables`]). The output has as many lines as the input.
-pub fn rewrite(
-    playlist: &str,
-    summary: &Summary,
-    base: &Url,
-    mut proxied: impl FnMut(&str, bool, &mut String),
-) -> String {
-    let master = summary.master;
-    let base = Base::new(base);
+/// Rewrites a playlist whole: [`Rewrite`] run to its end.
+pub fn rewrite(playlist: &str, summary: &Summary, base: &Url, proxied: impl FnMut(&str, bool, &mut String)) -> String {
     // URI lines roughly double or triple (signed query); avoid regrowth.
     let mut out = String::with_capacity(playlist.len() * 3);
-    // A byte-order mark is kept, and does not make `#EXTM3U` a URI line.
-    let playlist = match playlist.strip_prefix('\u{feff}') {
-        Some(rest) => {
+    let mut rewrite = Rewrite::new(playlist, summary, base, proxied);
+    while rewrite.next_piece(&mut out, usize::MAX) {}
+    out
+}
+
+/// A playlist being rewritten, a piece at a time, so that what a client is
+/// sent never has to exist whole: a rewritten playlist can be many times
+/// its upstream's size (each short URI becomes a signed URL).
+///
+/// `base` is the final upstream URL (after redirects); `proxied(child,
+/// segment, out)` appends the URL the client should use for an absolute
+/// child URL to the output (`segment`: the child is a media segment or
+/// part, not a playlist, key or map). Lines keep their endings; comments,
+/// tags without URIs, blank lines and URIs that are not http(s) after
+/// resolution (`skd://`, `data:`) are left exactly as they were, except
+/// `#EXT-X-SERVER-CONTROL` (see [`server_control`]), the tags [`left_out`]
+/// names, which become blank lines, and `#EXT-X-DEFINE` (see
+/// [`Variables`]). The output has as many lines as the input. Two rewrites
+/// of one playlist with the same `proxied` write the same bytes.
+pub struct Rewrite<'a, F> {
+    /// The lines not rewritten yet.
+    rest: &'a str,
+    /// A byte-order mark still to be written.
+    bom: bool,
+    master: bool,
+    base: Base<'a>,
+    vars: Variables,
+    proxied: F,
+}
+
+impl<'a, F: FnMut(&str, bool, &mut String)> Rewrite<'a, F> {
+    pub fn new(playlist: &'a str, summary: &Summary, base: &'a Url, proxied: F) -> Self {
+        // A byte-order mark is kept, and does not make `#EXTM3U` a URI line.
+        let (rest, bom) = match playlist.strip_prefix('\u{feff}') {
+            Some(rest) => (rest, true),
+            None => (playlist, false),
+        };
+        Rewrite { rest, bom, master: summary.master, base: Base::new(base), vars: Variables::default(), proxied }
+    }
+
+    /// Appends whole rewritten lines to `out` until it holds at least
+    /// `at_least` bytes or the playlist ends; `false` once it has ended.
+    pub fn next_piece(&mut self, out: &mut String, at_least: usize) -> bool {
+        if std::mem::take(&mut self.bom) {
             out.push('\u{feff}');
-            rest
         }
-        None => playlist,
-    };
-    let mut vars = Variables::default();
-    for line in playlist.split_inclusive('\n') {
+        while out.len() < at_least {
+            if self.rest.is_empty() {
+                return false;
+            }
+            let end = self.rest.find('\n').map_or(self.rest.len(), |i| i + 1);
+            let (line, rest) = self.rest.split_at(end);
+            self.rest = rest;
+            self.line(line, out);
+        }
+        !self.rest.is_empty()
+    }
+
+    fn line(&mut self, line: &str, out: &mut String) {
         let (content, ending) = split_ending(line);
         let trimmed = content.trim();
         if trimmed.is_empty() {
             out.push_str(line);
         } else if let Some(attrs) = trimmed.strip_prefix(DEFINE) {
-            vars.define(attrs, base.url, line, &mut out);
+            self.vars.define(attrs, self.base.url, line, out);
         } else if trimmed.starts_with('#') {
             // #EXTINF (every other line of a media playlist) never has URIs.
             if let Some(attrs) = trimmed.strip_prefix(SERVER_CONTROL) {
@@ -300,18 +334,18 @@ pub fn rewrite(
                 out.push_str(ending);
             } else if trimmed.starts_with("#EXT") && !trimmed.starts_with("#EXTINF:") && content.contains("URI=\"") {
                 let parts = trimmed.starts_with("#EXT-X-PART:") || trimmed.starts_with("#EXT-X-PRELOAD-HINT:");
-                rewrite_uri_attributes(content, &base, &vars, parts, &mut proxied, &mut out);
+                rewrite_uri_attributes(content, &self.base, &self.vars, parts, &mut self.proxied, out);
                 out.push_str(ending);
             } else {
                 out.push_str(line);
             }
         } else {
-            match base.resolve(&vars.substitute(trimmed)) {
+            match self.base.resolve(&self.vars.substitute(trimmed)) {
                 Some(child) => {
                     // Keep surrounding whitespace; replace only the URI.
                     let indent = indent(content);
                     out.push_str(indent);
-                    proxied(&child, !master, &mut out);
+                    (self.proxied)(&child, !self.master, out);
                     out.push_str(&content[indent.len() + trimmed.len()..]);
                     out.push_str(ending);
                 }
@@ -319,7 +353,6 @@ pub fn rewrite(
             }
         }
     }
-    out
 }
 
 const SERVER_CONTROL: &str = "#EXT-X-SERVER-CONTROL:";
@@ -831,10 +864,27 @@ P[index.m3u8|https://cdn.example/hls/v1/a/index.m3u8]\n"
         /// line byte for byte, but for the tags it changes on purpose
         /// (checked by the tests above).
         #[test]
-        fn rewrite_keeps_structure(lines in proptest::collection::vec("(#EXT[A-Z-]{0,8}:[ -~]{0,20}|#EXT-X-(DEFINE|DATERANGE|CONTENT-STEERING|SERVER-CONTROL):[ -~]{0,30}|#[ -~]{0,10}|[ -~]{0,30}|)", 0..20), crlf in proptest::bool::ANY) {
+        fn rewrite_keeps_structure(lines in proptest::collection::vec("(#EXT[A-Z-]{0,8}:[ -~]{0,20}|#EXT-X-(DEFINE|DATERANGE|CONTENT-STEERING|SERVER-CONTROL):[ -~]{0,30}|#[ -~]{0,10}|[ -~]{0,30}|)", 0..20), crlf in proptest::bool::ANY, bom in proptest::bool::ANY, piece in 1..200usize) {
             let nl = if crlf { "\r\n" } else { "\n" };
             let text = lines.join(nl);
-            let out = rewrite(&text, &Summary::of(&text), &base(), |u, _, o| o.push_str(&format!("<{u}>")));
+            let mark = |u: &str, _, o: &mut String| o.push_str(&format!("<{u}>"));
+            let out = rewrite(&text, &Summary::of(&text), &base(), mark);
+            // Piece by piece, the same bytes, each piece whole lines.
+            let with_bom = format!("{}{text}", if bom { "\u{feff}" } else { "" });
+            let url = base();
+            let mut pieces = Rewrite::new(&with_bom, &Summary::of(&with_bom), &url, mark);
+            let (mut joined, mut piece_buf) = (String::new(), String::new());
+            loop {
+                let more = pieces.next_piece(&mut piece_buf, piece);
+                proptest::prop_assert!(!more || piece_buf.len() >= piece);
+                let whole_lines = piece_buf.ends_with('\n') || piece_buf == "\u{feff}";
+                proptest::prop_assert!(!more || whole_lines, "a piece ends with a whole line");
+                joined.push_str(&std::mem::take(&mut piece_buf));
+                if !more {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(joined.strip_prefix(if bom { "\u{feff}" } else { "" }), Some(&*out));
             proptest::prop_assert_eq!(out.split(nl).count(), text.split(nl).count());
             let changed = [DEFINE, SERVER_CONTROL, "#EXT-X-DATERANGE:", "#EXT-X-CONTENT-STEERING:"];
             for (a, b) in text.split(nl).zip(out.split(nl)) {

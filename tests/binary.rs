@@ -822,6 +822,50 @@ async fn the_cache_keeps_memory_within_max_bytes() {
     drop(nginx);
 }
 
+/// A rewritten playlist can be many times its upstream's size: one of a
+/// million one-letter URIs (2 MB, from nginx) becomes 55 MB of proxy URLs.
+/// It is sent as it is made, a piece at a time, with its exact length:
+/// the proxy's peak RSS grows by a small part of that. (It grew by more
+/// than the whole rewrite when the rewrite was made whole first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playlist_many_times_larger_rewritten_goes_out_without_being_held() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let lines = 1_000_000;
+    let playlist = format!("#EXTM3U\n#EXT-X-TARGETDURATION:4\n{}#EXT-X-ENDLIST\n", "a\n".repeat(lines));
+    std::fs::write(root.path().join("list.m3u8"), &playlist).unwrap();
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
+        root.path().display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = p.rss();
+    let path = relay_path("list.m3u8", &format!("http://127.0.0.1:{port}/list.m3u8"));
+    let child = format!("/strm/proxy/a.ts?u=http%3A%2F%2F127.0.0.1%3A{port}%2Fa\n");
+    let want = playlist.len() - 2 * lines + lines * child.len();
+    let head = get(p.addr(), "HEAD", &path, &[]).await;
+    assert_eq!(head.header("content-length"), Some(&*want.to_string()));
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!((got.status, got.header("content-length")), (200, Some(&*want.to_string())));
+    assert!(got.complete);
+    let text = got.text();
+    assert!(text.starts_with(&format!("#EXTM3U\n#EXT-X-TARGETDURATION:4\n{child}")), "{}", &text[..200]);
+    assert_eq!(text.matches(&*child).count(), lines);
+    let grown = p.peak_rss().saturating_sub(idle);
+    eprintln!(
+        "a {} MB playlist rewritten to {} MB: peak RSS grew by {} MiB",
+        playlist.len() / 1_000_000,
+        want / 1_000_000,
+        grown / MB
+    );
+    assert!(grown < 24 * MB, "peak RSS grew by {} MiB for a {} MiB rewrite", grown / MB, want as u64 / MB);
+}
+
 /// A second instance on a taken port exits at once, non-zero, naming the
 /// address and the reason (Pingora alone would retry every second, forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use http::header;
 use pingora::protocols::http::ServerSession;
+use pingora_error::{Error, ErrorType};
 use url::Url;
 
 use super::decide::playlist_header;
@@ -53,11 +54,15 @@ pub(super) async fn answer(
         Failure::BadPlaylistEncoding
     })?;
     let now = auth::now_unix();
-    let rewritten = match route {
-        None => rewrite_playlist(&st.auth, &st.public_base, &text, resp.url(), client_key, now),
-        Some(route) => rewrite_route_playlist(&st.auth, &st.public_base, route, &text, resp.url(), client_key, now),
+    let (summary, signer) = signer_for(&st.auth, &text, client_key, now);
+    let children = |child: &str, segment: bool, out: &mut String| {
+        push_child(&st.public_base, route, child, segment, summary.fmp4, &signer, out)
     };
-    let mut out = playlist_header(resp.header(), rewritten.len())?;
+    // The base outlives the upstream response, which goes back now: a slow
+    // client must not hold the hoster's connection.
+    let base = resp.url().clone();
+    let (len, whole) = measure(hls::Rewrite::new(&text, &summary, &base, &children), text.len()).await;
+    let mut out = playlist_header(resp.header(), len)?;
     if let Source::Memory(m) = &resp {
         // From memory, as every answer from it: how long it has been held.
         out.insert_header(header::AGE, http::HeaderValue::from(m.head().age()))?;
@@ -67,11 +72,67 @@ pub(super) async fn answer(
     ctx.status = 200;
     ctx.sending(&mut out)?;
     down.write_response_header(Box::new(out)).await?;
-    if down.req_header().method != http::Method::HEAD {
-        ctx.body_bytes += rewritten.len() as u64;
-        down.write_response_body(Bytes::from(rewritten), true).await?;
+    if down.req_header().method == http::Method::HEAD {
+        return Ok(());
     }
-    Ok(())
+    ctx.body_bytes += len as u64;
+    if let Some(whole) = whole {
+        down.write_response_body(Bytes::from(whole), true).await?;
+        return Ok(());
+    }
+    // Made again as it goes out, a piece at a time: the same bytes, as
+    // the rewrite is the same and `now` with it.
+    let mut again = hls::Rewrite::new(&text, &summary, &base, &children);
+    let (mut piece, mut sent) = (String::with_capacity(2 * PIECE), 0);
+    loop {
+        let more = again.next_piece(&mut piece, PIECE);
+        sent += piece.len();
+        if sent > len || (!more && sent != len) {
+            return Err(Error::explain(ErrorType::InternalError, "a playlist rewrote to another length").into());
+        }
+        down.write_response_body(Bytes::copy_from_slice(piece.as_bytes()), !more).await?;
+        piece.clear();
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// Pieces of a large rewritten playlist go out at about this size.
+const PIECE: usize = 64 * 1024;
+
+/// A rewritten playlist up to this size (nearly all of them) is made once
+/// and sent as it is; a larger one is measured, then made again as it is
+/// sent, so it never exists whole: one of short URIs can be sixty times its
+/// upstream's size once each is a signed URL.
+const WHOLE: usize = 1024 * 1024;
+
+/// The length of what `rewrite` writes, and the whole of it when that is at
+/// most [`WHOLE`]. A large one gives the worker back between pieces.
+async fn measure<F: FnMut(&str, bool, &mut String)>(
+    mut rewrite: hls::Rewrite<'_, F>,
+    upstream_len: usize,
+) -> (usize, Option<String>) {
+    // URI lines roughly double or triple (signed query); avoid regrowth.
+    let mut kept = String::with_capacity(upstream_len.saturating_mul(3).min(WHOLE + PIECE));
+    let mut more = true;
+    while more && kept.len() <= WHOLE {
+        let at_least = kept.len() + PIECE;
+        more = rewrite.next_piece(&mut kept, at_least);
+    }
+    if kept.len() <= WHOLE {
+        return (kept.len(), Some(kept));
+    }
+    let mut len = kept.len();
+    drop(kept);
+    let mut piece = String::with_capacity(2 * PIECE);
+    while more {
+        tokio::task::yield_now().await;
+        more = rewrite.next_piece(&mut piece, PIECE);
+        len += piece.len();
+        piece.clear();
+    }
+    (len, None)
 }
 
 /// What a playlist holds, and the signer for its children: credentials valid
@@ -99,20 +160,7 @@ pub fn rewrite_playlist(
     client_key: Option<&str>,
     now: u64,
 ) -> String {
-    let (summary, signer) = signer_for(auth, text, client_key, now);
-    hls::rewrite(text, &summary, base, |child, segment, out| {
-        push_relay_child(prefix, child, segment, summary.fmp4, &signer, out)
-    })
-}
-
-/// Writes a child as the relay's signed URL:
-/// `{prefix}/strm/proxy/{hint}?u=...` and its credentials.
-fn push_relay_child(prefix: &str, child: &str, segment: bool, fmp4: bool, signer: &ChildSigner<'_>, out: &mut String) {
-    out.push_str(prefix);
-    out.push_str(routing::RELAY_PREFIX);
-    hls::push_hint(child, segment, fmp4, out);
-    out.push('?');
-    signer.push_query(child, out);
+    rewrite_whole(auth, prefix, None, text, base, client_key, now)
 }
 
 /// Rewrites a playlist a static route with auth serves: a child under the
@@ -131,16 +179,55 @@ pub fn rewrite_route_playlist(
     client_key: Option<&str>,
     now: u64,
 ) -> String {
+    rewrite_whole(auth, prefix, Some(route), text, base, client_key, now)
+}
+
+fn rewrite_whole(
+    auth: &Auth,
+    prefix: &str,
+    route: Option<&Route>,
+    text: &str,
+    base: &Url,
+    client_key: Option<&str>,
+    now: u64,
+) -> String {
     let (summary, signer) = signer_for(auth, text, client_key, now);
-    hls::rewrite(text, &summary, base, |child, segment, out| match route.child(child) {
+    hls::rewrite(text, &summary, base, |child, segment, out| {
+        push_child(prefix, route, child, segment, summary.fmp4, &signer, out)
+    })
+}
+
+/// Writes the URL a client gets for a child: under a static route's
+/// upstream (`route`: one with auth), that route's own URL with its query
+/// kept; anywhere else the relay's.
+fn push_child(
+    prefix: &str,
+    route: Option<&Route>,
+    child: &str,
+    segment: bool,
+    fmp4: bool,
+    signer: &ChildSigner<'_>,
+    out: &mut String,
+) {
+    match route.and_then(|r| r.child(child)) {
         Some((path, query)) => {
             out.push_str(prefix);
             out.push_str(&path);
             out.push('?');
             signer.push_route_query(&routing::decoded_path(&path), query, out);
         }
-        None => push_relay_child(prefix, child, segment, summary.fmp4, &signer, out),
-    })
+        None => push_relay_child(prefix, child, segment, fmp4, signer, out),
+    }
+}
+
+/// Writes a child as the relay's signed URL:
+/// `{prefix}/strm/proxy/{hint}?u=...` and its credentials.
+fn push_relay_child(prefix: &str, child: &str, segment: bool, fmp4: bool, signer: &ChildSigner<'_>, out: &mut String) {
+    out.push_str(prefix);
+    out.push_str(routing::RELAY_PREFIX);
+    hls::push_hint(child, segment, fmp4, out);
+    out.push('?');
+    signer.push_query(child, out);
 }
 
 /// Undoes a `Content-Encoding` (servers may ignore our `identity`), bounded.
@@ -164,7 +251,8 @@ fn decode(body: Vec<u8>, encoding: Option<&str>, max: usize) -> Result<String, S
             out
         }
     };
-    Ok(String::from_utf8_lossy(&raw).into_owned())
+    // Valid UTF-8 (nearly always) is taken as it is, without a copy.
+    Ok(String::from_utf8(raw).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 #[cfg(test)]
