@@ -319,7 +319,9 @@ impl Client {
         session.write_request_header(request).await?;
         session.finish_body().await?;
         for _ in 0..=MAX_INTERIM {
-            match tokio::time::timeout(read, session.read_response()).await {
+            // Boxed: the timer would otherwise widen every request's future
+            // (memory per slow stream) for the time a header is awaited.
+            match Box::pin(tokio::time::timeout(read, session.read_response())).await {
                 Ok(read) => read?,
                 Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "the header did not arrive whole"),
             };
