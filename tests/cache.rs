@@ -665,6 +665,10 @@ async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
 async fn objects_are_kept_for_their_freshness() {
     let o = Origin::start(|req| match req.path() {
         "/max-age-1" => Resp::new(200, Body::Bytes(b"a".to_vec())).header("Cache-Control", "max-age=1").into(),
+        // A number, but no time: added to the clock as it is, it overflowed.
+        "/max-age-max" => {
+            Resp::new(200, Body::Bytes(b"b".to_vec())).header("Cache-Control", "max-age=18446744073709551615").into()
+        }
         "/live.m3u8" => Resp::new(200, Body::Bytes(b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\ns.ts\n".to_vec()))
             .header("Content-Type", "application/vnd.apple.mpegurl")
             .into(),
@@ -688,6 +692,11 @@ async fn objects_are_kept_for_their_freshness() {
         assert_eq!(fetch(path, hint).await.status, 200);
         assert_eq!(o.count(path), 2, "{path}: stale after its lifetime, fetched again");
     }
+    for _ in 0..3 {
+        let got = fetch("/max-age-max", "x.bin").await;
+        assert_eq!((got.status, got.text().as_str()), (200, "b"));
+    }
+    assert_eq!(o.count("/max-age-max"), 1, "kept (for at most a year)");
 }
 
 /// A fill that dies for good (no validator to resume with) aborts every

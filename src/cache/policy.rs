@@ -221,8 +221,14 @@ pub fn lifetime(up: &ResponseHeader, kind: Kind, now: SystemTime, cfg: &Lifetime
             Kind::Live(target) => Duration::from_secs_f64((target / 2.0).clamp(0.0, 86_400.0)),
         },
     };
-    (!lifetime.is_zero()).then_some(lifetime)
+    (!lifetime.is_zero()).then_some(lifetime.min(MAX_LIFETIME))
 }
+
+/// The longest an object is kept, whatever the upstream says: a
+/// `max-age` of 2^64 - 1 is a number, but no time this process will see
+/// (added to the clock, it overflowed). Least recently used goes first
+/// long before.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
 
 #[cfg(test)]
 mod tests {
@@ -293,6 +299,10 @@ mod tests {
         assert_eq!(life(&resp(200, &[("Cache-Control", "public, max-age=30")]), Kind::Media), Some(30));
         assert_eq!(life(&resp(200, &[("Cache-Control", "max-age=30, s-maxage=90")]), Kind::Live(6.0)), Some(90));
         assert_eq!(life(&resp(200, &[("Cache-Control", "max-age=30"), ("Age", "10")]), Kind::Media), Some(20));
+        let forever = resp(200, &[("Cache-Control", "max-age=18446744073709551615")]);
+        assert_eq!(life(&forever, Kind::Media), Some(MAX_LIFETIME.as_secs()), "a number, but no time");
+        let far = resp(200, &[("Expires", "Fri, 31 Dec 9999 23:59:59 GMT")]);
+        assert_eq!(life(&far, Kind::Media), Some(MAX_LIFETIME.as_secs()));
         let dated = [("Date", "Tue, 01 Jul 2025 10:00:00 GMT"), ("Expires", "Tue, 01 Jul 2025 10:05:00 GMT")];
         assert_eq!(life(&resp(200, &dated), Kind::Media), Some(300));
         assert_eq!(life(&resp(200, &[("Expires", "0")]), Kind::Media), None, "an invalid Expires is in the past");
