@@ -75,9 +75,9 @@ pub(super) async fn answer(
     if down.req_header().method == http::Method::HEAD {
         return Ok(());
     }
-    ctx.body_bytes += len as u64;
     if let Some(whole) = whole {
         down.write_response_body(Bytes::from(whole), true).await?;
+        ctx.body_bytes += len as u64;
         return Ok(());
     }
     // Made again as it goes out, a piece at a time: the same bytes, as
@@ -91,6 +91,8 @@ pub(super) async fn answer(
             return Err(Error::explain(ErrorType::InternalError, "a playlist rewrote to another length").into());
         }
         down.write_response_body(Bytes::copy_from_slice(piece.as_bytes()), !more).await?;
+        // What was sent, for the access log, also when the client leaves.
+        ctx.body_bytes += piece.len() as u64;
         piece.clear();
         if !more {
             return Ok(());
