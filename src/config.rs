@@ -67,7 +67,17 @@ macro_rules! from_str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
-from_str!(Dur, |s| parse_duration(s).map(Dur));
+from_str!(Dur, |s| {
+    let d = parse_duration(s)?;
+    // Longer is never reached, and added to the clock it would overflow.
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is more than a year"));
+    }
+    Ok(Dur(d))
+});
+
+/// The longest duration any key accepts.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
 /// Parses a duration with a unit (`ms`, `s`, `m`, `h`, ...).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -781,6 +791,13 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+        // Written as a number, but never reached: refused by key, not a panic per request.
+        for never in ["18446744073709551615s", "99999999999999h", "366d"] {
+            let e = load(&format!("auth: {{mode: none}}\nupstream: {{connect_timeout: \"{never}\"}}\n")).unwrap_err();
+            assert_eq!(e.key, "upstream.connect_timeout", "{never}");
+            assert!(e.reason.contains("more than a year"), "{e}");
+        }
+        assert!(load("auth: {mode: none}\ncache: {ttl: \"365d\"}\n").is_ok());
     }
 
     #[test]
