@@ -681,6 +681,10 @@ impl Config {
         if self.stream.max_playlist_bytes == 0 || self.stream.max_playlist_bytes > 256 << 20 {
             return Err(("stream.max_playlist_bytes", "must be between 1 and 268435456 bytes".into()));
         }
+        if self.cache.max_bytes > 1 << 50 {
+            // The budget is counted in a signed 64-bit gauge: room for it twice.
+            return Err(("cache.max_bytes", "must be at most 1125899906842624 (1 PiB)".into()));
+        }
         if self.cache.max_bytes > 0 {
             let c = &self.cache;
             if c.max_object.is_some_and(|m| m == 0 || m > c.max_bytes) {
@@ -869,6 +873,7 @@ mod tests {
         assert_eq!(refused("cache: {ttl: \"0s\"}\n").0, "cache.ttl");
         assert_eq!(refused("cache: {playlist_ttl: \"0s\"}\n").0, "cache.playlist_ttl");
         assert_eq!(refused("cache: {max_bytes: -1}\n").0, "cache.max_bytes");
+        assert_eq!(refused("cache: {max_bytes: 18446744073709551615}\n").0, "cache.max_bytes");
         assert!(
             load("auth: {mode: none}\ncache: {max_bytes: 0, max_object_bytes: 0}\n").is_ok(),
             "off: the rest is unused"
