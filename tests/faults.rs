@@ -105,6 +105,24 @@ async fn get_with_a_body_keeps_the_connection_in_sync() {
     assert!(o.requests().iter().all(|r| r.header("content-length").is_none()), "a GET body never goes upstream");
 }
 
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+/// `Host` (nginx does); HTTP/1.0 has no Host to miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_request_without_host_is_400() {
+    let o = origin().await;
+    let p = Proxy::open().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {path} HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n").as_bytes()).await;
+    let got = c.read_response(false).await;
+    assert_eq!((got.status, got.text().as_str()), (400, "missing Host header\n"));
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("GET {path} HTTP/1.0\r\nRange: bytes=0-9\r\n\r\n").as_bytes()).await;
+    assert_eq!(c.read_response(false).await.status, 206);
+    assert_eq!(o.requests().len(), 1, "the refused one never went upstream");
+    healthy(&p, &o).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_request_header_is_refused() {
     let o = origin().await;

@@ -45,6 +45,8 @@ pub enum Failure {
     InvalidU,
     /// 400: `u` names a scheme other than http or https.
     UnsupportedScheme,
+    /// 400: an HTTP/1.1 request without `Host` (RFC 9112 §3.2 says so).
+    MissingHost,
     /// 403: the egress policy refused the destination.
     DestinationNotAllowed,
     /// 502: a redirect without a usable http(s) `Location`.
@@ -84,7 +86,7 @@ impl Failure {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             NotFound => StatusCode::NOT_FOUND,
             Auth(_) => StatusCode::UNAUTHORIZED,
-            ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme => {
+            ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme | MissingHost => {
                 StatusCode::BAD_REQUEST
             }
             DestinationNotAllowed => StatusCode::FORBIDDEN,
@@ -120,6 +122,7 @@ impl Failure {
             Missing(Param::Slug) => "missing parameter slug",
             InvalidU => "invalid parameter u",
             UnsupportedScheme => "unsupported scheme",
+            MissingHost => "missing Host header",
             DestinationNotAllowed => "destination not allowed",
             BadRedirect => "bad redirect",
             TooManyRedirects => "too many redirects",
@@ -222,7 +225,7 @@ mod tests {
     #[test]
     fn every_failure_has_its_status_and_reason() {
         use Failure::*;
-        let table: [(Failure, u16, &str); 24] = [
+        let table: [(Failure, u16, &str); 25] = [
             (MethodNotAllowed, 405, "method not allowed"),
             (NotFound, 404, "not found"),
             (Auth(AuthError::TokenExpired), 401, "token expired"),
@@ -233,6 +236,7 @@ mod tests {
             (Missing(Param::Slug), 400, "missing parameter slug"),
             (InvalidU, 400, "invalid parameter u"),
             (UnsupportedScheme, 400, "unsupported scheme"),
+            (MissingHost, 400, "missing Host header"),
             (DestinationNotAllowed, 403, "destination not allowed"),
             (BadRedirect, 502, "bad redirect"),
             (TooManyRedirects, 502, "too many redirects"),

@@ -36,7 +36,11 @@ impl Proxy {
 
     async fn handle(&self, down: &mut ServerSession, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
         let st = &*self.state;
-        let method = down.req_header().method.clone();
+        let req = down.req_header();
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+            return Err(Failure::MissingHost.into());
+        }
+        let method = req.method.clone();
         if method == Method::OPTIONS && st.cors.enabled() {
             ctx.route = RouteLabel::Preflight;
             let mut out = st.cors.preflight(down.req_header().headers.get(header::ORIGIN))?;
