@@ -154,6 +154,29 @@ fn dropped_by_name(name: &HeaderName) -> bool {
         || n == "x-content-type-options"
 }
 
+/// What is wrong with a request's `Host` (RFC 9112 §3.2: a server must
+/// answer 400 to an HTTP/1.1 request without one, and to any with several
+/// or with an invalid value), or `None`. Pingora refuses several itself. A
+/// valid value is `host[:port]`: letters, digits, `-._~`, the sub-delims,
+/// `%`, `:` and the brackets of an IPv6 literal; no user, path or space.
+pub fn host_problem(req: &pingora_http::RequestHeader) -> Option<HostProblem> {
+    match req.headers.get(header::HOST) {
+        None if req.version == http::Version::HTTP_11 => Some(HostProblem::Missing),
+        None => None,
+        Some(v) if v.is_empty() || !v.as_bytes().iter().all(|b| HOST_BYTES[*b as usize]) => Some(HostProblem::Invalid),
+        Some(_) => None,
+    }
+}
+
+/// See [`host_problem`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostProblem {
+    Missing,
+    Invalid,
+}
+
+const HOST_BYTES: [bool; 256] = crate::charclass::alnum_and(b"-._~!$&'()*+,;=%:[]");
+
 /// Removes from a client's request the end-to-end headers this proxy would
 /// otherwise act on or send upstream (`Range`, the conditionals, `Accept`,
 /// `User-Agent`) when its `Connection` names them: the client made them
@@ -590,6 +613,30 @@ mod tests {
             for h in ["x-custom", "x-other", "close"] {
                 assert_eq!(dropped.contains(&h), nominated.contains(&h), "{h} with Connection {connection:?}");
             }
+        }
+    }
+
+    #[test]
+    fn hosts_as_rfc_9112_reads_them() {
+        let req = |version, host: Option<&[u8]>| {
+            let mut r = pingora_http::RequestHeader::build("GET", b"/", None).unwrap();
+            r.set_version(version);
+            if let Some(h) = host {
+                r.insert_header("Host", HeaderValue::from_bytes(h).unwrap()).unwrap();
+            }
+            host_problem(&r)
+        };
+        use http::Version as V;
+        for good in
+            [&b"proxy.test"[..], b"proxy.test:8080", b"127.0.0.1:18090", b"[::1]:8080", b"xn--bcher-kva.example"]
+        {
+            assert_eq!(req(V::HTTP_11, Some(good)), None, "{good:?}");
+        }
+        assert_eq!(req(V::HTTP_11, None), Some(HostProblem::Missing));
+        assert_eq!(req(V::HTTP_10, None), None, "HTTP/1.0 has no Host to miss");
+        for bad in [&b""[..], b"a b", b"user@proxy.test", b"proxy.test/x", b"b\xc3\xbccher.example", b"a\tb"] {
+            assert_eq!(req(V::HTTP_11, Some(bad)), Some(HostProblem::Invalid), "{bad:?}");
+            assert_eq!(req(V::HTTP_10, Some(bad)), Some(HostProblem::Invalid), "{bad:?}");
         }
     }
 

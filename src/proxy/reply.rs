@@ -47,6 +47,8 @@ pub enum Failure {
     UnsupportedScheme,
     /// 400: an HTTP/1.1 request without `Host` (RFC 9112 §3.2 says so).
     MissingHost,
+    /// 400: a `Host` that is no `host[:port]` (RFC 9112 §3.2 again).
+    InvalidHost,
     /// 403: the egress policy refused the destination.
     DestinationNotAllowed,
     /// 502: a redirect without a usable http(s) `Location`.
@@ -86,9 +88,8 @@ impl Failure {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             NotFound => StatusCode::NOT_FOUND,
             Auth(_) => StatusCode::UNAUTHORIZED,
-            ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme | MissingHost => {
-                StatusCode::BAD_REQUEST
-            }
+            ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme | MissingHost
+            | InvalidHost => StatusCode::BAD_REQUEST,
             DestinationNotAllowed => StatusCode::FORBIDDEN,
             BadRedirect | TooManyRedirects | Unreachable | EgressProxy | ResolverUnavailable | PlaylistTooLarge
             | BadPlaylistEncoding | PlaylistUnavailable | UpstreamFailed => StatusCode::BAD_GATEWAY,
@@ -123,6 +124,7 @@ impl Failure {
             InvalidU => "invalid parameter u",
             UnsupportedScheme => "unsupported scheme",
             MissingHost => "missing Host header",
+            InvalidHost => "invalid Host header",
             DestinationNotAllowed => "destination not allowed",
             BadRedirect => "bad redirect",
             TooManyRedirects => "too many redirects",
@@ -225,7 +227,7 @@ mod tests {
     #[test]
     fn every_failure_has_its_status_and_reason() {
         use Failure::*;
-        let table: [(Failure, u16, &str); 25] = [
+        let table: [(Failure, u16, &str); 26] = [
             (MethodNotAllowed, 405, "method not allowed"),
             (NotFound, 404, "not found"),
             (Auth(AuthError::TokenExpired), 401, "token expired"),
@@ -237,6 +239,7 @@ mod tests {
             (InvalidU, 400, "invalid parameter u"),
             (UnsupportedScheme, 400, "unsupported scheme"),
             (MissingHost, 400, "missing Host header"),
+            (InvalidHost, 400, "invalid Host header"),
             (DestinationNotAllowed, 403, "destination not allowed"),
             (BadRedirect, 502, "bad redirect"),
             (TooManyRedirects, 502, "too many redirects"),

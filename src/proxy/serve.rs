@@ -15,6 +15,7 @@ use super::{Ctx, Proxy};
 use crate::auth::{self, AuthError, Query};
 use crate::config::AuthMode;
 use crate::content_type::is_playlist_path;
+use crate::headers::HostProblem;
 use crate::metrics::RouteLabel;
 use crate::routing::{self, RouteError, Target};
 use crate::upstream::Request;
@@ -36,11 +37,12 @@ impl Proxy {
 
     async fn handle(&self, down: &mut ServerSession, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
         let st = &*self.state;
-        let req = down.req_header();
-        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
-            return Err(Failure::MissingHost.into());
+        match crate::headers::host_problem(down.req_header()) {
+            None => {}
+            Some(HostProblem::Missing) => return Err(Failure::MissingHost.into()),
+            Some(HostProblem::Invalid) => return Err(Failure::InvalidHost.into()),
         }
-        let method = req.method.clone();
+        let method = down.req_header().method.clone();
         if method == Method::OPTIONS && st.cors.enabled() {
             ctx.route = RouteLabel::Preflight;
             let mut out = st.cors.preflight(down.req_header().headers.get(header::ORIGIN))?;
