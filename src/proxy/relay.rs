@@ -84,6 +84,12 @@ pub(super) async fn pump(
     // after it, the client socket is watched for a hang-up. Bytes of a
     // pipelined next request are kept by Pingora for that request.
     let mut request_body_done = down.is_body_done();
+    // Small pieces that were there at once, joined: Pingora sends each
+    // piece of a chunked response as a chunk and flushes it, so an upstream
+    // that sends its body a few bytes per chunk would otherwise cost a
+    // system call (and a chunk) per few bytes. Allocated only when needed,
+    // and given back before any wait (memory per slow stream).
+    let mut joined: Vec<u8> = Vec::new();
     loop {
         let chunk = {
             let mut read = std::pin::pin!(resp.read());
@@ -94,6 +100,7 @@ pub(super) async fn pump(
             match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
                 Poll::Ready(r) => r?,
                 Poll::Pending => {
+                    write_joined(down, &mut joined, sent).await?;
                     // Bounded like every other downstream write: a client that
                     // stopped reading must not park the stream forever.
                     match tokio::time::timeout(write_timeout, flush_down(down)).await {
@@ -118,15 +125,39 @@ pub(super) async fn pump(
             }
         };
         match chunk {
+            Some(bytes) if bytes.len() < SMALL_PIECE => {
+                joined.extend_from_slice(bytes);
+                if joined.len() >= JOINED {
+                    write_joined(down, &mut joined, sent).await?;
+                }
+            }
             Some(bytes) => {
+                write_joined(down, &mut joined, sent).await?;
                 write_down(down, bytes).await?;
                 sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
             None => break,
         }
     }
+    write_joined(down, &mut joined, sent).await?;
     down.finish_body().await
 }
+
+/// Writes the joined small pieces, if any, and gives their buffer back.
+async fn write_joined(down: &mut ServerSession, joined: &mut Vec<u8>, sent: &AtomicU64) -> Result<()> {
+    if joined.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::mem::take(joined);
+    write_down(down, &bytes).await?;
+    sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Pieces under this size are joined before they are written...
+const SMALL_PIECE: usize = 4096;
+/// ...up to this much.
+const JOINED: usize = 16 * 1024;
 
 /// Sends whatever the downstream write buffer holds. Pingora 0.9's v1
 /// server session has no public flush; a `Failed` task makes

@@ -521,6 +521,8 @@ pub struct Got {
     /// The body ended as its framing said (length reached, last chunk seen,
     /// or close-delimited EOF). False for an aborted response.
     pub complete: bool,
+    /// How many chunks a chunked body came in (0 otherwise).
+    pub chunks: usize,
 }
 
 impl Got {
@@ -578,12 +580,13 @@ impl Client {
         let status: u16 = status_line.next().unwrap().parse().unwrap();
         let (spelled, headers) = header_lines(lines);
         let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-        let mut got = Got { version, status, headers: headers.clone(), spelled, body: Vec::new(), complete: true };
+        let mut got =
+            Got { version, status, headers: headers.clone(), spelled, body: Vec::new(), complete: true, chunks: 0 };
         if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
             return got;
         }
         if get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
-            got.complete = self.read_chunked(&mut got.body).await;
+            got.complete = self.read_chunked(&mut got.body, &mut got.chunks).await;
         } else if let Some(cl) = get("content-length") {
             let cl: usize = cl.parse().unwrap();
             got.complete = self.read_exact_or_eof(cl, &mut got.body).await;
@@ -634,7 +637,7 @@ impl Client {
         }
     }
 
-    async fn read_chunked(&mut self, out: &mut Vec<u8>) -> bool {
+    async fn read_chunked(&mut self, out: &mut Vec<u8>, chunks: &mut usize) -> bool {
         loop {
             let Some(line) = self.read_line().await else { return false };
             let Ok(size) = usize::from_str_radix(line.split(';').next().unwrap().trim(), 16) else { return false };
@@ -648,6 +651,7 @@ impl Client {
                     }
                 }
             }
+            *chunks += 1;
             let mut chunk = Vec::new();
             if !self.read_exact_or_eof(size, &mut chunk).await {
                 out.extend(chunk);
