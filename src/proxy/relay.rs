@@ -98,7 +98,12 @@ pub(super) async fn pump(
             // has everything received so far, then wait for upstream or the
             // client, keeping the same read (it may be resuming).
             match std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
-                Poll::Ready(r) => r?,
+                Poll::Ready(Ok(chunk)) => chunk,
+                Poll::Ready(Err(e)) => {
+                    // What came before the failure still reaches the client.
+                    write_joined(down, &mut joined, sent).await?;
+                    return Err(e);
+                }
                 Poll::Pending => {
                     write_joined(down, &mut joined, sent).await?;
                     // Bounded like every other downstream write: a client that
