@@ -107,13 +107,17 @@ pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     out
 }
 
+/// The bytes of a header's names and values.
+pub fn byte_len(h: &ResponseHeader) -> usize {
+    h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum()
+}
+
 /// A copy of `h` that owns its bytes, all names and values in one buffer.
 /// A header Pingora parsed shares its whole read buffer (4 KiB or more,
 /// often with the first body bytes) through every name and value: kept as
 /// it is, a stored header of a few hundred bytes holds that buffer too.
 pub fn compact(h: &ResponseHeader) -> pingora_error::Result<ResponseHeader> {
-    let total = h.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-    let mut buf = bytes::BytesMut::with_capacity(total);
+    let mut buf = bytes::BytesMut::with_capacity(byte_len(h));
     let mut spans = Vec::with_capacity(h.headers.len());
     h.map(|name, value| {
         let name = match name {

@@ -90,8 +90,7 @@ impl Head {
     /// them. Measured (BENCHMARKS.md): 50 000 objects of a 1 KiB body with
     /// nginx's header took about 5.7 KiB each.
     pub(super) fn cost(&self, key: &Key) -> u64 {
-        let header: usize = self.header.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-        ENTRY_COST + (key.0.len() + header) as u64
+        ENTRY_COST + (key.0.len() + crate::headers::byte_len(&self.header)) as u64
     }
 
     /// RFC 9111's `Age`: the upstream's plus the time held here.
