@@ -739,6 +739,17 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     drop(stream);
 }
 
+/// A real nginx serving the files in `root` on an ephemeral port.
+async fn nginx_serving(root: &std::path::Path) -> (common::process::Spawned, u16) {
+    let port = unused_addr().port();
+    let nginx = common::process::spawn_nginx(&format!(
+        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
+        root.display()
+    ));
+    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    (nginx, port)
+}
+
 /// DESIGN "Many viewers, one hoster fetch" — memory: 2 GiB of distinct
 /// cacheable objects (128 of 16 MiB, from nginx) streamed through the
 /// binary with the default config (cache.max_bytes 128 MiB) keep its peak
@@ -753,12 +764,7 @@ async fn the_cache_keeps_memory_within_max_bytes() {
     let obj = pattern(0, 16 * MB);
     std::fs::write(root.path().join("obj.bin"), &obj).unwrap();
     std::fs::write(root.path().join("big.bin"), pattern(0, 64 * MB)).unwrap();
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
-        root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let (nginx, port) = nginx_serving(root.path()).await;
     let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\n").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = p.rss();
@@ -836,12 +842,7 @@ async fn a_playlist_many_times_larger_rewritten_goes_out_without_being_held() {
     let lines = 1_000_000;
     let playlist = format!("#EXTM3U\n#EXT-X-TARGETDURATION:4\n{}#EXT-X-ENDLIST\n", "a\n".repeat(lines));
     std::fs::write(root.path().join("list.m3u8"), &playlist).unwrap();
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
-        root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+    let (_nginx, port) = nginx_serving(root.path()).await;
     let p = Running::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle = p.rss();
