@@ -13,7 +13,13 @@ pub fn extension(path: &str) -> Option<&str> {
 
 /// Whether a URL path names a playlist: it ends in `.m3u8` or `.m3u` (any case).
 pub fn is_playlist_path(path: &str) -> bool {
-    extension(path).is_some_and(|e| e.eq_ignore_ascii_case("m3u8") || e.eq_ignore_ascii_case("m3u"))
+    // What `extension` would find, read from the end only: every request's
+    // path (and hint) is asked.
+    let ends_with = |suffix: &[u8]| {
+        let p = path.as_bytes();
+        p.len() >= suffix.len() && p[p.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    ends_with(b".m3u8") || ends_with(b".m3u")
 }
 
 const MAX_EXT: usize = 8;
@@ -79,7 +85,9 @@ pub fn is_hls_type(ct: &str) -> bool {
 
 /// The media type without its parameters.
 fn base_type(ct: &str) -> &str {
-    ct.split(';').next().unwrap_or("").trim()
+    // A byte search, not `split`: every answer's type is asked.
+    let end = ct.bytes().position(|b| b == b';').unwrap_or(ct.len());
+    ct[..end].trim()
 }
 
 /// Whether the media type without parameters is one of `types` (lower-case).
@@ -144,6 +152,16 @@ mod tests {
         assert!(is_playlist_path("/radio/list.m3u"));
         assert!(!is_playlist_path("/a/index.m3u8/seg.ts"));
         assert!(!is_playlist_path("/a/m3u8"));
+        assert!(is_playlist_path("/.m3u8") && !is_playlist_path("") && !is_playlist_path("m3u"));
+    }
+
+    proptest::proptest! {
+        /// Read from the end, it agrees with the extension of the last segment.
+        #[test]
+        fn playlist_paths_are_those_of_a_playlist_extension(path in "[/a-zA-Z.]{0,4}(\\.[mM]3[uU]8?)?[/.a-z]{0,3}") {
+            let by_extension = extension(&path).is_some_and(|e| e.eq_ignore_ascii_case("m3u8") || e.eq_ignore_ascii_case("m3u"));
+            proptest::prop_assert_eq!(is_playlist_path(&path), by_extension);
+        }
     }
 
     #[test]

@@ -398,7 +398,8 @@ pub fn content_length(h: &HeaderMap) -> Option<u64> {
 
 /// A non-negative decimal number of digits only (no sign, no spaces inside).
 pub fn digits(s: &str) -> Option<u64> {
-    let s = s.trim();
+    // HTTP's whitespace is ASCII (a space or a tab around a number).
+    let s = s.trim_ascii();
     (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
 }
 

@@ -89,12 +89,14 @@ pub fn answerable_range(v: &http::HeaderValue) -> bool {
 /// with the whole (empty) object, as nginx and Apache answer it; one
 /// starting later is past the end.
 fn single_range(v: &str, len: u64) -> Option<Plan> {
-    let spec = v.trim().strip_prefix("bytes=")?.trim();
-    if spec.contains(',') {
+    let spec = v.trim_ascii().strip_prefix("bytes=")?.trim_ascii();
+    // Byte searches (every range answered from memory is read twice).
+    if spec.as_bytes().contains(&b',') {
         return None;
     }
-    let (a, raw_b) = spec.split_once('-')?;
-    let (a, b) = (a.trim(), raw_b.trim());
+    let dash = spec.bytes().position(|b| b == b'-')?;
+    let (a, raw_b) = (&spec[..dash], &spec[dash + 1..]);
+    let (a, b) = (a.trim_ascii(), raw_b.trim_ascii());
     let digits = |s: &str| crate::headers::digits(s);
     match (a.is_empty(), b.is_empty()) {
         (false, _) => {

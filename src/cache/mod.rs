@@ -201,8 +201,9 @@ impl Cache {
     }
 
     /// What the cache has for `key`. A `Fill` request that finds nothing
-    /// starts a fill of `req` on `client` (in a task of its own).
-    pub fn find(&self, key: Key, want: Want, client: &Client, req: &Request) -> Found {
+    /// starts a fill of `req()` on `client` (in a task of its own); the
+    /// request is only made then.
+    pub fn find(&self, key: Key, want: Want, client: &Client, req: impl FnOnce() -> Request) -> Found {
         let mut store = self.lock();
         if let Some(s) = store.lru.get(&key) {
             let usable = matches!(want, Want::Head | Want::HeadAgain) || !s.entry.head_only;
@@ -231,7 +232,7 @@ impl Cache {
         store.filling.insert(key, entry.clone());
         drop(store);
         let (handoff, rx) = oneshot::channel();
-        tokio::spawn(fill::run(self.clone(), entry.clone(), client.clone(), req.clone(), handoff));
+        tokio::spawn(fill::run(self.clone(), entry.clone(), client.clone(), req(), handoff));
         Found::Led(entry, rx)
     }
 

@@ -78,7 +78,8 @@ impl Stream {
 #[derive(Debug, Default)]
 pub struct Streams {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Stream>>>,
+    /// aHash: the ids are this process's own counter, no one else's input.
+    open: Mutex<HashMap<u64, Arc<Stream>, ahash::RandomState>>,
 }
 
 /// A stream's place in the registry, given up when dropped (the stream
@@ -96,7 +97,7 @@ impl Drop for Open<'_> {
 }
 
 impl Streams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Stream>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Stream>, ahash::RandomState>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -43,27 +43,40 @@ pub(super) async fn relay(
     Ok(())
 }
 
-/// What a stream's access line would say if the shutdown cut it.
+/// What a stream's access line would say if the shutdown cut it. Without
+/// an access log, only what the warning says (the method, the path, the
+/// route and the bytes): every stream registers, almost none is cut.
 fn stream_of(down: &ServerSession, ctx: &Ctx) -> Stream {
     let req = down.req_header();
-    Stream {
-        at: std::time::SystemTime::now() - ctx.start.elapsed(),
+    let mut stream = Stream {
+        at: std::time::UNIX_EPOCH,
         started: ctx.start,
-        ttfb_ms: ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64),
-        peer: down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-        forwarded_for: crate::access::forwarded_for(&req.headers),
+        ttfb_ms: None,
+        peer: None,
+        forwarded_for: None,
         method: req.method.clone(),
         uri: req.uri.clone(),
         route: ctx.route,
         route_index: ctx.route_index,
         status: ctx.status,
-        upstream_host: ctx.upstream_host.clone(),
+        upstream_host: String::new(),
         upstream_status: ctx.upstream_status,
-        cache: ctx.cache.map_or("", crate::metrics::CacheResult::as_str),
-        user_agent: req.headers.get(http::header::USER_AGENT).cloned(),
-        request_id: ctx.request_id.clone(),
+        cache: "",
+        user_agent: None,
+        request_id: String::new(),
         bytes: AtomicU64::new(0),
+    };
+    if log::log_enabled!(target: "access", log::Level::Info) {
+        stream.at = std::time::SystemTime::now() - ctx.start.elapsed();
+        stream.ttfb_ms = ctx.first_byte.map(|t| t.duration_since(ctx.start).as_millis() as u64);
+        stream.peer = down.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        stream.forwarded_for = crate::access::forwarded_for(&req.headers);
+        stream.upstream_host = ctx.upstream_host.clone();
+        stream.cache = ctx.cache.map_or("", crate::metrics::CacheResult::as_str);
+        stream.user_agent = req.headers.get(http::header::USER_AGENT).cloned();
+        stream.request_id = ctx.request_id.clone();
     }
+    stream
 }
 
 /// Copies the upstream body to the client one buffer at a time, counting

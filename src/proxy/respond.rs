@@ -55,7 +55,12 @@ impl Proxy {
         let chunk = cache.settings().chunk;
         let mut want = want;
         loop {
-            return match cache.find(key.clone(), want, &st.client, &req) {
+            let fill = || {
+                let mut fill = req.clone();
+                self.forwarding(down, &mut fill);
+                fill
+            };
+            return match cache.find(key.clone(), want, &st.client, fill) {
                 Found::Hit(entry) => {
                     // A HEAD that waited for another's answer shared its fetch.
                     let shared = want == Want::HeadAgain;
@@ -152,8 +157,9 @@ impl Proxy {
         &self,
         down: &mut ServerSession,
         ctx: &mut Ctx,
-        req: Request,
+        mut req: Request,
     ) -> Result<Result<Source, FetchError>, Outcome> {
+        self.forwarding(down, &mut req);
         let access_log = log::log_enabled!(target: "access", log::Level::Info);
         if access_log {
             ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
@@ -169,6 +175,15 @@ impl Proxy {
             ctx.upstream_host = resp.url().host_str().unwrap_or_default().to_string();
         }
         Ok(Ok(Source::Upstream(resp)))
+    }
+
+    /// Reads the client's headers that go upstream into `req`, once. Only
+    /// a request that goes upstream needs them (an answer from memory never
+    /// does), so the request path leaves them out until then.
+    fn forwarding(&self, down: &ServerSession, req: &mut Request) {
+        if req.forwarded.is_empty() {
+            req.forwarded = self.state.client.forwarded(&down.req_header().headers);
+        }
     }
 
     fn count_cache(&self, ctx: &mut Ctx, result: CacheResult) {

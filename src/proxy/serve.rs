@@ -62,7 +62,6 @@ impl Proxy {
         let key_header = down.req_header().headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
         let now = auth::now_unix();
         let req = down.req_header();
-        let forwarded = st.client.forwarded(&req.headers);
         let asked = Asked {
             children: Children::Relay,
             known_playlist: false,
@@ -91,13 +90,20 @@ impl Proxy {
                 };
                 let known_playlist = is_playlist_path(url.path()) || is_playlist_path(hint);
                 let asked = Asked { known_playlist, hint: Some(hint), ..asked };
-                (asked, Request { method, url, forwarded, extra: None, trusted: None, whole: known_playlist }, key)
+                // `forwarded` (the client's headers that go upstream) is
+                // read only when the request goes upstream (`Proxy::open`).
+                (
+                    asked,
+                    Request { method, url, forwarded: Vec::new(), extra: None, trusted: None, whole: known_playlist },
+                    key,
+                )
             }
             Target::Stream => {
                 ctx.route = RouteLabel::Stream;
                 let query = Query::parse(raw_query);
                 self.authenticate(&query, key_header.as_deref(), now)?;
                 let key = client_key(&query, key_header.as_deref());
+                let forwarded = st.client.forwarded(&down.req_header().headers);
                 // Boxed: the rare resolver path must not inflate every request's future.
                 return Box::pin(self.stream(down, ctx, &query, &asked, key.as_deref(), forwarded)).await;
             }
@@ -130,7 +136,7 @@ impl Proxy {
                 let whole = known_playlist && guarded;
                 (
                     asked,
-                    Request { method, url, forwarded, extra: None, trusted, whole },
+                    Request { method, url, forwarded: Vec::new(), extra: None, trusted, whole },
                     client_key(&query, key_header.as_deref()),
                 )
             }

@@ -36,7 +36,9 @@ struct Entry {
 
 pub struct Verified {
     /// `None` in API-key mode.
-    seen: Option<moka::sync::Cache<Box<str>, Arc<Entry>>>,
+    /// Hashed with aHash (keyed per process): a signed query is a hundred
+    /// bytes or more, and SipHash of it was most of a lookup.
+    seen: Option<moka::sync::Cache<Box<str>, Arc<Entry>, ahash::RandomState>>,
 }
 
 impl Verified {
@@ -45,7 +47,7 @@ impl Verified {
             moka::sync::Cache::<Box<str>, Arc<Entry>>::builder()
                 .max_capacity(MAX_BYTES)
                 .weigher(|k, v| u32::try_from(k.len() + v.url.as_str().len() + ENTRY_COST).unwrap_or(u32::MAX))
-                .build()
+                .build_with_hasher(ahash::RandomState::new())
         });
         Verified { seen }
     }

@@ -21,7 +21,9 @@ pub struct Request {
     pub method: Method,
     /// The URL; after [`Client::open`](super::Client::open), the final one (redirects followed).
     pub url: Url,
-    /// The client's headers that go upstream ([`headers::forwarded_request_headers`]).
+    /// The client's headers that go upstream ([`headers::forwarded_request_headers`]);
+    /// empty until the request path reads them, just before it goes upstream
+    /// (never empty then: `Accept-Encoding` is always among them).
     pub forwarded: Vec<WireHeader>,
     /// The resolver's headers (win over provider profiles).
     pub extra: Option<Arc<[WireHeader]>>,
