@@ -97,6 +97,12 @@ pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     for name in &dropped {
         out.remove_header(name);
     }
+    if up.status == http::StatusCode::NO_CONTENT {
+        // RFC 9110 §8.6: a server MUST NOT send a length with a 204 (some
+        // upstreams do; nginx drops it too).
+        out.remove_header(&header::CONTENT_LENGTH);
+        return out;
+    }
     let mut lengths = up.headers.get_all(header::CONTENT_LENGTH).iter();
     let repeated = lengths.next().is_some_and(|v| v.as_bytes().contains(&b',') || lengths.next().is_some());
     if repeated {

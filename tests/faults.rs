@@ -34,6 +34,7 @@ async fn origin() -> Origin {
             Action::Raw(raw)
         }
         "/empty-reply" => Action::Raw(Vec::new()),
+        "/no-content-with-length" => Action::Raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec()),
         _ => serve_file(req, 5000, Some("video/mp4")).into(),
     })
     .await
@@ -64,6 +65,13 @@ async fn upstream_protocol_faults() {
     let got = get(p.addr(), "GET", &relay_path("x", &o.url("/informational")), &[]).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.text(), "hello");
+    // RFC 9110 §8.6: no length goes out with a 204, whatever the upstream sent.
+    let mut c = Client::connect(p.addr()).await;
+    let got = c.request("GET", &relay_path("x", &o.url("/no-content-with-length")), &[]).await;
+    assert_eq!((got.status, got.header("content-length"), got.body.len()), (204, None, 0));
+    let again = c.request("GET", &relay_path("ok.mp4", &o.url("/ok.mp4")), &[("Range", "bytes=0-9")]).await;
+    assert_eq!(again.status, 206, "the connection stays in sync");
+    assert_body(&again.body, &pattern(0, 10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
