@@ -20,11 +20,15 @@ use crate::metrics::RouteLabel;
 use crate::routing::{self, RouteError, Target};
 use crate::upstream::Request;
 
+// Names as constants: a lookup by a `&str` parses and lowers the name first.
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key");
+
 impl Proxy {
     /// Answers one request on Pingora's downstream session.
     pub(super) async fn serve(&self, down: &mut ServerSession, ctx: &mut Ctx) -> Result<()> {
         down.set_write_timeout(Some(self.state.downstream_write_timeout));
-        ctx.request_id = crate::access::request_id(down.req_header().headers.get("x-request-id"));
+        ctx.request_id = crate::access::request_id(down.req_header().headers.get(X_REQUEST_ID));
         // Players pipeline: keep bytes of the next request that arrive
         // while this response streams, instead of failing this one.
         down.set_pipelining_enabled(true);
@@ -59,7 +63,7 @@ impl Proxy {
         let uri = down.req_header().uri.clone();
         let (path, raw_query) = (uri.path(), uri.query());
         let target = routing::classify(path, &st.routes).ok_or(Failure::NotFound)?;
-        let key_header = down.req_header().headers.get("x-api-key").map(|v| v.as_bytes().to_vec());
+        let key_header = down.req_header().headers.get(X_API_KEY).map(|v| v.as_bytes().to_vec());
         let now = auth::now_unix();
         let req = down.req_header();
         let asked = Asked {
