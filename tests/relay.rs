@@ -136,6 +136,20 @@ async fn range_is_forwarded_byte_for_byte_and_206_passed_through() {
     assert_eq!(seen[0].header("range"), Some("bytes=100-199"));
 }
 
+/// A request id names the request's access line. These tests run without
+/// an access log, so a new id would name nothing: only a client's own comes
+/// back (with the log on, tests/binary.rs sees new ones made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_come_back_where_they_name_something() {
+    let (o, p) = setup().await;
+    let path = relay_path("v.mp4", &o.url("/small.mp4"));
+    let own = get(p.addr(), "GET", &path, &[("X-Request-Id", "player-7")]).await;
+    assert_eq!((own.status, own.header("x-request-id")), (200, Some("player-7")));
+    let none = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!((none.status, none.header("x-request-id")), (200, None));
+    assert_body(&none.body, &pattern(0, 1000));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_range_is_never_added_and_full_body_is_exact() {
     let (o, p) = setup().await;

@@ -28,7 +28,12 @@ impl Proxy {
     /// Answers one request on Pingora's downstream session.
     pub(super) async fn serve(&self, down: &mut ServerSession, ctx: &mut Ctx) -> Result<()> {
         down.set_write_timeout(Some(self.state.downstream_write_timeout));
-        ctx.request_id = crate::access::request_id(down.req_header().headers.get(X_REQUEST_ID));
+        // The id names the request's access line: without an access log
+        // only a client's own id is returned (nothing would know a new one).
+        let client_id = down.req_header().headers.get(X_REQUEST_ID);
+        if client_id.is_some() || log::log_enabled!(target: "access", log::Level::Info) {
+            ctx.request_id = crate::access::request_id(client_id);
+        }
         // Players pipeline: keep bytes of the next request that arrive
         // while this response streams, instead of failing this one.
         down.set_pipelining_enabled(true);
