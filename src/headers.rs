@@ -99,7 +99,7 @@ pub fn relayed(up: &ResponseHeader) -> ResponseHeader {
     }
     if up.status == http::StatusCode::NO_CONTENT {
         // RFC 9110 §8.6: a server MUST NOT send a length with a 204 (some
-        // upstreams do; nginx drops it too).
+        // upstreams do, and nginx 1.22 as a proxy relays it).
         out.remove_header(&header::CONTENT_LENGTH);
         return out;
     }

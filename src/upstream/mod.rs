@@ -310,7 +310,8 @@ impl Client {
     /// read timeout is per read, so a header trickling in a line at a time,
     /// or interim answers without end, would hold the request for ever:
     /// each header must arrive whole within `read`, and at most
-    /// [`MAX_INTERIM`] interim answers come before the final one.
+    /// [`MAX_INTERIM`] interim answers come before the final one; none may
+    /// be over [`MAX_HEADER_BYTES`].
     async fn send_and_read_header(
         session: &mut HttpSession,
         request: Box<RequestHeader>,
@@ -325,7 +326,11 @@ impl Client {
                 Ok(read) => read?,
                 Err(_) => return Error::e_explain(ErrorType::ReadTimedout, "the header did not arrive whole"),
             };
-            let status = session.resp_header().map(|h| h.status.as_u16()).unwrap_or(0);
+            let header = session.resp_header();
+            if header.is_some_and(|h| crate::headers::byte_len(h) > MAX_HEADER_BYTES) {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "the header is over 64 KiB");
+            }
+            let status = header.map(|h| h.status.as_u16()).unwrap_or(0);
             // Interim 1xx responses are consumed; 101 is never requested.
             if !(100..200).contains(&status) {
                 return Ok(());
@@ -380,11 +385,19 @@ fn location_text(v: &HeaderValue) -> Cow<'_, str> {
     percent_encoding::percent_encode(v.as_bytes(), &percent_encoding::AsciiSet::EMPTY).into()
 }
 
-/// Errors that a server closing an idle keep-alive connection produces.
 /// Interim (1xx) answers accepted before the final one: servers send one
 /// or two (`100 Continue`, `103 Early Hints`).
 const MAX_INTERIM: usize = 8;
 
+/// The most header bytes (names and values) an upstream answer may have.
+/// Pingora reads up to 1 MiB, and a relayed answer keeps its header for as
+/// long as it streams: 50 streams of a 900 KB header took 21 MB of RSS
+/// against 8 MB with a small one (BENCHMARKS.md). Real answers are a few
+/// hundred bytes; nginx refuses more than its 4-8 KiB `proxy_buffer_size`,
+/// curl more than 100 KiB.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Errors that a server closing an idle keep-alive connection produces.
 fn is_stale_connection(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::H1Error)
 }
