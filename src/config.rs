@@ -306,11 +306,15 @@ impl Default for UpstreamConf {
 #[serde(deny_unknown_fields, default)]
 pub struct DownstreamConf {
     pub write_timeout: Dur,
+    /// How long a client's idle keep-alive connection is kept open for its
+    /// next request (whole seconds).
+    pub keepalive_timeout: Dur,
 }
 
 impl Default for DownstreamConf {
     fn default() -> Self {
-        Self { write_timeout: Dur(Duration::from_secs(60)) }
+        // 75 s: nginx's `keepalive_timeout`.
+        Self { write_timeout: Dur(Duration::from_secs(60)), keepalive_timeout: Dur(Duration::from_secs(75)) }
     }
 }
 
@@ -648,6 +652,10 @@ impl Config {
                 ));
             }
         }
+        if self.downstream.keepalive_timeout.0 < Duration::from_secs(1) {
+            // Counted in whole seconds, where 0 would mean for ever.
+            return Err(("downstream.keepalive_timeout", "must be at least 1s".into()));
+        }
         if self.upstream.max_cooldown.0 < Duration::from_secs(1) {
             return Err(("upstream.max_cooldown", "must be at least 1s (the shortest cooldown)".into()));
         }
@@ -860,6 +868,9 @@ mod tests {
         assert_eq!(refused("log: {trusted_proxies: [\"10.0.0.0/33\"]}\n").0, "log.trusted_proxies[0]");
         assert_eq!(refused("upstream: {queue_timeout: \"0s\"}\n").0, "upstream.queue_timeout");
         assert_eq!(refused("upstream: {max_cooldown: \"0s\"}\n").0, "upstream.max_cooldown");
+        assert_eq!(refused("downstream: {keepalive_timeout: \"500ms\"}\n").0, "downstream.keepalive_timeout");
+        let kept = load("auth: {mode: none}\ndownstream: {keepalive_timeout: \"2m\"}\n").unwrap();
+        assert_eq!(kept.downstream.keepalive_timeout.0, Duration::from_secs(120));
         assert_eq!(refused("upstream: {max_connections_per_host: -1}\n").0, "upstream.max_connections_per_host");
         assert_eq!(refused("providers: [{hosts: [a.com], max_connections: x}]\n").0, "providers[0].max_connections");
         assert_eq!(refused("cache: {max_bytes: 1000, max_object_bytes: 1001}\n").0, "cache.max_object_bytes");

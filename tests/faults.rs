@@ -177,3 +177,37 @@ async fn huge_request_header_is_refused() {
     assert!(closed_or_refused);
     healthy(&p, &o).await;
 }
+
+/// Pingora would keep an idle keep-alive connection open for ever (a
+/// player that vanished without closing would hold it for good): like
+/// nginx's `keepalive_timeout`, one idle for `downstream.keepalive_timeout`
+/// is closed, while one in use stays; a client's `Keep-Alive: timeout=`
+/// (which Pingora would follow) cannot lengthen it; HTTP/1.0 without
+/// keep-alive still closes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_are_closed() {
+    let o = origin().await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {keepalive_timeout: 2s}\n",
+    )
+    .await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let mut busy = Client::connect(p.addr()).await;
+    for i in 0..4u64 {
+        let got = busy.request("GET", &path, &[("Range", &format!("bytes={i}-{i}"))]).await;
+        assert_eq!(got.status, 206, "request {i} on one connection");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    assert!(!busy.is_closed(Duration::from_millis(300)).await, "in use for 5 s, never idle for 2 s: open");
+    assert!(busy.is_closed(Duration::from_secs(4)).await, "idle for 2 s: closed");
+
+    let mut asks_longer = Client::connect(p.addr()).await;
+    let asked = [("Connection", "keep-alive"), ("Keep-Alive", "timeout=600")];
+    assert_eq!(asks_longer.request("GET", &path, &asked).await.status, 200);
+    assert!(asks_longer.is_closed(Duration::from_secs(4)).await, "a client cannot keep it longer");
+
+    let mut old = Client::connect(p.addr()).await;
+    old.send_raw(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await;
+    assert_eq!(old.read_response(false).await.status, 200);
+    assert!(old.is_closed(Duration::from_millis(500)).await, "HTTP/1.0 without keep-alive: closed at once");
+}

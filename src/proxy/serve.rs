@@ -28,6 +28,15 @@ impl Proxy {
     /// Answers one request on Pingora's downstream session.
     pub(super) async fn serve(&self, down: &mut ServerSession, ctx: &mut Ctx) -> Result<()> {
         down.set_write_timeout(Some(self.state.downstream_write_timeout));
+        // Pingora keeps an idle keep-alive connection for ever (or as long
+        // as a client's `Connection: keep-alive` + `Keep-Alive: timeout=`
+        // asks): a client that vanished without closing would hold it, and
+        // its memory, for good. Like nginx, one idle this long is closed.
+        // `Some(0)` is "for ever"; `None` (no keep-alive) stays as it is.
+        if let Some(asked) = down.get_keepalive() {
+            let most = self.state.downstream_keepalive_secs;
+            down.set_keepalive(Some(if asked == 0 { most } else { asked.min(most) }));
+        }
         // The id names the request's access line: without an access log
         // only a client's own id is returned (nothing would know a new one).
         let client_id = down.req_header().headers.get(X_REQUEST_ID);

@@ -30,6 +30,8 @@ pub struct State {
     pub public_base: String,
     pub max_playlist_bytes: usize,
     pub downstream_write_timeout: Duration,
+    /// Whole seconds an idle keep-alive client connection is kept.
+    pub downstream_keepalive_secs: u64,
     pub resolver: Option<Resolver>,
     /// The shared cache (`None`: `cache.max_bytes: 0`).
     pub cache: Option<Cache>,
@@ -91,6 +93,7 @@ impl State {
                 .map_or(String::new(), |b| b.0.as_str().trim_end_matches('/').into()),
             max_playlist_bytes: cfg.stream.max_playlist_bytes,
             downstream_write_timeout: cfg.downstream.write_timeout.0,
+            downstream_keepalive_secs: cfg.downstream.keepalive_timeout.0.as_secs(),
             resolver: cfg
                 .resolver
                 .url
