@@ -89,8 +89,7 @@ pub(super) async fn pump(
     write_timeout: Duration,
     sent: &AtomicU64,
 ) -> Result<()> {
-    write_down(down, &first).await?;
-    sent.fetch_add(first.len() as u64, Ordering::Relaxed);
+    write_down(down, &first, sent).await?;
     // Sent: its buffer is not held for the rest of the stream.
     drop(first);
     // A request body (never forwarded) is read and dropped while we wait;
@@ -151,8 +150,7 @@ pub(super) async fn pump(
             }
             Some(bytes) => {
                 write_joined(down, &mut joined, sent).await?;
-                write_down(down, bytes).await?;
-                sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                write_down(down, bytes, sent).await?;
             }
             None => break,
         }
@@ -163,13 +161,7 @@ pub(super) async fn pump(
 
 /// Writes the joined small pieces, if any, and gives their buffer back.
 async fn write_joined(down: &mut ServerSession, joined: &mut Vec<u8>, sent: &AtomicU64) -> Result<()> {
-    if joined.is_empty() {
-        return Ok(());
-    }
-    let bytes = std::mem::take(joined);
-    write_down(down, &bytes).await?;
-    sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    Ok(())
+    write_down(down, &std::mem::take(joined), sent).await
 }
 
 /// Pieces under this size are joined before they are written...
@@ -194,7 +186,8 @@ async fn flush_down(down: &mut ServerSession) -> Result<()> {
     Ok(())
 }
 
-async fn write_down(down: &mut ServerSession, bytes: &[u8]) -> Result<()> {
+/// Writes body bytes to the client and counts them into `sent` once written.
+async fn write_down(down: &mut ServerSession, bytes: &[u8], sent: &AtomicU64) -> Result<()> {
     // A zero-length write would end a chunked response early.
     if bytes.is_empty() {
         return Ok(());
@@ -204,7 +197,9 @@ async fn write_down(down: &mut ServerSession, bytes: &[u8]) -> Result<()> {
         other => other.write_response_body(Bytes::copy_from_slice(bytes), false).await,
     };
     // A failed write is the client's side (gone, or too slow).
-    written.map_err(|e| e.into_down())
+    written.map_err(|e| e.into_down())?;
+    sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Runs `work` unless the client hangs up first: then the work is dropped
