@@ -46,6 +46,13 @@ async fn origin() -> Origin {
     .await
 }
 
+/// The origin, the proxy in open mode, and the relay path of the origin's `/v.mp4`.
+async fn setup() -> (Origin, Proxy, String) {
+    let o = origin().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    (o, Proxy::open().await, path)
+}
+
 async fn healthy(p: &Proxy, o: &Origin) {
     let got = get(p.addr(), "GET", &relay_path("ok.mp4", &o.url("/ok.mp4")), &[("Range", "bytes=0-99")]).await;
     assert_eq!(got.status, 206, "the proxy stays healthy");
@@ -86,9 +93,7 @@ async fn upstream_protocol_faults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {
-    let o = origin().await;
-    let p = Proxy::open().await;
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let (_o, p, path) = setup().await;
 
     // Pipelined: two requests in one write, answered in order.
     let mut c = Client::connect(p.addr()).await;
@@ -106,9 +111,7 @@ async fn pipelined_requests_are_answered_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_with_a_body_keeps_the_connection_in_sync() {
-    let o = origin().await;
-    let p = Proxy::open().await;
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let (o, p, path) = setup().await;
     let mut c = Client::connect(p.addr()).await;
     c.send_raw(
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nRange: bytes=0-9\r\n\r\nhello").as_bytes(),
@@ -128,9 +131,7 @@ async fn get_with_a_body_keeps_the_connection_in_sync() {
 /// Host to miss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_or_invalid_host_is_400() {
-    let o = origin().await;
-    let p = Proxy::open().await;
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let (o, p, path) = setup().await;
     let mut c = Client::connect(p.addr()).await;
     c.send_raw(format!("GET {path} HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n").as_bytes()).await;
     let got = c.read_response(false).await;
@@ -154,9 +155,7 @@ async fn a_missing_or_invalid_host_is_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_request_header_is_refused() {
-    let o = origin().await;
-    let p = Proxy::open().await;
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let (o, p, path) = setup().await;
     let mut c = Client::connect(p.addr()).await;
     let big = "a".repeat(2 * 1024 * 1024);
     c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
