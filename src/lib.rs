@@ -6,7 +6,10 @@
 //! drives Pingora's connector and HTTP/1.1 client over this crate's
 //! idle-connection pool.
 
-#![forbid(unsafe_code)]
+// No unsafe code but two lines, allowed where they are: `proxy::sendfile`
+// borrows the client socket's descriptor (which Pingora gives only as a
+// number) to send a stored body with `sendfile`.
+#![deny(unsafe_code)]
 // The docs are for this crate's developers (`cargo doc --document-private-items`):
 // module docs name the private modules and functions they are made of.
 #![allow(rustdoc::private_intra_doc_links)]

@@ -253,6 +253,103 @@ async fn ranges_conditionals_and_heads_are_answered_from_memory() {
     assert_eq!(o.requests()[1].header("range"), Some("bytes=0-1,5-6"));
 }
 
+/// A stored body of 64 KiB or more is sent from its in-memory file with
+/// `sendfile`, past Pingora's body writer: a reader whose socket buffer is
+/// tiny (so the kernel's buffer fills again and again) gets every byte of
+/// its range and then, on the same connection, a second answer; a reader
+/// that stops reading is dropped after `downstream.write_timeout` while
+/// others are answered; and the origin was asked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_body_is_sent_whole_to_slow_readers_and_a_stalled_one_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const LEN: u64 = 4_000_000;
+    let o = Origin::start(|req| serve_file(req, LEN, Some("video/mp4")).into()).await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\ndownstream: {write_timeout: \"1s\"}\n",
+    )
+    .await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let whole = get(p.addr(), "GET", &path, &[]).await;
+    assert_eq!(whole.status, 200);
+    assert_body(&whole.body, &pattern(0, LEN));
+
+    let tiny = |addr| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(addr).await.unwrap()
+    };
+    // Reads one response: its header, then `Content-Length` bytes, `piece`
+    // at a time with a pause between; `buf` keeps what came after it.
+    async fn slow_response(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, piece: usize) -> (String, Vec<u8>) {
+        let mut tmp = vec![0u8; piece];
+        let end = loop {
+            if let Some(end) = find(buf, b"\r\n\r\n") {
+                break end;
+            }
+            let n = s.read(&mut tmp).await.unwrap();
+            assert!(n > 0, "closed before the header");
+            buf.extend_from_slice(&tmp[..n]);
+        };
+        let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+        buf.drain(..end + 4);
+        let len: usize =
+            head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).expect("a length").parse().unwrap();
+        while buf.len() < len {
+            let n = s.read(&mut tmp).await.unwrap();
+            assert!(n > 0, "closed after {} of {len} body bytes", buf.len());
+            buf.extend_from_slice(&tmp[..n]);
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+        let body = buf.drain(..len).collect();
+        (head, body)
+    }
+    let slow = async {
+        let mut s = tiny(p.addr()).await;
+        let mut buf = Vec::new();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = slow_response(&mut s, &mut buf, 8192).await;
+        assert!(head.starts_with("HTTP/1.1 206"), "{head}");
+        assert!(head.contains(&format!("Content-Range: bytes 1000-{}/{LEN}", LEN - 1)), "{head}");
+        assert_body(&body, &pattern(1000, LEN - 1000));
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=-70000\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = slow_response(&mut s, &mut buf, 8192).await;
+        assert!(head.starts_with("HTTP/1.1 206"), "the same connection answers again: {head}");
+        assert_body(&body, &pattern(LEN - 70000, 70000));
+    };
+    let stalled = async {
+        let mut s = tiny(p.addr()).await;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        // Never read for 4 s: the proxy gives up on it after 1 s of no progress.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut got = 0usize;
+        let mut tmp = vec![0u8; 65536];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "a stalled reader is still held");
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("a stalled reader is still held after {got} bytes"),
+            }
+        }
+        assert!((got as u64) < LEN, "the stalled reader was cut, not finished ({got} bytes)");
+    };
+    let others = async {
+        for i in 0..20u64 {
+            let got =
+                get(p.addr(), "GET", &path, &[("Range", &format!("bytes={}-{}", i * 100_000, i * 100_000 + 99_999))])
+                    .await;
+            assert_eq!(got.status, 206);
+            assert_body(&got.body, &pattern(i * 100_000, 100_000));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::join!(slow, stalled, others);
+    assert_eq!(o.requests().len(), 1, "all from memory");
+}
+
 /// A range memory cannot answer goes upstream with its `Range`; when the
 /// origin ignores it (Python's `http.server`, many scripts) and sends the
 /// whole object, that client gets the `200` as sent, and the object is

@@ -5,7 +5,7 @@
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
 //! reader never holds up the fill or another reader.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use pingora_http::ResponseHeader;
 use tokio::sync::watch;
 use url::Url;
 
+use super::sealed::BodyFile;
 use super::Key;
 use crate::upstream::FetchError;
 
@@ -113,6 +114,12 @@ pub enum Ready {
     Failed(FetchError),
 }
 
+/// A complete body: its pieces in the heap, or its sealed file.
+enum Stored {
+    Heap(Pieces),
+    File,
+}
+
 /// The body's pieces, in order, with the offset each starts at: each a view
 /// into one allocation of the whole body (one block per object keeps the
 /// allocator from fragmenting as objects come and go: measured in
@@ -139,10 +146,15 @@ pub struct Entry {
     pub(super) key: Key,
     progress: watch::Sender<Progress>,
     head: OnceLock<Head>,
+    /// The body in the heap, as it arrives...
     body: RwLock<Pieces>,
+    /// ...or in a file (decided at the first piece: [`BodyFile::new`]),
+    /// with how much of it is written.
+    file: OnceLock<Option<BodyFile>>,
+    filed: AtomicU64,
     /// The body once complete: read as it is, without the lock or the
     /// progress channel (most reads, on a busy cache, are of these).
-    stored: OnceLock<Pieces>,
+    stored: OnceLock<Stored>,
     /// Only a header (a HEAD's answer): no body to read.
     pub head_only: bool,
     /// Times the fill's body was continued on a new upstream connection
@@ -185,6 +197,8 @@ impl Entry {
             progress: watch::Sender::new(Progress::Pending),
             head: OnceLock::new(),
             body: RwLock::default(),
+            file: OnceLock::new(),
+            filed: AtomicU64::new(0),
             stored: OnceLock::new(),
             head_only: false,
             resumed: AtomicU32::new(0),
@@ -199,6 +213,8 @@ impl Entry {
             progress: watch::Sender::new(Progress::Done),
             head: OnceLock::from(head),
             body: RwLock::default(),
+            file: OnceLock::new(),
+            filed: AtomicU64::new(0),
             stored: OnceLock::new(),
             head_only: true,
             resumed: AtomicU32::new(0),
@@ -240,6 +256,19 @@ impl Entry {
         self.head_only || self.stored.get().is_some()
     }
 
+    /// The complete body's sealed file, if it is kept in one.
+    pub fn sealed(&self) -> Option<&BodyFile> {
+        match self.stored.get() {
+            Some(Stored::File) => self.body_file(),
+            _ => None,
+        }
+    }
+
+    /// The body's file, if it goes to one.
+    fn body_file(&self) -> Option<&BodyFile> {
+        self.file.get().and_then(Option::as_ref)
+    }
+
     /// Times the fill's body was continued on a new upstream connection so far.
     pub fn resumptions(&self) -> u32 {
         self.resumed.load(Ordering::Relaxed)
@@ -247,7 +276,7 @@ impl Entry {
 
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
-        Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new() }
+        Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new(), buf: Vec::new() }
     }
 
     /// The whole body, once the fill is done (for playlists, bounded by
@@ -282,17 +311,28 @@ impl Entry {
 
     /// Appends a body read whole, in pieces of at most `chunk` bytes (what
     /// a reader hands to one client write).
-    pub(super) fn append_whole(&self, body: &[u8], chunk: usize) {
+    pub(super) fn append_whole(&self, body: &[u8], chunk: usize) -> std::io::Result<()> {
         let mut block = BytesMut::new();
         for piece in body.chunks(chunk) {
-            self.append(&mut block, piece);
+            self.append(&mut block, piece)?;
         }
+        Ok(())
     }
 
-    /// Appends `piece` (copied into `block`, the buffer of the rest of the
-    /// body that the fill keeps between calls) and tells the readers.
-    pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8]) {
+    /// Appends `piece` (to the body's file, or copied into `block`, the
+    /// buffer of the rest of the body that the fill keeps between calls)
+    /// and tells the readers. An error (the kernel refused to grow the
+    /// file) fails the fill.
+    pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8]) -> std::io::Result<()> {
         let len = self.head().map_or(0, |h| h.len);
+        if let Some(file) = self.file.get_or_init(|| BodyFile::new(len)) {
+            let at = self.filed.load(Ordering::Relaxed);
+            let n = piece.len().min(len.saturating_sub(at) as usize);
+            file.write_at(&piece[..n], at)?;
+            self.filed.store(at + n as u64, Ordering::Release);
+            self.progress.send_replace(Progress::Filling(at + n as u64));
+            return Ok(());
+        }
         let mut piece = piece;
         while !piece.is_empty() {
             if block.capacity() == block.len() {
@@ -312,10 +352,18 @@ impl Entry {
             drop(body);
             self.progress.send_replace(Progress::Filling(written));
         }
+        Ok(())
     }
 
     /// Up to `limit` of the body bytes written so far, from the first.
     pub(super) fn bytes(&self, limit: usize) -> Vec<u8> {
+        if let Some(file) = self.body_file() {
+            let mut out = vec![0; limit.min(self.written() as usize)];
+            return match file.read_at(&mut out, 0) {
+                Ok(()) => out,
+                Err(_) => Vec::new(),
+            };
+        }
         let body = self.body.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(limit.min(1 << 20));
         for piece in &body.list {
@@ -330,14 +378,28 @@ impl Entry {
 
     /// Body bytes written so far.
     pub(super) fn written(&self) -> u64 {
+        if self.body_file().is_some() {
+            return self.filed.load(Ordering::Acquire);
+        }
         let body = self.body.read().unwrap_or_else(|e| e.into_inner());
         body.starts.last().map_or(0, |s| s + body.list.last().map_or(0, |p| p.len() as u64))
     }
 
+    /// The fill is over; a complete body is kept for its readers from now
+    /// on (a file sealed: nothing in it changes again).
     pub(super) fn finish(&self, state: Progress) {
         if let Progress::Done = state {
-            // Handles to the same bytes: the list, not the body, is copied.
-            let _ = self.stored.set(self.body.read().unwrap_or_else(|e| e.into_inner()).clone());
+            let stored = match self.body_file() {
+                Some(file) => {
+                    if let Err(e) = file.seal() {
+                        log::warn!("cache: a stored body's file could not be sealed: {e}");
+                    }
+                    Stored::File
+                }
+                // Handles to the same bytes: the list, not the body, is copied.
+                None => Stored::Heap(self.body.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            };
+            let _ = self.stored.set(stored);
         }
         self.progress.send_replace(state);
     }
@@ -364,32 +426,69 @@ pub struct Reader {
     end: u64,
     chunk: usize,
     piece: Bytes,
+    /// What was read of a sealed body.
+    buf: Vec<u8>,
 }
 
 impl Reader {
+    /// What is left of the range, unread: `pos..end`.
+    pub fn left(&self) -> (u64, u64) {
+        (self.pos, self.end)
+    }
+
     /// The next piece, `None` at the end of the range; an error when the
     /// fill failed before the range was there.
     pub async fn read(&mut self) -> pingora_error::Result<Option<&[u8]>> {
         if self.pos >= self.end {
             return Ok(None);
         }
-        if let Some(stored) = self.entry.stored.get() {
-            let Some((piece, part)) = stored.at(self.pos, self.end, self.chunk) else {
-                return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
-            };
-            self.pos += part.len() as u64;
-            return Ok(Some(&piece[part]));
+        match self.entry.stored.get() {
+            Some(Stored::Heap(_)) => return self.read_heap(),
+            Some(Stored::File) => {}
+            None => self.wait().await?,
         }
+        if let Some(file) = self.entry.body_file() {
+            let there = self.end.min(self.entry.written());
+            let n = there.saturating_sub(self.pos).min(self.chunk as u64) as usize;
+            if n == 0 {
+                return short();
+            }
+            // One buffer per reader, reused.
+            self.buf.resize(n, 0);
+            if let Err(e) = file.read_at(&mut self.buf, self.pos) {
+                return Err(Error::because(ErrorType::ReadError, "reading a stored body", e));
+            }
+            self.pos += n as u64;
+            return Ok(Some(&self.buf));
+        }
+        let body = self.entry.body.read().unwrap_or_else(|e| e.into_inner());
+        let Some((piece, part)) = body.at(self.pos, self.end, self.chunk) else { return short() };
+        self.piece = piece.slice(part);
+        drop(body);
+        self.pos += self.piece.len() as u64;
+        Ok(Some(&self.piece))
+    }
+
+    /// The next piece of a complete body in the heap.
+    fn read_heap(&mut self) -> pingora_error::Result<Option<&[u8]>> {
+        let Some(Stored::Heap(pieces)) = self.entry.stored.get() else { return short() };
+        let Some((piece, part)) = pieces.at(self.pos, self.end, self.chunk) else { return short() };
+        self.pos += part.len() as u64;
+        Ok(Some(&piece[part]))
+    }
+
+    /// Waits until byte `pos` is there (or the fill is done).
+    async fn wait(&mut self) -> pingora_error::Result<()> {
         let rx = self.rx.get_or_insert_with(|| self.entry.progress.subscribe());
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
-                Progress::Filling(written) if written > self.pos => break,
-                Progress::Done => break,
+                Progress::Filling(written) if written > self.pos => return Ok(()),
+                Progress::Done => return Ok(()),
                 Progress::Filling(_) | Progress::Pending => {}
                 // What arrived before the fill died is read; a reader still
                 // waiting for more is aborted, as a relay would be.
-                Progress::Failed(_) if self.entry.written() > self.pos => break,
+                Progress::Failed(_) if self.entry.written() > self.pos => return Ok(()),
                 Progress::Declined | Progress::Failed(_) => {
                     return Error::e_explain(ErrorType::ConnectionClosed, FILL_FAILED);
                 }
@@ -398,15 +497,12 @@ impl Reader {
                 return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch went away");
             }
         }
-        let body = self.entry.body.read().unwrap_or_else(|e| e.into_inner());
-        let Some((piece, part)) = body.at(self.pos, self.end, self.chunk) else {
-            return Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length");
-        };
-        self.piece = piece.slice(part);
-        drop(body);
-        self.pos += self.piece.len() as u64;
-        Ok(Some(&self.piece))
     }
+}
+
+/// A stored body that ends before its length said.
+fn short<T>() -> pingora_error::Result<T> {
+    Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length")
 }
 
 #[cfg(test)]
@@ -457,7 +553,7 @@ mod tests {
         e.set_head(head(10_000));
         let mut block = BytesMut::new();
         for piece in body.chunks(777) {
-            e.append(&mut block, piece);
+            e.append(&mut block, piece).unwrap();
             tokio::task::yield_now().await;
         }
         assert_eq!(e.written(), 10_000);
@@ -475,7 +571,7 @@ mod tests {
         let e = Entry::pending(Key::from("k"));
         e.set_head(head(100));
         let mut block = BytesMut::new();
-        e.append(&mut block, &[1; 40]);
+        e.append(&mut block, &[1; 40]).unwrap();
         let mut early = e.reader(0, 40, 64);
         assert_eq!(early.read().await.unwrap().unwrap().len(), 40);
         let mut late = e.reader(20, 100, 64);

@@ -81,7 +81,11 @@ async fn unsized_playlist(cache: Cache, entry: Arc<Entry>, mut resp: Response) {
     upstream.remove_header(&http::header::TRANSFER_ENCODING);
     let _ = upstream.insert_header(http::header::CONTENT_LENGTH, len);
     entry.set_head(Head::new(&upstream, resp.url().clone(), upstream.status.as_u16(), len, true));
-    entry.append_whole(&body, cache.settings().chunk);
+    if entry.append_whole(&body, cache.settings().chunk).is_err() {
+        entry.finish(Progress::Failed(None));
+        cache.finished(&entry, None);
+        return;
+    }
     entry.finish(Progress::Done);
     cache.finished(&entry, None);
     resp.finish().await;
@@ -125,10 +129,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         let read = resp.read_to_vec(Vec::new(), len as usize).await;
         entry.resumed(resp.resumptions());
         match read {
-            Ok(body) if body.len() as u64 == len => {
-                entry.append_whole(&body, settings.chunk);
-                true
-            }
+            Ok(body) if body.len() as u64 == len => entry.append_whole(&body, settings.chunk).is_ok(),
             Ok(_) | Err(_) => false,
         }
     } else {
@@ -137,7 +138,9 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                 Ok((Some(piece), resumed)) => {
                     // Told before the bytes past a seam reach a reader.
                     entry.resumed(resumed);
-                    entry.append(&mut block, piece)
+                    if entry.append(&mut block, piece).is_err() {
+                        break false;
+                    }
                 }
                 Ok((None, _)) => break entry.written() == len,
                 Err(_) => break false,

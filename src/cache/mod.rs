@@ -31,6 +31,7 @@ mod answer;
 mod entry;
 mod fill;
 pub mod policy;
+mod sealed;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -46,6 +47,7 @@ pub use answer::{answerable_range, plan, shape, Plan};
 use entry::Charge;
 pub use entry::{is_fill_failure, Entry, Head, Reader, Ready};
 use policy::Lifetimes;
+pub use sealed::BodyFile;
 
 use crate::headers::WireHeader;
 use crate::metrics::Metrics;

@@ -13,6 +13,7 @@ pub mod playlist;
 mod relay;
 mod reply;
 mod respond;
+mod sendfile;
 mod serve;
 mod source;
 mod state;

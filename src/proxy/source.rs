@@ -120,6 +120,15 @@ impl Source {
         }
     }
 
+    /// The selected range of a stored body that has a sealed file, not yet
+    /// read from: the entry and the range, for `sendfile`.
+    pub fn sealed_range(&self) -> Option<(&Arc<Entry>, (u64, u64))> {
+        let Source::Memory(m) = self else { return None };
+        let reader = m.reader.as_ref()?;
+        m.entry.sealed()?;
+        Some((&m.entry, reader.left()))
+    }
+
     /// The body's first `at_least` bytes (or all of a shorter one).
     pub async fn peek(&mut self, at_least: usize) -> Result<Vec<u8>> {
         match self {

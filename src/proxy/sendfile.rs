@@ -1,0 +1,107 @@
+//! Answers from a stored body kept in a sealed file
+//! ([`crate::cache::BodyFile`]), sent with `sendfile`: the kernel hands the
+//! file's pages to the socket by reference, as nginx's `sendfile on` does,
+//! where a body in the heap is first copied into the socket's buffers.
+//!
+//! The header goes out through Pingora's session as always; only the body
+//! bypasses it, on the session's own socket. Pingora counts the body bytes
+//! it writes against the header's `Content-Length` and refuses to finish
+//! short, so while the header is written its writer is told there is no
+//! body (as for a `HEAD`, which also flushes the header at once); the
+//! request's method is put back right after. The session then finishes and
+//! keeps its connection as after any answer (tests/cache.rs reuses it).
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::Method;
+use pingora::protocols::http::ServerSession;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::cache::BodyFile;
+
+/// Sends `header`, then bytes `from..to` of `body`, counting them into
+/// `sent`; `Ok(false)` (nothing sent) when this session has no plain
+/// socket to send on (HTTP/2, TLS): the caller answers as usual.
+pub(super) async fn answer(
+    down: &mut ServerSession,
+    header: ResponseHeader,
+    body: &BodyFile,
+    (from, to): (u64, u64),
+    write_timeout: Duration,
+    sent: &AtomicU64,
+) -> Result<bool> {
+    let ServerSession::H1(s) = down else { return Ok(false) };
+    if s.stream().get_ssl().is_some() || s.stream().get_ssl_digest().is_some() {
+        return Ok(false);
+    }
+    let method = s.req_header().method.clone();
+    s.req_header_mut().set_method(Method::HEAD);
+    let written = s.write_response_header(Box::new(header)).await;
+    s.req_header_mut().set_method(method);
+    written?;
+    // Pingora's `UniqueID` of a socket stream is its descriptor, open for
+    // as long as the session (borrowed here throughout).
+    let fd = s.stream().id();
+    send(fd, body.file().as_fd(), from, to, write_timeout, sent).await.map_err(|e| e.into_down())?;
+    down.finish_body().await?;
+    Ok(true)
+}
+
+/// `sendfile` of `from..to` of `file` into socket `fd`, waiting (at most
+/// `timeout` each time) while the socket's buffer is full.
+async fn send(
+    fd: i32,
+    file: BorrowedFd<'_>,
+    mut from: u64,
+    to: u64,
+    timeout: Duration,
+    sent: &AtomicU64,
+) -> Result<()> {
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` is the session's socket, open while the caller borrows
+    // the session, which it does for all of this call.
+    let sock = unsafe { BorrowedFd::borrow_raw(fd) };
+    // Registered with the runtime only when the socket is first full (a
+    // duplicate of it: the session's own registration is Pingora's).
+    let mut ready: Option<AsyncFd<OwnedFd>> = None;
+    while from < to {
+        let want = usize::try_from(to - from).unwrap_or(usize::MAX).min(1 << 30);
+        match rustix::fs::sendfile(sock, file, Some(&mut from), want) {
+            Ok(0) => return Error::e_explain(ErrorType::WriteError, "the stored body is shorter than its length"),
+            Ok(n) => {
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                let waiter = match ready {
+                    Some(ref w) => w,
+                    None => ready.insert(register(sock)?),
+                };
+                match tokio::time::timeout(timeout, waiter.writable()).await {
+                    // Cleared before the next try: readiness that comes
+                    // after it is seen by the wait after that.
+                    Ok(Ok(mut guard)) => guard.clear_ready(),
+                    Ok(Err(e)) => return Err(Error::because(ErrorType::WriteError, "waiting to write", e)),
+                    Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "writing to the client"),
+                }
+            }
+            Err(e) => return Err(Error::because(ErrorType::WriteError, "sending a stored body", e)),
+        }
+    }
+    Ok(())
+}
+
+/// A duplicate of `sock`, registered for writability.
+fn register(sock: BorrowedFd<'_>) -> Result<AsyncFd<OwnedFd>> {
+    let dup = rustix::io::dup(sock).map_err(|e| Error::because(ErrorType::WriteError, "duplicating the socket", e))?;
+    #[allow(unsafe_code)]
+    // SAFETY: an `OwnedFd` is open, and the same descriptor, for as long as
+    // it is owned.
+    let registered = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) };
+    registered.map_err(|e| Error::because(ErrorType::WriteError, "waiting to write", e.into_parts().1))
+}
