@@ -426,7 +426,7 @@ pub struct Reader {
     end: u64,
     chunk: usize,
     piece: Bytes,
-    /// What was read of a sealed body.
+    /// What was read of a body in a file.
     buf: Vec<u8>,
 }
 
@@ -534,29 +534,30 @@ mod tests {
         Ok(out)
     }
 
-    #[tokio::test]
-    async fn readers_follow_the_fill_each_at_its_own_range() {
-        let body = pattern(10_000);
+    /// Readers at their own ranges follow a fill of `len` bytes, and one
+    /// that comes after it reads the stored body.
+    async fn readers_follow_a_fill_of(len: u64) -> Arc<Entry> {
+        let body = pattern(len as usize);
         let e = Entry::pending(Key::from("k"));
-        let readers: Vec<_> = [(0, 10_000), (2_500, 7_777), (9_999, 10_000)]
+        let readers: Vec<_> = [(0, len), (len / 4, len * 7 / 9), (len - 1, len)]
             .into_iter()
             .map(|(a, b)| {
                 let e = e.clone();
                 tokio::spawn(async move {
                     assert!(matches!(e.ready().await, Ready::Head));
-                    assert_eq!(e.head().unwrap().len, 10_000);
+                    assert_eq!(e.head().unwrap().len, len);
                     (a, b, read_all(e.reader(a, b, 1000)).await.unwrap())
                 })
             })
             .collect();
         tokio::task::yield_now().await;
-        e.set_head(head(10_000));
+        e.set_head(head(len));
         let mut block = BytesMut::new();
-        for piece in body.chunks(777) {
+        for piece in body.chunks(7777) {
             e.append(&mut block, piece).unwrap();
             tokio::task::yield_now().await;
         }
-        assert_eq!(e.written(), 10_000);
+        assert_eq!(e.written(), len);
         e.finish(Progress::Done);
         for r in readers {
             let (a, b, got) = r.await.unwrap();
@@ -564,27 +565,40 @@ mod tests {
         }
         // A reader that comes after the fill reads from memory at once.
         assert_eq!(e.whole_body(1000).await.unwrap(), body);
+        e
+    }
+
+    #[tokio::test]
+    async fn readers_follow_the_fill_each_at_its_own_range() {
+        let heap = readers_follow_a_fill_of(10_000).await;
+        assert!(heap.sealed().is_none(), "a short body stays in the heap");
+        let filed = readers_follow_a_fill_of(300_000).await;
+        assert!(filed.sealed().is_some(), "a longer one is kept in a sealed file");
     }
 
     #[tokio::test]
     async fn a_fill_that_dies_aborts_readers_still_waiting() {
-        let e = Entry::pending(Key::from("k"));
-        e.set_head(head(100));
-        let mut block = BytesMut::new();
-        e.append(&mut block, &[1; 40]).unwrap();
-        let mut early = e.reader(0, 40, 64);
-        assert_eq!(early.read().await.unwrap().unwrap().len(), 40);
-        let mut late = e.reader(20, 100, 64);
-        let waiting = tokio::spawn({
-            let e = e.clone();
-            async move { read_all(e.reader(0, 100, 64)).await }
-        });
-        tokio::task::yield_now().await;
-        e.finish(Progress::Failed(None));
-        assert!(waiting.await.unwrap().is_err(), "a reader never gets a clean short end");
-        // What arrived before the death is still read, then the abort.
-        assert_eq!(late.read().await.unwrap().unwrap().len(), 20);
-        assert!(late.read().await.is_err());
+        // In the heap and in a file alike.
+        for (len, part) in [(100, 40), (300_000, 120_000)] {
+            let e = Entry::pending(Key::from("k"));
+            e.set_head(head(len));
+            let mut block = BytesMut::new();
+            e.append(&mut block, &pattern(part as usize)).unwrap();
+            let mut early = e.reader(0, part, 64);
+            assert_eq!(early.read().await.unwrap().unwrap(), &pattern(64)[..part.min(64) as usize]);
+            let mut late = e.reader(part - 20, len, 64);
+            let waiting = tokio::spawn({
+                let e = e.clone();
+                async move { read_all(e.reader(0, len, 64)).await }
+            });
+            tokio::task::yield_now().await;
+            e.finish(Progress::Failed(None));
+            assert!(waiting.await.unwrap().is_err(), "a reader never gets a clean short end");
+            // What arrived before the death is still read, then the abort.
+            assert_eq!(late.read().await.unwrap().unwrap(), &pattern(part as usize)[part as usize - 20..]);
+            assert!(late.read().await.is_err());
+            assert!(e.sealed().is_none(), "nothing is stored");
+        }
     }
 
     #[tokio::test]
