@@ -8,7 +8,8 @@ Everything runs on 127.0.0.1 in one run, every phase bounded (<= 60 s):
      anibridge-proxy with the cache off (the relay, the same job as nginx
      without a cache), with the cache on and nothing cacheable (the miss
      path: origin says no-store), and answering from its cache against
-     nginx answering from proxy_cache
+     nginx answering from proxy_cache; then whole 1 MiB files from memory
+     (stored HLS segments), anibridge-proxy's cache against proxy_cache
   2. one 1 GiB download (interleaved rounds, median)
   3. 500 slow clients (~64 KiB/s each) of 100 MiB files for 30 s: peak RSS
      and the upstream read rate seen at the origin side
@@ -100,9 +101,10 @@ class Target:
         return f"http://127.0.0.1:{self.port}{self.path_for(path)}"
 
 
-def wrk(target, seconds, lua_dir):
+def wrk(target, seconds, lua_dir, whole=False):
+    """Random 64 KiB ranges of the 1 MiB files, or (`whole`) the files whole."""
     paths = [target.path_for(f"/f{i}.bin") for i in range(N_FILES)]
-    script = os.path.join(lua_dir, f"{target.name}.lua")
+    script = os.path.join(lua_dir, f"{target.name}{'_whole' if whole else ''}.lua")
     with open(script, "w") as f:
         f.write("local paths = {" + ",".join(json.dumps(p) for p in paths) + "}\n")
         f.write(
@@ -110,10 +112,11 @@ def wrk(target, seconds, lua_dir):
             "request = function()\n"
             "  local p = paths[math.random(#paths)]\n"
             "  local n = math.random(0, 1048576 - 65536)\n"
-            '  return wrk.format("GET", p, {["Range"] = "bytes=" .. n .. "-" .. (n + 65535)})\n'
-            "end\n"
+            + ('  return wrk.format("GET", p)\n' if whole else
+               '  return wrk.format("GET", p, {["Range"] = "bytes=" .. n .. "-" .. (n + 65535)})\n')
+            + "end\n"
             "response = function(status, headers, body)\n"
-            '  if status ~= 206 then error("status " .. status) end\n'
+            f'  if status ~= {200 if whole else 206} then error("status " .. status) end\n'
             "end\n"
         )
     cpu0 = cpu_seconds(target.pids())
@@ -365,7 +368,10 @@ http {{
       proxy_cache_lock_age 60s;
     }}
   }}""" for port, upstream in [(NGINX_LOCK, "slow"), (NGINX_UPLINK, "uplink")])
+    # Its hits are sent from the cache files with sendfile, as Debian's
+    # shipped nginx.conf has it (nginx's own default is off).
     ngx_cache = nginx("nginx_cache", NGINX_CACHE, 2, f"""
+  sendfile on; tcp_nopush off;
   upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
   upstream slow {{ server 127.0.0.1:{SLOW_ORIGIN}; keepalive 64; }}
   upstream uplink {{ server 127.0.0.1:{UPLINK_ORIGIN}; keepalive 64; }}
@@ -480,6 +486,19 @@ http {{
             results[t.name].update({k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")})
             results[t.name]["errors"] = " ".join(r["errors"] for r in rs if r["errors"])
             results[t.name]["rps_rounds"] = [round(r["rps"]) for r in rs]
+        # Whole 1 MiB files from memory: what players ask of stored HLS
+        # segments (a GET without a range, or `bytes=0-`).
+        whole_targets = [t for t in cache_targets if t.name in ("nginx_cache", "anibridge_cache", "anibridge_cache_t2")]
+        whole = {t.name: [] for t in whole_targets}
+        for i in range(args.rounds):
+            for t in whole_targets:
+                r = wrk(t, round_secs, work, whole=True)
+                whole[t.name].append(r)
+                print(f"[1w] round {i + 1} {t.name}: {r}", flush=True)
+        for t in whole_targets:
+            rs = whole[t.name]
+            results[t.name + "_whole"] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99", "cpu_us")}
+            results[t.name + "_whole"]["rps_rounds"] = [round(r["rps"]) for r in rs]
     if "2" in phases:
         for t in targets:
             download(t, "/big.bin")  # warm the page cache and pools
@@ -522,6 +541,7 @@ def report(args, results, clients):
     d, n, b, a = results["direct"], results["nginx"], results["pingora"], results["anibridge"]
     miss, nc, ac = results["anibridge_miss"], results["nginx_cache"], results["anibridge_cache"]
     pm, ac2, pm2 = results["pingora_memory"], results["anibridge_cache_t2"], results["pingora_memory_t2"]
+    ncw, acw, acw2 = results["nginx_cache_whole"], results["anibridge_cache_whole"], results["anibridge_cache_t2_whole"]
     MiB = 1 << 20
 
     def row(label, key, fmt, scale=1):
@@ -557,6 +577,10 @@ def report(args, results, clients):
              f"| with two threads: bare Pingora from memory req/s, vs anibridge-proxy's hits | {ac2['rps']:.0f} | {pm2['rps']:.0f} (bare Pingora) | {ac2['rps'] / pm2['rps']:.2f}x |\n"
              f"| with two threads: bare Pingora from memory vs nginx's proxy_cache: req/s | {pm2['rps']:.0f} (bare Pingora) | {nc['rps']:.0f} | {pm2['rps'] / nc['rps']:.2f}x |\n"
              f"| … CPU µs per request | {pm2['cpu_us']:.1f} (bare Pingora) | {nc['cpu_us']:.1f} | {pm2['cpu_us'] / nc['cpu_us']:.2f}x |\n"
+             f"| whole 1 MiB files answered from memory / proxy_cache (stored HLS segments): req/s | {acw['rps']:.0f} | {ncw['rps']:.0f} | {acw['rps'] / ncw['rps']:.2f}x |\n"
+             f"| … CPU µs per request | {acw['cpu_us']:.1f} | {ncw['cpu_us']:.1f} | {acw['cpu_us'] / ncw['cpu_us']:.2f}x |\n"
+             f"| with two threads: whole 1 MiB files req/s | {acw2['rps']:.0f} | {ncw['rps']:.0f} | {acw2['rps'] / ncw['rps']:.2f}x |\n"
+             f"| … CPU µs per request | {acw2['cpu_us']:.1f} | {ncw['cpu_us']:.1f} | {acw2['cpu_us'] / ncw['cpu_us']:.2f}x |\n"
              f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
              f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
              f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
@@ -602,7 +626,8 @@ def report(args, results, clients):
         f"- small Range GETs and 1 GiB download: {len(a['rps_rounds'])} interleaved rounds per target, median shown; "
         f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
         f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}, bare Pingora from memory {pm['rps_rounds']}, "
-        f"anibridge cache hits with two threads {ac2['rps_rounds']}, bare Pingora from memory with two threads {pm2['rps_rounds']}\n"
+        f"anibridge cache hits with two threads {ac2['rps_rounds']}, bare Pingora from memory with two threads {pm2['rps_rounds']}; "
+        f"whole 1 MiB files: nginx proxy_cache {ncw['rps_rounds']}, anibridge {acw['rps_rounds']}, anibridge with two threads {acw2['rps_rounds']}\n"
         f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
         f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
         f"- the crowd: `benches/load/slow_origin.py` answers after 200 ms at 4 MiB/s per connection; 50 viewers "

@@ -13,7 +13,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::Method;
 use pingora::protocols::http::ServerSession;
@@ -52,8 +52,9 @@ pub(super) async fn answer(
     Ok(true)
 }
 
-/// `sendfile` of `from..to` of `file` into socket `fd`, waiting (at most
-/// `timeout` each time) while the socket's buffer is full.
+/// `sendfile` of `from..to` of `file` into socket `fd`, waiting while the
+/// socket's buffer is full; an error once `timeout` passed without a byte
+/// sent.
 async fn send(
     fd: i32,
     file: BorrowedFd<'_>,
@@ -69,25 +70,36 @@ async fn send(
     // Registered with the runtime only when the socket is first full (a
     // duplicate of it: the session's own registration is Pingora's).
     let mut ready: Option<AsyncFd<OwnedFd>> = None;
+    // Since when nothing could be sent.
+    let mut stuck: Option<Instant> = None;
     while from < to {
         let want = usize::try_from(to - from).unwrap_or(usize::MAX).min(1 << 30);
         match rustix::fs::sendfile(sock, file, Some(&mut from), want) {
             Ok(0) => return Error::e_explain(ErrorType::WriteError, "the stored body is shorter than its length"),
             Ok(n) => {
                 sent.fetch_add(n as u64, Ordering::Relaxed);
+                stuck = None;
             }
             Err(rustix::io::Errno::INTR) => {}
             Err(rustix::io::Errno::AGAIN) => {
+                let since = *stuck.get_or_insert_with(Instant::now);
+                let left = timeout.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    return Error::e_explain(ErrorType::WriteTimedout, "writing to the client");
+                }
                 let waiter = match ready {
                     Some(ref w) => w,
                     None => ready.insert(register(sock)?),
                 };
-                match tokio::time::timeout(timeout, waiter.writable()).await {
+                // Woken when the socket has room; and, should that wakeup
+                // never come, tried again a moment later anyway (a stall of
+                // seconds was seen once in a load run and never again).
+                match tokio::time::timeout(left.min(RECHECK), waiter.writable()).await {
                     // Cleared before the next try: readiness that comes
                     // after it is seen by the wait after that.
                     Ok(Ok(mut guard)) => guard.clear_ready(),
                     Ok(Err(e)) => return Err(Error::because(ErrorType::WriteError, "waiting to write", e)),
-                    Err(_) => return Error::e_explain(ErrorType::WriteTimedout, "writing to the client"),
+                    Err(_) => {}
                 }
             }
             Err(e) => return Err(Error::because(ErrorType::WriteError, "sending a stored body", e)),
@@ -95,6 +107,9 @@ async fn send(
     }
     Ok(())
 }
+
+/// The longest wait for room in the socket before trying again unasked.
+const RECHECK: Duration = Duration::from_millis(200);
 
 /// A duplicate of `sock`, registered for writability.
 fn register(sock: BorrowedFd<'_>) -> Result<AsyncFd<OwnedFd>> {
