@@ -59,7 +59,9 @@ impl BodyFile {
             Ok(fd) => Some(BodyFile { file: File::from(fd), len }),
             Err(e) => {
                 OPEN.fetch_sub(1, Ordering::Relaxed);
-                log::warn!("cache: a body goes to the heap: {e}");
+                // Once: a sandbox that refuses memfd refuses every one.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| log::warn!("cache: no in-memory files ({e}): stored bodies stay in the heap"));
                 None
             }
         }
