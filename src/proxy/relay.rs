@@ -30,16 +30,15 @@ pub(super) async fn relay(
     ctx.status = header.status.as_u16();
     ctx.sending(&mut header)?;
     // A stored body in a sealed file goes out with `sendfile`.
-    if let Some((entry, range)) = resp.sealed_range().filter(|_| !bodyless && first.is_empty()) {
+    let sealed = resp.sealed_range().filter(|_| !bodyless && first.is_empty() && super::sendfile::possible(down));
+    if let Some((entry, range)) = sealed {
         let sealed = entry.sealed().expect("a sealed range has its file");
         let _streaming = Held::new(&st.metrics.active_streams);
         let open = st.streams.open(stream_of(down, ctx));
         let timeout = st.downstream_write_timeout;
-        let sent = super::sendfile::answer(down, header.clone(), sealed, range, timeout, &open.stream.bytes).await;
+        let sent = super::sendfile::answer(down, header, sealed, range, timeout, &open.stream.bytes).await;
         ctx.body_bytes += open.stream.bytes.load(Ordering::Relaxed);
-        if sent? {
-            return Ok(());
-        }
+        return Ok(sent?);
     }
     down.write_response_header(Box::new(header)).await?;
     if !bodyless {

@@ -24,9 +24,16 @@ use tokio::io::Interest;
 
 use crate::cache::BodyFile;
 
+/// Whether this session has a plain socket to send on (not HTTP/2, not TLS).
+pub(super) fn possible(down: &ServerSession) -> bool {
+    match down {
+        ServerSession::H1(s) => s.stream().get_ssl().is_none() && s.stream().get_ssl_digest().is_none(),
+        _ => false,
+    }
+}
+
 /// Sends `header`, then bytes `from..to` of `body`, counting them into
-/// `sent`; `Ok(false)` (nothing sent) when this session has no plain
-/// socket to send on (HTTP/2, TLS): the caller answers as usual.
+/// `sent`. Only where [`possible`].
 pub(super) async fn answer(
     down: &mut ServerSession,
     header: ResponseHeader,
@@ -34,11 +41,10 @@ pub(super) async fn answer(
     (from, to): (u64, u64),
     write_timeout: Duration,
     sent: &AtomicU64,
-) -> Result<bool> {
-    let ServerSession::H1(s) = down else { return Ok(false) };
-    if s.stream().get_ssl().is_some() || s.stream().get_ssl_digest().is_some() {
-        return Ok(false);
-    }
+) -> Result<()> {
+    let ServerSession::H1(s) = down else {
+        return Error::e_explain(ErrorType::InternalError, "sendfile needs an HTTP/1 session");
+    };
     let method = s.req_header().method.clone();
     s.req_header_mut().set_method(Method::HEAD);
     let written = s.write_response_header(Box::new(header)).await;
@@ -49,7 +55,7 @@ pub(super) async fn answer(
     let fd = s.stream().id();
     send(fd, body.file().as_fd(), from, to, write_timeout, sent).await.map_err(|e| e.into_down())?;
     down.finish_body().await?;
-    Ok(true)
+    Ok(())
 }
 
 /// `sendfile` of `from..to` of `file` into socket `fd`, waiting while the
