@@ -31,22 +31,20 @@ pub(super) async fn relay(
     ctx.sending(&mut header)?;
     // A stored body in a sealed file goes out with `sendfile`.
     let sealed = resp.sealed_range().filter(|_| !bodyless && first.is_empty() && super::sendfile::possible(down));
-    if let Some((entry, range)) = sealed {
-        let sealed = entry.sealed().expect("a sealed range has its file");
-        let _streaming = Held::new(&st.metrics.active_streams);
-        let open = st.streams.open(stream_of(down, ctx));
-        let timeout = st.downstream_write_timeout;
-        let sent = super::sendfile::answer(down, header, sealed, range, timeout, &open.stream.bytes).await;
-        ctx.body_bytes += open.stream.bytes.load(Ordering::Relaxed);
-        return Ok(sent?);
+    match sealed {
+        Some(_) => super::sendfile::write_header(down, header).await?,
+        None => down.write_response_header(Box::new(header)).await?,
     }
-    down.write_response_header(Box::new(header)).await?;
     if !bodyless {
         let _streaming = Held::new(&st.metrics.active_streams);
         // Registered while it runs: a stream the shutdown cuts is reported.
         let open = st.streams.open(stream_of(down, ctx));
-        let pumped = pump(down, &mut resp, first, st.downstream_write_timeout, &open.stream.bytes).await;
-        ctx.body_bytes += open.stream.bytes.load(Ordering::Relaxed);
+        let (timeout, sent) = (st.downstream_write_timeout, &open.stream.bytes);
+        let pumped = match sealed {
+            Some((file, range)) => super::sendfile::send_body(down, file, range, timeout, sent).await,
+            None => pump(down, &mut resp, first, timeout, sent).await,
+        };
+        ctx.body_bytes += sent.load(Ordering::Relaxed);
         ctx.resumed = resp.resumptions();
         pumped?;
     }

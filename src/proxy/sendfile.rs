@@ -32,11 +32,22 @@ pub(super) fn possible(down: &ServerSession) -> bool {
     }
 }
 
-/// Sends `header`, then bytes `from..to` of `body`, counting them into
-/// `sent`. Only where [`possible`].
-pub(super) async fn answer(
+/// Sends `header` for a body [`send_body`] sends. Only where [`possible`].
+pub(super) async fn write_header(down: &mut ServerSession, header: ResponseHeader) -> Result<()> {
+    let ServerSession::H1(s) = down else {
+        return Error::e_explain(ErrorType::InternalError, "sendfile needs an HTTP/1 session");
+    };
+    let method = s.req_header().method.clone();
+    s.req_header_mut().set_method(Method::HEAD);
+    let written = s.write_response_header(Box::new(header)).await;
+    s.req_header_mut().set_method(method);
+    written
+}
+
+/// Sends bytes `from..to` of `body` after [`write_header`], counting them
+/// into `sent`, and finishes the response.
+pub(super) async fn send_body(
     down: &mut ServerSession,
-    header: ResponseHeader,
     body: &BodyFile,
     (from, to): (u64, u64),
     write_timeout: Duration,
@@ -45,17 +56,11 @@ pub(super) async fn answer(
     let ServerSession::H1(s) = down else {
         return Error::e_explain(ErrorType::InternalError, "sendfile needs an HTTP/1 session");
     };
-    let method = s.req_header().method.clone();
-    s.req_header_mut().set_method(Method::HEAD);
-    let written = s.write_response_header(Box::new(header)).await;
-    s.req_header_mut().set_method(method);
-    written?;
     // Pingora's `UniqueID` of a socket stream is its descriptor, open for
     // as long as the session (borrowed here throughout).
     let fd = s.stream().id();
     send(fd, body.file().as_fd(), from, to, write_timeout, sent).await.map_err(|e| e.into_down())?;
-    down.finish_body().await?;
-    Ok(())
+    down.finish_body().await
 }
 
 /// `sendfile` of `from..to` of `file` into socket `fd`, waiting while the

@@ -12,7 +12,7 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use url::Url;
 
-use crate::cache::{Entry, Head, Reader};
+use crate::cache::{BodyFile, Entry, Head, Reader};
 use crate::upstream::{BodyError, Request, Response};
 
 // The upstream variant is the common one: boxing it to even the sizes out
@@ -120,13 +120,12 @@ impl Source {
         }
     }
 
-    /// The selected range of a stored body that has a sealed file, not yet
-    /// read from: the entry and the range, for `sendfile`.
-    pub fn sealed_range(&self) -> Option<(&Arc<Entry>, (u64, u64))> {
+    /// The selected range of a stored body kept in a sealed file, not yet
+    /// read from: the file and the range, for `sendfile`.
+    pub fn sealed_range(&self) -> Option<(&BodyFile, (u64, u64))> {
         let Source::Memory(m) = self else { return None };
         let reader = m.reader.as_ref()?;
-        m.entry.sealed()?;
-        Some((&m.entry, reader.left()))
+        Some((m.entry.sealed()?, reader.left()))
     }
 
     /// The body's first `at_least` bytes (or all of a shorter one).
