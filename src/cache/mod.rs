@@ -351,13 +351,6 @@ impl Cache {
         let m = &self.0.metrics;
         m.cache_objects.set(store.lru.len() as i64);
     }
-
-    /// Bytes of the budget held now (objects stored, filling, or still
-    /// read after leaving the store), and objects stored.
-    pub fn usage(&self) -> (u64, usize) {
-        let store = self.lock();
-        (self.0.held.get().max(0) as u64, store.lru.len())
-    }
 }
 
 impl Store {
