@@ -22,7 +22,9 @@ const MAX_ANSWER: usize = 256 * 1024;
 #[derive(Debug)]
 pub struct Resolved {
     pub url: Url,
-    /// Sent upstream with every request for this URL (they win over profiles).
+    /// Sent upstream with every request for this URL, on every hop (they
+    /// win over profiles); a `Cookie` or `Authorization` among them only to
+    /// this URL's origin (see `upstream::request`).
     pub headers: Arc<[WireHeader]>,
     ttl: Duration,
 }

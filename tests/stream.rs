@@ -295,7 +295,8 @@ async fn head_of_a_resolved_playlist_fetches_it_with_the_resolvers_headers_and_n
     assert_eq!(p.server.metrics.retries.get(), 0, "fetching the playlist is not a retry");
 }
 
-/// The resolver's headers go with the URL it returned, on every hop. A
+/// The resolver's headers go with the URL it returned, on every hop (its
+/// credentials only to that URL's origin: see the last test). A
 /// playlist's children are their own `/strm/proxy/` requests (a player may
 /// fetch them from any replica, signed URLs carry no headers): each gets
 /// the provider profile of its host, which is where an operator puts a
@@ -456,4 +457,55 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once more");
     let log = nginx.read_when("access.log", |log| log.lines().count() >= 3).await;
     assert_eq!(log.lines().collect::<Vec<_>>(), ["/media/ep3.mp4 200", "/media/ep3.mp4 410", "/media/ep3.mp4 206"]);
+}
+
+/// A resolver's `Cookie` and `Authorization` are for the host it named.
+/// The hoster redirects to its CDN (another origin): that hop, and the
+/// resumption that continues the body there after it dies, carry the
+/// resolver's `Referer` but not its credentials, as browsers and curl
+/// follow redirects. The hoster itself got all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolvers_credentials_do_not_follow_a_redirect_to_another_origin() {
+    const LEN: u64 = 300_000;
+    let served = Arc::new(AtomicUsize::new(0));
+    let n = served.clone();
+    let cdn = Origin::start(move |req| {
+        let mut resp = serve_file(req, LEN, Some("video/mp4"));
+        // The first answer dies a third of the way in: the rest is resumed.
+        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+            if let Body::Pattern { start, len } = resp.body {
+                resp.body = Body::DieAfter { declared: len, sent: pattern(start, 100_000) };
+            }
+        }
+        resp.into()
+    })
+    .await;
+    let to = cdn.url("/v.mp4");
+    let hoster = Origin::start(move |_| Resp::new(302, Body::Bytes(Vec::new())).header("Location", &to).into()).await;
+    let link = hoster.url("/e/42");
+    let (r, _) = resolver(move |_, _| {
+        let body = format!(
+            r#"{{"url":"{link}","headers":{{"Referer":"https://hoster.example/","Cookie":"session=s3cret","Authorization":"Bearer t0ken"}},"ttl_seconds":300}}"#
+        );
+        Resp::new(200, Body::Bytes(body.into_bytes())).header("Content-Type", "application/json").into()
+    })
+    .await;
+    let p = proxy(&r, "none").await;
+    let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
+    assert_eq!(got.status, 200);
+    assert_body(&got.body, &pattern(0, LEN));
+
+    let at_hoster = hoster.requests();
+    assert_eq!(at_hoster.len(), 1);
+    assert_eq!(at_hoster[0].header("cookie"), Some("session=s3cret"));
+    assert_eq!(at_hoster[0].header("authorization"), Some("Bearer t0ken"));
+    assert_eq!(at_hoster[0].header("referer"), Some("https://hoster.example/"));
+    let at_cdn = cdn.requests();
+    assert_eq!(at_cdn.len(), 2, "the redirected fetch and its resumption: {at_cdn:?}");
+    assert_eq!(at_cdn[1].header("range"), Some("bytes=100000-299999"), "resumed where it died");
+    for seen in &at_cdn {
+        assert_eq!(seen.header("cookie"), None, "{seen:?}");
+        assert_eq!(seen.header("authorization"), None, "{seen:?}");
+        assert_eq!(seen.header("referer"), Some("https://hoster.example/"), "{seen:?}");
+    }
 }

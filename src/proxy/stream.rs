@@ -50,7 +50,7 @@ impl Proxy {
                 method: method.clone(),
                 url: resolved.url.clone(),
                 forwarded: forwarded.clone(),
-                extra: Some(resolved.headers.clone()),
+                extra: Some(resolved.clone()),
                 trusted: None,
                 whole: known_playlist,
             };

@@ -148,7 +148,7 @@ impl Client {
     /// one upstream fetch from another.
     pub fn added_headers<'a>(&'a self, req: &'a Request) -> impl Iterator<Item = &'a WireHeader> {
         let profile = self.settings.providers.headers_for(req.url.host_str().unwrap_or_default());
-        profile.iter().chain(req.extra.as_deref().unwrap_or(&[]))
+        profile.iter().chain(req.extra.as_deref().map_or(&[][..], |r| &r.headers[..]))
     }
 
     /// The client's headers as they go upstream for this configuration.

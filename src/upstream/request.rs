@@ -1,6 +1,7 @@
 //! What to fetch, what each hop asks for, and the request header as it
 //! goes on the wire.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -11,6 +12,7 @@ use url::{Position, Url};
 use super::FetchError;
 use crate::headers::{self, WireHeader};
 use crate::providers::Providers;
+use crate::resolver::Resolved;
 
 /// What to fetch. Owned, because the [`Response`](super::Response) keeps
 /// it: a body that dies is resumed, and a playlist fetched again, with the
@@ -25,8 +27,9 @@ pub struct Request {
     /// empty until the request path reads them, just before it goes upstream
     /// (never empty then: `Accept-Encoding` is always among them).
     pub forwarded: Vec<WireHeader>,
-    /// The resolver's headers (win over provider profiles).
-    pub extra: Option<Arc<[WireHeader]>>,
+    /// The resolver's answer, whose headers go with every hop (they win
+    /// over provider profiles), its credentials only to its URL's origin.
+    pub extra: Option<Arc<Resolved>>,
     /// The operator-trusted origin (a static route's upstream), if any.
     pub trusted: Option<Arc<Url>>,
     /// Fetch it whole: a `GET` without the client's `Range` and
@@ -77,8 +80,8 @@ pub(super) fn build(hop: &Hop<'_>, providers: &Providers) -> Result<Box<RequestH
         req.append_header(name, value).map_err(|_| FetchError::Request("a header Pingora refused"))?;
     }
     let profile = providers.headers_for(url.host_str().unwrap_or_default());
-    let extra = hop.req.extra.as_deref().unwrap_or(&[]);
-    for h in headers::upstream_request_headers(&hop.req.forwarded, profile, extra) {
+    let extra = hop.req.extra.as_deref().map_or(Cow::Borrowed(&[][..]), |r| resolver_headers(r, url));
+    for h in headers::upstream_request_headers(&hop.req.forwarded, profile, &extra) {
         if !keep_client_range && headers::is_range_or_conditional(&h.name) {
             continue;
         }
@@ -86,4 +89,46 @@ pub(super) fn build(hop: &Hop<'_>, providers: &Providers) -> Result<Box<RequestH
             .map_err(|_| FetchError::Request("a header Pingora refused"))?;
     }
     Ok(Box::new(req))
+}
+
+/// The resolver's headers for a hop to `url`. Its `Cookie` and
+/// `Authorization` are for the origin (scheme, host, port) of the URL it
+/// returned: a redirect to another origin goes without them, as browsers
+/// and curl follow redirects (a hoster's session must not reach its CDN).
+/// Any other header (`Referer`, `Origin`) goes with every hop.
+fn resolver_headers<'a>(resolved: &'a Resolved, url: &Url) -> Cow<'a, [WireHeader]> {
+    let all = &resolved.headers[..];
+    let credential = |h: &WireHeader| h.name == header::COOKIE || h.name == header::AUTHORIZATION;
+    if same_origin(&resolved.url, url) || !all.iter().any(credential) {
+        return Cow::Borrowed(all);
+    }
+    Cow::Owned(all.iter().filter(|h| !credential(h)).cloned().collect())
+}
+
+/// RFC 6454's same origin for http(s) URLs: scheme, host and port.
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resolvers_credentials_stay_with_its_origin() {
+        let r = crate::resolver::parse_answer(
+            br#"{"url":"https://hoster.example/v/1","headers":{"Referer":"https://r.example/","Cookie":"s=1","Authorization":"Bearer t"}}"#,
+        )
+        .unwrap();
+        let names = |to: &str| -> Vec<String> {
+            let url = Url::parse(to).unwrap();
+            resolver_headers(&r, &url).iter().map(|h| h.name.to_string()).collect()
+        };
+        let all = ["referer", "cookie", "authorization"];
+        assert_eq!(names("https://hoster.example/v/1"), all);
+        assert_eq!(names("https://hoster.example:443/other?x"), all, "the same origin, another path");
+        for elsewhere in ["https://cdn.example/v/1", "http://hoster.example/v/1", "https://hoster.example:8443/v/1"] {
+            assert_eq!(names(elsewhere), ["referer"], "{elsewhere}");
+        }
+    }
 }
