@@ -38,6 +38,9 @@ CACHED2, CACHED2_ADMIN, PINGORA_MEMORY2 = 18096, 18097, 18098
 # Phase 6: a hoster behind one shared 50 MiB/s uplink, and nginx's
 # proxy_cache_lock in front of it.
 UPLINK_ORIGIN, NGINX_UPLINK = 18099, 18100
+# nginx's proxy_cache once more with Debian's shipped `tcp_nopush on`
+# (whole files only: it makes every ranged reply wait ~40 ms).
+NGINX_CACHE_NOPUSH = 18101
 N_FILES = 16
 
 
@@ -369,7 +372,10 @@ http {{
     }}
   }}""" for port, upstream in [(NGINX_LOCK, "slow"), (NGINX_UPLINK, "uplink")])
     # Its hits are sent from the cache files with sendfile, as Debian's
-    # shipped nginx.conf has it (nginx's own default is off).
+    # shipped nginx.conf has it (nginx's own default is off). Debian also
+    # ships `tcp_nopush on`: the best of nginx for ranges is off (on stalls
+    # each ranged reply ~40 ms), for whole files on (its header rides with
+    # the body); whole files are measured against both, one shared cache.
     ngx_cache = nginx("nginx_cache", NGINX_CACHE, 2, f"""
   sendfile on; tcp_nopush off;
   upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
@@ -379,6 +385,18 @@ http {{
   proxy_cache_path {work}/nginx_lock levels=1:2 keys_zone=lock:10m max_size=1g inactive=60m use_temp_path=off;
   server {{
     listen 127.0.0.1:{NGINX_CACHE};
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache hits;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 206 60m;
+    }}
+  }}
+  server {{
+    listen 127.0.0.1:{NGINX_CACHE_NOPUSH};
+    tcp_nopush on;
     location / {{
       proxy_pass http://origin;
       proxy_http_version 1.1;
@@ -488,7 +506,11 @@ http {{
             results[t.name]["rps_rounds"] = [round(r["rps"]) for r in rs]
         # Whole 1 MiB files from memory: what players ask of stored HLS
         # segments (a GET without a range, or `bytes=0-`).
+        # nginx with `tcp_nopush on` answers from the same cache zone.
+        nopush = Target("nginx_cache_nopush", NGINX_CACHE_NOPUSH, lambda p: p,
+                        lambda: [ngx_cache.pid] + children(ngx_cache.pid))
         whole_targets = [t for t in cache_targets if t.name in ("nginx_cache", "anibridge_cache", "anibridge_cache_t2")]
+        whole_targets.insert(1, nopush)
         whole = {t.name: [] for t in whole_targets}
         for i in range(args.rounds):
             for t in whole_targets:
@@ -542,6 +564,7 @@ def report(args, results, clients):
     miss, nc, ac = results["anibridge_miss"], results["nginx_cache"], results["anibridge_cache"]
     pm, ac2, pm2 = results["pingora_memory"], results["anibridge_cache_t2"], results["pingora_memory_t2"]
     ncw, acw, acw2 = results["nginx_cache_whole"], results["anibridge_cache_whole"], results["anibridge_cache_t2_whole"]
+    ncpw = results["nginx_cache_nopush_whole"]
     MiB = 1 << 20
 
     def row(label, key, fmt, scale=1):
@@ -581,6 +604,9 @@ def report(args, results, clients):
              f"| … CPU µs per request | {acw['cpu_us']:.1f} | {ncw['cpu_us']:.1f} | {acw['cpu_us'] / ncw['cpu_us']:.2f}x |\n"
              f"| with two threads: whole 1 MiB files req/s | {acw2['rps']:.0f} | {ncw['rps']:.0f} | {acw2['rps'] / ncw['rps']:.2f}x |\n"
              f"| … CPU µs per request | {acw2['cpu_us']:.1f} | {ncw['cpu_us']:.1f} | {acw2['cpu_us'] / ncw['cpu_us']:.2f}x |\n"
+             f"| whole 1 MiB files vs nginx with `tcp_nopush on` (Debian's shipped nginx.conf): req/s | {acw['rps']:.0f} | {ncpw['rps']:.0f} | {acw['rps'] / ncpw['rps']:.2f}x |\n"
+             f"| … with two threads: req/s | {acw2['rps']:.0f} | {ncpw['rps']:.0f} | {acw2['rps'] / ncpw['rps']:.2f}x |\n"
+             f"| … CPU µs per request (two threads) | {acw2['cpu_us']:.1f} | {ncpw['cpu_us']:.1f} | {acw2['cpu_us'] / ncpw['cpu_us']:.2f}x |\n"
              f"| small Range GETs, cache on but nothing cacheable (miss path) vs cache off: req/s | {miss['rps']:.0f} | {a['rps']:.0f} (cache off) | {miss['rps'] / a['rps']:.2f}x |\n"
              f"| … p99 ms | {miss['p99']:.2f} | {a['p99']:.2f} (cache off) | {miss['p99'] / a['p99']:.2f}x |\n"
              f"| {clients} slow clients, shipped config (cache on): peak RSS MiB | {ac['peak_rss'] / MiB:.1f} | {n['peak_rss'] / MiB:.1f} | {ac['peak_rss'] / n['peak_rss']:.2f}x |\n")
@@ -627,7 +653,7 @@ def report(args, results, clients):
         f"req/s per round: direct {d['rps_rounds']}, nginx {n['rps_rounds']}, bare Pingora {b['rps_rounds']}, "
         f"anibridge {a['rps_rounds']}, anibridge cache hits {ac['rps_rounds']}, nginx proxy_cache hits {nc['rps_rounds']}, bare Pingora from memory {pm['rps_rounds']}, "
         f"anibridge cache hits with two threads {ac2['rps_rounds']}, bare Pingora from memory with two threads {pm2['rps_rounds']}; "
-        f"whole 1 MiB files: nginx proxy_cache {ncw['rps_rounds']}, anibridge {acw['rps_rounds']}, anibridge with two threads {acw2['rps_rounds']}\n"
+        f"whole 1 MiB files: nginx proxy_cache {ncw['rps_rounds']}, nginx with tcp_nopush on {ncpw['rps_rounds']}, anibridge {acw['rps_rounds']}, anibridge with two threads {acw2['rps_rounds']}\n"
         f"- bare Pingora: `benches/load/bare_pingora.rs` (a minimal `ProxyHttp`, Pingora's own pipeline and pool, "
         f"same threads, allocator and release profile) — what Pingora costs with nothing on top\n"
         f"- the crowd: `benches/load/slow_origin.py` answers after 200 ms at 4 MiB/s per connection; 50 viewers "
