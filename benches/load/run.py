@@ -376,6 +376,18 @@ http {{
     # ships `tcp_nopush on`: the best of nginx for ranges is off (on stalls
     # each ranged reply ~40 ms), for whole files on (its header rides with
     # the body); whole files are measured against both, one shared cache.
+    hit_servers = "".join(f"""
+  server {{
+    listen 127.0.0.1:{port};{nopush}
+    location / {{
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache hits;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 206 60m;
+    }}
+  }}""" for port, nopush in [(NGINX_CACHE, ""), (NGINX_CACHE_NOPUSH, "\n    tcp_nopush on;")])
     ngx_cache = nginx("nginx_cache", NGINX_CACHE, 2, f"""
   sendfile on; tcp_nopush off;
   upstream origin {{ server 127.0.0.1:{ORIGIN}; keepalive 64; }}
@@ -383,29 +395,7 @@ http {{
   upstream uplink {{ server 127.0.0.1:{UPLINK_ORIGIN}; keepalive 64; }}
   proxy_cache_path {work}/nginx_hits levels=1:2 keys_zone=hits:10m max_size=1g inactive=60m use_temp_path=off;
   proxy_cache_path {work}/nginx_lock levels=1:2 keys_zone=lock:10m max_size=1g inactive=60m use_temp_path=off;
-  server {{
-    listen 127.0.0.1:{NGINX_CACHE};
-    location / {{
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_cache hits;
-      proxy_cache_key $uri;
-      proxy_cache_valid 200 206 60m;
-    }}
-  }}
-  server {{
-    listen 127.0.0.1:{NGINX_CACHE_NOPUSH};
-    tcp_nopush on;
-    location / {{
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_cache hits;
-      proxy_cache_key $uri;
-      proxy_cache_valid 200 206 60m;
-    }}
-  }}
+{hit_servers}
 {lock_servers}""")
     slow_origin = subprocess.Popen(["python3", os.path.join(ROOT, "benches/load/slow_origin.py"), str(SLOW_ORIGIN),
                                     os.path.join(work, "slow_origin.log")])
