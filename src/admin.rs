@@ -20,6 +20,9 @@ pub struct Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // This header is whole: the next bytes begin the next one's.
+        crate::header_guard::began(session);
+        crate::header_guard::ended(session);
         let req = session.req_header();
         let allowed = req.method == Method::GET || req.method == Method::HEAD;
         let (status, ctype, body) = match req.uri.path() {

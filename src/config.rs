@@ -309,12 +309,20 @@ pub struct DownstreamConf {
     /// How long a client's idle keep-alive connection is kept open for its
     /// next request (whole seconds).
     pub keepalive_timeout: Dur,
+    /// How long a request's header may take from its first byte
+    /// ([`crate::header_guard`]).
+    pub header_timeout: Dur,
 }
 
 impl Default for DownstreamConf {
     fn default() -> Self {
         // 75 s: nginx's `keepalive_timeout`.
-        Self { write_timeout: Dur(Duration::from_secs(60)), keepalive_timeout: Dur(Duration::from_secs(75)) }
+        // 60 s: nginx's `client_header_timeout`.
+        Self {
+            write_timeout: Dur(Duration::from_secs(60)),
+            keepalive_timeout: Dur(Duration::from_secs(75)),
+            header_timeout: Dur(Duration::from_secs(60)),
+        }
     }
 }
 
@@ -664,6 +672,7 @@ impl Config {
             ("upstream.read_timeout", self.upstream.read_timeout),
             ("upstream.write_timeout", self.upstream.write_timeout),
             ("downstream.write_timeout", self.downstream.write_timeout),
+            ("downstream.header_timeout", self.downstream.header_timeout),
             ("resolver.timeout", self.resolver.timeout),
             ("upstream.queue_timeout", self.upstream.queue_timeout),
         ] {
@@ -867,6 +876,7 @@ mod tests {
         assert_eq!(refused("log: {format: xml}\n").0, "log.format");
         assert_eq!(refused("log: {trusted_proxies: [\"10.0.0.0/33\"]}\n").0, "log.trusted_proxies[0]");
         assert_eq!(refused("upstream: {queue_timeout: \"0s\"}\n").0, "upstream.queue_timeout");
+        assert_eq!(refused("downstream: {header_timeout: \"0s\"}\n").0, "downstream.header_timeout");
         assert_eq!(refused("upstream: {max_cooldown: \"0s\"}\n").0, "upstream.max_cooldown");
         assert_eq!(refused("downstream: {keepalive_timeout: \"500ms\"}\n").0, "downstream.keepalive_timeout");
         let kept = load("auth: {mode: none}\ndownstream: {keepalive_timeout: \"2m\"}\n").unwrap();

@@ -25,6 +25,7 @@ pub mod cors;
 pub mod dns;
 pub mod egress;
 pub mod gate;
+pub mod header_guard;
 pub mod headers;
 pub mod hls;
 pub mod hosts;

@@ -47,6 +47,9 @@ pub struct Metrics {
     pub host_queue_waits: IntCounter,
     pub host_refused: IntCounterVec,
     pub shutdown_cut_streams: IntCounter,
+    /// Client connections closed for how they sent a request header
+    /// ([`crate::header_guard`]), by why.
+    pub client_headers_refused: IntCounterVec,
 }
 
 /// Status codes counted apart (0: no response was sent).
@@ -157,6 +160,15 @@ impl Metrics {
             "Streams still running when the shutdown grace period ended, cut",
         )
         .unwrap();
+        let client_headers_refused = IntCounterVec::new(
+            Opts::new(
+                "anibridge_client_headers_refused_total",
+                "Client connections closed before their request header was whole, by why (timeout: it took longer \
+                 than downstream.header_timeout; too_large: it was over 64 KiB)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
         let mut names = Vec::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -166,6 +178,7 @@ impl Metrics {
             Box::new(host_cooldowns.clone()),
             Box::new(host_queue_waits.clone()),
             Box::new(host_refused.clone()),
+            Box::new(client_headers_refused.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -202,6 +215,9 @@ impl Metrics {
         for reason in crate::gate::Refused::LABELS {
             host_refused.with_label_values(&[reason]);
         }
+        for reason in crate::header_guard::Refused::LABELS {
+            client_headers_refused.with_label_values(&[reason]);
+        }
         for reason in crate::egress::Refusal::LABELS {
             egress_refusals.with_label_values(&[reason]);
         }
@@ -237,6 +253,7 @@ impl Metrics {
             host_queue_waits,
             host_refused,
             shutdown_cut_streams,
+            client_headers_refused,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::header_guard::HeaderGuard;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, State};
 
@@ -94,7 +95,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = build(&cfg, metrics.clone());
     let state = proxy.state.clone();
-    let mut svc = pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "anibridge-proxy");
+    // Both listeners bound how a client sends its request headers.
+    let header_timeout = cfg.downstream.header_timeout.0;
+    let app = HeaderGuard::new(pingora::proxy::http_proxy(&server.configuration, proxy), header_timeout, &metrics);
+    let mut svc = Service::new("anibridge-proxy".to_string(), app);
     for addr in cfg.listen_addrs() {
         let mut listener = ListenerConfig::tcp(addr.to_string())
             .l4_buffer(L4BufferSettings::new(DOWNSTREAM_READ_BUFFER, DOWNSTREAM_WRITE_BUFFER));
@@ -105,7 +109,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
         svc.add_listener(listener);
     }
-    let mut admin = Service::new("admin".to_string(), Admin { metrics: metrics.clone(), draining: draining.clone() });
+    let admin_app = Admin { metrics: metrics.clone(), draining: draining.clone() };
+    let mut admin = Service::new("admin".to_string(), HeaderGuard::new(admin_app, header_timeout, &metrics));
     admin.threads = Some(1);
     admin.add_tcp(&cfg.admin_listen.0.to_string());
     server.add_service(svc);
@@ -300,7 +305,11 @@ impl Embedded {
         let proxy = build(cfg, metrics.clone());
         let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());
-        let app = Arc::new(pingora::proxy::http_proxy(&conf, proxy));
+        let app = Arc::new(HeaderGuard::new(
+            pingora::proxy::http_proxy(&conf, proxy),
+            cfg.downstream.header_timeout.0,
+            &metrics,
+        ));
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut stop = rx.clone();
         tokio::spawn(async move {

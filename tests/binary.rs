@@ -284,6 +284,31 @@ async fn slow_client_of_a_200mb_body_keeps_memory_bounded_and_paces_the_upstream
     eprintln!("max lead {} KiB, proxy peak RSS {} MiB", max_lead / 1024, peak / MB);
 }
 
+/// The admin listener (on every address in the container image) bounds
+/// request headers as the proxy's does: one trickled in is cut and
+/// counted; a keep-alive connection idle for longer is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_bounds_request_headers_too() {
+    let p = Running::start("auth: {mode: none}\ndownstream: {header_timeout: 1s}\n").await;
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], p.admin).into();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: one-byte-at-a-time\r\n\r\n";
+    let mut slow = Client::connect(admin).await;
+    let mut sent = 0;
+    for b in request {
+        if slow.is_closed(Duration::from_millis(50)).await {
+            break;
+        }
+        slow.send_raw(&[*b]).await;
+        sent += 1;
+    }
+    assert!(sent < request.len(), "cut after {sent} of {} bytes", request.len());
+    let mut kept = Client::connect(admin).await;
+    assert_eq!(kept.request("GET", "/healthz", &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = kept.request("GET", "/metrics", &[]).await.text();
+    assert!(metrics.contains("anibridge_client_headers_refused_total{reason=\"timeout\"} 1\n"), "{metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     let o = Origin::start(|req| {

@@ -40,6 +40,10 @@ async fn origin() -> Origin {
             Action::Raw(raw)
         }
         "/empty-reply" => Action::Raw(Vec::new()),
+        // 40 000 bytes over about 1.6 s.
+        "/slow" => Resp::new(200, Body::Slow { len: 40_000, piece: 10_000, pause: Duration::from_millis(400) })
+            .header("Content-Type", "video/mp4")
+            .into(),
         "/no-content-with-length" => Action::Raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec()),
         _ => serve_file(req, 5000, Some("video/mp4")).into(),
     })
@@ -156,13 +160,13 @@ async fn a_missing_or_invalid_host_is_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_request_header_is_refused() {
     let (o, p, path) = setup().await;
-    let mut c = Client::connect(p.addr()).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
     let big = "a".repeat(2 * 1024 * 1024);
-    c.send_raw(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    // The proxy closes after 64 KiB of it: the rest may not be taken.
+    let _ = sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
     let closed_or_refused = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut sock = c.into_inner();
         let mut buf = vec![0u8; 4096];
-        use tokio::io::AsyncReadExt;
         match sock.read(&mut buf).await {
             Ok(0) | Err(_) => true,
             Ok(n) => {
@@ -174,6 +178,95 @@ async fn huge_request_header_is_refused() {
     .await
     .expect("the proxy answers or closes");
     assert!(closed_or_refused);
+    healthy(&p, &o).await;
+}
+
+/// Pingora bounds a request header only per read (60 s each, up to 1 MiB
+/// of it): a client trickling its header (slowloris) would hold its
+/// connection for as long as it liked. Like nginx's
+/// `client_header_timeout`, a header must be whole within
+/// `downstream.header_timeout` of its first byte, and within 64 KiB; the
+/// connection is closed otherwise (and counted). Neither an answer that
+/// takes longer, nor a request pipelined during it, nor keep-alive idle
+/// time counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_header_must_be_whole_in_time_and_in_size() {
+    let o = origin().await;
+    let p = Proxy::start(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {header_timeout: 1s}\n",
+    )
+    .await;
+    let refused = |why: &str| p.server.metrics.client_headers_refused.with_label_values(&[why]).get();
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n");
+    assert!(request.len() > 60, "a trickle of it takes longer than the timeout");
+
+    // One byte every 50 ms: closed before the header is whole, unanswered.
+    let mut slow = Client::connect(p.addr()).await;
+    let mut sent = 0;
+    for b in request.as_bytes() {
+        if slow.is_closed(Duration::from_millis(50)).await {
+            break;
+        }
+        slow.send_raw(&[*b]).await;
+        sent += 1;
+    }
+    assert!(sent < request.len(), "cut after {sent} of {} bytes", request.len());
+    assert!(slow.is_closed(Duration::from_secs(1)).await);
+    assert_eq!((refused("timeout"), refused("too_large")), (1, 0));
+    assert!(o.requests().is_empty(), "nothing went upstream");
+
+    // In two pieces within the timeout: answered; then idle for longer
+    // than it, and a keep-alive request still answered.
+    let mut fair = Client::connect(p.addr()).await;
+    let (first, rest) = request.as_bytes().split_at(40);
+    fair.send_raw(first).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fair.send_raw(rest).await;
+    let got = fair.read_response(false).await;
+    assert_eq!((got.status, got.body.len()), (206, 10));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = fair.request("GET", &path, &[("Range", "bytes=10-19")]).await;
+    assert_eq!((got.status, got.body.clone()), (206, pattern(10, 10)));
+    // A refused request's body is read with it, not taken for the start
+    // of the next header: the next one, after idling, is answered too.
+    fair.send_raw(b"POST /strm/proxy/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n").await;
+    fair.send_raw(&[b'p'; 100]).await;
+    assert_eq!(fair.read_response(false).await.status, 405);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fair.request("GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
+
+    // An answer that takes 1.6 s, with the next request pipelined at once
+    // and read only after it: both answered.
+    let mut piped = Client::connect(p.addr()).await;
+    let slow_path = relay_path("s.mp4", &o.url("/slow"));
+    piped.send_raw(format!("GET {slow_path} HTTP/1.1\r\nHost: x\r\n\r\n{request}").as_bytes()).await;
+    let got = piped.read_response(false).await;
+    assert_eq!((got.status, got.body.len()), (200, 40_000));
+    let got = piped.read_response(false).await;
+    assert_eq!((got.status, got.body.len()), (206, 10));
+
+    // Size: 60 KB of header is answered, over 64 KiB closed unanswered.
+    for (filler, answered) in [(60_000, true), (70_000, false)] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+        let big = format!("GET {path} HTTP/1.1\r\nHost: x\r\nX-Filler: {}\r\n\r\n", "f".repeat(filler));
+        // The proxy may close before the end is written.
+        let _ = c.write_all(big.as_bytes()).await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = c.read(&mut buf).await {
+                answer.extend_from_slice(&buf[..n]);
+                if answered && find(&answer, b"\r\n\r\n").is_some() {
+                    break;
+                }
+            }
+        });
+        read.await.expect("answered or closed");
+        assert_eq!(answer.starts_with(b"HTTP/1.1 200"), answered, "{filler}: {:?}", String::from_utf8_lossy(&answer));
+    }
+    assert_eq!((refused("timeout"), refused("too_large")), (1, 1));
     healthy(&p, &o).await;
 }
 

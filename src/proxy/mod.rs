@@ -137,6 +137,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        crate::header_guard::ended(session.as_downstream());
         let st = &*self.state;
         let m = &st.metrics;
         let status =

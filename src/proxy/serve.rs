@@ -27,6 +27,7 @@ const X_API_KEY: header::HeaderName = header::HeaderName::from_static("x-api-key
 impl Proxy {
     /// Answers one request on Pingora's downstream session.
     pub(super) async fn serve(&self, down: &mut ServerSession, ctx: &mut Ctx) -> Result<()> {
+        crate::header_guard::began(down);
         down.set_write_timeout(Some(self.state.downstream_write_timeout));
         // Pingora keeps an idle keep-alive connection for ever (or as long
         // as a client's `Connection: keep-alive` + `Keep-Alive: timeout=`
@@ -55,6 +56,11 @@ impl Proxy {
 
     async fn handle(&self, down: &mut ServerSession, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
         let st = &*self.state;
+        // First, whatever the answer: a body left unread would be read
+        // after the answer, as if it began the next request's header
+        // (`crate::header_guard`), and a connection is only reused once
+        // its request was read whole.
+        drain_request_body(down).await?;
         match crate::headers::host_problem(down.req_header()) {
             None => {}
             Some(HostProblem::Missing) => return Err(Failure::MissingHost.into()),
@@ -71,7 +77,6 @@ impl Proxy {
         if method != Method::GET && method != Method::HEAD {
             return Err(Failure::MethodNotAllowed.into());
         }
-        drain_request_body(down).await?;
         crate::headers::drop_nominated(down.req_header_mut());
         // A cheap (shared-bytes) copy, so the session can be borrowed mutably later.
         let uri = down.req_header().uri.clone();

@@ -1,0 +1,297 @@
+//! Bounds on how a client sends a request header: in time and in size.
+//!
+//! Pingora reads a request's header before any hook runs, with a timeout
+//! per read (60 s) and up to 1 MiB of it. A client that sends one byte
+//! every 59 s (slowloris) would hold its connection, and a file
+//! descriptor, for as long as it likes, and a megabyte of header costs a
+//! megabyte per connection. nginx bounds both: `client_header_timeout`
+//! (60 s for the whole header) and `large_client_header_buffers` (32 KiB).
+//!
+//! Here every client connection is wrapped before Pingora sees it
+//! ([`HeaderGuard`], [`Guarded`]): once the first byte of a request's header
+//! has arrived, the header must be complete within
+//! `downstream.header_timeout` and [`MAX_HEADER_BYTES`]; otherwise the read
+//! fails and Pingora closes the connection (and logs why). The request path
+//! says when a header is complete and when its answer is done ([`began`],
+//! [`ended`]), so neither the time an answer takes, nor what the client
+//! sends meanwhile, nor a keep-alive connection's idle time (which
+//! `downstream.keepalive_timeout` bounds) counts. No byte is parsed here:
+//! only counted and timed.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest,
+    UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+use crate::metrics::Metrics;
+
+/// The most a request's header may take, in bytes read for it (nginx
+/// allows 32 KiB; browsers and players send well under 8 KiB).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Why a connection was closed (the `reason` of
+/// `anibridge_client_headers_refused_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Refused {
+    Timeout,
+    TooLarge,
+}
+
+impl Refused {
+    pub const LABELS: [&'static str; 2] = ["timeout", "too_large"];
+}
+
+/// The bounds, shared by every connection of a listener.
+#[derive(Debug)]
+struct Limits {
+    timeout: Duration,
+    /// By [`Refused`].
+    refused: [IntCounter; 2],
+}
+
+/// A Pingora application whose client connections are [`Guarded`].
+pub struct HeaderGuard<A> {
+    app: Arc<A>,
+    limits: Arc<Limits>,
+}
+
+impl<A> HeaderGuard<A> {
+    /// `app`, with each request header bounded to `timeout` from its first
+    /// byte; connections closed for it are counted in `metrics`.
+    pub fn new(app: A, timeout: Duration, metrics: &Metrics) -> HeaderGuard<A> {
+        let refused = Refused::LABELS.map(|r| metrics.client_headers_refused.with_label_values(&[r]));
+        HeaderGuard { app: Arc::new(app), limits: Arc::new(Limits { timeout, refused }) }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderGuard<A> {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        self.app.process_new(Box::new(Guarded::new(stream, self.limits.clone())), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await
+    }
+}
+
+/// A client connection whose request headers are bounded; everything else
+/// passes through to the connection it wraps.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Stream,
+    limits: Arc<Limits>,
+    /// Raised by [`began`] and [`ended`]: odd while a request is answered.
+    phase: AtomicU32,
+    /// `phase` when `header` was last looked at.
+    seen: u32,
+    /// The header being read, once its first byte is in.
+    header: Option<Header>,
+}
+
+#[derive(Debug)]
+struct Header {
+    started: Instant,
+    bytes: usize,
+    /// Armed when the header needs a second read (most arrive in one).
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Guarded {
+    fn new(inner: Stream, limits: Arc<Limits>) -> Guarded {
+        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None }
+    }
+
+    fn of(down: &ServerSession) -> Option<&Guarded> {
+        match down {
+            ServerSession::H1(s) => s.stream().as_any().downcast_ref::<Guarded>(),
+            _ => None,
+        }
+    }
+
+    /// Moves to the next phase if `answering` says it is the other one.
+    fn turn(&self, answering: bool) {
+        // Only the connection's own task reads and turns it.
+        let phase = self.phase.load(Ordering::Relaxed);
+        if (phase % 2 == 1) != answering {
+            self.phase.store(phase.wrapping_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// The header read so far is over a bound: the error that ends the
+    /// connection (counted).
+    fn over(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let header = self.header.as_mut()?;
+        let timeout = self.limits.timeout;
+        let (why, e) = if header.bytes > MAX_HEADER_BYTES {
+            let e = io::Error::new(io::ErrorKind::InvalidData, format!("request header over {MAX_HEADER_BYTES} bytes"));
+            (Refused::TooLarge, e)
+        } else {
+            let deadline = header
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until((header.started + timeout).into())));
+            // Polled, so that the connection's task wakes when it passes.
+            if deadline.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let e = io::Error::new(io::ErrorKind::TimedOut, format!("request header not complete within {timeout:?}"));
+            (Refused::Timeout, e)
+        };
+        self.limits.refused[why as usize].inc();
+        Some(e)
+    }
+}
+
+/// The request's header is complete: what this connection reads until
+/// [`ended`] is not bounded here.
+pub fn began(down: &ServerSession) {
+    if let Some(g) = Guarded::of(down) {
+        g.turn(true);
+    }
+}
+
+/// The request is answered: the next bytes start the next header.
+pub fn ended(down: &ServerSession) {
+    if let Some(g) = Guarded::of(down) {
+        g.turn(false);
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.load(Ordering::Relaxed);
+        if phase % 2 == 1 {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if phase != this.seen {
+            // A request was answered since: this is the next header.
+            this.seen = phase;
+            this.header = None;
+        }
+        if let Some(e) = this.over(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            let header =
+                this.header.get_or_insert_with(|| Header { started: Instant::now(), bytes: 0, deadline: None });
+            header.bytes += n;
+            if header.bytes > MAX_HEADER_BYTES {
+                return Poll::Ready(Err(this.over(cx).expect("over the size bound")));
+            }
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
