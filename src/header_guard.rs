@@ -11,7 +11,10 @@
 //! ([`HeaderGuard`], [`Guarded`]): once the first byte of a request's header
 //! has arrived, the header must be complete within
 //! `downstream.header_timeout` and [`MAX_HEADER_BYTES`]; otherwise the read
-//! fails and Pingora closes the connection (and logs why). The request path
+//! fails, Pingora closes the connection, and it is counted
+//! (`anibridge_client_headers_refused_total`; Pingora's own line about it
+//! is a debug line, as for any client gone before its header was whole:
+//! a flood of them must not flood the log). The request path
 //! says when a header is complete and when its answer is done ([`began`],
 //! [`ended`]), so neither the time an answer takes, nor what the client
 //! sends meanwhile, nor a keep-alive connection's idle time (which
