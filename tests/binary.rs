@@ -1154,9 +1154,10 @@ async fn upstream_failures_name_the_place_and_the_cause() {
 }
 
 /// A fill that dies for good (no validator: it cannot be resumed) is
-/// logged once, by the fill, not once per reader it aborts: five viewers
-/// of one dying file leave one WARN for the fill and no ERROR lines, and
-/// each viewer's access line says its response failed.
+/// logged once, not once per reader it aborts, nor once by the upstream's
+/// read and again by the fill: five viewers of one dying file leave one
+/// WARN (why) and, at INFO, the fill's line (what it cost), no ERROR
+/// lines, and each viewer's access line says its response failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     let o = Origin::start(|_| {
@@ -1166,7 +1167,7 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     .await;
     let mut p = Running::start_logging(
         "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\n",
-        Some("warn,access=info"),
+        Some("info"),
         &[],
     )
     .await;
@@ -1178,7 +1179,12 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     p.terminate();
     let _ = p.child.wait();
     let log = p.logged();
-    assert_eq!(log.matches("cache fill from 127.0.0.1 failed mid-body").count(), 1, "{log}");
+    let warned = log.lines().filter(|l| l.contains("WARN")).collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains("upstream 127.0.0.1 failed mid-body (ConnectionClosed)"), "{log}");
+    let fill = log.lines().filter(|l| l.contains("cache fill from 127.0.0.1 failed mid-body")).collect::<Vec<_>>();
+    assert_eq!(fill.len(), 1, "{log}");
+    assert!(fill[0].contains("INFO") && fill[0].contains("nothing stored, its readers aborted"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     let failed = log.lines().filter(|l| l.contains("\"GET /strm/proxy/x.mp4\" 200 1000 ")).collect::<Vec<_>>();
     assert_eq!(failed.len(), 5, "{log}");

@@ -125,11 +125,17 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
     let Started { len, upstream } = started;
     let settings = *cache.settings();
     let mut block = BytesMut::new();
+    // Why the body ended short, when the upstream's read said.
+    let mut failure = None;
     let complete = if playlist {
         let read = resp.read_to_vec(Vec::new(), len as usize).await;
         entry.resumed(resp.resumptions());
         match read {
             Ok(body) if body.len() as u64 == len => entry.append_whole(&body, settings.chunk).is_ok(),
+            Err(BodyError::Failed(e)) => {
+                failure = Some(e);
+                false
+            }
             Ok(_) | Err(_) => false,
         }
     } else {
@@ -143,12 +149,21 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                     }
                 }
                 Ok((None, _)) => break entry.written() == len,
-                Err(_) => break false,
+                Err(e) => {
+                    failure = Some(e);
+                    break false;
+                }
             }
         }
     };
     if !complete {
-        log::warn!("cache fill from {} failed mid-body", resp.url().host_str().unwrap_or("-"));
+        let host = resp.url().host_str().unwrap_or("-");
+        if failure.as_deref().is_some_and(crate::upstream::is_logged_body_failure) {
+            // The upstream's WARN said why; this says what it cost.
+            log::info!("cache fill from {host} failed mid-body: nothing stored, its readers aborted");
+        } else {
+            log::warn!("cache fill from {host} failed mid-body: nothing stored, its readers aborted");
+        }
         // Readers still waiting are aborted, as a relay would be; nothing is stored.
         entry.finish(Progress::Failed(None));
         cache.finished(&entry, None);

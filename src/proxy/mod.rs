@@ -128,8 +128,8 @@ impl ProxyHttp for Proxy {
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
         // Clients going away mid-stream is ordinary for media players; a
-        // fill that died was logged once by the fill, not once per reader,
-        // and an upstream body that could not be resumed once by the
+        // fill that died was logged once (src/cache/fill.rs), not once per
+        // reader, and an upstream body that could not be resumed once by the
         // response, as a WARN (each access line still says it failed).
         matches!(e.esource(), ErrorSource::Downstream)
             || crate::cache::is_fill_failure(e)
