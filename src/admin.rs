@@ -20,8 +20,21 @@ pub struct Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // This header is whole: the next bytes begin the next one's.
+        // A body means nothing here: read now (up to 64 KiB, or the
+        // connection closes after the answer), so that the next bytes
+        // begin the next request's header (`crate::header_guard`).
         crate::header_guard::began(session);
+        let mut left = 64 * 1024;
+        while !session.is_body_done() {
+            match session.read_request_body().await {
+                Ok(Some(b)) if b.len() <= left => left -= b.len(),
+                Ok(None) => break,
+                _ => {
+                    session.set_keepalive(None);
+                    break;
+                }
+            }
+        }
         crate::header_guard::ended(session);
         let req = session.req_header();
         let allowed = req.method == Method::GET || req.method == Method::HEAD;

@@ -286,7 +286,8 @@ async fn slow_client_of_a_200mb_body_keeps_memory_bounded_and_paces_the_upstream
 
 /// The admin listener (on every address in the container image) bounds
 /// request headers as the proxy's does: one trickled in is cut and
-/// counted; a keep-alive connection idle for longer is still answered.
+/// counted; a keep-alive connection idle for longer is still answered,
+/// also after a request with a body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_bounds_request_headers_too() {
     let p = Running::start("auth: {mode: none}\ndownstream: {header_timeout: 1s}\n").await;
@@ -304,6 +305,10 @@ async fn the_admin_listener_bounds_request_headers_too() {
     assert!(sent < request.len(), "cut after {sent} of {} bytes", request.len());
     let mut kept = Client::connect(admin).await;
     assert_eq!(kept.request("GET", "/healthz", &[]).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kept.send_raw(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n").await;
+    kept.send_raw(&[b'p'; 100]).await;
+    assert_eq!(kept.read_response(false).await.status, 405);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let metrics = kept.request("GET", "/metrics", &[]).await.text();
     assert!(metrics.contains("anibridge_client_headers_refused_total{reason=\"timeout\"} 1\n"), "{metrics}");
