@@ -44,14 +44,20 @@ fn leaks_secrets(m: &log::Metadata<'_>) -> bool {
 }
 
 /// Pingora's ERROR for a client that went away (or stalled past the read
-/// timeout) before its request header was whole: a scanner, a health
-/// check that only connects, a player closing a connection it had just
-/// opened. Pingora prints it before any request exists, so the proxy's
-/// `suppress_error_log` is never asked.
+/// timeout, or was cut by `crate::header_guard`) before its request
+/// header was whole: a scanner, a health check that only connects, a
+/// player closing a connection it had just opened. Pingora prints it
+/// before any request exists, so the proxy's `suppress_error_log` is
+/// never asked; the admin listener's (Pingora's `HttpServer`) prints it in
+/// words of its own.
 fn client_left_early(r: &log::Record<'_>) -> bool {
-    r.level() == log::Level::Error
-        && r.target() == "pingora_proxy"
-        && r.args().to_string().starts_with("Fail to proxy: Downstream ")
+    if r.level() != log::Level::Error {
+        return false;
+    }
+    let text = r.args().to_string();
+    (r.target() == "pingora_proxy" && text.starts_with("Fail to proxy: Downstream "))
+        || (r.target() == "pingora_core::apps::http_app"
+            && text.starts_with("HTTP server fails to read from downstream"))
 }
 
 impl log::Log for Logs {

@@ -286,11 +286,13 @@ async fn slow_client_of_a_200mb_body_keeps_memory_bounded_and_paces_the_upstream
 
 /// The admin listener (on every address in the container image) bounds
 /// request headers as the proxy's does: one trickled in is cut and
-/// counted; a keep-alive connection idle for longer is still answered,
-/// also after a request with a body.
+/// counted (no ERROR line: as ordinary as a client that leaves early); a
+/// keep-alive connection idle for longer is still answered, also after a
+/// request with a body.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_listener_bounds_request_headers_too() {
-    let p = Running::start("auth: {mode: none}\ndownstream: {header_timeout: 1s}\n").await;
+    let mut p =
+        Running::start_logging("auth: {mode: none}\ndownstream: {header_timeout: 1s}\n", Some("warn"), &[]).await;
     let admin: std::net::SocketAddr = ([127, 0, 0, 1], p.admin).into();
     let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Agent: one-byte-at-a-time\r\n\r\n";
     let mut slow = Client::connect(admin).await;
@@ -312,6 +314,13 @@ async fn the_admin_listener_bounds_request_headers_too() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let metrics = kept.request("GET", "/metrics", &[]).await.text();
     assert!(metrics.contains("anibridge_client_headers_refused_total{reason=\"timeout\"} 1\n"), "{metrics}");
+    // One that leaves mid-header: no ERROR either.
+    Client::connect(admin).await.send_raw(b"GET /hea").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.terminate();
+    let _ = p.child.wait();
+    let log = p.logged();
+    assert!(!log.contains("ERROR"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
