@@ -20,20 +20,9 @@ pub struct Admin {
 #[async_trait]
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        // A body means nothing here: read now (up to 64 KiB, or the
-        // connection closes after the answer), so that the next bytes
-        // begin the next request's header (`crate::header_guard`).
         crate::header_guard::began(session);
-        let mut left = 64 * 1024;
-        while !session.is_body_done() {
-            match session.read_request_body().await {
-                Ok(Some(b)) if b.len() <= left => left -= b.len(),
-                Ok(None) => break,
-                _ => {
-                    session.set_keepalive(None);
-                    break;
-                }
-            }
+        if crate::header_guard::read_request_body(session).await.is_err() {
+            session.set_keepalive(None);
         }
         crate::header_guard::ended(session);
         let req = session.req_header();

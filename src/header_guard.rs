@@ -160,6 +160,26 @@ impl Guarded {
     }
 }
 
+/// Reads a request's body, which means nothing here (it is never
+/// forwarded), before it is answered: read later, by Pingora after the
+/// answer, it would count as the start of the next request's header. Up to
+/// 64 KiB; past that the connection is closed after the answer instead of
+/// reading on.
+pub async fn read_request_body(down: &mut ServerSession) -> pingora_error::Result<()> {
+    let mut left: usize = 64 * 1024;
+    while !down.is_body_done() {
+        match down.read_request_body().await? {
+            Some(b) if b.len() <= left => left -= b.len(),
+            Some(_) => {
+                down.set_keepalive(None);
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(())
+}
+
 /// The request's header is complete: what this connection reads until
 /// [`ended`] is not bounded here.
 pub fn began(down: &ServerSession) {

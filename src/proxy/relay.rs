@@ -237,20 +237,6 @@ pub(super) async fn unless_client_leaves<F: Future>(
     }
 }
 
-/// A body on GET/HEAD means nothing and is never forwarded; reading it (up
-/// to 64 KiB) before answering keeps the client connection reusable. A
-/// larger one is left for Pingora, which then closes the connection.
-pub(super) async fn drain_request_body(down: &mut ServerSession) -> Result<()> {
-    let mut left: usize = 64 * 1024;
-    while !down.is_body_done() {
-        match down.read_request_body().await? {
-            Some(b) if b.len() <= left => left -= b.len(),
-            Some(_) | None => break,
-        }
-    }
-    Ok(())
-}
-
 /// The pump over in-memory streams (`tokio::io::duplex`): Pingora's own
 /// server and client sessions on both ends, no sockets.
 #[cfg(test)]

@@ -9,7 +9,6 @@ use pingora_error::Result;
 use url::Url;
 
 use super::decide::{Asked, Children};
-use super::relay::drain_request_body;
 use super::reply::{reply, Failure, Outcome, Param};
 use super::{Ctx, Proxy};
 use crate::auth::{self, AuthError, Query};
@@ -56,11 +55,8 @@ impl Proxy {
 
     async fn handle(&self, down: &mut ServerSession, ctx: &mut Ctx) -> std::result::Result<(), Outcome> {
         let st = &*self.state;
-        // First, whatever the answer: a body left unread would be read
-        // after the answer, as if it began the next request's header
-        // (`crate::header_guard`), and a connection is only reused once
-        // its request was read whole.
-        drain_request_body(down).await?;
+        // First, whatever the answer (`crate::header_guard`).
+        crate::header_guard::read_request_body(down).await?;
         match crate::headers::host_problem(down.req_header()) {
             None => {}
             Some(HostProblem::Missing) => return Err(Failure::MissingHost.into()),
