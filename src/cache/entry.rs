@@ -19,6 +19,11 @@ use super::sealed::BodyFile;
 use super::Key;
 use crate::upstream::FetchError;
 
+/// How many of a body's first bytes an entry keeps beside the body: what
+/// tells a playlist from media ([`crate::proxy::decide::SNIFF`]), which
+/// every answer from memory of a generic type asks again.
+pub const FIRST_BYTES: usize = crate::proxy::decide::SNIFF;
+
 /// Why a reader was aborted: its fill died for good (which the fill
 /// logged, once for all its readers).
 const FILL_FAILED: &str = "the cache's upstream fetch failed mid-body";
@@ -152,6 +157,9 @@ pub struct Entry {
     /// with how much of it is written.
     file: OnceLock<Option<BodyFile>>,
     filed: AtomicU64,
+    /// The body's first [`FIRST_BYTES`] (all of a shorter body), once
+    /// written: a sniff of a stored object costs no read of its file.
+    first: OnceLock<Box<[u8]>>,
     /// The body once complete: read as it is, without the lock or the
     /// progress channel (most reads, on a busy cache, are of these).
     stored: OnceLock<Stored>,
@@ -199,6 +207,7 @@ impl Entry {
             body: RwLock::default(),
             file: OnceLock::new(),
             filed: AtomicU64::new(0),
+            first: OnceLock::new(),
             stored: OnceLock::new(),
             head_only: false,
             resumed: AtomicU32::new(0),
@@ -215,6 +224,7 @@ impl Entry {
             body: RwLock::default(),
             file: OnceLock::new(),
             filed: AtomicU64::new(0),
+            first: OnceLock::new(),
             stored: OnceLock::new(),
             head_only: true,
             resumed: AtomicU32::new(0),
@@ -267,6 +277,13 @@ impl Entry {
     /// The body's file, if it goes to one.
     fn body_file(&self) -> Option<&BodyFile> {
         self.file.get().and_then(Option::as_ref)
+    }
+
+    /// The body's first `n` bytes, if they are kept ([`FIRST_BYTES`] at
+    /// most) and written.
+    pub fn first_bytes(&self, n: u64) -> Option<&[u8]> {
+        let kept = self.first.get()?;
+        (kept.len() as u64 >= n).then(|| &kept[..n as usize])
     }
 
     /// Times the fill's body was continued on a new upstream connection so far.
@@ -330,6 +347,7 @@ impl Entry {
             let n = piece.len().min(len.saturating_sub(at) as usize);
             file.write_at(&piece[..n], at)?;
             self.filed.store(at + n as u64, Ordering::Release);
+            self.keep_first(len);
             self.progress.send_replace(Progress::Filling(at + n as u64));
             return Ok(());
         }
@@ -350,9 +368,18 @@ impl Entry {
             body.list.push(filled);
             let written = start + n as u64;
             drop(body);
+            self.keep_first(len);
             self.progress.send_replace(Progress::Filling(written));
         }
         Ok(())
+    }
+
+    /// Keeps the body's first bytes once they are all written (before
+    /// readers hear of them).
+    fn keep_first(&self, len: u64) {
+        if self.first.get().is_none() && self.written() >= len.min(FIRST_BYTES as u64) {
+            let _ = self.first.set(self.bytes(FIRST_BYTES).into());
+        }
     }
 
     /// Up to `limit` of the body bytes written so far, from the first.
@@ -574,6 +601,27 @@ mod tests {
         assert!(heap.sealed().is_none(), "a short body stays in the heap");
         let filed = readers_follow_a_fill_of(300_000).await;
         assert!(filed.sealed().is_some(), "a longer one is kept in a sealed file");
+    }
+
+    #[test]
+    fn the_first_bytes_are_kept_once_all_of_them_are_written() {
+        // Bodies in the heap and in a file, arriving a byte at a time or
+        // whole, shorter and longer than what is kept.
+        for (len, piece) in [(300_000, 1), (300_000, 70_000), (10_000, 1), (10_000, 9_999), (5, 1), (5, 5)] {
+            let body = pattern(len);
+            let e = Entry::pending(Key::from("k"));
+            e.set_head(head(len as u64));
+            let kept = len.min(FIRST_BYTES);
+            let mut block = BytesMut::new();
+            for (i, p) in body.chunks(piece).enumerate() {
+                let before = i * piece;
+                assert_eq!(e.first_bytes(kept as u64).is_some(), before >= kept, "{len}/{piece} before byte {before}");
+                e.append(&mut block, p).unwrap();
+            }
+            assert_eq!(e.first_bytes(kept as u64), Some(&body[..kept]), "{len}/{piece}");
+            assert_eq!(e.first_bytes(3), Some(&body[..3]));
+            assert_eq!(e.first_bytes(kept as u64 + 1), None, "no more than is kept");
+        }
     }
 
     #[tokio::test]

@@ -176,7 +176,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         // body (small: at most max_object_bytes) tells live from VOD.
         // (Judged on the upstream's header: the stored one lacks what the
         // header policy drops, `Set-Cookie` among them.)
-        let kind = match Kind::of(&upstream, head.url.path(), &entry.bytes(16)) {
+        let kind = match Kind::of(&upstream, head.url.path(), &entry.bytes(super::entry::FIRST_BYTES)) {
             Kind::Media => Kind::Media,
             _ => Kind::of(&upstream, head.url.path(), &entry.bytes(len as usize)),
         };

@@ -134,6 +134,10 @@ impl Source {
             Source::Upstream(r) => r.peek(at_least).await,
             Source::Memory(m) => {
                 let end = m.head().len.min(at_least as u64);
+                // Kept beside the body: no read of its file.
+                if let Some(first) = m.entry.first_bytes(end) {
+                    return Ok(first.to_vec());
+                }
                 let mut reader = m.entry.reader(0, end, m.chunk);
                 let mut out = Vec::with_capacity(end as usize);
                 while let Some(piece) = reader.read().await? {
