@@ -193,6 +193,59 @@ async fn the_first_viewer_leaving_does_not_stop_the_fill() {
     assert_eq!(metric(&p, "anibridge_cache_requests_total{result=\"hit\"}"), 1.0);
 }
 
+/// Viewers of a fill that stalls wait for its next bytes; one that hangs up
+/// meanwhile is let go at once (its stream ends), not when the fill moves
+/// on or dies — while the others keep waiting, and the fill goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_hangs_up_while_a_fill_stalls_is_let_go() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SENT: usize = 100_000;
+    let o = Origin::start(|_| {
+        // Long enough to be kept in a file; the origin stalls after SENT.
+        Resp::new(200, Body::Stall { declared: 1 << 20, sent: pattern(0, SENT as u64) })
+            .header("Content-Type", "video/mp4")
+            .into()
+    })
+    .await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/film"));
+    let mut viewers = Vec::new();
+    for _ in 0..2 {
+        let mut v = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+        v.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).await.unwrap();
+        // The header, then every byte the origin sent.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        let body_at = loop {
+            let n = v.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&buf[..n]);
+            if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        while got.len() - body_at < SENT {
+            let n = v.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert_body(&got[body_at..], &pattern(0, SENT as u64));
+        viewers.push(v);
+    }
+    let streams = || metric(&p, "anibridge_active_streams");
+    assert_eq!(streams(), 2.0, "both wait for the stalled fill");
+    // One hangs up: its stream ends within moments, the fill still stalled.
+    drop(viewers.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while streams() > 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(streams(), 1.0, "the viewer that hung up is let go while the fill stalls");
+    assert_eq!(o.requests().len(), 1, "one fetch for both");
+    drop(viewers);
+}
+
 /// A stored object answers 1 000 random single ranges (open, suffix, past
 /// the end), If-Range, the conditionals and HEADs from memory: the origin
 /// sees none of them.

@@ -342,12 +342,14 @@ impl Entry {
     /// file) fails the fill.
     pub(super) fn append(&self, block: &mut BytesMut, piece: &[u8]) -> std::io::Result<()> {
         let len = self.head().map_or(0, |h| h.len);
+        // The body's first piece: its first bytes are kept from it, not read back.
+        let opening = (self.first.get().is_none() && self.written() == 0).then_some(piece);
         if let Some(file) = self.file.get_or_init(|| BodyFile::new(len)) {
             let at = self.filed.load(Ordering::Relaxed);
             let n = piece.len().min(len.saturating_sub(at) as usize);
             file.write_at(&piece[..n], at)?;
             self.filed.store(at + n as u64, Ordering::Release);
-            self.keep_first(len);
+            self.keep_first(len, opening);
             self.progress.send_replace(Progress::Filling(at + n as u64));
             return Ok(());
         }
@@ -368,18 +370,26 @@ impl Entry {
             body.list.push(filled);
             let written = start + n as u64;
             drop(body);
-            self.keep_first(len);
+            self.keep_first(len, opening);
             self.progress.send_replace(Progress::Filling(written));
         }
         Ok(())
     }
 
     /// Keeps the body's first bytes once they are all written (before
-    /// readers hear of them).
-    fn keep_first(&self, len: u64) {
-        if self.first.get().is_none() && self.written() >= len.min(FIRST_BYTES as u64) {
-            let _ = self.first.set(self.bytes(FIRST_BYTES).into());
+    /// readers hear of them): from the `opening` piece when it holds them
+    /// all, else read back (a body that began in smaller pieces).
+    fn keep_first(&self, len: u64, opening: Option<&[u8]>) {
+        if self.first.get().is_some() {
+            return;
         }
+        let want = len.min(FIRST_BYTES as u64) as usize;
+        let kept = match opening {
+            Some(piece) if piece.len() >= want => piece[..want].into(),
+            _ if self.written() >= want as u64 => self.bytes(want).into(),
+            _ => return,
+        };
+        let _ = self.first.set(kept);
     }
 
     /// Up to `limit` of the body bytes written so far, from the first.

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use pingora_http::ResponseHeader;
 use tokio::sync::oneshot;
 
-use super::entry::{Entry, Head, Progress};
+use super::entry::{Entry, Head, Progress, FIRST_BYTES};
 use super::policy::{self, Admission, Kind};
 use super::Cache;
 use crate::upstream::{BodyError, Client, FetchError, Request, Response};
@@ -176,7 +176,8 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         // body (small: at most max_object_bytes) tells live from VOD.
         // (Judged on the upstream's header: the stored one lacks what the
         // header policy drops, `Set-Cookie` among them.)
-        let kind = match Kind::of(&upstream, head.url.path(), &entry.bytes(super::entry::FIRST_BYTES)) {
+        let first = entry.first_bytes(len.min(FIRST_BYTES as u64)).unwrap_or_default();
+        let kind = match Kind::of(&upstream, head.url.path(), first) {
             Kind::Media => Kind::Media,
             _ => Kind::of(&upstream, head.url.path(), &entry.bytes(len as usize)),
         };
