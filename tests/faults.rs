@@ -52,9 +52,14 @@ async fn origin() -> Origin {
 
 /// The origin, the proxy in open mode, and the relay path of the origin's `/v.mp4`.
 async fn setup() -> (Origin, Proxy, String) {
+    setup_with("").await
+}
+
+/// The same, with more of the proxy's config (YAML lines).
+async fn setup_with(config: &str) -> (Origin, Proxy, String) {
     let o = origin().await;
     let path = relay_path("v.mp4", &o.url("/v.mp4"));
-    (o, Proxy::open().await, path)
+    (o, Proxy::open_with(config).await, path)
 }
 
 async fn healthy(p: &Proxy, o: &Origin) {
@@ -200,13 +205,8 @@ async fn huge_request_header_is_refused() {
 /// time counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_header_must_be_whole_in_time_and_in_size() {
-    let o = origin().await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {header_timeout: 1s}\n",
-    )
-    .await;
+    let (o, p, path) = setup_with("downstream: {header_timeout: 1s}\n").await;
     let refused = |why: &str| p.server.metrics.client_headers_refused.with_label_values(&[why]).get();
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n");
     assert!(request.len() > 60, "a trickle of it takes longer than the timeout");
 
@@ -287,12 +287,7 @@ async fn a_request_header_must_be_whole_in_time_and_in_size() {
 /// keep-alive still closes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_are_closed() {
-    let o = origin().await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ndownstream: {keepalive_timeout: 2s}\n",
-    )
-    .await;
-    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let (_origin, p, path) = setup_with("downstream: {keepalive_timeout: 2s}\n").await;
     let mut busy = Client::connect(p.addr()).await;
     for i in 0..4u64 {
         let got = busy.request("GET", &path, &[("Range", &format!("bytes={i}-{i}"))]).await;

@@ -732,7 +732,12 @@ impl Proxy {
 
     /// Open mode, loopback origins allowed.
     pub async fn open() -> Proxy {
-        Self::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await
+        Self::open_with("").await
+    }
+
+    /// The same, with more of the config (whole YAML lines).
+    pub async fn open_with(more: &str) -> Proxy {
+        Self::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n{more}")).await
     }
 
     /// Token mode (secret `SECRET`), loopback origins allowed.
