@@ -511,6 +511,36 @@ async fn chunked_and_close_delimited_upstreams_are_relayed_complete() {
     assert_body(&got.body, &pattern(0, 200_000));
 }
 
+/// HTTP/1.0 has no chunked framing, so a body of unknown length reaches an
+/// HTTP/1.0 client delimited by the connection's end; the header must then
+/// say `Connection: close`, also to a client that asked to keep the
+/// connection (RFC 9112 §9.3: persistence needs a self-defined length).
+/// A body with a length keeps such a connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_is_told_a_body_of_unknown_length_ends_with_the_connection() {
+    let (o, p) = setup().await;
+    for unknown in ["/chunked", "/close"] {
+        let mut c = Client::connect(p.addr()).await;
+        let path = relay_path("x.ts", &o.url(unknown));
+        c.send_raw(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").as_bytes()).await;
+        let got = c.read_response(false).await;
+        assert_eq!(got.status, 200, "{unknown}: {:?}", got.headers);
+        assert_eq!(got.header("connection"), Some("close"), "{unknown}: {:?}", got.headers);
+        assert_eq!((got.header("transfer-encoding"), got.header("content-length")), (None, None), "{unknown}");
+        let len = if unknown == "/chunked" { 300_000 } else { 200_000 };
+        assert_body(&got.body, &pattern(0, len));
+    }
+    let mut c = Client::connect(p.addr()).await;
+    let path = relay_path("v.mp4", &o.url("/big.mp4"));
+    for i in 0..2u64 {
+        let range = format!("Range: bytes={i}-{i}\r\n");
+        c.send_raw(format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n{range}\r\n").as_bytes()).await;
+        let got = c.read_response(false).await;
+        assert_eq!((got.status, got.header("connection")), (206, Some("keep-alive")), "request {i}");
+        assert_body(&got.body, &pattern(i, 1));
+    }
+}
+
 /// A proxy sends its own HTTP version (RFC 9110 §6.2), whatever the
 /// upstream's: an `HTTP/1.0` status line with `Transfer-Encoding` is framing
 /// a client must treat as faulty (RFC 9112 §6.1).

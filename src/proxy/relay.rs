@@ -29,6 +29,12 @@ pub(super) async fn relay(
 ) -> std::result::Result<(), Outcome> {
     ctx.status = header.status.as_u16();
     ctx.sending(&mut header)?;
+    if !bodyless && ends_with_the_connection(&header) {
+        // Only an HTTP/1.0 client gets such a body (HTTP/1.1 gets chunks).
+        // Pingora writes `Connection` before it sees the body has no
+        // length, and would say `keep-alive` to a client that asked.
+        down.set_keepalive(None);
+    }
     // A stored body in a sealed file goes out with `sendfile`.
     let sealed = resp.sealed_range().filter(|_| !bodyless && first.is_empty() && super::sendfile::possible(down));
     match sealed {
@@ -50,6 +56,14 @@ pub(super) async fn relay(
     }
     resp.finish().await;
     Ok(())
+}
+
+/// A body neither its length nor chunks delimit: it ends when the
+/// connection does (RFC 9112 §6.3), so the connection cannot be kept.
+fn ends_with_the_connection(header: &ResponseHeader) -> bool {
+    let h = &header.headers;
+    let contentless = matches!(header.status.as_u16(), 204 | 304) || header.status.is_informational();
+    !contentless && !h.contains_key(http::header::CONTENT_LENGTH) && !h.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// What a stream's access line would say if the shutdown cut it. Without
