@@ -19,7 +19,7 @@ use common::*;
 
 /// Open mode, loopback origins allowed, the cache as `cache` says.
 async fn proxy(cache: &str) -> Proxy {
-    Proxy::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\ncache: {cache}\n")).await
+    Proxy::open_with(&format!("cache: {cache}\n")).await
 }
 
 /// The default cache.
@@ -317,10 +317,7 @@ async fn a_stored_body_is_sent_whole_to_slow_readers_and_a_stalled_one_is_droppe
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LEN: u64 = 4_000_000;
     let o = Origin::start(|req| serve_file(req, LEN, Some("video/mp4")).into()).await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\ndownstream: {write_timeout: \"1s\"}\n",
-    )
-    .await;
+    let p = Proxy::open_with("cache: {}\ndownstream: {write_timeout: \"1s\"}\n").await;
     let path = relay_path("v.mp4", &o.url("/v.mp4"));
     let whole = get(p.addr(), "GET", &path, &[]).await;
     assert_eq!(whole.status, 200);
@@ -778,10 +775,7 @@ async fn a_playlist_without_a_length_is_shared_while_it_is_read() {
         )
     })
     .await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nstream: {max_playlist_bytes: 2000}\ncache: {}\n",
-    )
-    .await;
+    let p = Proxy::open_with("stream: {max_playlist_bytes: 2000}\ncache: {}\n").await;
     for path in ["/chunked.m3u8", "/close.m3u8"] {
         let url = o.url(path);
         for r in spawn_gets(10, p.addr(), "GET", &relay_path("index.m3u8", &url)) {

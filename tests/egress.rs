@@ -70,7 +70,7 @@ async fn loopback_in_every_spelling_is_refused_before_connecting() {
     }
     assert_eq!(o.connections.load(Ordering::SeqCst), 0, "no packet may reach a refused destination");
     // The same origin works once allowed.
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    let p = Proxy::open().await;
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/file.mp4")), &[]).await;
     assert_eq!(got.status, 200);
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &format!("http://localhost:{port}/file.mp4")), &[]).await;

@@ -212,10 +212,7 @@ async fn relative_uris_resolve_against_the_final_url_after_redirects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_playlists_are_refused_not_buffered() {
     let o = origin().await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nstream: {max_playlist_bytes: 10000}\n",
-    )
-    .await;
+    let p = Proxy::open_with("stream: {max_playlist_bytes: 10000}\n").await;
     let got = get(p.addr(), "GET", &relay_path("x.m3u8", &o.url("/hls/big.m3u8")), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "playlist too large\n");

@@ -32,7 +32,7 @@ async fn throttling(allowed: usize, retry_after: Option<&'static str>) -> Origin
 }
 
 async fn proxy(extra: &str) -> Proxy {
-    Proxy::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n{extra}")).await
+    Proxy::open_with(extra).await
 }
 
 /// How a player reacts to a refusal: retry after 0.2 s whatever it was

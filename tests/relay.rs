@@ -317,9 +317,7 @@ async fn headers_the_client_names_in_connection_are_not_forwarded() {
     let names: Vec<&str> = seen.headers.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(names, vec!["host", "accept", "accept-encoding"]);
     // A hit: the range is not answered from memory either.
-    let cached =
-        Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {max_bytes: 1048576}\n")
-            .await;
+    let cached = Proxy::open_with("cache: {max_bytes: 1048576}\n").await;
     for _ in 0..2 {
         let got = get(cached.addr(), "GET", &path, &asked).await;
         assert_eq!((got.status, got.body.len()), (200, 1000));
@@ -654,10 +652,7 @@ const TRICKLE: Duration = Duration::from_millis(100);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_port_is_502_and_hang_is_504() {
     let o = origin().await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"500ms\"}\n",
-    )
-    .await;
+    let p = Proxy::open_with("upstream: {read_timeout: \"500ms\"}\n").await;
     // A port nobody listens on.
     let dead_port = RefusedPort::bind();
     let dead = dead_port.addr();
@@ -704,10 +699,7 @@ async fn upstream_dying_mid_body_aborts_the_client_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_body_is_aborted_after_read_timeout() {
     let o = origin().await;
-    let p = Proxy::start(
-        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\nupstream: {read_timeout: \"300ms\"}\n",
-    )
-    .await;
+    let p = Proxy::open_with("upstream: {read_timeout: \"300ms\"}\n").await;
     let got =
         tokio::time::timeout(Duration::from_secs(20), get(p.addr(), "GET", &relay_path("x", &o.url("/stall")), &[]))
             .await

@@ -55,7 +55,7 @@ fn cut(mut resp: Resp, fate: Fate) -> Action {
 }
 
 async fn proxy(extra: &str) -> Proxy {
-    Proxy::start(&format!("auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n{extra}")).await
+    Proxy::open_with(extra).await
 }
 
 /// The `Range` and `If-Range` of each request the origin saw.

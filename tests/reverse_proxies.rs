@@ -77,10 +77,7 @@ async fn tls_and_http2_are_terminated_by_nginx_in_front() {
     })
     .await;
     let port = unused_addr().port();
-    let p = Proxy::start(&format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\npublic_base_url: \"https://localhost:{port}/anibridge\"\n"
-    ))
-    .await;
+    let p = Proxy::open_with(&format!("public_base_url: \"https://localhost:{port}/anibridge\"\n")).await;
     let ca = tls::TestCa::new();
     let (cert, key) = ca.write_leaf();
     let snippet = std::fs::read_to_string("conf/nginx-tls.conf").unwrap();
@@ -246,7 +243,7 @@ where
     })
     .await;
     // The proxy learns the public URL nginx serves it under.
-    let p = Proxy::start("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\npublic_base_url: \"http://nginx.test/anibridge\"\n").await;
+    let p = Proxy::open_with("public_base_url: \"http://nginx.test/anibridge\"\n").await;
     let f = start(p.addr()).await;
     let front = f.addr();
     let via = |path: String| format!("/anibridge{path}");

@@ -141,8 +141,8 @@ async fn first_link_hangs() -> (Origin, Origin, Arc<AtomicUsize>, Proxy) {
     let m = media().await;
     let (hang, good) = (m.url("/hang.mp4"), m.url("/fresh.mp4"));
     let (r, calls) = resolver(move |n, _| json(if n == 0 { &hang } else { &good }, 300)).await;
-    let p = Proxy::start(&format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nupstream: {{read_timeout: \"1s\"}}\nresolver: {{url: \"{}\"}}\n",
+    let p = Proxy::open_with(&format!(
+        "upstream: {{read_timeout: \"1s\"}}\nresolver: {{url: \"{}\"}}\n",
         r.url("/resolve")
     ))
     .await;
@@ -311,8 +311,7 @@ async fn a_resolved_playlists_children_get_their_hosts_profile() {
     .await;
     let list = m.url("/list");
     let (r, _) = resolver(move |_, _| json(&list, 300)).await;
-    let p = Proxy::start(&format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\"}}\n\
+    let p = Proxy::open_with(&format!("resolver: {{url: \"{}\"}}\n\
          providers: [{{hosts: [\"127.0.0.1\"], headers: {{Referer: \"https://cdn-referer.example/\", X-Profile: \"1\"}}}}]\n",
         r.url("/resolve")
     ))
@@ -349,11 +348,7 @@ async fn a_resolvers_range_conditionals_and_encoding_are_left_out() {
     })
     .await;
     // The cache off: both requests reach the origin, which shows what each sent.
-    let p = Proxy::start(&format!(
-        "auth: {{mode: none}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\nresolver: {{url: \"{}\"}}\ncache: {{max_bytes: 0}}\n",
-        r.url("/resolve")
-    ))
-    .await;
+    let p = Proxy::open_with(&format!("resolver: {{url: \"{}\"}}\ncache: {{max_bytes: 0}}\n", r.url("/resolve"))).await;
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 200, "{}", got.text());
     assert_body(&got.body, &pattern(0, 10_000));
