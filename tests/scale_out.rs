@@ -2,8 +2,9 @@
 //! secret behind a real balancer hashing consistently, nginx running
 //! conf/nginx-fleet.conf and HAProxy running conf/haproxy-fleet.cfg.
 //! Viewers through the balancer fetch an HLS stream and `/strm/stream`
-//! episodes (each viewer with its own signature), and the origin (nginx)
-//! serves each file once across the fleet; a URL signed by one instance
+//! episodes and files of a signed route (each viewer with its own
+//! signature), and the origin (nginx) serves each file once across the
+//! fleet, the files spread over it; a URL signed by one instance
 //! plays through any; stopping an instance moves only its share of the
 //! URLs.
 
@@ -21,6 +22,8 @@ use common::*;
 const SEGMENTS: u64 = 12;
 const SEG: u64 = 64 << 10;
 const EPISODES: u64 = 6;
+/// Files behind the instances' route (`/lib/`), as a route's paths name them.
+const ROUTED: u64 = 12;
 
 /// The origin: an HLS stream and some episodes on disk, served by nginx,
 /// logging which instance fetched each file (`X-Instance`, a
@@ -35,6 +38,10 @@ async fn origin(root: &std::path::Path) -> (Spawned, u16) {
     std::fs::write(root.join("index.m3u8"), list).unwrap();
     for e in 1..=EPISODES {
         std::fs::write(root.join(format!("ep{e}.mp4")), pattern(e * 7, SEG)).unwrap();
+    }
+    std::fs::create_dir(root.join("lib")).unwrap();
+    for i in 0..ROUTED {
+        std::fs::write(root.join(format!("lib/f{i}.bin")), pattern(i * 11, SEG)).unwrap();
     }
     let port = unused_addr().port();
     let nginx = spawn_nginx(&format!(
@@ -73,6 +80,20 @@ fn fetched(origin: &Spawned) -> Vec<(String, String)> {
             (f[1].to_string(), f[3].to_string())
         })
         .collect()
+}
+
+/// File `i` of the route through the balancer, signed for its path (the
+/// path as the instance receives it, the balancer's prefix gone) with the
+/// viewer's own expiry.
+async fn fetch_routed(front: u16, i: u64, viewer: u64) {
+    let path = format!("/lib/f{i}.bin");
+    let mut q = Query(vec![("exp".into(), (now() + 600 + viewer).to_string())]);
+    let mut bound = q.clone();
+    bound.0.push(("_path".into(), path.clone()));
+    q.0.push(("sig".into(), sign(SECRET.as_bytes(), &bound)));
+    let got = get(([127, 0, 0, 1], front).into(), "GET", &format!("/anibridge{path}?{}", q.encode()), &[]).await;
+    assert_eq!((got.status, got.complete), (200, true), "routed file {i}: {}", got.text());
+    assert_body(&got.body, &pattern(i * 11, SEG));
 }
 
 /// A viewer through the balancer: the playlist, then every segment, bytes checked.
@@ -144,6 +165,7 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
                 "auth: {{mode: token}}\negress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n\
                  public_base_url: \"http://127.0.0.1:{front_port}/anibridge\"\n\
                  resolver: {{url: \"{}\"}}\n\
+                 routes: [{{prefix: \"/lib/\", upstream: \"http://127.0.0.1:{origin_port}/lib/\"}}]\n\
                  providers: [{{hosts: [\"127.0.0.1\"], headers: {{X-Instance: \"i{n}\"}}}}]\ncache: {{}}\n",
                 resolver.url("/resolve")
             ))
@@ -176,10 +198,16 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
             viewers.push(tokio::spawn(stream_episode(front_port, e, v)));
         }
     }
+    // The route: three viewers per file.
+    for i in 0..ROUTED {
+        for v in 0..3 {
+            viewers.push(tokio::spawn(fetch_routed(front_port, i, v)));
+        }
+    }
     for v in viewers {
         v.await.unwrap();
     }
-    let want = (SEGMENTS + 1 + EPISODES) as usize;
+    let want = (SEGMENTS + 1 + EPISODES + ROUTED) as usize;
     let paths = |log: &str| log.lines().map(|l| l.split(' ').nth(1)).collect::<std::collections::BTreeSet<_>>().len();
     origin.read_when("access.log", |log| paths(log) >= want).await;
     let first = fetched(&origin);
@@ -201,6 +229,10 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
         m
     });
     assert!(shares.len() >= 2, "{kind:?}: the URLs spread over the fleet: {shares:?}");
+    // A route's files too: hashed by path, not all onto one instance.
+    let routed: std::collections::BTreeSet<&String> =
+        owner.iter().filter(|(p, _)| p.starts_with("/lib/")).map(|(_, i)| i).collect();
+    assert!(routed.len() >= 2, "{kind:?}: a route's files spread over the fleet: {owner:?}");
 
     // Stop the instance with the largest share: only its URLs move.
     let (gone, _) = shares.iter().max_by_key(|(_, n)| **n).map(|(i, n)| ((*i).clone(), *n)).unwrap();
@@ -222,8 +254,11 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     }
     watch(front_port, &master).await;
     watch(front_port, &master).await;
-    let expected: Vec<&String> =
-        owner.iter().filter(|(p, i)| **i == gone && !p.starts_with("/ep")).map(|(p, _)| p).collect();
+    let expected: Vec<&String> = owner
+        .iter()
+        .filter(|(p, i)| **i == gone && !p.starts_with("/ep") && !p.starts_with("/lib/"))
+        .map(|(p, _)| p)
+        .collect();
     origin.read_when("access.log", |log| log.lines().count() >= before + expected.len()).await;
     let moved: Vec<(String, String)> = fetched(&origin)[before..].to_vec();
     let mut refetched: Vec<&String> = moved.iter().map(|(p, _)| p).collect();
