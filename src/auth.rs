@@ -317,9 +317,27 @@ impl<'a> ChildSigner<'a> {
     /// `exp` and `sig` over the canonical query, in apikey mode the client's
     /// own key, in none mode nothing more.
     pub fn push_query(&self, u: &str, out: &mut String) {
+        self.push_relay_query(u, None, out);
+    }
+
+    /// [`push_query`](Self::push_query) for a child under a static route's
+    /// upstream that goes through the relay: `_route` (the route's prefix)
+    /// goes with `u`, under the signature, and the relay trusts `u` as that
+    /// route would.
+    pub fn push_query_for_route(&self, u: &str, route_prefix: &str, out: &mut String) {
+        self.push_relay_query(u, Some(route_prefix), out);
+    }
+
+    fn push_relay_query(&self, u: &str, route_prefix: Option<&str>, out: &mut String) {
         out.push_str("u=");
         let start = out.len();
         quote_plus_into(u, out);
+        if let Some(r) = route_prefix {
+            out.push('&');
+            out.push_str(crate::routing::ROUTE_PARAM);
+            out.push('=');
+            quote_plus_into(r, out);
+        }
         match self.auth.mode {
             AuthMode::None => {}
             AuthMode::Apikey => {
@@ -329,8 +347,24 @@ impl<'a> ChildSigner<'a> {
                 }
             }
             AuthMode::Token => {
-                let mut mac = self.prefixed.clone().expect("token mode has a keyed prefix");
-                mac.update(&out.as_bytes()[start..]);
+                let mac = match route_prefix {
+                    // The common case: the keyed `exp=...&u=` prefix, then `u`.
+                    None => {
+                        let mut mac = self.prefixed.clone().expect("token mode has a keyed prefix");
+                        mac.update(&out.as_bytes()[start..]);
+                        mac
+                    }
+                    Some(r) => {
+                        let signed = Query(vec![
+                            ("u".into(), u.into()),
+                            (crate::routing::ROUTE_PARAM.into(), r.into()),
+                            ("exp".into(), self.exp.clone()),
+                        ]);
+                        let mut mac = self.auth.mac.clone();
+                        mac.update(canonical_query(&signed).as_bytes());
+                        mac
+                    }
+                };
                 out.push_str("&exp=");
                 out.push_str(&self.exp);
                 out.push_str("&sig=");

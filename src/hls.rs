@@ -86,12 +86,16 @@ const SEGMENT_EXTENSIONS: [&str; 30] = [
 pub fn push_hint(child: &str, segment: bool, fmp4: bool, out: &mut String) {
     let hint = hint_for(child);
     out.push_str(hint);
-    if segment {
-        let ext = crate::content_type::extension(hint).unwrap_or("");
-        if !SEGMENT_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext)) {
-            out.push_str(if fmp4 { ".m4s" } else { ".ts" });
-        }
+    if segment && disguised(hint) {
+        out.push_str(if fmp4 { ".m4s" } else { ".ts" });
     }
+}
+
+/// Whether a segment's file name (`hint`) lacks an extension players accept
+/// for segments (a hoster's `.jpg`, `.png`, `.html`, or none).
+pub fn disguised(hint: &str) -> bool {
+    let ext = crate::content_type::extension(hint).unwrap_or("");
+    !SEGMENT_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext))
 }
 
 /// Whether a body is an HLS playlist (`#EXTM3U`, optionally after a BOM).

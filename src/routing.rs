@@ -11,6 +11,11 @@ pub const RELAY_PREFIX: &str = "/strm/proxy/";
 const RELAY_PATH: &str = "/strm/proxy";
 pub const STREAM_PATH: &str = "/strm/stream";
 
+/// The relay query parameter naming (by its prefix) the static route whose
+/// playlist a relay child came from: signed with the rest, it makes the
+/// relay trust the child as that route would ([`route_trust`]).
+pub const ROUTE_PARAM: &str = "_route";
+
 /// Query parameters that carry credentials and are never forwarded upstream.
 pub const CREDENTIAL_PARAMS: [&str; 4] = ["sig", "exp", "apikey", "api_key"];
 
@@ -72,6 +77,27 @@ impl Route {
             .any(|(k, _)| CREDENTIAL_PARAMS.contains(&k.as_ref()) || k == "_path");
         (!reserved).then(|| (format!("{}{path}", self.prefix), query))
     }
+
+    /// Whether `url` is one this route would fetch: under its upstream base
+    /// (the same scheme, host and port), not climbing out of it.
+    pub fn covers(&self, url: &Url) -> bool {
+        url.as_str().starts_with(self.upstream.as_str()) && !climbs(&url.path()[self.upstream.path().len()..])
+    }
+}
+
+/// The origin a relay request may trust: the upstream of the static route
+/// its (authenticated) query names in [`ROUTE_PARAM`], when that route would
+/// fetch `url` itself. A route playlist's child that must go through the
+/// relay (a disguised segment, which needs the relay's `{hint}`) so reaches
+/// a private upstream the route trusts; a relay URL without it, or naming a
+/// route that would not fetch its `u`, is judged like any other.
+pub fn route_trust(routes: &[Route], raw_query: &str, url: &Url) -> Option<Arc<Url>> {
+    if routes.is_empty() || !raw_query.contains(ROUTE_PARAM) {
+        return None;
+    }
+    let named = url::form_urlencoded::parse(raw_query.as_bytes()).find(|(k, _)| k == ROUTE_PARAM)?.1;
+    let route = routes.iter().find(|r| r.prefix == named)?;
+    route.covers(url).then(|| route.upstream.clone())
 }
 
 /// Whether a raw path has a `..` segment once percent-decoded, with `/` or
@@ -178,6 +204,39 @@ mod tests {
         assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?sig=abc"), None, "a credential name in its query");
         assert_eq!(r.child("http://10.0.0.5:8080/base/s.ts?_path=/x"), None);
         assert_eq!(r.child("http://10.0.0.5:8080/base/..%2Fs.ts"), None, "out of the base once decoded");
+    }
+
+    #[test]
+    fn a_route_covers_what_it_would_fetch() {
+        let r = Route::new("/cdn/", Url::parse("http://10.0.0.5:8080/base").unwrap(), true);
+        let covers = |u: &str| r.covers(&Url::parse(u).unwrap());
+        assert!(covers("http://10.0.0.5:8080/base/hls/seg1.jpg?t=1"));
+        assert!(covers("http://10.0.0.5:8080/base/"));
+        assert!(!covers("http://10.0.0.5:8080/other/seg1.jpg"), "outside the base path");
+        assert!(!covers("http://10.0.0.5:8080/basement/seg1.jpg"));
+        assert!(!covers("https://10.0.0.5:8080/base/seg1.jpg"), "another scheme");
+        assert!(!covers("http://10.0.0.5:8081/base/seg1.jpg"), "another port");
+        assert!(!covers("http://10.0.0.6:8080/base/seg1.jpg"), "another host");
+        assert!(!covers("http://user@10.0.0.5:8080/base/seg1.jpg"), "credentials of its own");
+        assert!(!covers("http://10.0.0.5:8080/base/..%2Fsecret"), "out of the base once decoded");
+        assert!(!covers("http://10.0.0.5:8080/base/../secret"), "out of the base as the URL reads it");
+    }
+
+    #[test]
+    fn a_relay_query_naming_a_route_is_trusted_for_what_that_route_fetches() {
+        let routes = vec![
+            Route::new("/cdn/", Url::parse("http://10.0.0.5:8080/base/").unwrap(), true),
+            Route::new("/other/", Url::parse("http://10.0.0.6/").unwrap(), true),
+        ];
+        let seg = Url::parse("http://10.0.0.5:8080/base/seg1.jpg").unwrap();
+        let trust = |q: &str, u: &Url| route_trust(&routes, q, u).map(|t| t.to_string());
+        assert_eq!(trust("u=x&_route=%2Fcdn%2F&exp=1&sig=a", &seg).as_deref(), Some("http://10.0.0.5:8080/base/"));
+        assert_eq!(trust("u=x&exp=1&sig=a", &seg), None, "a relay URL that names no route");
+        assert_eq!(trust("u=x&_route=%2Fother%2F", &seg), None, "a route that would not fetch it");
+        assert_eq!(trust("u=x&_route=%2Fnone%2F", &seg), None, "no such route");
+        let outside = Url::parse("http://10.0.0.5:8080/secret").unwrap();
+        assert_eq!(trust("u=x&_route=%2Fcdn%2F", &outside), None, "outside the route's base");
+        assert_eq!(route_trust(&[], "_route=%2Fcdn%2F", &seg), None);
     }
 
     #[test]

@@ -525,3 +525,72 @@ async fn playlist_variables_are_substituted_in_rewritten_uris() {
     assert_eq!(got.status, 200);
     assert_body(&got.body, &pattern(0, 5000));
 }
+
+/// A signed route in front of a hoster that disguises its segments
+/// (`seg0.jpg`, typed `image/jpeg`): the route's own URL would keep the
+/// name ffmpeg refuses for a segment, so such a segment's child is the
+/// relay's URL with `.ts` appended, naming the route under its signature;
+/// the relay trusts it as the route does (the route's upstream is private
+/// here, and no `allow_cidrs` lets it in), but nothing else: not the same
+/// URL without the route named, nor one outside the route's base. Keys and
+/// ordinary segments stay the route's own URLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_routes_disguised_segments_get_names_players_accept() {
+    let o = Origin::start(|req| match req.path() {
+        "/base/index.m3u8" => Resp::new(
+            200,
+            Body::Bytes(
+                b"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXT-X-KEY:METHOD=AES-128,URI=\"key.bin\"\n\
+                  #EXTINF:2.0,\nseg0.jpg\n#EXTINF:2.0,\nseg1.ts\n#EXT-X-ENDLIST\n"
+                    .to_vec(),
+            ),
+        )
+        .header("Content-Type", "application/vnd.apple.mpegurl")
+        .into(),
+        "/base/seg0.jpg" => Resp::new(200, Body::Bytes(pattern(0, 5000))).header("Content-Type", "image/jpeg").into(),
+        _ => Resp::new(200, Body::Bytes(pattern(7, 100))).header("Content-Type", "video/mp2t").into(),
+    })
+    .await;
+    // Token mode; loopback is not in `allow_cidrs`: only the route trusts it.
+    let yaml = format!("auth: {{mode: token}}\nroutes: [{{prefix: \"/cdn/\", upstream: \"{}\"}}]\n", o.url("/base/"));
+    let p = Proxy::start(&yaml).await;
+    let mut q = Query(vec![("exp".into(), (now() + 600).to_string())]);
+    let mut bound = q.clone();
+    bound.0.push(("_path".into(), "/cdn/index.m3u8".into()));
+    q.0.push(("sig".into(), anibridge_proxy::auth::sign(SECRET.as_bytes(), &bound)));
+    let list = get(p.addr(), "GET", &format!("/cdn/index.m3u8?{}", q.encode()), &[]).await;
+    assert_eq!(list.status, 200, "{}", list.text());
+    let text = list.text();
+    let children: Vec<&str> = text.lines().filter(|l| l.starts_with('/')).collect();
+    let key = text.lines().find_map(|l| l.split("URI=\"").nth(1)).unwrap().trim_end_matches('"');
+    assert!(key.starts_with("/cdn/key.bin?exp="), "a key stays the route's: {text}");
+    assert!(
+        children[0].starts_with("/strm/proxy/seg0.jpg.ts?u=") && children[0].contains("&_route=%2Fcdn%2F&"),
+        "{text}"
+    );
+    assert!(children[1].starts_with("/cdn/seg1.ts?exp="), "an ordinary segment stays the route's: {text}");
+    let seg = get(p.addr(), "GET", children[0], &[]).await;
+    assert_eq!((seg.status, seg.header("content-type")), (200, Some("image/jpeg")), "{}", seg.text());
+    assert_body(&seg.body, &pattern(0, 5000));
+    for path in [key, children[1]] {
+        assert_eq!(get(p.addr(), "GET", path, &[]).await.status, 200, "{path}");
+    }
+    // The relay trusts only what a route it names would fetch.
+    let naming = |u: &str, route: &str| {
+        let mut q = Query(vec![("u".into(), u.into()), ("_route".into(), route.into())]);
+        q.0.push(("sig".into(), anibridge_proxy::auth::sign(SECRET.as_bytes(), &q)));
+        format!("/strm/proxy/x.ts?{}", q.encode())
+    };
+    let seg0 = o.url("/base/seg0.jpg");
+    for refused in [
+        signed_relay_path("x.ts", &seg0, None),
+        naming(&seg0, "/elsewhere/"),
+        naming(&o.url("/secret.bin"), "/cdn/"),
+        naming(&o.url("/basement.bin"), "/cdn/"),
+        naming(&format!("{}..%2Fsecret.bin", o.url("/base/")), "/cdn/"),
+    ] {
+        let got = get(p.addr(), "GET", &refused, &[]).await;
+        assert_eq!((got.status, got.text()), (403, "destination not allowed\n".to_string()), "{refused}");
+    }
+    assert_eq!(get(p.addr(), "GET", &naming(&seg0, "/cdn/"), &[]).await.status, 200);
+}

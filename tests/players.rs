@@ -1985,6 +1985,12 @@ async fn hls_plays_through_a_signed_route() {
     for f in ["/ts/master.m3u8", "/ts/key.bin", "/ts/hi/index.m3u8", "/ts/hi/seg003.ts", "/ts/lo/seg003.ts"] {
         assert!(served.contains(f), "{f} never fetched: {served:?}");
     }
+    // Segments disguised as images and HTML behind the route: ffmpeg
+    // refuses such names, so they come as relay URLs named `.ts`.
+    let (played, frames) = ffmpeg_decode(&signed_route("/media/ts/dis/index.m3u8"), &[]).await;
+    played.assert_clean("ffmpeg, disguised segments through a signed route", &[]);
+    assert!(frames.contains(&100), "{frames:?}");
+    nginx.assert_every_disguise_served("/ts/dis/");
     assert_eq!(p.server.metrics.auth_failures.with_label_values(&["missing signature"]).get(), 0, "no child unsigned");
     // An open route: the playlist's own bytes, only typed.
     let open = get(p.addr(), "GET", "/open/ts/hi/index.m3u8", &[]).await;

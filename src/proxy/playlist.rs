@@ -201,7 +201,12 @@ fn rewrite_whole(
 
 /// Writes the URL a client gets for a child: under a static route's
 /// upstream (`route`: one with auth), that route's own URL with its query
-/// kept; anywhere else the relay's.
+/// kept; anywhere else the relay's. A disguised segment (`seg1.jpg`) under
+/// the route goes through the relay too: the route's URL must keep the
+/// upstream's file name, which ffmpeg refuses for a segment, while the
+/// relay's `{hint}` gets an extension it accepts. Such a relay URL names
+/// the route (signed), so the relay trusts it as the route would
+/// ([`routing::route_trust`]).
 fn push_child(
     prefix: &str,
     route: Option<&Route>,
@@ -211,25 +216,22 @@ fn push_child(
     signer: &ChildSigner<'_>,
     out: &mut String,
 ) {
-    match route.and_then(|r| r.child(child)) {
-        Some((path, query)) => {
-            out.push_str(prefix);
-            out.push_str(&path);
-            out.push('?');
-            signer.push_route_query(&routing::decoded_path(&path), query, out);
-        }
-        None => push_relay_child(prefix, child, segment, fmp4, signer, out),
+    let own = route.filter(|_| !(segment && hls::disguised(hls::hint_for(child)))).and_then(|r| r.child(child));
+    if let Some((path, query)) = own {
+        out.push_str(prefix);
+        out.push_str(&path);
+        out.push('?');
+        signer.push_route_query(&routing::decoded_path(&path), query, out);
+        return;
     }
-}
-
-/// Writes a child as the relay's signed URL:
-/// `{prefix}/strm/proxy/{hint}?u=...` and its credentials.
-fn push_relay_child(prefix: &str, child: &str, segment: bool, fmp4: bool, signer: &ChildSigner<'_>, out: &mut String) {
     out.push_str(prefix);
     out.push_str(routing::RELAY_PREFIX);
     hls::push_hint(child, segment, fmp4, out);
     out.push('?');
-    signer.push_query(child, out);
+    match route.filter(|r| child.starts_with(r.upstream.as_str())) {
+        Some(r) => signer.push_query_for_route(child, &r.prefix, out),
+        None => signer.push_query(child, out),
+    }
 }
 
 /// Undoes a `Content-Encoding` (servers may ignore our `identity`), bounded.
@@ -299,7 +301,7 @@ mod tests {
         let base = Url::parse("http://10.0.0.5:8080/base/hls/index.m3u8").unwrap();
         let now = 1_000_000;
         let list = "#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI=\"../key.bin?k=1\"\n#EXTINF:4,\nseg%201.ts?t=a+b\n\
-                    #EXTINF:4,\nhttp://elsewhere.example/x.ts\n#EXT-X-ENDLIST\n";
+                    #EXTINF:4,\nhttp://elsewhere.example/x.ts\n#EXTINF:4,\nseg2.jpg?t=b\n#EXT-X-ENDLIST\n";
         let out = rewrite_route_playlist(&auth, "", &route, list, &base, None, now);
         let lines: Vec<&str> = out.lines().collect();
         let key = lines[1].split("URI=\"").nth(1).unwrap().trim_end_matches('"');
@@ -312,11 +314,20 @@ mod tests {
             let mut bound = Query::parse(Some(q));
             bound.0.push(("_path".into(), routing::decoded_path(p)));
             assert_eq!(verify_token(b"k", &bound, now), Ok(()), "{url}");
-            assert_eq!(bound.get("exp").unwrap(), (now + 60 + 8).to_string(), "VOD: token_ttl + duration");
+            assert_eq!(bound.get("exp").unwrap(), (now + 60 + 12).to_string(), "VOD: token_ttl + duration");
         }
         assert!(seg.starts_with("/cdn/hls/seg%201.ts?t=a+b&exp="), "{seg}");
         // Elsewhere: a signed relay URL.
         assert!(lines[5].starts_with("/strm/proxy/x.ts?u=http%3A%2F%2Felsewhere.example%2Fx.ts&exp="), "{}", lines[5]);
+        // A disguised segment under the route: the relay's URL, whose name
+        // ffmpeg accepts (the route's would keep `.jpg`), naming the route
+        // under the signature.
+        let relayed = "/strm/proxy/seg2.jpg.ts?u=http%3A%2F%2F10.0.0.5%3A8080%2Fbase%2Fhls%2Fseg2.jpg%3Ft%3Db\
+                       &_route=%2Fcdn%2F&exp=";
+        assert!(lines[7].starts_with(relayed), "{}", lines[7]);
+        let q = Query::parse(lines[7].split_once('?').map(|(_, q)| q));
+        assert_eq!(verify_token(b"k", &q, now), Ok(()), "{}", lines[7]);
+        assert_eq!(q.get("_route"), Some("/cdn/"));
         // Apikey mode hands on the client's key; none mode adds nothing.
         let apikey = Auth::new(AuthMode::Apikey, None, Some("key"), 60, 3600);
         let out = rewrite_route_playlist(&apikey, "", &route, list, &base, Some("key"), now);

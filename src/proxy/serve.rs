@@ -109,11 +109,13 @@ impl Proxy {
                 };
                 let known_playlist = is_playlist_path(url.path()) || is_playlist_path(hint);
                 let asked = Asked { known_playlist, hint: Some(hint), ..asked };
+                // A route playlist's child trusted as the route would be.
+                let trusted = routing::route_trust(&st.routes, raw, &url);
                 // `forwarded` (the client's headers that go upstream) is
                 // read only when the request goes upstream (`Proxy::open`).
                 (
                     asked,
-                    Request { method, url, forwarded: Vec::new(), extra: None, trusted: None, whole: known_playlist },
+                    Request { method, url, forwarded: Vec::new(), extra: None, trusted, whole: known_playlist },
                     key,
                 )
             }
