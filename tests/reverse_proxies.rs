@@ -77,7 +77,11 @@ async fn tls_and_http2_are_terminated_by_nginx_in_front() {
     })
     .await;
     let port = unused_addr().port();
-    let p = Proxy::open_with(&format!("public_base_url: \"https://localhost:{port}/anibridge\"\n")).await;
+    common::logs::capture();
+    let p = Proxy::open_with(&format!(
+        "public_base_url: \"https://localhost:{port}/anibridge\"\nlog: {{trusted_proxies: [\"127.0.0.1/32\"]}}\n"
+    ))
+    .await;
     let ca = tls::TestCa::new();
     let (cert, key) = ca.write_leaf();
     let snippet = std::fs::read_to_string("conf/nginx-tls.conf").unwrap();
@@ -120,6 +124,23 @@ async fn tls_and_http2_are_terminated_by_nginx_in_front() {
     assert!(child.starts_with(&format!("https://localhost:{port}/anibridge/strm/proxy/seg0.ts?u=")), "{child}");
     let (_, how) = curl(vec!["-H".into(), "Range: bytes=0-9".into(), child.to_string()]).await;
     assert_eq!(how, "2 206", "the child plays through the https front");
+    // The access log names the viewer (connecting from 127.0.0.2), not nginx.
+    let id = "behind-the-tls-front";
+    let asked = ["--interface", "127.0.0.2", "-H", &format!("X-Request-Id: {id}"), "-o", "/dev/null"];
+    let mut args: Vec<String> = asked.iter().map(|a| a.to_string()).collect();
+    args.push(https(relay_path("v.mp4", &o.url("/v.mp4"))));
+    assert_eq!(curl(args).await.1, "2 200");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        match common::logs::logs().lines().find(|l| l.contains(&format!("id={id}"))) {
+            Some(line) => break line.to_string(),
+            None if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await
+            }
+            None => panic!("no access line with id={id}:\n{}", common::logs::logs()),
+        }
+    };
+    assert!(line.contains(" 127.0.0.2 \"GET /strm/proxy/v.mp4\" 200 "), "{line}");
 }
 
 /// Traefik: `TRAEFIK` (what scripts/test.sh fetches), else on PATH.
