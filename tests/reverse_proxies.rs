@@ -130,16 +130,7 @@ async fn tls_and_http2_are_terminated_by_nginx_in_front() {
     let mut args: Vec<String> = asked.iter().map(|a| a.to_string()).collect();
     args.push(https(relay_path("v.mp4", &o.url("/v.mp4"))));
     assert_eq!(curl(args).await.1, "2 200");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let line = loop {
-        match common::logs::logs().lines().find(|l| l.contains(&format!("id={id}"))) {
-            Some(line) => break line.to_string(),
-            None if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await
-            }
-            None => panic!("no access line with id={id}:\n{}", common::logs::logs()),
-        }
-    };
+    let line = common::logs::access_line(id).await;
     assert!(line.contains(" 127.0.0.2 \"GET /strm/proxy/v.mp4\" 200 "), "{line}");
 }
 
@@ -263,8 +254,13 @@ where
         _ => serve_file(req, 2_000_000, Some("video/mp4")).into(),
     })
     .await;
-    // The proxy learns the public URL nginx serves it under.
-    let p = Proxy::open_with("public_base_url: \"http://nginx.test/anibridge\"\n").await;
+    // The proxy learns the public URL nginx serves it under, and trusts the
+    // front's X-Forwarded-For.
+    common::logs::capture();
+    let p = Proxy::open_with(
+        "public_base_url: \"http://nginx.test/anibridge\"\nlog: {trusted_proxies: [\"127.0.0.1/32\"]}\n",
+    )
+    .await;
     let f = start(p.addr()).await;
     let front = f.addr();
     let via = |path: String| format!("/anibridge{path}");
@@ -307,4 +303,13 @@ where
         written < 8 * 65536,
         "the front or the proxy buffered the whole body before sending ({written} bytes written)"
     );
+
+    // The access log names the viewer (connecting from 127.0.0.2), not the
+    // front: each sends X-Forwarded-For.
+    let id = format!("behind-{}", f.port);
+    let mut viewer = Client::connect_from(front, [127, 0, 0, 2].into()).await;
+    let got = viewer.request("GET", &via(relay_path("v.mp4", &o.url("/v.mp4"))), &[("X-Request-Id", &id)]).await;
+    assert_eq!(got.status, 200);
+    let line = common::logs::access_line(&id).await;
+    assert!(line.contains(" 127.0.0.2 \"GET /strm/proxy/v.mp4\" 200 "), "{line}");
 }

@@ -309,18 +309,7 @@ async fn the_access_log_names_the_viewer_behind_either_balancer() {
         let path = format!("/anibridge{}", relay_path("v.mp4", &o.url("/v.mp4")));
         let got = c.request("GET", &path, &[("X-Forwarded-For", "6.6.6.6"), ("X-Request-Id", &id)]).await;
         assert_eq!(got.status, 200, "{kind:?}");
-        // The line is written as the request ends, just after its last byte.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let line = loop {
-            let found = common::logs::logs().lines().find(|l| l.contains(&format!("id={id}"))).map(str::to_string);
-            match found {
-                Some(line) => break line,
-                None if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
-                }
-                None => panic!("{kind:?}: no access line with id={id}:\n{}", common::logs::logs()),
-            }
-        };
+        let line = common::logs::access_line(&id).await;
         assert!(line.contains(" 127.0.0.2 \"GET /strm/proxy/v.mp4\" 200 1000 "), "{kind:?}: {line}");
     }
 }

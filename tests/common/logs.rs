@@ -33,3 +33,16 @@ pub fn capture() {
 pub fn logs() -> String {
     LOGS.lock().unwrap().join("\n")
 }
+
+/// The access line of the request whose `X-Request-Id` was `id`, once it
+/// is written (as the request ends, just after its last byte); at most 10 s.
+pub async fn access_line(id: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(line) = logs().lines().find(|l| l.contains(&format!("id={id}"))) {
+            return line.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no access line with id={id}:\n{}", logs());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
