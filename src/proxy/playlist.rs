@@ -332,6 +332,7 @@ mod tests {
         let apikey = Auth::new(AuthMode::Apikey, None, Some("key"), 60, 3600);
         let out = rewrite_route_playlist(&apikey, "", &route, list, &base, Some("key"), now);
         assert!(out.contains("\n/cdn/hls/seg%201.ts?t=a+b&apikey=key\n"), "{out}");
+        assert!(out.contains("seg2.jpg%3Ft%3Db&_route=%2Fcdn%2F&apikey=key\n"), "{out}");
         let open = Auth::new(AuthMode::None, None, None, 60, 3600);
         let out = rewrite_route_playlist(&open, "https://media.example/ab", &route, list, &base, None, now);
         assert!(out.contains("URI=\"https://media.example/ab/cdn/key.bin?k=1\""), "{out}");
