@@ -239,13 +239,7 @@ async fn routes_bind_the_signature_to_the_path_and_strip_credentials() {
         o.url("/pub")
     );
     let p = Proxy::start(&yaml).await;
-    let signed = |path: &str, extra: &[(&str, &str)]| {
-        let mut q = Query(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-        let mut bound = q.clone();
-        bound.0.push(("_path".into(), anibridge_proxy::routing::decoded_path(path)));
-        q.0.push(("sig".into(), sign(SECRET.as_bytes(), &bound)));
-        format!("{path}?{}", q.encode())
-    };
+    let signed = signed_route_path;
     // A routed request: private upstream allowed (trusted), query forwarded
     // minus credentials, path appended to the base.
     let target = signed("/cdn/show/ep%201.mp4", &[("quality", "hd"), ("exp", &(now() + 60).to_string())]);

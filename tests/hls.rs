@@ -554,11 +554,8 @@ async fn a_signed_routes_disguised_segments_get_names_players_accept() {
     // Token mode; loopback is not in `allow_cidrs`: only the route trusts it.
     let yaml = format!("auth: {{mode: token}}\nroutes: [{{prefix: \"/cdn/\", upstream: \"{}\"}}]\n", o.url("/base/"));
     let p = Proxy::start(&yaml).await;
-    let mut q = Query(vec![("exp".into(), (now() + 600).to_string())]);
-    let mut bound = q.clone();
-    bound.0.push(("_path".into(), "/cdn/index.m3u8".into()));
-    q.0.push(("sig".into(), anibridge_proxy::auth::sign(SECRET.as_bytes(), &bound)));
-    let list = get(p.addr(), "GET", &format!("/cdn/index.m3u8?{}", q.encode()), &[]).await;
+    let master = signed_route_path("/cdn/index.m3u8", &[("exp", &(now() + 600).to_string())]);
+    let list = get(p.addr(), "GET", &master, &[]).await;
     assert_eq!(list.status, 200, "{}", list.text());
     let text = list.text();
     let children: Vec<&str> = text.lines().filter(|l| l.starts_with('/')).collect();

@@ -1955,13 +1955,8 @@ async fn hls_plays_through_a_signed_route() {
         ),
     )
     .await;
-    let signed_route = |path: &str| {
-        let mut q = anibridge_proxy::auth::Query(vec![("exp".into(), (now() + 600).to_string())]);
-        let mut bound = q.clone();
-        bound.0.push(("_path".into(), path.to_string()));
-        q.0.push(("sig".into(), anibridge_proxy::auth::sign(SECRET.as_bytes(), &bound)));
-        format!("http://{}{path}?{}", p.addr(), q.encode())
-    };
+    let signed_route =
+        |path: &str| format!("http://{}{}", p.addr(), signed_route_path(path, &[("exp", &(now() + 600).to_string())]));
     let master = signed_route("/media/ts/master.m3u8");
     let text = get(p.addr(), "GET", master.trim_start_matches(&format!("http://{}", p.addr())), &[]).await.text();
     let children: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();

@@ -86,12 +86,8 @@ fn fetched(origin: &Spawned) -> Vec<(String, String)> {
 /// path as the instance receives it, the balancer's prefix gone) with the
 /// viewer's own expiry.
 async fn fetch_routed(front: u16, i: u64, viewer: u64) {
-    let path = format!("/lib/f{i}.bin");
-    let mut q = Query(vec![("exp".into(), (now() + 600 + viewer).to_string())]);
-    let mut bound = q.clone();
-    bound.0.push(("_path".into(), path.clone()));
-    q.0.push(("sig".into(), sign(SECRET.as_bytes(), &bound)));
-    let got = get(([127, 0, 0, 1], front).into(), "GET", &format!("/anibridge{path}?{}", q.encode()), &[]).await;
+    let path = signed_route_path(&format!("/lib/f{i}.bin"), &[("exp", &(now() + 600 + viewer).to_string())]);
+    let got = get(([127, 0, 0, 1], front).into(), "GET", &format!("/anibridge{path}"), &[]).await;
     assert_eq!((got.status, got.complete), (200, true), "routed file {i}: {}", got.text());
     assert_body(&got.body, &pattern(i * 11, SEG));
 }

@@ -755,6 +755,17 @@ pub fn relay_path(hint: &str, upstream: &str) -> String {
     format!("/strm/proxy/{hint}?{}", Query(vec![("u".into(), upstream.into())]).encode())
 }
 
+/// A static route's `path` (as the proxy receives it, percent-encoded) with
+/// the query `params` and a `sig` over them made with `SECRET`, the path
+/// bound in as `_path` (decoded), as a route verifies in token mode.
+pub fn signed_route_path(path: &str, params: &[(&str, &str)]) -> String {
+    let mut q = Query(params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    let mut bound = q.clone();
+    bound.0.push(("_path".into(), anibridge_proxy::routing::decoded_path(path)));
+    q.0.push(("sig".into(), sign(SECRET.as_bytes(), &bound)));
+    format!("{path}?{}", q.encode())
+}
+
 /// `/strm/proxy/{hint}?u=...&exp=...&sig=...` signed with `SECRET`.
 pub fn signed_relay_path(hint: &str, upstream: &str, exp: Option<u64>) -> String {
     let mut q = Query(vec![("u".into(), upstream.into())]);
