@@ -158,7 +158,7 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
         // whole resource, as the HEAD would have.
         headers::whole_of_part(&mut out);
     }
-    let contentless = matches!(out.status.as_u16(), 204 | 304) || out.status.is_informational();
+    let contentless = contentless(out.status);
     if hls {
         out.insert_header(header::CONTENT_TYPE, content_type::HLS)?;
     } else if !contentless && out.headers.get(header::CONTENT_TYPE).is_none_or(|t| t.as_bytes().trim_ascii().is_empty())
@@ -184,6 +184,11 @@ pub fn relay_header(asked: &Asked<'_>, answer: &Answer<'_>, hls: bool) -> Result
         out.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     Ok(out)
+}
+
+/// A status whose response has no content: 1xx, 204, 304 (RFC 9110 §6.4.1).
+pub fn contentless(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 204 | 304) || status.is_informational()
 }
 
 /// The client's header for a rewritten playlist of `len` bytes: always a

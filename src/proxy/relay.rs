@@ -62,8 +62,9 @@ pub(super) async fn relay(
 /// connection does (RFC 9112 §6.3), so the connection cannot be kept.
 fn ends_with_the_connection(header: &ResponseHeader) -> bool {
     let h = &header.headers;
-    let contentless = matches!(header.status.as_u16(), 204 | 304) || header.status.is_informational();
-    !contentless && !h.contains_key(http::header::CONTENT_LENGTH) && !h.contains_key(http::header::TRANSFER_ENCODING)
+    !super::decide::contentless(header.status)
+        && !h.contains_key(http::header::CONTENT_LENGTH)
+        && !h.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// What a stream's access line would say if the shutdown cut it. Without
