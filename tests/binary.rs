@@ -792,15 +792,35 @@ async fn a_client_that_stops_reading_is_dropped_after_the_write_timeout() {
     drop(stream);
 }
 
+/// The test servers' nginx takes a port found free; when another process
+/// takes it first (here: the first port, bound before nginx starts), nginx
+/// exits, and the next port is tried instead of the test failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_nginx_moves_to_another_port_when_its_port_is_taken() {
+    if common::tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    let taken = std::sync::Mutex::new(Vec::new());
+    let (_nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        let mut taken = taken.lock().unwrap();
+        if taken.is_empty() {
+            taken.push((port, std::net::TcpListener::bind(("127.0.0.1", port)).unwrap()));
+        }
+        format!("server {{ listen 127.0.0.1:{port}; access_log off; return 204; }}\n")
+    })
+    .await;
+    let first = taken.lock().unwrap()[0].0;
+    assert_ne!(port, first, "the taken port was not kept");
+    let got = get(([127, 0, 0, 1], port).into(), "GET", "/", &[]).await;
+    assert_eq!(got.status, 204);
+}
+
 /// A real nginx serving the files in `root` on an ephemeral port.
 async fn nginx_serving(root: &std::path::Path) -> (common::process::Spawned, u16) {
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n",
-        root.display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
-    (nginx, port)
+    common::process::nginx_on_a_free_port(|port| {
+        format!("server {{ listen 127.0.0.1:{port}; root {}; access_log off; }}\n", root.display())
+    })
+    .await
 }
 
 /// DESIGN "Many viewers, one hoster fetch" — memory: 2 GiB of distinct

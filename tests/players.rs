@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::process::{spawn_nginx, Spawned};
+use common::process::{nginx_on_a_free_port, Spawned};
 use common::*;
 
 /// Bump when the media below change (a new directory is generated).
@@ -196,19 +196,20 @@ struct Logged {
 
 impl MediaServer {
     async fn start() -> MediaServer {
-        let port = unused_addr().port();
-        let nginx = spawn_nginx(&format!(
-            "log_format players '$request_method $uri $status \"$http_range\" [$http_x_through_proxy]';\n\
-             types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4 m4s; image/jpeg jpg;\n\
-               image/png png; text/html html; text/vtt vtt; video/x-matroska mkv; }}\n\
-             default_type application/octet-stream;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log players;\n\
-               # A hoster with helmet's defaults: answers marked same-origin and nosniff.\n\
-               location /corp/ {{ alias {root}/; add_header Cross-Origin-Resource-Policy same-origin;\n\
-                 add_header X-Content-Type-Options nosniff; }} }}\n",
-            root = media().display()
-        ));
-        nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+        let (nginx, port) = nginx_on_a_free_port(|port| {
+            format!(
+                "log_format players '$request_method $uri $status \"$http_range\" [$http_x_through_proxy]';\n\
+                 types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4 m4s; image/jpeg jpg;\n\
+                   image/png png; text/html html; text/vtt vtt; video/x-matroska mkv; }}\n\
+                 default_type application/octet-stream;\n\
+                 server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log players;\n\
+                   # A hoster with helmet's defaults: answers marked same-origin and nosniff.\n\
+                   location /corp/ {{ alias {root}/; add_header Cross-Origin-Resource-Policy same-origin;\n\
+                     add_header X-Content-Type-Options nosniff; }} }}\n",
+                root = media().display()
+            )
+        })
+        .await;
         MediaServer { nginx, port }
     }
 

@@ -419,18 +419,19 @@ async fn nginx_limit_conn_and_limit_req_are_met_with_pauses() {
     for i in 0..48 {
         std::fs::write(root.path().join(format!("seg{i}.ts")), pattern(i * SEG, SEG)).unwrap();
     }
-    let port = unused_addr().port();
-    let nginx = process::spawn_nginx(&format!(
-        "limit_conn_zone $binary_remote_addr zone=conns:1m;\n\
+    let (nginx, port) = process::nginx_on_a_free_port(|port| {
+        format!(
+            "limit_conn_zone $binary_remote_addr zone=conns:1m;\n\
          limit_req_zone $binary_remote_addr zone=rate:1m rate=10r/s;\n\
          log_format hoster '$msec $request_time $uri $status';\n\
          server {{ listen 127.0.0.1:{port}; access_log {{dir}}/access.log hoster;\n\
            location /conn/ {{ alias {root}/; limit_conn conns 4; limit_conn_status 509; limit_rate 1m; }}\n\
            location /rate/ {{ alias {root}/; limit_req zone=rate burst=5 nodelay; limit_req_status 429; }}\n\
          }}\n",
-        root = root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+            root = root.path().display()
+        )
+    })
+    .await;
     for (kind, refusal, most) in [("conn", 509, 24), ("rate", 429, 72)] {
         for player in [Player::Impatient, Player::Obedient] {
             let before = nginx.read("access.log").lines().count();

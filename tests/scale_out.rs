@@ -43,14 +43,15 @@ async fn origin(root: &std::path::Path) -> (Spawned, u16) {
     for i in 0..ROUTED {
         std::fs::write(root.join(format!("lib/f{i}.bin")), pattern(i * 11, SEG)).unwrap();
     }
-    let port = unused_addr().port();
-    let nginx = spawn_nginx(&format!(
-        "log_format fleet '$request_method $uri $status $http_x_instance';\n\
+    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        format!(
+            "log_format fleet '$request_method $uri $status $http_x_instance';\n\
          types {{ application/vnd.apple.mpegurl m3u8; video/mp2t ts; video/mp4 mp4; }}\n\
          server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log fleet; }}\n",
-        root.display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+            root.display()
+        )
+    })
+    .await;
     (nginx, port)
 }
 

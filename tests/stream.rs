@@ -413,9 +413,9 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join("media")).unwrap();
     std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, 300_000)).unwrap();
-    let port = unused_addr().port();
-    let nginx = common::process::spawn_nginx(&format!(
-        "log_format hoster '$uri $status';\n\
+    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status';\n\
          types {{ video/mp4 mp4; }}\n\
          server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
            location /media/ {{\n\
@@ -426,9 +426,10 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
              add_header Cache-Control no-store;\n\
            }}\n\
          }}\n",
-        root = root.path().display()
-    ));
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
+            root = root.path().display()
+        )
+    })
+    .await;
     let (r, calls) = resolver(move |_, _| {
         let expires = now() + 2;
         // nginx's form: base64url of the MD5, without padding.

@@ -57,15 +57,25 @@ impl Spawned {
     /// first) does not count: the server then fails here, once it gives up
     /// binding and exits, rather than leave the test talking to another.
     pub async fn wait_listening(&self, addr: SocketAddr, log: &str) {
+        if let Err(exited) = self.listening(addr, log).await {
+            panic!("{exited}");
+        }
+    }
+
+    /// [`wait_listening`](Self::wait_listening), with the server's exit
+    /// (and its `log`) as the error instead of a panic.
+    async fn listening(&self, addr: SocketAddr, log: &str) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let (exited, pid) = {
                 let mut child = self.child.lock().unwrap();
                 (child.try_wait().unwrap(), child.id())
             };
-            assert!(exited.is_none(), "the server exited ({}): {}", exited.unwrap(), self.read(log));
+            if let Some(status) = exited {
+                return Err(format!("the server exited ({status}): {}", self.read(log)));
+            }
             if listens(pid, addr.port()) && tokio::net::TcpStream::connect(addr).await.is_ok() {
-                return;
+                return Ok(());
             }
             assert!(Instant::now() < deadline, "the server did not start: {}", self.read(log));
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -122,14 +132,34 @@ pub fn spawn_caddy(config: &std::path::Path, dir: tempfile::TempDir) -> Spawned 
 /// its `access.log` (read back with [`Spawned::read`]), `server` more of
 /// its `server {}` block. Returns once it listens.
 pub async fn nginx_hoster(root: &std::path::Path, types: &str, log: &str, server: &str) -> (Spawned, SocketAddr) {
-    let addr = SocketAddr::from(([127, 0, 0, 1], super::unused_addr().port()));
-    let nginx = spawn_nginx(&format!(
-        "log_format hoster '{log}';\ntypes {{ {types} }}\n\
-         server {{ listen {addr}; root {}; access_log {{dir}}/access.log hoster;\n{server} }}\n",
-        root.display()
-    ));
-    nginx.wait_listening(addr, "error.log").await;
-    (nginx, addr)
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '{log}';\ntypes {{ {types} }}\n\
+             server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log hoster;\n{server} }}\n",
+            root.display()
+        )
+    })
+    .await;
+    (nginx, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// nginx with `http(port)` as the body of its `http {}` block (see
+/// [`spawn_nginx`]), listening on `127.0.0.1:port`, a port found free;
+/// returned once it listens. A port found free can be taken by a test
+/// beside this one before nginx binds it (seen in CI): nginx then exits,
+/// and another port is tried.
+pub async fn nginx_on_a_free_port(http: impl Fn(u16) -> String) -> (Spawned, u16) {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let port = super::unused_addr().port();
+        let nginx = spawn_nginx(&http(port));
+        match nginx.listening(([127, 0, 0, 1], port).into(), "error.log").await {
+            Ok(()) => return (nginx, port),
+            Err(exited) if exited.contains("Address already in use") => last = exited,
+            Err(exited) => panic!("{exited}"),
+        }
+    }
+    panic!("no free port held still for nginx, five times: {last}");
 }
 
 /// The nginx binary (tests check for it with `tools::needs` first).
