@@ -15,6 +15,7 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod access;
+pub mod access_writer;
 pub mod admin;
 pub mod auth;
 pub mod cache;

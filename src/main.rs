@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use anibridge_proxy::access_writer::AccessWriter;
 use anibridge_proxy::config::Config;
 
 #[global_allocator]
@@ -33,7 +34,11 @@ struct Cli {
 /// The access log (target `access`) goes to standard output, one line per
 /// request as it is; everything else to standard error through env_logger.
 /// `RUST_LOG` filters both (`access=off` silences the access log).
-struct Logs(env_logger::Logger);
+struct Logs {
+    logger: env_logger::Logger,
+    /// The access lines' queue to standard output.
+    access: &'static AccessWriter,
+}
 
 /// Pingora's trace lines print whole request and response heads: the
 /// client's `sig` and `u`, the hoster's tokenised path, the resolver's
@@ -62,11 +67,11 @@ fn client_left_early(r: &log::Record<'_>) -> bool {
 
 impl log::Log for Logs {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        self.0.enabled(m) && !leaks_secrets(m)
+        self.logger.enabled(m) && !leaks_secrets(m)
     }
 
     fn log(&self, r: &log::Record<'_>) {
-        if !self.0.matches(r) || leaks_secrets(r.metadata()) {
+        if !self.logger.matches(r) || leaks_secrets(r.metadata()) {
             return;
         }
         if client_left_early(r) {
@@ -80,30 +85,32 @@ impl log::Log for Logs {
                 .file(r.file())
                 .line(r.line())
                 .build();
-            if self.0.matches(&debug) {
-                self.0.log(&debug);
+            if self.logger.matches(&debug) {
+                self.logger.log(&debug);
             }
             return;
         }
         if r.target() == "access" {
-            use std::io::Write;
-            let _ = writeln!(std::io::stdout().lock(), "{}", r.args());
+            // Queued for the access log's own thread: a stalled reader of
+            // standard output must not stall the requests.
+            self.access.push(r.args().to_string());
         } else {
-            self.0.log(r);
+            self.logger.log(r);
         }
     }
 
+    /// Waits (a moment at most) for the queued access lines to be written.
     fn flush(&self) {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        self.0.flush();
+        self.access.flush(std::time::Duration::from_secs(2));
+        self.logger.flush();
     }
 }
 
 fn main() -> ExitCode {
     let logs = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
     log::set_max_level(logs.filter());
-    let _ = log::set_boxed_logger(Box::new(Logs(logs)));
+    let access = AccessWriter::start(std::io::stdout());
+    let _ = log::set_boxed_logger(Box::new(Logs { logger: logs, access }));
     let cli = Cli::parse();
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
@@ -125,7 +132,9 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    match anibridge_proxy::server::run(cfg) {
+    let ran = anibridge_proxy::server::run(cfg);
+    log::logger().flush();
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(why) => {
             eprintln!("anibridge-proxy: {why}");

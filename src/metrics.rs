@@ -175,6 +175,7 @@ impl Metrics {
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(shutdown_cut_streams.clone()),
+            Box::new(crate::access_writer::DROPPED.clone()),
             Box::new(host_cooldowns.clone()),
             Box::new(host_queue_waits.clone()),
             Box::new(host_refused.clone()),

@@ -210,6 +210,7 @@ impl ShutdownSignalWatch for Signals {
             while std::time::Instant::now() < until {
                 if state.metrics.in_flight.get() <= 0 {
                     log::info!("no requests in flight; exiting");
+                    log::logger().flush();
                     std::process::exit(0);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(50));

@@ -1,0 +1,225 @@
+//! Where the access log's lines go: standard output, written by a thread of
+//! their own. A request hands its line over and goes on; it never waits for
+//! standard output. Written in the request's own thread, a line is a
+//! `write` per request, and a reader of standard output that stops reading
+//! (a stalled log shipper, a container runtime's full log pipe) blocks
+//! every worker at its next line: the proxy stops answering at all (it did:
+//! 353 requests, then none, with a pipe nobody read). Here the lines queue
+//! up to [`QUEUE_BYTES`] and are written in batches (one `write` for all
+//! that arrive within [`LINGER`] of the first); past that they are dropped,
+//! counted ([`DROPPED`], `anibridge_access_log_dropped_total`) and, once
+//! standard output takes lines again, reported in a warning on standard
+//! error (standard output keeps to access lines, JSON ones included).
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounter;
+
+/// How much text may wait for standard output (queued, or taken by the
+/// writer and not written yet); more is dropped.
+pub const QUEUE_BYTES: usize = 4 << 20;
+
+/// How long the writer waits, after a line wakes it, for more to write
+/// with it: under load one `write` (and one wake-up) per this long, not per
+/// request; when idle, a line's delay.
+const LINGER: Duration = Duration::from_millis(5);
+
+/// Access lines dropped because standard output did not keep up.
+pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "anibridge_access_log_dropped_total",
+        "Access log lines dropped because standard output did not take them (its reader stalled)",
+    )
+    .expect("a valid metric")
+});
+
+/// The queue of lines and its writer thread, shared by the logger.
+pub struct AccessWriter {
+    queue: Mutex<Queue>,
+    /// The writer waits here for lines; `flush` waits here for the writer.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    lines: VecDeque<String>,
+    bytes: usize,
+    /// Dropped since the writer last said so.
+    dropped: u64,
+    /// The writer holds lines it took and has not written yet.
+    writing: bool,
+}
+
+impl AccessWriter {
+    /// Starts the writer thread, writing to `out` (standard output in the
+    /// proxy, anything in tests).
+    pub fn start(out: impl Write + Send + 'static) -> &'static AccessWriter {
+        let writer: &'static AccessWriter =
+            Box::leak(Box::new(AccessWriter { queue: Mutex::new(Queue::default()), changed: Condvar::new() }));
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || writer.run(out))
+            .expect("the access log's thread starts");
+        writer
+    }
+
+    /// Queues `line` (without its newline), or drops it when the queue is
+    /// full. Never waits for standard output.
+    pub fn push(&self, line: String) {
+        let mut q = self.lock();
+        if q.bytes + line.len() > QUEUE_BYTES {
+            q.dropped += 1;
+            DROPPED.inc();
+            return;
+        }
+        let was_idle = q.lines.is_empty();
+        q.bytes += line.len();
+        q.lines.push_back(line);
+        drop(q);
+        // The writer takes every queued line each time it wakes, so only
+        // the first line after it emptied the queue needs to wake it.
+        if was_idle {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits until every line queued so far is written, at most `limit`
+    /// (standard output may be blocked for good). True when it was.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        let mut q = self.lock();
+        while !q.lines.is_empty() || q.writing {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self.changed.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
+    fn run(&self, mut out: impl Write) {
+        let mut text = Vec::new();
+        loop {
+            {
+                let mut q = self.lock();
+                while q.lines.is_empty() {
+                    q = self.changed.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            // Woken by a first line: the lines of the next moment come with
+            // it, in one write (and the requests meanwhile wake nobody).
+            std::thread::sleep(LINGER);
+            let (lines, dropped) = {
+                let mut q = self.lock();
+                q.writing = true;
+                (std::mem::take(&mut q.lines), std::mem::take(&mut q.dropped))
+            };
+            text.clear();
+            for line in &lines {
+                text.extend_from_slice(line.as_bytes());
+                text.push(b'\n');
+            }
+            // A failed write loses these lines, as it would have unqueued.
+            let _ = out.write_all(&text).and_then(|()| out.flush());
+            if dropped > 0 {
+                // On standard error: standard output holds access lines only
+                // (JSON ones for log shippers).
+                log::warn!("{dropped} access log lines dropped: standard output did not take them in time");
+            }
+            {
+                // Counted until written: what waits, taken or not, stays
+                // within QUEUE_BYTES.
+                let mut q = self.lock();
+                q.bytes -= lines.iter().map(String::len).sum::<usize>();
+                q.writing = false;
+            }
+            // Not kept large after a burst.
+            text.shrink_to(64 << 10);
+            self.changed.notify_all();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// An output that takes bytes only while `open`, blocking otherwise
+    /// (a pipe nobody reads).
+    #[derive(Clone)]
+    struct Gate {
+        taken: Arc<StdMutex<Vec<u8>>>,
+        open: Arc<(StdMutex<bool>, Condvar)>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, cv) = &*self.open;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+            self.taken.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn gate(open: bool) -> Gate {
+        Gate { taken: Arc::default(), open: Arc::new((StdMutex::new(open), Condvar::new())) }
+    }
+
+    #[test]
+    fn lines_come_out_whole_and_in_order() {
+        let out = gate(true);
+        let w = AccessWriter::start(out.clone());
+        for i in 0..1000 {
+            w.push(format!("line {i}"));
+        }
+        assert!(w.flush(Duration::from_secs(10)));
+        let text = String::from_utf8(out.taken.lock().unwrap().clone()).unwrap();
+        let want: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn a_blocked_output_never_blocks_the_caller_and_what_is_lost_is_counted() {
+        let out = gate(false);
+        let w = AccessWriter::start(out.clone());
+        let before = DROPPED.get();
+        // Three times what the queue holds, while nothing is taken: every
+        // push returns (the test would hang otherwise), and what waits
+        // stays within the queue.
+        let (line, total) = ("x".repeat(1000), 3 * QUEUE_BYTES / 1000);
+        for _ in 0..total {
+            w.push(line.clone());
+        }
+        assert!(!w.flush(Duration::from_millis(50)), "nothing can be written yet");
+        let dropped = DROPPED.get() - before;
+        assert!(dropped >= 2 * (QUEUE_BYTES / 1000) as u64, "{dropped} dropped");
+        // Standard output takes lines again: what waited comes out, then
+        // the lines after it; every line is written or counted.
+        let (open, cv) = &*out.open;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+        w.push("after".into());
+        assert!(w.flush(Duration::from_secs(10)));
+        let text = String::from_utf8(out.taken.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let written = lines.iter().filter(|l| **l == line).count();
+        assert_eq!(written as u64 + dropped, total as u64, "every line written or counted");
+        assert_eq!(lines.last(), Some(&"after"));
+        assert_eq!(lines.len(), written + 1, "nothing but the lines");
+    }
+}
