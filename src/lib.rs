@@ -15,7 +15,6 @@
 #![allow(rustdoc::private_intra_doc_links)]
 
 pub mod access;
-pub mod access_writer;
 pub mod admin;
 pub mod auth;
 pub mod cache;
@@ -30,6 +29,7 @@ pub mod header_guard;
 pub mod headers;
 pub mod hls;
 pub mod hosts;
+pub mod log_writer;
 pub mod metrics;
 pub mod providers;
 pub mod proxy;

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use anibridge_proxy::access_writer::AccessWriter;
 use anibridge_proxy::config::Config;
+use anibridge_proxy::log_writer::{LineSink, LogWriter};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,8 +36,10 @@ struct Cli {
 /// `RUST_LOG` filters both (`access=off` silences the access log).
 struct Logs {
     logger: env_logger::Logger,
-    /// The access lines' queue to standard output.
-    access: &'static AccessWriter,
+    /// The access lines' queue to standard output (the logger's own lines
+    /// go to standard error through a queue of their own, its `Pipe`).
+    access: &'static LogWriter,
+    messages: &'static LogWriter,
 }
 
 /// Pingora's trace lines print whole request and response heads: the
@@ -91,26 +93,36 @@ impl log::Log for Logs {
             return;
         }
         if r.target() == "access" {
-            // Queued for the access log's own thread: a stalled reader of
-            // standard output must not stall the requests.
+            // Queued for standard output's own thread: a stalled reader of
+            // it must not stall the requests (src/log_writer.rs).
             self.access.push(r.args().to_string());
         } else {
             self.logger.log(r);
         }
     }
 
-    /// Waits (a moment at most) for the queued access lines to be written.
+    /// Waits (a moment at most) for the queued lines to be written.
     fn flush(&self) {
-        self.access.flush(std::time::Duration::from_secs(2));
         self.logger.flush();
+        self.access.flush(std::time::Duration::from_secs(2));
+        self.messages.flush(std::time::Duration::from_secs(2));
     }
 }
 
 fn main() -> ExitCode {
-    let logs = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).build();
+    // Colours only on a terminal (RUST_LOG_STYLE may say otherwise): the
+    // lines reach standard error through a queue, which env_logger cannot
+    // tell apart from a file.
+    let style = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "always" } else { "never" };
+    let messages = LogWriter::start("stderr", std::io::stderr());
+    let logs = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info").default_write_style_or(style),
+    )
+    .target(env_logger::Target::Pipe(Box::new(LineSink::new(messages))))
+    .build();
     log::set_max_level(logs.filter());
-    let access = AccessWriter::start(std::io::stdout());
-    let _ = log::set_boxed_logger(Box::new(Logs { logger: logs, access }));
+    let access = LogWriter::start("stdout", std::io::stdout());
+    let _ = log::set_boxed_logger(Box::new(Logs { logger: logs, access, messages }));
     let cli = Cli::parse();
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,

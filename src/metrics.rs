@@ -175,7 +175,7 @@ impl Metrics {
             Box::new(build_info),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
             Box::new(shutdown_cut_streams.clone()),
-            Box::new(crate::access_writer::DROPPED.clone()),
+            Box::new(log_lines_dropped()),
             Box::new(host_cooldowns.clone()),
             Box::new(host_queue_waits.clone()),
             Box::new(host_refused.clone()),
@@ -292,6 +292,16 @@ impl Metrics {
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
         buf
     }
+}
+
+/// `anibridge_log_lines_dropped_total`, both streams shown from the start
+/// (at 0 until a stream stalls; src/log_writer.rs).
+fn log_lines_dropped() -> prometheus::IntCounterVec {
+    let dropped = crate::log_writer::DROPPED.clone();
+    for stream in ["stdout", "stderr"] {
+        dropped.with_label_values(&[stream]);
+    }
+    dropped
 }
 
 /// A gauge raised for as long as this guard lives.

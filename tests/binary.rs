@@ -182,6 +182,19 @@ impl Running {
     fn logged(&self) -> String {
         std::fs::read_to_string(self.log.as_ref().unwrap().path()).unwrap()
     }
+
+    /// What it logged, once that holds `needle` (at most 10 s): a running
+    /// proxy writes its lines a few milliseconds after it makes them.
+    async fn logged_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.logged();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
@@ -216,7 +229,7 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(nums, ["4096", "4096"], "{line}");
-    let log = r.logged();
+    let log = r.logged_with("open files limit raised").await;
     assert!(log.contains("open files limit raised from 256 to 4096"), "{log}");
 }
 
@@ -1074,17 +1087,19 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
     }
 }
 
-/// A reader of standard output that stops reading (a stalled log shipper,
-/// a container runtime's full log pipe) does not stop the proxy: its access
-/// lines wait in a queue of their own. Before, each request wrote its line
-/// itself, and once the pipe was full every worker blocked at its next line:
-/// about 350 requests were answered, then none. Here 1 000 requests (some
-/// 200 KB of lines, three times what the pipe holds) are all answered while
-/// nobody reads, and then every line arrives.
+/// Readers of standard output and standard error that stop reading (a
+/// stalled log shipper, a container runtime's full log pipe) do not stop
+/// the proxy: its lines wait in queues of their own. Before, each request
+/// wrote its lines itself, and once a pipe was full every worker blocked at
+/// its next line: about 350 requests were answered, then none. Here 1 000
+/// requests to a hoster that refuses connections (each an access line on
+/// standard output and a warning on standard error: some 200 KB and 80 KB,
+/// more than either pipe holds) are all answered while nobody reads, and
+/// then every line arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_of_the_access_log_does_not_stall_the_proxy() {
+async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
     const REQUESTS: usize = 1000;
-    let o = Origin::start(|req| serve_bytes(req, b"hello", Some("text/plain")).into()).await;
+    let refusing = unused_addr();
     let (port, admin) = (unused_addr().port(), unused_addr().port());
     let cfg = config_file(&with_run_cache(&format!(
         "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nauth: {{mode: none}}\n\
@@ -1095,7 +1110,7 @@ async fn a_stalled_reader_of_the_access_log_does_not_stall_the_proxy() {
         .arg(cfg.path())
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let _killed = KillOnDrop(child.id());
@@ -1105,36 +1120,41 @@ async fn a_stalled_reader_of_the_access_log_does_not_stall_the_proxy() {
         assert!(Instant::now() < deadline, "proxy did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let path = |i: usize| relay_path(&format!("line{i:04}.txt"), &o.url("/a.txt"));
+    let path = |i: usize| relay_path(&format!("line{i:04}.txt"), &format!("http://{refusing}/a.txt"));
     for i in 0..REQUESTS {
         let got = tokio::time::timeout(Duration::from_secs(10), get(addr, "GET", &path(i), &[]))
             .await
-            .unwrap_or_else(|_| panic!("request {i} got no answer: the proxy waits for its standard output"));
-        assert_eq!((got.status, got.body.as_slice()), (200, &b"hello"[..]));
+            .unwrap_or_else(|_| panic!("request {i} got no answer: the proxy waits for its logs to be read"));
+        assert_eq!(got.status, 502);
     }
-    // Now read: every line comes out.
-    let mut out = child.stdout.take().unwrap();
-    let text = tokio::task::spawn_blocking(move || {
-        let mut text = String::new();
-        let mut buf = [0u8; 65536];
-        while text.matches("/strm/proxy/line").count() < REQUESTS {
-            let n = std::io::Read::read(&mut out, &mut buf).unwrap();
-            assert!(n > 0, "standard output ended early");
-            text.push_str(std::str::from_utf8(&buf[..n]).unwrap());
-        }
-        text
-    });
-    let text = tokio::time::timeout(Duration::from_secs(20), text).await.expect("the lines arrive").unwrap();
+    // Now read both: every line comes out.
+    let read_until = |mut from: Box<dyn std::io::Read + Send>, needle: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            let mut text = String::new();
+            let mut buf = [0u8; 65536];
+            while text.matches(needle).count() < REQUESTS {
+                let n = from.read(&mut buf).unwrap();
+                assert!(n > 0, "the stream ended early");
+                text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            text
+        })
+    };
+    let out = read_until(Box::new(child.stdout.take().unwrap()), "/strm/proxy/line");
+    let err = read_until(Box::new(child.stderr.take().unwrap()), "upstream failed");
+    let (out, err) = tokio::time::timeout(Duration::from_secs(20), async { (out.await, err.await) })
+        .await
+        .expect("the lines arrive");
+    let (out, err) = (out.unwrap(), err.unwrap());
     // (In the order the requests ended, which for two in a row may not be
     // the order they were answered.)
-    let mut seen: Vec<usize> = text
-        .lines()
-        .filter_map(|l| l.split("/strm/proxy/line").nth(1))
-        .map(|rest| rest[..4].parse().unwrap())
-        .collect();
+    let mut seen: Vec<usize> =
+        out.lines().filter_map(|l| l.split("/strm/proxy/line").nth(1)).map(|rest| rest[..4].parse().unwrap()).collect();
     seen.sort_unstable();
-    assert_eq!(seen, (0..REQUESTS).collect::<Vec<_>>(), "one line for every request");
-    assert!(!text.contains("dropped"), "the queue held them all");
+    assert_eq!(seen, (0..REQUESTS).collect::<Vec<_>>(), "one access line for every request");
+    assert!(out.lines().all(|l| l.contains(" 502 ")), "standard output holds access lines only");
+    assert_eq!(err.matches("upstream failed").count(), REQUESTS, "one warning for every request");
+    assert!(!err.contains("dropped"), "the queues held them all");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1375,7 +1395,7 @@ async fn a_silent_dns_server_is_a_timeout_within_the_connect_timeout() {
     assert_eq!((got.status, got.text().trim()), (504, "upstream timeout"));
     assert!(took < Duration::from_secs(5), "took {took:?}: the lookup outlived the connect timeout");
     assert!(queries.load(Ordering::Relaxed) > 0, "the lookup went to the silent server");
-    let log = r.logged();
+    let log = r.logged_with("no answer to the name lookup").await;
     assert!(
         log.contains("video.hoster.example:80: no answer to the name lookup within upstream.connect_timeout"),
         "{log}"

@@ -1,14 +1,16 @@
-//! Where the access log's lines go: standard output, written by a thread of
-//! their own. A request hands its line over and goes on; it never waits for
-//! standard output. Written in the request's own thread, a line is a
-//! `write` per request, and a reader of standard output that stops reading
-//! (a stalled log shipper, a container runtime's full log pipe) blocks
-//! every worker at its next line: the proxy stops answering at all (it did:
-//! 353 requests, then none, with a pipe nobody read). Here the lines queue
-//! up to [`QUEUE_BYTES`] and are written in batches (one `write` for all
-//! that arrive within [`LINGER`] of the first); past that they are dropped,
-//! counted ([`DROPPED`], `anibridge_access_log_dropped_total`) and, once
-//! standard output takes lines again, reported in a warning on standard
+//! Where log lines go: standard output (the access log) and standard error
+//! (the proxy's own messages), each written by a thread of its own. A
+//! request hands its line over and goes on; it never waits for either.
+//! Written in the request's own thread, a line is a `write` per request,
+//! and a reader that stops reading (a stalled log shipper, a container
+//! runtime's full log pipe) blocks every worker at its next line: the proxy
+//! stops answering at all (it did: 353 requests, then none, with a
+//! standard output nobody read; a hoster outage writes a warning per
+//! request to standard error). Here each stream's lines queue up to
+//! [`QUEUE_BYTES`] and are written in batches (one `write` for all that
+//! arrive within [`LINGER`] of the first); past that they are dropped,
+//! counted ([`DROPPED`], `anibridge_log_lines_dropped_total{stream}`) and,
+//! once the stream takes lines again, reported in a warning on standard
 //! error (standard output keeps to access lines, JSON ones included).
 
 use std::collections::VecDeque;
@@ -16,10 +18,10 @@ use std::io::Write;
 use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec, Opts};
 
-/// How much text may wait for standard output (queued, or taken by the
-/// writer and not written yet); more is dropped.
+/// How much text may wait for its stream (queued, or taken by the writer
+/// and not written yet); more is dropped.
 pub const QUEUE_BYTES: usize = 4 << 20;
 
 /// How long the writer waits, after a line wakes it, for more to write
@@ -27,17 +29,25 @@ pub const QUEUE_BYTES: usize = 4 << 20;
 /// request; when idle, a line's delay.
 const LINGER: Duration = Duration::from_millis(5);
 
-/// Access lines dropped because standard output did not keep up.
-pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    IntCounter::new(
-        "anibridge_access_log_dropped_total",
-        "Access log lines dropped because standard output did not take them (its reader stalled)",
+/// Lines dropped because their stream did not keep up, by stream
+/// (`stdout`: the access log, `stderr`: the proxy's messages).
+pub static DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    IntCounterVec::new(
+        Opts::new(
+            "anibridge_log_lines_dropped_total",
+            "Log lines dropped because their stream did not take them in time (its reader stalled), by stream \
+             (stdout: the access log; stderr: the proxy's messages)",
+        ),
+        &["stream"],
     )
     .expect("a valid metric")
 });
 
-/// The queue of lines and its writer thread, shared by the logger.
-pub struct AccessWriter {
+/// A stream's queue of lines and its writer thread, shared by the logger.
+pub struct LogWriter {
+    /// `stdout` or `stderr`, as the metric and the warning name it.
+    stream: &'static str,
+    dropped: IntCounter,
     queue: Mutex<Queue>,
     /// The writer waits here for lines; `flush` waits here for the writer.
     changed: Condvar,
@@ -53,26 +63,30 @@ struct Queue {
     writing: bool,
 }
 
-impl AccessWriter {
-    /// Starts the writer thread, writing to `out` (standard output in the
-    /// proxy, anything in tests).
-    pub fn start(out: impl Write + Send + 'static) -> &'static AccessWriter {
-        let writer: &'static AccessWriter =
-            Box::leak(Box::new(AccessWriter { queue: Mutex::new(Queue::default()), changed: Condvar::new() }));
+impl LogWriter {
+    /// Starts the writer thread of `stream` (`stdout` or `stderr`), writing
+    /// to `out` (that stream in the proxy, anything in tests).
+    pub fn start(stream: &'static str, out: impl Write + Send + 'static) -> &'static LogWriter {
+        let writer: &'static LogWriter = Box::leak(Box::new(LogWriter {
+            stream,
+            dropped: DROPPED.with_label_values(&[stream]),
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+        }));
         std::thread::Builder::new()
-            .name("access-log".into())
+            .name(format!("log-{stream}"))
             .spawn(move || writer.run(out))
-            .expect("the access log's thread starts");
+            .expect("a log writer's thread starts");
         writer
     }
 
     /// Queues `line` (without its newline), or drops it when the queue is
-    /// full. Never waits for standard output.
+    /// full. Never waits for the stream.
     pub fn push(&self, line: String) {
         let mut q = self.lock();
         if q.bytes + line.len() > QUEUE_BYTES {
             q.dropped += 1;
-            DROPPED.inc();
+            self.dropped.inc();
             return;
         }
         let was_idle = q.lines.is_empty();
@@ -87,7 +101,7 @@ impl AccessWriter {
     }
 
     /// Waits until every line queued so far is written, at most `limit`
-    /// (standard output may be blocked for good). True when it was.
+    /// (the stream may be blocked for good). True when it was.
     pub fn flush(&self, limit: Duration) -> bool {
         let until = Instant::now() + limit;
         let mut q = self.lock();
@@ -128,7 +142,8 @@ impl AccessWriter {
             if dropped > 0 {
                 // On standard error: standard output holds access lines only
                 // (JSON ones for log shippers).
-                log::warn!("{dropped} access log lines dropped: standard output did not take them in time");
+                let what = if self.stream == "stdout" { "access log lines" } else { "log lines" };
+                log::warn!("{dropped} {what} dropped: standard {} did not take them in time", self.stream_name());
             }
             {
                 // Counted until written: what waits, taken or not, stays
@@ -143,8 +158,44 @@ impl AccessWriter {
         }
     }
 
+    fn stream_name(&self) -> &'static str {
+        if self.stream == "stdout" {
+            "output"
+        } else {
+            "error"
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `env_logger`'s output, handed to a [`LogWriter`] line by line
+/// (env_logger writes each record whole, ending in a newline).
+pub struct LineSink {
+    writer: &'static LogWriter,
+    partial: Vec<u8>,
+}
+
+impl LineSink {
+    pub fn new(writer: &'static LogWriter) -> LineSink {
+        LineSink { writer, partial: Vec::new() }
+    }
+}
+
+impl Write for LineSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).take(end).collect();
+            self.writer.push(String::from_utf8_lossy(&line).into_owned());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -183,7 +234,7 @@ mod tests {
     #[test]
     fn lines_come_out_whole_and_in_order() {
         let out = gate(true);
-        let w = AccessWriter::start(out.clone());
+        let w = LogWriter::start("test-order", out.clone());
         for i in 0..1000 {
             w.push(format!("line {i}"));
         }
@@ -196,8 +247,8 @@ mod tests {
     #[test]
     fn a_blocked_output_never_blocks_the_caller_and_what_is_lost_is_counted() {
         let out = gate(false);
-        let w = AccessWriter::start(out.clone());
-        let before = DROPPED.get();
+        let w = LogWriter::start("test-loss", out.clone());
+        let before = DROPPED.with_label_values(&["test-loss"]).get();
         // Three times what the queue holds, while nothing is taken: every
         // push returns (the test would hang otherwise), and what waits
         // stays within the queue.
@@ -206,7 +257,7 @@ mod tests {
             w.push(line.clone());
         }
         assert!(!w.flush(Duration::from_millis(50)), "nothing can be written yet");
-        let dropped = DROPPED.get() - before;
+        let dropped = DROPPED.with_label_values(&["test-loss"]).get() - before;
         assert!(dropped >= 2 * (QUEUE_BYTES / 1000) as u64, "{dropped} dropped");
         // Standard output takes lines again: what waited comes out, then
         // the lines after it; every line is written or counted.
