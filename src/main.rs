@@ -33,12 +33,14 @@ struct Cli {
 
 /// The access log (target `access`) goes to standard output, one line per
 /// request as it is; everything else to standard error through env_logger.
-/// `RUST_LOG` filters both (`access=off` silences the access log).
+/// Each stream is written by a thread of its own ([`LogWriter`]): no
+/// request waits for whatever reads them. `RUST_LOG` filters both
+/// (`access=off` silences the access log).
 struct Logs {
     logger: env_logger::Logger,
-    /// The access lines' queue to standard output (the logger's own lines
-    /// go to standard error through a queue of their own, its `Pipe`).
+    /// Standard output's queue, for the access lines.
     access: &'static LogWriter,
+    /// Standard error's queue, which `logger` writes into (its `Pipe`).
     messages: &'static LogWriter,
 }
 
