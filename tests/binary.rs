@@ -1105,15 +1105,16 @@ async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
         "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nauth: {{mode: none}}\n\
          egress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n"
     )));
-    let mut child = Command::new(BIN)
-        .arg("--config")
-        .arg(cfg.path())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _killed = KillOnDrop(child.id());
+    let mut child = KilledOnDrop(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(cfg.path())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
@@ -1140,8 +1141,8 @@ async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
             text
         })
     };
-    let out = read_until(Box::new(child.stdout.take().unwrap()), "/strm/proxy/line");
-    let err = read_until(Box::new(child.stderr.take().unwrap()), "upstream failed");
+    let out = read_until(Box::new(child.0.stdout.take().unwrap()), "/strm/proxy/line");
+    let err = read_until(Box::new(child.0.stderr.take().unwrap()), "upstream failed");
     let (out, err) = tokio::time::timeout(Duration::from_secs(20), async { (out.await, err.await) })
         .await
         .expect("the lines arrive");
@@ -1155,16 +1156,16 @@ async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
     assert!(out.lines().all(|l| l.contains(" 502 ")), "standard output holds access lines only");
     assert_eq!(err.matches("upstream failed").count(), REQUESTS, "one warning for every request");
     assert!(!err.contains("dropped"), "the queues held them all");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
-/// Kills a process when dropped (a test that fails midway leaves none).
-struct KillOnDrop(u32);
+/// A child process killed (and reaped) when dropped: a test that fails
+/// midway leaves none behind.
+struct KilledOnDrop(Child);
 
-impl Drop for KillOnDrop {
+impl Drop for KilledOnDrop {
     fn drop(&mut self) {
-        unsafe_kill(self.0, "KILL");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
