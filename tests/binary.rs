@@ -91,13 +91,38 @@ impl Running {
     }
 
     /// Runs `cmd` (the binary, perhaps with more set up) as [`Self::start_logging`] does.
-    async fn spawn(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)], mut cmd: Command) -> Running {
+    async fn spawn(extra: &str, rust_log: Option<&str>, env: &[(&str, &str)], cmd: Command) -> Running {
+        let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
+        // The access log (standard output) and the rest (standard error),
+        // in one file, both appending (two plain opens would each write
+        // from offset 0, over each other's lines).
+        let output = match &log {
+            Some(f) => (Stdio::from(appending(f)), Stdio::from(appending(f))),
+            None => (Stdio::null(), Stdio::inherit()),
+        };
+        Self::spawn_to(extra, rust_log, env, cmd, output, log).await
+    }
+
+    /// With `RUST_LOG` unset (the binary's default) and standard output and
+    /// error piped, for the test to read or to leave unread.
+    async fn start_piped(extra: &str) -> Running {
+        Self::spawn_to(extra, Some(""), &[], Command::new(BIN), (Stdio::piped(), Stdio::piped()), None).await
+    }
+
+    /// [`Self::spawn`] with standard output and error going to `output`.
+    async fn spawn_to(
+        extra: &str,
+        rust_log: Option<&str>,
+        env: &[(&str, &str)],
+        mut cmd: Command,
+        (stdout, stderr): (Stdio, Stdio),
+        log: Option<tempfile::NamedTempFile>,
+    ) -> Running {
         let (port, admin) = (unused_addr().port(), unused_addr().port());
         let grace = if extra.contains("shutdown_grace:") { "" } else { "shutdown_grace: \"10s\"\n" };
         let cfg = config_file(&with_run_cache(&format!(
             "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n{grace}{extra}"
         )));
-        let log = rust_log.map(|_| tempfile::NamedTempFile::new().unwrap());
         // `Some("")`: RUST_LOG unset, the binary's own default.
         match rust_log {
             Some("") => cmd.env_remove("RUST_LOG"),
@@ -107,17 +132,8 @@ impl Running {
             .arg("--config")
             .arg(cfg.path())
             .envs(env.iter().copied())
-            // The access log (standard output) and the rest (standard error),
-            // in one file, both appending (two plain opens would each write
-            // from offset 0, over each other's lines).
-            .stdout(match &log {
-                Some(f) => Stdio::from(appending(f)),
-                None => Stdio::null(),
-            })
-            .stderr(match &log {
-                Some(f) => Stdio::from(appending(f)),
-                None => Stdio::inherit(),
-            })
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1100,27 +1116,8 @@ async fn the_access_log_says_who_asked_what_and_how_it_went() {
 async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
     const REQUESTS: usize = 1000;
     let refusing = unused_addr();
-    let (port, admin) = (unused_addr().port(), unused_addr().port());
-    let cfg = config_file(&with_run_cache(&format!(
-        "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\nauth: {{mode: none}}\n\
-         egress: {{allow_cidrs: [\"127.0.0.0/8\"]}}\n"
-    )));
-    let mut child = KilledOnDrop(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(cfg.path())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "proxy did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut p = Running::start_piped("auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\n").await;
+    let addr = p.addr();
     let path = |i: usize| relay_path(&format!("line{i:04}.txt"), &format!("http://{refusing}/a.txt"));
     for i in 0..REQUESTS {
         let got = tokio::time::timeout(Duration::from_secs(10), get(addr, "GET", &path(i), &[]))
@@ -1141,8 +1138,8 @@ async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
             text
         })
     };
-    let out = read_until(Box::new(child.0.stdout.take().unwrap()), "/strm/proxy/line");
-    let err = read_until(Box::new(child.0.stderr.take().unwrap()), "upstream failed");
+    let out = read_until(Box::new(p.child.stdout.take().unwrap()), "/strm/proxy/line");
+    let err = read_until(Box::new(p.child.stderr.take().unwrap()), "upstream failed");
     let (out, err) = tokio::time::timeout(Duration::from_secs(20), async { (out.await, err.await) })
         .await
         .expect("the lines arrive");
@@ -1156,17 +1153,6 @@ async fn stalled_readers_of_the_logs_do_not_stall_the_proxy() {
     assert!(out.lines().all(|l| l.contains(" 502 ")), "standard output holds access lines only");
     assert_eq!(err.matches("upstream failed").count(), REQUESTS, "one warning for every request");
     assert!(!err.contains("dropped"), "the queues held them all");
-}
-
-/// A child process killed (and reaped) when dropped: a test that fails
-/// midway leaves none behind.
-struct KilledOnDrop(Child);
-
-impl Drop for KilledOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A proxy (logging, `shutdown_grace: grace`) half a second into a long
