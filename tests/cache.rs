@@ -585,6 +585,29 @@ async fn answers_from_memory_are_the_answers_nginx_gives() {
     let log = nginx.read_when("access.log", |log| via(log) >= want).await;
     assert_eq!(via(&log), want, "{log}");
 }
+/// `anibridge_upstream_header_seconds` times every upstream answer, whoever
+/// asked for it: a fill (most GETs with the cache on) as much as a request
+/// going upstream alone; an answer from memory adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_upstream_answer_is_timed_fills_included() {
+    const PAUSE: Duration = Duration::from_millis(150);
+    let data = file(1, 100_000);
+    let o = Origin::start(move |r| Action::Delayed(PAUSE, serve_bytes(r, &data, Some("video/mp4")))).await;
+    let p = cached().await;
+    let path = relay_path("v.mp4", &o.url("/v.mp4"));
+    let count = || metric(&p, "anibridge_upstream_header_seconds_count");
+    let sum = || metric(&p, "anibridge_upstream_header_seconds_sum");
+    // A fill, then a hit: one upstream answer.
+    assert_eq!(get(p.addr(), "GET", &path, &[]).await.status, 200);
+    assert_eq!(get(p.addr(), "GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
+    // A multi-range request goes upstream alone (this origin answers it
+    // whole): a second one.
+    assert_eq!(get(p.addr(), "GET", &path, &[("Range", "bytes=0-0,5-5")]).await.status, 200);
+    assert_eq!(o.requests().len(), 2);
+    assert_eq!(count(), 2.0, "one observation per upstream answer");
+    // Each waited at least the origin's pause; the clock only adds to it.
+    assert!(sum() >= 2.0 * PAUSE.as_secs_f64(), "sum {}", sum());
+}
 
 /// The header policy is applied once, when an object is stored: a hit
 /// (whole, ranged, HEAD) carries exactly the headers the fill's own client

@@ -4,7 +4,6 @@
 //! it goes out ([`relay`], [`playlist`]).
 
 use std::pin::pin;
-use std::time::Instant;
 
 use http::header::{self, HeaderMap};
 use http::Method;
@@ -164,12 +163,10 @@ impl Proxy {
         if access_log {
             ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
         }
-        let started = Instant::now();
         let resp = match unless_client_leaves(down, pin!(self.state.client.open(req))).await? {
             Ok(resp) => resp,
             Err(e) => return Ok(Err(e)),
         };
-        self.state.metrics.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
         ctx.upstream_status = resp.header().status.as_u16();
         if access_log && resp.redirects() > 0 {
             ctx.upstream_host = resp.url().host_str().unwrap_or_default().to_string();

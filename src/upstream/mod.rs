@@ -13,7 +13,7 @@ pub mod resume;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, StatusCode};
@@ -157,7 +157,9 @@ impl Client {
     }
 
     /// Opens the response for `req`, following redirects and falling back
-    /// from HEAD to a ranged GET when the upstream refuses HEAD.
+    /// from HEAD to a ranged GET when the upstream refuses HEAD. Timed here
+    /// (`anibridge_upstream_header_seconds`), where every caller passes: a
+    /// request going upstream alone and a cache fill alike.
     pub async fn open(&self, mut req: Request) -> Result<Response, FetchError> {
         let ask = if req.whole {
             req.method = Method::GET;
@@ -165,7 +167,11 @@ impl Client {
         } else {
             Ask::Client
         };
+        let started = Instant::now();
         let ex = self.fetch(&req, ask, None).await?;
+        if let Some(m) = &self.metrics {
+            m.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
+        }
         Ok(Response::new(self, ex, req, self.settings.resume_attempts))
     }
 
