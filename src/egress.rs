@@ -74,11 +74,13 @@ pub enum Refusal {
     DeniedHost(String),
     DeniedAddress(IpAddr),
     NoAddress(String),
+    /// A connection that reached one of this proxy's own listeners.
+    OwnListener(SocketAddr),
 }
 
 impl Refusal {
     /// Every [`Refusal::label`] (the metrics start each at 0).
-    pub const LABELS: [&'static str; 3] = ["denied_host", "denied_address", "no_address"];
+    pub const LABELS: [&'static str; 4] = ["denied_host", "denied_address", "no_address", "own_listener"];
 
     /// The `reason` label of `anibridge_egress_refusals_total`.
     pub fn label(&self) -> &'static str {
@@ -86,8 +88,32 @@ impl Refusal {
             Refusal::DeniedHost(_) => "denied_host",
             Refusal::DeniedAddress(_) => "denied_address",
             Refusal::NoAddress(_) => "no_address",
+            Refusal::OwnListener(_) => "own_listener",
         }
     }
+}
+
+/// Whether a connection from `local` to `peer` reached one of `own`, this
+/// process's listeners. A proxy that may dial itself (its address allowed,
+/// or a route or resolver pointed at it) can be sent in a loop: an upstream
+/// that redirects to the proxy's own URL for itself makes every request a
+/// new one, without end (measured: one request became 8 486 in flight in
+/// 2 s, until the read timeout). No header may mark the proxy's requests
+/// (hosters get exactly the headers the contract lists), so the connection
+/// itself tells: its peer port is a listener's, and its peer address is that
+/// listener's or, for a listener on every address, one of this machine's —
+/// a loopback address, or the connection's own source address (a connection
+/// to an address of this machine leaves from that address).
+pub fn reaches_own_listener(own: &[SocketAddr], local: SocketAddr, peer: SocketAddr) -> bool {
+    let peer_ip = canonical_ip(peer.ip());
+    let this_machine = peer_ip.is_loopback() || peer_ip == canonical_ip(local.ip());
+    own.iter().any(|l| {
+        l.port() == peer.port()
+            && match canonical_ip(l.ip()) {
+                ip if ip.is_unspecified() => this_machine && (l.is_ipv6() || peer_ip.is_ipv4()),
+                ip => ip == peer_ip,
+            }
+    })
 }
 
 impl std::fmt::Display for Refusal {
@@ -96,6 +122,7 @@ impl std::fmt::Display for Refusal {
             Refusal::DeniedHost(h) => write!(f, "host {h} is in egress.deny_hosts"),
             Refusal::DeniedAddress(ip) => write!(f, "address {ip} is not public and not in egress.allow_cidrs"),
             Refusal::NoAddress(h) => write!(f, "{h} resolved to no address"),
+            Refusal::OwnListener(a) => write!(f, "{a} is this proxy's own listener"),
         }
     }
 }
@@ -437,5 +464,31 @@ mod tests {
         let r = Dialable::select(&policy, &ips(&addrs[..1]), 443, false, &host).unwrap_err();
         assert!(matches!(r, Refusal::DeniedAddress(_)), "{r:?}");
         assert!(matches!(Dialable::select(&policy, &[], 443, false, &host), Err(Refusal::NoAddress(_))));
+    }
+
+    #[test]
+    fn connections_to_the_proxys_own_listeners_are_known() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [a("127.0.0.1:8080"), a("0.0.0.0:9000"), a("[::]:9100"), a("[2001:db8::5]:9200")];
+        let reaches = |local, peer| reaches_own_listener(&own, a(local), a(peer));
+        // A listener on one address: that address and port only.
+        assert!(reaches("127.0.0.1:40000", "127.0.0.1:8080"));
+        assert!(reaches("127.0.0.1:40000", "[::ffff:127.0.0.1]:8080"), "a mapped address is the IPv4 one");
+        assert!(!reaches("127.0.0.1:40000", "127.0.0.2:8080"));
+        assert!(!reaches("127.0.0.1:40000", "127.0.0.1:8081"));
+        // On every IPv4 address: any loopback address, or an address of
+        // this machine (the connection leaves from it), with that port.
+        assert!(reaches("127.0.0.1:40000", "127.0.0.2:9000"));
+        assert!(reaches("203.0.113.5:40000", "203.0.113.5:9000"));
+        assert!(!reaches("203.0.113.5:40000", "203.0.113.6:9000"), "another machine");
+        assert!(!reaches("[::1]:40000", "[::1]:9000"), "an IPv4 listener is not an IPv6 one");
+        // On every address, dual stack: IPv6 and IPv4.
+        assert!(reaches("[::1]:40000", "[::1]:9100"));
+        assert!(reaches("[2001:db8::7]:40000", "[2001:db8::7]:9100"));
+        assert!(reaches("127.0.0.1:40000", "127.0.0.1:9100"));
+        assert!(!reaches("[2001:db8::7]:40000", "[2001:db8::8]:9100"));
+        assert!(reaches("[2001:db8::7]:40000", "[2001:db8::5]:9200"));
+        // Nothing listed, nothing refused.
+        assert!(!reaches_own_listener(&[], a("127.0.0.1:1"), a("127.0.0.1:8080")));
     }
 }

@@ -3,6 +3,7 @@
 //! for their `ttl_seconds` in a bounded cache (moka), and concurrent requests
 //! for one key share one resolver call; failures are never kept.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,10 +60,12 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    pub fn new(base: Url, timeout: Duration, capacity: usize) -> Resolver {
+    /// `own_listeners`: the proxy's, never dialled (a resolver URL pointing
+    /// at the proxy itself would send every resolution round in a loop).
+    pub fn new(base: Url, timeout: Duration, capacity: usize, own_listeners: Arc<[SocketAddr]>) -> Resolver {
         let timeouts = Timeouts { connect: timeout, read: timeout, write: timeout };
         // resolver.url is operator config: no egress proxy, no profile.
-        let settings = Settings { max_redirects: 3, ..Settings::plain(timeouts) };
+        let settings = Settings { max_redirects: 3, own_listeners, ..Settings::plain(timeouts) };
         let cache = moka::future::Cache::builder().max_capacity(capacity as u64).expire_after(AnswerTtl).build();
         Resolver { base: Arc::new(base), client: Client::new(settings, None), timeout, cache }
     }

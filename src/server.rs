@@ -303,6 +303,10 @@ impl Embedded {
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let metrics = Arc::new(Metrics::with_routes(&route_prefixes(cfg)));
+        // What it listens on is this port (its own listener, never dialled).
+        let mut cfg = cfg.clone();
+        cfg.listen = crate::config::Listen(vec![addr]);
+        let cfg = &cfg;
         let proxy = build(cfg, metrics.clone());
         let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());

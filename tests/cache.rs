@@ -32,13 +32,6 @@ fn file(i: u64, len: u64) -> Vec<u8> {
     pattern(i * 7919, len)
 }
 
-fn metric(p: &Proxy, name: &str) -> f64 {
-    let text = String::from_utf8(p.server.metrics.render()).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
 /// The URIs of a rewritten playlist, as the proxy handed them out.
 fn children(playlist: &str) -> Vec<String> {
     playlist.lines().filter(|l| l.starts_with("/strm/proxy/")).map(str::to_string).collect()
@@ -108,12 +101,12 @@ async fn a_crowd_on_one_hls_stream_costs_the_origin_one_get_per_file() {
     // after its client has the last byte: wait (bounded) for the last ones.
     let (saved, want) = ("anibridge_cache_upstream_bytes_saved_total", (49 * SEGMENTS * SEG) as f64);
     for _ in 0..100 {
-        if metric(&p, saved) >= want {
+        if p.metric(saved) >= want {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(metric(&p, saved) >= want, "{}", metric(&p, saved));
+    assert!(p.metric(saved) >= want, "{}", p.metric(saved));
 }
 
 /// A slow origin (first byte after 200 ms, about 4 MiB/s): 50 viewers of 8
@@ -190,7 +183,7 @@ async fn the_first_viewer_leaving_does_not_stop_the_fill() {
     let got = get(p.addr(), "GET", &path, &[]).await;
     assert_body(&got.body, &pattern(0, LEN));
     assert_eq!(o.requests().len(), 1, "one GET for all of them");
-    assert_eq!(metric(&p, "anibridge_cache_requests_total{result=\"hit\"}"), 1.0);
+    assert_eq!(p.metric("anibridge_cache_requests_total{result=\"hit\"}"), 1.0);
 }
 
 /// Viewers of a fill that stalls wait for its next bytes; one that hangs up
@@ -233,7 +226,7 @@ async fn a_viewer_that_hangs_up_while_a_fill_stalls_is_let_go() {
         assert_body(&got[body_at..], &pattern(0, SENT as u64));
         viewers.push(v);
     }
-    let streams = || metric(&p, "anibridge_active_streams");
+    let streams = || p.metric("anibridge_active_streams");
     assert_eq!(streams(), 2.0, "both wait for the stalled fill");
     // One hangs up: its stream ends within moments, the fill still stalled.
     drop(viewers.pop());
@@ -595,8 +588,8 @@ async fn every_upstream_answer_is_timed_fills_included() {
     let o = Origin::start(move |r| Action::Delayed(PAUSE, serve_bytes(r, &data, Some("video/mp4")))).await;
     let p = cached().await;
     let path = relay_path("v.mp4", &o.url("/v.mp4"));
-    let count = || metric(&p, "anibridge_upstream_header_seconds_count");
-    let sum = || metric(&p, "anibridge_upstream_header_seconds_sum");
+    let count = || p.metric("anibridge_upstream_header_seconds_count");
+    let sum = || p.metric("anibridge_upstream_header_seconds_sum");
     // A fill, then a hit: one upstream answer.
     assert_eq!(get(p.addr(), "GET", &path, &[]).await.status, 200);
     assert_eq!(get(p.addr(), "GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
@@ -924,12 +917,12 @@ async fn memory_stays_within_max_bytes_least_recently_used_first() {
     for i in 0..3 {
         assert_eq!(fetch(i).await.status, 200);
     }
-    assert_eq!(metric(&p, "anibridge_cache_objects"), 3.0);
+    assert_eq!(p.metric("anibridge_cache_objects"), 3.0);
     // s0 is used again: s1 is now the least recently used.
     fetch(0).await;
     fetch(3).await;
-    assert!(metric(&p, "anibridge_cache_bytes") <= 3_200_000.0);
-    assert_eq!(metric(&p, "anibridge_cache_objects"), 3.0);
+    assert!(p.metric("anibridge_cache_bytes") <= 3_200_000.0);
+    assert_eq!(p.metric("anibridge_cache_objects"), 3.0);
     let before = o.requests().len();
     fetch(0).await;
     fetch(2).await;
@@ -937,7 +930,7 @@ async fn memory_stays_within_max_bytes_least_recently_used_first() {
     assert_eq!(o.requests().len(), before, "s0, s2 and s3 are still stored");
     fetch(1).await;
     assert_eq!(o.count("/s1.ts"), 2, "s1 was evicted");
-    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    let (bytes, objects) = (p.metric("anibridge_cache_bytes"), p.metric("anibridge_cache_objects"));
     assert!(bytes <= 3_200_000.0 && objects <= 3.0, "{bytes} bytes in {objects} objects");
 }
 
@@ -969,7 +962,7 @@ async fn bodies_still_being_read_count_against_max_bytes() {
     }
     // Their fills go on without them and are stored.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&p, "anibridge_cache_objects") < 2.0 {
+    while p.metric("anibridge_cache_objects") < 2.0 {
         assert!(Instant::now() < deadline, "v0 and v1 were not stored");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -980,7 +973,7 @@ async fn bodies_still_being_read_count_against_max_bytes() {
         assert!(whole(&got), "v2 whole");
     }
     assert_eq!(o.count("/v2.mp4"), 2, "v2 was not stored: v0 and v1 are still being read");
-    assert!(metric(&p, "anibridge_cache_bytes") <= 19_000_000.0);
+    assert!(p.metric("anibridge_cache_bytes") <= 19_000_000.0);
     for _ in 0..2 {
         assert_eq!(get(p.addr(), "GET", &path(0), &[]).await.status, 200);
     }
@@ -999,9 +992,9 @@ async fn bodies_still_being_read_count_against_max_bytes() {
     }
     // Nobody reads any more: the gauge is what the store holds, each
     // object its body and a few KiB for its header and bookkeeping.
-    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    let (bytes, objects) = (p.metric("anibridge_cache_bytes"), p.metric("anibridge_cache_objects"));
     assert!(bytes >= objects * LEN as f64 && bytes <= objects * (LEN + 16384) as f64, "{bytes} for {objects}");
-    assert!(metric(&p, "anibridge_cache_bytes") <= 19_000_000.0);
+    assert!(p.metric("anibridge_cache_bytes") <= 19_000_000.0);
 }
 
 /// A crowd in which fills die, viewers hang up mid-body and ranges come
@@ -1087,8 +1080,8 @@ async fn a_crowd_of_failures_and_departures_leaves_the_budget_and_the_gate_as_th
     // what is stored, each object its body and a few KiB of header.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let in_flight = metric(&p, "anibridge_requests_in_flight");
-        let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+        let in_flight = p.metric("anibridge_requests_in_flight");
+        let (bytes, objects) = (p.metric("anibridge_cache_bytes"), p.metric("anibridge_cache_objects"));
         if in_flight == 0.0 && bytes >= objects * LEN as f64 && bytes <= objects * (LEN + 16384) as f64 {
             assert!(objects >= 1.0, "something was stored");
             break;
@@ -1099,14 +1092,14 @@ async fn a_crowd_of_failures_and_departures_leaves_the_budget_and_the_gate_as_th
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let waits = metric(&p, "anibridge_host_queue_waits_total");
+    let waits = p.metric("anibridge_host_queue_waits_total");
     assert!(waits > 0.0, "the crowd was more than the host's two slots");
     let fresh: Vec<_> = ["/slow100", "/slow101"].iter().map(|f| spawn_gets(1, p.addr(), "GET", &target(f))).collect();
     for f in fresh.into_iter().flatten() {
         let got = f.await.unwrap();
         assert_eq!((got.status, got.complete), (200, true));
     }
-    assert_eq!(metric(&p, "anibridge_host_queue_waits_total"), waits, "a slot was still held");
+    assert_eq!(p.metric("anibridge_host_queue_waits_total"), waits, "a slot was still held");
 }
 
 /// Small objects are not free: each costs its header and bookkeeping as
@@ -1120,7 +1113,7 @@ async fn many_small_objects_stay_within_max_bytes() {
         let got = get(p.addr(), "GET", &relay_path("k.bin", &o.url(&format!("/k{i}.bin"))), &[]).await;
         assert_eq!((got.status, got.body.len()), (200, 0));
     }
-    let (bytes, objects) = (metric(&p, "anibridge_cache_bytes"), metric(&p, "anibridge_cache_objects"));
+    let (bytes, objects) = (p.metric("anibridge_cache_bytes"), p.metric("anibridge_cache_objects"));
     assert!(bytes <= 1_000_000.0, "{bytes}");
     assert!((100.0..=250.0).contains(&objects), "{objects} objects of about 4 KiB each in 1 MB");
     // The most recent are the ones kept.

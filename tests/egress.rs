@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use common::process::nginx_hoster;
 use common::*;
@@ -189,6 +190,40 @@ async fn a_redirect_to_a_raw_file_name_is_followed() {
         ["GET /moved/my%20file%20%C3%A4.mp4 302 \"bytes=10-19\"", "GET /my%20file%20%C3%A4.mp4 206 \"bytes=10-19\""],
         "{log}"
     );
+}
+
+/// With loopback allowed, the proxy's own listener is still never an
+/// upstream: a `u=` naming it (in either spelling of its address), and an
+/// upstream that redirects to the proxy's URL for that same upstream —
+/// which made one request into thousands, each a new request to the proxy,
+/// until the read timeout — are `403 destination not allowed`, and the
+/// upstream sees one request. With the cache off and on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_never_dials_itself() {
+    for cache in ["{max_bytes: 0}", "{}"] {
+        let back = Arc::new(std::sync::OnceLock::<String>::new());
+        let to_proxy = back.clone();
+        let o = Origin::start(move |req| match req.path() {
+            "/loop" => Resp::new(302, Body::Bytes(Vec::new())).header("Location", to_proxy.get().unwrap()).into(),
+            _ => serve_file(req, 1000, Some("video/mp4")).into(),
+        })
+        .await;
+        let p = Proxy::open_with(&format!("upstream: {{read_timeout: \"3s\"}}\ncache: {cache}\n")).await;
+        let port = p.addr().port();
+        for host in ["127.0.0.1", "[::ffff:127.0.0.1]"] {
+            let itself = format!("http://{host}:{port}{}", relay_path("x.mp4", &o.url("/x.mp4")));
+            let got = get(p.addr(), "GET", &relay_path("x.mp4", &itself), &[]).await;
+            assert_eq!(got.status, 403, "{host}, cache {cache}");
+            assert_eq!(got.text().trim(), "destination not allowed");
+        }
+        let loop_url = o.url("/loop");
+        back.set(format!("http://{}{}", p.addr(), relay_path("loop.mp4", &loop_url))).unwrap();
+        let got = get(p.addr(), "GET", &relay_path("loop.mp4", &loop_url), &[]).await;
+        assert_eq!((got.status, got.text().trim()), (403, "destination not allowed"), "cache {cache}");
+        assert_eq!(o.count("/loop"), 1, "cache {cache}: the upstream saw one request");
+        assert_eq!(o.requests().len(), 1, "cache {cache}: and nothing through the proxy itself");
+        assert_eq!(p.metric("anibridge_egress_refusals_total{reason=\"own_listener\"}"), 3.0, "cache {cache}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! What every request shares, built once from a loaded [`Config`] (which
 //! holds its values parsed and checked already, so this cannot fail).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ impl State {
                 max_cooldown: cfg.upstream.max_cooldown.0,
                 quiet: gate::QUIET,
             },
+            own_listeners: own_listeners(cfg),
         };
         State {
             auth: Auth::new(
@@ -94,11 +96,9 @@ impl State {
             max_playlist_bytes: cfg.stream.max_playlist_bytes,
             downstream_write_timeout: cfg.downstream.write_timeout.0,
             downstream_keepalive_secs: cfg.downstream.keepalive_timeout.0.as_secs(),
-            resolver: cfg
-                .resolver
-                .url
-                .as_ref()
-                .map(|u| Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries)),
+            resolver: cfg.resolver.url.as_ref().map(|u| {
+                Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries, own_listeners(cfg))
+            }),
             cache: Cache::new(
                 cache::Settings {
                     max_bytes: cfg.cache.max_bytes,
@@ -119,4 +119,10 @@ impl State {
             verified: Verified::new(cfg.auth.mode),
         }
     }
+}
+
+/// The addresses this process listens on: the proxy's and the admin
+/// listener. Upstream connections never reach them.
+fn own_listeners(cfg: &Config) -> Arc<[SocketAddr]> {
+    cfg.listen_addrs().iter().chain([&cfg.admin_listen.0]).copied().collect()
 }

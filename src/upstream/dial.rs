@@ -14,7 +14,7 @@ use pingora_error::{Error, ErrorType};
 use url::Url;
 
 use super::{Client, FetchError, Request};
-use crate::egress::{self, Dialable, UrlHost};
+use crate::egress::{self, Dialable, Refusal, UrlHost};
 use crate::tunnel::{EgressProxy, Target, Tunnel};
 
 /// A tunnel's own deadline (which reports `egress proxy failed`) comes this
@@ -110,6 +110,9 @@ impl Client {
             match self.connect(&peer).await {
                 Ok(session) => {
                     self.count_egress(via, true);
+                    if let Some(own) = self.own_listener(&session) {
+                        return Err(FetchError::Refused(Refusal::OwnListener(own)));
+                    }
                     return Ok((session, peer));
                 }
                 Err(e) if is_connect_failure(&e) && i + 1 < addrs.len() => {
@@ -125,6 +128,19 @@ impl Client {
         self.count_egress(via, false);
         let e = last.unwrap_or_else(|| Error::explain(ErrorType::ConnectTimedout, "connect timeout"));
         Err(FetchError::from_pingora(e))
+    }
+
+    /// The listener of this process that `session` reached, if it did (the
+    /// connection is then dropped: the listener sees a client that left
+    /// before sending anything).
+    fn own_listener(&self, session: &HttpSession) -> Option<SocketAddr> {
+        let own = &self.settings.own_listeners;
+        if own.is_empty() {
+            return None;
+        }
+        let socket = session.digest().socket_digest.as_ref()?;
+        let (local, peer) = (*socket.local_addr()?.as_inet()?, *socket.peer_addr()?.as_inet()?);
+        egress::reaches_own_listener(own, local, peer).then_some(peer)
     }
 
     /// Counts a new connection, or a failure to make one, by egress route.

@@ -12,6 +12,7 @@ mod response;
 pub mod resume;
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,9 @@ pub struct Settings {
     pub proxies: EgressProxies,
     /// Connection limits and cooldowns per host.
     pub gate: gate::Settings,
+    /// This process's listeners: a connection that reaches one is refused
+    /// (`egress::reaches_own_listener`), whatever else allows it.
+    pub own_listeners: Arc<[SocketAddr]>,
 }
 
 impl Settings {
@@ -98,6 +102,7 @@ impl Settings {
             resume_attempts: 0,
             proxies: EgressProxies::default(),
             gate: gate::Settings::default(),
+            own_listeners: Arc::new([]),
         }
     }
 }

@@ -748,6 +748,14 @@ impl Proxy {
     pub fn addr(&self) -> SocketAddr {
         self.server.addr
     }
+
+    /// The value of the series `name` (with its labels) in `/metrics`.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = String::from_utf8(self.server.metrics.render()).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    }
 }
 
 /// `/strm/proxy/{hint}?u=...` (unsigned).
