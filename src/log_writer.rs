@@ -29,14 +29,14 @@ pub const QUEUE_BYTES: usize = 4 << 20;
 /// request; when idle, a line's delay.
 const LINGER: Duration = Duration::from_millis(5);
 
-/// Lines dropped because their stream did not keep up, by stream
-/// (`stdout`: the access log, `stderr`: the proxy's messages).
+/// Lines dropped because their stream did not keep up or refused them, by
+/// stream (`stdout`: the access log, `stderr`: the proxy's messages).
 pub static DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     IntCounterVec::new(
         Opts::new(
             "anibridge_log_lines_dropped_total",
-            "Log lines dropped because their stream did not take them in time (its reader stalled), by stream \
-             (stdout: the access log; stderr: the proxy's messages)",
+            "Log lines dropped because their stream did not take them in time (its reader stalled) or refused \
+             them (closed), by stream (stdout: the access log; stderr: the proxy's messages)",
         ),
         &["stream"],
     )
@@ -117,6 +117,9 @@ impl LogWriter {
 
     fn run(&self, mut out: impl Write) {
         let mut text = Vec::new();
+        // The stream refused the last batch (closed: a log reader that
+        // went away), so the failure has been reported.
+        let mut failing = false;
         loop {
             {
                 let mut q = self.lock();
@@ -137,8 +140,19 @@ impl LogWriter {
                 text.extend_from_slice(line.as_bytes());
                 text.push(b'\n');
             }
-            // A failed write loses these lines, as it would have unqueued.
-            let _ = out.write_all(&text).and_then(|()| out.flush());
+            // A failed write loses these lines: counted as dropped, and said
+            // once until the stream takes lines again (a closed standard
+            // output must not look like a quiet proxy).
+            match out.write_all(&text).and_then(|()| out.flush()) {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    self.dropped.inc_by(lines.len() as u64);
+                    if !failing && self.stream == "stdout" {
+                        log::warn!("standard output refused the access log ({e}): its lines are lost until it takes them again");
+                    }
+                    failing = true;
+                }
+            }
             if dropped > 0 {
                 // On standard error: standard output holds access lines only
                 // (JSON ones for log shippers).
@@ -272,5 +286,28 @@ mod tests {
         assert_eq!(written as u64 + dropped, total as u64, "every line written or counted");
         assert_eq!(lines.last(), Some(&"after"));
         assert_eq!(lines.len(), written + 1, "nothing but the lines");
+    }
+
+    /// A stream that refuses every write (a pipe whose reader is gone).
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_a_closed_output_refuses_are_counted() {
+        let w = LogWriter::start("test-closed", Closed);
+        let dropped = || DROPPED.with_label_values(&["test-closed"]).get();
+        for i in 0..100 {
+            w.push(format!("line {i}"));
+        }
+        assert!(w.flush(Duration::from_secs(10)));
+        assert_eq!(dropped(), 100);
     }
 }
