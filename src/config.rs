@@ -649,6 +649,23 @@ impl Config {
                 ));
             }
         }
+        // An upstream at one of the proxy's own listeners would be a loop,
+        // refused on every request: said at start instead. Only what the
+        // URL itself tells is judged (a loopback address, `localhost`, or a
+        // listener's own address); a name is resolved at each request.
+        let own: Vec<SocketAddr> = self.listen_addrs().iter().copied().chain([admin]).collect();
+        let at_own = |u: &Url| own_listener_of(&own, u);
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(a) = at_own(&r.upstream.0) {
+                return Err((
+                    "routes",
+                    format!("routes[{i}].upstream {} is this proxy's own listener {a}", r.upstream.0),
+                ));
+            }
+        }
+        if let Some(a) = self.resolver.url.as_ref().and_then(|u| at_own(&u.0)) {
+            return Err(("resolver.url", format!("{a} is this proxy's own listener")));
+        }
         if self.shutdown_grace.0 > Duration::from_secs(3600) {
             return Err(("shutdown_grace", "must be at most 1h".into()));
         }
@@ -784,6 +801,24 @@ fn serialized_origin(o: &str) -> String {
         Ok(u) if matches!(u.scheme(), "http" | "https") => u.origin().ascii_serialization(),
         _ => o.to_string(),
     }
+}
+
+/// The listener among `own` that `url` names, as far as the URL alone
+/// tells: its address literally, or a loopback address or `localhost` on
+/// the port of a listener on every address.
+fn own_listener_of(own: &[SocketAddr], url: &Url) -> Option<SocketAddr> {
+    let ip = match url.host()? {
+        url::Host::Ipv4(a) => a.into(),
+        url::Host::Ipv6(a) => a.into(),
+        url::Host::Domain(d) if d.eq_ignore_ascii_case("localhost") => std::net::IpAddr::from([127, 0, 0, 1]),
+        url::Host::Domain(_) => return None,
+    };
+    let to = SocketAddr::new(ip, url.port_or_known_default()?);
+    // The URL alone cannot tell whether another address is this machine's:
+    // only loopback ones count (and 0.0.0.0, which reaches this machine).
+    let from = SocketAddr::from(([0, 0, 0, 0], 0));
+    crate::egress::reaches_own_listener(own, from, to).then_some(())?;
+    own.iter().find(|l| l.port() == to.port()).copied()
 }
 
 /// Whether listeners on `a` and `b` take the same connections: the same
@@ -990,6 +1025,23 @@ mod tests {
             (key.as_str(), reason.as_str()),
             ("routes", "routes[0] and routes[2] have the same prefix \"/a/\": one would never be used")
         );
+        let (key, reason) = refused(
+            "routes: [{prefix: /a/, upstream: \"http://x/\"}, {prefix: /b/, upstream: \"http://localhost:8080/b/\"}]\n",
+        );
+        assert_eq!(
+            (key.as_str(), reason.as_str()),
+            ("routes", "routes[1].upstream http://localhost:8080/b/ is this proxy's own listener 127.0.0.1:8080")
+        );
+        let own = |more: &str| load(&format!("auth: {{mode: none, allow_open: true}}\n{more}")).map_err(|e| e.key);
+        let any = "listen: \"0.0.0.0:8080\"\n";
+        assert_eq!(own(&format!("{any}resolver: {{url: \"http://127.0.0.2:8080/r\"}}\n")).unwrap_err(), "resolver.url");
+        assert_eq!(
+            own("resolver: {url: \"http://[::1]:9090/r\"}\nadmin_listen: \"[::]:9090\"\n").unwrap_err(),
+            "resolver.url"
+        );
+        assert!(own("resolver: {url: \"http://127.0.0.1:8081/r\"}\n").is_ok(), "another port");
+        assert!(own(&format!("{any}resolver: {{url: \"http://10.0.0.5:8080/r\"}}\n")).is_ok(), "maybe another machine");
+        assert!(own("resolver: {url: \"http://127.0.0.2:8080/r\"}\n").is_ok(), "the listener is on 127.0.0.1 only");
         assert_eq!(refused("public_base_url: \"/relative\"\n").0, "public_base_url");
         assert_eq!(refused("resolver: {url: \"file:///etc/passwd\"}\n").0, "resolver.url");
         assert_eq!(refused("upstream: {user_agent: \"a\\nb\"}\n").0, "upstream.user_agent");
