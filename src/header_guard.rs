@@ -19,7 +19,8 @@
 //! [`ended`]), so neither the time an answer takes, nor what the client
 //! sends meanwhile, nor a keep-alive connection's idle time (which
 //! `downstream.keepalive_timeout` bounds) counts. No byte is parsed here:
-//! only counted and timed.
+//! only counted and timed. A request's body, never forwarded, is read and
+//! dropped within the same time ([`read_request_body`]).
 
 use std::future::Future;
 use std::io;
@@ -163,21 +164,33 @@ impl Guarded {
 /// Reads a request's body, which means nothing here (it is never
 /// forwarded), before it is answered: read later, by Pingora after the
 /// answer, it would count as the start of the next request's header. Up to
-/// 64 KiB; past that the connection is closed after the answer instead of
-/// reading on.
+/// 64 KiB, and for at most `downstream.header_timeout` (Pingora's own
+/// timeout is per read: a client sending a byte now and then would hold
+/// the connection for good); past either the connection is closed after
+/// the answer instead of reading on.
 pub async fn read_request_body(down: &mut ServerSession) -> pingora_error::Result<()> {
+    if down.is_body_done() {
+        return Ok(());
+    }
+    let within = Guarded::of(down).map_or(Duration::from_secs(60), |g| g.limits.timeout);
+    let whole = tokio::time::timeout(within, read_small_body(down)).await.unwrap_or(Ok(false))?;
+    if !whole {
+        down.set_keepalive(None);
+    }
+    Ok(())
+}
+
+/// Reads the request body to its end if it is at most 64 KiB: whether it was.
+async fn read_small_body(down: &mut ServerSession) -> pingora_error::Result<bool> {
     let mut left: usize = 64 * 1024;
     while !down.is_body_done() {
         match down.read_request_body().await? {
             Some(b) if b.len() <= left => left -= b.len(),
-            Some(_) => {
-                down.set_keepalive(None);
-                break;
-            }
+            Some(_) => return Ok(false),
             None => break,
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The request's header is complete: what this connection reads until

@@ -279,6 +279,34 @@ async fn a_request_header_must_be_whole_in_time_and_in_size() {
     healthy(&p, &o).await;
 }
 
+/// A request's body means nothing here (it is read and dropped), yet a
+/// client that declares one and trickles it (a byte now and then, never a
+/// minute apart) would hold the connection for as long as it liked: the
+/// body is read only until `downstream.header_timeout` has passed, then the
+/// request is answered and the connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_request_body_is_not_waited_for() {
+    use tokio::io::AsyncWriteExt;
+    let (_o, p, path) = setup_with("downstream: {header_timeout: 1s}\n").await;
+    let c = Client::connect(p.addr()).await;
+    let (mut rd, mut wr) = c.into_inner().into_split();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\nContent-Length: 100000\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.unwrap();
+    // A byte every 100 ms: the whole body would take almost three hours.
+    let trickle = tokio::spawn(async move {
+        while wr.write_all(b"b").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut got));
+    assert!(read.await.is_ok(), "answered and closed, not held while the body trickles");
+    trickle.abort();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 206 "), "{text}");
+    assert!(got.ends_with(&pattern(0, 10)), "{text}");
+}
+
 /// Pingora would keep an idle keep-alive connection open for ever (a
 /// player that vanished without closing would hold it for good): like
 /// nginx's `keepalive_timeout`, one idle for `downstream.keepalive_timeout`
