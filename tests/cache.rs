@@ -578,6 +578,7 @@ async fn answers_from_memory_are_the_answers_nginx_gives() {
     let log = nginx.read_when("access.log", |log| via(log) >= want).await;
     assert_eq!(via(&log), want, "{log}");
 }
+
 /// `anibridge_upstream_header_seconds` times every upstream answer, whoever
 /// asked for it: a fill (most GETs with the cache on) as much as a request
 /// going upstream alone; an answer from memory adds nothing.
