@@ -518,6 +518,9 @@ impl Config {
     /// (a parameter so tests need not touch the process environment).
     pub fn from_yaml(file: &str, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let err = |key: &str, reason: String| ConfigError { file: file.to_string(), key: key.to_string(), reason };
+        // A byte order mark (editors on Windows write one) is not content;
+        // serde_yaml takes it for the start of a second document.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // An empty file (or one with only comments) means all defaults.
         let mut cfg: Config =
             if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
@@ -889,6 +892,12 @@ mod tests {
             None => e.reason,
         };
         (e.key, reason)
+    }
+
+    #[test]
+    fn a_byte_order_mark_and_crlf_line_ends_are_read() {
+        let cfg = load("\u{feff}auth: {mode: none}\r\nlisten: \"127.0.0.1:8081\"\r\n").unwrap();
+        assert_eq!(cfg.listen_addrs(), ["127.0.0.1:8081".parse::<SocketAddr>().unwrap()]);
     }
 
     #[test]
