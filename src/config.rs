@@ -585,6 +585,12 @@ impl Config {
         &self.listen.0
     }
 
+    /// Every address this process listens on: the proxy's listeners, then
+    /// the admin listener.
+    pub fn all_listeners(&self) -> Vec<SocketAddr> {
+        self.listen.0.iter().copied().chain([self.admin_listen.0]).collect()
+    }
+
     /// What no single key can say: limits and the combinations of keys.
     fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.threads == 0 || self.threads > 1024 {
@@ -656,7 +662,7 @@ impl Config {
         // refused on every request: said at start instead. Only what the
         // URL itself tells is judged (a loopback address, `localhost`, or a
         // listener's own address); a name is resolved at each request.
-        let own: Vec<SocketAddr> = self.listen_addrs().iter().copied().chain([admin]).collect();
+        let own = self.all_listeners();
         let at_own = |u: &Url| own_listener_of(&own, u);
         for (i, r) in self.routes.iter().enumerate() {
             if let Some(a) = at_own(&r.upstream.0) {

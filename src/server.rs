@@ -50,7 +50,7 @@ pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
 /// instance on a taken port must exit at once instead, with the address and
 /// the reason, so systemd and container runtimes see the failure.
 fn bindable(cfg: &Config) -> Result<(), String> {
-    for addr in cfg.listen_addrs().iter().chain([&cfg.admin_listen.0]) {
+    for addr in cfg.all_listeners() {
         // std binds with SO_REUSEADDR, as Pingora does: a port left in
         // TIME_WAIT by an earlier instance is not mistaken for a busy one.
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;

@@ -56,6 +56,8 @@ impl State {
     }
 
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> State {
+        // Never dialled, by the upstream client or the resolver's.
+        let own_listeners: Arc<[SocketAddr]> = cfg.all_listeners().into();
         let settings = Settings {
             egress: Egress::new(cfg.egress.allow_cidrs.iter().map(|c| c.0).collect(), cfg.egress.deny_hosts.clone()),
             providers: Providers::new(&cfg.providers),
@@ -76,7 +78,7 @@ impl State {
                 max_cooldown: cfg.upstream.max_cooldown.0,
                 quiet: gate::QUIET,
             },
-            own_listeners: own_listeners(cfg),
+            own_listeners: own_listeners.clone(),
         };
         State {
             auth: Auth::new(
@@ -96,9 +98,11 @@ impl State {
             max_playlist_bytes: cfg.stream.max_playlist_bytes,
             downstream_write_timeout: cfg.downstream.write_timeout.0,
             downstream_keepalive_secs: cfg.downstream.keepalive_timeout.0.as_secs(),
-            resolver: cfg.resolver.url.as_ref().map(|u| {
-                Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries, own_listeners(cfg))
-            }),
+            resolver: cfg
+                .resolver
+                .url
+                .as_ref()
+                .map(|u| Resolver::new(u.0.clone(), cfg.resolver.timeout.0, cfg.resolver.cache_entries, own_listeners)),
             cache: Cache::new(
                 cache::Settings {
                     max_bytes: cfg.cache.max_bytes,
@@ -119,10 +123,4 @@ impl State {
             verified: Verified::new(cfg.auth.mode),
         }
     }
-}
-
-/// The addresses this process listens on: the proxy's and the admin
-/// listener. Upstream connections never reach them.
-fn own_listeners(cfg: &Config) -> Arc<[SocketAddr]> {
-    cfg.listen_addrs().iter().chain([&cfg.admin_listen.0]).copied().collect()
 }
