@@ -1,8 +1,10 @@
 //! Dialling an upstream: the addresses the egress policy allows (checked
 //! after DNS, at the address dialled), an idle pooled connection to one of
 //! them, or a new one — direct or through an egress proxy — tried address
-//! by address within `upstream.connect_timeout`.
+//! by address within `upstream.connect_timeout`, those that failed lately
+//! last.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +22,38 @@ use crate::tunnel::{EgressProxy, Target, Tunnel};
 /// A tunnel's own deadline (which reports `egress proxy failed`) comes this
 /// long before Pingora's timeout of the whole connect (TLS included).
 const TUNNEL_GRACE: Duration = Duration::from_millis(100);
+
+/// How long an address where a direct connect failed is dialled after the
+/// others: as long as a name lookup is reused ([`crate::dns::TTL`]), since
+/// the next one most likely lists the address first again.
+const FAILED_FOR: Duration = crate::dns::TTL;
+
+/// Addresses where a direct connect failed lately (nginx marks a server
+/// down for its `fail_timeout` the same way). Without this, a dead address
+/// at the head of a host's list — a dead member of a DNS round robin, an
+/// IPv6 route that drops packets — costs every new connection half of
+/// `upstream.connect_timeout` before the next address is tried. Bounded
+/// and expiring (moka); it only orders, never refuses: when every address
+/// failed lately, they are dialled in the order the lookup gave.
+pub(super) struct Failed(moka::sync::Cache<SocketAddr, ()>);
+
+impl Default for Failed {
+    fn default() -> Self {
+        Failed(moka::sync::Cache::builder().max_capacity(4096).time_to_live(FAILED_FOR).build())
+    }
+}
+
+impl Failed {
+    /// `addrs` with those that failed lately moved to the end, the order
+    /// kept otherwise.
+    fn order<'a>(&self, addrs: &'a [SocketAddr]) -> Cow<'a, [SocketAddr]> {
+        if addrs.len() < 2 || !addrs.iter().any(|a| self.0.contains_key(a)) {
+            return Cow::Borrowed(addrs);
+        }
+        let (fine, failed): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| !self.0.contains_key(*a));
+        Cow::Owned([fine, failed].concat())
+    }
+}
 impl Client {
     /// Whether the egress policy lets `req`'s first hop be dialled (for the
     /// cache: judged before memory answers, exactly as before a fetch).
@@ -79,8 +113,9 @@ impl Client {
     /// address but the last may use half of the time left, so one silent
     /// address cannot use it all; like nginx, an
     /// address that refuses or cannot be routed to gives way to the next at
-    /// once. TLS certificate failures do not: a wrong certificate is an
-    /// answer, not an absence; nor does a failing egress proxy.
+    /// once, and is dialled after the others for a while ([`Failed`]). TLS
+    /// certificate failures do not: a wrong certificate is an answer, not an
+    /// absence; nor does a failing egress proxy.
     pub(super) async fn connect_any(
         &self,
         addrs: &[SocketAddr],
@@ -89,6 +124,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<(HttpSession, HttpPeer), FetchError> {
         let mut last = None;
+        let addrs = &self.failed.order(addrs)[..];
         for (i, a) in addrs.iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -109,6 +145,9 @@ impl Client {
             }
             match self.connect(&peer).await {
                 Ok(session) => {
+                    if via.is_none() {
+                        self.failed.0.invalidate(a);
+                    }
                     self.count_egress(via, true);
                     if let Some(own) = self.own_listener(&session) {
                         return Err(FetchError::Refused(Refusal::OwnListener(own)));
@@ -117,9 +156,13 @@ impl Client {
                 }
                 Err(e) if is_connect_failure(&e) && i + 1 < addrs.len() => {
                     log::debug!("upstream address {a} failed ({e}); trying the next one");
+                    self.failed_at(a, via);
                     last = Some(e);
                 }
                 Err(e) => {
+                    if is_connect_failure(&e) {
+                        self.failed_at(a, via);
+                    }
                     self.count_egress(via, false);
                     return Err(FetchError::from_pingora(e));
                 }
@@ -141,6 +184,14 @@ impl Client {
         let socket = session.digest().socket_digest.as_ref()?;
         let (local, peer) = (*socket.local_addr()?.as_inet()?, *socket.peer_addr()?.as_inet()?);
         egress::reaches_own_listener(own, local, peer).then_some(peer)
+    }
+
+    /// Remembers a direct connect's failure at `a` (through an egress proxy
+    /// the fault may be the proxy's).
+    fn failed_at(&self, a: &SocketAddr, via: Option<&Arc<EgressProxy>>) {
+        if via.is_none() {
+            self.failed.0.insert(*a, ());
+        }
     }
 
     /// Counts a new connection, or a failure to make one, by egress route.
@@ -244,6 +295,36 @@ mod tests {
         let (_keep, _queued, quiet) = silent();
         let (_, peer) = c.connect_any(&[quiet, good], &url, None, by(&c)).await.unwrap();
         assert_eq!(peer._address.to_string(), good.to_string());
+    }
+
+    #[tokio::test]
+    async fn an_address_that_failed_lately_is_dialled_after_the_others() {
+        let (a, b) =
+            (std::net::TcpListener::bind("127.0.0.1:0").unwrap(), std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let (first, second) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+        let url = Url::parse(&format!("http://{first}/")).unwrap();
+        let c = client(Duration::from_secs(4));
+        let dialled = |r: Result<(HttpSession, HttpPeer), FetchError>| r.unwrap().1._address.to_string();
+        assert_eq!(dialled(c.connect_any(&[first, second], &url, None, by(&c)).await), first.to_string());
+
+        // `first` stops answering, so the next address is dialled ...
+        drop(a);
+        assert_eq!(dialled(c.connect_any(&[first, second], &url, None, by(&c)).await), second.to_string());
+        // ... and, once `first` answers again, still `second` first: a dead
+        // head of the list is not dialled again by every new connection.
+        let _a = std::net::TcpListener::bind(first).unwrap();
+        assert_eq!(dialled(c.connect_any(&[first, second], &url, None, by(&c)).await), second.to_string());
+        assert_eq!(dialled(c.connect_any(&[second, first], &url, None, by(&c)).await), second.to_string());
+        // Alone it is dialled; its success puts it back in its place.
+        assert_eq!(dialled(c.connect_any(&[first], &url, None, by(&c)).await), first.to_string());
+        assert_eq!(dialled(c.connect_any(&[first, second], &url, None, by(&c)).await), first.to_string());
+
+        // A silent address counts as failed too.
+        let (_keep, _queued, quiet) = silent();
+        assert_eq!(dialled(c.connect_any(&[quiet, first], &url, None, by(&c)).await), first.to_string());
+        assert_eq!(c.failed.order(&[quiet, first, second])[..], [first, second, quiet]);
+        // When every address failed lately, the lookup's order stands.
+        assert_eq!(c.failed.order(&[quiet])[..], [quiet]);
     }
 
     async fn failure(c: &Client, addrs: &[SocketAddr], url: &Url) -> FetchError {

@@ -120,6 +120,8 @@ pub struct Shared {
     pool: Arc<Pool>,
     /// Host names resolved recently (the egress check still runs every time).
     dns: Dns,
+    /// Addresses where a connect failed lately, dialled last.
+    failed: dial::Failed,
     settings: Settings,
     gate: Gate,
     metrics: Option<Arc<Metrics>>,
@@ -142,6 +144,7 @@ impl Client {
             connector: TransportConnector::new(Some(opts)),
             pool: Pool::new(settings.pool_size, POOL_IDLE),
             dns: Dns::default(),
+            failed: dial::Failed::default(),
             gate: Gate::new(settings.gate.clone(), metrics.clone()),
             settings,
             metrics,
