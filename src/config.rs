@@ -89,7 +89,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addr(pub SocketAddr);
 
-from_str!(Addr, |s: &str| s.parse().map(Addr).map_err(|_| format!("{s:?} is not an IP:port address")));
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl de::Visitor<'_> for Visit {
+            type Value = Addr;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an IP:port address")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Addr, E> {
+                parse_addr(s).map_err(E::custom)
+            }
+            // `listen: 8080`: a port alone, read by YAML as a number.
+            fn visit_u64<E: de::Error>(self, port: u64) -> Result<Addr, E> {
+                Err(E::custom(format!("{port} is a port alone; {}", where_to_listen(&port.to_string()))))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Addr, E> {
+                Err(E::custom(format!("{n} is not an IP:port address")))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// An `IP:port`; what else people write (`:8080` as Go and Traefik do,
+/// `localhost:8080`, `0.0.0.0`) is refused with the spelling to use.
+fn parse_addr(s: &str) -> Result<Addr, String> {
+    if let Ok(a) = s.trim().parse() {
+        return Ok(Addr(a));
+    }
+    let port = s.trim().rsplit_once(':').map(|(_, p)| p).filter(|p| p.parse::<u16>().is_ok());
+    Err(match port {
+        Some(p) => format!("{s:?} is not an IP:port address; {}", where_to_listen(p)),
+        None => format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"),
+    })
+}
+
+fn where_to_listen(port: &str) -> String {
+    format!("write \"127.0.0.1:{port}\" (this machine only) or \"0.0.0.0:{port}\" (every IPv4 address)")
+}
 
 /// One listen address or a list of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1003,7 +1041,23 @@ mod tests {
         let e = load("auth: {mode: sometimes}\n").unwrap_err();
         assert_eq!(e.key, "auth.mode", "{e}");
         let (key, reason) = refused("listen: \"nowhere\"\n");
-        assert_eq!((key.as_str(), reason.as_str()), ("listen", "\"nowhere\" is not an IP:port address (at line 2)"));
+        assert_eq!(
+            (key.as_str(), reason.as_str()),
+            ("listen", "\"nowhere\" is not an IP:port address (e.g. \"127.0.0.1:8080\") (at line 2)")
+        );
+        // What people write for "every address on port 8080", told how to say it.
+        for (yaml, key) in [
+            ("listen: 8080\n", "listen"),
+            ("listen: \":8080\"\n", "listen"),
+            ("listen: [\"127.0.0.1:8081\", \"localhost:8080\"]\n", "listen"),
+            ("admin_listen: \":8080\"\n", "admin_listen"),
+        ] {
+            let (k, reason) = refused(yaml);
+            assert_eq!(k, key, "{yaml}");
+            assert!(reason.contains("write \"127.0.0.1:8080\" (this machine only) or \"0.0.0.0:8080\""), "{yaml}: {reason}");
+        }
+        assert!(refused("listen: -1\n").1.contains("-1 is not an IP:port address"));
+        assert!(load("auth: {mode: none}\nlisten: \" 127.0.0.1:8081 \"\n").is_ok(), "spaces around are tolerated");
         let e = load("auth: {mode: none}\nthreads: 2\npublic_base_url: \"/relative\"\n").unwrap_err();
         assert!(e.to_string().ends_with("(at line 3)"), "the line of a value checked after parsing: {e}");
         // Broken YAML names no key, and says so.
