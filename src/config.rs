@@ -1054,7 +1054,10 @@ mod tests {
         ] {
             let (k, reason) = refused(yaml);
             assert_eq!(k, key, "{yaml}");
-            assert!(reason.contains("write \"127.0.0.1:8080\" (this machine only) or \"0.0.0.0:8080\""), "{yaml}: {reason}");
+            assert!(
+                reason.contains("write \"127.0.0.1:8080\" (this machine only) or \"0.0.0.0:8080\""),
+                "{yaml}: {reason}"
+            );
         }
         assert!(refused("listen: -1\n").1.contains("-1 is not an IP:port address"));
         assert!(load("auth: {mode: none}\nlisten: \" 127.0.0.1:8081 \"\n").is_ok(), "spaces around are tolerated");

@@ -54,6 +54,7 @@ impl Failed {
         Cow::Owned([fine, failed].concat())
     }
 }
+
 impl Client {
     /// Whether the egress policy lets `req`'s first hop be dialled (for the
     /// cache: judged before memory answers, exactly as before a fetch).
@@ -145,7 +146,7 @@ impl Client {
             }
             match self.connect(&peer).await {
                 Ok(session) => {
-                    if via.is_none() {
+                    if via.is_none() && self.failed.0.contains_key(a) {
                         self.failed.0.invalidate(a);
                     }
                     self.count_egress(via, true);
