@@ -40,6 +40,17 @@ fn route_prefixes(cfg: &Config) -> Vec<&str> {
     cfg.routes.iter().map(|r| r.prefix.0.as_str()).collect()
 }
 
+/// Pingora's HTTP application around `proxy`. `CONNECT` is let through to
+/// the proxy, which answers it as any method it does not serve (405 with
+/// `Allow`, an access line); Pingora's own answer to it is a bare 405.
+fn http_app(conf: &Arc<ServerConf>, proxy: Proxy) -> pingora::proxy::HttpProxy<Proxy> {
+    let mut app = pingora::proxy::http_proxy(conf, proxy);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    app.server_options = Some(options);
+    app
+}
+
 /// Builds the proxy application for a loaded config.
 pub fn build(cfg: &Config, metrics: Arc<Metrics>) -> Proxy {
     Proxy::new(Arc::new(State::new(cfg, metrics)))
@@ -97,7 +108,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let state = proxy.state.clone();
     // Both listeners bound how a client sends its request headers.
     let header_timeout = cfg.downstream.header_timeout.0;
-    let app = HeaderGuard::new(pingora::proxy::http_proxy(&server.configuration, proxy), header_timeout, &metrics);
+    let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics);
     let mut svc = Service::new("anibridge-proxy".to_string(), app);
     for addr in cfg.listen_addrs() {
         let mut listener = ListenerConfig::tcp(addr.to_string())
@@ -310,11 +321,7 @@ impl Embedded {
         let proxy = build(cfg, metrics.clone());
         let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());
-        let app = Arc::new(HeaderGuard::new(
-            pingora::proxy::http_proxy(&conf, proxy),
-            cfg.downstream.header_timeout.0,
-            &metrics,
-        ));
+        let app = Arc::new(HeaderGuard::new(http_app(&conf, proxy), cfg.downstream.header_timeout.0, &metrics));
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut stop = rx.clone();
         tokio::spawn(async move {

@@ -811,6 +811,14 @@ async fn unknown_paths_and_methods() {
     assert_eq!(got.header("allow"), Some("GET, HEAD, OPTIONS"));
     let got = get(p.addr(), "DELETE", &relay_path("x", &o.url("/small.mp4")), &[]).await;
     assert_eq!(got.status, 405);
+    // CONNECT (a client that takes the proxy for a forward proxy) is one
+    // more method: the same 405 and `Allow`, not Pingora's bare one.
+    let mut c = Client::connect(p.addr()).await;
+    c.send_raw(format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", o.addr).as_bytes()).await;
+    let got = c.read_response(false).await;
+    assert_eq!((got.status, got.header("allow")), (405, Some("GET, HEAD, OPTIONS")), "{:?}", got.headers);
+    assert_eq!(got.header("server"), None);
+    assert_eq!(got.header("connection"), Some("close"), "what follows a CONNECT may be tunnel bytes");
     assert!(o.requests().is_empty());
 }
 

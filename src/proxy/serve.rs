@@ -71,6 +71,11 @@ impl Proxy {
             return Ok(down.write_response_header(Box::new(out)).await?);
         }
         if method != Method::GET && method != Method::HEAD {
+            if method == Method::CONNECT {
+                // A client meaning to tunnel may send the tunnel's bytes
+                // right behind its request: they are no next request.
+                down.set_keepalive(None);
+            }
             return Err(Failure::MethodNotAllowed.into());
         }
         crate::headers::drop_nominated(down.req_header_mut());
