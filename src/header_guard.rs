@@ -14,7 +14,10 @@
 //! fails, Pingora closes the connection, and it is counted
 //! (`anibridge_client_headers_refused_total`; Pingora's own line about it
 //! is a debug line, as for any client gone before its header was whole:
-//! a flood of them must not flood the log). The request path
+//! a flood of them must not flood the log). A header Pingora cannot parse
+//! it answers with a 400 of its own, before any hook of the proxy runs:
+//! that answer is the one thing written before a request began, and it is
+//! counted here too (`malformed`), as nothing else would say it. The request path
 //! says when a header is complete and when its answer is done ([`began`],
 //! [`ended`]), so neither the time an answer takes, nor what the client
 //! sends meanwhile, nor a keep-alive connection's idle time (which
@@ -54,10 +57,13 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub enum Refused {
     Timeout,
     TooLarge,
+    /// Pingora could not parse the header and answered 400 itself, before
+    /// any hook of the proxy ran (so no access line says it).
+    Malformed,
 }
 
 impl Refused {
-    pub const LABELS: [&'static str; 2] = ["timeout", "too_large"];
+    pub const LABELS: [&'static str; 3] = ["timeout", "too_large", "malformed"];
 }
 
 /// The bounds, shared by every connection of a listener.
@@ -65,7 +71,7 @@ impl Refused {
 struct Limits {
     timeout: Duration,
     /// By [`Refused`].
-    refused: [IntCounter; 2],
+    refused: [IntCounter; 3],
 }
 
 /// A Pingora application whose client connections are [`Guarded`].
@@ -114,6 +120,8 @@ struct Header {
     bytes: usize,
     /// Armed when the header needs a second read (most arrive in one).
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Counted in `anibridge_client_headers_refused_total` already.
+    counted: bool,
 }
 
 impl Guarded {
@@ -156,8 +164,16 @@ impl Guarded {
             let e = io::Error::new(io::ErrorKind::TimedOut, format!("request header not complete within {timeout:?}"));
             (Refused::Timeout, e)
         };
-        self.limits.refused[why as usize].inc();
+        self.count(why);
         Some(e)
+    }
+
+    /// Counts the header being read as refused for `why`, once.
+    fn count(&mut self, why: Refused) {
+        if let Some(header) = self.header.as_mut().filter(|h| !h.counted) {
+            header.counted = true;
+            self.limits.refused[why as usize].inc();
+        }
     }
 }
 
@@ -227,8 +243,12 @@ impl AsyncRead for Guarded {
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            let header =
-                this.header.get_or_insert_with(|| Header { started: Instant::now(), bytes: 0, deadline: None });
+            let header = this.header.get_or_insert_with(|| Header {
+                started: Instant::now(),
+                bytes: 0,
+                deadline: None,
+                counted: false,
+            });
             header.bytes += n;
             if header.bytes > MAX_HEADER_BYTES {
                 return Poll::Ready(Err(this.over(cx).expect("over the size bound")));
@@ -238,9 +258,22 @@ impl AsyncRead for Guarded {
     }
 }
 
+impl Guarded {
+    /// Something is written: if no request began since this header's first
+    /// byte, it is Pingora's own answer to a header it could not parse.
+    fn writing(&mut self) {
+        // `seen` is only ever an even phase (taken while reading a header).
+        if self.phase.load(Ordering::Relaxed) == self.seen && self.header.is_some() {
+            self.count(Refused::Malformed);
+        }
+    }
+}
+
 impl AsyncWrite for Guarded {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.writing();
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -248,7 +281,9 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.writing();
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

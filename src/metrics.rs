@@ -164,7 +164,8 @@ impl Metrics {
             Opts::new(
                 "anibridge_client_headers_refused_total",
                 "Client connections closed before their request header was whole, by why (timeout: it took longer \
-                 than downstream.header_timeout; too_large: it was over 64 KiB)",
+                 than downstream.header_timeout; too_large: it was over 64 KiB; malformed: it could not be parsed, \
+                 answered 400)",
             ),
             &["reason"],
         )

@@ -279,6 +279,40 @@ async fn a_request_header_must_be_whole_in_time_and_in_size() {
     healthy(&p, &o).await;
 }
 
+/// A header Pingora cannot parse is answered 400 by Pingora itself, before
+/// the proxy's routing (and its access log) sees a request: it is counted
+/// (`malformed`), and the proxy's own answers, errors included, are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_that_cannot_be_parsed_is_counted() {
+    let (o, p, path) = setup().await;
+    let refused = |why: &str| p.server.metrics.client_headers_refused.with_label_values(&[why]).get();
+    let mut ok = Client::connect(p.addr()).await;
+    assert_eq!(ok.request("GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
+    assert_eq!(ok.request("GET", "/nothing/here", &[]).await.status, 404);
+    assert_eq!(ok.request("DELETE", &path, &[]).await.status, 405);
+    ok.send_raw(format!("GET {path} HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n").as_bytes()).await;
+    assert_eq!(ok.read_response(false).await.status, 400, "the proxy's own 400: no Host");
+    assert_eq!(refused("malformed"), 0);
+
+    let fetched = o.requests().len();
+    for bad in [
+        "GET /x HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n".to_string(),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\x01\r\n\r\n"),
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+    ] {
+        let mut c = Client::connect(p.addr()).await;
+        c.send_raw(bad.as_bytes()).await;
+        assert_eq!(c.read_response(false).await.status, 400, "{bad:?}");
+        assert!(c.is_closed(Duration::from_secs(1)).await);
+    }
+    assert_eq!(o.requests().len(), fetched, "a refused header goes nowhere");
+    // After a keep-alive request too: the next header is judged on its own.
+    assert_eq!(ok.request("GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
+    ok.send_raw(b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
+    assert_eq!(ok.read_response(false).await.status, 400);
+    assert_eq!((refused("malformed"), refused("timeout"), refused("too_large")), (4, 0, 0));
+}
+
 /// A request's body means nothing here (it is read and dropped), yet a
 /// client that declares one and trickles it (a byte now and then, never a
 /// minute apart) would hold the connection for as long as it liked: the
