@@ -14,8 +14,8 @@
 //! fails, Pingora closes the connection, and it is counted
 //! (`anibridge_client_headers_refused_total`; Pingora's own line about it
 //! is a debug line, as for any client gone before its header was whole:
-//! a flood of them must not flood the log). A header Pingora cannot parse
-//! it answers with a 400 of its own, before any hook of the proxy runs:
+//! a flood of them must not flood the log). Pingora answers a header it
+//! cannot parse with a 400 of its own, before any hook of the proxy runs:
 //! that answer is the one thing written before a request began, and it is
 //! counted here too (`malformed`), as nothing else would say it. The request path
 //! says when a header is complete and when its answer is done ([`began`],
@@ -168,6 +168,15 @@ impl Guarded {
         Some(e)
     }
 
+    /// Something is written: if no request began since this header's first
+    /// byte, it is Pingora's own answer to a header it could not parse.
+    fn writing(&mut self) {
+        // `seen` is only ever an even phase (taken while reading a header).
+        if self.phase.load(Ordering::Relaxed) == self.seen && self.header.is_some() {
+            self.count(Refused::Malformed);
+        }
+    }
+
     /// Counts the header being read as refused for `why`, once.
     fn count(&mut self, why: Refused) {
         if let Some(header) = self.header.as_mut().filter(|h| !h.counted) {
@@ -255,17 +264,6 @@ impl AsyncRead for Guarded {
             }
         }
         read
-    }
-}
-
-impl Guarded {
-    /// Something is written: if no request began since this header's first
-    /// byte, it is Pingora's own answer to a header it could not parse.
-    fn writing(&mut self) {
-        // `seen` is only ever an even phase (taken while reading a header).
-        if self.phase.load(Ordering::Relaxed) == self.seen && self.header.is_some() {
-            self.count(Refused::Malformed);
-        }
     }
 }
 
