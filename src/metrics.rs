@@ -163,9 +163,8 @@ impl Metrics {
         let client_headers_refused = IntCounterVec::new(
             Opts::new(
                 "anibridge_client_headers_refused_total",
-                "Client connections closed before their request header was whole, by why (timeout: it took longer \
-                 than downstream.header_timeout; too_large: it was over 64 KiB; malformed: it could not be parsed, \
-                 answered 400)",
+                "Client connections closed over their request header, by why (timeout: not whole within \
+                 downstream.header_timeout; too_large: over 64 KiB; malformed: not parsable, answered 400)",
             ),
             &["reason"],
         )
