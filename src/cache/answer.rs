@@ -43,8 +43,9 @@ pub fn plan(req: &HeaderMap, stored: &HeaderMap, len: u64) -> Option<Plan> {
         // A list, also when sent as several field lines (RFC 9110 §5.3);
         // weak comparison (§13.1.2).
         let mut tags = req.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok());
+        // `*` matches any stored representation, with an ETag or not (§13.1.2).
         let hit =
-            etag.is_some_and(|e| tags.any(|inm| inm.split(',').map(str::trim).any(|t| t == "*" || weak(t) == weak(e))));
+            tags.any(|inm| inm.split(',').map(str::trim).any(|t| t == "*" || etag.is_some_and(|e| weak(t) == weak(e))));
         if hit {
             return Some(Plan::NotModified);
         }
@@ -246,6 +247,10 @@ mod tests {
         let two_lines = [("If-None-Match", "\"x\""), ("If-None-Match", "\"y\", \"v1\"")];
         assert_eq!(plan_for(&two_lines), Some(Plan::NotModified));
         assert_eq!(plan_for(&[("If-None-Match", "\"x\""), ("If-None-Match", "*")]), Some(Plan::NotModified));
+        // `*` matches an object stored without an ETag too; a tag does not.
+        let untagged = map(&[("Content-Length", "1000")]);
+        assert_eq!(plan(&map(&[("If-None-Match", "*")]), &untagged, 1000), Some(Plan::NotModified));
+        assert_eq!(plan(&map(&[("If-None-Match", "\"v1\"")]), &untagged, 1000), Some(Plan::Whole));
         // A tag that cannot be read is still a condition: If-Modified-Since is not asked.
         let mut unreadable = map(&[("If-Modified-Since", LM)]);
         unreadable.append(header::IF_NONE_MATCH, HeaderValue::from_bytes(b"\"\xe4\"").unwrap());
