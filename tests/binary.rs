@@ -15,8 +15,8 @@ use tokio::io::AsyncReadExt;
 const BIN: &str = env!("CARGO_BIN_EXE_anibridge-proxy");
 
 /// `f` opened again for appending.
-fn appending(f: &tempfile::NamedTempFile) -> std::fs::File {
-    std::fs::OpenOptions::new().append(true).open(f.path()).unwrap()
+fn appending(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new().append(true).open(path).unwrap()
 }
 
 fn config_file(text: &str) -> tempfile::NamedTempFile {
@@ -96,8 +96,9 @@ impl Running {
         // The access log (standard output) and the rest (standard error),
         // in one file, both appending (two plain opens would each write
         // from offset 0, over each other's lines).
-        let output = match &log {
-            Some(f) => (Stdio::from(appending(f)), Stdio::from(appending(f))),
+        let path = log.as_ref().map(|f| f.path().to_path_buf());
+        let output = move || match &path {
+            Some(p) => (Stdio::from(appending(p)), Stdio::from(appending(p))),
             None => (Stdio::null(), Stdio::inherit()),
         };
         Self::spawn_to(extra, rust_log, env, cmd, output, log).await
@@ -106,44 +107,62 @@ impl Running {
     /// With `RUST_LOG` unset (the binary's default) and standard output and
     /// error piped, for the test to read or to leave unread.
     async fn start_piped(extra: &str) -> Running {
-        Self::spawn_to(extra, Some(""), &[], Command::new(BIN), (Stdio::piped(), Stdio::piped()), None).await
+        Self::spawn_to(extra, Some(""), &[], Command::new(BIN), || (Stdio::piped(), Stdio::piped()), None).await
     }
 
-    /// [`Self::spawn`] with standard output and error going to `output`.
+    /// [`Self::spawn`] with standard output and error going to what
+    /// `output` opens. The ports come from [`unused_addr`], which only
+    /// finds them free: a test running beside this one may take one before
+    /// the proxy binds it (the proxy then exits at once, as it should), so
+    /// a proxy that exits at start is run again on other ports.
     async fn spawn_to(
         extra: &str,
         rust_log: Option<&str>,
         env: &[(&str, &str)],
         mut cmd: Command,
-        (stdout, stderr): (Stdio, Stdio),
+        output: impl Fn() -> (Stdio, Stdio),
         log: Option<tempfile::NamedTempFile>,
     ) -> Running {
-        let (port, admin) = (unused_addr().port(), unused_addr().port());
         let grace = if extra.contains("shutdown_grace:") { "" } else { "shutdown_grace: \"10s\"\n" };
-        let cfg = config_file(&with_run_cache(&format!(
-            "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n{grace}{extra}"
-        )));
+        let cfg = config_file("");
         // `Some("")`: RUST_LOG unset, the binary's own default.
         match rust_log {
             Some("") => cmd.env_remove("RUST_LOG"),
             other => cmd.env("RUST_LOG", other.unwrap_or("warn")),
         };
-        let child = cmd
-            .arg("--config")
-            .arg(cfg.path())
-            .envs(env.iter().copied())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err()
-            || tokio::net::TcpStream::connect(("127.0.0.1", admin)).await.is_err()
-        {
-            assert!(Instant::now() < deadline, "proxy did not start");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        cmd.arg("--config").arg(cfg.path()).envs(env.iter().copied());
+        for _ in 0..3 {
+            let (port, admin) = (unused_addr().port(), unused_addr().port());
+            let text = with_run_cache(&format!(
+                "listen: \"127.0.0.1:{port}\"\nadmin_listen: \"127.0.0.1:{admin}\"\n{grace}{extra}"
+            ));
+            std::fs::write(cfg.path(), text).unwrap();
+            if let Some(f) = &log {
+                // What a run that could not start said is not this run's.
+                f.as_file().set_len(0).unwrap();
+            }
+            let (stdout, stderr) = output();
+            let mut child = cmd.stdout(stdout).stderr(stderr).spawn().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+                    && tokio::net::TcpStream::connect(("127.0.0.1", admin)).await.is_ok()
+                {
+                    return Running { child, log, port, admin, cfg };
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    eprintln!("the proxy exited at start ({status}) on ports {port} and {admin}; trying others");
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let said = log.as_ref().map(|f| std::fs::read_to_string(f.path()).unwrap_or_default());
+                    panic!("proxy did not start within 20 s; its log: {}", said.unwrap_or_default());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        Running { child, log, port, admin, cfg }
+        panic!("the proxy exited at start three times");
     }
 
     fn addr(&self) -> std::net::SocketAddr {
