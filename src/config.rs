@@ -864,8 +864,7 @@ fn own_listener_of(own: &[SocketAddr], url: &Url) -> Option<SocketAddr> {
     // The URL alone cannot tell whether another address is this machine's:
     // only loopback ones count (and 0.0.0.0, which reaches this machine).
     let from = SocketAddr::from(([0, 0, 0, 0], 0));
-    crate::egress::reaches_own_listener(own, from, to).then_some(())?;
-    own.iter().find(|l| l.port() == to.port()).copied()
+    crate::egress::own_listener_reached(own, from, to)
 }
 
 /// Whether listeners on `a` and `b` take the same connections: the same
@@ -1114,6 +1113,10 @@ mod tests {
         assert!(own("resolver: {url: \"http://127.0.0.1:8081/r\"}\n").is_ok(), "another port");
         assert!(own(&format!("{any}resolver: {{url: \"http://10.0.0.5:8080/r\"}}\n")).is_ok(), "maybe another machine");
         assert!(own("resolver: {url: \"http://127.0.0.2:8080/r\"}\n").is_ok(), "the listener is on 127.0.0.1 only");
+        // Of two listeners on one port, the one the URL names.
+        let (_, reason) =
+            refused("listen: [\"127.0.0.1:8080\", \"127.0.0.2:8080\"]\nresolver: {url: \"http://127.0.0.2:8080/r\"}\n");
+        assert!(reason.starts_with("127.0.0.2:8080 is this proxy's own listener"), "{reason}");
         assert_eq!(refused("public_base_url: \"/relative\"\n").0, "public_base_url");
         assert_eq!(refused("resolver: {url: \"file:///etc/passwd\"}\n").0, "resolver.url");
         assert_eq!(refused("upstream: {user_agent: \"a\\nb\"}\n").0, "upstream.user_agent");

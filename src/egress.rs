@@ -93,8 +93,8 @@ impl Refusal {
     }
 }
 
-/// Whether a connection from `local` to `peer` reached one of `own`, this
-/// process's listeners. A proxy that may dial itself (its address allowed,
+/// The listener among `own`, this process's listeners, that a connection
+/// from `local` to `peer` reached, if any. A proxy that may dial itself (its address allowed,
 /// or a route or resolver pointed at it) can be sent in a loop: an upstream
 /// that redirects to the proxy's own URL for itself makes every request a
 /// new one, without end (measured: one request became 8 486 in flight in
@@ -104,10 +104,10 @@ impl Refusal {
 /// listener's or, for a listener on every address, one of this machine's —
 /// a loopback address, or the connection's own source address (a connection
 /// to an address of this machine leaves from that address).
-pub fn reaches_own_listener(own: &[SocketAddr], local: SocketAddr, peer: SocketAddr) -> bool {
+pub fn own_listener_reached(own: &[SocketAddr], local: SocketAddr, peer: SocketAddr) -> Option<SocketAddr> {
     let peer_ip = canonical_ip(peer.ip());
     let this_machine = peer_ip.is_loopback() || peer_ip == canonical_ip(local.ip());
-    own.iter().any(|l| {
+    own.iter().copied().find(|l| {
         l.port() == peer.port()
             && match canonical_ip(l.ip()) {
                 ip if ip.is_unspecified() => this_machine && (l.is_ipv6() || peer_ip.is_ipv4()),
@@ -470,7 +470,7 @@ mod tests {
     fn connections_to_the_proxys_own_listeners_are_known() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
         let own = [a("127.0.0.1:8080"), a("0.0.0.0:9000"), a("[::]:9100"), a("[2001:db8::5]:9200")];
-        let reaches = |local, peer| reaches_own_listener(&own, a(local), a(peer));
+        let reaches = |local, peer| own_listener_reached(&own, a(local), a(peer)).is_some();
         // A listener on one address: that address and port only.
         assert!(reaches("127.0.0.1:40000", "127.0.0.1:8080"));
         assert!(reaches("127.0.0.1:40000", "[::ffff:127.0.0.1]:8080"), "a mapped address is the IPv4 one");
@@ -488,7 +488,10 @@ mod tests {
         assert!(reaches("127.0.0.1:40000", "127.0.0.1:9100"));
         assert!(!reaches("[2001:db8::7]:40000", "[2001:db8::8]:9100"));
         assert!(reaches("[2001:db8::7]:40000", "[2001:db8::5]:9200"));
+        // The listener it reached, among several on one port.
+        let two = [a("127.0.0.1:8080"), a("127.0.0.2:8080")];
+        assert_eq!(own_listener_reached(&two, a("127.0.0.1:1"), a("127.0.0.2:8080")), Some(two[1]));
         // Nothing listed, nothing refused.
-        assert!(!reaches_own_listener(&[], a("127.0.0.1:1"), a("127.0.0.1:8080")));
+        assert_eq!(own_listener_reached(&[], a("127.0.0.1:1"), a("127.0.0.1:8080")), None);
     }
 }

@@ -184,7 +184,7 @@ impl Client {
         }
         let socket = session.digest().socket_digest.as_ref()?;
         let (local, peer) = (*socket.local_addr()?.as_inet()?, *socket.peer_addr()?.as_inet()?);
-        egress::reaches_own_listener(own, local, peer).then_some(peer)
+        egress::own_listener_reached(own, local, peer).map(|_| peer)
     }
 
     /// Remembers a direct connect's failure at `a` (through an egress proxy

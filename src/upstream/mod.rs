@@ -84,7 +84,7 @@ pub struct Settings {
     /// Connection limits and cooldowns per host.
     pub gate: gate::Settings,
     /// This process's listeners: a connection that reaches one is refused
-    /// (`egress::reaches_own_listener`), whatever else allows it.
+    /// (`egress::own_listener_reached`), whatever else allows it.
     pub own_listeners: Arc<[SocketAddr]>,
 }
 
