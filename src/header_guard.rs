@@ -45,6 +45,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+use crate::connections::{Admitted, Connections};
 use crate::metrics::Metrics;
 
 /// The most a request's header may take, in bytes read for it (nginx
@@ -78,6 +79,8 @@ struct Limits {
 pub struct HeaderGuard<A> {
     app: Arc<A>,
     limits: Arc<Limits>,
+    /// The slots its connections take, if they are bounded.
+    connections: Option<Arc<Connections>>,
 }
 
 impl<A> HeaderGuard<A> {
@@ -85,14 +88,25 @@ impl<A> HeaderGuard<A> {
     /// byte; connections closed for it are counted in `metrics`.
     pub fn new(app: A, timeout: Duration, metrics: &Metrics) -> HeaderGuard<A> {
         let refused = Refused::LABELS.map(|r| metrics.client_headers_refused.with_label_values(&[r]));
-        HeaderGuard { app: Arc::new(app), limits: Arc::new(Limits { timeout, refused }) }
+        HeaderGuard { app: Arc::new(app), limits: Arc::new(Limits { timeout, refused }), connections: None }
+    }
+
+    /// Each connection takes one of `connections`' slots for its life.
+    pub fn with_slots(mut self, connections: Arc<Connections>) -> HeaderGuard<A> {
+        self.connections = Some(connections);
+        self
     }
 }
 
 #[async_trait]
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for HeaderGuard<A> {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        self.app.process_new(Box::new(Guarded::new(stream, self.limits.clone())), shutdown).await
+        let admitted = match &self.connections {
+            // No slot: the connection is dropped, closed unanswered.
+            Some(connections) => Some(connections.admit().await?),
+            None => None,
+        };
+        self.app.process_new(Box::new(Guarded::new(stream, self.limits.clone(), admitted)), shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -112,6 +126,9 @@ pub struct Guarded {
     seen: u32,
     /// The header being read, once its first byte is in.
     header: Option<Header>,
+    /// Its slot among the listener's connections, given back when it is
+    /// dropped (the connection's end).
+    admitted: Option<Admitted>,
 }
 
 #[derive(Debug)]
@@ -125,8 +142,8 @@ struct Header {
 }
 
 impl Guarded {
-    fn new(inner: Stream, limits: Arc<Limits>) -> Guarded {
-        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None }
+    fn new(inner: Stream, limits: Arc<Limits>, admitted: Option<Admitted>) -> Guarded {
+        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None, admitted }
     }
 
     fn of(down: &ServerSession) -> Option<&Guarded> {
@@ -142,6 +159,13 @@ impl Guarded {
         let phase = self.phase.load(Ordering::Relaxed);
         if (phase % 2 == 1) != answering {
             self.phase.store(phase.wrapping_add(1), Ordering::Relaxed);
+            if let Some(a) = &self.admitted {
+                if answering {
+                    a.slot.busy()
+                } else {
+                    a.slot.idle()
+                }
+            }
         }
     }
 
@@ -248,9 +272,20 @@ impl AsyncRead for Guarded {
         if let Some(e) = this.over(cx) {
             return Poll::Ready(Err(e));
         }
+        // Between requests, asked to close to make room: when no byte of a
+        // next request is there, an end of stream, as if the client had
+        // closed. A request already under way is read and answered first.
+        let slot = this.admitted.as_ref().filter(|_| this.header.is_none()).map(|a| &a.slot);
         let before = buf.filled().len();
         let read = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if let Some(slot) = slot {
+            if n > 0 {
+                slot.busy();
+            } else if read.is_pending() && slot.closing(cx.waker()) {
+                return Poll::Ready(Ok(()));
+            }
+        }
         if n > 0 {
             let header = this.header.get_or_insert_with(|| Header {
                 started: Instant::now(),

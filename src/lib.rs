@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cache;
 mod charclass;
 pub mod config;
+pub mod connections;
 pub mod content_type;
 pub mod cors;
 pub mod dns;

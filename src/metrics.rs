@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Client connections closed for how they sent a request header
     /// ([`crate::header_guard`]), by why.
     pub client_headers_refused: IntCounterVec,
+    pub client_connections: IntGauge,
+    pub client_connections_closed: IntCounterVec,
 }
 
 /// Status codes counted apart (0: no response was sent).
@@ -169,6 +171,17 @@ impl Metrics {
             &["reason"],
         )
         .unwrap();
+        let client_connections =
+            IntGauge::new("anibridge_client_connections", "Client connections open on the proxy's listeners").unwrap();
+        let client_connections_closed = IntCounterVec::new(
+            Opts::new(
+                "anibridge_client_connections_closed_total",
+                "Client connections closed by downstream.max_connections, by why (idle_for_room: idle, closed \
+                 to make room for a new one; no_room: new, closed unanswered after waiting downstream.header_timeout)",
+            ),
+            &["reason"],
+        )
+        .unwrap();
         let mut names = Vec::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -180,6 +193,8 @@ impl Metrics {
             Box::new(host_queue_waits.clone()),
             Box::new(host_refused.clone()),
             Box::new(client_headers_refused.clone()),
+            Box::new(client_connections.clone()),
+            Box::new(client_connections_closed.clone()),
             Box::new(cache_requests.clone()),
             Box::new(cache_bytes.clone()),
             Box::new(cache_objects.clone()),
@@ -219,6 +234,9 @@ impl Metrics {
         for reason in crate::header_guard::Refused::LABELS {
             client_headers_refused.with_label_values(&[reason]);
         }
+        for reason in crate::connections::CLOSED_LABELS {
+            client_connections_closed.with_label_values(&[reason]);
+        }
         for reason in crate::egress::Refusal::LABELS {
             egress_refusals.with_label_values(&[reason]);
         }
@@ -255,6 +273,8 @@ impl Metrics {
             host_refused,
             shutdown_cut_streams,
             client_headers_refused,
+            client_connections,
+            client_connections_closed,
         }
     }
 

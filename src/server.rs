@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::header_guard::HeaderGuard;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, State};
@@ -108,7 +109,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let state = proxy.state.clone();
     // Both listeners bound how a client sends its request headers.
     let header_timeout = cfg.downstream.header_timeout.0;
-    let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics);
+    let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics)
+        .with_slots(Connections::new(cfg.downstream.max_connections, header_timeout, &metrics));
     let mut svc = Service::new("anibridge-proxy".to_string(), app);
     for addr in cfg.listen_addrs() {
         let mut listener = ListenerConfig::tcp(addr.to_string())
@@ -321,7 +323,13 @@ impl Embedded {
         let proxy = build(cfg, metrics.clone());
         let gate = proxy.state.client.gate().clone();
         let conf = Arc::new(ServerConf::default());
-        let app = Arc::new(HeaderGuard::new(http_app(&conf, proxy), cfg.downstream.header_timeout.0, &metrics));
+        let header_timeout = cfg.downstream.header_timeout.0;
+        let app =
+            Arc::new(HeaderGuard::new(http_app(&conf, proxy), header_timeout, &metrics).with_slots(Connections::new(
+                cfg.downstream.max_connections,
+                header_timeout,
+                &metrics,
+            )));
         let (tx, rx) = tokio::sync::watch::channel(false);
         let mut stop = rx.clone();
         tokio::spawn(async move {

@@ -369,3 +369,66 @@ async fn idle_keep_alive_connections_are_closed() {
     assert_eq!(old.read_response(false).await.status, 200);
     assert!(old.is_closed(Duration::from_millis(500)).await, "HTTP/1.0 without keep-alive: closed at once");
 }
+
+/// `downstream.max_connections`: at the bound, the connection idle the
+/// longest is closed to make room for a new one (as nginx closes its
+/// reusable connections when `worker_connections` run out); one that
+/// finishes an answer while a newcomer waits closes for it; a newcomer
+/// that finds every connection in the middle of a request waits at most
+/// `downstream.header_timeout` and is closed unanswered. No request is
+/// cut on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_idle_connections_make_room() {
+    let o = Origin::start(|req| {
+        let held = |secs| Action::Delayed(Duration::from_secs(secs), Resp::new(200, Body::Bytes(b"held".to_vec())));
+        match req.path() {
+            "/one" => held(1),
+            "/six" => held(6),
+            _ => Resp::new(200, Body::Bytes(b"quick".to_vec())).into(),
+        }
+    })
+    .await;
+    let p = Proxy::open_with("downstream: {max_connections: 2, header_timeout: 2s}\n").await;
+    let path = |name: &str, n: u32| relay_path("v.mp4", &o.url(&format!("/{name}?{n}")));
+    let closed = |reason: &str| p.metric(&format!("anibridge_client_connections_closed_total{{reason=\"{reason}\"}}"));
+
+    let mut a = Client::connect(p.addr()).await;
+    assert_eq!(a.request("GET", &path("quick", 1), &[]).await.body, b"quick");
+    let mut b = Client::connect(p.addr()).await;
+    assert_eq!(b.request("GET", &path("quick", 2), &[]).await.body, b"quick");
+    assert_eq!(p.metric("anibridge_client_connections "), 2.0);
+    // Both idle: the one idle the longer makes room.
+    let mut c = Client::connect(p.addr()).await;
+    assert_eq!(c.request("GET", &path("quick", 3), &[]).await.body, b"quick");
+    assert!(a.is_closed(Duration::from_secs(2)).await, "the longest idle was closed");
+    assert!(!b.is_closed(Duration::from_millis(200)).await);
+    assert_eq!(closed("idle_for_room"), 1.0);
+
+    // Both in a request: a newcomer waits; the first answer done closes its
+    // connection for it, after the whole answer.
+    b.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("one", 4)).as_bytes()).await;
+    c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("six", 5)).as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut d = Client::connect(p.addr()).await;
+    assert_eq!(d.request("GET", &path("quick", 6), &[]).await.body, b"quick");
+    let got = b.read_response(false).await;
+    assert_eq!((got.status, got.body.as_slice(), got.complete), (200, &b"held"[..], true));
+    assert!(b.is_closed(Duration::from_secs(1)).await, "closed after its answer, for the newcomer");
+    assert_eq!(closed("idle_for_room"), 2.0);
+
+    // c and d both in a request: no room within header_timeout.
+    d.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("six", 7)).as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut e = Client::connect(p.addr()).await;
+    e.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("quick", 8)).as_bytes()).await;
+    assert!(e.is_closed(Duration::from_secs(4)).await, "closed unanswered");
+    assert_eq!(closed("no_room"), 1.0);
+    assert_eq!(closed("idle_for_room"), 2.0, "no connection in a request is closed");
+    for (who, client) in [("c", &mut c), ("d", &mut d)] {
+        let got = client.read_response(false).await;
+        assert_eq!((got.status, got.body.as_slice()), (200, &b"held"[..]), "{who}");
+    }
+    let mut targets: Vec<String> = o.requests().iter().map(|r| r.target.clone()).collect();
+    targets.sort();
+    assert_eq!(targets, ["/one?4", "/quick?1", "/quick?2", "/quick?3", "/quick?6", "/six?5", "/six?7"], "not e's");
+}

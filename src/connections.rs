@@ -1,0 +1,306 @@
+//! How many client connections the proxy holds at once
+//! (`downstream.max_connections`), and the idle ones that make room.
+//!
+//! Pingora keeps about 39 KiB per client connection, idle keep-alive ones
+//! included (BENCHMARKS.md, thirty-fourth round; nginx frees its buffers
+//! while a connection idles), and accepts as many as the open-files limit
+//! allows, which containers set to a million. Without a bound, clients
+//! that make one request each and then keep their connections open would
+//! grow the process without end. So a connection takes a slot for its
+//! whole life ([`Connections::admit`]). When none is free, the one idle
+//! the longest — between requests, or connected and silent — is closed to
+//! make room, as nginx closes its reusable connections when it runs out
+//! of `worker_connections`; a connection that finishes an answer while
+//! others wait closes instead of idling. Only when every connection is in
+//! the middle of a request does a new one wait, at most
+//! `downstream.header_timeout`, and is then closed unanswered (counted).
+//!
+//! A client whose idle connection is closed opens a new one for its next
+//! request, as it does after `downstream.keepalive_timeout`. The closing
+//! itself is an end of stream seen by the connection's next read of a
+//! request header ([`Slot::closing`]): nothing of a request is cut.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::metrics::Metrics;
+
+/// The `reason`s of `anibridge_client_connections_closed_total`.
+pub const CLOSED_LABELS: [&str; 2] = ["idle_for_room", "no_room"];
+
+/// The proxy listener's client connections: their slots, and the state of
+/// each that says whether it is idle.
+#[derive(Debug)]
+pub struct Connections {
+    slots: Arc<Semaphore>,
+    /// Every admitted connection's [`Slot`], by a number of its own.
+    live: Mutex<HashMap<u64, Arc<Slot>>>,
+    next: AtomicU64,
+    /// Connections waiting for a slot now.
+    waiting: AtomicUsize,
+    /// Times are milliseconds since this.
+    epoch: Instant,
+    wait: Duration,
+    closed_idle: IntCounter,
+    refused: IntCounter,
+    open: IntGauge,
+}
+
+/// One admitted connection, as [`Connections`] sees it.
+#[derive(Debug)]
+pub struct Slot {
+    /// When it last became idle (ms since the epoch, plus one); 0 while a
+    /// request is read or answered.
+    idle_since: AtomicU64,
+    /// Set to make it close at its next read of a request header.
+    close: AtomicBool,
+    /// Its task, parked in a read between requests.
+    waker: Mutex<Option<Waker>>,
+    of: Arc<Connections>,
+}
+
+/// A connection's slot, given back when the connection ends.
+#[derive(Debug)]
+pub struct Admitted {
+    pub slot: Arc<Slot>,
+    id: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connections {
+    /// `max` connections at once (0: as many as the open-files limit
+    /// allows); a new one waits at most `wait` for a slot.
+    pub fn new(max: usize, wait: Duration, metrics: &Metrics) -> Arc<Connections> {
+        Arc::new(Connections {
+            slots: Arc::new(Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max })),
+            live: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            wait,
+            closed_idle: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[0]]),
+            refused: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[1]]),
+            open: metrics.client_connections.clone(),
+        })
+    }
+
+    /// A slot for a new connection: a free one, else the room an idle
+    /// connection makes by closing, else the first to be given back within
+    /// the wait. `None`: there was none; the connection is to be closed.
+    pub async fn admit(self: &Arc<Self>) -> Option<Admitted> {
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let _waiting = Waiting::new(&self.waiting);
+                self.close_longest_idle();
+                match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        self.refused.inc();
+                        return None;
+                    }
+                }
+            }
+        };
+        let slot = Arc::new(Slot {
+            idle_since: AtomicU64::new(self.now()),
+            close: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            of: self.clone(),
+        });
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.live.lock().unwrap().insert(id, slot.clone());
+        self.open.inc();
+        Some(Admitted { slot, id, _permit: permit })
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Tells the connection idle the longest to close; false if none is idle.
+    fn close_longest_idle(&self) -> bool {
+        let longest = {
+            let live = self.live.lock().unwrap();
+            live.values()
+                .filter(|s| !s.close.load(Ordering::Acquire))
+                .filter_map(|s| match s.idle_since.load(Ordering::Acquire) {
+                    0 => None,
+                    since => Some((since, s.clone())),
+                })
+                .min_by_key(|(since, _)| *since)
+                .map(|(_, s)| s)
+        };
+        match longest {
+            Some(slot) => {
+                slot.close_now();
+                self.closed_idle.inc();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Counted in [`Connections::waiting`] while it lives (a wait given up
+/// half-way, its task dropped at shutdown, stops counting too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Waiting<'_> {
+    fn new(count: &AtomicUsize) -> Waiting<'_> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.slot.of.live.lock().unwrap().remove(&self.id);
+        self.slot.of.open.dec();
+    }
+}
+
+impl Slot {
+    /// A request's header has begun, or its answer is being made.
+    pub fn busy(&self) {
+        if self.idle_since.load(Ordering::Relaxed) != 0 {
+            self.idle_since.store(0, Ordering::Release);
+        }
+    }
+
+    /// An answer is done: the connection waits for its next request, or,
+    /// when a connection is waiting for a slot, closes to give it this one.
+    pub fn idle(&self) {
+        if self.of.waiting.load(Ordering::SeqCst) > 0 {
+            self.close.store(true, Ordering::Release);
+            self.of.closed_idle.inc();
+        }
+        self.idle_since.store(self.of.now(), Ordering::Release);
+    }
+
+    /// Whether the connection, finding no byte of a request to read, is to
+    /// close instead of waiting for one. `waker` is its task, parked until
+    /// a byte or the call to close comes.
+    pub fn closing(&self, waker: &Waker) -> bool {
+        if self.close.load(Ordering::Acquire) {
+            return true;
+        }
+        {
+            let mut parked = self.waker.lock().unwrap();
+            if !parked.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                *parked = Some(waker.clone());
+            }
+        }
+        // Asked to close between the first look and parking: the waker
+        // was not there to be woken.
+        self.close.load(Ordering::Acquire)
+    }
+
+    /// Whether it was asked to close (for the tests).
+    #[cfg(test)]
+    fn asked_to_close(&self) -> bool {
+        self.close.load(Ordering::Acquire)
+    }
+
+    fn close_now(&self) {
+        self.close.store(true, Ordering::Release);
+        if let Some(waker) = self.waker.lock().unwrap().take() {
+            waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> Metrics {
+        Metrics::with_routes(&[])
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_idle_connection_makes_room_and_a_busy_one_does_not() {
+        let m = metrics();
+        let conns = Connections::new(2, Duration::from_secs(5), &m);
+        let a = conns.admit().await.unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        let b = conns.admit().await.unwrap();
+        // Both idle (connected, nothing sent yet): the older one closes.
+        let c = tokio::spawn({
+            let conns = conns.clone();
+            async move { conns.admit().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(a.slot.asked_to_close(), "the connection idle the longest is told to close");
+        assert!(!b.slot.asked_to_close());
+        assert!(!c.is_finished(), "it waits until the closed one is gone");
+        drop(a);
+        let c = c.await.unwrap().expect("admitted into the room made");
+        // b busy, c idle: the next comer closes c, not b.
+        b.slot.busy();
+        let d = tokio::spawn({
+            let conns = conns.clone();
+            async move { conns.admit().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(c.slot.asked_to_close() && !b.slot.asked_to_close());
+        drop(c);
+        let d = d.await.unwrap().unwrap();
+        // Both busy: a newcomer waits; b ending its answer closes for it.
+        d.slot.busy();
+        let e = tokio::spawn({
+            let conns = conns.clone();
+            async move { conns.admit().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(
+            !b.slot.asked_to_close() && !d.slot.asked_to_close(),
+            "a connection in a request is never told to close"
+        );
+        b.slot.idle();
+        assert!(b.slot.asked_to_close(), "an answer done while one waits closes its connection");
+        drop(b);
+        let e = e.await.unwrap().unwrap();
+        e.slot.busy();
+        // Nobody idle and nobody leaving: refused after the wait.
+        let f = conns.admit().await;
+        assert!(f.is_none());
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains("anibridge_client_connections_closed_total{reason=\"idle_for_room\"} 3"), "{text}");
+        assert!(text.contains("anibridge_client_connections_closed_total{reason=\"no_room\"} 1"), "{text}");
+        assert!(text.contains("anibridge_client_connections 2\n"), "d and e: {text}");
+    }
+
+    #[test]
+    fn a_parked_reader_is_woken_to_close() {
+        struct Flag(AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let m = metrics();
+        let conns = Connections::new(1, Duration::from_secs(1), &m);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let a = rt.block_on(conns.admit()).unwrap();
+        let flag = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        assert!(!a.slot.closing(&waker), "parked");
+        assert!(conns.close_longest_idle());
+        assert!(flag.0.load(Ordering::SeqCst), "woken");
+        assert!(a.slot.closing(&waker));
+        assert!(!conns.close_longest_idle(), "one told to close already is not counted again");
+    }
+}
