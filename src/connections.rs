@@ -13,7 +13,8 @@
 //! of `worker_connections`; a connection that finishes an answer while
 //! others wait closes instead of idling. Only when every connection is in
 //! the middle of a request does a new one wait, at most
-//! `downstream.header_timeout`, and is then closed unanswered (counted).
+//! `downstream.header_timeout`, and is then closed unanswered (counted);
+//! as many may wait as there are slots, and any more are closed at once.
 //!
 //! A client whose idle connection is closed opens a new one for its next
 //! request, as it does after `downstream.keepalive_timeout`. The closing
@@ -39,6 +40,8 @@ pub const CLOSED_LABELS: [&str; 2] = ["idle_for_room", "no_room"];
 #[derive(Debug)]
 pub struct Connections {
     slots: Arc<Semaphore>,
+    /// The number of slots, and of connections that may wait for one.
+    max: usize,
     /// Every admitted connection's [`Slot`], by a number of its own.
     live: Mutex<HashMap<u64, Arc<Slot>>>,
     next: AtomicU64,
@@ -77,8 +80,10 @@ impl Connections {
     /// `max` connections at once (0: as many as the open-files limit
     /// allows); a new one waits at most `wait` for a slot.
     pub fn new(max: usize, wait: Duration, metrics: &Metrics) -> Arc<Connections> {
+        let max = if max == 0 { Semaphore::MAX_PERMITS } else { max };
         Arc::new(Connections {
-            slots: Arc::new(Semaphore::new(if max == 0 { Semaphore::MAX_PERMITS } else { max })),
+            slots: Arc::new(Semaphore::new(max)),
+            max,
             live: Mutex::new(HashMap::new()),
             next: AtomicU64::new(0),
             waiting: AtomicUsize::new(0),
@@ -92,10 +97,17 @@ impl Connections {
 
     /// A slot for a new connection: a free one, else the room an idle
     /// connection makes by closing, else the first to be given back within
-    /// the wait. `None`: there was none; the connection is to be closed.
+    /// the wait (when fewer than `max` wait already). `None`: there was
+    /// none; the connection is to be closed.
     pub async fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(permit) => permit,
+            Err(_) if self.waiting.load(Ordering::SeqCst) >= self.max => {
+                // As many wait as there are slots: beyond, each would hold
+                // a descriptor for nothing.
+                self.refused.inc();
+                return None;
+            }
             Err(_) => {
                 let _waiting = Waiting::new(&self.waiting);
                 self.close_longest_idle();
@@ -281,6 +293,23 @@ mod tests {
         assert!(text.contains("anibridge_client_connections_closed_total{reason=\"idle_for_room\"} 3"), "{text}");
         assert!(text.contains("anibridge_client_connections_closed_total{reason=\"no_room\"} 1"), "{text}");
         assert!(text.contains("anibridge_client_connections 2\n"), "d and e: {text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn as_many_wait_as_there_are_slots() {
+        let m = metrics();
+        let conns = Connections::new(1, Duration::from_secs(5), &m);
+        let a = conns.admit().await.unwrap();
+        a.slot.busy();
+        let waiter = tokio::spawn({
+            let conns = conns.clone();
+            async move { conns.admit().await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        assert!(conns.admit().await.is_none(), "a second waiter is closed at once");
+        assert!(!waiter.is_finished());
+        drop(a);
+        assert!(waiter.await.unwrap(), "the first is admitted when the slot is given back");
     }
 
     #[test]

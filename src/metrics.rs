@@ -177,7 +177,8 @@ impl Metrics {
             Opts::new(
                 "anibridge_client_connections_closed_total",
                 "Client connections closed by downstream.max_connections, by why (idle_for_room: idle, closed \
-                 to make room for a new one; no_room: new, closed unanswered after waiting downstream.header_timeout)",
+                 to make room for a new one; no_room: new, closed unanswered after waiting downstream.header_timeout, \
+                 or at once with as many waiting as there are slots)",
             ),
             &["reason"],
         )
