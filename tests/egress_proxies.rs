@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::logs::logs;
-use common::process::Spawned;
+use common::process::{on_a_free_port, Spawned};
 use common::tls::{tls_origin, TestCa};
 use common::*;
 
@@ -54,34 +54,36 @@ fn have_servers() -> bool {
 
 impl EgressServer {
     async fn microsocks(credentials: bool) -> EgressServer {
-        let port = unused_addr().port();
-        let mut cmd = Command::new(tools::path("microsocks"));
-        cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
-        if credentials {
-            cmd.args(["-u", "alice", "-P", PASSWORD]);
-        }
-        let process = Spawned::start_logging(&mut cmd, tempfile::tempdir().unwrap(), "log");
-        process.wait_listening(([127, 0, 0, 1], port).into(), "log").await;
+        let start = |port: u16| {
+            let mut cmd = Command::new(tools::path("microsocks"));
+            cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
+            if credentials {
+                cmd.args(["-u", "alice", "-P", PASSWORD]);
+            }
+            Spawned::start_logging(&mut cmd, tempfile::tempdir().unwrap(), "log")
+        };
+        let (process, port) = on_a_free_port(start, "log").await;
         EgressServer { process, port, kind: Kind::Socks }
     }
 
     async fn tinyproxy(credentials: bool) -> EgressServer {
-        let port = unused_addr().port();
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display().to_string();
-        let auth = if credentials { format!("BasicAuth alice {PASSWORD}\n") } else { String::new() };
-        std::fs::write(
-            dir.path().join("tinyproxy.conf"),
-            format!(
-                "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{d}/tinyproxy.log\"\nLogLevel Info\n\
-                 MaxClients 50\nAllow 127.0.0.1\nDisableViaHeader Yes\n{auth}"
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(tools::path("tinyproxy"));
-        cmd.args(["-d", "-c", &format!("{d}/tinyproxy.conf")]);
-        let process = Spawned::start_logging(&mut cmd, dir, "out.log");
-        process.wait_listening(([127, 0, 0, 1], port).into(), "out.log").await;
+        let start = |port: u16| {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().display().to_string();
+            let auth = if credentials { format!("BasicAuth alice {PASSWORD}\n") } else { String::new() };
+            std::fs::write(
+                dir.path().join("tinyproxy.conf"),
+                format!(
+                    "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{d}/tinyproxy.log\"\nLogLevel Info\n\
+                     MaxClients 50\nAllow 127.0.0.1\nDisableViaHeader Yes\n{auth}"
+                ),
+            )
+            .unwrap();
+            let mut cmd = Command::new(tools::path("tinyproxy"));
+            cmd.args(["-d", "-c", &format!("{d}/tinyproxy.conf")]);
+            Spawned::start_logging(&mut cmd, dir, "out.log")
+        };
+        let (process, port) = on_a_free_port(start, "out.log").await;
         EgressServer { process, port, kind: Kind::Connect }
     }
 

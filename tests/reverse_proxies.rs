@@ -22,12 +22,14 @@ struct Front {
 async fn nginx_in_front_of(proxy: std::net::SocketAddr) -> Front {
     let snippet = std::fs::read_to_string("conf/nginx.conf").unwrap();
     assert!(snippet.contains("listen 80;") && snippet.contains("server 127.0.0.1:8080;"));
-    let port = unused_addr().port();
-    let snippet = snippet
-        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
-        .replace("server 127.0.0.1:8080;", &format!("server {proxy};"))
-        .replace("/var/log/nginx/anibridge.log", "{dir}/anibridge.log");
-    let nginx = process::spawn_nginx(&format!("access_log off;\n{snippet}"));
+    let (nginx, port) = process::nginx_on_a_free_port(|port| {
+        let snippet = snippet
+            .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+            .replace("server 127.0.0.1:8080;", &format!("server {proxy};"))
+            .replace("/var/log/nginx/anibridge.log", "{dir}/anibridge.log");
+        format!("access_log off;\n{snippet}")
+    })
+    .await;
     Front::start(nginx, port, "error.log").await
 }
 

@@ -145,21 +145,28 @@ pub async fn nginx_hoster(root: &std::path::Path, types: &str, log: &str, server
 
 /// nginx with `http(port)` as the body of its `http {}` block (see
 /// [`spawn_nginx`]), listening on `127.0.0.1:port`, a port found free;
-/// returned once it listens. A port found free can be taken by a test
-/// beside this one before nginx binds it (seen in CI): nginx then exits,
-/// and another port is tried.
+/// returned once it listens (see [`on_a_free_port`]).
 pub async fn nginx_on_a_free_port(http: impl Fn(u16) -> String) -> (Spawned, u16) {
+    on_a_free_port(|port| spawn_nginx(&http(port)), "error.log").await
+}
+
+/// A server `start`ed to listen on `127.0.0.1:port`, a port found free,
+/// returned once it listens. A port found free can be taken by a test
+/// beside this one before the server binds it (seen in CI): the server
+/// then exits (not all say why: tinyproxy "Could not create listening
+/// sockets"), and another port is tried; after five exits, the last one's
+/// `log` is the panic.
+pub async fn on_a_free_port(start: impl Fn(u16) -> Spawned, log: &str) -> (Spawned, u16) {
     let mut last = String::new();
     for _ in 0..5 {
         let port = super::unused_addr().port();
-        let nginx = spawn_nginx(&http(port));
-        match nginx.listening(([127, 0, 0, 1], port).into(), "error.log").await {
-            Ok(()) => return (nginx, port),
-            Err(exited) if exited.contains("Address already in use") => last = exited,
-            Err(exited) => panic!("{exited}"),
+        let server = start(port);
+        match server.listening(([127, 0, 0, 1], port).into(), log).await {
+            Ok(()) => return (server, port),
+            Err(exited) => last = exited,
         }
     }
-    panic!("no free port held still for nginx, five times: {last}");
+    panic!("the server exited at start on five free ports: {last}");
 }
 
 /// The nginx binary (tests check for it with `tools::needs` first).
