@@ -53,6 +53,8 @@ pub struct Connections {
     closed_idle: IntCounter,
     refused: IntCounter,
     open: IntGauge,
+    /// When a refusal was last logged (as `idle_since`; 0: never).
+    warned: AtomicU64,
 }
 
 /// One admitted connection, as [`Connections`] sees it.
@@ -92,6 +94,7 @@ impl Connections {
             closed_idle: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[0]]),
             refused: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[1]]),
             open: metrics.client_connections.clone(),
+            warned: AtomicU64::new(0),
         })
     }
 
@@ -105,7 +108,7 @@ impl Connections {
             Err(_) if self.waiting.load(Ordering::SeqCst) >= self.max => {
                 // As many wait as there are slots: beyond, each would hold
                 // a descriptor for nothing.
-                self.refused.inc();
+                self.refuse();
                 return None;
             }
             Err(_) => {
@@ -114,7 +117,7 @@ impl Connections {
                 match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
                     Ok(Ok(permit)) => permit,
                     _ => {
-                        self.refused.inc();
+                        self.refuse();
                         return None;
                     }
                 }
@@ -130,6 +133,26 @@ impl Connections {
         self.live.lock().unwrap().insert(id, slot.clone());
         self.open.inc();
         Some(Admitted { slot, id, _permit: permit })
+    }
+
+    /// Counts a connection closed unanswered, and says so in the log at
+    /// most once a minute (as nginx says "worker_connections are not
+    /// enough"): the operator's cue to raise the bound or add instances.
+    fn refuse(&self) {
+        self.refused.inc();
+        let now = self.now();
+        let last = self.warned.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 60_000)
+            && self.warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            log::warn!(
+                "a client connection was closed unanswered: all {} connections (downstream.max_connections) were \
+                 in the middle of a request for downstream.header_timeout ({:?}) or as many were waiting; said at \
+                 most once a minute, counted in anibridge_client_connections_closed_total{{reason=\"no_room\"}}",
+                self.max,
+                self.wait
+            );
+        }
     }
 
     fn now(&self) -> u64 {

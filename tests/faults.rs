@@ -388,6 +388,7 @@ async fn at_max_connections_idle_connections_make_room() {
         }
     })
     .await;
+    common::logs::capture();
     let p = Proxy::open_with("downstream: {max_connections: 2, header_timeout: 2s}\n").await;
     let path = |name: &str, n: u32| relay_path("v.mp4", &o.url(&format!("/{name}?{n}")));
     let closed = |reason: &str| p.metric(&format!("anibridge_client_connections_closed_total{{reason=\"{reason}\"}}"));
@@ -423,6 +424,9 @@ async fn at_max_connections_idle_connections_make_room() {
     e.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", path("quick", 8)).as_bytes()).await;
     assert!(e.is_closed(Duration::from_secs(4)).await, "closed unanswered");
     assert_eq!(closed("no_room"), 1.0);
+    let said = common::logs::logs();
+    let warned: Vec<&str> = said.lines().filter(|l| l.contains("connections (downstream.max_connections)")).collect();
+    assert!(warned.len() == 1 && warned[0].starts_with("WARN a client connection was closed unanswered"), "{said}");
     assert_eq!(closed("idle_for_room"), 2.0, "no connection in a request is closed");
     for (who, client) in [("c", &mut c), ("d", &mut d)] {
         let got = client.read_response(false).await;
