@@ -65,6 +65,8 @@ pub struct Slot {
     idle_since: AtomicU64,
     /// Set to make it close at its next read of a request header.
     close: AtomicBool,
+    /// It closed so, and was counted.
+    counted: AtomicBool,
     /// Its task, parked in a read between requests.
     waker: Mutex<Option<Waker>>,
     of: Arc<Connections>,
@@ -126,6 +128,7 @@ impl Connections {
         let slot = Arc::new(Slot {
             idle_since: AtomicU64::new(self.now()),
             close: AtomicBool::new(false),
+            counted: AtomicBool::new(false),
             waker: Mutex::new(None),
             of: self.clone(),
         });
@@ -175,7 +178,6 @@ impl Connections {
         match longest {
             Some(slot) => {
                 slot.close_now();
-                self.closed_idle.inc();
                 true
             }
             None => false,
@@ -220,7 +222,6 @@ impl Slot {
     pub fn idle(&self) {
         if self.of.waiting.load(Ordering::SeqCst) > 0 {
             self.close.store(true, Ordering::Release);
-            self.of.closed_idle.inc();
         }
         self.idle_since.store(self.of.now(), Ordering::Release);
     }
@@ -229,18 +230,25 @@ impl Slot {
     /// close instead of waiting for one. `waker` is its task, parked until
     /// a byte or the call to close comes.
     pub fn closing(&self, waker: &Waker) -> bool {
-        if self.close.load(Ordering::Acquire) {
-            return true;
-        }
-        {
-            let mut parked = self.waker.lock().unwrap();
-            if !parked.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                *parked = Some(waker.clone());
+        if !self.close.load(Ordering::Acquire) {
+            {
+                let mut parked = self.waker.lock().unwrap();
+                if !parked.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                    *parked = Some(waker.clone());
+                }
+            }
+            // Asked to close between the first look and parking: the waker
+            // was not there to be woken.
+            if !self.close.load(Ordering::Acquire) {
+                return false;
             }
         }
-        // Asked to close between the first look and parking: the waker
-        // was not there to be woken.
-        self.close.load(Ordering::Acquire)
+        // Counted here, where the connection closes for room, not where it
+        // is asked to: a client may close it first.
+        if !self.counted.swap(true, Ordering::Relaxed) {
+            self.of.closed_idle.inc();
+        }
+        true
     }
 
     /// Whether it was asked to close (for the tests).
@@ -278,7 +286,8 @@ mod tests {
             async move { conns.admit().await }
         });
         tokio::task::yield_now().await;
-        assert!(a.slot.asked_to_close(), "the connection idle the longest is told to close");
+        assert!(a.slot.closing(Waker::noop()), "the connection idle the longest is told to close");
+        assert!(a.slot.closing(Waker::noop()), "and counted once");
         assert!(!b.slot.asked_to_close());
         assert!(!c.is_finished(), "it waits until the closed one is gone");
         drop(a);
@@ -290,7 +299,7 @@ mod tests {
             async move { conns.admit().await }
         });
         tokio::task::yield_now().await;
-        assert!(c.slot.asked_to_close() && !b.slot.asked_to_close());
+        assert!(!b.slot.asked_to_close() && c.slot.closing(Waker::noop()));
         drop(c);
         let d = d.await.unwrap().unwrap();
         // Both busy: a newcomer waits; b ending its answer closes for it.
@@ -306,14 +315,14 @@ mod tests {
         );
         b.slot.idle();
         assert!(b.slot.asked_to_close(), "an answer done while one waits closes its connection");
-        drop(b);
+        drop(b); // Its client closed it first: not counted.
         let e = e.await.unwrap().unwrap();
         e.slot.busy();
         // Nobody idle and nobody leaving: refused after the wait.
         let f = conns.admit().await;
         assert!(f.is_none());
         let text = String::from_utf8(m.render()).unwrap();
-        assert!(text.contains("anibridge_client_connections_closed_total{reason=\"idle_for_room\"} 3"), "{text}");
+        assert!(text.contains("anibridge_client_connections_closed_total{reason=\"idle_for_room\"} 2"), "{text}");
         assert!(text.contains("anibridge_client_connections_closed_total{reason=\"no_room\"} 1"), "{text}");
         assert!(text.contains("anibridge_client_connections 2\n"), "d and e: {text}");
     }
