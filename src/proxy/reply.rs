@@ -55,9 +55,12 @@ pub enum Failure {
     BadRedirect,
     /// 502: more than `upstream.max_redirects` hops.
     TooManyRedirects,
-    /// 502: DNS failed, the connection was refused or reset, TLS failed, or
-    /// the upstream's answer was malformed.
+    /// 502: DNS failed, the connection was refused or reset, or TLS failed.
     Unreachable,
+    /// 502: the upstream answered, but not with an HTTP/1.x header the
+    /// proxy can relay (unparsable, ambiguous framing, over 64 KiB, interim
+    /// answers without end).
+    InvalidResponse,
     /// 504: connecting or waiting for the upstream's header timed out.
     Timeout,
     /// 502: the configured egress proxy failed.
@@ -91,8 +94,8 @@ impl Failure {
             ReservedPath | InvalidPath | PathEscapesRoute | Missing(_) | InvalidU | UnsupportedScheme | MissingHost
             | InvalidHost => StatusCode::BAD_REQUEST,
             DestinationNotAllowed => StatusCode::FORBIDDEN,
-            BadRedirect | TooManyRedirects | Unreachable | EgressProxy | ResolverUnavailable | PlaylistTooLarge
-            | BadPlaylistEncoding | PlaylistUnavailable | UpstreamFailed => StatusCode::BAD_GATEWAY,
+            BadRedirect | TooManyRedirects | Unreachable | InvalidResponse | EgressProxy | ResolverUnavailable
+            | PlaylistTooLarge | BadPlaylistEncoding | PlaylistUnavailable | UpstreamFailed => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Busy | CoolingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -129,6 +132,7 @@ impl Failure {
             BadRedirect => "bad redirect",
             TooManyRedirects => "too many redirects",
             Unreachable => "upstream unreachable",
+            InvalidResponse => "invalid upstream response",
             Timeout => "upstream timeout",
             EgressProxy => "egress proxy failed",
             ResolverUnavailable => "resolver unavailable",
@@ -149,6 +153,7 @@ impl From<&FetchError> for Failure {
             FetchError::Refused(_) => Failure::DestinationNotAllowed,
             FetchError::BadRedirect => Failure::BadRedirect,
             FetchError::TooManyRedirects => Failure::TooManyRedirects,
+            FetchError::Unreachable(c) if c.is_malformed_answer() => Failure::InvalidResponse,
             FetchError::Dns(..) | FetchError::Unreachable(_) => Failure::Unreachable,
             FetchError::Timeout(_) => Failure::Timeout,
             FetchError::EgressProxy(_) => Failure::EgressProxy,
@@ -227,7 +232,7 @@ mod tests {
     #[test]
     fn every_failure_has_its_status_and_reason() {
         use Failure::*;
-        let table: [(Failure, u16, &str); 26] = [
+        let table: [(Failure, u16, &str); 27] = [
             (MethodNotAllowed, 405, "method not allowed"),
             (NotFound, 404, "not found"),
             (Auth(AuthError::TokenExpired), 401, "token expired"),
@@ -244,6 +249,7 @@ mod tests {
             (BadRedirect, 502, "bad redirect"),
             (TooManyRedirects, 502, "too many redirects"),
             (Unreachable, 502, "upstream unreachable"),
+            (InvalidResponse, 502, "invalid upstream response"),
             (Timeout, 504, "upstream timeout"),
             (EgressProxy, 502, "egress proxy failed"),
             (ResolverUnavailable, 502, "resolver unavailable"),
@@ -273,6 +279,9 @@ mod tests {
         assert_eq!(Failure::from(&FetchError::lookup_timed_out(&url)), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ReadTimedout))), Failure::Timeout);
         assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectRefused))), Failure::Unreachable);
+        assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::ConnectionClosed))), Failure::Unreachable);
+        // It answered, but nothing the proxy can relay.
+        assert_eq!(Failure::from(&FetchError::from_pingora(pingora(T::InvalidHTTPHeader))), Failure::InvalidResponse);
         // Building the upstream request is the proxy's own business, never an unreachable upstream.
         assert_eq!(Failure::from(&FetchError::Request("no host")), Failure::Internal);
         // A shared playlist too long for any of its readers: what the relay answers.

@@ -22,7 +22,8 @@ pub enum FetchError {
     TooManyRedirects,
     /// Looking up the host (named here) failed.
     Dns(String, Arc<std::io::Error>),
-    /// Connect refused/reset, TLS failure, malformed response.
+    /// Connect refused/reset, TLS failure, malformed response (told apart
+    /// by [`Cause::is_malformed_answer`]).
     Unreachable(Cause),
     /// Connect or header read timed out.
     Timeout(Cause),
@@ -53,6 +54,13 @@ pub struct Cause {
 impl Cause {
     fn new(error: Box<Error>) -> Cause {
         Cause { error: error.into(), at: None, tls: false }
+    }
+
+    /// The upstream answered, but with no HTTP/1.x response header the
+    /// proxy can read (Pingora's parse errors and this crate's own bounds
+    /// on a header are `InvalidHTTPHeader`).
+    pub fn is_malformed_answer(&self) -> bool {
+        matches!(self.error.etype(), ErrorType::InvalidHTTPHeader)
     }
 }
 
