@@ -362,6 +362,6 @@ mod tests {
         assert!(conns.close_longest_idle());
         assert!(flag.0.load(Ordering::SeqCst), "woken");
         assert!(a.slot.closing(&waker));
-        assert!(!conns.close_longest_idle(), "one told to close already is not counted again");
+        assert!(!conns.close_longest_idle(), "one told to close already is not told again");
     }
 }

@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Client connections closed for how they sent a request header
     /// ([`crate::header_guard`]), by why.
     pub client_headers_refused: IntCounterVec,
+    /// Client connections held now, and those closed by
+    /// `downstream.max_connections` ([`crate::connections`]), by why.
     pub client_connections: IntGauge,
     pub client_connections_closed: IntCounterVec,
 }

@@ -107,7 +107,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = build(&cfg, metrics.clone());
     let state = proxy.state.clone();
-    // Both listeners bound how a client sends its request headers.
+    // Both listeners bound how a client sends its request headers; the
+    // proxy's also how many connections it holds (the admin listener's few
+    // must get through when the proxy's are full).
     let header_timeout = cfg.downstream.header_timeout.0;
     let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics)
         .with_slots(Connections::new(cfg.downstream.max_connections, header_timeout, &metrics));
