@@ -1515,22 +1515,23 @@ async fn players_play_from_a_caddy_hoster_that_types_segments_as_qt_translations
     if !have(&[FFMPEG, CADDY, CHROMIUM]) {
         return;
     }
-    let port = unused_addr().port();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_path_buf();
-    let config = d.join("Caddyfile");
-    std::fs::write(
-        &config,
-        format!(
-            "{{\n\tadmin off\n\tauto_https off\n}}\nhttp://:{port} {{\n\tbind 127.0.0.1\n\troot * {}\n\tfile_server\n\
-             \tlog {{\n\t\toutput file {}\n\t}}\n}}\n",
-            media().display(),
-            d.join("access.log").display()
-        ),
-    )
-    .unwrap();
-    let caddy = common::process::spawn_caddy(&config, dir);
-    caddy.wait_listening(([127, 0, 0, 1], port).into(), "caddy.log").await;
+    let start = |port: u16| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let config = d.join("Caddyfile");
+        std::fs::write(
+            &config,
+            format!(
+                "{{\n\tadmin off\n\tauto_https off\n}}\nhttp://:{port} {{\n\tbind 127.0.0.1\n\troot * {}\n\tfile_server\n\
+                 \tlog {{\n\t\toutput file {}\n\t}}\n}}\n",
+                media().display(),
+                d.join("access.log").display()
+            ),
+        )
+        .unwrap();
+        common::process::spawn_caddy(&config, dir)
+    };
+    let (caddy, port) = common::process::on_a_free_port(start, "caddy.log").await;
     let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
     let p = proxy("15m").await;
 

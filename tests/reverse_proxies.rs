@@ -174,16 +174,18 @@ async fn traefik_in_front_of(proxy: std::net::SocketAddr, traefik: String) -> Fr
 async fn caddy_in_front_of(proxy: std::net::SocketAddr) -> Front {
     let file = std::fs::read_to_string("conf/Caddyfile").unwrap();
     assert!(file.contains("\n:80 {\n") && file.contains("reverse_proxy 127.0.0.1:8080 {"));
-    let port = unused_addr().port();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("Caddyfile");
-    std::fs::write(
-        &config,
-        file.replace("\n:80 {\n", &format!("\nhttp://:{port} {{\n\tbind 127.0.0.1\n"))
-            .replace("reverse_proxy 127.0.0.1:8080 {", &format!("reverse_proxy {proxy} {{")),
-    )
-    .unwrap();
-    let caddy = process::spawn_caddy(&config, dir);
+    let start = |port: u16| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("Caddyfile");
+        std::fs::write(
+            &config,
+            file.replace("\n:80 {\n", &format!("\nhttp://:{port} {{\n\tbind 127.0.0.1\n"))
+                .replace("reverse_proxy 127.0.0.1:8080 {", &format!("reverse_proxy {proxy} {{")),
+        )
+        .unwrap();
+        process::spawn_caddy(&config, dir)
+    };
+    let (caddy, port) = process::on_a_free_port(start, "caddy.log").await;
     Front::start(caddy, port, "caddy.log").await
 }
 

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anibridge_proxy::auth::{sign, Query};
-use common::process::{spawn_nginx, Spawned};
+use common::process::{on_a_free_port, spawn_nginx, Spawned};
 use common::*;
 
 const SEGMENTS: u64 = 12;
@@ -172,10 +172,7 @@ async fn fleet_fetches_each_file_once(kind: Balancer) {
     let addrs: Vec<_> = fleet.iter().map(|p| p.as_ref().unwrap().addr()).collect();
     // The balancer listens where the instances' public_base_url says.
     drop(front);
-    let front = match kind {
-        Balancer::Nginx => nginx_balancer(&addrs, front_port).await,
-        Balancer::Haproxy => haproxy_balancer(&addrs, front_port).await,
-    };
+    let front = kind.start(&addrs, front_port).await;
     let master = format!(
         "/anibridge{}",
         signed_relay_path("index.m3u8", &format!("http://127.0.0.1:{origin_port}/index.m3u8"), Some(now() + 600))
@@ -296,11 +293,7 @@ async fn the_access_log_names_the_viewer_behind_either_balancer() {
     let p = Proxy::open_with("log: {trusted_proxies: [\"127.0.0.1/32\"]}\n").await;
     let viewer = std::net::IpAddr::from([127, 0, 0, 2]);
     for kind in [Balancer::Nginx, Balancer::Haproxy] {
-        let port = unused_addr().port();
-        let _front = match kind {
-            Balancer::Nginx => nginx_balancer(&[p.addr(); 3], port).await,
-            Balancer::Haproxy => haproxy_balancer(&[p.addr(); 3], port).await,
-        };
+        let (_front, port) = on_a_free_port(|port| kind.spawn(&[p.addr(); 3], port), kind.log()).await;
         let id = format!("forged-{kind:?}");
         let mut c = Client::connect_from(([127, 0, 0, 1], port).into(), viewer).await;
         let path = format!("/anibridge{}", relay_path("v.mp4", &o.url("/v.mp4")));
@@ -314,9 +307,35 @@ async fn the_access_log_names_the_viewer_behind_either_balancer() {
 /// The instances' addresses the fleet configs name, replaced by the test's.
 const DEFAULTS: [&str; 3] = ["127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083"];
 
+impl Balancer {
+    /// The balancer's fleet config from `conf/` listening on `port`, with
+    /// the instances' addresses replaced, started (not yet listening).
+    fn spawn(self, instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+        match self {
+            Balancer::Nginx => nginx_balancer(instances, port),
+            Balancer::Haproxy => haproxy_balancer(instances, port),
+        }
+    }
+
+    /// Where it says why it stopped.
+    fn log(self) -> &'static str {
+        match self {
+            Balancer::Nginx => "error.log",
+            Balancer::Haproxy => "haproxy.log",
+        }
+    }
+
+    /// Started on `port` (held by the caller until now), once it listens.
+    async fn start(self, instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+        let balancer = self.spawn(instances, port);
+        balancer.wait_listening(([127, 0, 0, 1], port).into(), self.log()).await;
+        balancer
+    }
+}
+
 /// conf/nginx-fleet.conf listening on `port`, with the instances'
 /// addresses and its log path replaced.
-async fn nginx_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+fn nginx_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
     let conf = std::fs::read_to_string("conf/nginx-fleet.conf").unwrap();
     assert!(conf.contains("listen 80;") && DEFAULTS.iter().all(|d| conf.contains(&format!("server {d} "))));
     let mut conf = conf
@@ -325,14 +344,12 @@ async fn nginx_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawne
     for (d, a) in DEFAULTS.iter().zip(instances) {
         conf = conf.replace(&format!("server {d} "), &format!("server {a} "));
     }
-    let nginx = spawn_nginx(&conf);
-    nginx.wait_listening(([127, 0, 0, 1], port).into(), "error.log").await;
-    nginx
+    spawn_nginx(&conf)
 }
 
 /// conf/haproxy-fleet.cfg listening on `port`, with the instances'
 /// addresses replaced, HAProxy in the foreground.
-async fn haproxy_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
+fn haproxy_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
     let conf = std::fs::read_to_string("conf/haproxy-fleet.cfg").unwrap();
     assert!(conf.contains("bind :80\n") && DEFAULTS.iter().all(|d| conf.contains(&format!(" {d} check"))));
     let mut conf = conf.replace("bind :80\n", &format!("bind 127.0.0.1:{port}\n"));
@@ -342,11 +359,5 @@ async fn haproxy_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spaw
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("haproxy.cfg");
     std::fs::write(&file, conf).unwrap();
-    let haproxy = Spawned::start_logging(
-        Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file),
-        dir,
-        "haproxy.log",
-    );
-    haproxy.wait_listening(([127, 0, 0, 1], port).into(), "haproxy.log").await;
-    haproxy
+    Spawned::start_logging(Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file), dir, "haproxy.log")
 }
