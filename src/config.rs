@@ -351,8 +351,9 @@ pub struct DownstreamConf {
     /// ([`crate::header_guard`]).
     pub header_timeout: Dur,
     /// Client connections held at once on the proxy's listeners; 0: as
-    /// many as the open-files limit allows ([`crate::connections`]).
-    pub max_connections: usize,
+    /// many as the open-files limit allows; unset: see
+    /// [`crate::connections::bound`].
+    pub max_connections: Option<usize>,
 }
 
 impl Default for DownstreamConf {
@@ -363,9 +364,7 @@ impl Default for DownstreamConf {
             write_timeout: Dur(Duration::from_secs(60)),
             keepalive_timeout: Dur(Duration::from_secs(75)),
             header_timeout: Dur(Duration::from_secs(60)),
-            // About 390 MiB of Pingora's per-connection state if every one
-            // idles; room for any crowd of players.
-            max_connections: 10_000,
+            max_connections: None,
         }
     }
 }
@@ -974,10 +973,10 @@ mod tests {
         assert_eq!(refused("downstream: {keepalive_timeout: \"500ms\"}\n").0, "downstream.keepalive_timeout");
         let kept = load("auth: {mode: none}\ndownstream: {keepalive_timeout: \"2m\"}\n").unwrap();
         assert_eq!(kept.downstream.keepalive_timeout.0, Duration::from_secs(120));
-        assert_eq!(kept.downstream.max_connections, 10_000);
+        assert_eq!(kept.downstream.max_connections, None, "worked out at start");
         assert_eq!(refused("downstream: {max_connections: -1}\n").0, "downstream.max_connections");
         let unbounded = load("auth: {mode: none}\ndownstream: {max_connections: 0}\n").unwrap();
-        assert_eq!(unbounded.downstream.max_connections, 0);
+        assert_eq!(unbounded.downstream.max_connections, Some(0));
         assert_eq!(refused("upstream: {max_connections_per_host: -1}\n").0, "upstream.max_connections_per_host");
         assert_eq!(refused("providers: [{hosts: [a.com], max_connections: x}]\n").0, "providers[0].max_connections");
         assert_eq!(refused("cache: {max_bytes: 1000, max_object_bytes: 1001}\n").0, "cache.max_object_bytes");

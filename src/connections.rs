@@ -32,6 +32,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::metrics::Metrics;
 
+/// The bound when the config sets none: 10 000 (about 390 MiB of Pingora's
+/// per-connection state if every one idles; room for any crowd of players),
+/// or a quarter of the open-files limit if that is lower. A streaming
+/// connection holds two descriptors (client and upstream), one waiting for
+/// a slot one, and the cache's body files up to a quarter of the limit:
+/// past it Pingora stops accepting for a second at a time, for everyone.
+pub fn bound(configured: Option<usize>) -> usize {
+    configured.unwrap_or_else(|| {
+        let files = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
+        usize::try_from(files / 4).unwrap_or(usize::MAX).clamp(1, 10_000)
+    })
+}
+
 /// The `reason`s of `anibridge_client_connections_closed_total`.
 pub const CLOSED_LABELS: [&str; 2] = ["idle_for_room", "no_room"];
 
@@ -342,6 +355,13 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(a);
         assert!(waiter.await.unwrap(), "the first is admitted when the slot is given back");
+    }
+
+    #[test]
+    fn unset_it_is_ten_thousand_or_a_quarter_of_the_open_files_limit() {
+        let files = rlimit::Resource::NOFILE.get().unwrap().0 as usize;
+        assert_eq!(bound(None), (files / 4).clamp(1, 10_000));
+        assert_eq!((bound(Some(7)), bound(Some(0))), (7, 0), "a set value is kept");
     }
 
     #[test]

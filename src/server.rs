@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::connections::Connections;
+use crate::connections::{bound, Connections};
 use crate::header_guard::HeaderGuard;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, State};
@@ -111,8 +111,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // proxy's also how many connections it holds (the admin listener's few
     // must get through when the proxy's are full).
     let header_timeout = cfg.downstream.header_timeout.0;
+    let most = bound(cfg.downstream.max_connections);
     let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics)
-        .with_slots(Connections::new(cfg.downstream.max_connections, header_timeout, &metrics));
+        .with_slots(Connections::new(most, header_timeout, &metrics));
     let mut svc = Service::new("anibridge-proxy".to_string(), app);
     for addr in cfg.listen_addrs() {
         let mut listener = ListenerConfig::tcp(addr.to_string())
@@ -131,10 +132,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
     server.add_service(svc);
     server.add_service(admin);
     log::info!(
-        "anibridge-proxy listening on {:?}, admin on {}, auth mode {:?}",
+        "anibridge-proxy listening on {:?}, admin on {}, auth mode {:?}, {} (downstream.max_connections)",
         cfg.listen_addrs(),
         cfg.admin_listen.0,
-        cfg.auth.mode
+        cfg.auth.mode,
+        if most == 0 {
+            "client connections unbounded".to_string()
+        } else {
+            format!("at most {most} client connections")
+        }
     );
     server.run(RunArgs { shutdown_signal: Box::new(Signals { draining, state, grace: cfg.shutdown_grace.0 }) });
     Ok(())
@@ -328,7 +334,7 @@ impl Embedded {
         let header_timeout = cfg.downstream.header_timeout.0;
         let app =
             Arc::new(HeaderGuard::new(http_app(&conf, proxy), header_timeout, &metrics).with_slots(Connections::new(
-                cfg.downstream.max_connections,
+                bound(cfg.downstream.max_connections),
                 header_timeout,
                 &metrics,
             )));
