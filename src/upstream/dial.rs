@@ -53,6 +53,18 @@ impl Failed {
         let (fine, failed): (Vec<SocketAddr>, Vec<SocketAddr>) = addrs.iter().partition(|a| !self.0.contains_key(*a));
         Cow::Owned([fine, failed].concat())
     }
+
+    /// A direct connect to `a` failed.
+    fn remember(&self, a: SocketAddr) {
+        self.0.insert(a, ());
+    }
+
+    /// A direct connect to `a` succeeded: it takes its place again.
+    fn forget(&self, a: &SocketAddr) {
+        if self.0.contains_key(a) {
+            self.0.invalidate(a);
+        }
+    }
 }
 
 impl Client {
@@ -144,10 +156,13 @@ impl Client {
                     Some(Arc::new(Tunnel { via: v.clone(), to, deadline: Instant::now() + budget }));
                 peer.options.total_connection_timeout = Some(budget + TUNNEL_GRACE);
             }
+            // Only direct connects are remembered: through an egress proxy
+            // the fault may be the proxy's.
+            let direct = via.is_none();
             match self.connect(&peer).await {
                 Ok(session) => {
-                    if via.is_none() && self.failed.0.contains_key(a) {
-                        self.failed.0.invalidate(a);
+                    if direct {
+                        self.failed.forget(a);
                     }
                     self.count_egress(via, true);
                     if let Some(own) = self.own_listener(&session) {
@@ -155,14 +170,15 @@ impl Client {
                     }
                     return Ok((session, peer));
                 }
-                Err(e) if is_connect_failure(&e) && i + 1 < addrs.len() => {
-                    log::debug!("upstream address {a} failed ({e}); trying the next one");
-                    self.failed_at(a, via);
-                    last = Some(e);
-                }
                 Err(e) => {
-                    if is_connect_failure(&e) {
-                        self.failed_at(a, via);
+                    let absent = is_connect_failure(&e);
+                    if absent && direct {
+                        self.failed.remember(*a);
+                    }
+                    if absent && i + 1 < addrs.len() {
+                        log::debug!("upstream address {a} failed ({e}); trying the next one");
+                        last = Some(e);
+                        continue;
                     }
                     self.count_egress(via, false);
                     return Err(FetchError::from_pingora(e));
@@ -185,14 +201,6 @@ impl Client {
         let socket = session.digest().socket_digest.as_ref()?;
         let (local, peer) = (*socket.local_addr()?.as_inet()?, *socket.peer_addr()?.as_inet()?);
         egress::own_listener_reached(own, local, peer).map(|_| peer)
-    }
-
-    /// Remembers a direct connect's failure at `a` (through an egress proxy
-    /// the fault may be the proxy's).
-    fn failed_at(&self, a: &SocketAddr, via: Option<&Arc<EgressProxy>>) {
-        if via.is_none() {
-            self.failed.0.insert(*a, ());
-        }
     }
 
     /// Counts a new connection, or a failure to make one, by egress route.
