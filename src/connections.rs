@@ -36,12 +36,32 @@ use crate::metrics::Metrics;
 /// per-connection state if every one idles; room for any crowd of players),
 /// or a quarter of the open-files limit if that is lower. A streaming
 /// connection holds two descriptors (client and upstream), one waiting for
-/// a slot one, and the cache's body files up to a quarter of the limit:
+/// a slot holds one, and the cache's body files up to a quarter of the limit:
 /// past it Pingora stops accepting for a second at a time, for everyone.
 pub fn bound(configured: Option<usize>) -> usize {
-    configured.unwrap_or_else(|| {
-        let files = rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft);
-        usize::try_from(files / 4).unwrap_or(usize::MAX).clamp(1, 10_000)
+    configured.unwrap_or_else(|| usize::try_from(open_files() / 4).unwrap_or(usize::MAX).clamp(1, 10_000))
+}
+
+/// The open-files limit in force (its soft limit).
+fn open_files() -> u64 {
+    rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
+}
+
+/// The warning for a configured bound the open-files limit cannot hold (see
+/// [`bound`]), if it is one.
+pub fn too_high(configured: Option<usize>) -> Option<String> {
+    too_high_for(configured, open_files())
+}
+
+fn too_high_for(configured: Option<usize>, files: u64) -> Option<String> {
+    let most = configured.filter(|&n| n > 0)?;
+    (most as u64 > files / 4).then(|| {
+        format!(
+            "downstream.max_connections is {most}, over a quarter of the open-files limit ({files}): streaming \
+             connections hold two descriptors each, so the proxy can run out of descriptors before the bound and \
+             then stops accepting for a second at a time; raise the limit (`ulimit -n`, `LimitNOFILE=`, \
+             `--ulimit nofile=`) or lower the bound"
+        )
     })
 }
 
@@ -362,6 +382,18 @@ mod tests {
         let files = rlimit::Resource::NOFILE.get().unwrap().0 as usize;
         assert_eq!(bound(None), (files / 4).clamp(1, 10_000));
         assert_eq!((bound(Some(7)), bound(Some(0))), (7, 0), "a set value is kept");
+    }
+
+    #[test]
+    fn a_bound_over_a_quarter_of_the_open_files_limit_is_warned_of() {
+        assert_eq!(too_high_for(None, 1024), None, "unset: the bound follows the limit");
+        assert_eq!(too_high_for(Some(0), 1024), None, "unbounded is a choice of its own");
+        assert_eq!(too_high_for(Some(256), 1024), None);
+        let warning = too_high_for(Some(257), 1024).expect("over a quarter");
+        assert!(
+            warning.starts_with("downstream.max_connections is 257, over a quarter of the open-files limit (1024)"),
+            "{warning}"
+        );
     }
 
     #[test]

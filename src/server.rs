@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::connections::{bound, Connections};
+use crate::connections::{bound, too_high, Connections};
 use crate::header_guard::HeaderGuard;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, State};
@@ -112,6 +112,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // must get through when the proxy's are full).
     let header_timeout = cfg.downstream.header_timeout.0;
     let most = bound(cfg.downstream.max_connections);
+    if let Some(warning) = too_high(cfg.downstream.max_connections) {
+        log::warn!("{warning}");
+    }
     let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics)
         .with_slots(Connections::new(most, header_timeout, &metrics));
     let mut svc = Service::new("anibridge-proxy".to_string(), app);

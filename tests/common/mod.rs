@@ -786,10 +786,41 @@ pub fn signed_relay_path(hint: &str, upstream: &str, exp: Option<u64>) -> String
 }
 
 /// A free loopback port to start something on (bound, learned, released).
-/// Not for a port that must refuse: once released, a test running beside
-/// this one may take it (see `RefusedPort`).
+///
+/// A port the kernel hands out for port 0 and released here could be handed
+/// at once to a socket a test beside this one binds to port 0 or connects
+/// from, before the server given it binds (seen in CI). So ports
+/// come from outside the kernel's ephemeral range, where it puts none of
+/// its own, counted up from a point set by the process id so that no two
+/// callers in this process get the same one; each is checked free by
+/// binding it.
 pub fn unused_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ports = ports_outside_the_ephemeral_range();
+    let start = std::process::id() as usize * 7_919;
+    for _ in 0..ports.len() {
+        let port = ports[(start + NEXT.fetch_add(1, Ordering::Relaxed)) % ports.len()];
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
+    panic!("no free loopback port outside the ephemeral range");
+}
+
+/// 10 000 up to the kernel's ephemeral range, or above it when that starts
+/// lower.
+fn ports_outside_the_ephemeral_range() -> &'static [u16] {
+    static PORTS: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    PORTS.get_or_init(|| {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        let mut bounds = range.split_whitespace().filter_map(|n| n.parse::<u16>().ok());
+        let (low, high) = (bounds.next().unwrap_or(32_768), bounds.next().unwrap_or(60_999));
+        if low >= 15_000 {
+            (10_000..low).collect()
+        } else {
+            (high.saturating_add(1)..=u16::MAX).collect()
+        }
+    })
 }
 
 /// A loopback port that refuses connections for as long as this value
