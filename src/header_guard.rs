@@ -10,8 +10,10 @@
 //! Here every client connection is wrapped before Pingora sees it
 //! ([`HeaderGuard`], [`Guarded`]): once the first byte of a request's header
 //! has arrived, the header must be complete within
-//! `downstream.header_timeout` and [`MAX_HEADER_BYTES`]; otherwise the read
-//! fails, Pingora closes the connection, and it is counted
+//! `downstream.header_timeout` and [`MAX_HEADER_BYTES`]. Past the time, the
+//! read fails and Pingora closes the connection, as nginx does; past the
+//! size, Pingora answers `400` (nginx's answer too) and the connection
+//! lingers at its close until the client stops sending. Either is counted
 //! (`anibridge_client_headers_refused_total`; Pingora's own line about it
 //! is a debug line, as for any client gone before its header was whole:
 //! a flood of them must not flood the log). Pingora answers a header it
@@ -30,7 +32,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -129,6 +131,16 @@ pub struct Guarded {
     /// Its slot among the listener's connections, given back when it is
     /// dropped (the connection's end).
     admitted: Option<Admitted>,
+    /// Set when its header was refused as too large: its close waits for
+    /// the client to stop sending, at most [`LINGER`].
+    linger: Option<Linger>,
+}
+
+#[derive(Debug, Default)]
+struct Linger {
+    /// Its sending side is closed (the answer is out).
+    shut: bool,
+    until: Option<Pin<Box<Sleep>>>,
 }
 
 #[derive(Debug)]
@@ -143,7 +155,7 @@ struct Header {
 
 impl Guarded {
     fn new(inner: Stream, limits: Arc<Limits>, admitted: Option<Admitted>) -> Guarded {
-        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None, admitted }
+        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None, admitted, linger: None }
     }
 
     fn of(down: &ServerSession) -> Option<&Guarded> {
@@ -295,7 +307,16 @@ impl AsyncRead for Guarded {
             });
             header.bytes += n;
             if header.bytes > MAX_HEADER_BYTES {
-                return Poll::Ready(Err(this.over(cx).expect("over the size bound")));
+                // Pingora answers a header it cannot parse with a 400 (as
+                // nginx does one too large), one that ends in an error
+                // with nothing: so what was read is handed on as a byte no
+                // header may hold, and the connection lingers at its close
+                // for that 400 to be read (`poll_shutdown`).
+                this.count(Refused::TooLarge);
+                this.linger = Some(Linger::default());
+                buf.set_filled(before);
+                buf.put_slice(&[0]);
+                return Poll::Ready(Ok(()));
             }
         }
         read
@@ -328,9 +349,36 @@ impl AsyncWrite for Guarded {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let Some(linger) = this.linger.as_mut() else {
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
+        };
+        if !linger.shut {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            linger.shut = true;
+        }
+        let until = linger.until.get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        let mut dropped = [0u8; 16 * 1024];
+        while until.as_mut().poll(cx).is_pending() {
+            let mut buf = ReadBuf::new(&mut dropped);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                // The client is done sending (or gone).
+                Poll::Ready(_) => break,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        this.linger = None;
+        Poll::Ready(Ok(()))
     }
 }
+
+/// How long a connection whose header was too large is read (and what
+/// arrives dropped) after its 400 is sent and its sending side closed. A
+/// socket closed while bytes it has not read are waiting answers with a
+/// reset, and the client's system then drops what it had received but not
+/// yet read: the 400 itself. nginx's `lingering_close` is the same remedy.
+const LINGER: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl Shutdown for Guarded {

@@ -168,7 +168,7 @@ impl Metrics {
             Opts::new(
                 "anibridge_client_headers_refused_total",
                 "Client connections closed over their request header, by why (timeout: not whole within \
-                 downstream.header_timeout; too_large: over 64 KiB; malformed: not parsable, answered 400)",
+                 downstream.header_timeout; too_large: over 64 KiB, answered 400; malformed: not parsable, answered 400)",
             ),
             &["reason"],
         )
