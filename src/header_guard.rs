@@ -131,8 +131,9 @@ pub struct Guarded {
     /// Its slot among the listener's connections, given back when it is
     /// dropped (the connection's end).
     admitted: Option<Admitted>,
-    /// Set when its header was refused as too large: its close waits for
-    /// the client to stop sending, at most [`LINGER`].
+    /// Set when its header was refused (too large, or answered 400 as
+    /// malformed): its close waits for the client to stop sending, at most
+    /// [`LINGER`].
     linger: Option<Linger>,
 }
 
@@ -210,6 +211,8 @@ impl Guarded {
         // `seen` is only ever an even phase (taken while reading a header).
         if self.phase.load(Ordering::Relaxed) == self.seen && self.header.is_some() {
             self.count(Refused::Malformed);
+            // What the client sends after it is not read.
+            self.linger.get_or_insert_with(Linger::default);
         }
     }
 
@@ -373,7 +376,7 @@ impl AsyncWrite for Guarded {
     }
 }
 
-/// How long a connection whose header was too large is read (and what
+/// How long a connection whose header was refused is read (and what
 /// arrives dropped) after its 400 is sent and its sending side closed. A
 /// socket closed while bytes it has not read are waiting answers with a
 /// reset, and the client's system then drops what it had received but not

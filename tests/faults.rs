@@ -316,11 +316,28 @@ async fn a_header_that_cannot_be_parsed_is_counted() {
         assert!(c.is_closed(Duration::from_secs(1)).await);
     }
     assert_eq!(o.requests().len(), fetched, "a refused header goes nowhere");
+    // A client still sending (here a body of 200 KB, in pieces) after a
+    // header refused: the connection lingers until it is sent, so no write
+    // meets a reset, and the 400 is read.
+    let mut c = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let body = vec![b'b'; 200_000];
+    let request =
+        [format!("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\nBad Header\r\n\r\n").as_bytes(), &body]
+            .concat();
+    for (i, part) in request.chunks(8192).enumerate() {
+        tokio::io::AsyncWriteExt::write_all(&mut c, part)
+            .await
+            .unwrap_or_else(|e| panic!("piece {i} not written: {e}"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut head = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut c, &mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 400");
     // After a keep-alive request too: the next header is judged on its own.
     assert_eq!(ok.request("GET", &path, &[("Range", "bytes=0-9")]).await.status, 206);
     ok.send_raw(b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
     assert_eq!(ok.read_response(false).await.status, 400);
-    assert_eq!((refused("malformed"), refused("timeout"), refused("too_large")), (4, 0, 0));
+    assert_eq!((refused("malformed"), refused("timeout"), refused("too_large")), (5, 0, 0));
 }
 
 /// A request's body means nothing here (it is read and dropped), yet a
