@@ -322,8 +322,7 @@ async fn a_header_that_cannot_be_parsed_is_counted() {
     let mut c = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
     let body = vec![b'b'; 200_000];
     let request =
-        [format!("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\nBad Header\r\n\r\n").as_bytes(), &body]
-            .concat();
+        [b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\nBad Header\r\n\r\n".as_slice(), &body].concat();
     for (i, part) in request.chunks(8192).enumerate() {
         tokio::io::AsyncWriteExt::write_all(&mut c, part)
             .await
