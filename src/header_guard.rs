@@ -310,10 +310,10 @@ impl AsyncRead for Guarded {
             });
             header.bytes += n;
             if header.bytes > MAX_HEADER_BYTES {
-                // Pingora answers a header it cannot parse with a 400 (as
-                // nginx does one too large), one that ends in an error
-                // with nothing: so what was read is handed on as a byte no
-                // header may hold, and the connection lingers at its close
+                // nginx answers a header too large with a 400. Pingora
+                // answers one it cannot parse so, but a failed read with
+                // nothing: what was read is handed on as one byte no header
+                // may hold (NUL), and the connection lingers at its close
                 // for that 400 to be read (`poll_shutdown`).
                 this.count(Refused::TooLarge);
                 this.linger = Some(Linger::default());
@@ -378,9 +378,11 @@ impl AsyncWrite for Guarded {
 
 /// How long a connection whose header was refused is read (and what
 /// arrives dropped) after its 400 is sent and its sending side closed. A
-/// socket closed while bytes it has not read are waiting answers with a
-/// reset, and the client's system then drops what it had received but not
-/// yet read: the 400 itself. nginx's `lingering_close` is the same remedy.
+/// socket closed while bytes it has not read are waiting, or still
+/// arriving, answers with a reset: a client still sending then fails its
+/// write (a broken pipe) and most stop there without reading the 400, and
+/// some systems drop what was received but not yet read. nginx's
+/// `lingering_close` is the same remedy.
 const LINGER: Duration = Duration::from_secs(2);
 
 #[async_trait]
