@@ -210,10 +210,28 @@ impl Guarded {
     fn writing(&mut self) {
         // `seen` is only ever an even phase (taken while reading a header).
         if self.phase.load(Ordering::Relaxed) == self.seen && self.header.is_some() {
-            self.count(Refused::Malformed);
-            // What the client sends after it is not read.
-            self.linger.get_or_insert_with(Linger::default);
+            self.malformed();
         }
+    }
+
+    #[cold]
+    fn malformed(&mut self) {
+        self.count(Refused::Malformed);
+        // What the client sends after it is not read.
+        self.linger.get_or_insert_with(Linger::default);
+    }
+
+    /// The header read into `buf` (from `before` on) is over the size bound.
+    /// nginx answers a header too large with a 400. Pingora answers one it
+    /// cannot parse so, but a failed read with nothing: what was read is
+    /// handed on as one byte no header may hold (NUL), and the connection
+    /// lingers at its close for that 400 to be read (`poll_shutdown`).
+    #[cold]
+    fn too_large(&mut self, buf: &mut ReadBuf<'_>, before: usize) {
+        self.count(Refused::TooLarge);
+        self.linger = Some(Linger::default());
+        buf.set_filled(before);
+        buf.put_slice(&[0]);
     }
 
     /// Counts the header being read as refused for `why`, once.
@@ -310,15 +328,7 @@ impl AsyncRead for Guarded {
             });
             header.bytes += n;
             if header.bytes > MAX_HEADER_BYTES {
-                // nginx answers a header too large with a 400. Pingora
-                // answers one it cannot parse so, but a failed read with
-                // nothing: what was read is handed on as one byte no header
-                // may hold (NUL), and the connection lingers at its close
-                // for that 400 to be read (`poll_shutdown`).
-                this.count(Refused::TooLarge);
-                this.linger = Some(Linger::default());
-                buf.set_filled(before);
-                buf.put_slice(&[0]);
+                this.too_large(buf, before);
                 return Poll::Ready(Ok(()));
             }
         }
