@@ -47,13 +47,9 @@ fn open_files() -> u64 {
     rlimit::Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
 }
 
-/// The warning for a configured bound the open-files limit cannot hold (see
-/// [`bound`]), if it is one.
-pub fn too_high(configured: Option<usize>) -> Option<String> {
-    too_high_for(configured, open_files())
-}
-
-fn too_high_for(configured: Option<usize>, files: u64) -> Option<String> {
+/// The warning for a configured bound an open-files limit of `files`
+/// cannot hold (see [`bound`]), if it is one.
+pub fn too_high(configured: Option<usize>, files: u64) -> Option<String> {
     let most = configured.filter(|&n| n > 0)?;
     (most as u64 > files / 4).then(|| {
         format!(
@@ -386,10 +382,10 @@ mod tests {
 
     #[test]
     fn a_bound_over_a_quarter_of_the_open_files_limit_is_warned_of() {
-        assert_eq!(too_high_for(None, 1024), None, "unset: the bound follows the limit");
-        assert_eq!(too_high_for(Some(0), 1024), None, "unbounded is a choice of its own");
-        assert_eq!(too_high_for(Some(256), 1024), None);
-        let warning = too_high_for(Some(257), 1024).expect("over a quarter");
+        assert_eq!(too_high(None, 1024), None, "unset: the bound follows the limit");
+        assert_eq!(too_high(Some(0), 1024), None, "unbounded is a choice of its own");
+        assert_eq!(too_high(Some(256), 1024), None);
+        let warning = too_high(Some(257), 1024).expect("over a quarter");
         assert!(
             warning.starts_with("downstream.max_connections is 257, over a quarter of the open-files limit (1024)"),
             "{warning}"

@@ -144,6 +144,9 @@ fn main() -> ExitCode {
     }
     if cli.check {
         println!("{}: configuration is valid", cli.config.display());
+        for warning in anibridge_proxy::server::warnings(&cfg) {
+            eprintln!("warning: {warning}");
+        }
         return ExitCode::SUCCESS;
     }
     let ran = anibridge_proxy::server::run(cfg);

@@ -83,16 +83,10 @@ fn ipv6_only(addr: std::net::SocketAddr, all: &[std::net::SocketAddr]) -> bool {
 /// at once when a listener cannot be bound.
 pub fn run(cfg: Config) -> Result<(), String> {
     bindable(&cfg)?;
-    if cfg.auth.mode == crate::config::AuthMode::Token {
-        let len = cfg.auth.secret.as_deref().map_or(0, str::len);
-        if len < 32 {
-            log::warn!(
-                "auth.secret is only {len} bytes: anyone who guesses it can sign URLs; use at least 32 random \
-                 bytes (for example the output of `openssl rand -hex 32`)"
-            );
-        }
-    }
     raise_open_files_limit();
+    for warning in warnings(&cfg) {
+        log::warn!("{warning}");
+    }
     let mut conf = ServerConf { threads: cfg.threads, ..ServerConf::default() };
     // Pingora's own grace period outlasts ours by a second: the watcher in
     // `Signals` reports the streams it cuts and exits first.
@@ -112,9 +106,6 @@ pub fn run(cfg: Config) -> Result<(), String> {
     // must get through when the proxy's are full).
     let header_timeout = cfg.downstream.header_timeout.0;
     let most = bound(cfg.downstream.max_connections);
-    if let Some(warning) = too_high(cfg.downstream.max_connections) {
-        log::warn!("{warning}");
-    }
     let app = HeaderGuard::new(http_app(&server.configuration, proxy), header_timeout, &metrics)
         .with_slots(Connections::new(most, header_timeout, &metrics));
     let mut svc = Service::new("anibridge-proxy".to_string(), app);
@@ -149,14 +140,39 @@ pub fn run(cfg: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// What a valid configuration asks for that is unwise, each a sentence for
+/// the operator: logged as warnings at start, and printed by `--check`.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if cfg.auth.mode == crate::config::AuthMode::Token {
+        let len = cfg.auth.secret.as_deref().map_or(0, str::len);
+        if len < 32 {
+            warnings.push(format!(
+                "auth.secret is only {len} bytes: anyone who guesses it can sign URLs; use at least 32 random \
+                 bytes (for example the output of `openssl rand -hex 32`)"
+            ));
+        }
+    }
+    warnings.extend(too_high(cfg.downstream.max_connections, open_files_in_force()));
+    warnings
+}
+
+/// The open-files limit the proxy serves with: the soft limit once
+/// [`raise_open_files_limit`] has raised it (what it will be, for `--check`).
+fn open_files_in_force() -> u64 {
+    rlimit::Resource::NOFILE.get().map_or(1024, |(soft, hard)| soft.max(hard.min(MOST_OPEN_FILES)))
+}
+
+/// What the soft open-files limit is raised to at most.
+const MOST_OPEN_FILES: u64 = 1 << 20;
+
 /// Every stream holds two sockets (client and upstream), so the common soft
 /// limit of 1024 open files would cap the proxy near 500 streams. Like nginx's
 /// `worker_rlimit_nofile` (and Go's runtime), the soft limit is raised to the
 /// hard limit the operator allows, bounded by the kernel's usual `nr_open`.
 fn raise_open_files_limit() {
-    const MOST: u64 = 1 << 20;
     let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(0);
-    match rlimit::increase_nofile_limit(MOST) {
+    match rlimit::increase_nofile_limit(MOST_OPEN_FILES) {
         Ok(now) if now > before => log::info!("open files limit raised from {before} to {now}"),
         Ok(_) => {}
         Err(e) => log::warn!("open files limit stays {before}: {e}"),

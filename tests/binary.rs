@@ -72,6 +72,23 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/x.yaml"));
 }
 
+/// `--check` says what start-up would warn of, and still passes: a short
+/// secret, and a connection bound over a quarter of the open-files limit
+/// the proxy would serve with (at most 2^20, so ten million always is).
+#[test]
+fn check_says_the_warnings_of_a_valid_config() {
+    let (ok, said) = check("auth: {mode: token, secret: short}\ndownstream: {max_connections: 10000000}\n", None);
+    assert!(ok, "{said}");
+    assert!(said.contains("configuration is valid"), "{said}");
+    assert!(said.contains("warning: auth.secret is only 5 bytes"), "{said}");
+    assert!(
+        said.contains("warning: downstream.max_connections is 10000000, over a quarter of the open-files limit"),
+        "{said}"
+    );
+    let (ok, said) = check(&format!("auth: {{mode: token, secret: {}}}\n", "s".repeat(32)), None);
+    assert!(ok && !said.contains("warning"), "{said}");
+}
+
 struct Running {
     child: Child,
     log: Option<tempfile::NamedTempFile>,
