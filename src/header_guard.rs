@@ -15,8 +15,9 @@
 //! size, Pingora answers `400` (nginx's answer too) and the connection
 //! lingers at its close until the client stops sending. Either is counted
 //! (`anibridge_client_headers_refused_total`; Pingora's own line about it
-//! is a debug line, as for any client gone before its header was whole:
-//! a flood of them must not flood the log). Pingora answers a header it
+//! is a debug line, as for any client gone before its header was whole,
+//! and this guard says one at most once a minute: a flood of them must not
+//! flood the log). Pingora answers a header it
 //! cannot parse with a 400 of its own, before any hook of the proxy runs:
 //! that answer is the one thing written before a request began, and it is
 //! counted here too (`malformed`), as nothing else would say it. The request path
@@ -30,7 +31,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -75,6 +76,37 @@ struct Limits {
     timeout: Duration,
     /// By [`Refused`].
     refused: [IntCounter; 3],
+    /// When a refusal was last said in the log (milliseconds since
+    /// `epoch`, plus one; 0: never).
+    said: AtomicU64,
+    epoch: Instant,
+}
+
+impl Limits {
+    /// Says a refusal in the log, at most once a minute: the operator's cue
+    /// (a player getting an empty 400, a front proxy sending huge cookies)
+    /// that no access line gives, since no request began; a flood of them
+    /// only counts.
+    fn say(&self, why: Refused, client: Option<String>) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.said.load(Ordering::Relaxed);
+        if last != 0 && now - last < 60_000 {
+            return;
+        }
+        if self.said.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return;
+        }
+        let what = match why {
+            Refused::Timeout => format!("not whole within downstream.header_timeout ({:?}); closed", self.timeout),
+            Refused::TooLarge => format!("over {MAX_HEADER_BYTES} bytes; answered 400"),
+            Refused::Malformed => "not valid HTTP/1.1; answered 400".to_string(),
+        };
+        log::info!(
+            "a request header from {} was refused: {what} (more this minute are only counted in \
+             anibridge_client_headers_refused_total)",
+            client.as_deref().unwrap_or("a client")
+        );
+    }
 }
 
 /// A Pingora application whose client connections are [`Guarded`].
@@ -90,7 +122,8 @@ impl<A> HeaderGuard<A> {
     /// byte; connections closed for it are counted in `metrics`.
     pub fn new(app: A, timeout: Duration, metrics: &Metrics) -> HeaderGuard<A> {
         let refused = Refused::LABELS.map(|r| metrics.client_headers_refused.with_label_values(&[r]));
-        HeaderGuard { app: Arc::new(app), limits: Arc::new(Limits { timeout, refused }), connections: None }
+        let limits = Limits { timeout, refused, said: AtomicU64::new(0), epoch: Instant::now() };
+        HeaderGuard { app: Arc::new(app), limits: Arc::new(limits), connections: None }
     }
 
     /// Each connection takes one of `connections`' slots for its life.
@@ -239,6 +272,8 @@ impl Guarded {
         if let Some(header) = self.header.as_mut().filter(|h| !h.counted) {
             header.counted = true;
             self.limits.refused[why as usize].inc();
+            let client = self.inner.get_socket_digest().and_then(|d| d.peer_addr().map(ToString::to_string));
+            self.limits.say(why, client);
         }
     }
 }
