@@ -90,7 +90,8 @@ impl Limits {
     fn say(&self, why: Refused, client: Option<String>) {
         let now = self.epoch.elapsed().as_millis() as u64 + 1;
         let last = self.said.load(Ordering::Relaxed);
-        if last != 0 && now - last < 60_000 {
+        // Another connection may have said one since `now` was taken.
+        if last != 0 && now < last + 60_000 {
             return;
         }
         if self.said.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
