@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::log_writer::OnceAMinute;
 use crate::metrics::Metrics;
 
 /// The bound when the config sets none: 10 000 (about 390 MiB of Pingora's
@@ -82,8 +83,8 @@ pub struct Connections {
     closed_idle: IntCounter,
     refused: IntCounter,
     open: IntGauge,
-    /// When a refusal was last logged (as `idle_since`; 0: never).
-    warned: AtomicU64,
+    /// Lets a refusal's warning through at most once a minute.
+    warned: OnceAMinute,
 }
 
 /// One admitted connection, as [`Connections`] sees it.
@@ -125,7 +126,7 @@ impl Connections {
             closed_idle: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[0]]),
             refused: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[1]]),
             open: metrics.client_connections.clone(),
-            warned: AtomicU64::new(0),
+            warned: OnceAMinute::new(),
         })
     }
 
@@ -172,11 +173,7 @@ impl Connections {
     /// enough"): the operator's cue to raise the bound or add instances.
     fn refuse(&self) {
         self.refused.inc();
-        let now = self.now();
-        let last = self.warned.load(Ordering::Relaxed);
-        if (last == 0 || now >= last + 60_000)
-            && self.warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
+        if self.warned.due() {
             log::warn!(
                 "a client connection was closed unanswered: all {} connections (downstream.max_connections) were \
                  in the middle of a request for downstream.header_timeout ({:?}) or as many were waiting; said at \

@@ -31,7 +31,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
@@ -49,6 +49,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
 use crate::connections::{Admitted, Connections};
+use crate::log_writer::OnceAMinute;
 use crate::metrics::Metrics;
 
 /// The most a request's header may take, in bytes read for it (nginx
@@ -76,10 +77,8 @@ struct Limits {
     timeout: Duration,
     /// By [`Refused`].
     refused: [IntCounter; 3],
-    /// When a refusal was last said in the log (milliseconds since
-    /// `epoch`, plus one; 0: never).
-    said: AtomicU64,
-    epoch: Instant,
+    /// Lets a refusal be said in the log at most once a minute.
+    said: OnceAMinute,
 }
 
 impl Limits {
@@ -88,13 +87,7 @@ impl Limits {
     /// that no access line gives, since no request began; a flood of them
     /// only counts.
     fn say(&self, why: Refused, client: Option<String>) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        let last = self.said.load(Ordering::Relaxed);
-        // Another connection may have said one since `now` was taken.
-        if last != 0 && now < last + 60_000 {
-            return;
-        }
-        if self.said.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        if !self.said.due() {
             return;
         }
         let what = match why {
@@ -123,7 +116,7 @@ impl<A> HeaderGuard<A> {
     /// byte; connections closed for it are counted in `metrics`.
     pub fn new(app: A, timeout: Duration, metrics: &Metrics) -> HeaderGuard<A> {
         let refused = Refused::LABELS.map(|r| metrics.client_headers_refused.with_label_values(&[r]));
-        let limits = Limits { timeout, refused, said: AtomicU64::new(0), epoch: Instant::now() };
+        let limits = Limits { timeout, refused, said: OnceAMinute::new() };
         HeaderGuard { app: Arc::new(app), limits: Arc::new(limits), connections: None }
     }
 

@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -213,10 +214,53 @@ impl Write for LineSink {
     }
 }
 
+/// Lets a line that could come once per client through at most once a
+/// minute: the operator hears of it without a flood (the rest are counted
+/// in a metric by the caller).
+#[derive(Debug)]
+pub struct OnceAMinute {
+    /// When one was last let through (milliseconds since `epoch`, plus one;
+    /// 0: never).
+    last: AtomicU64,
+    epoch: Instant,
+}
+
+impl OnceAMinute {
+    pub fn new() -> OnceAMinute {
+        OnceAMinute { last: AtomicU64::new(0), epoch: Instant::now() }
+    }
+
+    /// Whether this one is to be said: none was in the last minute.
+    pub fn due(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Ordering::Relaxed);
+        // Another thread may have let one through since `now` was taken.
+        (last == 0 || now >= last + 60_000)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+impl Default for OnceAMinute {
+    fn default() -> OnceAMinute {
+        OnceAMinute::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex as StdMutex};
+
+    #[test]
+    fn once_a_minute_lets_the_first_through_and_not_the_next() {
+        let gate = OnceAMinute::new();
+        assert!(gate.due(), "the first is said");
+        assert!(!gate.due() && !gate.due(), "the next ones this minute are not");
+        // More than a minute after the last one was said: said again.
+        gate.last.store(1, Ordering::Relaxed);
+        let gate = OnceAMinute { epoch: Instant::now() - Duration::from_secs(61), ..gate };
+        assert!(gate.due());
+    }
 
     /// An output that takes bytes only while `open`, blocking otherwise
     /// (a pipe nobody reads).
