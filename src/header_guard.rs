@@ -10,10 +10,12 @@
 //! Here every client connection is wrapped before Pingora sees it
 //! ([`HeaderGuard`], [`Guarded`]): once the first byte of a request's header
 //! has arrived, the header must be complete within
-//! `downstream.header_timeout` and [`MAX_HEADER_BYTES`]. Past the time, the
+//! `downstream.header_timeout` and [`MAX_HEADER_BYTES`], and a new
+//! connection must send its first byte within that time too (nginx's
+//! `client_header_timeout` counts from the connect). Past the time, the
 //! read fails and Pingora closes the connection, as nginx does; past the
 //! size, Pingora answers `400` (nginx's answer too) and the connection
-//! lingers at its close until the client stops sending. Either is counted
+//! lingers at its close until the client stops sending. Either refusal is counted
 //! (`anibridge_client_headers_refused_total`; Pingora's own line about it
 //! is a debug line, as for any client gone before its header was whole,
 //! and this guard says one at most once a minute: a flood of them must not
@@ -155,6 +157,9 @@ pub struct Guarded {
     seen: u32,
     /// The header being read, once its first byte is in.
     header: Option<Header>,
+    /// Until the connection's first byte: the deadline for it, armed when
+    /// a first read finds nothing.
+    silent: Option<Pin<Box<Sleep>>>,
     /// Its slot among the listener's connections, given back when it is
     /// dropped (the connection's end).
     admitted: Option<Admitted>,
@@ -183,7 +188,7 @@ struct Header {
 
 impl Guarded {
     fn new(inner: Stream, limits: Arc<Limits>, admitted: Option<Admitted>) -> Guarded {
-        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None, admitted, linger: None }
+        Guarded { inner, limits, phase: AtomicU32::new(0), seen: 0, header: None, silent: None, admitted, linger: None }
     }
 
     fn of(down: &ServerSession) -> Option<&Guarded> {
@@ -230,6 +235,20 @@ impl Guarded {
         };
         self.count(why);
         Some(e)
+    }
+
+    /// Nothing has come since the connection was accepted: the error that
+    /// ends it once `downstream.header_timeout` has passed so, as nginx's
+    /// `client_header_timeout` does (Pingora alone waits 60 s for a first
+    /// request whatever the setting). Not a refused header: not counted.
+    #[cold]
+    fn silent(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let timeout = self.limits.timeout;
+        let deadline = self.silent.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if deadline.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        Some(io::Error::new(io::ErrorKind::TimedOut, format!("no request within {timeout:?} of the connect")))
     }
 
     /// Something is written: if no request began since this header's first
@@ -348,7 +367,15 @@ impl AsyncRead for Guarded {
                 return Poll::Ready(Ok(()));
             }
         }
+        if n == 0 && phase == 0 && this.header.is_none() && read.is_pending() {
+            if let Some(e) = this.silent(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
         if n > 0 {
+            if phase == 0 {
+                this.silent = None;
+            }
             let header = this.header.get_or_insert_with(|| Header {
                 started: Instant::now(),
                 bytes: 0,

@@ -235,6 +235,14 @@ async fn a_request_header_must_be_whole_in_time_and_in_size() {
     assert_eq!((refused("timeout"), refused("too_large")), (1, 0));
     assert!(o.requests().is_empty(), "nothing went upstream");
 
+    // Nothing sent at all: closed after the timeout as well (nginx's
+    // `client_header_timeout` counts from the connect), not after
+    // Pingora's 60 s; no header was refused.
+    let mut silent = Client::connect(p.addr()).await;
+    assert!(!silent.is_closed(Duration::from_millis(600)).await, "not before the timeout");
+    assert!(silent.is_closed(Duration::from_secs(3)).await, "closed after it");
+    assert_eq!(refused("timeout"), 1, "a silent connection is no refused header");
+
     // In two pieces within the timeout: answered; then idle for longer
     // than it, and a keep-alive request still answered.
     let mut fair = Client::connect(p.addr()).await;
