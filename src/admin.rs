@@ -11,6 +11,15 @@ use pingora::protocols::http::ServerSession;
 
 use crate::metrics::Metrics;
 
+/// Connections the admin listener holds at once. Its clients are a few
+/// scrapers and health checks; each connection costs Pingora about 40 KiB
+/// while it idles, so without a bound anyone who can reach the listener
+/// (every address, in the container image) could grow the process as
+/// the proxy's own listeners once could. Past it, the connection idle the
+/// longest is closed to make room, as on the proxy's listeners
+/// (`crate::connections`).
+pub const MAX_CONNECTIONS: usize = 64;
+
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown begins.

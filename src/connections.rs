@@ -80,6 +80,8 @@ pub struct Connections {
     /// Times are milliseconds since this.
     epoch: Instant,
     wait: Duration,
+    /// The bound, and where refusals are counted, as the warning names them.
+    named: (&'static str, &'static str),
     closed_idle: IntCounter,
     refused: IntCounter,
     open: IntGauge,
@@ -111,9 +113,31 @@ pub struct Admitted {
 }
 
 impl Connections {
-    /// `max` connections at once (0: as many as the open-files limit
-    /// allows); a new one waits at most `wait` for a slot.
+    /// The proxy listeners' `max` connections at once (0: as many as the
+    /// open-files limit allows); a new one waits at most `wait` for a slot.
     pub fn new(max: usize, wait: Duration, metrics: &Metrics) -> Arc<Connections> {
+        let closed = |reason| metrics.client_connections_closed.with_label_values(&[reason]);
+        let (closed_idle, refused) = (closed(CLOSED_LABELS[0]), closed(CLOSED_LABELS[1]));
+        let named = ("downstream.max_connections", "anibridge_client_connections_closed_total{reason=\"no_room\"}");
+        Connections::with(max, wait, named, closed_idle, refused, metrics.client_connections.clone())
+    }
+
+    /// The admin listener's `max` connections, counted nowhere: its
+    /// clients (scrapers, health checks) are few, and not the proxy's.
+    pub fn admin(max: usize, wait: Duration) -> Arc<Connections> {
+        let unregistered = || IntCounter::new("admin_connections_closed", "-").expect("a valid name");
+        let open = IntGauge::new("admin_connections", "-").expect("a valid name");
+        Connections::with(max, wait, ("the admin listener's bound", "no metric"), unregistered(), unregistered(), open)
+    }
+
+    fn with(
+        max: usize,
+        wait: Duration,
+        named: (&'static str, &'static str),
+        closed_idle: IntCounter,
+        refused: IntCounter,
+        open: IntGauge,
+    ) -> Arc<Connections> {
         let max = if max == 0 { Semaphore::MAX_PERMITS } else { max };
         Arc::new(Connections {
             slots: Arc::new(Semaphore::new(max)),
@@ -123,9 +147,10 @@ impl Connections {
             waiting: AtomicUsize::new(0),
             epoch: Instant::now(),
             wait,
-            closed_idle: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[0]]),
-            refused: metrics.client_connections_closed.with_label_values(&[CLOSED_LABELS[1]]),
-            open: metrics.client_connections.clone(),
+            named,
+            closed_idle,
+            refused,
+            open,
             warned: OnceAMinute::new(),
         })
     }
@@ -175,11 +200,13 @@ impl Connections {
         self.refused.inc();
         if self.warned.due() {
             log::warn!(
-                "a client connection was closed unanswered: all {} connections (downstream.max_connections) were \
-                 in the middle of a request for downstream.header_timeout ({:?}) or as many were waiting; said at \
-                 most once a minute, counted in anibridge_client_connections_closed_total{{reason=\"no_room\"}}",
+                "a client connection was closed unanswered: all {} connections ({}) were in the middle of a \
+                 request for downstream.header_timeout ({:?}) or as many were waiting; said at most once a minute, \
+                 counted in {}",
                 self.max,
-                self.wait
+                self.named.0,
+                self.wait,
+                self.named.1
             );
         }
     }

@@ -101,8 +101,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let draining = Arc::new(AtomicBool::new(false));
     let proxy = build(&cfg, metrics.clone());
     let state = proxy.state.clone();
-    // Both listeners bound how a client sends its request headers; the
-    // proxy's also how many connections it holds (the admin listener's few
+    // Both listeners bound how a client sends its request headers and how
+    // many connections they hold, each its own (the admin listener's few
     // must get through when the proxy's are full).
     let header_timeout = cfg.downstream.header_timeout.0;
     let most = bound(cfg.downstream.max_connections);
@@ -120,7 +120,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         svc.add_listener(listener);
     }
     let admin_app = Admin { metrics: metrics.clone(), draining: draining.clone() };
-    let mut admin = Service::new("admin".to_string(), HeaderGuard::new(admin_app, header_timeout, &metrics));
+    let admin_app = HeaderGuard::new(admin_app, header_timeout, &metrics)
+        .with_slots(Connections::admin(crate::admin::MAX_CONNECTIONS, header_timeout));
+    let mut admin = Service::new("admin".to_string(), admin_app);
     admin.threads = Some(1);
     admin.add_tcp(&cfg.admin_listen.0.to_string());
     server.add_service(svc);

@@ -388,6 +388,35 @@ async fn the_admin_listener_bounds_request_headers_too() {
     assert!(!log.contains("ERROR"), "{log}");
 }
 
+/// The admin listener holds a bounded number of connections, as the
+/// proxy's listeners do (each costs Pingora about 40 KiB while it idles):
+/// past `admin::MAX_CONNECTIONS`, the one idle the longest is closed to
+/// make room, and the newcomer is answered. They are not counted among
+/// the proxy's client connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_holds_a_bounded_number_of_connections() {
+    let p = Running::start("auth: {mode: none}\n").await;
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], p.admin).into();
+    let most = anibridge_proxy::admin::MAX_CONNECTIONS;
+    let mut idle = Vec::new();
+    for i in 0..most {
+        let mut c = Client::connect(admin).await;
+        assert_eq!(c.request("GET", "/healthz", &[]).await.status, 200);
+        idle.push(c);
+        if i == 0 {
+            // Idle the longest by more than the bound's clock (1 ms) tells apart.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut newcomer = Client::connect(admin).await;
+    let metrics = newcomer.request("GET", "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics.text().contains("anibridge_client_connections 0\n"), "{}", metrics.text());
+    assert!(idle[0].is_closed(Duration::from_secs(2)).await, "the longest idle made room");
+    assert!(!idle[1].is_closed(Duration::from_millis(200)).await, "one was enough");
+    assert_eq!(idle[1].request("GET", "/healthz", &[]).await.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     let o = Origin::start(|req| {
