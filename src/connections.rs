@@ -20,6 +20,10 @@
 //! request, as it does after `downstream.keepalive_timeout`. The closing
 //! itself is an end of stream seen by the connection's next read of a
 //! request header ([`Slot::closing`]): nothing of a request is cut.
+//!
+//! The admin listener has slots of its own, the same way
+//! ([`Connections::admin`], [`crate::admin::MAX_CONNECTIONS`]), so that
+//! its few clients get through when the proxy's slots are full.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
