@@ -577,6 +577,11 @@ impl Config {
                         Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
                         _ => reason,
                     };
+                    // The parser's words for a tab say nothing of tabs.
+                    let reason = match indented_with_a_tab(text, &reason) {
+                        Some(line) => format!("{reason} (line {line} is indented with a tab: YAML takes spaces only)"),
+                        None => reason,
+                    };
                     // Where the parser lost its place there is no key ("?"):
                     // the YAML itself is broken.
                     if key == "." || key.contains('?') {
@@ -795,6 +800,15 @@ impl Config {
 /// The line (1-based) where the setting `key` (`a.b`, `a[0].b`) is written,
 /// best effort: the top-level key's line, then the first line after it
 /// that names the last part of the key.
+/// The line a YAML error points at (`at line N column M`), when that line
+/// is indented with a tab.
+fn indented_with_a_tab(text: &str, reason: &str) -> Option<usize> {
+    let (_, at) = reason.split_once(" at line ")?;
+    let line: usize = at.split(' ').next()?.parse().ok()?;
+    let indent = text.lines().nth(line.checked_sub(1)?)?.chars().take_while(|c| c.is_whitespace());
+    indent.clone().any(|c| c == '\t').then_some(line)
+}
+
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let mut parts = key.split('.').map(|p| p.split('[').next().unwrap_or(p));
     let top = parts.next()?;
@@ -946,6 +960,14 @@ mod tests {
     fn a_byte_order_mark_and_crlf_line_ends_are_read() {
         let cfg = load("\u{feff}auth: {mode: none}\r\nlisten: \"127.0.0.1:8081\"\r\n").unwrap();
         assert_eq!(cfg.listen_addrs(), ["127.0.0.1:8081".parse::<SocketAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_line_indented_with_a_tab_is_named() {
+        let e = load("listen: \"127.0.0.1:8081\"\nauth:\n\tmode: none\n").unwrap_err();
+        assert!(e.reason.contains("(line 3 is indented with a tab: YAML takes spaces only)"), "{e}");
+        let e = load("auth:\n  mode: none\nthreads: [\n").unwrap_err();
+        assert!(!e.reason.contains("tab"), "{e}");
     }
 
     #[test]
