@@ -565,37 +565,45 @@ impl Config {
         // serde_yaml takes it for the start of a second document.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // An empty file (or one with only comments) means all defaults.
-        let mut cfg: Config =
-            if text.trim().is_empty() || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
-                Config::default()
-            } else {
-                serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
-                    let key = e.path().to_string();
-                    let reason = e.into_inner().to_string();
-                    // serde_yaml prefixes (part of) the path itself to some errors.
-                    let reason = match reason.split_once(": ") {
-                        Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
-                        _ => reason,
+        let mut cfg: Config = if text.trim().is_empty()
+            || text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            Config::default()
+        } else {
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text)).map_err(|e| {
+                let key = e.path().to_string();
+                let reason = e.into_inner().to_string();
+                // serde_yaml prefixes (part of) the path itself to some errors.
+                let reason = match reason.split_once(": ") {
+                    Some((p, rest)) if key.starts_with(p) && !p.contains(' ') => rest.to_string(),
+                    _ => reason,
+                };
+                // The parser's words for a tab say nothing of tabs.
+                let reason = match indented_with_a_tab(text, &reason) {
+                    Some(line) => format!("{reason} (line {line} is indented with a tab: YAML takes spaces only)"),
+                    None => reason,
+                };
+                // Where the parser lost its place there is no key ("?"):
+                // the YAML itself is broken.
+                if key == "." || key.contains('?') {
+                    return err("", format!("not valid YAML: {reason}"));
+                }
+                // "64k" or "128MiB" (nginx's way): say how a size is written.
+                let reason =
+                    if (key.ends_with("_bytes") || key.ends_with("chunk_size")) && reason.starts_with("invalid type") {
+                        format!("{reason} (a size is a whole number of bytes: 134217728 for 128 MiB)")
+                    } else {
+                        reason
                     };
-                    // The parser's words for a tab say nothing of tabs.
-                    let reason = match indented_with_a_tab(text, &reason) {
-                        Some(line) => format!("{reason} (line {line} is indented with a tab: YAML takes spaces only)"),
-                        None => reason,
-                    };
-                    // Where the parser lost its place there is no key ("?"):
-                    // the YAML itself is broken.
-                    if key == "." || key.contains('?') {
-                        return err("", format!("not valid YAML: {reason}"));
-                    }
-                    // Values checked after parsing (addresses, URLs) carry no
-                    // position of their own: name the key's line.
-                    let reason = match (reason.contains(" at line "), line_of(text, &key)) {
-                        (false, Some(line)) => format!("{reason} (at line {line})"),
-                        _ => reason,
-                    };
-                    err(&key, reason)
-                })?
-            };
+                // Values checked after parsing (addresses, URLs) carry no
+                // position of their own: name the key's line.
+                let reason = match (reason.contains(" at line "), line_of(text, &key)) {
+                    (false, Some(line)) => format!("{reason} (at line {line})"),
+                    _ => reason,
+                };
+                err(&key, reason)
+            })?
+        };
         if cfg.auth.secret.is_none() {
             cfg.auth.secret = from_env(&env, SECRET_ENV).map_err(|r| err("auth.secret", r))?;
         }
@@ -968,6 +976,22 @@ mod tests {
         assert!(e.reason.contains("(line 3 is indented with a tab: YAML takes spaces only)"), "{e}");
         let e = load("auth:\n  mode: none\nthreads: [\n").unwrap_err();
         assert!(!e.reason.contains("tab"), "{e}");
+    }
+
+    #[test]
+    fn a_size_with_a_unit_says_how_sizes_are_written() {
+        for (yaml, key) in [
+            ("cache: {max_bytes: 128MiB}", "cache.max_bytes"),
+            ("cache: {max_object_bytes: \"16m\"}", "cache.max_object_bytes"),
+            ("stream: {chunk_size: 64k}", "stream.chunk_size"),
+            ("stream: {max_playlist_bytes: 8e6}", "stream.max_playlist_bytes"),
+        ] {
+            let e = load(&format!("auth: {{mode: none}}\n{yaml}\n")).unwrap_err();
+            assert_eq!(e.key, key);
+            assert!(e.reason.ends_with("(a size is a whole number of bytes: 134217728 for 128 MiB)"), "{yaml}: {e}");
+        }
+        let e = load("auth: {mode: none}\nthreads: lots\n").unwrap_err();
+        assert!(e.key == "threads" && !e.reason.contains("bytes"), "a count is no size: {e}");
     }
 
     #[test]
