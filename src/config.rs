@@ -805,18 +805,18 @@ impl Config {
     }
 }
 
-/// The line (1-based) where the setting `key` (`a.b`, `a[0].b`) is written,
-/// best effort: the top-level key's line, then the first line after it
-/// that names the last part of the key.
 /// The line a YAML error points at (`at line N column M`), when that line
 /// is indented with a tab.
 fn indented_with_a_tab(text: &str, reason: &str) -> Option<usize> {
     let (_, at) = reason.split_once(" at line ")?;
     let line: usize = at.split(' ').next()?.parse().ok()?;
-    let indent = text.lines().nth(line.checked_sub(1)?)?.chars().take_while(|c| c.is_whitespace());
-    indent.clone().any(|c| c == '\t').then_some(line)
+    let mut indent = text.lines().nth(line.checked_sub(1)?)?.chars().take_while(|c| c.is_whitespace());
+    indent.any(|c| c == '\t').then_some(line)
 }
 
+/// The line (1-based) where the setting `key` (`a.b`, `a[0].b`) is written,
+/// best effort: the top-level key's line, then the first line after it
+/// that names the last part of the key.
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let mut parts = key.split('.').map(|p| p.split('[').next().unwrap_or(p));
     let top = parts.next()?;
