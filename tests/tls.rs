@@ -14,6 +14,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstreams_are_verified() {
     // A CA the proxy trusts, and a leaf for "localhost" signed by it.
+    common::logs::capture();
     let ca = TestCa::new();
     ca.trust();
     let (good, good_connections) = tls_origin(ca.leaf.clone(), ca.leaf_key(), b"secure bytes").await;
@@ -32,11 +33,19 @@ async fn https_upstreams_are_verified() {
     }
     assert_eq!(good_connections.load(Ordering::SeqCst), 1);
 
-    // Untrusted certificate: refused.
+    // Untrusted certificate: refused, and the log says why in rustls's
+    // words (not only that a handshake failed).
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &format!("https://localhost:{untrusted}/v.mp4")), &[]).await;
     assert_eq!(got.status, 502);
     assert!(!got.text().contains("should never arrive"));
+    let warning = |at: String| common::logs::logs().lines().find(|l| l.contains(&at)).unwrap_or_default().to_string();
+    assert_eq!(
+        warning(format!("localhost:{untrusted}")),
+        format!("WARN upstream failed: localhost:{untrusted}: TLS handshake failed (invalid peer certificate: UnknownIssuer)")
+    );
     // Trusted certificate, wrong name (the leaf is for "localhost" only).
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &format!("https://127.0.0.1:{good}/v.mp4")), &[]).await;
     assert_eq!(got.status, 502);
+    let said = warning(format!("127.0.0.1:{good}"));
+    assert!(said.contains("TLS handshake failed (invalid peer certificate: certificate not valid for name"), "{said}");
 }

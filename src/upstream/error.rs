@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use pingora_core::connectors::l4::ConnectErrorExt;
 use pingora_error::{Error, ErrorType};
 
 use crate::egress::Refusal;
@@ -131,12 +132,8 @@ impl std::fmt::Display for FetchError {
 /// What went wrong, in the words an operator would use, with the detail
 /// the lower layers gave (a certificate's problem, the OS's error).
 fn plain(e: &Error, tls: bool) -> String {
-    let detail = || match &e.cause {
-        Some(cause) => cause.to_string(),
-        None => e.context.as_ref().map_or("", |c| c.as_str()).to_string(),
-    };
     let detail = |what: &str| {
-        let d = detail();
+        let d = reason(e);
         let d = d.trim();
         if d.is_empty() {
             what.to_string()
@@ -170,6 +167,25 @@ fn plain(e: &Error, tls: bool) -> String {
     }
 }
 
+/// The lower layer's own words for `e`: its cause (the OS's error), else
+/// the reason its context carries.
+///
+/// Pingora gives an error from a connection's set-up (a TLS handshake) the
+/// connection's local address as its cause, and keeps the reason in the
+/// context, with the inner error's whole chain and the SNI name in it:
+/// `TLS connect() failed:  TLSHandshakeFailure context: tls connect error
+/// cause: invalid peer certificate: UnknownIssuer, SNI: cdn.example`. The
+/// reason is that chain's last cause.
+fn reason(e: &Error) -> String {
+    let bare_address = e.connect_local_addr().map(|a| format!("local address {a}"));
+    if let Some(cause) = e.cause.as_ref().map(|c| c.to_string()).filter(|c| Some(c) != bare_address.as_ref()) {
+        return cause;
+    }
+    let context = e.context.as_ref().map_or("", |c| c.as_str());
+    let context = context.rsplit_once(", SNI: ").map_or(context, |(c, _)| c);
+    context.rsplit_once(" cause: ").map_or(context, |(_, c)| c).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +210,17 @@ mod tests {
         assert_eq!(
             FetchError::from_pingora(tls).at(&url).to_string(),
             "cdn.example:443: TLS handshake failed (invalid peer certificate: UnknownIssuer)"
+        );
+        // Pingora's own shape: the reason inside the context's chain (its
+        // cause, the local address, is tests/tls.rs's to check).
+        let tls = Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            "TLS connect() failed:  TLSHandshakeFailure context: tls connect error cause: \
+             received corrupt message of type InvalidContentType, SNI: cdn.example",
+        );
+        assert_eq!(
+            FetchError::from_pingora(tls).at(&url).to_string(),
+            "cdn.example:443: TLS handshake failed (received corrupt message of type InvalidContentType)"
         );
         assert_eq!(
             FetchError::lookup_timed_out(&url).to_string(),
