@@ -236,7 +236,7 @@ impl L4Connect for Tunnel {
             Ok(Err(why)) => why,
             Err(_) => TunnelError::Deadline,
         };
-        log::warn!("egress proxy {} failed: {failure}", self.via.name);
+        // Said once, by the request that fails, with the upstream it was for.
         Error::e_explain(EGRESS_PROXY_FAILED, format!("egress proxy {}: {failure}", self.via.name))
     }
 }

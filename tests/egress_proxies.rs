@@ -267,6 +267,7 @@ async fn failing_egress_proxies_are_502_with_a_log_line_and_no_credentials_anywh
         return;
     }
     let o = origin().await;
+    let origin = o.url("").trim_start_matches("http://").to_string();
     let socks = EgressServer::microsocks(true).await;
     let connect = EgressServer::tinyproxy(true).await;
     // Accepts connections and never answers a handshake.
@@ -299,8 +300,11 @@ async fn failing_egress_proxies_are_502_with_a_log_line_and_no_credentials_anywh
         let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
         assert_eq!((got.status, got.text().as_str()), (502, "egress proxy failed\n"), "{url}");
         assert!(started.elapsed() < Duration::from_secs(10), "within connect_timeout (and its grace)");
-        let line = format!("egress proxy {name} failed: {why}");
-        assert!(logs().contains(&line), "no log line {line:?} in:\n{}", logs());
+        // One line, naming the upstream and the egress proxy it went through.
+        let line = format!("WARN upstream failed: {origin} through egress proxy {name}: {why}");
+        let said: Vec<_> =
+            logs().lines().filter(|l| l.contains(&format!("egress proxy {name}"))).map(str::to_string).collect();
+        assert!(said.len() == 1 && said[0].starts_with(&line), "not one log line {line:?} in:\n{}", logs());
         assert_eq!(counter(&p, "failures", &name), 1, "{url}");
         let metrics = String::from_utf8(p.server.metrics.render()).unwrap();
         for secret in [PASSWORD, "wrong-WRONG-pw"] {

@@ -118,9 +118,12 @@ impl std::fmt::Display for FetchError {
                 write!(f, "{}: {}", c.at.as_deref().unwrap_or("the upstream"), plain(&c.error, c.tls))
             }
             // Names the egress proxy itself (`scheme://host:port`, never credentials).
-            FetchError::EgressProxy(c) => {
-                f.write_str(c.error.context.as_ref().map_or("egress proxy failed", |c| c.as_str()))
-            }
+            FetchError::EgressProxy(c) => write!(
+                f,
+                "{} through {}",
+                c.at.as_deref().unwrap_or("the upstream"),
+                c.error.context.as_ref().map_or("an egress proxy", |c| c.as_str())
+            ),
             FetchError::Gate(crate::gate::Refused::Busy) => f.write_str("the host's connection limit stayed reached"),
             FetchError::Gate(crate::gate::Refused::CoolingDown(s)) => write!(f, "the host cools down for {s} s more"),
             FetchError::Request(why) => write!(f, "cannot build the upstream request: {why}"),
