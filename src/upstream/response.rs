@@ -53,7 +53,7 @@ struct Recovery {
     whole: bool,
     /// Computed at the first failure from the first response's header
     /// (boxed: rarely there, and carried by every stream).
-    window: Option<Option<Box<Window>>>,
+    window: Option<Result<Box<Window>, &'static str>>,
     /// Counts restarts of the body from its first byte (whole refetches).
     restarts: u32,
     /// Resumptions that succeeded.
@@ -237,13 +237,16 @@ impl Response {
         if self.recovery.window.is_none() {
             self.recovery.window = Some(Window::of(self.header()).map(Box::new));
         }
-        let Some(window) = self.recovery.window.clone().flatten() else {
-            log::warn!(
-                "upstream {} failed mid-body ({}); the response cannot be resumed",
-                self.host(),
-                e.etype().as_str()
-            );
-            return Err(e);
+        let window = match self.recovery.window.clone().expect("computed above") {
+            Ok(window) => window,
+            Err(why) => {
+                log::warn!(
+                    "upstream {} failed mid-body ({}); the response cannot be resumed: {why}",
+                    self.host(),
+                    e.etype().as_str()
+                );
+                return Err(e);
+            }
         };
         self.hang_up().await;
         let mut tried = 0u32;

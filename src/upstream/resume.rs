@@ -44,25 +44,29 @@ pub enum Verdict {
 }
 
 impl Window {
-    /// The window of a response, or `None` when it cannot be resumed safely.
-    pub fn of(resp: &ResponseHeader) -> Option<Window> {
+    /// The window of a response, or why it cannot be resumed safely (for
+    /// the log line that says the client's body is cut).
+    pub fn of(resp: &ResponseHeader) -> Result<Window, &'static str> {
         let h = &resp.headers;
         if h.contains_key(header::TRANSFER_ENCODING) {
-            return None;
+            return Err("it was sent chunked, with no length");
         }
-        let length = headers::content_length(h)?;
+        let length = headers::content_length(h).ok_or("it has no Content-Length")?;
         let (first, last, total) = match resp.status {
-            StatusCode::OK if !h.contains_key(header::CONTENT_RANGE) => (0, length.checked_sub(1)?, length),
-            StatusCode::PARTIAL_CONTENT => {
-                let (first, last, total) = headers::content_range(h)?.bytes()?;
-                (last - first + 1 == length).then_some((first, last, total))?
+            StatusCode::OK if !h.contains_key(header::CONTENT_RANGE) => {
+                (0, length.checked_sub(1).ok_or("it is empty")?, length)
             }
-            _ => return None,
+            StatusCode::PARTIAL_CONTENT => {
+                let not_one = "it is not one byte range of a known length";
+                let (first, last, total) = headers::content_range(h).and_then(ContentRange::bytes).ok_or(not_one)?;
+                (last - first + 1 == length).then_some((first, last, total)).ok_or(not_one)?
+            }
+            _ => return Err("its status is not 200 or 206"),
         };
         let etag = h.get(header::ETAG).cloned();
         let strong = etag.as_ref().filter(|e| !e.as_bytes().starts_with(b"W/"));
-        let if_range = strong.or(h.get(header::LAST_MODIFIED))?.clone();
-        Some(Window { first, last, total, etag, if_range })
+        let if_range = strong.or(h.get(header::LAST_MODIFIED)).ok_or("it has no strong ETag or Last-Modified")?.clone();
+        Ok(Window { first, last, total, etag, if_range })
     }
 
     /// The `Range` that asks for the rest after `received` body bytes, or
@@ -127,18 +131,28 @@ mod tests {
         let w = Window::of(&resp(200, &[("Content-Length", "10"), ("ETag", "W/\"w\""), LM])).unwrap();
         assert_eq!((w.if_range.to_str().unwrap(), w.etag.unwrap().to_str().unwrap()), (LM.1, "W/\"w\""));
 
-        for (status, headers) in [
-            (200, &[("Content-Length", "1000")][..]),                      // no validator
-            (200, &[("ETag", "W/\"w\""), ("Content-Length", "1000")][..]), // only a weak one
-            (200, &[ETAG][..]),                                            // no length
-            (200, &[ETAG, ("Content-Length", "0")][..]),                   // nothing to resume
-            (200, &[ETAG, ("Content-Length", "10"), ("Transfer-Encoding", "chunked")][..]),
-            (206, &[ETAG, ("Content-Length", "10"), ("Content-Range", "bytes 0-9/*")][..]),
-            (206, &[ETAG, ("Content-Length", "11"), ("Content-Range", "bytes 0-9/100")][..]),
-            (206, &[ETAG, ("Content-Type", "multipart/byteranges; boundary=x"), ("Content-Length", "500")][..]),
-            (404, &[ETAG, ("Content-Length", "10")][..]),
+        let validator = "it has no strong ETag or Last-Modified";
+        let not_one = "it is not one byte range of a known length";
+        for (status, headers, why) in [
+            (200, &[("Content-Length", "1000")][..], validator),
+            (200, &[("ETag", "W/\"w\""), ("Content-Length", "1000")][..], validator),
+            (200, &[ETAG][..], "it has no Content-Length"),
+            (200, &[ETAG, ("Content-Length", "0")][..], "it is empty"),
+            (
+                200,
+                &[ETAG, ("Content-Length", "10"), ("Transfer-Encoding", "chunked")][..],
+                "it was sent chunked, with no length",
+            ),
+            (206, &[ETAG, ("Content-Length", "10"), ("Content-Range", "bytes 0-9/*")][..], not_one),
+            (206, &[ETAG, ("Content-Length", "11"), ("Content-Range", "bytes 0-9/100")][..], not_one),
+            (
+                206,
+                &[ETAG, ("Content-Type", "multipart/byteranges; boundary=x"), ("Content-Length", "500")][..],
+                not_one,
+            ),
+            (404, &[ETAG, ("Content-Length", "10")][..], "its status is not 200 or 206"),
         ] {
-            assert_eq!(Window::of(&resp(status, headers)), None, "{status} {headers:?}");
+            assert_eq!(Window::of(&resp(status, headers)), Err(why), "{status} {headers:?}");
         }
     }
 
