@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{AuthMode, Cidr, Config};
 use crate::connections::{bound, too_high, Connections};
 use crate::header_guard::HeaderGuard;
 use crate::metrics::Metrics;
@@ -146,18 +146,43 @@ pub fn run(cfg: Config) -> Result<(), String> {
 /// the operator: logged as warnings at start, and printed by `--check`.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
-    if cfg.auth.mode == crate::config::AuthMode::Token {
-        let len = cfg.auth.secret.as_deref().map_or(0, str::len);
-        if len < 32 {
+    // A key a client could guess: (key, value, the least length, what a guess gives).
+    let key = match cfg.auth.mode {
+        AuthMode::Token => Some(("auth.secret", &cfg.auth.secret, 32, "sign URLs")),
+        AuthMode::Apikey => Some(("auth.api_key", &cfg.auth.api_key, 16, "use the proxy")),
+        AuthMode::None => None,
+    };
+    if let Some((name, value, least, gives)) = key {
+        let len = value.as_deref().map_or(0, str::len);
+        if len < least {
             warnings.push(format!(
-                "auth.secret is only {len} bytes: anyone who guesses it can sign URLs; use at least 32 random \
-                 bytes (for example the output of `openssl rand -hex 32`)"
+                "{name} is only {len} byte{}: anyone who guesses it can {gives}; use at least {least} random \
+                 bytes (for example the output of `openssl rand -hex {least}`)",
+                if len == 1 { "" } else { "s" }
+            ));
+        }
+    }
+    for Cidr(net) in &cfg.egress.allow_cidrs {
+        if let Some(at) = CLOUD_METADATA.iter().find(|a| net.contains(*a)) {
+            warnings.push(format!(
+                "egress.allow_cidrs: {net} lets relayed URLs reach {at}, where a cloud machine hands out its \
+                 own credentials; allow only the networks your origins are in"
             ));
         }
     }
     warnings.extend(too_high(cfg.downstream.max_connections, open_files_in_force()));
     warnings
 }
+
+/// Where cloud machines answer with their own credentials: AWS, GCP, Azure
+/// and most others at 169.254.169.254, AWS over IPv6 too, Alibaba at
+/// 100.100.100.200. The egress policy refuses them unless
+/// `egress.allow_cidrs` lets them through (`0.0.0.0/0` does).
+const CLOUD_METADATA: [std::net::IpAddr; 3] = [
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 169, 254)),
+    std::net::IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+];
 
 /// The open-files limit the proxy serves with: the soft limit once
 /// [`raise_open_files_limit`] has raised it (what it will be, for `--check`).

@@ -73,7 +73,7 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
 }
 
 /// `--check` says what start-up would warn of, and still passes: a short
-/// secret, and a connection bound over a quarter of the open-files limit
+/// secret or api key, egress let through to cloud credentials, and a connection bound over a quarter of the open-files limit
 /// the proxy would serve with (at most 2^20, so ten million always is).
 #[test]
 fn check_says_the_warnings_of_a_valid_config() {
@@ -86,6 +86,22 @@ fn check_says_the_warnings_of_a_valid_config() {
         "{said}"
     );
     let (ok, said) = check(&format!("auth: {{mode: token, secret: {}}}\n", "s".repeat(32)), None);
+    assert!(ok && !said.contains("warning"), "{said}");
+    // A short api key; egress let through to where cloud machines hand
+    // out their credentials (a private network of one's own is no warning).
+    let (ok, said) = check(
+        "auth: {mode: apikey, api_key: k3y}\n\
+         egress: {allow_cidrs: [\"10.0.0.0/8\", \"0.0.0.0/0\", \"fd00::/8\", \"127.0.0.0/8\"]}\n",
+        None,
+    );
+    assert!(ok, "{said}");
+    assert!(said.contains("warning: auth.api_key is only 3 bytes"), "{said}");
+    for (net, at) in [("0.0.0.0/0", "169.254.169.254"), ("fd00::/8", "fd00:ec2::254")] {
+        let line = format!("warning: egress.allow_cidrs: {net} lets relayed URLs reach {at}, where a cloud machine");
+        assert!(said.contains(&line), "{line:?} not in {said}");
+    }
+    assert_eq!(said.matches("warning").count(), 3, "{said}");
+    let (ok, said) = check(&format!("auth: {{mode: apikey, api_key: {}}}\n", "k".repeat(16)), None);
     assert!(ok && !said.contains("warning"), "{said}");
 }
 
