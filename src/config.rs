@@ -283,6 +283,17 @@ pub enum AuthMode {
     None,
 }
 
+impl AuthMode {
+    /// As the configuration writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::Token => "token",
+            AuthMode::Apikey => "apikey",
+            AuthMode::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConf {

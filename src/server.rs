@@ -127,11 +127,13 @@ pub fn run(cfg: Config) -> Result<(), String> {
     admin.add_tcp(&cfg.admin_listen.0.to_string());
     server.add_service(svc);
     server.add_service(admin);
+    let listeners: Vec<String> = cfg.listen_addrs().iter().map(ToString::to_string).collect();
     log::info!(
-        "anibridge-proxy listening on {:?}, admin on {}, auth mode {:?}, {} (downstream.max_connections)",
-        cfg.listen_addrs(),
+        "anibridge-proxy {} listening on {}, admin on {}, auth.mode {}, {} (downstream.max_connections)",
+        env!("CARGO_PKG_VERSION"),
+        listeners.join(" and "),
         cfg.admin_listen.0,
-        cfg.auth.mode,
+        cfg.auth.mode.as_str(),
         if most == 0 {
             "client connections unbounded".to_string()
         } else {

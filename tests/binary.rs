@@ -505,6 +505,25 @@ async fn admin_endpoints_and_graceful_shutdown_during_a_download() {
     assert!(!ok && msg.starts_with(&format!("unhealthy: 127.0.0.1:{}: ", p.admin)), "{msg}");
 }
 
+/// The start-up line says the version, where the proxy and its admin
+/// listen, the auth mode and the connection bound, as the config writes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_line_says_where_and_how_it_serves() {
+    let mut p =
+        Running::start_logging("auth: {mode: none}\ndownstream: {max_connections: 300}\n", Some("info"), &[]).await;
+    let line = format!(
+        "anibridge-proxy {} listening on 127.0.0.1:{}, admin on 127.0.0.1:{}, auth.mode none, at most 300 client \
+         connections (downstream.max_connections)",
+        env!("CARGO_PKG_VERSION"),
+        p.port,
+        p.admin
+    );
+    let log = p.logged_with(&line).await;
+    assert!(log.contains(&line), "{line:?} not in {log}");
+    p.terminate();
+    let _ = p.child.wait();
+}
+
 /// SIGHUP (nginx's "reload", a closing terminal's hangup) drains like
 /// SIGTERM and says why, instead of ending the process on the spot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
