@@ -240,6 +240,12 @@ impl Host {
     }
 }
 
+/// `host` as its gate is named: without the trailing dot a fully
+/// qualified name may be written with.
+pub fn same_host(host: &str) -> &str {
+    host.strip_suffix('.').unwrap_or(host)
+}
+
 /// The gates of all hosts (a cheap handle: a [`Permit`] keeps one).
 #[derive(Clone)]
 pub struct Gate(Arc<Inner>);
@@ -329,8 +335,10 @@ impl Gate {
     }
 
     /// A slot at `host` (lower-case), waiting in line when the host is at
-    /// its limit or cooling down — or why not.
+    /// its limit or cooling down — or why not. A name with a trailing dot
+    /// (`cdn.example.`, the same server) passes the same gate.
     pub async fn enter(&self, host: &str) -> Result<Permit, Refused> {
+        let host = same_host(host);
         let s = &self.0.settings;
         let configured = self.configured(host);
         let deadline = Instant::now() + s.queue_timeout;
@@ -601,6 +609,16 @@ mod tests {
         let _full = (g.enter("h").await.unwrap(), g.enter("h").await.unwrap());
         let other = tokio::time::timeout(Duration::from_millis(50), g.enter("other")).await;
         assert!(other.is_ok_and(|p| p.is_ok()));
+    }
+
+    #[tokio::test]
+    async fn a_name_with_a_trailing_dot_passes_the_same_gate() {
+        let g = gate(1, Duration::from_millis(100));
+        let held = g.enter("cdn.example.").await.unwrap();
+        assert_eq!(held.host(), "cdn.example");
+        assert_eq!(g.enter("cdn.example").await.unwrap_err(), Refused::Busy, "one server, one slot");
+        drop(held);
+        assert!(g.enter("cdn.example").await.is_ok());
     }
 
     #[tokio::test]

@@ -202,7 +202,7 @@ impl Client {
         let mut redirects = 0u32;
         let mut permit = held;
         loop {
-            let host = url.host_str().unwrap_or_default();
+            let host = crate::gate::same_host(url.host_str().unwrap_or_default());
             if permit.as_ref().is_none_or(|p| p.host() != host) {
                 // Released before waiting at the next host's gate.
                 drop(permit.take());
