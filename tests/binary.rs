@@ -73,8 +73,9 @@ fn check_accepts_the_shipped_config_and_refuses_bad_ones_by_key() {
 }
 
 /// `--check` says what start-up would warn of, and still passes: a short
-/// secret or api key, egress let through to cloud credentials, and a connection bound over a quarter of the open-files limit
-/// the proxy would serve with (at most 2^20, so ten million always is).
+/// secret or api key, egress let through to cloud credentials, and a
+/// connection bound over a quarter of the open-files limit the proxy would
+/// serve with (at most 2^20, so ten million always is).
 #[test]
 fn check_says_the_warnings_of_a_valid_config() {
     let (ok, said) = check("auth: {mode: token, secret: short}\ndownstream: {max_connections: 10000000}\n", None);
