@@ -135,10 +135,17 @@ async fn a_reset_and_a_stall_are_resumed_too() {
 /// client's response at once: its bytes never reach the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_file_is_never_spliced_in() {
+    common::logs::capture();
     type Answer = fn(&SeenRequest) -> Resp;
-    let answers: [(&str, Answer); 4] = [
+    let answers: [(&str, Answer); 5] = [
         // The file changed and the server honours If-Range: the whole new file.
-        ("a 200", |_| Resp::new(200, Body::Bytes(vec![b'X'; TOTAL as usize])).header("ETag", "\"v2\"")),
+        ("the upstream sent the whole file (it changed: another validator)", |_| {
+            Resp::new(200, Body::Bytes(vec![b'X'; TOTAL as usize])).header("ETag", "\"v2\"")
+        }),
+        // The same file, whole: a server that ignores Range.
+        ("the upstream sent the whole file again (it ignored the Range)", |_| {
+            Resp::new(200, Body::Bytes(pattern(0, TOTAL))).header("ETag", "\"v1\"")
+        }),
         // A server that ignores If-Range answers the range of the new file.
         ("another ETag", |r| {
             let (s, e) = ranged(r);
@@ -146,13 +153,15 @@ async fn a_changed_file_is_never_spliced_in() {
                 .header("ETag", "\"v2\"")
                 .header("Content-Range", &format!("bytes {s}-{e}/{TOTAL}"))
         }),
-        ("another length", |r| {
+        ("another complete length", |r| {
             let (s, e) = ranged(r);
             Resp::new(206, Body::Bytes(vec![b'X'; (e - s + 1) as usize]))
                 .header("ETag", "\"v1\"")
                 .header("Content-Range", &format!("bytes {s}-{e}/{}", TOTAL + 1))
         }),
-        ("a 416", |_| Resp::new(416, Body::Bytes(Vec::new())).header("Content-Range", "bytes */10")),
+        ("the rest is not there any more (416)", |_| {
+            Resp::new(416, Body::Bytes(Vec::new())).header("Content-Range", "bytes */10")
+        }),
     ];
     for (what, answer) in answers {
         let first = Arc::new(AtomicUsize::new(0));
@@ -170,6 +179,10 @@ async fn a_changed_file_is_never_spliced_in() {
         assert_body(&got.body, &pattern(0, got.body.len() as u64));
         assert_eq!(o.requests().len(), 2, "{what}: one try, then the response is aborted");
         assert_eq!(p.server.metrics.resumes_succeeded.get(), 0, "{what}");
+        // The log says why, in words that tell a server ignoring Range
+        // from a file that changed.
+        let line = format!("WARN not resuming 127.0.0.1: {what}");
+        assert!(common::logs::logs().lines().any(|l| l == line), "{line:?} not in {}", common::logs::logs());
     }
 }
 
@@ -181,6 +194,7 @@ fn ranged(r: &SeenRequest) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_keeps_dying_is_given_up_after_resume_attempts() {
+    common::logs::capture();
     let (o, _) = flaky(|_| Fate::DieAfter(10_000)).await;
     let p = proxy("upstream: {resume_attempts: 3}\n").await;
     let got = get(p.addr(), "GET", &relay_path("v.mp4", &o.url("/v.mp4")), &[]).await;
@@ -206,6 +220,8 @@ async fn an_upstream_that_keeps_dying_is_given_up_after_resume_attempts() {
     assert_body(&got.body, &pattern(0, 10_000));
     assert_eq!(o.requests().len(), 3, "the first response and two tries");
     assert_eq!(resumptions(&p), (2, 0));
+    let said = common::logs::logs();
+    assert!(said.contains("WARN resuming 127.0.0.1 failed: an error status (503)"), "{said}");
 
     let (o, _) = flaky(|_| Fate::StallAfter(10_000)).await;
     let p = proxy("upstream: {resume_attempts: 2, read_timeout: \"500ms\"}\n").await;

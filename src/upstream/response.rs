@@ -275,7 +275,8 @@ impl Response {
                         return Ok(());
                     }
                     Verdict::Retry(why) => {
-                        log::warn!("resuming {} failed: {why}", self.host());
+                        let status = ex.session.resp_header().map_or(0, |h| h.status.as_u16());
+                        log::warn!("resuming {} failed: {why} ({status})", self.host());
                         self.permit = ex.permit.take();
                         self.client.finish(ex.session, ex.pool_key).await;
                     }

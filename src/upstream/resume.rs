@@ -85,7 +85,19 @@ impl Window {
     pub fn judge(&self, next: u64, resp: &ResponseHeader) -> Verdict {
         match resp.status {
             StatusCode::PARTIAL_CONTENT => {}
-            StatusCode::OK => return Verdict::Changed("the upstream sent the whole file (its validator changed)"),
+            StatusCode::OK => {
+                // Told apart for the log: a server that ignores `Range` is
+                // not a file that changed.
+                let (name, was) = match &self.etag {
+                    Some(etag) => (header::ETAG, etag),
+                    None => (header::LAST_MODIFIED, &self.if_range),
+                };
+                return Verdict::Changed(if resp.headers.get(name) == Some(was) {
+                    "the upstream sent the whole file again (it ignored the Range)"
+                } else {
+                    "the upstream sent the whole file (it changed: another validator)"
+                });
+            }
             StatusCode::RANGE_NOT_SATISFIABLE => return Verdict::Changed("the rest is not there any more (416)"),
             s if s.is_client_error() || s.is_server_error() => return Verdict::Retry("an error status"),
             _ => return Verdict::Changed("an unexpected status"),
@@ -180,11 +192,16 @@ mod tests {
         assert_eq!(w.judge(400, &ok), Verdict::Continue);
         assert_eq!(w.judge(401, &ok), Verdict::Changed("other bytes than asked for"));
         type Case<'a> = (u16, &'a [(&'a str, &'a str)], Verdict);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             (
                 200,
                 &[("Content-Length", "1000"), ETAG],
-                Verdict::Changed("the upstream sent the whole file (its validator changed)"),
+                Verdict::Changed("the upstream sent the whole file again (it ignored the Range)"),
+            ),
+            (
+                200,
+                &[("Content-Length", "1000"), ("ETag", "\"v2\"")],
+                Verdict::Changed("the upstream sent the whole file (it changed: another validator)"),
             ),
             (
                 206,
@@ -217,5 +234,14 @@ mod tests {
         let other =
             resp(206, &[("Content-Length", "600"), ("Content-Range", "bytes 400-999/1000"), ("ETag", "\"new\"")]);
         assert_eq!(lm_only.judge(400, &other), Verdict::Continue);
+        let whole = |lm: &'static str| resp(200, &[("Content-Length", "1000"), ("Last-Modified", lm)]);
+        assert_eq!(
+            lm_only.judge(400, &whole(LM.1)),
+            Verdict::Changed("the upstream sent the whole file again (it ignored the Range)")
+        );
+        assert_eq!(
+            lm_only.judge(400, &whole("Thu, 01 Jan 2026 00:00:00 GMT")),
+            Verdict::Changed("the upstream sent the whole file (it changed: another validator)")
+        );
     }
 }
