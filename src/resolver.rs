@@ -63,7 +63,12 @@ impl Resolver {
     /// `own_listeners`: the proxy's, never dialled (a resolver URL pointing
     /// at the proxy itself would send every resolution round in a loop).
     pub fn new(base: Url, timeout: Duration, capacity: usize, own_listeners: Arc<[SocketAddr]>) -> Resolver {
-        let timeouts = Timeouts { connect: timeout, read: timeout, write: timeout };
+        // `resolver.timeout` bounds the whole call (`lookup`); the client's
+        // own timeouts are only a backstop behind it, so that a slow
+        // resolver is said to be over `resolver.timeout`, not over the
+        // upstream timeouts their messages name.
+        let backstop = timeout + Duration::from_secs(1);
+        let timeouts = Timeouts { connect: backstop, read: backstop, write: backstop };
         // resolver.url is operator config: no egress proxy, no profile.
         let settings = Settings { max_redirects: 3, own_listeners, ..Settings::plain(timeouts) };
         let cache = moka::future::Cache::builder().max_capacity(capacity as u64).expire_after(AnswerTtl).build();
@@ -95,7 +100,7 @@ impl Resolver {
     async fn lookup(&self, params: &Query) -> Result<Arc<Resolved>, String> {
         match tokio::time::timeout(self.timeout, self.call(params)).await {
             Ok(r) => r.map(Arc::new),
-            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+            Err(_) => Err(format!("no answer within resolver.timeout ({:?})", self.timeout)),
         }
     }
 

@@ -213,6 +213,7 @@ async fn ttl_zero_is_not_cached_and_head_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolver_failures_are_502() {
+    common::logs::capture();
     let dead_port = RefusedPort::bind();
     let dead = dead_port.addr();
     let down =
@@ -234,11 +235,22 @@ async fn resolver_failures_are_502() {
         assert_eq!(got.status, 502);
         assert_eq!(got.text(), "resolver unavailable\n");
     }
-    // A resolver that hangs: the resolver timeout answers.
+    // A resolver that hangs: the resolver timeout answers, and the log
+    // names it (not an upstream timeout an operator would raise instead).
     let (r, _) = resolver(|_, _| Action::Hang).await;
     let p = proxy(&r, "none").await;
     let got = get(p.addr(), "GET", &format!("/strm/stream?{EPISODE}"), &[]).await;
     assert_eq!(got.status, 502);
+    let said = common::logs::logs();
+    for line in [
+        "WARN resolver unavailable: no answer within resolver.timeout (2s)".to_string(),
+        format!("WARN resolver unavailable: {dead}: connection refused"),
+        "WARN resolver unavailable: status 500".to_string(),
+        "WARN resolver unavailable: malformed JSON: ".to_string(),
+        "WARN resolver unavailable: answer url is not http(s)".to_string(),
+    ] {
+        assert!(said.contains(&line), "{line:?} not in {said}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
