@@ -211,11 +211,19 @@ async fn relative_uris_resolve_against_the_final_url_after_redirects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_playlists_are_refused_not_buffered() {
+    common::logs::capture();
     let o = origin().await;
     let p = Proxy::open_with("stream: {max_playlist_bytes: 10000}\n").await;
     let got = get(p.addr(), "GET", &relay_path("x.m3u8", &o.url("/hls/big.m3u8")), &[]).await;
     assert_eq!(got.status, 502);
     assert_eq!(got.text(), "playlist too large\n");
+    // The log names the hoster whose playlist it was.
+    let said = common::logs::logs();
+    assert!(
+        said.lines().any(|l| l.starts_with("WARN playlist from 127.0.0.1 ")
+            && l.ends_with("exceeds stream.max_playlist_bytes (10000)")),
+        "{said}"
+    );
     // A small one still works on the same proxy.
     let got = get(p.addr(), "GET", &relay_path("x.m3u8", &o.url("/hls/master.m3u8")), &[]).await;
     assert_eq!(got.status, 200);
