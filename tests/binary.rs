@@ -1409,6 +1409,34 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     assert!(failed.iter().all(|l| l.contains("error=\"ConnectionClosed\"")), "{log}");
 }
 
+/// A fill that fails before its header (the hoster does not answer) is
+/// said once, by the request that started it, not once per viewer that
+/// joined it: five viewers, one WARN, five access lines with the 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_fails_before_its_header_is_logged_once() {
+    let o = Origin::start(|_| Action::Hang).await;
+    let mut p = Running::start_logging(
+        "auth: {mode: none}\negress: {allow_cidrs: [\"127.0.0.0/8\"]}\ncache: {}\nupstream: {read_timeout: \"1s\"}\n",
+        Some("info"),
+        &[],
+    )
+    .await;
+    for r in spawn_gets(5, p.addr(), "GET", &relay_path("x.mp4", &o.url("/hangs.mp4"))) {
+        assert_eq!(r.await.unwrap().status, 504);
+    }
+    assert_eq!(o.requests().len(), 1, "one fill for the five");
+    p.terminate();
+    let _ = p.child.wait();
+    let log = p.logged();
+    let warned = log.lines().filter(|l| l.contains("WARN")).collect::<Vec<_>>();
+    assert_eq!(warned.len(), 1, "{log}");
+    let port = o.addr.port();
+    assert!(
+        warned[0].ends_with(&format!("upstream failed: 127.0.0.1:{port}: no response within upstream.read_timeout"))
+    );
+    assert_eq!(log.matches("\"GET /strm/proxy/x.mp4\" 504 ").count(), 5, "{log}");
+}
+
 /// A relayed body whose upstream dies for good (no validator: it cannot be
 /// resumed) is logged once, as the WARN that says why, not again as an
 /// ERROR of Pingora's; the access line says the response failed.

@@ -189,8 +189,15 @@ impl Proxy {
     }
 
     /// The answer for an upstream failure before any response: logged,
-    /// counted, one failure.
-    pub(super) fn fetch_failed(&self, e: &FetchError) -> Outcome {
+    /// counted, one failure. A failure of a fetch shared with other
+    /// requests (a fill this one joined) is said and counted once, by the
+    /// request that started it, not once per viewer (each has its access
+    /// line).
+    pub(super) fn fetch_failed(&self, ctx: &Ctx, e: &FetchError) -> Outcome {
+        if ctx.cache == Some(CacheResult::Coalesced) {
+            log::debug!("upstream failed (a fetch another request started and said): {e}");
+            return Failure::from(e).into();
+        }
         if let FetchError::Refused(r) = e {
             self.state.metrics.egress_refusals.with_label_values(&[r.label()]).inc();
         }
@@ -199,8 +206,8 @@ impl Proxy {
     }
 
     /// A body that failed before anything was sent.
-    pub(super) fn body_failed(&self, e: Box<pingora_error::Error>) -> Outcome {
-        self.fetch_failed(&FetchError::from_pingora(e))
+    pub(super) fn body_failed(&self, ctx: &Ctx, e: Box<pingora_error::Error>) -> Outcome {
+        self.fetch_failed(ctx, &FetchError::from_pingora(e))
     }
 
     /// Decides what the answer is and answers with it: relayed as it is (or
@@ -227,7 +234,7 @@ impl Proxy {
             let answer = answer_of(&src);
             match decide::decide(asked, &answer, first.as_deref()) {
                 Decision::Sniff => {
-                    let head = src.peek(decide::SNIFF).await.map_err(|e| self.body_failed(e))?;
+                    let head = src.peek(decide::SNIFF).await.map_err(|e| self.body_failed(ctx, e))?;
                     first = Some(head);
                 }
                 Decision::Playlist => {
@@ -249,7 +256,7 @@ impl Proxy {
                     }
                     let whole = Request { method: Method::GET, whole: true, ..src.request().clone() };
                     src.finish().await;
-                    src = Box::pin(self.fetch(down, ctx, whole)).await?.map_err(|e| self.fetch_failed(&e))?;
+                    src = Box::pin(self.fetch(down, ctx, whole)).await?.map_err(|e| self.fetch_failed(ctx, &e))?;
                     refetched = true;
                     first = None;
                 }

@@ -168,7 +168,7 @@ impl Proxy {
             }
         };
         self.attempt(ctx);
-        let src = self.fetch(down, ctx, request).await?.map_err(|e| self.fetch_failed(&e))?;
+        let src = self.fetch(down, ctx, request).await?.map_err(|e| self.fetch_failed(ctx, &e))?;
         self.respond(down, ctx, src, &asked, key.as_deref()).await
     }
 

@@ -73,7 +73,7 @@ impl Proxy {
                 }
                 continue;
             }
-            let src = outcome.map_err(|e| self.fetch_failed(&e))?;
+            let src = outcome.map_err(|e| self.fetch_failed(ctx, &e))?;
             let asked = Asked { known_playlist, ..*asked };
             return self.respond(down, ctx, src, &asked, client_key).await;
         }
