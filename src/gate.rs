@@ -35,6 +35,9 @@ use tokio::sync::Notify;
 use crate::hosts::HostTable;
 use crate::metrics::Metrics;
 
+/// A host's `503 upstream busy` is said in the log at most this often.
+const SAY_BUSY_EVERY: Duration = Duration::from_secs(60);
+
 /// How long a host must go without a refusal before its learned limit is lifted.
 pub const QUIET: Duration = Duration::from_secs(600);
 
@@ -135,6 +138,9 @@ pub struct Host {
     pub cooldown_until: Option<Instant>,
     /// Refusals without `Retry-After` in a row (the backoff's exponent).
     backoffs: u32,
+    /// When a `503 upstream busy` of this host was last said in the log
+    /// (once a minute; the rest are counted).
+    busy_said: Option<Instant>,
     queue: VecDeque<Arc<Notify>>,
 }
 
@@ -385,7 +391,20 @@ impl Gate {
                     }
                 }
                 if now >= deadline {
+                    let say = h.busy_said.is_none_or(|at| now.duration_since(at) >= SAY_BUSY_EVERY);
+                    if say {
+                        h.busy_said = Some(now);
+                    }
                     drop(hosts);
+                    if say {
+                        log::warn!(
+                            "upstream host {name}: a request waited upstream.queue_timeout ({:?}) for one of its {} \
+                             slots and was answered 503 (more this minute are only counted in \
+                             anibridge_host_refused_total)",
+                            s.queue_timeout,
+                            limit.map_or_else(|| "-".to_string(), |l| l.to_string())
+                        );
+                    }
                     return Err(self.refuse(Refused::Busy));
                 }
                 if queued.is_none() {

@@ -222,6 +222,7 @@ async fn cooldowns_last_what_the_hoster_asked_within_bounds() {
 /// another host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
+    common::logs::capture();
     let o = Origin::start(|req| match req.path() {
         "/refuse" => Resp::new(429, Body::Bytes(Vec::new())).header("Retry-After", "30").into(),
         _ => serve_file(req, 100, None).into(),
@@ -243,6 +244,10 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(o.requests().len(), 2, "nothing was sent to the cooling host");
     assert_eq!(p.server.metrics.host_refused.with_label_values(&["cooling_down"]).get(), 1);
+    // The log: the cooldown, once, naming the host; its 503s only counted.
+    let said = common::logs::logs();
+    let warned: Vec<_> = said.lines().filter(|l| l.starts_with("WARN")).collect();
+    assert_eq!(warned, ["WARN upstream host 127.0.0.1 refused (429): cooling down for 30 s"], "{said}");
 
     // Saturated: B's one slot is held by a slow body; A's requests wait, B's too, separately.
     let slow = Origin::start(|_| {
@@ -254,11 +259,34 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
         async move { get(addr, "GET", &relay_path("x", &url), &[]).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let busy = get(p.addr(), "GET", &relay_path("x", &slow.url("/x").replace("127.0.0.1", "localhost")), &[]).await;
+    // Two at once: both wait out the queue timeout behind the held slot.
+    let both: Vec<_> = ["/x", "/y"]
+        .into_iter()
+        .map(|path| {
+            let (addr, url) = (p.addr(), slow.url(path).replace("127.0.0.1", "localhost"));
+            tokio::spawn(async move { get(addr, "GET", &relay_path("x", &url), &[]).await })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for r in both {
+        refused.push(r.await.unwrap());
+    }
+    let busy = &refused[0];
     assert_eq!((busy.status, busy.header("retry-after")), (503, Some("1")));
     assert_eq!(busy.text(), "upstream busy\n");
     assert!(busy.spelled.iter().any(|s| s == "Retry-After"), "{:?}", busy.spelled);
-    assert_eq!(p.server.metrics.host_refused.with_label_values(&["busy"]).get(), 1);
+    assert_eq!(refused[1].status, 503);
+    assert_eq!(p.server.metrics.host_refused.with_label_values(&["busy"]).get(), 2);
+    // Said once a minute per host, naming it; the other is only counted.
+    let said = common::logs::logs();
+    let busy_lines: Vec<_> = said.lines().filter(|l| l.contains("was answered 503")).collect();
+    assert_eq!(
+        busy_lines,
+        ["WARN upstream host localhost: a request waited upstream.queue_timeout (1s) for one of its 1 slots and \
+             was answered 503 (more this minute are only counted in anibridge_host_refused_total)"],
+        "{said}"
+    );
+    assert!(!said.contains("upstream failed"), "{said}");
     assert_eq!(held.await.unwrap().body.len(), 400_000);
 }
 

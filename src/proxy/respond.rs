@@ -198,6 +198,13 @@ impl Proxy {
             log::debug!("upstream failed (a fetch another request started and said): {e}");
             return Failure::from(e).into();
         }
+        // The gate's own 503s: the cooldown was said when it began, a
+        // host's busy refusals are said once a minute (`crate::gate`);
+        // each is counted and has its access line.
+        if let FetchError::Gate(_) = e {
+            log::debug!("upstream gate refused: {e}");
+            return Failure::from(e).into();
+        }
         if let FetchError::Refused(r) = e {
             self.state.metrics.egress_refusals.with_label_values(&[r.label()]).inc();
         }
