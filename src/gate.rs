@@ -398,8 +398,8 @@ impl Gate {
                     drop(hosts);
                     if say {
                         log::warn!(
-                            "upstream host {name}: a request waited upstream.queue_timeout ({:?}) for one of its {} \
-                             slots and was answered 503 (more this minute are only counted in \
+                            "upstream host {name}: a request waited upstream.queue_timeout ({:?}) for a slot ({} at \
+                             once) and was answered 503 (more this minute are only counted in \
                              anibridge_host_refused_total)",
                             s.queue_timeout,
                             limit.map_or_else(|| "-".to_string(), |l| l.to_string())

@@ -282,7 +282,7 @@ async fn a_long_cooldown_is_503_at_once_and_other_hosts_go_on() {
     let busy_lines: Vec<_> = said.lines().filter(|l| l.contains("was answered 503")).collect();
     assert_eq!(
         busy_lines,
-        ["WARN upstream host localhost: a request waited upstream.queue_timeout (1s) for one of its 1 slots and \
+        ["WARN upstream host localhost: a request waited upstream.queue_timeout (1s) for a slot (1 at once) and \
              was answered 503 (more this minute are only counted in anibridge_host_refused_total)"],
         "{said}"
     );
