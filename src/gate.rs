@@ -33,10 +33,8 @@ use http::StatusCode;
 use tokio::sync::Notify;
 
 use crate::hosts::HostTable;
+use crate::log_writer::OnceAMinute;
 use crate::metrics::Metrics;
-
-/// A host's `503 upstream busy` is said in the log at most this often.
-const SAY_BUSY_EVERY: Duration = Duration::from_secs(60);
 
 /// How long a host must go without a refusal before its learned limit is lifted.
 pub const QUIET: Duration = Duration::from_secs(600);
@@ -138,9 +136,9 @@ pub struct Host {
     pub cooldown_until: Option<Instant>,
     /// Refusals without `Retry-After` in a row (the backoff's exponent).
     backoffs: u32,
-    /// When a `503 upstream busy` of this host was last said in the log
-    /// (once a minute; the rest are counted).
-    busy_said: Option<Instant>,
+    /// Its `503 upstream busy` is said in the log once a minute (the rest
+    /// are counted).
+    busy_said: OnceAMinute,
     queue: VecDeque<Arc<Notify>>,
 }
 
@@ -391,10 +389,7 @@ impl Gate {
                     }
                 }
                 if now >= deadline {
-                    let say = h.busy_said.is_none_or(|at| now.duration_since(at) >= SAY_BUSY_EVERY);
-                    if say {
-                        h.busy_said = Some(now);
-                    }
+                    let say = h.busy_said.due();
                     drop(hosts);
                     if say {
                         log::warn!(

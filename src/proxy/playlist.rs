@@ -33,15 +33,18 @@ pub(super) async fn answer(
     route: Option<&Route>,
 ) -> Result<(), Outcome> {
     let max = st.max_playlist_bytes;
-    // Named in each warning: which hoster's playlist it was.
-    let host = resp.url().host_str().unwrap_or("-").to_string();
+    // Each warning names the hoster whose playlist it was.
     if let Some(declared) = headers::content_length(&resp.header().headers).filter(|n| *n > max as u64) {
+        let host = resp.url().host_str().unwrap_or("-");
         log::warn!("playlist from {host} of {declared} bytes exceeds stream.max_playlist_bytes ({max})");
         return Err(Failure::PlaylistTooLarge.into());
     }
     let body = resp.read_to_vec(first, max).await.map_err(|e| match e {
         BodyError::TooLarge => {
-            log::warn!("playlist from {host} exceeds stream.max_playlist_bytes ({max})");
+            log::warn!(
+                "playlist from {} exceeds stream.max_playlist_bytes ({max})",
+                resp.url().host_str().unwrap_or("-")
+            );
             Failure::PlaylistTooLarge
         }
         BodyError::Failed(e) => {
@@ -52,7 +55,7 @@ pub(super) async fn answer(
     })?;
     let encoding = resp.header().headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
     let text = decode(body, encoding, max).map_err(|why| {
-        log::warn!("cannot decode the playlist from {host}: {why}");
+        log::warn!("cannot decode the playlist from {}: {why}", resp.url().host_str().unwrap_or("-"));
         Failure::BadPlaylistEncoding
     })?;
     let now = auth::now_unix();
