@@ -415,6 +415,20 @@ impl Gate {
         }
     }
 
+    /// Whether a request to `host` would go at once: the host not cooling
+    /// down, nobody in line, a slot free. For a request that may instead
+    /// wait for bytes already on their way (a range ahead of a cache
+    /// fill): it asks for a slot only when no other request needs one.
+    pub fn has_room(&self, host: &str) -> bool {
+        let host = same_host(host);
+        let configured = self.configured(host);
+        let now = Instant::now();
+        let mut hosts = self.lock();
+        let Some(h) = hosts.get_mut(host) else { return true };
+        let limit = h.limit(configured, self.0.settings.quiet, now);
+        h.cooling(now).is_none() && h.queue.is_empty() && limit.is_none_or(|l| h.in_flight < l)
+    }
+
     /// Records what `permit`'s host answered: a refusal starts its cooldown
     /// (logged) and cuts its limit, a success counts towards raising it.
     pub fn answered(&self, permit: &Permit, status: StatusCode, retry_after: Option<&HeaderValue>) {
@@ -633,6 +647,22 @@ mod tests {
         assert_eq!(g.enter("cdn.example").await.unwrap_err(), Refused::Busy, "one server, one slot");
         drop(held);
         assert!(g.enter("cdn.example").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn room_is_a_free_slot_nobody_waits_for_at_a_host_not_cooling() {
+        let g = gate(1, Duration::from_secs(5));
+        assert!(g.has_room("h"), "a host never dialled");
+        let held = g.enter("h.").await.unwrap();
+        assert!(!g.has_room("h"), "its one slot is held");
+        assert!(g.has_room("other"));
+        drop(held);
+        assert!(g.has_room("h"));
+        let unlimited = gate(0, Duration::from_secs(5));
+        let held = unlimited.enter("h").await.unwrap();
+        assert!(unlimited.has_room("h"), "no limit");
+        unlimited.answered(&held, StatusCode::TOO_MANY_REQUESTS, None);
+        assert!(!unlimited.has_room("h"), "cooling down");
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use pingora_error::{Error, ErrorType};
@@ -291,6 +291,21 @@ impl Entry {
         self.resumed.load(Ordering::Relaxed)
     }
 
+    /// Whether body byte `pos` is there, or will be within `patience` at
+    /// the pace the fill has kept since its header came. A range far ahead
+    /// of a slow fill (a seek to the end of a large file: a player reading
+    /// an MP4's index, a viewer skipping ahead) need not wait minutes for
+    /// it ([`crate::proxy`] sends it upstream alone when the host has a
+    /// slot free).
+    pub fn arrives_within(&self, pos: u64, patience: Duration) -> bool {
+        if self.is_done() {
+            return true;
+        }
+        let Some(head) = self.head() else { return true };
+        let written = self.written();
+        soon(pos.saturating_sub(written), written, head.received.elapsed(), patience)
+    }
+
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
         Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new(), buf: Vec::new() }
@@ -537,6 +552,18 @@ impl Reader {
     }
 }
 
+/// Whether `gap` more bytes come within `patience` from a fill that wrote
+/// `written` bytes in `elapsed`. Its first moments count as a tenth of a
+/// second (what it wrote at once is a pace too); a fill that has written
+/// nothing has shown no pace, and only the bytes it writes next are soon.
+fn soon(gap: u64, written: u64, elapsed: Duration, patience: Duration) -> bool {
+    if gap == 0 {
+        return true;
+    }
+    let rate = written as f64 / elapsed.as_secs_f64().max(0.1);
+    gap as f64 <= rate * patience.as_secs_f64()
+}
+
 /// A stored body that ends before its length said.
 fn short<T>() -> pingora_error::Result<T> {
     Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length")
@@ -611,6 +638,24 @@ mod tests {
         assert!(heap.sealed().is_none(), "a short body stays in the heap");
         let filed = readers_follow_a_fill_of(300_000).await;
         assert!(filed.sealed().is_some(), "a longer one is kept in a sealed file");
+    }
+
+    #[test]
+    fn bytes_are_soon_at_the_fills_pace() {
+        let (s, patience) = (Duration::from_secs, Duration::from_secs(1));
+        // 4 MB in 2 s: 2 MB a second.
+        assert!(soon(0, 4_000_000, s(2), patience), "the next byte");
+        assert!(soon(2_000_000, 4_000_000, s(2), patience));
+        assert!(!soon(2_000_001, 4_000_000, s(2), patience));
+        // Just after the header: what came at once counts as a tenth of a second's.
+        assert!(soon(1_000_000, 100_000, Duration::ZERO, patience));
+        assert!(!soon(1_000_001, 100_000, Duration::ZERO, patience));
+        assert!(!soon(1, 0, s(3), patience), "nothing written: no pace shown");
+        let e = Entry::pending(Key::from("k"));
+        assert!(e.arrives_within(1 << 30, patience), "no header yet: nothing to judge");
+        e.set_head(head(1 << 30));
+        assert!(e.arrives_within(0, patience));
+        assert!(!e.arrives_within(1 << 20, patience));
     }
 
     #[test]

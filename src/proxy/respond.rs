@@ -70,6 +70,13 @@ impl Proxy {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
+                            if far_ahead(&down.req_header().headers, &req, &entry)
+                                && st.client.gate().has_room(req.url.host_str().unwrap_or_default())
+                            {
+                                if let Some(alone) = self.ahead_alone(down, ctx, &req).await? {
+                                    return Ok(Ok(alone));
+                                }
+                            }
                             self.count_cache(ctx, CacheResult::Coalesced);
                             Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                         }
@@ -147,6 +154,39 @@ impl Proxy {
                     Ok(opened)
                 }
             };
+        }
+    }
+
+    /// A range far ahead of the fill it joined, sent upstream alone (a
+    /// range memory cannot answer in time: relayed to this client only, as
+    /// any partial answer). `None` when the upstream fails it or does not
+    /// answer with those bytes (an error status, a refusal, the whole file
+    /// again): the request waits for the fill after all, which brings them.
+    async fn ahead_alone(
+        &self,
+        down: &mut ServerSession,
+        ctx: &mut Ctx,
+        req: &Request,
+    ) -> Result<Option<Source>, Outcome> {
+        match self.open(down, ctx, req.clone()).await? {
+            Ok(src) if src.header().status == http::StatusCode::PARTIAL_CONTENT => {
+                self.count_cache(ctx, CacheResult::Miss);
+                Ok(Some(src))
+            }
+            other => {
+                let why = match &other {
+                    Ok(src) => src.header().status.as_u16().to_string(),
+                    Err(e) => e.to_string(),
+                };
+                log::debug!("a range ahead of a cache fill, sent upstream alone, failed ({why}): read from the fill");
+                // Its access line is a coalesced reader's, which names no upstream.
+                ctx.upstream_status = 0;
+                ctx.upstream_host.clear();
+                if let Ok(src) = other {
+                    src.finish().await;
+                }
+                Ok(None)
+            }
         }
     }
 
@@ -327,6 +367,31 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
     let conditional = client.contains_key(header::IF_NONE_MATCH) || client.contains_key(header::IF_MODIFIED_SINCE);
     let whole = range.is_none_or(|r| r.as_bytes() == b"bytes=0-");
     Some(if whole && !conditional { Want::Fill } else { Want::Join })
+}
+
+/// How soon the bytes a range joining a fill asks for must be on their
+/// way for it to wait for them rather than go upstream alone: about what a
+/// new upstream request takes to bring its first byte.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `req` (a GET with the client's headers `client`) joined a fill
+/// of a whole object, from an upstream that answers ranges, for a range
+/// that starts further ahead than the fill brings within [`PATIENCE`].
+fn far_ahead(client: &HeaderMap, req: &Request, entry: &cache::Entry) -> bool {
+    if req.method != Method::GET || req.whole || entry.is_done() || !client.contains_key(header::RANGE) {
+        return false;
+    }
+    let Some(head) = entry.head().filter(|h| h.whole) else { return false };
+    // A server that would send the whole file again is not asked.
+    let ranges = head.upstream_status == 206
+        || head.header.headers.get(header::ACCEPT_RANGES).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"));
+    if !ranges {
+        return false;
+    }
+    match cache::plan(client, &head.header.headers, head.len) {
+        Some(cache::Plan::Part(first, _)) => !entry.arrives_within(first, PATIENCE),
+        _ => false,
+    }
 }
 
 /// What the decision needs to know of an answer.
