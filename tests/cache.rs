@@ -456,40 +456,46 @@ async fn a_whole_answer_to_a_range_is_stored() {
 
 /// A player opening an MP4 whose index is at its end reads the start,
 /// then asks for the end while the fill of the whole file has only begun
-/// (a viewer skipping ahead does the same). From nginx limited to 1 MiB/s:
-/// the range far ahead of the fill goes upstream alone and is answered
-/// before the fill ends (nginx logs each answer when it is sent: the
-/// range's line comes first), not after the whole file came. A hoster that
-/// refuses it (`limit_conn 1`: `509`) still has it answered, from the
-/// fill. When the host has no slot free (`max_connections_per_host: 1`,
-/// held by the fill) it waits for the fill without asking: nginx sees one GET.
+/// (a viewer skipping ahead does the same). From nginx sending the file at
+/// 1 MiB/s and ranges at 256 KiB/s:
+/// - the tail, far ahead of the fill, goes upstream alone and is answered
+///   before the fill ends (nginx logs each answer when it is done: the
+///   range's line comes first), not after the whole file came;
+/// - a longer range far ahead goes upstream alone until the fill has its
+///   next bytes, then the connection is let go (nginx logs it cut short)
+///   and the rest comes from the fill: the client gets every byte;
+/// - a hoster that refuses it (`limit_conn 1`: `509`) still has it
+///   answered, from the fill;
+/// - when the host has no slot free (`max_connections_per_host: 1`, held
+///   by the fill) it waits for the fill without asking: nginx sees one GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_when_the_host_has_room() {
+async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has_it() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
     const LEN: u64 = 4 << 20;
     let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4", "c.mp4"] {
+    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4"] {
         std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
     }
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
-            "log_format hoster '$uri $status \"$http_range\"';\ntypes {{ video/mp4 mp4; }}\n\
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
              limit_conn_zone $binary_remote_addr zone=one:1m;\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster; limit_rate 1m;\n\
+             map $http_range $rate {{ \"bytes=0-\" 1m; default 256k; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster; limit_rate $rate;\n\
              location /one/ {{ alias {root}/; limit_conn one 1; limit_conn_status 509; }} }}\n",
             root = root.path().display()
         )
     })
     .await;
-    let tail = format!("bytes={}-", LEN - 100_000);
     let cases = [
-        ("a.mp4", "{}", "alone"),
-        ("one/b.mp4", "{}", "refused"),
-        ("c.mp4", "{}\nupstream: {max_connections_per_host: 1}", "no slot"),
+        ("a.mp4", "{}", LEN - 100_000, "alone"),
+        ("d.mp4", "{}", LEN / 2, "handed over"),
+        ("one/b.mp4", "{}", LEN - 100_000, "refused"),
+        ("c.mp4", "{}\nupstream: {max_connections_per_host: 1}", LEN - 100_000, "no slot"),
     ];
-    for (name, cache, case) in cases {
+    for (name, cache, from, case) in cases {
         let p = proxy(cache).await;
         let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/{name}"));
         let fill = tokio::spawn({
@@ -502,30 +508,42 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_when_the_host_has_
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let got = get(p.addr(), "GET", &path, &[("Range", &tail)]).await;
+        let range = format!("bytes={from}-");
+        let got = get(p.addr(), "GET", &path, &[("Range", &range)]).await;
         assert_eq!(
             (got.status, got.header("content-range")),
-            (206, Some(format!("bytes {}-{}/{LEN}", LEN - 100_000, LEN - 1).as_str())),
+            (206, Some(format!("bytes {from}-{}/{LEN}", LEN - 1).as_str())),
             "{case}"
         );
-        assert_body(&got.body, &pattern(LEN - 100_000, 100_000));
+        assert_body(&got.body, &pattern(from, LEN - from));
         let answered_before = nginx.read("access.log");
         let whole = fill.await.unwrap();
         assert_eq!((whole.status, whole.complete), (206, true), "{case}");
         assert_body(&whole.body, &pattern(0, LEN));
         let uri = format!("/{name} ");
-        let log = nginx.read_when("access.log", |l| l.contains(&format!("{uri}206 \"bytes=0-\""))).await;
+        let whole = format!("{uri}206 \"bytes=0-\" {LEN}");
+        let log = nginx.read_when("access.log", |l| l.contains(&whole)).await;
         let lines: Vec<&str> = log.lines().filter(|l| l.starts_with(&uri)).collect();
-        let (ranged, whole) = (format!("{uri}206 \"{tail}\""), format!("{uri}206 \"bytes=0-\""));
+        let ranged = format!("{uri}206 \"{range}\" ");
         let coalesced = p.metric("anibridge_cache_requests_total{result=\"coalesced\"}");
         match case {
-            "alone" => {
-                assert_eq!(lines, [ranged.as_str(), &whole], "the range came first");
-                assert!(answered_before.contains(&ranged), "answered while the fill went on: {answered_before}");
+            "alone" | "handed over" => {
+                assert_eq!(lines.len(), 2, "{case}: {lines:?}");
+                assert!(lines[0].starts_with(&ranged) && lines[1] == whole, "{case}: the range came first: {lines:?}");
+                assert!(
+                    answered_before.contains(&ranged),
+                    "{case}: answered while the fill went on: {answered_before}"
+                );
                 assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (2.0, 0.0));
+                let sent: u64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+                if case == "alone" {
+                    assert_eq!(sent, LEN - from, "all of the tail came from upstream");
+                } else {
+                    assert!(sent < (LEN - from) * 3 / 4, "let go once the fill had the bytes: {sent} bytes sent");
+                }
             }
             "refused" => {
-                assert_eq!(lines, [format!("{uri}509 \"{tail}\""), whole], "refused, then read from the fill");
+                assert_eq!(lines, [format!("{uri}509 \"{range}\" 0"), whole], "refused, then read from the fill");
                 assert_eq!(coalesced, 1.0);
             }
             _ => {

@@ -306,6 +306,11 @@ impl Entry {
         soon(pos.saturating_sub(written), written, head.received.elapsed(), patience)
     }
 
+    /// Whether body byte `pos` is there (written, or the body complete).
+    pub fn holds(&self, pos: u64) -> bool {
+        self.is_done() || self.written() > pos
+    }
+
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
         Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new(), buf: Vec::new() }

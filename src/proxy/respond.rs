@@ -13,11 +13,11 @@ use pingora_http::ResponseHeader;
 use super::decide::{self, Answer, Asked, Children, Decision};
 use super::relay::{relay, unless_client_leaves};
 use super::reply::{Failure, Outcome};
-use super::source::{Memory, Source};
+use super::source::{Ahead, Memory, Source};
 use super::{playlist, Ctx, Proxy};
 use crate::cache::{self, Found, Key, Ready, Want};
 use crate::metrics::CacheResult;
-use crate::upstream::{FetchError, Request};
+use crate::upstream::{FetchError, Request, Response};
 
 impl Proxy {
     /// Counts an attempt at answering the request (the second is `/strm/stream`'s retry).
@@ -74,7 +74,7 @@ impl Proxy {
                                 && st.client.gate().has_room(req.url.host_str().unwrap_or_default())
                             {
                                 if let Some(alone) = self.ahead_alone(down, ctx, &req).await? {
-                                    return Ok(Ok(alone));
+                                    return Ok(Ok(Ahead::of(alone, entry, chunk)));
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
@@ -167,11 +167,11 @@ impl Proxy {
         down: &mut ServerSession,
         ctx: &mut Ctx,
         req: &Request,
-    ) -> Result<Option<Source>, Outcome> {
+    ) -> Result<Option<Response>, Outcome> {
         match self.open(down, ctx, req.clone()).await? {
-            Ok(src) if src.header().status == http::StatusCode::PARTIAL_CONTENT => {
+            Ok(Source::Upstream(resp)) if resp.header().status == http::StatusCode::PARTIAL_CONTENT => {
                 self.count_cache(ctx, CacheResult::Miss);
-                Ok(Some(src))
+                Ok(Some(resp))
             }
             other => {
                 let why = match &other {
@@ -318,7 +318,7 @@ impl Proxy {
                     // conditionals; anything else (an error status) goes out as it is.
                     let memory = match &src {
                         Source::Memory(m) => Some((m.shaped() && own.is_none(), m.head().len, m.head().age())),
-                        Source::Upstream(_) => None,
+                        Source::Upstream(_) | Source::Ahead(_) => None,
                     };
                     let (mut out, range) = match memory {
                         Some((true, len, age)) => {

@@ -13,6 +13,7 @@ use pingora_http::ResponseHeader;
 use url::Url;
 
 use crate::cache::{BodyFile, Entry, Head, Reader};
+use crate::upstream::resume::Window;
 use crate::upstream::{BodyError, Request, Response};
 
 // The upstream variant is the common one: boxing it to even the sizes out
@@ -21,6 +22,79 @@ use crate::upstream::{BodyError, Request, Response};
 pub(super) enum Source {
     Upstream(Response),
     Memory(Memory),
+    /// A range far ahead of a cache fill, fetched upstream alone until the
+    /// fill has its bytes, then read from the fill.
+    Ahead(Box<Ahead>),
+}
+
+/// A range fetched upstream alone while a fill of the same file runs
+/// behind it ([`super::respond`]): once the fill has written the next byte
+/// the client needs, the upstream connection (and its slot at the host's
+/// gate) is let go and the rest comes from memory — so a viewer who skipped
+/// ahead costs the hoster a second connection only until the fill catches
+/// up, not for the rest of the film.
+pub(super) struct Ahead {
+    /// `None` once handed over to the fill.
+    up: Option<Response>,
+    /// The upstream's header and what was asked (kept past the hand-over).
+    header: ResponseHeader,
+    request: Request,
+    resumed: u32,
+    entry: Arc<Entry>,
+    /// The next byte of the object the client needs, and the end of its range.
+    pos: u64,
+    end: u64,
+    chunk: usize,
+    reader: Option<Reader>,
+}
+
+impl Ahead {
+    /// `up` (a `206`) if its bytes are of the file `entry` is filling — the
+    /// same complete length and validator (strong `ETag`, else
+    /// `Last-Modified`) — so memory can continue it; else `up` as it is.
+    pub fn of(up: Response, entry: Arc<Entry>, chunk: usize) -> Source {
+        let fill = entry.head().and_then(|h| Window::of(&h.header).ok());
+        let alone = Window::of(up.header()).ok();
+        let Some((fill, alone)) = fill.zip(alone) else { return Source::Upstream(up) };
+        if fill.total != alone.total || fill.if_range != alone.if_range || fill.etag != alone.etag {
+            return Source::Upstream(up);
+        }
+        let (header, request) = (up.header().clone(), up.request().clone());
+        let (pos, end) = (alone.first, alone.last + 1);
+        Source::Ahead(Box::new(Ahead {
+            up: Some(up),
+            header,
+            request,
+            resumed: 0,
+            entry,
+            pos,
+            end,
+            chunk,
+            reader: None,
+        }))
+    }
+
+    async fn read(&mut self) -> Result<Option<&[u8]>> {
+        if self.up.is_some() && self.entry.holds(self.pos) {
+            // The fill caught up: the upstream connection goes (closed, its
+            // slot given back), the rest is read from memory.
+            let up = self.up.take().expect("checked above");
+            self.resumed = up.resumptions();
+            drop(up);
+            log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
+            self.reader = Some(self.entry.reader(self.pos, self.end, self.chunk));
+        }
+        let Ahead { up, reader, pos, .. } = self;
+        let piece = match (up, reader) {
+            (Some(up), _) => up.read().await?,
+            (None, Some(reader)) => reader.read().await?,
+            (None, None) => None,
+        };
+        if let Some(p) = &piece {
+            *pos += p.len() as u64;
+        }
+        Ok(piece)
+    }
 }
 
 /// An answer from a cache entry whose header is there.
@@ -76,6 +150,7 @@ impl Source {
         match self {
             Source::Upstream(r) => r.header(),
             Source::Memory(m) => &m.head().header,
+            Source::Ahead(a) => &a.header,
         }
     }
 
@@ -84,6 +159,7 @@ impl Source {
         match self {
             Source::Upstream(r) => r.url(),
             Source::Memory(m) => &m.head().url,
+            Source::Ahead(a) => &a.request.url,
         }
     }
 
@@ -98,6 +174,7 @@ impl Source {
         match self {
             Source::Upstream(r) => r.sent_head(),
             Source::Memory(m) => m.entry.head_only,
+            Source::Ahead(_) => false,
         }
     }
 
@@ -106,6 +183,7 @@ impl Source {
         match self {
             Source::Upstream(r) => r.request(),
             Source::Memory(m) => &m.request,
+            Source::Ahead(a) => &a.request,
         }
     }
 
@@ -117,6 +195,7 @@ impl Source {
                 Some(reader) => reader.read().await,
                 None => Ok(None),
             },
+            Source::Ahead(a) => a.read().await,
         }
     }
 
@@ -145,6 +224,12 @@ impl Source {
                 }
                 Ok(out)
             }
+            Source::Ahead(a) => {
+                let Some(up) = &mut a.up else { return Ok(Vec::new()) };
+                let first = up.peek(at_least).await?;
+                a.pos += first.len() as u64;
+                Ok(first)
+            }
         }
     }
 
@@ -158,6 +243,14 @@ impl Source {
                 }
                 m.entry.whole_body(m.chunk).await.map_err(BodyError::Failed)
             }
+            // Asked of a body before it is relayed, so before any hand-over.
+            Source::Ahead(a) => match &mut a.up {
+                Some(up) => up.read_to_vec(prefix, limit).await,
+                None => Err(BodyError::Failed(pingora_error::Error::explain(
+                    pingora_error::ErrorType::InternalError,
+                    "a range handed over to a cache fill is read as it is relayed",
+                ))),
+            },
         }
     }
 
@@ -167,6 +260,7 @@ impl Source {
             Source::Upstream(r) => r.resumptions(),
             Source::Memory(m) if m.filling => m.entry.resumptions(),
             Source::Memory(_) => 0,
+            Source::Ahead(a) => a.up.as_ref().map_or(a.resumed, Response::resumptions),
         }
     }
 
@@ -175,6 +269,10 @@ impl Source {
         match self {
             Source::Upstream(r) => r.finish(),
             Source::Memory(_) => Box::pin(std::future::ready(())),
+            Source::Ahead(a) => match a.up {
+                Some(up) => up.finish(),
+                None => Box::pin(std::future::ready(())),
+            },
         }
     }
 }
