@@ -463,7 +463,9 @@ async fn a_whole_answer_to_a_range_is_stored() {
 ///   range's line comes first), not after the whole file came;
 /// - a longer range far ahead goes upstream alone until the fill has its
 ///   next bytes, then the connection is let go (nginx logs it cut short)
-///   and the rest comes from the fill: the client gets every byte;
+///   and the rest comes from the fill: the client gets every byte; another
+///   range far ahead meanwhile waits for its turn (one at a time per
+///   file), then goes upstream alone too;
 /// - a hoster that refuses it (`limit_conn 1`: `509`) still has it
 ///   answered, from the fill;
 /// - when the host has no slot free (`max_connections_per_host: 1`, held
@@ -481,9 +483,11 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
             "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
+             log_format times '$uri $http_range $msec $request_time';\n\
              limit_conn_zone $binary_remote_addr zone=one:1m;\n\
              map $http_range $rate {{ \"bytes=0-\" 1m; default 256k; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster; limit_rate $rate;\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             access_log {{dir}}/times.log times; limit_rate $rate;\n\
              location /one/ {{ alias {root}/; limit_conn one 1; limit_conn_status 509; }} }}\n",
             root = root.path().display()
         )
@@ -509,7 +513,21 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let range = format!("bytes={from}-");
-        let got = get(p.addr(), "GET", &path, &[("Range", &range)]).await;
+        let ahead = tokio::spawn({
+            let (addr, path, range) = (p.addr(), path.clone(), range.clone());
+            async move { get(addr, "GET", &path, &[("Range", &range)]).await }
+        });
+        // One range of a file goes ahead of its fill at a time: another
+        // meanwhile waits for its turn.
+        let tail = format!("bytes={}-", LEN - 100_000);
+        let second = (case == "handed over").then(|| {
+            let (addr, path, tail) = (p.addr(), path.clone(), tail.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                get(addr, "GET", &path, &[("Range", &tail)]).await
+            })
+        });
+        let got = ahead.await.unwrap();
         assert_eq!(
             (got.status, got.header("content-range")),
             (206, Some(format!("bytes {from}-{}/{LEN}", LEN - 1).as_str())),
@@ -517,6 +535,11 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         );
         assert_body(&got.body, &pattern(from, LEN - from));
         let answered_before = nginx.read("access.log");
+        if let Some(second) = second {
+            let got = second.await.unwrap();
+            assert_eq!(got.status, 206);
+            assert_body(&got.body, &pattern(LEN - 100_000, 100_000));
+        }
         let whole = fill.await.unwrap();
         assert_eq!((whole.status, whole.complete), (206, true), "{case}");
         assert_body(&whole.body, &pattern(0, LEN));
@@ -528,18 +551,32 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         let coalesced = p.metric("anibridge_cache_requests_total{result=\"coalesced\"}");
         match case {
             "alone" | "handed over" => {
-                assert_eq!(lines.len(), 2, "{case}: {lines:?}");
-                assert!(lines[0].starts_with(&ranged) && lines[1] == whole, "{case}: the range came first: {lines:?}");
+                let tail_line = format!("{uri}206 \"{tail}\" 100000");
+                let expected: &[&str] = if case == "alone" { &[&whole] } else { &[&whole, &tail_line] };
+                assert!(lines[0].starts_with(&ranged), "{case}: the range came first: {lines:?}");
+                let mut rest = lines[1..].to_vec();
+                rest.sort();
+                assert_eq!(rest, expected, "{case}");
                 assert!(
                     answered_before.contains(&ranged),
                     "{case}: answered while the fill went on: {answered_before}"
                 );
-                assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (2.0, 0.0));
+                let alone = if case == "alone" { 2.0 } else { 3.0 };
+                assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (alone, 0.0));
                 let sent: u64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
                 if case == "alone" {
                     assert_eq!(sent, LEN - from, "all of the tail came from upstream");
                 } else {
                     assert!(sent < (LEN - from) * 3 / 4, "let go once the fill had the bytes: {sent} bytes sent");
+                    // The tail went upstream only once the first range was let go.
+                    let times = nginx.read("times.log");
+                    let at = |range: &str| -> (f64, f64) {
+                        let l = times.lines().find(|l| l.starts_with(&format!("{uri}{range} "))).unwrap();
+                        let f: Vec<f64> = l.rsplit(' ').take(2).map(|v| v.parse().unwrap()).collect();
+                        (f[1] - f[0], f[1])
+                    };
+                    let ((_, first_let_go), (tail_sent, _)) = (at(&range), at(&tail));
+                    assert!(tail_sent >= first_let_go - 0.01, "one at a time: {times}");
                 }
             }
             "refused" => {

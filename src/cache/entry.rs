@@ -5,7 +5,7 @@
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
 //! reader never holds up the fill or another reader.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -168,6 +168,10 @@ pub struct Entry {
     /// Times the fill's body was continued on a new upstream connection
     /// (its readers' access lines say so, as a relay's would).
     resumed: AtomicU32,
+    /// A range ahead of the fill is being fetched upstream alone
+    /// ([`AheadSlot`]); its end wakes those waiting to go next.
+    ahead: AtomicBool,
+    ahead_done: tokio::sync::Notify,
     /// Its share of `cache.max_bytes`, given back when it is dropped: when
     /// it is out of the store and its last reader is done.
     charge: OnceLock<Charge>,
@@ -211,6 +215,8 @@ impl Entry {
             stored: OnceLock::new(),
             head_only: false,
             resumed: AtomicU32::new(0),
+            ahead: AtomicBool::new(false),
+            ahead_done: tokio::sync::Notify::new(),
             charge: OnceLock::new(),
         })
     }
@@ -228,6 +234,8 @@ impl Entry {
             stored: OnceLock::new(),
             head_only: true,
             resumed: AtomicU32::new(0),
+            ahead: AtomicBool::new(false),
+            ahead_done: tokio::sync::Notify::new(),
             charge: OnceLock::new(),
         })
     }
@@ -304,6 +312,20 @@ impl Entry {
         let Some(head) = self.head() else { return true };
         let written = self.written();
         soon(pos.saturating_sub(written), written, head.received.elapsed(), patience)
+    }
+
+    /// The one range of this object that may be fetched upstream alone,
+    /// ahead of its fill, at a time: the hoster sees at most one connection
+    /// for the file besides the fill's. `None` while another has it.
+    pub fn ahead_slot(self: &Arc<Self>) -> Option<AheadSlot> {
+        let free = self.ahead.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        free.then(|| AheadSlot(self.clone()))
+    }
+
+    /// Done when a range that has the object's [`AheadSlot`] is done with
+    /// it (`enable` it before looking at the slot, so no release is missed).
+    pub fn ahead_done(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ahead_done.notified()
     }
 
     /// Whether body byte `pos` is there (written, or the body complete).
@@ -470,6 +492,17 @@ impl Entry {
     /// The bytes of the budget it holds.
     pub(super) fn charged(&self) -> u64 {
         self.charge.get().map_or(0, |c| c.bytes)
+    }
+}
+
+/// Held while a range ahead of an entry's fill is fetched upstream alone
+/// ([`Entry::ahead_slot`]); given back when dropped.
+pub struct AheadSlot(Arc<Entry>);
+
+impl Drop for AheadSlot {
+    fn drop(&mut self) {
+        self.0.ahead.store(false, Ordering::Release);
+        self.0.ahead_done.notify_waiters();
     }
 }
 
@@ -661,6 +694,10 @@ mod tests {
         e.set_head(head(1 << 30));
         assert!(e.arrives_within(0, patience));
         assert!(!e.arrives_within(1 << 20, patience));
+        let slot = e.ahead_slot();
+        assert!(slot.is_some() && e.ahead_slot().is_none(), "one range ahead at a time");
+        drop(slot);
+        assert!(e.ahead_slot().is_some(), "given back");
     }
 
     #[test]

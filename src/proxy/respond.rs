@@ -4,6 +4,7 @@
 //! it goes out ([`relay`], [`playlist`]).
 
 use std::pin::pin;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap};
 use http::Method;
@@ -15,7 +16,7 @@ use super::relay::{relay, unless_client_leaves};
 use super::reply::{Failure, Outcome};
 use super::source::{Ahead, Memory, Source};
 use super::{playlist, Ctx, Proxy};
-use crate::cache::{self, Found, Key, Ready, Want};
+use crate::cache::{self, AheadSlot, Found, Key, Ready, Want};
 use crate::metrics::CacheResult;
 use crate::upstream::{FetchError, Request, Response};
 
@@ -70,11 +71,9 @@ impl Proxy {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
-                            if far_ahead(&down.req_header().headers, &req, &entry)
-                                && st.client.gate().has_room(req.url.host_str().unwrap_or_default())
-                            {
+                            if let Some(slot) = self.ahead_slot(down, &req, &entry).await? {
                                 if let Some(alone) = self.ahead_alone(down, ctx, &req).await? {
-                                    return Ok(Ok(Ahead::of(alone, entry, chunk)));
+                                    return Ok(Ok(Ahead::of(alone, entry, slot, chunk)));
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
@@ -154,6 +153,34 @@ impl Proxy {
                     Ok(opened)
                 }
             };
+        }
+    }
+
+    /// The slot to fetch `req`'s range upstream alone, ahead of `entry`'s
+    /// fill ([`cache::Entry::ahead_slot`]): when it starts further ahead than the
+    /// fill brings within [`PATIENCE`] and the host has a slot free. While
+    /// another range of the file has it (an index fetched in milliseconds,
+    /// or a seek until the fill catches up), it waits for its turn, looking
+    /// again each [`PATIENCE`] in case the fill is near by then. `None`:
+    /// wait for the fill.
+    async fn ahead_slot(
+        &self,
+        down: &mut ServerSession,
+        req: &Request,
+        entry: &Arc<cache::Entry>,
+    ) -> Result<Option<AheadSlot>, Outcome> {
+        let Some(first) = ahead_of_fill(&down.req_header().headers, req, entry) else { return Ok(None) };
+        let host = req.url.host_str().unwrap_or_default();
+        loop {
+            if entry.arrives_within(first, PATIENCE) {
+                return Ok(None);
+            }
+            let mut done = pin!(entry.ahead_done());
+            done.as_mut().enable();
+            if let Some(slot) = entry.ahead_slot() {
+                return Ok(self.state.client.gate().has_room(host).then_some(slot));
+            }
+            let _ = unless_client_leaves(down, pin!(tokio::time::timeout(PATIENCE, done))).await?;
         }
     }
 
@@ -374,23 +401,20 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
 /// new upstream request takes to bring its first byte.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether `req` (a GET with the client's headers `client`) joined a fill
-/// of a whole object, from an upstream that answers ranges, for a range
-/// that starts further ahead than the fill brings within [`PATIENCE`].
-fn far_ahead(client: &HeaderMap, req: &Request, entry: &cache::Entry) -> bool {
+/// The first byte of the range `req` (a GET with the client's headers
+/// `client`) asks of a fill of a whole object in progress, from an
+/// upstream that answers ranges: what may be fetched ahead of the fill.
+fn ahead_of_fill(client: &HeaderMap, req: &Request, entry: &cache::Entry) -> Option<u64> {
     if req.method != Method::GET || req.whole || entry.is_done() || !client.contains_key(header::RANGE) {
-        return false;
+        return None;
     }
-    let Some(head) = entry.head().filter(|h| h.whole) else { return false };
+    let head = entry.head().filter(|h| h.whole)?;
     // A server that would send the whole file again is not asked.
     let ranges = head.upstream_status == 206
         || head.header.headers.get(header::ACCEPT_RANGES).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"));
-    if !ranges {
-        return false;
-    }
     match cache::plan(client, &head.header.headers, head.len) {
-        Some(cache::Plan::Part(first, _)) => !entry.arrives_within(first, PATIENCE),
-        _ => false,
+        Some(cache::Plan::Part(first, _)) if ranges => Some(first),
+        _ => None,
     }
 }
 

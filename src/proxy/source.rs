@@ -12,7 +12,7 @@ use pingora_error::Result;
 use pingora_http::ResponseHeader;
 use url::Url;
 
-use crate::cache::{BodyFile, Entry, Head, Reader};
+use crate::cache::{AheadSlot, BodyFile, Entry, Head, Reader};
 use crate::upstream::resume::Window;
 use crate::upstream::{BodyError, Request, Response};
 
@@ -32,15 +32,19 @@ pub(super) enum Source {
 /// the client needs, the upstream connection (and its slot at the host's
 /// gate) is let go and the rest comes from memory — so a viewer who skipped
 /// ahead costs the hoster a second connection only until the fill catches
-/// up, not for the rest of the film.
+/// up, not for the rest of the film. Until then it holds the object's one
+/// [`AheadSlot`].
 pub(super) struct Ahead {
+    /// The upstream answer and the slot that let it go upstream alone;
     /// `None` once handed over to the fill.
-    up: Option<Response>,
+    up: Option<(Response, AheadSlot)>,
     /// The upstream's header and what was asked (kept past the hand-over).
     header: ResponseHeader,
     request: Request,
     resumed: u32,
-    entry: Arc<Entry>,
+    /// The fill to hand over to: `None` when the upstream's answer is not
+    /// of the same file (it is then read to its end, as a relay).
+    entry: Option<Arc<Entry>>,
     /// The next byte of the object the client needs, and the end of its range.
     pos: u64,
     end: u64,
@@ -49,24 +53,22 @@ pub(super) struct Ahead {
 }
 
 impl Ahead {
-    /// `up` (a `206`) if its bytes are of the file `entry` is filling — the
-    /// same complete length and validator (strong `ETag`, else
-    /// `Last-Modified`) — so memory can continue it; else `up` as it is.
-    pub fn of(up: Response, entry: Arc<Entry>, chunk: usize) -> Source {
+    /// `up`, a `206` to a range ahead of `entry`'s fill, fetched with
+    /// `slot`. Handed over to the fill only when its bytes are of the same
+    /// file: the same complete length and validator (strong `ETag`, else
+    /// `Last-Modified`).
+    pub fn of(up: Response, entry: Arc<Entry>, slot: AheadSlot, chunk: usize) -> Source {
         let fill = entry.head().and_then(|h| Window::of(&h.header).ok());
-        let alone = Window::of(up.header()).ok();
-        let Some((fill, alone)) = fill.zip(alone) else { return Source::Upstream(up) };
-        if fill.total != alone.total || fill.if_range != alone.if_range || fill.etag != alone.etag {
-            return Source::Upstream(up);
-        }
-        let (header, request) = (up.header().clone(), up.request().clone());
-        let (pos, end) = (alone.first, alone.last + 1);
+        let same = fill.zip(Window::of(up.header()).ok()).filter(|(fill, alone)| {
+            fill.total == alone.total && fill.if_range == alone.if_range && fill.etag == alone.etag
+        });
+        let (pos, end) = same.as_ref().map_or((0, 0), |(_, alone)| (alone.first, alone.last + 1));
         Source::Ahead(Box::new(Ahead {
-            up: Some(up),
-            header,
-            request,
+            header: up.header().clone(),
+            request: up.request().clone(),
+            up: Some((up, slot)),
             resumed: 0,
-            entry,
+            entry: same.map(|_| entry),
             pos,
             end,
             chunk,
@@ -75,18 +77,21 @@ impl Ahead {
     }
 
     async fn read(&mut self) -> Result<Option<&[u8]>> {
-        if self.up.is_some() && self.entry.holds(self.pos) {
-            // The fill caught up: the upstream connection goes (closed, its
-            // slot given back), the rest is read from memory.
-            let up = self.up.take().expect("checked above");
-            self.resumed = up.resumptions();
-            drop(up);
-            log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
-            self.reader = Some(self.entry.reader(self.pos, self.end, self.chunk));
+        if let (Some(entry), Some(_)) = (&self.entry, &self.up) {
+            if entry.holds(self.pos) {
+                // The fill caught up: the upstream connection goes (closed,
+                // its gate slot given back, and the object's slot), the rest
+                // is read from memory.
+                let (up, _slot) = self.up.take().expect("checked above");
+                self.resumed = up.resumptions();
+                drop(up);
+                log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
+                self.reader = Some(entry.reader(self.pos, self.end, self.chunk));
+            }
         }
         let Ahead { up, reader, pos, .. } = self;
         let piece = match (up, reader) {
-            (Some(up), _) => up.read().await?,
+            (Some((up, _)), _) => up.read().await?,
             (None, Some(reader)) => reader.read().await?,
             (None, None) => None,
         };
@@ -225,7 +230,7 @@ impl Source {
                 Ok(out)
             }
             Source::Ahead(a) => {
-                let Some(up) = &mut a.up else { return Ok(Vec::new()) };
+                let Some((up, _)) = &mut a.up else { return Ok(Vec::new()) };
                 let first = up.peek(at_least).await?;
                 a.pos += first.len() as u64;
                 Ok(first)
@@ -245,7 +250,7 @@ impl Source {
             }
             // Asked of a body before it is relayed, so before any hand-over.
             Source::Ahead(a) => match &mut a.up {
-                Some(up) => up.read_to_vec(prefix, limit).await,
+                Some((up, _)) => up.read_to_vec(prefix, limit).await,
                 None => Err(BodyError::Failed(pingora_error::Error::explain(
                     pingora_error::ErrorType::InternalError,
                     "a range handed over to a cache fill is read as it is relayed",
@@ -260,7 +265,7 @@ impl Source {
             Source::Upstream(r) => r.resumptions(),
             Source::Memory(m) if m.filling => m.entry.resumptions(),
             Source::Memory(_) => 0,
-            Source::Ahead(a) => a.up.as_ref().map_or(a.resumed, Response::resumptions),
+            Source::Ahead(a) => a.up.as_ref().map_or(a.resumed, |(up, _)| up.resumptions()),
         }
     }
 
@@ -269,8 +274,9 @@ impl Source {
         match self {
             Source::Upstream(r) => r.finish(),
             Source::Memory(_) => Box::pin(std::future::ready(())),
+            // The object's slot goes with it: the fetch beside the fill is over.
             Source::Ahead(a) => match a.up {
-                Some(up) => up.finish(),
+                Some((up, _slot)) => up.finish(),
                 None => Box::pin(std::future::ready(())),
             },
         }
