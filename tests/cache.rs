@@ -564,9 +564,16 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
                 let alone = if case == "alone" { 2.0 } else { 3.0 };
                 assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (alone, 0.0));
                 let sent: u64 = lines[0].rsplit(' ').next().unwrap().parse().unwrap();
+                let saved = p.metric("anibridge_cache_upstream_bytes_saved_total") as u64;
                 if case == "alone" {
                     assert_eq!(sent, LEN - from, "all of the tail came from upstream");
+                    assert_eq!(saved, 0);
                 } else {
+                    // What the client did not get from nginx came from memory.
+                    assert!(
+                        saved >= LEN - from - sent && saved < LEN - from,
+                        "from memory: {saved}, nginx sent {sent}"
+                    );
                     assert!(sent < (LEN - from) * 3 / 4, "let go once the fill had the bytes: {sent} bytes sent");
                     // The tail went upstream only once the first range was let go.
                     let times = nginx.read("times.log");

@@ -63,6 +63,10 @@ pub struct Ctx {
     upstream_status: u16,
     upstream_host: String,
     body_bytes: u64,
+    /// Of them, bytes read from memory by a range that went upstream ahead
+    /// of a fill and was handed over to it (a hit's or coalesced reader's
+    /// bytes are all from memory).
+    memory_bytes: u64,
     attempts: u32,
     refreshed: bool,
     /// What the cache did (`None`: it is off).
@@ -88,6 +92,7 @@ impl ProxyHttp for Proxy {
             upstream_status: 0,
             upstream_host: String::new(),
             body_bytes: 0,
+            memory_bytes: 0,
             attempts: 0,
             refreshed: false,
             cache: None,
@@ -146,6 +151,8 @@ impl ProxyHttp for Proxy {
         m.bytes_relayed.inc_by(ctx.body_bytes);
         if matches!(ctx.cache, Some(CacheResult::Hit | CacheResult::Coalesced)) {
             m.cache_saved.inc_by(ctx.body_bytes);
+        } else if ctx.memory_bytes > 0 {
+            m.cache_saved.inc_by(ctx.memory_bytes);
         }
         if log::log_enabled!(target: "access", log::Level::Info) {
             let req = session.req_header();

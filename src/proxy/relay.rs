@@ -51,6 +51,7 @@ pub(super) async fn relay(
             None => pump(down, &mut resp, first, timeout, sent).await,
         };
         ctx.body_bytes += sent.load(Ordering::Relaxed);
+        ctx.memory_bytes = resp.handed_over_bytes();
         ctx.resumed = resp.resumptions();
         pumped?;
     }

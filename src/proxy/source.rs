@@ -50,6 +50,8 @@ pub(super) struct Ahead {
     end: u64,
     chunk: usize,
     reader: Option<Reader>,
+    /// Where the fill took over, once it did.
+    handed_at: Option<u64>,
 }
 
 impl Ahead {
@@ -73,6 +75,7 @@ impl Ahead {
             end,
             chunk,
             reader: None,
+            handed_at: None,
         }))
     }
 
@@ -87,6 +90,7 @@ impl Ahead {
                 drop(up);
                 log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
                 self.reader = Some(entry.reader(self.pos, self.end, self.chunk));
+                self.handed_at = Some(self.pos);
             }
         }
         let Ahead { up, reader, pos, .. } = self;
@@ -256,6 +260,15 @@ impl Source {
                     "a range handed over to a cache fill is read as it is relayed",
                 ))),
             },
+        }
+    }
+
+    /// Body bytes read from memory after a range fetched ahead of a fill
+    /// was handed over to it (what the hoster did not send for it).
+    pub fn handed_over_bytes(&self) -> u64 {
+        match self {
+            Source::Ahead(a) => a.handed_at.map_or(0, |at| a.pos - at),
+            _ => 0,
         }
     }
 
