@@ -158,6 +158,11 @@ impl Host {
         }
     }
 
+    /// Whether one more request fits under `limit` (`None`: no limit).
+    fn has_slot(&self, limit: Option<u32>) -> bool {
+        limit.is_none_or(|l| self.in_flight < l)
+    }
+
     /// The cooldown left at `now`, if any.
     pub fn cooling(&self, now: Instant) -> Option<Duration> {
         self.cooldown_until.filter(|until| *until > now).map(|until| until - now)
@@ -366,7 +371,7 @@ impl Gate {
                     Some(q) => h.queue.front().is_some_and(|f| Arc::ptr_eq(f, &q.me)),
                     None => h.queue.is_empty(),
                 };
-                let room = limit.is_none_or(|l| h.in_flight < l);
+                let room = h.has_slot(limit);
                 if cooling.is_none() && room && first {
                     h.in_flight += 1;
                     if let Some(q) = &mut queued {
@@ -374,7 +379,7 @@ impl Gate {
                         q.served = true;
                         // The next in line may fit too.
                         if let Some(next) = h.queue.front() {
-                            if limit.is_none_or(|l| h.in_flight < l) {
+                            if h.has_slot(limit) {
                                 next.notify_one();
                             }
                         }
@@ -426,7 +431,7 @@ impl Gate {
         let mut hosts = self.lock();
         let Some(h) = hosts.get_mut(host) else { return true };
         let limit = h.limit(configured, self.0.settings.quiet, now);
-        h.cooling(now).is_none() && h.queue.is_empty() && limit.is_none_or(|l| h.in_flight < l)
+        h.cooling(now).is_none() && h.queue.is_empty() && h.has_slot(limit)
     }
 
     /// Records what `permit`'s host answered: a refusal starts its cooldown
