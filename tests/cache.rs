@@ -599,6 +599,64 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
     }
 }
 
+/// Hosters send a burst and then a trickle (nginx's `limit_rate_after`).
+/// Such a fill's average pace is the burst's, but its bytes come at the
+/// trickle's: a seek 1 MiB ahead of it is seconds away, not under one, and
+/// goes upstream alone (nginx logs it answered while the fill goes on),
+/// instead of waiting for the fill to get there — a second into the fill,
+/// and right after its header, when the burst is all there is to see
+/// (ffmpeg seeks as soon as it has read an MP4's index). From nginx
+/// sending the fill 1 MiB at once and then 256 KiB a second, and other
+/// ranges at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_ahead_of_a_fill_that_slowed_after_a_burst_goes_upstream_alone() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 4 << 20;
+    let root = tempfile::tempdir().unwrap();
+    for name in ["a.mp4", "b.mp4"] {
+        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
+    }
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
+             map $http_range $rate {{ \"bytes=0-\" 256k; default 0; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate_after 1m; limit_rate $rate; }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    for (name, after) in [("a.mp4", Duration::from_secs(1)), ("b.mp4", Duration::ZERO)] {
+        let p = proxy("{}").await;
+        let path = relay_path(name, &format!("http://127.0.0.1:{port}/{name}"));
+        let fill = tokio::spawn({
+            let (addr, path) = (p.addr(), path.clone());
+            async move { get(addr, "GET", &path, &[("Range", "bytes=0-")]).await }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.metric("anibridge_cache_requests_total{result=\"miss\"}") < 1.0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(after).await;
+        let from = (2 << 20) + (256 << 10);
+        let range = format!("bytes={from}-{}", from + 99_999);
+        let got = get(p.addr(), "GET", &path, &[("Range", &range)]).await;
+        assert_eq!(
+            (got.status, got.header("content-range")),
+            (206, Some(format!("bytes {from}-{}/{LEN}", from + 99_999).as_str()))
+        );
+        assert_body(&got.body, &pattern(from, 100_000));
+        let ranged = format!("/{name} 206 \"{range}\" 100000");
+        let log = nginx.read_when("access.log", |l| l.contains(&ranged)).await;
+        assert!(log.contains(&ranged), "{after:?} in: the seek went upstream alone: {log}");
+        let fill_line = format!("/{name} 206 \"bytes=0-\"");
+        assert!(!log.contains(&fill_line), "{after:?} in: while the fill went on: {log}");
+        fill.abort();
+    }
+}
+
 /// nginx is the reference for answers from memory: for a matrix of ranges
 /// (open, suffix, past the end, empty and one-byte objects, malformed and
 /// multiple ranges), `If-Range`, `If-None-Match` and `If-Modified-Since`,

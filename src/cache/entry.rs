@@ -6,7 +6,7 @@
 //! reader never holds up the fill or another reader.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -15,6 +15,7 @@ use pingora_http::ResponseHeader;
 use tokio::sync::watch;
 use url::Url;
 
+use super::pace::Pace;
 use super::sealed::BodyFile;
 use super::Key;
 use crate::upstream::FetchError;
@@ -172,6 +173,8 @@ pub struct Entry {
     /// ([`AheadSlot`]); its end wakes those waiting to go next.
     ahead: AtomicBool,
     ahead_done: tokio::sync::Notify,
+    /// How fast the fill has brought the body lately.
+    pace: Mutex<Pace>,
     /// Its share of `cache.max_bytes`, given back when it is dropped: when
     /// it is out of the store and its last reader is done.
     charge: OnceLock<Charge>,
@@ -217,6 +220,7 @@ impl Entry {
             resumed: AtomicU32::new(0),
             ahead: AtomicBool::new(false),
             ahead_done: tokio::sync::Notify::new(),
+            pace: Mutex::default(),
             charge: OnceLock::new(),
         })
     }
@@ -236,6 +240,7 @@ impl Entry {
             resumed: AtomicU32::new(0),
             ahead: AtomicBool::new(false),
             ahead_done: tokio::sync::Notify::new(),
+            pace: Mutex::default(),
             charge: OnceLock::new(),
         })
     }
@@ -300,18 +305,20 @@ impl Entry {
     }
 
     /// Whether body byte `pos` is there, or will be within `patience` at
-    /// the pace the fill has kept since its header came. A range far ahead
-    /// of a slow fill (a seek to the end of a large file: a player reading
-    /// an MP4's index, a viewer skipping ahead) need not wait minutes for
-    /// it ([`crate::proxy`] sends it upstream alone when the host has a
-    /// slot free).
-    pub fn arrives_within(&self, pos: u64, patience: Duration) -> bool {
+    /// the pace the fill brings its body now ([`Pace`]); `None` in its
+    /// first moments, when that is not known yet. A range far ahead of a
+    /// slow fill (a seek to the end of a large file: a player reading an
+    /// MP4's index, a viewer skipping ahead) need not wait minutes for it
+    /// ([`crate::proxy`] sends it upstream alone when the host has a slot
+    /// free).
+    pub fn arrives_within(&self, pos: u64, patience: Duration) -> Option<bool> {
         if self.is_done() {
-            return true;
+            return Some(true);
         }
-        let Some(head) = self.head() else { return true };
+        let Some(head) = self.head() else { return Some(true) };
         let written = self.written();
-        soon(pos.saturating_sub(written), written, head.received.elapsed(), patience)
+        let pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        pace.brings(head.received, Instant::now(), written, pos.saturating_sub(written), patience)
     }
 
     /// The one range of this object that may be fetched upstream alone,
@@ -392,7 +399,7 @@ impl Entry {
             file.write_at(&piece[..n], at)?;
             self.filed.store(at + n as u64, Ordering::Release);
             self.keep_first(len, opening);
-            self.progress.send_replace(Progress::Filling(at + n as u64));
+            self.wrote(at + n as u64);
             return Ok(());
         }
         let mut piece = piece;
@@ -413,9 +420,15 @@ impl Entry {
             let written = start + n as u64;
             drop(body);
             self.keep_first(len, opening);
-            self.progress.send_replace(Progress::Filling(written));
+            self.wrote(written);
         }
         Ok(())
+    }
+
+    /// `written` body bytes are there: the fill's pace is marked, and the readers told.
+    fn wrote(&self, written: u64) {
+        self.pace.lock().unwrap_or_else(|e| e.into_inner()).wrote(Instant::now(), written);
+        self.progress.send_replace(Progress::Filling(written));
     }
 
     /// Keeps the body's first bytes once they are all written (before
@@ -590,18 +603,6 @@ impl Reader {
     }
 }
 
-/// Whether `gap` more bytes come within `patience` from a fill that wrote
-/// `written` bytes in `elapsed`. Its first moments count as a tenth of a
-/// second (what it wrote at once is a pace too); a fill that has written
-/// nothing has shown no pace, and only the bytes it writes next are soon.
-fn soon(gap: u64, written: u64, elapsed: Duration, patience: Duration) -> bool {
-    if gap == 0 {
-        return true;
-    }
-    let rate = written as f64 / elapsed.as_secs_f64().max(0.1);
-    gap as f64 <= rate * patience.as_secs_f64()
-}
-
 /// A stored body that ends before its length said.
 fn short<T>() -> pingora_error::Result<T> {
     Error::e_explain(ErrorType::ConnectionClosed, "the cached body is shorter than its length")
@@ -680,20 +681,12 @@ mod tests {
 
     #[test]
     fn bytes_are_soon_at_the_fills_pace() {
-        let (s, patience) = (Duration::from_secs, Duration::from_secs(1));
-        // 4 MB in 2 s: 2 MB a second.
-        assert!(soon(0, 4_000_000, s(2), patience), "the next byte");
-        assert!(soon(2_000_000, 4_000_000, s(2), patience));
-        assert!(!soon(2_000_001, 4_000_000, s(2), patience));
-        // Just after the header: what came at once counts as a tenth of a second's.
-        assert!(soon(1_000_000, 100_000, Duration::ZERO, patience));
-        assert!(!soon(1_000_001, 100_000, Duration::ZERO, patience));
-        assert!(!soon(1, 0, s(3), patience), "nothing written: no pace shown");
+        let patience = Duration::from_secs(1);
         let e = Entry::pending(Key::from("k"));
-        assert!(e.arrives_within(1 << 30, patience), "no header yet: nothing to judge");
+        assert_eq!(e.arrives_within(1 << 30, patience), Some(true), "no header yet: nothing to judge");
         e.set_head(head(1 << 30));
-        assert!(e.arrives_within(0, patience));
-        assert!(!e.arrives_within(1 << 20, patience));
+        assert_eq!(e.arrives_within(0, patience), Some(true));
+        assert_eq!(e.arrives_within(1 << 20, patience), Some(false), "nothing written: no pace");
         let slot = e.ahead_slot();
         assert!(slot.is_some() && e.ahead_slot().is_none(), "one range ahead at a time");
         drop(slot);

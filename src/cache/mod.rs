@@ -30,6 +30,7 @@
 mod answer;
 mod entry;
 mod fill;
+mod pace;
 pub mod policy;
 mod sealed;
 

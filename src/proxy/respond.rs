@@ -158,11 +158,12 @@ impl Proxy {
 
     /// The slot to fetch `req`'s range upstream alone, ahead of `entry`'s
     /// fill ([`cache::Entry::ahead_slot`]): when it starts further ahead than the
-    /// fill brings within [`PATIENCE`] and the host has a slot free. While
-    /// another range of the file has it (an index fetched in milliseconds,
-    /// or a seek until the fill catches up), it waits for its turn, looking
-    /// again each [`PATIENCE`] in case the fill is near by then. `None`:
-    /// wait for the fill.
+    /// fill brings within [`PATIENCE`] and the host has a slot free. In the
+    /// fill's first moments, while its pace is not known yet, it looks
+    /// again shortly. While another range of the file has the slot (an
+    /// index fetched in milliseconds, or a seek until the fill catches up),
+    /// it waits for its turn, looking again each [`PATIENCE`] in case the
+    /// fill is near by then. `None`: wait for the fill.
     async fn ahead_slot(
         &self,
         down: &mut ServerSession,
@@ -172,8 +173,13 @@ impl Proxy {
         let Some(first) = ahead_of_fill(&down.req_header().headers, req, entry) else { return Ok(None) };
         let host = req.url.host_str().unwrap_or_default();
         loop {
-            if entry.arrives_within(first, PATIENCE) {
-                return Ok(None);
+            match entry.arrives_within(first, PATIENCE) {
+                Some(true) => return Ok(None),
+                Some(false) => {}
+                None => {
+                    unless_client_leaves(down, pin!(tokio::time::sleep(PACE_KNOWN))).await?;
+                    continue;
+                }
             }
             let mut done = pin!(entry.ahead_done());
             done.as_mut().enable();
@@ -400,6 +406,10 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
 /// way for it to wait for them rather than go upstream alone: about what a
 /// new upstream request takes to bring its first byte.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a range looks again whether a fill's pace is known yet
+/// (within three quarters of a second of its header, [`cache::Entry::arrives_within`]).
+const PACE_KNOWN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The first byte of the range `req` (a GET with the client's headers
 /// `client`) asks of a fill of a whole object in progress, from an
