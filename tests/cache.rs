@@ -454,6 +454,20 @@ async fn a_whole_answer_to_a_range_is_stored() {
     assert_eq!(o.count("/honours"), 2);
 }
 
+/// Starts a fill of the whole object at `path`, as a player's `Range:
+/// bytes=0-` does, and returns once the fill has its header.
+async fn start_fill(p: &Proxy, path: &str) -> tokio::task::JoinHandle<Got> {
+    let fill = tokio::spawn({
+        let (addr, path) = (p.addr(), path.to_string());
+        async move { get(addr, "GET", &path, &[("Range", "bytes=0-")]).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.metric("anibridge_cache_requests_total{result=\"miss\"}") < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fill
+}
+
 /// A player opening an MP4 whose index is at its end reads the start,
 /// then asks for the end while the fill of the whole file has only begun
 /// (a viewer skipping ahead does the same). From nginx sending the file at
@@ -502,15 +516,8 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
     for (name, cache, from, case) in cases {
         let p = proxy(cache).await;
         let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/{name}"));
-        let fill = tokio::spawn({
-            let (addr, path) = (p.addr(), path.clone());
-            async move { get(addr, "GET", &path, &[("Range", "bytes=0-")]).await }
-        });
-        // The fill has its header and some of the body.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while p.metric("anibridge_cache_requests_total{result=\"miss\"}") < 1.0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let fill = start_fill(&p, &path).await;
+        // The fill has some of the body too.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let range = format!("bytes={from}-");
         let ahead = tokio::spawn({
@@ -631,14 +638,7 @@ async fn a_seek_ahead_of_a_fill_that_slowed_after_a_burst_goes_upstream_alone() 
     for (name, after) in [("a.mp4", Duration::from_secs(1)), ("b.mp4", Duration::ZERO)] {
         let p = proxy("{}").await;
         let path = relay_path(name, &format!("http://127.0.0.1:{port}/{name}"));
-        let fill = tokio::spawn({
-            let (addr, path) = (p.addr(), path.clone());
-            async move { get(addr, "GET", &path, &[("Range", "bytes=0-")]).await }
-        });
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while p.metric("anibridge_cache_requests_total{result=\"miss\"}") < 1.0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let fill = start_fill(&p, &path).await;
         tokio::time::sleep(after).await;
         let from = (2 << 20) + (256 << 10);
         let range = format!("bytes={from}-{}", from + 99_999);
