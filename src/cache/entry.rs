@@ -316,8 +316,9 @@ impl Entry {
             return Some(true);
         }
         let Some(head) = self.head() else { return Some(true) };
-        let written = self.written();
+        // Marked before it could be read: no mark is past what is written.
         let pace = self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        let written = self.written();
         pace.brings(head.received, Instant::now(), written, pos.saturating_sub(written), patience)
     }
 

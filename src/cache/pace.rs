@@ -45,11 +45,12 @@ impl Pace {
 
     /// Whether `gap` more bytes than the `written` ones come within
     /// `patience` as of `now`, for a fill whose header came at `since`: at
-    /// the pace since the older mark. Before a mark is a [`STEP`] old, not
-    /// when even the pace since the header, the opening's burst counted in,
-    /// does not bring them; else `None`, too early to tell (never longer
-    /// than three steps into the body; nothing written after the opening:
-    /// nothing more is soon).
+    /// the pace since the older mark, once a mark is a [`STEP`] old.
+    /// Before that, `Some(false)` when even the pace since the header (the
+    /// opening's burst counted in) would not bring them, and `None`, too
+    /// early to tell, when it would: for at most three steps into the body
+    /// (a fill that wrote nothing after its opening is `Some(false)` after
+    /// two).
     pub fn brings(&self, since: Instant, now: Instant, written: u64, gap: u64, patience: Duration) -> Option<bool> {
         if gap == 0 {
             return Some(true);
