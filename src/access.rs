@@ -212,6 +212,28 @@ pub fn forwarded_for(h: &HeaderMap) -> Option<HeaderValue> {
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+tokio::task_local! {
+    /// The id of the request being answered on this task.
+    static REQUEST_ID: String;
+}
+
+/// Answers a request (`answering`) with `id` as the request id of the log
+/// lines said meanwhile ([`current_request_id`]).
+pub fn with_request_id<F: std::future::Future>(
+    id: String,
+    answering: F,
+) -> impl std::future::Future<Output = F::Output> {
+    REQUEST_ID.scope(id, answering)
+}
+
+/// The id of the request this task is answering, if it has one: a warning
+/// said while answering it carries it, so it can be found beside the
+/// request's access line. A cache fill serves many requests and runs on a
+/// task of its own: its lines carry none.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| (!id.is_empty()).then(|| id.clone())).ok().flatten()
+}
+
 /// The request id: the client's `X-Request-Id` when it is a sane token (1 to
 /// 128 of `A-Z a-z 0-9 . _ : -`), else a new one (16 hex digits).
 pub fn request_id(client: Option<&HeaderValue>) -> String {

@@ -98,6 +98,17 @@ impl log::Log for Logs {
             // Queued for standard output's own thread: a stalled reader of
             // it must not stall the requests (src/log_writer.rs).
             self.access.push(r.args().to_string());
+        } else if let Some(id) = anibridge_proxy::access::current_request_id() {
+            // Said while answering a request: its id, as its access line has it.
+            self.logger.log(
+                &log::Record::builder()
+                    .metadata(r.metadata().clone())
+                    .args(format_args!("{} id={id}", r.args()))
+                    .module_path(r.module_path())
+                    .file(r.file())
+                    .line(r.line())
+                    .build(),
+            );
         } else {
             self.logger.log(r);
         }

@@ -1400,6 +1400,7 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     let warned = log.lines().filter(|l| l.contains("WARN")).collect::<Vec<_>>();
     assert_eq!(warned.len(), 1, "{log}");
     assert!(warned[0].contains("upstream 127.0.0.1 failed mid-body (ConnectionClosed)"), "{log}");
+    assert!(!warned[0].contains(" id="), "a fill serves many requests: {log}");
     let fill = log.lines().filter(|l| l.contains("cache fill from 127.0.0.1 failed mid-body")).collect::<Vec<_>>();
     assert_eq!(fill.len(), 1, "{log}");
     assert!(fill[0].contains("INFO") && fill[0].contains("nothing stored, its readers aborted"), "{log}");
@@ -1411,7 +1412,9 @@ async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
 
 /// A fill that fails before its header (the hoster does not answer) is
 /// said once, by the request that started it, not once per viewer that
-/// joined it: five viewers, one WARN, five access lines with the 504.
+/// joined it: five viewers, one WARN, five access lines with the 504. The
+/// WARN ends with the id of the request that said it, as one of the
+/// access lines has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_fails_before_its_header_is_logged_once() {
     let o = Origin::start(|_| Action::Hang).await;
@@ -1431,15 +1434,18 @@ async fn a_fill_that_fails_before_its_header_is_logged_once() {
     let warned = log.lines().filter(|l| l.contains("WARN")).collect::<Vec<_>>();
     assert_eq!(warned.len(), 1, "{log}");
     let port = o.addr.port();
-    assert!(
-        warned[0].ends_with(&format!("upstream failed: 127.0.0.1:{port}: no response within upstream.read_timeout"))
-    );
-    assert_eq!(log.matches("\"GET /strm/proxy/x.mp4\" 504 ").count(), 5, "{log}");
+    let (said, id) = warned[0].rsplit_once(" id=").unwrap_or_else(|| panic!("no request id: {log}"));
+    assert!(said.ends_with(&format!("upstream failed: 127.0.0.1:{port}: no response within upstream.read_timeout")));
+    let answered: Vec<&str> = log.lines().filter(|l| l.contains("\"GET /strm/proxy/x.mp4\" 504 ")).collect();
+    assert_eq!(answered.len(), 5, "{log}");
+    assert_eq!(answered.iter().filter(|l| l.contains(&format!(" id={id}"))).count(), 1, "{log}");
 }
 
 /// A relayed body whose upstream dies for good (no validator: it cannot be
 /// resumed) is logged once, as the WARN that says why, not again as an
-/// ERROR of Pingora's; the access line says the response failed.
+/// ERROR of Pingora's; the access line says the response failed. The WARN
+/// ends with the request's id (the client's own `X-Request-Id`), as the
+/// access line does. A fill's WARN (it serves many requests) carries none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
     let o = Origin::start(|_| {
@@ -1453,7 +1459,8 @@ async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
         &[],
     )
     .await;
-    let got = get(p.addr(), "GET", &relay_path("x.mp4", &o.url("/dies.mp4")), &[]).await;
+    let path = relay_path("x.mp4", &o.url("/dies.mp4"));
+    let got = get(p.addr(), "GET", &path, &[("X-Request-Id", "player-7")]).await;
     assert!(!got.complete);
     tokio::time::sleep(Duration::from_millis(200)).await;
     p.terminate();
@@ -1462,10 +1469,11 @@ async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
     let why = "upstream 127.0.0.1 failed mid-body (ConnectionClosed); the response cannot be resumed: \
                it has no strong ETag or Last-Modified";
     assert_eq!(log.matches(why).count(), 1, "{log}");
+    assert!(log.lines().any(|l| l.contains("WARN") && l.ends_with(&format!("{why} id=player-7"))), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
     let line =
         log.lines().find(|l| l.contains("\"GET /strm/proxy/x.mp4\" 200 1000 ")).unwrap_or_else(|| panic!("{log}"));
-    assert!(line.contains("error=\"ConnectionClosed\""), "{line}");
+    assert!(line.contains("error=\"ConnectionClosed\"") && line.contains(" id=player-7 "), "{line}");
 }
 
 /// A client that hangs up before its request header is whole (a scanner, a

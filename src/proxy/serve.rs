@@ -46,7 +46,8 @@ impl Proxy {
         // Players pipeline: keep bytes of the next request that arrive
         // while this response streams, instead of failing this one.
         down.set_pipelining_enabled(true);
-        match self.handle(down, ctx).await {
+        let id = ctx.request_id.clone();
+        match crate::access::with_request_id(id, self.handle(down, ctx)).await {
             Ok(()) => Ok(()),
             Err(Outcome::Reply(failure)) => reply(down, ctx, &self.state.cors, failure).await,
             Err(Outcome::Abort(e)) => Err(e),
