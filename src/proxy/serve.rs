@@ -46,6 +46,8 @@ impl Proxy {
         // Players pipeline: keep bytes of the next request that arrive
         // while this response streams, instead of failing this one.
         down.set_pipelining_enabled(true);
+        // What is logged while answering ends with the request's id, as
+        // its access line does (an empty id: none).
         let id = ctx.request_id.clone();
         match crate::access::with_request_id(id, self.handle(down, ctx)).await {
             Ok(()) => Ok(()),
