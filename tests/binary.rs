@@ -1375,7 +1375,8 @@ async fn upstream_failures_name_the_place_and_the_cause() {
 /// logged once, not once per reader it aborts, nor once by the upstream's
 /// read and again by the fill: five viewers of one dying file leave one
 /// WARN (why) and, at INFO, the fill's line (what it cost), no ERROR
-/// lines, and each viewer's access line says its response failed.
+/// lines, and each viewer's access line says its response failed. The
+/// WARN carries no request id: the fill served five.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_dies_is_logged_once_not_once_per_reader() {
     let o = Origin::start(|_| {
@@ -1445,7 +1446,7 @@ async fn a_fill_that_fails_before_its_header_is_logged_once() {
 /// resumed) is logged once, as the WARN that says why, not again as an
 /// ERROR of Pingora's; the access line says the response failed. The WARN
 /// ends with the request's id (the client's own `X-Request-Id`), as the
-/// access line does. A fill's WARN (it serves many requests) carries none.
+/// access line does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_whose_upstream_dies_is_logged_once_without_an_error() {
     let o = Origin::start(|_| {

@@ -407,8 +407,9 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
 /// new upstream request takes to bring its first byte.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How often a range looks again whether a fill's pace is known yet
-/// (within three quarters of a second of its header, [`cache::Entry::arrives_within`]).
+/// How often a range looks again whether a fill's pace is known yet (it
+/// is at most three quarters of a second into the fill's body,
+/// [`cache::Entry::arrives_within`]).
 const PACE_KNOWN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The first byte of the range `req` (a GET with the client's headers
