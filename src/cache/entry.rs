@@ -207,36 +207,28 @@ impl std::fmt::Debug for Entry {
 impl Entry {
     /// An entry waiting for its fill's header.
     pub(super) fn pending(key: Key) -> Arc<Entry> {
-        Arc::new(Entry {
-            key,
-            progress: watch::Sender::new(Progress::Pending),
-            head: OnceLock::new(),
-            body: RwLock::default(),
-            file: OnceLock::new(),
-            filed: AtomicU64::new(0),
-            first: OnceLock::new(),
-            stored: OnceLock::new(),
-            head_only: false,
-            resumed: AtomicU32::new(0),
-            ahead: AtomicBool::new(false),
-            ahead_done: tokio::sync::Notify::new(),
-            pace: Mutex::default(),
-            charge: OnceLock::new(),
-        })
+        Entry::new(key, Progress::Pending, OnceLock::new())
     }
 
     /// A complete entry of only a header (what a HEAD was answered).
     pub(super) fn header_only(key: Key, head: Head) -> Arc<Entry> {
+        Entry::new(key, Progress::Done, OnceLock::from(head))
+    }
+
+    /// An entry at `progress` with `head`, and no body yet: only a header
+    /// when it is complete from the start.
+    fn new(key: Key, progress: Progress, head: OnceLock<Head>) -> Arc<Entry> {
+        let head_only = matches!(progress, Progress::Done);
         Arc::new(Entry {
             key,
-            progress: watch::Sender::new(Progress::Done),
-            head: OnceLock::from(head),
+            progress: watch::Sender::new(progress),
+            head,
             body: RwLock::default(),
             file: OnceLock::new(),
             filed: AtomicU64::new(0),
             first: OnceLock::new(),
             stored: OnceLock::new(),
-            head_only: true,
+            head_only,
             resumed: AtomicU32::new(0),
             ahead: AtomicBool::new(false),
             ahead_done: tokio::sync::Notify::new(),
