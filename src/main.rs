@@ -69,6 +69,18 @@ fn client_left_early(r: &log::Record<'_>) -> bool {
             && text.starts_with("HTTP server fails to read from downstream"))
 }
 
+/// `r` said again at `level` with `args`: the same target and source place.
+fn restated<'a>(r: &log::Record<'a>, level: log::Level, args: std::fmt::Arguments<'a>) -> log::Record<'a> {
+    log::Record::builder()
+        .level(level)
+        .target(r.target())
+        .args(args)
+        .module_path(r.module_path())
+        .file(r.file())
+        .line(r.line())
+        .build()
+}
+
 impl log::Log for Logs {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
         self.logger.enabled(m) && !leaks_secrets(m)
@@ -81,14 +93,7 @@ impl log::Log for Logs {
         if client_left_early(r) {
             // As ordinary as a client leaving mid-body, which the proxy
             // does not report either: a debug line, not an ERROR.
-            let debug = log::Record::builder()
-                .level(log::Level::Debug)
-                .target(r.target())
-                .args(*r.args())
-                .module_path(r.module_path())
-                .file(r.file())
-                .line(r.line())
-                .build();
+            let debug = restated(r, log::Level::Debug, *r.args());
             if self.logger.matches(&debug) {
                 self.logger.log(&debug);
             }
@@ -100,15 +105,7 @@ impl log::Log for Logs {
             self.access.push(r.args().to_string());
         } else if let Some(id) = anibridge_proxy::access::current_request_id() {
             // Said while answering a request: its id, as its access line has it.
-            self.logger.log(
-                &log::Record::builder()
-                    .metadata(r.metadata().clone())
-                    .args(format_args!("{} id={id}", r.args()))
-                    .module_path(r.module_path())
-                    .file(r.file())
-                    .line(r.line())
-                    .build(),
-            );
+            self.logger.log(&restated(r, r.level(), format_args!("{} id={id}", r.args())));
         } else {
             self.logger.log(r);
         }
