@@ -657,6 +657,68 @@ async fn a_seek_ahead_of_a_fill_that_slowed_after_a_burst_goes_upstream_alone() 
     }
 }
 
+/// Every player opening an MP4 whose index is at its end asks for the same
+/// tail, far ahead of the fill. A crowd of them: the first range goes
+/// upstream alone and writes the tail into the fill's body as it comes;
+/// the others (asking meanwhile, and after) read it from memory, byte
+/// for byte, and so do ranges within it — nginx sends the tail once, not
+/// once per viewer (before, each waited its turn and fetched it again).
+/// From nginx sending the fill at 256 KiB/s and ranges at 1 MiB/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_fetched_ahead_of_a_fill_is_fetched_once_for_every_viewer() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 4 << 20;
+    const TAIL: u64 = LEN - 300_000;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("e.mp4"), pattern(0, LEN)).unwrap();
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
+             map $http_range $rate {{ \"bytes=0-\" 256k; default 1m; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster; limit_rate $rate; }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    let p = proxy("{}").await;
+    let path = relay_path("e.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
+    let fill = start_fill(&p, &path).await;
+    let tail = format!("bytes={TAIL}-");
+    // (range, first byte, length): the tail five times over, a suffix
+    // and a bounded range within it, asked while the first is upstream.
+    let mut asked = vec![(tail.clone(), TAIL, LEN - TAIL); 5];
+    asked.push(("bytes=-1000".into(), LEN - 1000, 1000));
+    asked.push((format!("bytes={}-{}", TAIL + 1000, TAIL + 100_999), TAIL + 1000, 100_000));
+    let viewers: Vec<_> = asked
+        .into_iter()
+        .enumerate()
+        .map(|(i, (range, from, len))| {
+            let (addr, path) = (p.addr(), path.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(30 * i as u64)).await;
+                (get(addr, "GET", &path, &[("Range", &range)]).await, from, len)
+            })
+        })
+        .collect();
+    for v in viewers {
+        let (got, from, len) = v.await.unwrap();
+        let want = format!("bytes {from}-{}/{LEN}", from + len - 1);
+        assert_eq!((got.status, got.header("content-range")), (206, Some(want.as_str())));
+        assert_body(&got.body, &pattern(from, len));
+    }
+    // And a viewer after them.
+    let got = get(p.addr(), "GET", &path, &[("Range", &tail)]).await;
+    assert_eq!(got.status, 206);
+    assert_body(&got.body, &pattern(TAIL, LEN - TAIL));
+    let log = nginx.read_when("access.log", |l| l.contains(&tail)).await;
+    assert_eq!(log.lines().collect::<Vec<_>>(), [format!("/e.mp4 206 \"{tail}\" {}", LEN - TAIL)], "the tail once");
+    assert!(!fill.is_finished(), "all of it while the fill went on");
+    assert_eq!(p.metric("anibridge_cache_requests_total{result=\"coalesced\"}"), 7.0, "the others from memory");
+    fill.abort();
+}
+
 /// nginx is the reference for answers from memory: for a matrix of ranges
 /// (open, suffix, past the end, empty and one-byte objects, malformed and
 /// multiple ranges), `If-Range`, `If-None-Match` and `If-Modified-Since`,

@@ -3,7 +3,9 @@
 //! is still writing (read-while-filling, as Varnish's streaming and Traffic
 //! Server's read-while-writer do). Progress is a `watch` channel, so every
 //! reader waits for exactly the bytes it needs, at its own pace, and a slow
-//! reader never holds up the fill or another reader.
+//! reader never holds up the fill or another reader. A body in a file may
+//! also hold its tail before the fill gets there, fetched by a range ahead
+//! of it ([`Entry::kept_tail`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -175,6 +177,10 @@ pub struct Entry {
     ahead_done: tokio::sync::Notify,
     /// How fast the fill has brought the body lately.
     pace: Mutex<Pace>,
+    /// Where the body's tail starts that a range fetched ahead of the fill
+    /// brought whole into the body's file, at its place (`u64::MAX`: none);
+    /// see [`Entry::kept_tail`].
+    tail: AtomicU64,
     /// Its share of `cache.max_bytes`, given back when it is dropped: when
     /// it is out of the store and its last reader is done.
     charge: OnceLock<Charge>,
@@ -233,6 +239,7 @@ impl Entry {
             ahead: AtomicBool::new(false),
             ahead_done: tokio::sync::Notify::new(),
             pace: Mutex::default(),
+            tail: AtomicU64::new(u64::MAX),
             charge: OnceLock::new(),
         })
     }
@@ -304,7 +311,7 @@ impl Entry {
     /// ([`crate::proxy`] sends it upstream alone when the host has a slot
     /// free).
     pub fn arrives_within(&self, pos: u64, patience: Duration) -> Option<bool> {
-        if self.is_done() {
+        if self.is_done() || self.in_tail(pos) {
             return Some(true);
         }
         let Some(head) = self.head() else { return Some(true) };
@@ -328,9 +335,55 @@ impl Entry {
         self.ahead_done.notified()
     }
 
-    /// Whether body byte `pos` is there (written, or the body complete).
+    /// Whether body byte `pos` is there (written, in a kept tail, or the
+    /// body complete).
     pub fn holds(&self, pos: u64) -> bool {
-        self.is_done() || self.written() > pos
+        self.is_done() || self.written() > pos || self.in_tail(pos)
+    }
+
+    /// Where the bytes there from `pos` on end: what the fill has written,
+    /// or the body's end within a kept tail.
+    fn there_from(&self, pos: u64) -> u64 {
+        let written = self.written();
+        if pos >= written && self.in_tail(pos) {
+            return self.head().map_or(written, |h| h.len);
+        }
+        written
+    }
+
+    /// Whether `pos` is in the tail a range fetched ahead kept.
+    fn in_tail(&self, pos: u64) -> bool {
+        pos >= self.tail.load(Ordering::Acquire)
+    }
+
+    // ---- a range fetched ahead of the fill -------------------------------
+
+    /// The file a range fetched upstream alone, ahead of the fill, writes
+    /// its bytes into, at their place, when they reach the body's end
+    /// ([`Entry::kept_tail`]): `None` when the body is in the heap (a short
+    /// one, or no file to be had) or complete.
+    pub fn tail_file(&self) -> Option<&BodyFile> {
+        let len = self.head()?.len;
+        if self.is_done() {
+            return None;
+        }
+        self.file.get_or_init(|| BodyFile::new(len)).as_ref()
+    }
+
+    /// Body bytes `first..` (to the body's end) fetched ahead of the fill
+    /// are all in its file ([`Entry::tail_file`]): from now on they are
+    /// read from there, by every viewer, before the fill gets to them. Every
+    /// player opening an MP4 whose index is at its end asks for the same
+    /// tail at once: the hoster sends it once, not once per viewer, and
+    /// the viewers after the first need not wait for their turn upstream.
+    /// The fill writes the same bytes there later (the range was of the
+    /// same file: its length and validator are the fill's). A tail only,
+    /// never a run in the middle: a reader of a kept run would otherwise
+    /// wait at its end for a fill that may be minutes behind.
+    pub fn kept_tail(&self, first: u64) {
+        self.tail.fetch_min(first, Ordering::AcqRel);
+        // Readers waiting for these bytes look again.
+        self.progress.send_modify(|_| {});
     }
 
     /// A reader of body bytes `first..end`.
@@ -544,7 +597,7 @@ impl Reader {
             None => self.wait().await?,
         }
         if let Some(file) = self.entry.body_file() {
-            let there = self.end.min(self.entry.written());
+            let there = self.end.min(self.entry.there_from(self.pos));
             let n = there.saturating_sub(self.pos).min(self.chunk as u64) as usize;
             if n == 0 {
                 return short();
@@ -579,12 +632,12 @@ impl Reader {
         loop {
             let state = rx.borrow_and_update().clone();
             match state {
-                Progress::Filling(written) if written > self.pos => return Ok(()),
+                Progress::Filling(written) if written > self.pos || self.entry.in_tail(self.pos) => return Ok(()),
                 Progress::Done => return Ok(()),
                 Progress::Filling(_) | Progress::Pending => {}
                 // What arrived before the fill died is read; a reader still
                 // waiting for more is aborted, as a relay would be.
-                Progress::Failed(_) if self.entry.written() > self.pos => return Ok(()),
+                Progress::Failed(_) if self.entry.there_from(self.pos) > self.pos => return Ok(()),
                 Progress::Declined | Progress::Failed(_) => {
                     return Error::e_explain(ErrorType::ConnectionClosed, FILL_FAILED);
                 }
@@ -684,6 +737,44 @@ mod tests {
         assert!(slot.is_some() && e.ahead_slot().is_none(), "one range ahead at a time");
         drop(slot);
         assert!(e.ahead_slot().is_some(), "given back");
+    }
+
+    #[tokio::test]
+    async fn a_tail_fetched_ahead_is_read_before_the_fill_gets_there() {
+        let (len, tail) = (300_000u64, 200_000u64);
+        let body = pattern(len as usize);
+        let short = Entry::pending(Key::from("k"));
+        short.set_head(head(10_000));
+        assert!(short.tail_file().is_none(), "a body in the heap keeps no tail");
+        let e = Entry::pending(Key::from("k"));
+        e.set_head(head(len));
+        let mut block = BytesMut::new();
+        e.append(&mut block, &body[..100_000]).unwrap();
+        let waiting = tokio::spawn({
+            let e = e.clone();
+            async move { read_all(e.reader(250_000, len, 1000)).await }
+        });
+        // From the first written byte into the tail: it follows the fill up
+        // to the tail, then reads on from the tail.
+        let across = tokio::spawn({
+            let e = e.clone();
+            async move { read_all(e.reader(50_000, len, 1000)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!e.holds(tail) && e.arrives_within(tail, Duration::from_secs(1)) != Some(true));
+        e.tail_file().unwrap().write_at(&body[tail as usize..], tail).unwrap();
+        e.kept_tail(tail);
+        assert!(e.holds(tail) && e.holds(len - 1) && !e.holds(tail - 1));
+        assert_eq!(e.arrives_within(tail, Duration::from_secs(1)), Some(true));
+        assert_eq!(waiting.await.unwrap().unwrap(), &body[250_000..], "woken, and read without the fill");
+        assert_eq!(read_all(e.reader(tail, tail + 10, 1000)).await.unwrap(), &body[tail as usize..][..10]);
+        e.append(&mut block, &body[100_000..tail as usize]).unwrap();
+        assert_eq!(across.await.unwrap().unwrap(), &body[50_000..], "across the gap the fill closed");
+        // The fill writes the same bytes there, and completes.
+        e.append(&mut block, &body[tail as usize..]).unwrap();
+        e.finish(Progress::Done);
+        assert_eq!(e.whole_body(1000).await.unwrap(), body);
+        assert!(e.tail_file().is_none(), "a complete body takes no more writes");
     }
 
     #[test]

@@ -67,7 +67,8 @@ impl BodyFile {
         }
     }
 
-    /// Writes `bytes` at `pos` (the fill's side: in order, never past `len`).
+    /// Writes `bytes` at `pos`, never past `len` (the fill's side, in
+    /// order; and a range fetched ahead of it, the body's tail).
     pub fn write_at(&self, bytes: &[u8], pos: u64) -> std::io::Result<()> {
         debug_assert!(pos + bytes.len() as u64 <= self.len);
         self.file.write_all_at(bytes, pos)

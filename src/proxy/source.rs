@@ -33,7 +33,8 @@ pub(super) enum Source {
 /// gate) is let go and the rest comes from memory — so a viewer who skipped
 /// ahead costs the hoster a second connection only until the fill catches
 /// up, not for the rest of the film. Until then it holds the object's one
-/// [`AheadSlot`].
+/// [`AheadSlot`]. A range that runs to the body's end (an MP4's index) is
+/// kept in the fill's body for every other viewer ([`Entry::kept_tail`]).
 pub(super) struct Ahead {
     /// The upstream answer and the slot that let it go upstream alone;
     /// `None` once handed over to the fill.
@@ -52,6 +53,10 @@ pub(super) struct Ahead {
     reader: Option<Reader>,
     /// Where the fill took over, once it did.
     handed_at: Option<u64>,
+    /// The range is the body's tail: its bytes are written into the
+    /// fill's file as they come (`Some(first)`), and kept for every viewer
+    /// once all are there ([`Entry::kept_tail`]).
+    tail: Option<u64>,
 }
 
 impl Ahead {
@@ -65,6 +70,8 @@ impl Ahead {
             fill.total == alone.total && fill.if_range == alone.if_range && fill.etag == alone.etag
         });
         let (pos, end) = same.as_ref().map_or((0, 0), |(_, alone)| (alone.first, alone.last + 1));
+        let tail = (same.is_some() && entry.head().is_some_and(|h| h.len == end) && entry.tail_file().is_some())
+            .then_some(pos);
         Source::Ahead(Box::new(Ahead {
             header: up.header().clone(),
             request: up.request().clone(),
@@ -76,7 +83,24 @@ impl Ahead {
             chunk,
             reader: None,
             handed_at: None,
+            tail,
         }))
+    }
+
+    /// `piece`, the upstream's next bytes at `pos`, are relayed: written
+    /// into the fill's file too when the range is the body's tail, and the
+    /// tail kept once the last of them is there. A write that fails (the
+    /// fill completed and sealed its file meanwhile) keeps nothing.
+    fn came(entry: Option<&Arc<Entry>>, tail: &mut Option<u64>, pos: u64, end: u64, piece: &[u8]) {
+        let (Some(entry), Some(first)) = (entry, *tail) else { return };
+        let written = entry.tail_file().is_some_and(|file| file.write_at(piece, pos).is_ok());
+        let at = pos + piece.len() as u64;
+        if !written || at >= end {
+            *tail = None;
+        }
+        if written && at == end {
+            entry.kept_tail(first);
+        }
     }
 
     async fn read(&mut self) -> Result<Option<&[u8]>> {
@@ -91,11 +115,18 @@ impl Ahead {
                 log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
                 self.reader = Some(entry.reader(self.pos, self.end, self.chunk));
                 self.handed_at = Some(self.pos);
+                self.tail = None;
             }
         }
-        let Ahead { up, reader, pos, .. } = self;
+        let Ahead { up, reader, pos, end, entry, tail, .. } = self;
         let piece = match (up, reader) {
-            (Some((up, _)), _) => up.read().await?,
+            (Some((up, _)), _) => {
+                let piece = up.read().await?;
+                if let Some(p) = piece {
+                    Ahead::came(entry.as_ref(), tail, *pos, *end, p);
+                }
+                piece
+            }
             (None, Some(reader)) => reader.read().await?,
             (None, None) => None,
         };
@@ -236,6 +267,7 @@ impl Source {
             Source::Ahead(a) => {
                 let Some((up, _)) = &mut a.up else { return Ok(Vec::new()) };
                 let first = up.peek(at_least).await?;
+                Ahead::came(a.entry.as_ref(), &mut a.tail, a.pos, a.end, &first);
                 a.pos += first.len() as u64;
                 Ok(first)
             }
