@@ -105,7 +105,8 @@ impl Ahead {
 
     async fn read(&mut self) -> Result<Option<&[u8]>> {
         if let (Some(entry), Some(_)) = (&self.entry, &self.up) {
-            if entry.holds(self.pos) {
+            // (At the range's end the upstream's answer is done: it is finished, not cut.)
+            if self.pos < self.end && entry.holds(self.pos) {
                 // The fill caught up: the upstream connection goes (closed,
                 // its gate slot given back, and the object's slot), the rest
                 // is read from memory.
