@@ -434,6 +434,20 @@ impl Gate {
         h.cooling(now).is_none() && h.queue.is_empty() && h.has_slot(limit)
     }
 
+    /// Whether `host` is full with one request: its limit is one (set or
+    /// learned), that one is in flight and nobody waits (a cooldown only
+    /// delays whoever goes next). A cache fill that holds that slot may
+    /// lend it to a short range ahead of it ([`crate::cache::Entry::lend`]).
+    pub fn full_with_one(&self, host: &str) -> bool {
+        let host = same_host(host);
+        let configured = self.configured(host);
+        let now = Instant::now();
+        let mut hosts = self.lock();
+        let Some(h) = hosts.get_mut(host) else { return false };
+        let limit = h.limit(configured, self.0.settings.quiet, now);
+        h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()
+    }
+
     /// Records what `permit`'s host answered: a refusal starts its cooldown
     /// (logged) and cuts its limit, a success counts towards raising it.
     pub fn answered(&self, permit: &Permit, status: StatusCode, retry_after: Option<&HeaderValue>) {

@@ -177,6 +177,10 @@ pub struct Entry {
     ahead_done: tokio::sync::Notify,
     /// How fast the fill has brought the body lately.
     pace: Mutex<Pace>,
+    /// The fill reads its body holding its host's only slot, and may lend
+    /// it ([`Entry::lend`]): `lendable` while it may, `lend` its call.
+    lendable: AtomicBool,
+    lend: tokio::sync::Notify,
     /// Where the body's tail starts that a range fetched ahead of the fill
     /// brought whole into the body's file, at its place (`u64::MAX`: none);
     /// see [`Entry::kept_tail`].
@@ -239,6 +243,8 @@ impl Entry {
             ahead: AtomicBool::new(false),
             ahead_done: tokio::sync::Notify::new(),
             pace: Mutex::default(),
+            lendable: AtomicBool::new(false),
+            lend: tokio::sync::Notify::new(),
             tail: AtomicU64::new(u64::MAX),
             charge: OnceLock::new(),
         })
@@ -333,6 +339,46 @@ impl Entry {
     /// it (`enable` it before looking at the slot, so no release is missed).
     pub fn ahead_done(&self) -> tokio::sync::futures::Notified<'_> {
         self.ahead_done.notified()
+    }
+
+    /// Asks the fill to lend its connection's slot at the host to the
+    /// range that holds the object's [`AheadSlot`], when the host allows
+    /// one connection at a time and the fill holds it: the fill lets its
+    /// connection go, waits until that range is done, and continues its
+    /// body on a new connection from where it was. So a player reading an
+    /// MP4's index at its end need not wait for the whole download from a
+    /// hoster that allows one connection per address. False when the fill
+    /// cannot (it is not reading a body it could continue).
+    pub fn lend(&self) -> bool {
+        let can = self.lendable.load(Ordering::Acquire);
+        if can {
+            self.lend.notify_one();
+        }
+        can
+    }
+
+    // ---- the fill's side of lending ------------------------------------
+
+    /// Whether the fill may be asked to lend its slot from now on.
+    pub(super) fn set_lendable(&self, can: bool) {
+        self.lendable.store(can, Ordering::Release);
+    }
+
+    /// Done when the fill is asked to lend its slot.
+    pub(super) fn lend_asked(&self) -> tokio::sync::futures::Notified<'_> {
+        self.lend.notified()
+    }
+
+    /// Waits until no range holds the object's [`AheadSlot`].
+    pub(super) async fn ahead_gone(&self) {
+        loop {
+            let mut done = std::pin::pin!(self.ahead_done());
+            done.as_mut().enable();
+            if !self.ahead.load(Ordering::Acquire) {
+                return;
+            }
+            done.await;
+        }
     }
 
     /// Whether body byte `pos` is there (written, in a kept tail, or the

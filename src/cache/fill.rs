@@ -139,22 +139,36 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
             Ok(_) | Err(_) => false,
         }
     } else {
-        loop {
-            match resp.read_counted().await {
-                Ok((Some(piece), resumed)) => {
+        entry.set_lendable(resp.resumable());
+        let complete = loop {
+            let read = tokio::select! {
+                biased;
+                () = entry.lend_asked() => None,
+                read = resp.read_counted() => Some(read),
+            };
+            match read {
+                Some(Ok((Some(piece), resumed))) => {
                     // Told before the bytes past a seam reach a reader.
                     entry.resumed(resumed);
                     if entry.append(&mut block, piece).is_err() {
                         break false;
                     }
                 }
-                Ok((None, _)) => break entry.written() == len,
-                Err(e) => {
+                Some(Ok((None, _))) => break entry.written() == len,
+                Some(Err(e)) => {
                     failure = Some(e);
                     break false;
                 }
+                None => {
+                    // Lent (`Entry::lend`): the connection goes, and the
+                    // body continues from here once the range is done.
+                    resp.let_go().await;
+                    entry.ahead_gone().await;
+                }
             }
-        }
+        };
+        entry.set_lendable(false);
+        complete
     };
     if !complete {
         let host = resp.url().host_str().unwrap_or("-");

@@ -71,9 +71,18 @@ impl Proxy {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
-                            if let Some(slot) = self.ahead_slot(down, &req, &entry).await? {
+                            let mut tries = 2;
+                            while let Some(slot) = self.ahead_slot(down, &req, &entry).await? {
                                 if let Some(alone) = self.ahead_alone(down, ctx, &req).await? {
                                     return Ok(Ok(Ahead::of(alone, entry, slot, chunk)));
+                                }
+                                drop(slot);
+                                // A hoster that refused a second connection taught the
+                                // gate its limit of one: the fill may lend its slot now.
+                                tries -= 1;
+                                let host = req.url.host_str().unwrap_or_default();
+                                if tries == 0 || !st.client.gate().full_with_one(host) {
+                                    break;
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
@@ -184,7 +193,10 @@ impl Proxy {
             let mut done = pin!(entry.ahead_done());
             done.as_mut().enable();
             if let Some(slot) = entry.ahead_slot() {
-                return Ok(self.state.client.gate().has_room(host).then_some(slot));
+                let gate = self.state.client.gate();
+                let go =
+                    gate.has_room(host) || (lent_for(entry, first, host) && gate.full_with_one(host) && entry.lend());
+                return Ok(go.then_some(slot));
             }
             let _ = unless_client_leaves(down, pin!(tokio::time::timeout(PATIENCE, done))).await?;
         }
@@ -411,6 +423,22 @@ const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 /// is at most three quarters of a second into the fill's body,
 /// [`cache::Entry::arrives_within`]).
 const PACE_KNOWN: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Whether the fill of `entry` may lend its host's only slot to a range
+/// from `first` to the end of the body, fetched from `host`: a range that
+/// short (an MP4's index; the fill waits for it) of the fill's own host
+/// (the slot is that host's). A long one (a seek) would hold the fill up
+/// for minutes: it waits for the fill instead.
+fn lent_for(entry: &cache::Entry, first: u64, host: &str) -> bool {
+    entry.head().is_some_and(|h| {
+        let short = h.len.saturating_sub(first) <= (h.len / 16).min(LENT_AT_MOST);
+        short && h.url.host_str() == Some(host)
+    })
+}
+
+/// The most bytes a fill lends its slot for ([`lent_for`]): more than an
+/// MP4's index holds (0.7 MB for a 24-minute episode, a few MB for a film).
+const LENT_AT_MOST: u64 = 8 << 20;
 
 /// The first byte of the range `req` (a GET with the client's headers
 /// `client`) asks of a fill of a whole object in progress, from an

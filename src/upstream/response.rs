@@ -226,6 +226,32 @@ impl Response {
         })
     }
 
+    /// Whether a body cut short here would be continued on a new
+    /// connection (a `GET` for a file with a validator, not read whole).
+    pub fn resumable(&mut self) -> bool {
+        if self.head_fallback || self.request.method != Method::GET || self.recovery.whole {
+            return false;
+        }
+        if self.recovery.window.is_none() {
+            self.recovery.window = Some(Window::of(self.header()).map(Box::new));
+        }
+        matches!(self.recovery.window, Some(Ok(_)))
+    }
+
+    /// Lets the connection and the host's slot go mid-body, for another
+    /// request to the host that allows one at a time ([`Response::resumable`]
+    /// said it may): the next read continues the body on a new connection,
+    /// as after a failure, without using up an attempt.
+    pub async fn let_go(&mut self) {
+        if self.recovery.failure.is_some() {
+            return;
+        }
+        self.hang_up().await;
+        self.permit = None;
+        self.recovery.attempts_left += 1;
+        self.recovery.failure = Some(Error::explain(ErrorType::ConnectionClosed, LET_GO));
+    }
+
     /// Mends the failure `e` of the current connection, or returns it.
     async fn recover(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
         if !is_body_failure(&e) || self.head_fallback || self.request.method != Method::GET {
@@ -256,12 +282,16 @@ impl Response {
             let next = window.first + self.received;
             backoff(tried).await;
             tried += 1;
-            log::info!(
-                "upstream {} failed after {} body bytes ({}); resuming at byte {next}",
-                self.host(),
-                self.received,
-                e.etype().as_str()
-            );
+            if e.context.as_ref().is_some_and(|c| c.as_str() == LET_GO) {
+                log::debug!("upstream {}: continuing at byte {next} after letting the connection go", self.host());
+            } else {
+                log::info!(
+                    "upstream {} failed after {} body bytes ({}); resuming at byte {next}",
+                    self.host(),
+                    self.received,
+                    e.etype().as_str()
+                );
+            }
             self.count(|m| m.resumes_attempted.inc());
             let ask = Ask::Resume { range, if_range: window.if_range.clone() };
             match self.client.fetch(&self.request, ask, self.permit.take()).await {
@@ -375,6 +405,9 @@ pub fn is_logged_body_failure(e: &Error) -> bool {
 
 /// Errors of a body read that a new connection may mend: the connection
 /// closed or failed, or stalled past the read timeout.
+/// Why a body's connection was let go on purpose ([`Response::let_go`]).
+const LET_GO: &str = "its connection was let go for another request";
+
 fn is_body_failure(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::ReadTimedout)
 }
