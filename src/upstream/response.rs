@@ -243,13 +243,13 @@ impl Response {
     /// said it may): the next read continues the body on a new connection,
     /// as after a failure, without using up an attempt.
     pub async fn let_go(&mut self) {
-        if self.recovery.failure.is_some() {
-            return;
-        }
         self.hang_up().await;
         self.permit = None;
-        self.recovery.attempts_left += 1;
-        self.recovery.failure = Some(Error::explain(ErrorType::ConnectionClosed, LET_GO));
+        // (A failure the last read met is mended as it would have been.)
+        if self.recovery.failure.is_none() {
+            self.recovery.attempts_left += 1;
+            self.recovery.failure = Some(Error::explain(ErrorType::ConnectionClosed, LET_GO));
+        }
     }
 
     /// Mends the failure `e` of the current connection, or returns it.
