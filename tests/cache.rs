@@ -622,6 +622,8 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
                 ];
                 assert_eq!(lent[1..], after, "{case}: {lines:?}");
                 assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (2.0, 0.0));
+                // A connection let go on purpose is no failure mended.
+                assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "{case}");
             }
             _ => {
                 assert_eq!(lines, [whole], "the host had no slot: it waited for the fill");

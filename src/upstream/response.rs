@@ -275,6 +275,8 @@ impl Response {
             }
         };
         self.hang_up().await;
+        // Let go on purpose ([`Response::let_go`]): no failure to count or report.
+        let lent = e.context.as_ref().is_some_and(|c| c.as_str() == LET_GO);
         let mut tried = 0u32;
         while self.recovery.attempts_left > 0 {
             self.recovery.attempts_left -= 1;
@@ -282,7 +284,7 @@ impl Response {
             let next = window.first + self.received;
             backoff(tried).await;
             tried += 1;
-            if e.context.as_ref().is_some_and(|c| c.as_str() == LET_GO) {
+            if lent {
                 log::debug!("upstream {}: continuing at byte {next} after letting the connection go", self.host());
             } else {
                 log::info!(
@@ -292,7 +294,9 @@ impl Response {
                     e.etype().as_str()
                 );
             }
-            self.count(|m| m.resumes_attempted.inc());
+            if !lent {
+                self.count(|m| m.resumes_attempted.inc());
+            }
             let ask = Ask::Resume { range, if_range: window.if_range.clone() };
             match self.client.fetch(&self.request, ask, self.permit.take()).await {
                 Ok(mut ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
@@ -300,8 +304,10 @@ impl Response {
                         self.permit = ex.permit.take();
                         self.session = ex.session;
                         self.pool_key = ex.pool_key;
-                        self.count(|m| m.resumes_succeeded.inc());
-                        self.recovery.resumed += 1;
+                        if !lent {
+                            self.count(|m| m.resumes_succeeded.inc());
+                            self.recovery.resumed += 1;
+                        }
                         return Ok(());
                     }
                     Verdict::Retry(why) => {
