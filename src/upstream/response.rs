@@ -293,8 +293,6 @@ impl Response {
                     self.received,
                     e.etype().as_str()
                 );
-            }
-            if !lent {
                 self.count(|m| m.resumes_attempted.inc());
             }
             let ask = Ask::Resume { range, if_range: window.if_range.clone() };
@@ -409,11 +407,11 @@ pub fn is_logged_body_failure(e: &Error) -> bool {
     matches!(e.esource(), ErrorSource::Upstream) && is_body_failure(e)
 }
 
-/// Errors of a body read that a new connection may mend: the connection
-/// closed or failed, or stalled past the read timeout.
 /// Why a body's connection was let go on purpose ([`Response::let_go`]).
 const LET_GO: &str = "its connection was let go for another request";
 
+/// Errors of a body read that a new connection may mend: the connection
+/// closed or failed, or stalled past the read timeout.
 fn is_body_failure(e: &Error) -> bool {
     matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::ReadTimedout)
 }
