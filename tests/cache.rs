@@ -496,7 +496,7 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
     }
     const LEN: u64 = 4 << 20;
     let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4"] {
+    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f.mp4"] {
         std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
     }
     let (nginx, port) = nginx_on_a_free_port(|port| {
@@ -507,7 +507,8 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
              map $http_range $rate {{ \"bytes=0-\" 1m; \"~-{last}$\" 1m; default 256k; }}\n\
              server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
              access_log {{dir}}/times.log times; limit_rate $rate;\n\
-             location /one/ {{ alias {root}/; limit_conn one 1; limit_conn_status 509; }} }}\n",
+             location /one/ {{ alias {root}/; limit_conn one 1; limit_conn_status 509; }}\n\
+             location = /r/f.mp4 {{ return 302 http://localhost:{port}/f.mp4; }} }}\n",
             root = root.path().display(),
             last = LEN - 1
         )
@@ -519,6 +520,7 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         ("one/b.mp4", "{}", LEN - 100_000, "refused"),
         ("c.mp4", "{}\nupstream: {max_connections_per_host: 1}", LEN - 100_000, "lent"),
         ("e.mp4", "{}\nupstream: {max_connections_per_host: 1}", LEN / 2, "no slot"),
+        ("r/f.mp4", "{}\nupstream: {max_connections_per_host: 1, queue_timeout: 1s}", LEN - 100_000, "redirected"),
     ];
     for (name, cache, from, case) in cases {
         let p = proxy(cache).await;
@@ -557,7 +559,8 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         let whole = fill.await.unwrap();
         assert_eq!((whole.status, whole.complete), (206, true), "{case}");
         assert_body(&whole.body, &pattern(0, LEN));
-        let uri = format!("/{name} ");
+        // Redirected: the fill's URL is the file's, and so is the range's.
+        let uri = format!("/{} ", name.trim_start_matches("r/"));
         let whole = format!("{uri}206 \"bytes=0-\" {LEN}");
         // The fill's last line: the whole file, or the rest after it lent its slot
         // (nginx may log it a moment after the last byte went).
@@ -609,7 +612,7 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
                     assert!(tail_sent >= first_let_go - 0.01, "one at a time: {times}");
                 }
             }
-            "refused" | "lent" => {
+            "refused" | "lent" | "redirected" => {
                 let lent = if case == "refused" { &lines[1..] } else { &lines[..] };
                 if case == "refused" {
                     assert_eq!(lines[0], format!("{uri}509 \"{range}\" 0"), "refused once");
@@ -624,6 +627,11 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
                 assert_eq!((p.metric("anibridge_cache_requests_total{result=\"miss\"}"), coalesced), (2.0, 0.0));
                 // A connection let go on purpose is no failure mended.
                 assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "{case}");
+                if case == "redirected" {
+                    // The range went to the fill's own URL: its host's slot was the one lent.
+                    let hops = log.lines().filter(|l| l.starts_with("/r/f.mp4 302 ")).count();
+                    assert_eq!(hops, 1, "only the fill was redirected: {log}");
+                }
             }
             _ => {
                 assert_eq!(lines, [whole], "the host had no slot: it waited for the fill");

@@ -71,16 +71,24 @@ impl Proxy {
                     let ready = unless_client_leaves(down, pin!(entry.ready())).await?;
                     match ready {
                         Ready::Head => {
+                            // A range sent upstream alone asks the fill's own URL
+                            // (after its redirects, as a resumption of it does): its
+                            // host is the one whose slot the fill holds.
+                            // (Boxed: the rare redirected case must not grow every request's future.)
+                            let redirected = entry.head().filter(|h| h.url != req.url);
+                            let redirected =
+                                redirected.map(|h| Box::new(Request { url: h.url.clone(), ..req.clone() }));
+                            let alone = redirected.as_deref().unwrap_or(&req);
                             let mut tries = 2;
-                            while let Some(slot) = self.ahead_slot(down, &req, &entry).await? {
-                                if let Some(alone) = self.ahead_alone(down, ctx, &req).await? {
-                                    return Ok(Ok(Ahead::of(alone, entry, slot, chunk)));
+                            while let Some(slot) = self.ahead_slot(down, alone, &entry).await? {
+                                if let Some(up) = self.ahead_alone(down, ctx, alone).await? {
+                                    return Ok(Ok(Ahead::of(up, entry, slot, chunk)));
                                 }
                                 drop(slot);
                                 // A hoster that refused a second connection taught the
                                 // gate its limit of one: the fill may lend its slot now.
                                 tries -= 1;
-                                let host = req.url.host_str().unwrap_or_default();
+                                let host = alone.url.host_str().unwrap_or_default();
                                 if tries == 0 || !st.client.gate().full_with_one(host) {
                                     break;
                                 }
@@ -194,8 +202,7 @@ impl Proxy {
             done.as_mut().enable();
             if let Some(slot) = entry.ahead_slot() {
                 let gate = self.state.client.gate();
-                let go =
-                    gate.has_room(host) || (lent_for(entry, first, host) && gate.full_with_one(host) && entry.lend());
+                let go = gate.has_room(host) || (lent_for(entry, first) && gate.full_with_one(host) && entry.lend());
                 return Ok(go.then_some(slot));
             }
             let _ = unless_client_leaves(down, pin!(tokio::time::timeout(PATIENCE, done))).await?;
@@ -425,15 +432,11 @@ const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 const PACE_KNOWN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether the fill of `entry` may lend its host's only slot to a range
-/// from `first` to the end of the body, fetched from `host`: a range that
-/// short (an MP4's index; the fill waits for it) of the fill's own host
-/// (the slot is that host's). A long one (a seek) would hold the fill up
-/// for minutes: it waits for the fill instead.
-fn lent_for(entry: &cache::Entry, first: u64, host: &str) -> bool {
-    entry.head().is_some_and(|h| {
-        let short = h.len.saturating_sub(first) <= (h.len / 16).min(LENT_AT_MOST);
-        short && h.url.host_str() == Some(host)
-    })
+/// from `first` to the end of the body: one that short (an MP4's index;
+/// the fill waits for it). A long one (a seek) would hold the fill up for
+/// minutes: it waits for the fill instead.
+fn lent_for(entry: &cache::Entry, first: u64) -> bool {
+    entry.head().is_some_and(|h| h.len.saturating_sub(first) <= (h.len / 16).min(LENT_AT_MOST))
 }
 
 /// The most bytes a fill lends its slot for ([`lent_for`]): more than an
