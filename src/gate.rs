@@ -425,13 +425,8 @@ impl Gate {
     /// wait for bytes already on their way (a range ahead of a cache
     /// fill): it asks for a slot only when no other request needs one.
     pub fn has_room(&self, host: &str) -> bool {
-        let host = same_host(host);
-        let configured = self.configured(host);
-        let now = Instant::now();
-        let mut hosts = self.lock();
-        let Some(h) = hosts.get_mut(host) else { return true };
-        let limit = h.limit(configured, self.0.settings.quiet, now);
-        h.cooling(now).is_none() && h.queue.is_empty() && h.has_slot(limit)
+        self.judge(host, |h, limit, now| h.cooling(now).is_none() && h.queue.is_empty() && h.has_slot(limit))
+            .unwrap_or(true)
     }
 
     /// Whether `host` is full with one request: its limit is one (set or
@@ -439,13 +434,19 @@ impl Gate {
     /// delays whoever goes next). A cache fill that holds that slot may
     /// lend it to a short range ahead of it ([`crate::cache::Entry::lend`]).
     pub fn full_with_one(&self, host: &str) -> bool {
+        self.judge(host, |h, limit, _| h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()).unwrap_or(false)
+    }
+
+    /// `judge` of `host`'s state, with the limit in force and the time
+    /// now; `None` when nothing was ever sent to it.
+    fn judge(&self, host: &str, judge: impl FnOnce(&mut Host, Option<u32>, Instant) -> bool) -> Option<bool> {
         let host = same_host(host);
         let configured = self.configured(host);
         let now = Instant::now();
         let mut hosts = self.lock();
-        let Some(h) = hosts.get_mut(host) else { return false };
+        let h = hosts.get_mut(host)?;
         let limit = h.limit(configured, self.0.settings.quiet, now);
-        h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()
+        Some(judge(h, limit, now))
     }
 
     /// Records what `permit`'s host answered: a refusal starts its cooldown

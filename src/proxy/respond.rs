@@ -74,8 +74,10 @@ impl Proxy {
                             // A range sent upstream alone asks the fill's own URL
                             // (after its redirects, as a resumption of it does): its
                             // host is the one whose slot the fill holds.
-                            // (Boxed: the rare redirected case must not grow every request's future.)
-                            let redirected = entry.head().filter(|h| h.url != req.url);
+                            // (Only for a range; boxed: the rare redirected case must
+                            // not grow every request's future.)
+                            let ranged = down.req_header().headers.contains_key(header::RANGE);
+                            let redirected = entry.head().filter(|h| ranged && h.url != req.url);
                             let redirected =
                                 redirected.map(|h| Box::new(Request { url: h.url.clone(), ..req.clone() }));
                             let alone = redirected.as_deref().unwrap_or(&req);
