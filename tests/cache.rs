@@ -486,7 +486,9 @@ async fn start_fill(p: &Proxy, path: &str) -> tokio::task::JoinHandle<Got> {
 ///   fill continues from where it was (nginx logs the fill cut short, the
 ///   tail, and the rest of the fill, and never refuses again);
 /// - with `max_connections_per_host: 1` the fill lends it the same way,
-///   without a refusal;
+///   without a refusal; and when the hoster redirects to the host that
+///   allows one, the range asks the fill's own URL (nginx logs one `302`,
+///   the fill's), so it is that host's slot the fill lends;
 /// - but a long range (a seek to the middle) would hold the fill up: with
 ///   no slot free it waits for the fill without asking: nginx sees one GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
