@@ -229,13 +229,16 @@ impl Response {
     /// Whether a body cut short here would be continued on a new
     /// connection (a `GET` for a file with a validator, not read whole).
     pub fn resumable(&mut self) -> bool {
-        if self.head_fallback || self.request.method != Method::GET || self.recovery.whole {
-            return false;
-        }
+        !self.head_fallback && self.request.method == Method::GET && !self.recovery.whole && self.window().is_ok()
+    }
+
+    /// The first response's window (what a continuation must match), or
+    /// why it cannot be continued; judged once.
+    fn window(&mut self) -> Result<Box<Window>, &'static str> {
         if self.recovery.window.is_none() {
             self.recovery.window = Some(Window::of(self.header()).map(Box::new));
         }
-        matches!(self.recovery.window, Some(Ok(_)))
+        self.recovery.window.clone().expect("computed above")
     }
 
     /// Lets the connection and the host's slot go mid-body, for another
@@ -260,10 +263,7 @@ impl Response {
         if self.recovery.whole {
             return self.refetch_in_place(e).await;
         }
-        if self.recovery.window.is_none() {
-            self.recovery.window = Some(Window::of(self.header()).map(Box::new));
-        }
-        let window = match self.recovery.window.clone().expect("computed above") {
+        let window = match self.window() {
             Ok(window) => window,
             Err(why) => {
                 log::warn!(
