@@ -384,7 +384,7 @@ impl Entry {
     /// Whether body byte `pos` is there (written, in a kept tail, or the
     /// body complete).
     pub fn holds(&self, pos: u64) -> bool {
-        self.is_done() || self.written() > pos || self.in_tail(pos)
+        self.is_done() || self.there_from(pos) > pos
     }
 
     /// Where the bytes there from `pos` on end: what the fill has written,
@@ -413,6 +413,12 @@ impl Entry {
         if self.is_done() {
             return None;
         }
+        self.file_for(len)
+    }
+
+    /// The file of a body of `len` bytes, decided at the first write (the
+    /// fill's, or a tail's): `None` when it stays in the heap.
+    fn file_for(&self, len: u64) -> Option<&BodyFile> {
         self.file.get_or_init(|| BodyFile::new(len)).as_ref()
     }
 
@@ -485,7 +491,7 @@ impl Entry {
         let len = self.head().map_or(0, |h| h.len);
         // The body's first piece: its first bytes are kept from it, not read back.
         let opening = (self.first.get().is_none() && self.written() == 0).then_some(piece);
-        if let Some(file) = self.file.get_or_init(|| BodyFile::new(len)) {
+        if let Some(file) = self.file_for(len) {
             let at = self.filed.load(Ordering::Relaxed);
             let n = piece.len().min(len.saturating_sub(at) as usize);
             file.write_at(&piece[..n], at)?;
