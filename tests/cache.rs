@@ -711,17 +711,15 @@ async fn a_tail_fetched_ahead_of_a_fill_is_fetched_once_for_every_viewer() {
     const TAIL: u64 = LEN - 300_000;
     let root = tempfile::tempdir().unwrap();
     std::fs::write(root.path().join("e.mp4"), pattern(0, LEN)).unwrap();
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
-             map $http_range $rate {{ \"bytes=0-\" 256k; default 1m; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster; limit_rate $rate; }}\n",
-            root = root.path().display()
-        )
-    })
+    let (nginx, origin) = nginx_hoster(
+        root.path(),
+        "video/mp4 mp4;",
+        "$uri $status \"$http_range\" $body_bytes_sent",
+        "set $rate 1m; if ($http_range = \"bytes=0-\") { set $rate 256k; } limit_rate $rate;",
+    )
     .await;
     let p = proxy("{}").await;
-    let path = relay_path("e.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
+    let path = relay_path("e.mp4", &format!("http://{origin}/e.mp4"));
     let fill = start_fill(&p, &path).await;
     let tail = format!("bytes={TAIL}-");
     // (range, first byte, length): the tail five times over, a suffix
