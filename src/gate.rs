@@ -108,6 +108,13 @@ impl Verdict {
     }
 }
 
+/// Whether `up` is a host's refusal ([`Verdict::of`]): an answer about
+/// how many requests it takes at once, not about what was asked.
+pub fn is_refusal(up: &pingora_http::ResponseHeader) -> bool {
+    let retry_after = up.headers.get(http::header::RETRY_AFTER);
+    matches!(Verdict::of(up.status, retry_after, SystemTime::now()), Verdict::Refusal(_))
+}
+
 /// `Retry-After`: delta-seconds or an HTTP-date (RFC 9110 §10.2.3); `None`
 /// for anything else (treated as absent).
 pub fn parse_retry_after(v: &HeaderValue, now: SystemTime) -> Option<Duration> {

@@ -416,6 +416,73 @@ async fn a_real_nginx_hoster_that_drops_connections_is_resumed() {
     assert_eq!(resumptions(&p), (4, 4));
 }
 
+/// A hoster that allows one request at a time (nginx `limit_conn 1`,
+/// `509`) drops a body mid-way while another request of the proxy's is
+/// being answered, so it refuses the continuation. The refusal starts a
+/// cooldown and teaches the limit of one: the next try waits at the gate,
+/// for the cooldown and then for the other answer to end, instead of
+/// going at once beside it, to be refused again until no attempt is left
+/// and the client's body is cut. The client gets every byte, and nginx
+/// refuses once. (nginx counts only the other file and continuations:
+/// the first answer must be sent to be cut.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_the_host_refuses_waits_for_its_turn() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 3_000_000;
+    const OTHER: u64 = 1_000_000;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("ep.mp4"), pattern(0, LEN)).unwrap();
+    std::fs::write(root.path().join("other.mp4"), pattern(0, OTHER)).unwrap();
+    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri|$status|$http_if_range|$msec';\ntypes {{ video/mp4 mp4; }}\n\
+             map $uri $other {{ /other.mp4 k; default \"\"; }}\n\
+             map $http_if_range $counted {{ \"\" $other; default k; }}\n\
+             limit_conn_zone $counted zone=one:1m;\n\
+             server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log hoster;\n\
+             limit_conn one 1; limit_conn_status 509;\n\
+             location = /other.mp4 {{ limit_rate 400k; }} }}\n",
+            root.path().display()
+        )
+    })
+    .await;
+    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let cutter = Cutter::start(origin, 700_000).await;
+    let p = proxy("").await;
+    // The other file, 2.5 s at nginx's pace, through the proxy's gate too.
+    let other = tokio::spawn({
+        let (addr, path) = (p.addr(), relay_path("other.mp4", &format!("http://{origin}/other.mp4")));
+        async move { get(addr, "GET", &path, &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cutter.arm(1);
+    let got = get(p.addr(), "GET", &relay_path("ep.mp4", &format!("http://{}/ep.mp4", cutter.addr)), &[]).await;
+    assert!(got.complete, "the body was cut after {} bytes", got.body.len());
+    assert_eq!(got.status, 200);
+    assert_body(&got.body, &pattern(0, LEN));
+    let other = other.await.unwrap();
+    assert!(other.complete);
+    assert_body(&other.body, &pattern(0, OTHER));
+
+    let log = nginx.read_when("access.log", |log| log.lines().count() >= 4).await;
+    let lines: Vec<Vec<&str>> = log.lines().map(|l| l.split('|').collect()).collect();
+    let refused: Vec<_> = lines.iter().filter(|l| l[1] == "509").collect();
+    assert_eq!(refused.len(), 1, "refused once:\n{log}");
+    assert_eq!(refused[0][0], "/ep.mp4", "{log}");
+    let at = |l: &Vec<&str>| -> f64 { l[3].parse().unwrap() };
+    let other_done = lines.iter().find(|l| l[0] == "/other.mp4").map(at).unwrap();
+    let continued: Vec<_> = lines.iter().filter(|l| l[0] == "/ep.mp4" && l[1] == "206").collect();
+    assert_eq!(continued.len(), 1, "{log}");
+    assert_ne!(continued[0][2], "-", "asked with If-Range: {log}");
+    // nginx logs an answer when it is done; the continuation (about 2.3 MB,
+    // at once) was sent after the other file's last byte.
+    assert!(at(continued[0]) >= other_done, "the continuation waited for the other answer:\n{log}");
+    assert_eq!(lines.len(), 4, "{log}");
+    assert_eq!(resumptions(&p), (2, 1));
+}
+
 /// A TCP relay to `upstream` that cuts the response on each of the next
 /// `armed` connections after `after` bytes, alternately with a FIN and a
 /// reset; other connections are relayed untouched.

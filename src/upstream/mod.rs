@@ -69,6 +69,23 @@ pub(crate) struct Exchange {
     permit: Option<Permit>,
 }
 
+impl Exchange {
+    /// The slot to keep for another try at the same host after this answer
+    /// was not the one wanted — none after a refusal (`429`, `509`, `503`
+    /// with `Retry-After`): that try waits at the gate like any request,
+    /// for the cooldown the refusal started and then for a slot under the
+    /// limit it taught. Kept, the slot would send it during the cooldown,
+    /// beside the request the host was busy with, to be refused again.
+    pub(crate) fn slot_for_another_try(&mut self) -> Option<Permit> {
+        let refused = self.session.resp_header().is_none_or(gate::is_refusal);
+        if refused {
+            None
+        } else {
+            self.permit.take()
+        }
+    }
+}
+
 /// Everything the client is configured with.
 pub struct Settings {
     pub egress: Egress,

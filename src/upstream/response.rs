@@ -311,7 +311,7 @@ impl Response {
                     Verdict::Retry(why) => {
                         let status = ex.session.resp_header().map_or(0, |h| h.status.as_u16());
                         log::warn!("resuming {} failed: {why} ({status})", self.host());
-                        self.permit = ex.permit.take();
+                        self.permit = ex.slot_for_another_try();
                         self.client.finish(ex.session, ex.pool_key).await;
                     }
                     Verdict::Changed(why) => {
@@ -345,7 +345,7 @@ impl Response {
                     return Ok(());
                 }
                 Ok(mut ex) => {
-                    self.permit = ex.permit.take();
+                    self.permit = ex.slot_for_another_try();
                     self.client.finish(ex.session, ex.pool_key).await
                 }
                 Err(fe) => log::warn!("fetching {} again failed: {fe}", self.host()),
