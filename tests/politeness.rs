@@ -506,3 +506,76 @@ async fn nginx_limit_conn_and_limit_req_are_met_with_pauses() {
         }
     }
 }
+
+/// A crowd joins a fill that the hoster refuses. nginx allows one
+/// request at a time from an address (`limit_conn 1`, `509`), and another
+/// program on the same address is downloading from it. A first request
+/// through the proxy is refused (its client gets that `509`), which starts
+/// a cooldown and teaches the limit of one. Viewers who come meanwhile join
+/// one fill, which waits out the cooldown, goes, and is refused again (the
+/// other download still runs). That refusal is its own client's answer;
+/// the viewers who joined the fill did not ask the hoster anything, so
+/// they look again: one leads a new fill through the gate (after the
+/// longer second cooldown) and the rest share it. So of those five, one
+/// gets the `509` and four the file, which nginx sends once. HEADs waiting
+/// for a HEAD the hoster refused likewise ask again in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_who_joined_a_refused_fill_get_the_file_from_the_next_one() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 500_000;
+    let root = tempfile::tempdir().unwrap();
+    for name in ["ep.mp4", "head.mp4", "other.mp4"] {
+        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
+    }
+    let (nginx, port) = process::nginx_on_a_free_port(|port| {
+        format!(
+            "limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             log_format hoster '$uri $request_method $status';\ntypes {{ video/mp4 mp4; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+               limit_conn one 1; limit_conn_status 509;\n\
+               location = /other.mp4 {{ limit_rate 200k; }} }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    for (name, method) in [("ep.mp4", "GET"), ("head.mp4", "HEAD")] {
+        let p = proxy("").await;
+        let path = relay_path(name, &format!("http://{origin}/{name}"));
+        // Another program on this address: nginx's one connection for 2.5 s.
+        let other = tokio::spawn(async move { get(origin, "GET", "/other.mp4", &[]).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let first = get(p.addr(), method, &path, &[]).await;
+        assert_eq!(first.status, 509, "{method}: the first request's own answer");
+        let viewers: Vec<_> = (0..5u64)
+            .map(|i| {
+                let (addr, path) = (p.addr(), path.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50 * i)).await;
+                    get(addr, method, &path, &[]).await
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for v in viewers {
+            let got = v.await.unwrap();
+            if got.status == 200 {
+                assert_eq!(got.header("content-length"), Some(LEN.to_string().as_str()), "{method}");
+                if method == "GET" {
+                    assert_body(&got.body, &pattern(0, LEN));
+                }
+            }
+            statuses.push(got.status);
+        }
+        statuses.sort();
+        assert_eq!(statuses, [200, 200, 200, 200, 509], "{method}: one refusal, its own client's");
+        assert_body(&other.await.unwrap().body, &pattern(0, LEN));
+        let answered = format!("/{name} {method} 200");
+        let log = nginx.read_when("access.log", |l| l.contains(&answered)).await;
+        let asked: Vec<&str> = log.lines().filter(|l| l.starts_with(&format!("/{name} "))).collect();
+        let refused = format!("/{name} {method} 509");
+        assert_eq!(asked, [&refused, &refused, &answered], "{method}: refused twice, then answered once:\n{log}");
+    }
+}

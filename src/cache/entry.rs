@@ -49,6 +49,12 @@ pub enum Progress {
     /// The upstream's answer is not to be shared (or does not fit): each
     /// request goes upstream itself.
     Declined,
+    /// The host refused the fetch (`429`, `509`, `503` with `Retry-After`):
+    /// an answer about how many requests it takes at once, so it goes to
+    /// the request that started the fill only; the others look again, and
+    /// one of them leads a new fill through the host's gate (after the
+    /// cooldown, under the limit the refusal taught).
+    Refused,
     /// The fetch failed before a header (`Some`: every waiting request gets
     /// this failure) or after it (`None`: readers still waiting are aborted).
     Failed(Option<FetchError>),
@@ -119,6 +125,8 @@ pub enum Ready {
     /// The header is there ([`Entry::head`]).
     Head,
     Declined,
+    /// See [`Progress::Refused`].
+    Refused,
     Failed(FetchError),
 }
 
@@ -263,6 +271,7 @@ impl Entry {
             match state {
                 Progress::Pending => {}
                 Progress::Declined => return Ready::Declined,
+                Progress::Refused => return Ready::Refused,
                 Progress::Failed(Some(e)) => return Ready::Failed(e),
                 _ => {
                     if self.head.get().is_some() {
@@ -690,7 +699,7 @@ impl Reader {
                 // What arrived before the fill died is read; a reader still
                 // waiting for more is aborted, as a relay would be.
                 Progress::Failed(_) if self.entry.there_from(self.pos) > self.pos => return Ok(()),
-                Progress::Declined | Progress::Failed(_) => {
+                Progress::Declined | Progress::Refused | Progress::Failed(_) => {
                     return Error::e_explain(ErrorType::ConnectionClosed, FILL_FAILED);
                 }
             }

@@ -34,6 +34,13 @@ pub(super) async fn run(
             return;
         }
     };
+    if crate::gate::is_refusal(resp.header()) {
+        entry.finish(Progress::Refused);
+        cache.finished(&entry, None);
+        // The request that asked relays it as it would without a cache.
+        let _ = handoff.send(resp);
+        return;
+    }
     let admission = policy::admit(resp.header(), cache.settings().max_object_bytes);
     if playlist && admission == Admission::Decline && policy::unsized_whole(resp.header()) {
         drop(handoff);

@@ -102,6 +102,10 @@ impl Proxy {
                             self.count_cache(ctx, CacheResult::Bypass);
                             self.open(down, ctx, req).await
                         }
+                        // The host refused the fill's request: that answer is
+                        // its own client's; this one looks again (and may lead
+                        // the next fill, through the gate).
+                        Ready::Refused => continue,
                         Ready::Failed(e) => {
                             self.count_cache(ctx, CacheResult::Coalesced);
                             Ok(Err(e))
@@ -120,7 +124,7 @@ impl Proxy {
                             Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
                         }
                         Ready::Failed(e) => Ok(Err(e)),
-                        Ready::Declined => match handoff.await {
+                        Ready::Declined | Ready::Refused => match handoff.await {
                             Ok(resp) => {
                                 ctx.upstream_status = resp.header().status.as_u16();
                                 Ok(Ok(Source::Upstream(resp)))
@@ -167,7 +171,13 @@ impl Proxy {
                         _ => None,
                     };
                     if let Some(lead) = lead {
-                        lead.answered(shared);
+                        // A host's refusal answers none of the HEADs that
+                        // waited: given up unanswered, one of them asks in
+                        // its turn, through the gate, and the rest wait for it.
+                        let refused = matches!(&opened, Ok(src) if crate::gate::is_refusal(src.header()));
+                        if !refused {
+                            lead.answered(shared);
+                        }
                     }
                     Ok(opened)
                 }
