@@ -189,6 +189,12 @@ pub struct Entry {
     /// it ([`Entry::lend`]): `lendable` while it may, `lend` its call.
     lendable: AtomicBool,
     lend: tokio::sync::Notify,
+    /// The fill lent its slot and is not reading again yet: no other range
+    /// may go ahead meanwhile ([`Entry::ahead_slot`]), or the fill would
+    /// wait for it too — a seek read at its client's pace, while every
+    /// reader of the fill stalls — and, at a host whose limit was just
+    /// raised, go beside it and be refused.
+    lent: AtomicBool,
     /// Where the body's tail starts that a range fetched ahead of the fill
     /// brought whole into the body's file, at its place (`u64::MAX`: none);
     /// see [`Entry::kept_tail`].
@@ -253,6 +259,7 @@ impl Entry {
             pace: Mutex::default(),
             lendable: AtomicBool::new(false),
             lend: tokio::sync::Notify::new(),
+            lent: AtomicBool::new(false),
             tail: AtomicU64::new(u64::MAX),
             charge: OnceLock::new(),
         })
@@ -339,9 +346,16 @@ impl Entry {
     /// The one range of this object that may be fetched upstream alone,
     /// ahead of its fill, at a time: the hoster sees at most one connection
     /// for the file besides the fill's. `None` while another has it.
+    /// While the fill is away, having lent its slot, nobody has it.
     pub fn ahead_slot(self: &Arc<Self>) -> Option<AheadSlot> {
+        if self.lent.load(Ordering::Acquire) {
+            return None;
+        }
         let free = self.ahead.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
-        free.then(|| AheadSlot(self.clone()))
+        // (A lend is asked by the slot's holder, before it gives the slot
+        // back: a slot taken after that sees it.)
+        let slot = free.then(|| AheadSlot(self.clone()))?;
+        (!self.lent.load(Ordering::Acquire)).then_some(slot)
     }
 
     /// Done when a range that has the object's [`AheadSlot`] is done with
@@ -361,6 +375,7 @@ impl Entry {
     pub fn lend(&self) -> bool {
         let can = self.lendable.load(Ordering::Acquire);
         if can {
+            self.lent.store(true, Ordering::Release);
             self.lend.notify_one();
         }
         can
@@ -376,6 +391,14 @@ impl Entry {
     /// Done when the fill is asked to lend its slot.
     pub(super) fn lend_asked(&self) -> tokio::sync::futures::Notified<'_> {
         self.lend.notified()
+    }
+
+    /// The fill is reading again after a lend (or has ended): ranges
+    /// waiting to go ahead of it look again.
+    pub(super) fn back(&self) {
+        if self.lent.swap(false, Ordering::AcqRel) {
+            self.ahead_done.notify_waiters();
+        }
     }
 
     /// Waits until no range holds the object's [`AheadSlot`].
@@ -798,6 +821,54 @@ mod tests {
         assert!(slot.is_some() && e.ahead_slot().is_none(), "one range ahead at a time");
         drop(slot);
         assert!(e.ahead_slot().is_some(), "given back");
+    }
+
+    /// While the fill is away, having lent its slot to a range, no other
+    /// range gets the object's slot — not even once that range is done —
+    /// until the fill is reading again; those waiting are woken then.
+    #[tokio::test]
+    async fn a_fill_that_lent_its_slot_is_back_before_another_range_goes_ahead() {
+        let e = Entry::pending(Key::from("k"));
+        let lender = e.ahead_slot().expect("free");
+        assert!(!e.lend(), "not while the fill cannot lend");
+        e.set_lendable(true);
+        let asked = e.lend_asked();
+        assert!(e.lend());
+        asked.await;
+        assert!(e.ahead_slot().is_none(), "the range it lent to has it");
+        let gone = tokio::spawn({
+            let e = e.clone();
+            async move { e.ahead_gone().await }
+        });
+        // A range waiting its turn, as a seek does (looking again at each end).
+        let waiting = tokio::spawn({
+            let e = e.clone();
+            async move {
+                loop {
+                    let mut done = std::pin::pin!(e.ahead_done());
+                    done.as_mut().enable();
+                    if let Some(slot) = e.ahead_slot() {
+                        return slot;
+                    }
+                    done.await;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        drop(lender);
+        gone.await.unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished(), "the fill is not reading yet");
+        assert!(e.ahead_slot().is_none());
+        e.back();
+        drop(waiting.await.unwrap());
+        // A lend asked but never taken (the fill ended first) is undone at its end.
+        assert!(e.lend());
+        e.set_lendable(false);
+        e.back();
+        assert!(e.ahead_slot().is_some());
     }
 
     #[tokio::test]

@@ -147,12 +147,20 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         }
     } else {
         entry.set_lendable(resp.resumable());
+        // Lent its slot, and not reading again yet.
+        let mut away = false;
         let complete = loop {
             let read = tokio::select! {
                 biased;
                 () = entry.lend_asked() => None,
                 read = resp.read_counted() => Some(read),
             };
+            if read.is_some() && away {
+                // Reading again (or failed for good) after a lend: with its
+                // slot back, it no longer keeps other ranges from going ahead.
+                entry.back();
+                away = false;
+            }
             match read {
                 Some(Ok((Some(piece), resumed))) => {
                     // Told before the bytes past a seam reach a reader.
@@ -171,10 +179,12 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                     // body continues from here once the range is done.
                     resp.let_go().await;
                     entry.ahead_gone().await;
+                    away = true;
                 }
             }
         };
         entry.set_lendable(false);
+        entry.back();
         complete
     };
     if !complete {
