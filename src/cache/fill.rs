@@ -35,8 +35,9 @@ pub(super) async fn run(
         }
     };
     if crate::gate::is_refusal(resp.header()) {
-        entry.finish(Progress::Refused);
+        // Out of the cache before the others are told: they look again at once.
         cache.finished(&entry, None);
+        entry.finish(Progress::Refused);
         // The request that asked relays it as it would without a cache.
         let _ = handoff.send(resp);
         return;
