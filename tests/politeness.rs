@@ -542,7 +542,8 @@ async fn viewers_who_joined_a_refused_fill_get_the_file_from_the_next_one() {
     .await;
     let origin = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     for (name, method) in [("ep.mp4", "GET"), ("head.mp4", "HEAD")] {
-        let p = proxy("").await;
+        // The cache's coalescing is what is checked: on in both runs of the suite.
+        let p = proxy("cache: {}").await;
         let path = relay_path(name, &format!("http://{origin}/{name}"));
         // Another program on this address: nginx's one connection for 2.5 s.
         let other = tokio::spawn(async move { get(origin, "GET", "/other.mp4", &[]).await });
