@@ -4,6 +4,7 @@
 //! cleanly terminated, and a harness that runs the real proxy in-process.
 #![allow(dead_code)]
 
+pub mod cutter;
 pub mod logs;
 pub mod process;
 pub mod tls;
