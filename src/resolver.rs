@@ -52,6 +52,7 @@ impl moka::Expiry<String, Arc<Resolved>> for AnswerTtl {
     }
 }
 
+#[derive(Clone)]
 pub struct Resolver {
     base: Arc<Url>,
     client: Client,
@@ -115,6 +116,7 @@ impl Resolver {
             url,
             forwarded: self.client.forwarded(&asked),
             extra: None,
+            again: None,
             trusted: Some(self.base.clone()),
             whole: false,
         };
@@ -129,6 +131,38 @@ impl Resolver {
             return Err(format!("status {}", status.as_u16()));
         }
         parse_answer(&body)
+    }
+}
+
+/// The upstream statuses that say a resolved URL has gone stale (an expired
+/// or revoked link): worth resolving it once more.
+pub const STALE: [u16; 5] = [403, 404, 410, 429, 451];
+
+/// What a request from a resolved URL needs to resolve it once more, when
+/// the URL has gone stale by the time its body must be resumed: a relayed
+/// film keeps its upstream connection for the whole playback, so a drop an
+/// hour in meets a link that may have expired. A request has one refresh:
+/// one whose first answer was stale has used it already.
+pub struct Again {
+    resolver: Resolver,
+    params: Query,
+}
+
+impl Again {
+    pub fn new(resolver: &Resolver, params: Query) -> Again {
+        Again { resolver: resolver.clone(), params }
+    }
+
+    /// A fresh answer in place of `stale` ([`Resolver::resolve`]).
+    pub async fn resolve(&self, stale: &Arc<Resolved>) -> Result<Arc<Resolved>, String> {
+        self.resolver.resolve(&self.params, Some(stale)).await
+    }
+}
+
+impl std::fmt::Debug for Again {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The query may carry what the client signed: never in a debug line.
+        f.write_str("Again")
     }
 }
 

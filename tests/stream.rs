@@ -442,18 +442,7 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
         )
     })
     .await;
-    let (r, calls) = resolver(move |_, _| {
-        let expires = now() + 2;
-        // nginx's form: base64url of the MD5, without padding.
-        let md5 = std::process::Command::new("sh")
-            .args(["-c", "printf %s \"$1\" | openssl md5 -binary | openssl base64 | tr '+/' '-_' | tr -d '=\\n'", "-"])
-            .arg(format!("{expires}/media/ep3.mp4 s3cret"))
-            .output()
-            .unwrap();
-        let md5 = String::from_utf8(md5.stdout).unwrap();
-        json(&format!("http://127.0.0.1:{port}/media/ep3.mp4?md5={md5}&expires={expires}"), 600)
-    })
-    .await;
+    let (r, calls) = resolver(move |_, _| json(&secure_link(&format!("127.0.0.1:{port}"), now() + 2), 600)).await;
     let p = proxy(&r, "token").await;
     let first = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
     assert_eq!(first.status, 200, "{}", first.text());
@@ -465,6 +454,77 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once more");
     let log = nginx.read_when("access.log", |log| log.lines().count() >= 3).await;
     assert_eq!(log.lines().collect::<Vec<_>>(), ["/media/ep3.mp4 200", "/media/ep3.mp4 410", "/media/ep3.mp4 206"]);
+}
+
+/// A link to `/media/ep3.mp4` at `host` that nginx's `secure_link` (as
+/// configured by the tests here) accepts until `expires`: the MD5 of the
+/// expiry, the path and the secret, as base64url without padding.
+fn secure_link(host: &str, expires: u64) -> String {
+    let md5 = std::process::Command::new("sh")
+        .args(["-c", "printf %s \"$1\" | openssl md5 -binary | openssl base64 | tr '+/' '-_' | tr -d '=\\n'", "-"])
+        .arg(format!("{expires}/media/ep3.mp4 s3cret"))
+        .output()
+        .unwrap();
+    let md5 = String::from_utf8(md5.stdout).unwrap();
+    format!("http://{host}/media/ep3.mp4?md5={md5}&expires={expires}")
+}
+
+/// The same expiring links, and a body that takes longer than a link
+/// lives (one to two seconds): nginx sends it at 200 KB/s and the
+/// connection is cut after 700 KB (the suite's cutter: a drop nginx does
+/// not make by itself), three and a half seconds in, when the link has
+/// expired. The continuation from that link
+/// is answered `410`; the request still has its one refresh, so the link
+/// is resolved once more and the body continues from the new one (asked
+/// with `If-Range`, a `206`): the client gets every byte, and nginx's log
+/// shows exactly the cut answer, the `410` and the continuation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secure_link_that_expires_mid_body_is_resolved_again_for_the_rest() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("openssl", "apt-get install openssl").is_none()
+    {
+        return;
+    }
+    const LEN: u64 = 1_000_000;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("media")).unwrap();
+    std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, LEN)).unwrap();
+    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status $http_range $http_if_range';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+           location /media/ {{\n\
+             secure_link $arg_md5,$arg_expires;\n\
+             secure_link_md5 \"$secure_link_expires$uri s3cret\";\n\
+             if ($secure_link = \"\") {{ return 403; }}\n\
+             if ($secure_link = \"0\") {{ return 410; }}\n\
+             limit_rate 200k;\n\
+           }}\n\
+         }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    let cutter = common::cutter::Cutter::start(([127, 0, 0, 1], port).into(), 700_000).await;
+    let host = cutter.addr.to_string();
+    let (r, calls) = resolver(move |_, _| json(&secure_link(&host, now() + 1), 600)).await;
+    let p = proxy(&r, "token").await;
+    cutter.arm(1);
+    let got = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
+    assert!(got.complete, "cut after {} bytes", got.body.len());
+    assert_eq!(got.status, 200);
+    assert_body(&got.body, &pattern(0, LEN));
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once more");
+    let log = nginx.read_when("access.log", |log| log.lines().count() >= 3).await;
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert!(lines[0].starts_with("/media/ep3.mp4 200 - -"), "{log}");
+    let rest: Vec<&str> = lines[1].split(' ').collect();
+    assert_eq!((rest[1], rest[2].ends_with(&format!("-{}", LEN - 1))), ("410", true), "{log}");
+    let more: Vec<&str> = lines[2].split(' ').collect();
+    assert_eq!((more[1], more[2], more[3]), ("206", rest[2], rest[3]), "the same rest, the same If-Range: {log}");
+    assert_eq!(p.metric("anibridge_resolver_refreshes_total"), 1.0);
 }
 
 /// A resolver's `Cookie` and `Authorization` are for the host it named.
@@ -515,5 +575,69 @@ async fn a_resolvers_credentials_do_not_follow_a_redirect_to_another_origin() {
         assert_eq!(seen.header("cookie"), None, "{seen:?}");
         assert_eq!(seen.header("authorization"), None, "{seen:?}");
         assert_eq!(seen.header("referer"), Some("https://hoster.example/"), "{seen:?}");
+    }
+}
+
+/// A resolved link that expires while its body is relayed: the hoster
+/// drops the connection mid-body, and the continuation from that link is
+/// refused (`403`: the token expired meanwhile). The request still has its
+/// one refresh, so the proxy resolves once more and continues from the new
+/// link — the same file, asked with `If-Range` and checked for its length
+/// and `ETag` — and the client gets every byte. A request whose first
+/// answer was stale has used its refresh: its body is cut instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_expires_before_its_body_is_resumed_is_resolved_again() {
+    const LEN: u64 = 1_000_000;
+    for first_stale in [false, true] {
+        let answered = Arc::new(AtomicUsize::new(0));
+        let n = answered.clone();
+        let m = Origin::start(move |req| match req.path() {
+            "/stale.mp4" => Resp::new(403, Body::Bytes(b"expired link".to_vec())).into(),
+            "/old.mp4" if n.fetch_add(1, Ordering::SeqCst) == 0 => {
+                let mut resp = serve_file(req, LEN, Some("video/mp4"));
+                resp.body = Body::DieAfter { declared: LEN, sent: pattern(0, 100_000) };
+                resp.into()
+            }
+            "/old.mp4" => Resp::new(403, Body::Bytes(b"expired link".to_vec())).into(),
+            _ => serve_file(req, LEN, Some("video/mp4")).into(),
+        })
+        .await;
+        let links: Vec<String> =
+            if first_stale { vec!["/stale.mp4", "/old.mp4", "/new.mp4"] } else { vec!["/old.mp4", "/new.mp4"] }
+                .into_iter()
+                .map(|l| m.url(l))
+                .collect();
+        let (r, calls) = resolver(move |n, _| json(&links[n.min(links.len() - 1)], 300)).await;
+        let p = proxy(&r, "token").await;
+        let got = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
+        let asked: Vec<(String, Option<String>, Option<String>)> = m
+            .requests()
+            .iter()
+            .map(|r| {
+                (r.path().to_string(), r.header("range").map(str::to_string), r.header("if-range").map(str::to_string))
+            })
+            .collect();
+        if first_stale {
+            assert!(!got.complete, "the one refresh was used: cut");
+            assert_body(&got.body, &pattern(0, 100_000));
+            assert_eq!(calls.load(Ordering::SeqCst), 2, "{asked:?}");
+            assert!(asked.iter().all(|a| a.0 != "/new.mp4"), "{asked:?}");
+            continue;
+        }
+        assert!(got.complete, "{asked:?}");
+        assert_eq!(got.status, 200);
+        assert_body(&got.body, &pattern(0, LEN));
+        let rest = Some(format!("bytes=100000-{}", LEN - 1));
+        let etag = Some("\"v1\"".to_string());
+        assert_eq!(
+            asked,
+            [
+                ("/old.mp4".to_string(), None, None),
+                ("/old.mp4".to_string(), rest.clone(), etag.clone()),
+                ("/new.mp4".to_string(), rest, etag),
+            ]
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(p.metric("anibridge_resolver_refreshes_total"), 1.0);
     }
 }

@@ -123,7 +123,15 @@ impl Proxy {
                 // read only when the request goes upstream (`Proxy::open`).
                 (
                     asked,
-                    Request { method, url, forwarded: Vec::new(), extra: None, trusted, whole: known_playlist },
+                    Request {
+                        method,
+                        url,
+                        forwarded: Vec::new(),
+                        extra: None,
+                        again: None,
+                        trusted,
+                        whole: known_playlist,
+                    },
                     key,
                 )
             }
@@ -165,7 +173,7 @@ impl Proxy {
                 let whole = known_playlist && guarded;
                 (
                     asked,
-                    Request { method, url, forwarded: Vec::new(), extra: None, trusted, whole },
+                    Request { method, url, forwarded: Vec::new(), extra: None, again: None, trusted, whole },
                     client_key(&query, key_header.as_deref()),
                 )
             }

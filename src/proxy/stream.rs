@@ -2,7 +2,9 @@
 //! gone stale (connect error, timeout, 403/404/410/429/451) evict it,
 //! resolve once more and retry once — never more than two attempts. If
 //! another request has already replaced the failed answer, the retry uses
-//! that one instead of asking the resolver again.
+//! that one instead of asking the resolver again. A request whose first
+//! answer was fine keeps its one refresh for a resumption of its body
+//! ([`crate::resolver::Again`]).
 
 use std::sync::Arc;
 
@@ -14,11 +16,8 @@ use super::{Ctx, Proxy};
 use crate::auth::Query;
 use crate::content_type::is_playlist_path;
 use crate::headers::WireHeader;
-use crate::resolver::Resolved;
+use crate::resolver::{Again, Resolved, STALE};
 use crate::upstream::Request;
-
-/// Statuses that say a resolved hoster URL went stale.
-const STALE: [u16; 5] = [403, 404, 410, 429, 451];
 
 impl Proxy {
     pub(super) async fn stream(
@@ -46,11 +45,14 @@ impl Proxy {
                 Failure::ResolverUnavailable
             })?;
             let known_playlist = is_playlist_path(resolved.url.path());
+            // The one refresh, while this request has not used it.
+            let again = stale.is_none().then(|| Arc::new(Again::new(resolver, params.clone())));
             let request = Request {
                 method: method.clone(),
                 url: resolved.url.clone(),
                 forwarded: forwarded.clone(),
                 extra: Some(resolved.clone()),
+                again,
                 trusted: None,
                 whole: known_playlist,
             };

@@ -12,7 +12,7 @@ use url::{Position, Url};
 use super::FetchError;
 use crate::headers::{self, WireHeader};
 use crate::providers::Providers;
-use crate::resolver::Resolved;
+use crate::resolver::{Again, Resolved};
 
 /// What to fetch. Owned, because the [`Response`](super::Response) keeps
 /// it: a body that dies is resumed, and a playlist fetched again, with the
@@ -30,6 +30,9 @@ pub struct Request {
     /// The resolver's answer, whose headers go with every hop (they win
     /// over provider profiles), its credentials only to its URL's origin.
     pub extra: Option<Arc<Resolved>>,
+    /// The one refresh of `extra` this request may still make, used when
+    /// the URL has gone stale by the time its body must be resumed.
+    pub again: Option<Arc<Again>>,
     /// The operator-trusted origin (a static route's upstream), if any.
     pub trusted: Option<Arc<Url>>,
     /// Fetch it whole: a `GET` without the client's `Range` and

@@ -313,6 +313,9 @@ impl Response {
                         log::warn!("resuming {} failed: {why} ({status})", self.host());
                         self.permit = ex.slot_for_another_try();
                         self.client.finish(ex.session, ex.pool_key).await;
+                        if crate::resolver::STALE.contains(&status) {
+                            self.resolve_again(status).await;
+                        }
                     }
                     Verdict::Changed(why) => {
                         log::warn!("not resuming {}: {why}", self.host());
@@ -324,6 +327,24 @@ impl Response {
         }
         log::warn!("upstream {} failed mid-body; no resumption left", self.host());
         Err(e)
+    }
+
+    /// The resolved URL this body comes from answered a continuation with
+    /// `status`, one that says it has gone stale (an expired link): it is
+    /// resolved once more, if the request still may ([`Request::again`]),
+    /// and the next try asks the new URL — under the same checks (`If-Range`,
+    /// length, `ETag`), so bytes of another file are never spliced in.
+    async fn resolve_again(&mut self, status: u16) {
+        let (Some(again), Some(stale)) = (self.request.again.take(), self.request.extra.clone()) else { return };
+        match again.resolve(&stale).await {
+            Ok(fresh) => {
+                log::info!("resolved URL answered a continuation {status}; resolved once more");
+                self.count(|m| m.refreshes.inc());
+                self.request.url = fresh.url.clone();
+                self.request.extra = Some(fresh);
+            }
+            Err(e) => log::warn!("resolver unavailable: {e}"),
+        }
     }
 
     /// A playlist's body died: fetch it again whole, from its first byte.
@@ -384,6 +405,7 @@ impl Response {
             url: Url::parse("http://origin.test/x").expect("a valid URL"),
             forwarded: Vec::new(),
             extra: None,
+            again: None,
             trusted: None,
             whole: false,
         };
