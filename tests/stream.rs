@@ -417,31 +417,11 @@ async fn a_crowd_refreshes_a_stale_link_once() {
 /// the proxy's cache does not answer in the hoster's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_nginx_secure_link_is_resolved_again() {
-    if tools::needs("nginx", "apt-get install nginx-light").is_none()
-        || tools::needs("openssl", "apt-get install openssl").is_none()
-    {
+    let Some((_root, nginx, port)) =
+        secure_link_hoster(300_000, "$uri $status", "add_header Cache-Control no-store;").await
+    else {
         return;
-    }
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("media")).unwrap();
-    std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, 300_000)).unwrap();
-    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-           location /media/ {{\n\
-             secure_link $arg_md5,$arg_expires;\n\
-             secure_link_md5 \"$secure_link_expires$uri s3cret\";\n\
-             if ($secure_link = \"\") {{ return 403; }}\n\
-             if ($secure_link = \"0\") {{ return 410; }}\n\
-             add_header Cache-Control no-store;\n\
-           }}\n\
-         }}\n",
-            root = root.path().display()
-        )
-    })
-    .await;
+    };
     let (r, calls) = resolver(move |_, _| json(&secure_link(&format!("127.0.0.1:{port}"), now() + 2), 600)).await;
     let p = proxy(&r, "token").await;
     let first = get(p.addr(), "GET", &signed(EPISODE), &[]).await;
@@ -454,6 +434,44 @@ async fn an_expired_nginx_secure_link_is_resolved_again() {
     assert_eq!(calls.load(Ordering::SeqCst), 2, "resolved once more");
     let log = nginx.read_when("access.log", |log| log.lines().count() >= 3).await;
     assert_eq!(log.lines().collect::<Vec<_>>(), ["/media/ep3.mp4 200", "/media/ep3.mp4 410", "/media/ep3.mp4 206"]);
+}
+
+/// nginx serving `/media/ep3.mp4` (`len` pattern bytes) behind its
+/// `secure_link` check, as [`secure_link`] signs for it: `410` once a link
+/// is past its time, `403` when it was tampered with. `log` is the format
+/// of its `access.log`, `more` more of the `/media/` location. `None`
+/// (the test skips) without nginx or openssl.
+async fn secure_link_hoster(
+    len: u64,
+    log: &str,
+    more: &str,
+) -> Option<(tempfile::TempDir, common::process::Spawned, u16)> {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("openssl", "apt-get install openssl").is_none()
+    {
+        return None;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("media")).unwrap();
+    std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, len)).unwrap();
+    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '{log}';\n\
+         types {{ video/mp4 mp4; }}\n\
+         server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+           location /media/ {{\n\
+             secure_link $arg_md5,$arg_expires;\n\
+             secure_link_md5 \"$secure_link_expires$uri s3cret\";\n\
+             if ($secure_link = \"\") {{ return 403; }}\n\
+             if ($secure_link = \"0\") {{ return 410; }}\n\
+             {more}\n\
+           }}\n\
+         }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    Some((root, nginx, port))
 }
 
 /// A link to `/media/ep3.mp4` at `host` that nginx's `secure_link` (as
@@ -480,32 +498,11 @@ fn secure_link(host: &str, expires: u64) -> String {
 /// shows exactly the cut answer, the `410` and the continuation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secure_link_that_expires_mid_body_is_resolved_again_for_the_rest() {
-    if tools::needs("nginx", "apt-get install nginx-light").is_none()
-        || tools::needs("openssl", "apt-get install openssl").is_none()
-    {
-        return;
-    }
     const LEN: u64 = 1_000_000;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir(root.path().join("media")).unwrap();
-    std::fs::write(root.path().join("media/ep3.mp4"), pattern(0, LEN)).unwrap();
-    let (nginx, port) = common::process::nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status $http_range $http_if_range';\n\
-         types {{ video/mp4 mp4; }}\n\
-         server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-           location /media/ {{\n\
-             secure_link $arg_md5,$arg_expires;\n\
-             secure_link_md5 \"$secure_link_expires$uri s3cret\";\n\
-             if ($secure_link = \"\") {{ return 403; }}\n\
-             if ($secure_link = \"0\") {{ return 410; }}\n\
-             limit_rate 200k;\n\
-           }}\n\
-         }}\n",
-            root = root.path().display()
-        )
-    })
-    .await;
+    let log = "$uri $status $http_range $http_if_range";
+    let Some((_root, nginx, port)) = secure_link_hoster(LEN, log, "limit_rate 200k;").await else {
+        return;
+    };
     let cutter = common::cutter::Cutter::start(([127, 0, 0, 1], port).into(), 700_000).await;
     let host = cutter.addr.to_string();
     let (r, calls) = resolver(move |_, _| json(&secure_link(&host, now() + 1), 600)).await;
