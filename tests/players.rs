@@ -2020,3 +2020,78 @@ async fn hlsjs_plays_a_live_ll_hls_stream_without_a_failed_reload() {
     assert!(reloads >= 2, "the live playlist was never reloaded");
     assert!(nginx.served_through_proxy().contains("/ts/lo/seg003.ts"));
 }
+
+/// A crowd on a live stream, all of it real: ffmpeg encodes a live HLS
+/// stream (1 s segments, a window of six, older ones deleted, as live
+/// origins do) into a directory nginx serves, and six ffmpeg viewers join
+/// it through the proxy 0.7 s apart, each playing 5 s from the live edge
+/// while new segments appear. nginx served every segment once, and the
+/// live playlist at most about twice a second — the cache keeps a live
+/// playlist for half its `#EXT-X-TARGETDURATION` — not once per viewer's
+/// reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowd_on_a_live_stream_costs_nginx_each_segment_once() {
+    if !have(&[FFMPEG, NGINX]) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let live = root.path().join("live.m3u8");
+    let mut encoder = std::process::Command::new(tools::path("ffmpeg"));
+    encoder
+        .current_dir(root.path())
+        .args(["-nostdin", "-v", "error", "-re"])
+        .args(SOURCES.replace("{d}", "120").split_whitespace())
+        .args(H264.split_whitespace())
+        .args("-f hls -hls_time 1 -hls_list_size 6 -hls_flags delete_segments+temp_file live.m3u8".split_whitespace());
+    let _encoder = Spawned::start(&mut encoder, tempfile::tempdir().unwrap());
+    let (nginx, addr) = common::process::nginx_hoster(
+        root.path(),
+        "application/vnd.apple.mpegurl m3u8; video/mp2t ts;",
+        "$request_method $uri $status",
+        "",
+    )
+    .await;
+    // Viewers start three segments behind the live edge.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&live).map_or(0, |l| l.matches("#EXTINF").count()) < 3 {
+        assert!(std::time::Instant::now() < deadline, "the encoder wrote no live playlist");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = proxy_with("15m", "cache: {}\n").await;
+    let url = relay_url(&p, "live.m3u8", &format!("http://{addr}/live.m3u8"));
+
+    let started = std::time::Instant::now();
+    let viewers: Vec<_> = (0..6u64)
+        .map(|v| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(700 * v)).await;
+                ffmpeg_decode(&url, &["-t", "5"]).await
+            })
+        })
+        .collect();
+    for v in viewers {
+        let (played, frames) = v.await.unwrap();
+        played.assert_clean("ffmpeg", &[]);
+        // 25 frames a second: about 5 s of video each, sound beside it.
+        assert!(frames.len() == 2 && frames[0] >= 100 && frames[1] > 0, "frames per stream: {frames:?}");
+    }
+    let watched = started.elapsed().as_secs_f64();
+
+    // nginx writes a line just after its answer: give the last its moment.
+    let log = nginx.read_when("access.log", |_| false).await;
+    let mut gets = std::collections::BTreeMap::<&str, usize>::new();
+    for line in log.lines() {
+        let mut f = line.split(' ');
+        let (method, path, status) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+        // ffmpeg asks for segments with `Range: bytes=0-`: nginx's 206.
+        assert!(method == "GET" && ["200", "206"].contains(&status), "{line}");
+        *gets.entry(path).or_default() += 1;
+    }
+    let playlist = gets.remove("/live.m3u8").unwrap_or(0);
+    assert!(gets.len() >= 8, "segments fetched: {gets:?}");
+    let again: Vec<_> = gets.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(again.is_empty(), "nginx served these segments more than once: {again:?}");
+    let most = (watched * 2.0).ceil() as usize + 2;
+    assert!((2..=most).contains(&playlist), "the live playlist was fetched {playlist} times in {watched:.1} s");
+}
