@@ -1474,6 +1474,13 @@ async fn a_crowd_of_failures_and_departures_leaves_the_budget_and_the_gate_as_th
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A slot whose connection was closed mid-body (a viewer left) is
+    // given back a moment later, once the hoster has seen it close.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while p.server.gate.state("127.0.0.1").0 > 0 {
+        assert!(Instant::now() < deadline, "a slot was still held: {:?}", p.server.gate.state("127.0.0.1"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let waits = p.metric("anibridge_host_queue_waits_total");
     assert!(waits > 0.0, "the crowd was more than the host's two slots");
     let fresh: Vec<_> = ["/slow100", "/slow101"].iter().map(|f| spawn_gets(1, p.addr(), "GET", &target(f))).collect();

@@ -580,3 +580,94 @@ async fn viewers_who_joined_a_refused_fill_get_the_file_from_the_next_one() {
         assert_eq!(asked, [&refused, &refused, &answered], "{method}: refused twice, then answered once:\n{log}");
     }
 }
+
+/// A connection the proxy closes mid-body (its client left) still counts
+/// at the hoster until the hoster sees it close, and behind a relay —
+/// here HAProxy in TCP mode, as hosters put in front of nginx — a request
+/// sent at once in its place on an idle kept-alive connection can get
+/// there first. nginx allows one connection per address (`limit_conn 1`,
+/// `509`). Eight rounds, each with a fresh proxy (cache off): a slow
+/// download; a second file beside it is refused (the gate learns the
+/// limit, and keeps the refused connection for reuse); a range waits its
+/// turn; after the cooldown the download's client, which read everything
+/// as it came, hangs up, and the range goes on the idle connection. It must never be refused: the slot is
+/// given back once the close has settled. (Without that, HAProxy in front
+/// of nginx refused 10-11 of 30 requests sent so.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_mid_body_settles_before_its_slot_is_reused() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none()
+        || tools::needs("haproxy", "apt-get install haproxy").is_none()
+    {
+        return;
+    }
+    const BIG: u64 = 4 << 20;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("big.mp4"), pattern(0, BIG)).unwrap();
+    std::fs::write(root.path().join("small.mp4"), pattern(7, 300_000)).unwrap();
+    let (nginx, port) = process::nginx_on_a_free_port(|port| {
+        format!(
+            "limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             log_format hoster '$uri $status \"$http_range\" c$connection';\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+               limit_conn one 1; limit_conn_status 509; limit_rate 1m; }}\n",
+            root = root.path().display()
+        )
+    })
+    .await;
+    let (_haproxy, hop) = process::on_a_free_port(
+        |hop| {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("haproxy.cfg");
+            std::fs::write(
+                &file,
+                format!(
+                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                     listen hop\n  bind 127.0.0.1:{hop}\n  server nginx 127.0.0.1:{port}\n"
+                ),
+            )
+            .unwrap();
+            process::Spawned::start_logging(
+                std::process::Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file),
+                dir,
+                "haproxy.log",
+            )
+        },
+        "haproxy.log",
+    )
+    .await;
+    let url = |f: &str| relay_path(f, &format!("http://127.0.0.1:{hop}/{f}"));
+    for round in 0..8 {
+        let p = proxy("cache: {max_bytes: 0}\n").await;
+        // The download, read as it comes (as a player fills its buffer),
+        // so nginx paces it (`limit_rate`) rather than waits for the reader.
+        let mut c = Client::connect(p.addr()).await;
+        c.send_raw(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", url("big.mp4")).as_bytes()).await;
+        let mut sock = c.into_inner();
+        let download = tokio::spawn(async move {
+            let mut buf = [0u8; 65536];
+            let until = Instant::now() + Duration::from_millis(1300);
+            while Instant::now() < until {
+                let n = tokio::io::AsyncReadExt::read(&mut sock, &mut buf).await.unwrap();
+                assert!(n > 0, "the download ended early");
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Beside it: refused, and the gate learns the host's limit of one.
+        let refused = get(p.addr(), "GET", &url("small.mp4"), &[]).await;
+        assert_eq!(refused.status, 509, "round {round}");
+        // A range waits its turn behind the download.
+        let range = tokio::spawn({
+            let (addr, path) = (p.addr(), url("small.mp4"));
+            async move { get(addr, "GET", &path, &[("Range", "bytes=1000-1999")]).await }
+        });
+        // Past the cooldown, the download's client hangs up.
+        download.await.unwrap();
+        let got = range.await.unwrap();
+        assert_eq!(got.status, 206, "round {round}: the range, sent where the download was, was refused");
+        assert_body(&got.body, &pattern(7 + 1000, 1000));
+    }
+    // Per round: the download, one refusal, the range.
+    let log = nginx.read_when("access.log", |l| l.lines().count() >= 24).await;
+    let refusals = log.lines().filter(|l| l.contains(" 509 ")).count();
+    assert_eq!(refusals, 8, "{log}");
+}

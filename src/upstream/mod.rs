@@ -373,8 +373,9 @@ impl Client {
     /// Gives a connection back: with its body fully read it goes to the
     /// pool (unless the exchange's framing, or `Connection: close` either
     /// way, rules reuse out); a small unread body is drained first; a large
-    /// one closes the connection.
-    pub(crate) async fn finish(&self, mut session: HttpSession, pool_key: u64) {
+    /// one closes the connection. Returns whether the body was read to its
+    /// end (`false`: closed mid-body).
+    pub(crate) async fn finish(&self, mut session: HttpSession, pool_key: u64) -> bool {
         if !session.is_body_done() {
             let small = session
                 .resp_header()
@@ -382,13 +383,14 @@ impl Client {
                 .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                 .is_some_and(|n| n <= DRAIN_LIMIT);
             if !small || !drain(&mut session).await {
-                return;
+                return false;
             }
         }
         session.respect_keepalive();
         if let Some(stream) = session.reuse().await {
             self.pool.put(pool_key, stream);
         }
+        true
     }
 }
 

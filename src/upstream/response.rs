@@ -66,7 +66,12 @@ impl Response {
         if let Some(url) = ex.redirected_to.take() {
             request.url = url;
         }
-        let permit = ex.permit.take();
+        let mut permit = ex.permit.take();
+        if ex.method != Method::HEAD {
+            if let Some(p) = permit.as_mut() {
+                p.mid_body(true);
+            }
+        }
         Response {
             client: client.clone(),
             session: ex.session,
@@ -147,7 +152,12 @@ impl Response {
                 self.received += chunk.len() as u64;
                 Ok((Some(chunk), resumed))
             }
-            Ok(None) => Ok((None, resumed)),
+            Ok(None) => {
+                if let Some(p) = self.permit.as_mut() {
+                    p.mid_body(false);
+                }
+                Ok((None, resumed))
+            }
             Err(e) => {
                 // Mended on the next call, which may replace the session:
                 // this call's result borrows it, so it cannot happen here.
@@ -199,8 +209,11 @@ impl Response {
         let client = self.client.clone();
         let request = self.request.clone();
         let attempts = self.recovery.attempts_left;
-        let permit = self.permit.take();
+        let mut permit = self.permit.take();
         self.finish().await;
+        if let Some(p) = permit.as_mut() {
+            p.settle().await;
+        }
         let ex = client.fetch(&request, Ask::Whole, permit).await?;
         Ok(Response::new(&client, ex, Request { method: Method::GET, whole: true, ..request }, attempts))
     }
@@ -210,15 +223,21 @@ impl Response {
     /// host's slot is given back after the connection: a request waiting
     /// for the slot then finds the connection in the pool instead of
     /// dialling another (a hoster that allows one connection sees one).
+    /// Closed mid-body, the slot is given back a moment later
+    /// ([`crate::gate::SETTLE`]).
     ///
     /// Not an `async fn`: the giving back is a future of a few KiB, boxed
     /// here so that a stream's state (which awaits this at its end) stays
     /// small for as long as it streams.
     pub fn finish(self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        let Response { client, session, pool_key, recovery, permit, .. } = self;
+        let Response { client, session, pool_key, recovery, mut permit, .. } = self;
         Box::pin(async move {
             if recovery.failure.is_none() {
-                client.finish(session, pool_key).await;
+                if client.finish(session, pool_key).await {
+                    if let Some(p) = permit.as_mut() {
+                        p.mid_body(false);
+                    }
+                }
             } else {
                 drop(session);
             }
@@ -275,6 +294,9 @@ impl Response {
             }
         };
         self.hang_up().await;
+        if let Some(p) = self.permit.as_mut() {
+            p.settle().await;
+        }
         // Let go on purpose ([`Response::let_go`]): no failure to count or report.
         let lent = e.context.as_ref().is_some_and(|c| c.as_str() == LET_GO);
         let mut tried = 0u32;
@@ -300,6 +322,9 @@ impl Response {
                 Ok(mut ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
                     Verdict::Continue => {
                         self.permit = ex.permit.take();
+                        if let Some(p) = self.permit.as_mut() {
+                            p.mid_body(true);
+                        }
                         self.session = ex.session;
                         self.pool_key = ex.pool_key;
                         if !lent {
@@ -350,6 +375,9 @@ impl Response {
     /// A playlist's body died: fetch it again whole, from its first byte.
     async fn refetch_in_place(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
         self.hang_up().await;
+        if let Some(p) = self.permit.as_mut() {
+            p.settle().await;
+        }
         let mut tried = 0u32;
         while self.recovery.attempts_left > 0 {
             self.recovery.attempts_left -= 1;
@@ -359,6 +387,9 @@ impl Response {
             match self.client.fetch(&self.request, Ask::Whole, self.permit.take()).await {
                 Ok(mut ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
                     self.permit = ex.permit.take();
+                    if let Some(p) = self.permit.as_mut() {
+                        p.mid_body(true);
+                    }
                     self.session = ex.session;
                     self.pool_key = ex.pool_key;
                     self.received = 0;
@@ -367,7 +398,7 @@ impl Response {
                 }
                 Ok(mut ex) => {
                     self.permit = ex.slot_for_another_try();
-                    self.client.finish(ex.session, ex.pool_key).await
+                    self.client.finish(ex.session, ex.pool_key).await;
                 }
                 Err(fe) => log::warn!("fetching {} again failed: {fe}", self.host()),
             }
