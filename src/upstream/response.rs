@@ -294,9 +294,7 @@ impl Response {
             }
         };
         self.hang_up().await;
-        if let Some(p) = self.permit.as_mut() {
-            p.settle().await;
-        }
+        self.settle().await;
         // Let go on purpose ([`Response::let_go`]): no failure to count or report.
         let lent = e.context.as_ref().is_some_and(|c| c.as_str() == LET_GO);
         let mut tried = 0u32;
@@ -321,12 +319,7 @@ impl Response {
             match self.client.fetch(&self.request, ask, self.permit.take()).await {
                 Ok(mut ex) => match window.judge(next, ex.session.resp_header().expect("an exchange has its header")) {
                     Verdict::Continue => {
-                        self.permit = ex.permit.take();
-                        if let Some(p) = self.permit.as_mut() {
-                            p.mid_body(true);
-                        }
-                        self.session = ex.session;
-                        self.pool_key = ex.pool_key;
+                        self.carry_on(ex);
                         if !lent {
                             self.count(|m| m.resumes_succeeded.inc());
                             self.recovery.resumed += 1;
@@ -375,9 +368,7 @@ impl Response {
     /// A playlist's body died: fetch it again whole, from its first byte.
     async fn refetch_in_place(&mut self, e: Box<Error>) -> pingora_error::Result<()> {
         self.hang_up().await;
-        if let Some(p) = self.permit.as_mut() {
-            p.settle().await;
-        }
+        self.settle().await;
         let mut tried = 0u32;
         while self.recovery.attempts_left > 0 {
             self.recovery.attempts_left -= 1;
@@ -385,13 +376,8 @@ impl Response {
             tried += 1;
             log::info!("upstream {} failed mid-playlist ({}); fetching it again", self.host(), e.etype().as_str());
             match self.client.fetch(&self.request, Ask::Whole, self.permit.take()).await {
-                Ok(mut ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
-                    self.permit = ex.permit.take();
-                    if let Some(p) = self.permit.as_mut() {
-                        p.mid_body(true);
-                    }
-                    self.session = ex.session;
-                    self.pool_key = ex.pool_key;
+                Ok(ex) if ex.session.resp_header().is_some_and(|h| h.status == StatusCode::OK) => {
+                    self.carry_on(ex);
                     self.received = 0;
                     self.recovery.restarts += 1;
                     return Ok(());
@@ -413,6 +399,25 @@ impl Response {
     /// the new connection replaces it.)
     async fn hang_up(&mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.session.shutdown()).await;
+    }
+
+    /// The body goes on over `ex`, the new connection, and its slot
+    /// ([`Permit::mid_body`] from now on).
+    fn carry_on(&mut self, mut ex: Exchange) {
+        self.permit = ex.permit.take();
+        if let Some(p) = self.permit.as_mut() {
+            p.mid_body(true);
+        }
+        self.session = ex.session;
+        self.pool_key = ex.pool_key;
+    }
+
+    /// Before the slot kept for another try asks the host again, lets the
+    /// connection just closed mid-body settle ([`Permit::settle`]).
+    async fn settle(&mut self) {
+        if let Some(p) = self.permit.as_mut() {
+            p.settle().await;
+        }
     }
 
     /// The upstream host, for logs (never the path or query: tokens live there).
