@@ -590,9 +590,10 @@ async fn viewers_who_joined_a_refused_fill_get_the_file_from_the_next_one() {
 /// download; a second file beside it is refused (the gate learns the
 /// limit, and keeps the refused connection for reuse); a range waits its
 /// turn; after the cooldown the download's client, which read everything
-/// as it came, hangs up, and the range goes on the idle connection. It must never be refused: the slot is
-/// given back once the close has settled. (Without that, HAProxy in front
-/// of nginx refused 10-11 of 30 requests sent so.)
+/// as it came, hangs up, and the range goes on the idle connection. It
+/// must never be refused: the slot is given back once the close has
+/// settled. (Without that, HAProxy in front of nginx refused 10-11 of 30
+/// requests sent so.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closed_mid_body_settles_before_its_slot_is_reused() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none()
@@ -616,21 +617,10 @@ async fn a_connection_closed_mid_body_settles_before_its_slot_is_reused() {
     .await;
     let (_haproxy, hop) = process::on_a_free_port(
         |hop| {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join("haproxy.cfg");
-            std::fs::write(
-                &file,
-                format!(
-                    "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-                     listen hop\n  bind 127.0.0.1:{hop}\n  server nginx 127.0.0.1:{port}\n"
-                ),
-            )
-            .unwrap();
-            process::Spawned::start_logging(
-                std::process::Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file),
-                dir,
-                "haproxy.log",
-            )
+            process::spawn_haproxy(&format!(
+                "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 listen hop\n  bind 127.0.0.1:{hop}\n  server nginx 127.0.0.1:{port}\n"
+            ))
         },
         "haproxy.log",
     )

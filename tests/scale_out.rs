@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -356,8 +355,5 @@ fn haproxy_balancer(instances: &[std::net::SocketAddr], port: u16) -> Spawned {
     for (d, a) in DEFAULTS.iter().zip(instances) {
         conf = conf.replace(&format!(" {d} check"), &format!(" {a} check"));
     }
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("haproxy.cfg");
-    std::fs::write(&file, conf).unwrap();
-    Spawned::start_logging(Command::new(tools::path("haproxy")).arg("-db").arg("-f").arg(&file), dir, "haproxy.log")
+    common::process::spawn_haproxy(&conf)
 }

@@ -127,6 +127,19 @@ pub fn spawn_caddy(config: &std::path::Path, dir: tempfile::TempDir) -> Spawned 
     )
 }
 
+/// HAProxy in the foreground on the config text `conf`, its log
+/// `haproxy.log` in its directory.
+pub fn spawn_haproxy(conf: &str) -> Spawned {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("haproxy.cfg");
+    std::fs::write(&file, conf).unwrap();
+    Spawned::start_logging(
+        Command::new(super::tools::path("haproxy")).arg("-db").arg("-f").arg(&file),
+        dir,
+        "haproxy.log",
+    )
+}
+
 /// A real nginx serving the files under `root` on a fresh loopback port,
 /// as a hoster would: `types` is its `types {}` block, `log` the format of
 /// its `access.log` (read back with [`Spawned::read`]), `server` more of
