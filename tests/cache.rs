@@ -724,6 +724,186 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
     assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
 }
 
+/// Reads from `sock` into `body` until it holds `n` bytes; the connection
+/// must not close first.
+async fn read_until(sock: &mut tokio::net::TcpStream, body: &mut Vec<u8>, n: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = vec![0; 64 << 10];
+    while body.len() < n {
+        let k = sock.read(&mut tmp).await.unwrap();
+        assert!(k > 0, "cut at {} of {n} bytes", body.len());
+        body.extend_from_slice(&tmp[..k]);
+    }
+}
+
+/// A viewer who seeks far into an episode from a hoster that allows one
+/// connection, which the cache's download holds, borrows that connection
+/// while nobody else reads the download, rather than wait for the download
+/// to get there (at the hoster's pace, minutes into a film); the download
+/// takes it back as soon as another viewer waits for it. nginx allows one
+/// connection (`limit_conn 1`, `509`; the proxy is told with
+/// `max_connections_per_host: 1`) and sends the download at 256 KiB/s:
+/// - the seek comes in ffmpeg's order: sent while the viewer's first
+///   request is still open (so it first waits for the download), which
+///   closes once the seek's header is there. nginx then logs the download
+///   cut short, the seek's rest sent whole on its own request, and the
+///   download continued from where it stopped: the seek never waited for
+///   the download to reach it, and the hoster never saw two connections
+///   (no `509`). The file is then stored whole;
+/// - a seeker that borrowed the connection and then stops reading (a
+///   paused player) holds the download up neither for another seek
+///   further on nor for a new viewer from the start: both get their bytes
+///   from the download, and nginx logs the first seek's request cut short.
+///   The seeker then reads the rest of its range from the download;
+/// - a new viewer's first look at the file's end (an MP4's index) while a
+///   seek has the connection is taken back and lent to it: nginx sends
+///   the index on its own request, rather than it waiting for the
+///   download to reach the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 2 << 20;
+    let root = tempfile::tempdir().unwrap();
+    for name in ["a.mp4", "b.mp4", "c.mp4"] {
+        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
+    }
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
+             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             map $http_range $rate {{ \"bytes=0-\" 256k; default 1m; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
+            root = root.path().display(),
+        )
+    })
+    .await;
+    let p = proxy("{}\nupstream: {max_connections_per_host: 1}").await;
+    let addr = p.addr();
+    // A GET of `range` on its own connection, its header and first `n` body bytes read.
+    let open = |path: String, range: &'static str, n: usize| async move {
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: {range}\r\n\r\n");
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut tmp = vec![0; 16 << 10];
+        let body = loop {
+            if let Some(end) = find(&got, b"\r\n\r\n") {
+                if got.len() >= end + 4 + n {
+                    break end + 4;
+                }
+            }
+            let k = sock.read(&mut tmp).await.unwrap();
+            assert!(k > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&tmp[..k]);
+        };
+        let head = String::from_utf8_lossy(&got[..body]).to_string();
+        (sock, head, got.split_off(body))
+    };
+    let half = LEN / 2;
+    let seek_range = "bytes=1048576-";
+    let cr = format!("content-range: bytes {half}-{}/{LEN}", LEN - 1);
+    for name in ["a.mp4", "b.mp4"] {
+        let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/{name}"));
+        let (first, _, _) = open(path.clone(), "bytes=0-", 64 << 10).await;
+        let (mut seek, head, mut body) = open(path.clone(), seek_range, 0).await;
+        assert!(head.starts_with("HTTP/1.1 206") && head.to_ascii_lowercase().contains(&cr), "{head}");
+        // ffmpeg closes its previous request once the seek's header is there.
+        drop(first);
+        let paused = name == "b.mp4";
+        let want = if paused { 100 << 10 } else { half as usize };
+        read_until(&mut seek, &mut body, want).await;
+        if paused {
+            // The seeker stops reading. Another seek further on is answered
+            // (from the download, which it makes take its connection back),
+            // and a new viewer from the start gets the whole file.
+            // (Bounded only so that a download held by the paused seek fails
+            // the test rather than hang it; each takes about 2 s.)
+            let hang = Duration::from_secs(30);
+            let three = LEN * 3 / 4;
+            let range = format!("bytes={three}-");
+            let headers = [("Range", range.as_str())];
+            let seek_on = get(p.addr(), "GET", &path, &headers);
+            let got = tokio::time::timeout(hang, seek_on).await.expect("the paused seek held the download");
+            assert_eq!((got.status, got.complete), (206, true), "{name}");
+            assert_body(&got.body, &pattern(three, LEN - three));
+            let whole = get(p.addr(), "GET", &path, &[]);
+            let got = tokio::time::timeout(hang, whole).await.expect("the paused seek held the download");
+            assert_eq!((got.status, got.complete), (200, true), "{name}");
+            assert_body(&got.body, &pattern(0, LEN));
+            // Then the seeker reads on: the rest of its range comes from the download.
+            read_until(&mut seek, &mut body, half as usize).await;
+        }
+        assert_body(&body, &pattern(half, half));
+        let uri = format!("/{name} ");
+        let rest = format!("-{}\" ", LEN - 1);
+        // The download's continuation is its last line, logged once it is whole.
+        let log = nginx
+            .read_when("access.log", |l| l.lines().filter(|l| l.starts_with(&uri) && l.contains(&rest)).count() == 2)
+            .await;
+        let lines: Vec<&str> = log.lines().filter(|l| l.starts_with(&uri)).collect();
+        assert_eq!(lines.len(), 3, "{name}: {lines:?}");
+        let cut: u64 = lines[0].strip_prefix(&format!("{uri}206 \"bytes=0-\" ")).unwrap().parse().unwrap();
+        assert!(cut < half, "{name}: the download stopped before the seek's bytes: {lines:?}");
+        let seek_line = format!("{uri}206 \"bytes={half}-{}\" ", LEN - 1);
+        let sent: u64 = lines[1].strip_prefix(&seek_line).unwrap_or_else(|| panic!("{lines:?}")).parse().unwrap();
+        if paused {
+            assert!(sent < half, "{name}: taken back from the paused seek: {lines:?}");
+        } else {
+            assert_eq!(sent, half, "{name}: the seek's rest came on its own request: {lines:?}");
+        }
+        assert_eq!(lines[2], format!("{uri}206 \"bytes={cut}-{}\" {}", LEN - 1, LEN - cut), "{name}: {lines:?}");
+        assert!(!log.contains(" 509 "), "never two connections at once: {log}");
+    }
+    // A new viewer's first look at the file's end (an MP4's index) while a
+    // seek has the connection: the download takes it back and lends it to
+    // the index, which nginx sends on its own request (it does not wait
+    // for the download to get to the end).
+    let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/c.mp4"));
+    let (first, _, _) = open(path.clone(), "bytes=0-", 64 << 10).await;
+    let (mut seek, _, mut body) = open(path.clone(), seek_range, 0).await;
+    drop(first);
+    read_until(&mut seek, &mut body, 100 << 10).await;
+    let index = LEN - 100_000;
+    let range = format!("bytes={index}-");
+    let headers = [("Range", range.as_str())];
+    let asked = get(p.addr(), "GET", &path, &headers);
+    let got = tokio::time::timeout(Duration::from_secs(30), asked).await.expect("the seek held the download");
+    assert_eq!((got.status, got.complete), (206, true));
+    assert_body(&got.body, &pattern(index, LEN - index));
+    read_until(&mut seek, &mut body, half as usize).await;
+    assert_body(&body, &pattern(half, half));
+    // Each line: the range asked, and the bytes nginx sent.
+    let lines = |log: &str| -> Vec<(String, u64)> {
+        let lines = log.lines().filter_map(|l| l.strip_prefix("/c.mp4 206 \"")?.split_once("\" "));
+        lines.map(|(range, sent)| (range.to_string(), sent.parse().unwrap())).collect()
+    };
+    let whole = |(range, sent): &(String, u64)| {
+        let from = range.strip_prefix("bytes=").and_then(|r| r.strip_suffix(&format!("-{}", LEN - 1)));
+        from.and_then(|f| f.parse::<u64>().ok()).is_some_and(|f| f + sent == LEN)
+    };
+    let log = nginx.read_when("access.log", |l| lines(l).iter().any(whole)).await;
+    let got = lines(&log);
+    assert!(got.iter().any(whole), "the download ended whole: {log}");
+    assert!(got.contains(&(range.clone(), LEN - index)), "the index on its own request: {got:?}");
+    let seek_sent = got.iter().find(|(r, _)| *r == format!("bytes={half}-{}", LEN - 1)).map(|(_, s)| *s);
+    assert!(seek_sent.is_some_and(|s| s < half), "the seek's request cut short: {got:?}");
+    assert!(!log.contains(" 509 "), "never two connections at once: {log}");
+
+    // The downloads were stored whole: nothing more reaches nginx.
+    let before = nginx.read("access.log").lines().count();
+    for name in ["a.mp4", "b.mp4", "c.mp4"] {
+        let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/{name}"));
+        let got = get(p.addr(), "GET", &path, &[]).await;
+        assert_body(&got.body, &pattern(0, LEN));
+    }
+    assert_eq!(nginx.read("access.log").lines().count(), before);
+    assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
+}
+
 /// Hosters send a burst and then a trickle (nginx's `limit_rate_after`).
 /// Such a fill's average pace is the burst's, but its bytes come at the
 /// trickle's: a seek 1 MiB ahead of it is seconds away, not under one, and

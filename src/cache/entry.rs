@@ -7,7 +7,7 @@
 //! also hold its tail before the fill gets there, fetched by a range ahead
 //! of it ([`Entry::kept_tail`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use pingora_http::ResponseHeader;
 use tokio::sync::watch;
 use url::Url;
 
+use super::lease::Lease;
 use super::pace::Pace;
 use super::sealed::BodyFile;
 use super::Key;
@@ -195,6 +196,19 @@ pub struct Entry {
     /// reader of the fill stalls — and, at a host whose limit was just
     /// raised, go beside it and be refused.
     lent: AtomicBool,
+    /// The lend is to a seek while nobody read the fill, and ends as soon
+    /// as a reader waits for the fill's next bytes ([`Entry::lend`]).
+    reclaimable: AtomicBool,
+    /// A reader began to wait during such a lend, or a range asked for
+    /// the connection back (`claimed`).
+    wanted: tokio::sync::Notify,
+    claimed: AtomicBool,
+    /// That seek's fetch, once it has one, for the fill to take back.
+    borrower: Mutex<Borrower>,
+    /// Readers of the body while it is being filled, and how many of them
+    /// wait for bytes that are not there yet.
+    readers: AtomicUsize,
+    waiting: AtomicUsize,
     /// Where the body's tail starts that a range fetched ahead of the fill
     /// brought whole into the body's file, at its place (`u64::MAX`: none);
     /// see [`Entry::kept_tail`].
@@ -260,6 +274,12 @@ impl Entry {
             lendable: AtomicBool::new(false),
             lend: tokio::sync::Notify::new(),
             lent: AtomicBool::new(false),
+            reclaimable: AtomicBool::new(false),
+            wanted: tokio::sync::Notify::new(),
+            claimed: AtomicBool::new(false),
+            borrower: Mutex::default(),
+            readers: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             tail: AtomicU64::new(u64::MAX),
             charge: OnceLock::new(),
         })
@@ -370,15 +390,88 @@ impl Entry {
     /// connection go, waits until that range is done, and continues its
     /// body on a new connection from where it was. So a player reading an
     /// MP4's index at its end need not wait for the whole download from a
-    /// hoster that allows one connection per address. False when the fill
-    /// cannot (it is not reading a body it could continue).
-    pub fn lend(&self) -> bool {
+    /// hoster that allows one connection per address. `reclaimable`: a
+    /// seek, lent the slot because nobody reads the fill ([`Entry::unread`]),
+    /// which would hold the fill up for as long as it is watched: the fill
+    /// takes its connection back as soon as a reader waits for its next
+    /// bytes (the seek's fetch registered with [`Entry::borrowed`]), and
+    /// the seek then reads on from the fill. False when the fill cannot
+    /// lend (it is not reading a body it could continue).
+    pub fn lend(&self, reclaimable: bool) -> bool {
         let can = self.lendable.load(Ordering::Acquire);
         if can {
+            *self.borrower.lock().unwrap_or_else(|e| e.into_inner()) = Borrower::default();
+            self.claimed.store(false, Ordering::SeqCst);
+            self.reclaimable.store(reclaimable, Ordering::SeqCst);
             self.lent.store(true, Ordering::Release);
             self.lend.notify_one();
         }
         can
+    }
+
+    /// Nobody reads the body as it is filled (its first viewer left, and
+    /// no other came): a seek may borrow the fill's connection until
+    /// someone does.
+    pub fn unread(&self) -> bool {
+        self.readers.load(Ordering::SeqCst) == 0
+    }
+
+    /// Waits until body byte `pos` is there or near (`false`: read it from
+    /// the fill), or until the fill could lend its slot to the one reader
+    /// waiting for it, `pos` being further than `patience` away (`true`):
+    /// a seek that came while another viewer read the fill (ffmpeg opens a
+    /// seek before it closes its previous request) and is now alone.
+    pub async fn there_or_alone(&self, pos: u64, patience: Duration) -> bool {
+        let mut rx = self.progress.subscribe();
+        loop {
+            let filling = matches!(*rx.borrow_and_update(), Progress::Filling(_));
+            if !filling || self.holds(pos) || self.arrives_within(pos, patience) == Some(true) {
+                return false;
+            }
+            let lendable = self.lendable.load(Ordering::Acquire) && !self.lent.load(Ordering::Acquire);
+            if lendable && self.readers.load(Ordering::SeqCst) <= 1 && !self.ahead.load(Ordering::Acquire) {
+                return true;
+            }
+            let _waiting = Waiting::new(self);
+            // Readers leaving are not news on the channel: looked at again
+            // with the fill's next bytes, or shortly.
+            if let Ok(Err(_)) = tokio::time::timeout(LOOK_AGAIN, rx.changed()).await {
+                return false;
+            }
+        }
+    }
+
+    /// `lease` is the fetch of the range the fill lent its slot to: the
+    /// fill takes it back when a reader waits for it, if the lend is one it
+    /// takes back ([`Entry::lend`]). False when it already did: the range
+    /// reads on from the fill at once.
+    pub fn borrowed(&self, lease: &Arc<Lease>) -> bool {
+        // (The fill is back only once the borrower's slot is let go: a lend
+        // taken back before its fetch registered is still on here.)
+        if !self.lent_to_a_seek() {
+            return true;
+        }
+        let mut borrower = self.borrower.lock().unwrap_or_else(|e| e.into_inner());
+        if borrower.taken {
+            return false;
+        }
+        borrower.lease = Some(Arc::downgrade(lease));
+        true
+    }
+
+    /// The fill lent its connection to a seek, and takes it back for the
+    /// first reader that waits for it: another range far ahead waits for
+    /// the fill as a reader (so that it is taken back), not for its turn.
+    pub fn lent_to_a_seek(&self) -> bool {
+        self.reclaimable.load(Ordering::SeqCst) && self.lent.load(Ordering::Acquire)
+    }
+
+    /// Asks the fill to take its connection back from the seek it lent it
+    /// to: for the file's short end (an MP4's index, which a new viewer
+    /// reads first), which the fill then lends it in its turn.
+    pub fn claim(&self) {
+        self.claimed.store(true, Ordering::SeqCst);
+        self.wanted.notify_one();
     }
 
     // ---- the fill's side of lending ------------------------------------
@@ -396,20 +489,50 @@ impl Entry {
     /// The fill is reading again after a lend (or has ended): ranges
     /// waiting to go ahead of it look again.
     pub(super) fn back(&self) {
+        self.reclaimable.store(false, Ordering::SeqCst);
+        self.claimed.store(false, Ordering::SeqCst);
         if self.lent.swap(false, Ordering::AcqRel) {
             self.ahead_done.notify_waiters();
         }
     }
 
-    /// Waits until no range holds the object's [`AheadSlot`].
-    pub(super) async fn ahead_gone(&self) {
+    /// Waits, lent, until no range holds the object's [`AheadSlot`]; a
+    /// lend it takes back ([`Entry::lend`]) is taken back as soon as a
+    /// reader waits for the body's next bytes.
+    pub(super) async fn away(&self) {
         loop {
             let mut done = std::pin::pin!(self.ahead_done());
             done.as_mut().enable();
+            let mut wanted = std::pin::pin!(self.wanted.notified());
+            wanted.as_mut().enable();
             if !self.ahead.load(Ordering::Acquire) {
                 return;
             }
-            done.await;
+            let wanted_back = self.waiting.load(Ordering::SeqCst) > 0 || self.claimed.load(Ordering::SeqCst);
+            if self.reclaimable.load(Ordering::SeqCst) && wanted_back {
+                self.take_back();
+                // Then the range's slot is let go (at once, or when its
+                // fetch was not registered yet, as it registers).
+                done.await;
+                continue;
+            }
+            tokio::select! {
+                () = done => {}
+                () = wanted => {}
+            }
+        }
+    }
+
+    /// Takes the fill's connection back from the seek it was lent to.
+    fn take_back(&self) {
+        let lease = {
+            let mut borrower = self.borrower.lock().unwrap_or_else(|e| e.into_inner());
+            borrower.taken = true;
+            borrower.lease.take()
+        };
+        if let Some(lease) = lease.and_then(|l| l.upgrade()) {
+            log::debug!("a cache fill takes back the connection it lent to a seek: a reader waits for it");
+            lease.take_back();
         }
     }
 
@@ -472,7 +595,13 @@ impl Entry {
 
     /// A reader of body bytes `first..end`.
     pub fn reader(self: &Arc<Self>, first: u64, end: u64, chunk: usize) -> Reader {
-        Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new(), buf: Vec::new() }
+        // (Counted only while the body is being filled: a stored body's
+        // readers, the many, cost no shared write.)
+        let counted = !self.is_done();
+        if counted {
+            self.readers.fetch_add(1, Ordering::SeqCst);
+        }
+        Reader { entry: self.clone(), rx: None, pos: first, end, chunk, piece: Bytes::new(), buf: Vec::new(), counted }
     }
 
     /// The whole body, once the fill is done (for playlists, bounded by
@@ -638,6 +767,20 @@ impl Entry {
     }
 }
 
+/// How often a reader waiting far ahead of a fill that brings nothing
+/// looks again whether it is alone ([`Entry::there_or_alone`]).
+const LOOK_AGAIN: Duration = Duration::from_millis(200);
+
+/// The seek a fill lent its connection to while nobody read it.
+#[derive(Default)]
+struct Borrower {
+    /// Its fetch, once it has one (gone with its reader: a seek whose
+    /// client left lets its connection go at once).
+    lease: Option<std::sync::Weak<Lease>>,
+    /// The fill took the connection back.
+    taken: bool,
+}
+
 /// Held while a range ahead of an entry's fill is fetched upstream alone
 /// ([`Entry::ahead_slot`]); given back when dropped.
 pub struct AheadSlot(Arc<Entry>);
@@ -661,6 +804,36 @@ pub struct Reader {
     piece: Bytes,
     /// What was read of a body in a file.
     buf: Vec<u8>,
+    /// Counted among the readers of a body being filled ([`Entry::unread`]).
+    counted: bool,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.counted {
+            self.entry.readers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Counts a reader among those waiting for the fill while it waits.
+struct Waiting<'a>(&'a Entry);
+
+impl<'a> Waiting<'a> {
+    fn new(entry: &'a Entry) -> Waiting<'a> {
+        entry.waiting.fetch_add(1, Ordering::SeqCst);
+        // A fill that lent its connection to a seek takes it back.
+        if entry.reclaimable.load(Ordering::SeqCst) {
+            entry.wanted.notify_one();
+        }
+        Waiting(entry)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Reader {
@@ -726,6 +899,7 @@ impl Reader {
                     return Error::e_explain(ErrorType::ConnectionClosed, FILL_FAILED);
                 }
             }
+            let _waiting = Waiting::new(&self.entry);
             if rx.changed().await.is_err() {
                 return Error::e_explain(ErrorType::ConnectionClosed, "the cache's upstream fetch went away");
             }
@@ -830,15 +1004,15 @@ mod tests {
     async fn a_fill_that_lent_its_slot_is_back_before_another_range_goes_ahead() {
         let e = Entry::pending(Key::from("k"));
         let lender = e.ahead_slot().expect("free");
-        assert!(!e.lend(), "not while the fill cannot lend");
+        assert!(!e.lend(false), "not while the fill cannot lend");
         e.set_lendable(true);
         let asked = e.lend_asked();
-        assert!(e.lend());
+        assert!(e.lend(false));
         asked.await;
         assert!(e.ahead_slot().is_none(), "the range it lent to has it");
         let gone = tokio::spawn({
             let e = e.clone();
-            async move { e.ahead_gone().await }
+            async move { e.away().await }
         });
         // A range waiting its turn, as a seek does (looking again at each end).
         let waiting = tokio::spawn({
@@ -865,7 +1039,7 @@ mod tests {
         e.back();
         drop(waiting.await.unwrap());
         // A lend asked but never taken (the fill ended first) is undone at its end.
-        assert!(e.lend());
+        assert!(e.lend(false));
         e.set_lendable(false);
         e.back();
         assert!(e.ahead_slot().is_some());

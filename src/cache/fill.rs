@@ -179,7 +179,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                     // Lent (`Entry::lend`): the connection goes, and the
                     // body continues from here once the range is done.
                     resp.let_go().await;
-                    entry.ahead_gone().await;
+                    entry.away().await;
                     away = true;
                 }
             }

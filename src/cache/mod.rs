@@ -30,6 +30,7 @@
 mod answer;
 mod entry;
 mod fill;
+mod lease;
 mod pace;
 pub mod policy;
 mod sealed;
@@ -47,6 +48,7 @@ use url::Url;
 pub use answer::{answerable_range, plan, shape, Plan};
 use entry::Charge;
 pub use entry::{is_fill_failure, AheadSlot, Entry, Head, Reader, Ready};
+pub use lease::Lease;
 use policy::Lifetimes;
 pub use sealed::BodyFile;
 

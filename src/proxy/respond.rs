@@ -14,7 +14,7 @@ use pingora_http::ResponseHeader;
 use super::decide::{self, Answer, Asked, Children, Decision};
 use super::relay::{relay, unless_client_leaves};
 use super::reply::{Failure, Outcome};
-use super::source::{Ahead, Memory, Source};
+use super::source::{Ahead, Borrow, Memory, Source};
 use super::{playlist, Ctx, Proxy};
 use crate::cache::{self, AheadSlot, Found, Key, Ready, Want};
 use crate::metrics::CacheResult;
@@ -82,7 +82,8 @@ impl Proxy {
                                 redirected.map(|h| Box::new(Request { url: h.url.clone(), ..req.clone() }));
                             let alone = redirected.as_deref().unwrap_or(&req);
                             let mut tries = 2;
-                            while let Some(slot) = self.ahead_slot(down, alone, &entry).await? {
+                            let mut far = false;
+                            while let Some(slot) = self.ahead_slot(down, alone, &entry, &mut far).await? {
                                 if let Some(up) = self.ahead_alone(down, ctx, alone).await? {
                                     return Ok(Ok(Ahead::of(up, entry, slot, chunk)));
                                 }
@@ -96,7 +97,19 @@ impl Proxy {
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
-                            Ok(Ok(Source::Memory(Memory::new(entry, req, chunk))))
+                            // Far ahead, at a host whose one connection the fill
+                            // holds: it may borrow it once it alone reads the fill.
+                            let host = alone.url.host_str().unwrap_or_default();
+                            let borrow = (far && st.client.gate().full_with_one(host)).then(|| {
+                                let mut req = alone.clone();
+                                self.forwarding(down, &mut req);
+                                Borrow { state: self.state.clone(), req }
+                            });
+                            let memory = Memory::new(entry, req, chunk);
+                            Ok(Ok(Source::Memory(match borrow {
+                                Some(borrow) => memory.borrowing(borrow),
+                                None => memory,
+                            })))
                         }
                         Ready::Declined => {
                             self.count_cache(ctx, CacheResult::Bypass);
@@ -192,29 +205,46 @@ impl Proxy {
     /// again shortly. While another range of the file has the slot (an
     /// index fetched in milliseconds, or a seek until the fill catches up),
     /// it waits for its turn, looking again each [`PATIENCE`] in case the
-    /// fill is near by then. `None`: wait for the fill.
+    /// fill is near by then. `None`: wait for the fill. `far`: set when the
+    /// range was found further ahead than the fill brings within [`PATIENCE`].
     async fn ahead_slot(
         &self,
         down: &mut ServerSession,
         req: &Request,
         entry: &Arc<cache::Entry>,
+        far: &mut bool,
     ) -> Result<Option<AheadSlot>, Outcome> {
         let Some(first) = ahead_of_fill(&down.req_header().headers, req, entry) else { return Ok(None) };
         let host = req.url.host_str().unwrap_or_default();
         loop {
             match entry.arrives_within(first, PATIENCE) {
                 Some(true) => return Ok(None),
-                Some(false) => {}
+                Some(false) => *far = true,
                 None => {
                     unless_client_leaves(down, pin!(tokio::time::sleep(PACE_KNOWN))).await?;
                     continue;
                 }
             }
+            if entry.lent_to_a_seek() {
+                if !lent_for(entry, first) {
+                    // Waiting for the fill, as its reader, takes the connection back.
+                    return Ok(None);
+                }
+                // The file's short end: the connection is taken back from the
+                // seek, then lent to it in its turn (looked at again below).
+                entry.claim();
+            }
             let mut done = pin!(entry.ahead_done());
             done.as_mut().enable();
             if let Some(slot) = entry.ahead_slot() {
                 let gate = self.state.client.gate();
-                let go = gate.has_room(host) || (lent_for(entry, first) && gate.full_with_one(host) && entry.lend());
+                // A seek (not the file's short end) would hold the fill up
+                // for as long as it is watched: lent the slot only while
+                // nobody reads the fill, which takes it back for the first
+                // reader that waits for it.
+                let short = lent_for(entry, first);
+                let go = gate.has_room(host)
+                    || (gate.full_with_one(host) && (short || entry.unread()) && entry.lend(!short));
                 return Ok(go.then_some(slot));
             }
             let _ = unless_client_leaves(down, pin!(tokio::time::timeout(PATIENCE, done))).await?;
@@ -436,7 +466,7 @@ fn want(req: &Request, client: &HeaderMap) -> Option<Want> {
 /// How soon the bytes a range joining a fill asks for must be on their
 /// way for it to wait for them rather than go upstream alone: about what a
 /// new upstream request takes to bring its first byte.
-const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+pub(super) const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often a range looks again whether a fill's pace is known yet (it
 /// is at most three quarters of a second into the fill's body,
@@ -444,9 +474,10 @@ const PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
 const PACE_KNOWN: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether the fill of `entry` may lend its host's only slot to a range
-/// from `first` to the end of the body: one that short (an MP4's index;
-/// the fill waits for it). A long one (a seek) would hold the fill up for
-/// minutes: it waits for the fill instead.
+/// from `first` to the end of the body, whoever reads the fill: one that
+/// short (an MP4's index; the fill waits for it). A long one (a seek)
+/// would hold the fill up for minutes: it borrows the slot only while
+/// nobody reads the fill ([`cache::Entry::lend`]), else waits for the fill.
 fn lent_for(entry: &cache::Entry, first: u64) -> bool {
     entry.head().is_some_and(|h| h.len.saturating_sub(first) <= (h.len / 16).min(LENT_AT_MOST))
 }

@@ -6,13 +6,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use pingora_error::Result;
+use bytes::Bytes;
+use pingora_error::{Error, ErrorType, Result};
 use pingora_http::ResponseHeader;
+use tokio::sync::mpsc;
 use url::Url;
 
-use crate::cache::{AheadSlot, BodyFile, Entry, Head, Reader};
+use crate::cache::{AheadSlot, BodyFile, Entry, Head, Lease, Reader};
+use crate::headers::WireHeader;
 use crate::upstream::resume::Window;
 use crate::upstream::{BodyError, Request, Response};
 
@@ -35,14 +39,23 @@ pub(super) enum Source {
 /// up, not for the rest of the film. Until then it holds the object's one
 /// [`AheadSlot`]. A range that runs to the body's end (an MP4's index) is
 /// kept in the fill's body for every other viewer ([`Entry::kept_tail`]).
+/// A seek the fill lent its host's only connection to, while nobody read
+/// the fill, hands over too when the fill takes that connection back (a
+/// reader waits for it): the seek then waits for the fill to get there.
+/// The upstream answer (with the slot that let it go upstream alone) is
+/// read by a task of its own ([`fetch`]), one piece ahead of the client,
+/// so the fill can take it back whatever the client does ([`Lease`]).
 pub(super) struct Ahead {
-    /// The upstream answer and the slot that let it go upstream alone;
-    /// `None` once handed over to the fill.
-    up: Option<(Response, AheadSlot)>,
+    /// The fetch's pieces; `None` once handed over to the fill (dropped:
+    /// the fetch lets its connection go).
+    pieces: Option<mpsc::Receiver<Fetched>>,
+    /// The last piece handed out.
+    piece: Bytes,
     /// The upstream's header and what was asked (kept past the hand-over).
     header: ResponseHeader,
     request: Request,
-    resumed: u32,
+    /// Times the fetch's body was continued on a new connection.
+    resumed: Arc<AtomicU32>,
     /// The fill to hand over to: `None` when the upstream's answer is not
     /// of the same file (it is then read to its end, as a relay).
     entry: Option<Arc<Entry>>,
@@ -72,11 +85,22 @@ impl Ahead {
         let (pos, end) = same.as_ref().map_or((0, 0), |(_, alone)| (alone.first, alone.last + 1));
         let tail = (same.is_some() && entry.head().is_some_and(|h| h.len == end) && entry.tail_file().is_some())
             .then_some(pos);
+        let (header, request) = (up.header().clone(), up.request().clone());
+        let lease = Arc::new(Lease::default());
+        // Registered with the fill, which may take its connection back; if
+        // it did already, the range reads on from the fill at once.
+        if same.is_some() && !entry.borrowed(&lease) {
+            lease.take_back();
+        }
+        let resumed = Arc::new(AtomicU32::new(0));
+        let (tx, pieces) = mpsc::channel(1);
+        tokio::spawn(fetch(up, slot, lease, tx, resumed.clone()));
         Source::Ahead(Box::new(Ahead {
-            header: up.header().clone(),
-            request: up.request().clone(),
-            up: Some((up, slot)),
-            resumed: 0,
+            header,
+            request,
+            pieces: Some(pieces),
+            piece: Bytes::new(),
+            resumed,
             entry: same.map(|_| entry),
             pos,
             end,
@@ -104,38 +128,119 @@ impl Ahead {
     }
 
     async fn read(&mut self) -> Result<Option<&[u8]>> {
-        if let (Some(entry), Some(_)) = (&self.entry, &self.up) {
-            // (At the range's end the upstream's answer is done: it is finished, not cut.)
-            if self.pos < self.end && entry.holds(self.pos) {
-                // The fill caught up: the upstream connection goes (closed,
-                // its gate slot given back, and the object's slot), the rest
-                // is read from memory.
-                let (up, _slot) = self.up.take().expect("checked above");
-                self.resumed = up.resumptions();
-                drop(up);
-                log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {}", self.pos);
-                self.reader = Some(entry.reader(self.pos, self.end, self.chunk));
-                self.handed_at = Some(self.pos);
-                self.tail = None;
-            }
-        }
-        let Ahead { up, reader, pos, end, entry, tail, .. } = self;
-        let piece = match (up, reader) {
-            (Some((up, _)), _) => {
-                let piece = up.read().await?;
-                if let Some(p) = piece {
-                    Ahead::came(entry.as_ref(), tail, *pos, *end, p);
+        let Ahead { pieces: fetched, piece, entry, pos, end, chunk, reader, handed_at, tail, .. } = self;
+        if let Some(pieces) = fetched {
+            // Handed over when the fill has the next byte (caught up), or
+            // once the fetch ends without its body's end (the fill took its
+            // connection back). (At the range's end the upstream's answer
+            // is done: it is finished, not cut.)
+            let caught_up = *pos < *end && entry.as_ref().is_some_and(|e| e.holds(*pos));
+            if !caught_up {
+                match pieces.recv().await {
+                    Some(Fetched::Piece(next)) => {
+                        Ahead::came(entry.as_ref(), tail, *pos, *end, &next);
+                        *pos += next.len() as u64;
+                        *piece = next;
+                        return Ok(Some(piece));
+                    }
+                    // The object's slot goes once every piece is here (a
+                    // tail is kept by then: the next range reads it).
+                    Some(Fetched::End(_slot)) => return Ok(None),
+                    Some(Fetched::Failed(e)) => return Err(e),
+                    None => {}
                 }
-                piece
             }
-            (None, Some(reader)) => reader.read().await?,
-            (None, None) => None,
-        };
+            // The fetch goes (its connection closed, its gate slot given
+            // back, and the object's slot); the rest is read from memory.
+            *fetched = None;
+            if *pos >= *end {
+                return Ok(None);
+            }
+            let Some(entry) = entry.as_ref() else {
+                return Error::e_explain(
+                    ErrorType::ConnectionClosed,
+                    "a range fetched ahead of a cache fill ended early",
+                );
+            };
+            log::debug!("a range fetched ahead of a cache fill continues from the fill at byte {pos}");
+            *reader = Some(entry.reader(*pos, *end, *chunk));
+            *handed_at = Some(*pos);
+            *tail = None;
+        }
+        let Some(reader) = reader else { return Ok(None) };
+        let piece = reader.read().await?;
         if let Some(p) = &piece {
             *pos += p.len() as u64;
         }
         Ok(piece)
     }
+}
+
+/// What a range's fetch hands its reader.
+enum Fetched {
+    Piece(Bytes),
+    /// The body's end, with the object's slot, to be let go once the
+    /// reader has every piece.
+    End(AheadSlot),
+    Failed(Box<Error>),
+}
+
+/// Reads `up`, a range fetched ahead of a fill, into `pieces`, one piece
+/// ahead of its client. The answer (its connection and gate slot) and
+/// `slot` go when the range no longer wants it (its client left, or the
+/// fill caught up with it) or the fill takes the connection back
+/// ([`Lease`]): the range then ends without its body's end and reads on
+/// from the fill.
+async fn fetch(
+    mut up: Response,
+    slot: AheadSlot,
+    lease: Arc<Lease>,
+    pieces: mpsc::Sender<Fetched>,
+    resumed: Arc<AtomicU32>,
+) {
+    loop {
+        let mut taking = std::pin::pin!(lease.taking());
+        taking.as_mut().enable();
+        if lease.is_taken() {
+            break;
+        }
+        let read = tokio::select! {
+            biased;
+            () = &mut taking => break,
+            () = pieces.closed() => break,
+            read = up.read() => read.map(|p| p.map(Bytes::copy_from_slice)),
+        };
+        resumed.store(up.resumptions(), Ordering::Relaxed);
+        let next = match read {
+            Ok(Some(piece)) => Fetched::Piece(piece),
+            Ok(None) => {
+                // Its body read whole: the connection goes back to the pool
+                // before the client has the end.
+                up.finish().await;
+                tokio::select! {
+                    biased;
+                    // (The reader then has its last piece, or reads it from the fill.)
+                    () = taking => {}
+                    _ = pieces.send(Fetched::End(slot)) => {}
+                }
+                return;
+            }
+            Err(e) => Fetched::Failed(e),
+        };
+        let failed = matches!(next, Fetched::Failed(_));
+        tokio::select! {
+            biased;
+            () = taking => break,
+            sent = pieces.send(next) => {
+                if sent.is_err() || failed {
+                    break;
+                }
+            }
+        }
+    }
+    // Dropped mid-body: the connection closes (its slot settles), then the object's slot.
+    drop(up);
+    drop(slot);
 }
 
 /// An answer from a cache entry whose header is there.
@@ -153,6 +258,19 @@ pub(super) struct Memory {
     /// Read while the fill was still fetching (not a stored object): its
     /// resumptions are this answer's too.
     filling: bool,
+    /// A range far ahead of the fill that waits for it because the host
+    /// allows one connection, which the fill holds: what it needs to
+    /// borrow that connection once it alone reads the fill
+    /// ([`Memory::borrowed`]).
+    borrow: Option<Box<Borrow>>,
+}
+
+/// The upstream client and the range's request (with the client's
+/// headers), for a range waiting far ahead of a fill to fetch its bytes
+/// itself.
+pub(super) struct Borrow {
+    pub state: Arc<super::State>,
+    pub req: Request,
 }
 
 impl Memory {
@@ -160,7 +278,63 @@ impl Memory {
     pub fn new(entry: Arc<Entry>, request: Request, chunk: usize) -> Memory {
         debug_assert!(entry.head().is_some());
         let filling = !entry.is_done();
-        Memory { entry, request, reader: None, chunk, as_fetched: false, filling }
+        Memory { entry, request, reader: None, chunk, as_fetched: false, filling, borrow: None }
+    }
+
+    /// May borrow the fill's connection while it waits for it ([`Borrow`]).
+    pub fn borrowing(self, borrow: Borrow) -> Memory {
+        Memory { borrow: Some(Box::new(borrow)), ..self }
+    }
+
+    /// A range waiting far ahead of the fill, at a host that allows one
+    /// connection, whose client now alone reads the fill (the viewer it
+    /// came after left): the fill lends it its connection, and the rest
+    /// of the range is fetched upstream ([`Ahead`]) until the fill has
+    /// its bytes or takes its connection back for a reader that waits for
+    /// it. So a viewer seeking far into an episode does not wait for the
+    /// download to get there when nobody else watches it. Tried once;
+    /// `None`: read on from the fill. (Its header went out already, from
+    /// memory: the fetch must be of the same file, or it is not used.)
+    async fn borrowed(&mut self) -> Option<Source> {
+        let (pos, end) = self.reader.as_ref()?.left();
+        if pos >= end || !self.entry.there_or_alone(pos, super::respond::PATIENCE).await {
+            if self.entry.holds(pos) {
+                // The fill got there: nothing to borrow for any more.
+                self.borrow = None;
+            }
+            return None;
+        }
+        let borrow = self.borrow.take()?;
+        let host = borrow.req.url.host_str().unwrap_or_default();
+        let slot = self.entry.ahead_slot()?;
+        if !borrow.state.client.gate().full_with_one(host) || !self.entry.lend(true) {
+            return None;
+        }
+        let mut req = borrow.req;
+        req.forwarded.retain(|h| h.name != http::header::RANGE);
+        let range = format!("bytes={pos}-{}", end - 1);
+        req.forwarded.push(WireHeader::conventional(&http::header::RANGE, "Range", range.parse().ok()?));
+        let up = match borrow.state.client.open(req).await {
+            Ok(up) if up.header().status == http::StatusCode::PARTIAL_CONTENT => up,
+            other => {
+                let why = other.as_ref().map_or_else(|e| e.to_string(), |r| r.header().status.as_u16().to_string());
+                log::debug!("a range waiting far ahead of a cache fill could not borrow its connection ({why})");
+                if let Ok(up) = other {
+                    up.finish().await;
+                }
+                return None;
+            }
+        };
+        match Ahead::of(up, self.entry.clone(), slot, self.chunk) {
+            Source::Ahead(a) if a.entry.is_some() && a.pos == pos && a.end == end => {
+                log::debug!("a range waiting far ahead of a cache fill borrowed its connection at byte {pos}");
+                Some(Source::Ahead(a))
+            }
+            other => {
+                other.finish().await;
+                None
+            }
+        }
     }
 
     /// The request's own fetch, which the cache adopted ([`crate::cache::Cache::adopt`]):
@@ -230,13 +404,24 @@ impl Source {
 
     /// The next piece of the body (of the selected range, from memory).
     pub async fn read(&mut self) -> Result<Option<&[u8]>> {
+        if let Source::Memory(m) = self {
+            if m.borrow.is_some() {
+                // Boxed: the rare borrow (an upstream request) must not
+                // widen every read's future (memory per slow client).
+                if let Some(ahead) = Box::pin(m.borrowed()).await {
+                    *self = ahead;
+                }
+            }
+        }
         match self {
             Source::Upstream(r) => r.read().await,
             Source::Memory(m) => match &mut m.reader {
                 Some(reader) => reader.read().await,
                 None => Ok(None),
             },
-            Source::Ahead(a) => a.read().await,
+            // Boxed, as rare: its hand-over to the fill must not widen
+            // every read's future (memory per slow client).
+            Source::Ahead(a) => Box::pin(a.read()).await,
         }
     }
 
@@ -266,10 +451,13 @@ impl Source {
                 Ok(out)
             }
             Source::Ahead(a) => {
-                let Some((up, _)) = &mut a.up else { return Ok(Vec::new()) };
-                let first = up.peek(at_least).await?;
-                Ahead::came(a.entry.as_ref(), &mut a.tail, a.pos, a.end, &first);
-                a.pos += first.len() as u64;
+                let mut first = Vec::new();
+                while first.len() < at_least {
+                    match a.read().await? {
+                        Some(piece) => first.extend_from_slice(piece),
+                        None => break,
+                    }
+                }
                 Ok(first)
             }
         }
@@ -286,13 +474,17 @@ impl Source {
                 m.entry.whole_body(m.chunk).await.map_err(BodyError::Failed)
             }
             // Asked of a body before it is relayed, so before any hand-over.
-            Source::Ahead(a) => match &mut a.up {
-                Some((up, _)) => up.read_to_vec(prefix, limit).await,
-                None => Err(BodyError::Failed(pingora_error::Error::explain(
-                    pingora_error::ErrorType::InternalError,
-                    "a range handed over to a cache fill is read as it is relayed",
-                ))),
-            },
+            // (A partial answer: a playlist is fetched again whole instead.)
+            Source::Ahead(a) => {
+                let mut body = prefix;
+                while let Some(piece) = a.read().await.map_err(BodyError::Failed)? {
+                    if body.len() + piece.len() > limit {
+                        return Err(BodyError::TooLarge);
+                    }
+                    body.extend_from_slice(piece);
+                }
+                Ok(body)
+            }
         }
     }
 
@@ -311,7 +503,7 @@ impl Source {
             Source::Upstream(r) => r.resumptions(),
             Source::Memory(m) if m.filling => m.entry.resumptions(),
             Source::Memory(_) => 0,
-            Source::Ahead(a) => a.up.as_ref().map_or(a.resumed, |(up, _)| up.resumptions()),
+            Source::Ahead(a) => a.resumed.load(Ordering::Relaxed),
         }
     }
 
@@ -320,11 +512,8 @@ impl Source {
         match self {
             Source::Upstream(r) => r.finish(),
             Source::Memory(_) => Box::pin(std::future::ready(())),
-            // The object's slot goes with it: the fetch beside the fill is over.
-            Source::Ahead(a) => match a.up {
-                Some((up, _slot)) => up.finish(),
-                None => Box::pin(std::future::ready(())),
-            },
+            // Its fetch finished its connection itself, or lets it go now.
+            Source::Ahead(_) => Box::pin(std::future::ready(())),
         }
     }
 }
