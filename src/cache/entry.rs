@@ -1045,6 +1045,102 @@ mod tests {
         assert!(e.ahead_slot().is_some());
     }
 
+    /// Yields until `done` holds, at most 1 000 times.
+    async fn soon(done: impl Fn() -> bool) -> bool {
+        for _ in 0..1000 {
+            if done() {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        done()
+    }
+
+    /// A fill lends its connection to a seek only while nobody reads it
+    /// (readers of a body being filled are counted), and takes it back as
+    /// soon as a reader waits for bytes it has not brought, or a range
+    /// claims it; a seek's fetch registered after that is let go at once.
+    /// A lend to the file's short end is never taken back.
+    #[tokio::test]
+    async fn a_seek_lent_the_fill_s_connection_gives_it_back_to_a_waiting_reader() {
+        let e = Entry::pending(Key::from("k"));
+        e.set_head(head(1000));
+        e.set_lendable(true);
+        assert!(e.unread());
+        let r = e.reader(0, 1000, 100);
+        assert!(!e.unread(), "a reader of the body being filled counts");
+        drop(r);
+        assert!(e.unread());
+
+        // Lent to a seek; nobody waits: the seek keeps it.
+        let slot = e.ahead_slot().expect("free");
+        assert!(e.lend(true) && e.lent_to_a_seek());
+        let lease = Arc::new(Lease::default());
+        assert!(e.borrowed(&lease));
+        let away = tokio::spawn({
+            let e = e.clone();
+            async move { e.away().await }
+        });
+        assert!(!soon(|| lease.is_taken()).await, "kept while nobody waits");
+        // A reader comes to wait for the next byte: taken back.
+        let mut r = e.reader(0, 10, 100);
+        let reading = tokio::spawn(async move { r.read().await.map(|p| p.map(<[u8]>::to_vec)) });
+        assert!(soon(|| lease.is_taken()).await, "taken back for the reader");
+        drop(slot);
+        away.await.unwrap();
+        e.back();
+        assert!(!e.lent_to_a_seek());
+        e.append(&mut BytesMut::new(), &pattern(10)).unwrap();
+        assert_eq!(reading.await.unwrap().unwrap(), Some(pattern(10)));
+
+        // Claimed back for the file's short end.
+        let slot = e.ahead_slot().expect("free");
+        assert!(e.lend(true));
+        let lease = Arc::new(Lease::default());
+        assert!(e.borrowed(&lease));
+        let away = tokio::spawn({
+            let e = e.clone();
+            async move { e.away().await }
+        });
+        e.claim();
+        assert!(soon(|| lease.is_taken()).await, "taken back for the claim");
+        drop(slot);
+        away.await.unwrap();
+        e.back();
+
+        // Taken back before the seek's fetch registered: let go at once.
+        let slot = e.ahead_slot().expect("free");
+        assert!(e.lend(true));
+        let away = tokio::spawn({
+            let e = e.clone();
+            async move { e.away().await }
+        });
+        e.claim();
+        let late = Arc::new(Lease::default());
+        assert!(soon(|| !e.borrowed(&late)).await, "a fetch registered after the take-back is let go");
+        drop(slot);
+        away.await.unwrap();
+        e.back();
+
+        // A lend to the short end is not taken back by a waiting reader.
+        let slot = e.ahead_slot().expect("free");
+        assert!(e.lend(false) && !e.lent_to_a_seek());
+        let lease = Arc::new(Lease::default());
+        assert!(e.borrowed(&lease), "not registered: nothing to take back");
+        let away = tokio::spawn({
+            let e = e.clone();
+            async move { e.away().await }
+        });
+        let mut r = e.reader(10, 20, 100);
+        let reading = tokio::spawn(async move { r.read().await.map(|p| p.map(<[u8]>::to_vec)) });
+        assert!(!soon(|| lease.is_taken()).await, "the short end keeps it");
+        drop(slot);
+        away.await.unwrap();
+        e.back();
+        e.append(&mut BytesMut::new(), &pattern(10)).unwrap();
+        assert_eq!(reading.await.unwrap().unwrap().map(|p| p.len()), Some(10));
+    }
+
     #[tokio::test]
     async fn a_tail_fetched_ahead_is_read_before_the_fill_gets_there() {
         let (len, tail) = (300_000u64, 200_000u64);
