@@ -177,7 +177,8 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                 }
                 None => {
                     // Lent (`Entry::lend`): the connection goes, and the
-                    // body continues from here once the range is done.
+                    // body continues from here once the range is done (or,
+                    // lent to a seek, once a reader waits: `Entry::away`).
                     resp.let_go().await;
                     entry.away().await;
                     away = true;

@@ -1,11 +1,10 @@
-//! A range's own upstream fetch beside a fill of the same file (a viewer
-//! who skipped ahead, an MP4's index), which the fill can take back: a
-//! fill that lent its host's only connection to a seek while nobody read
-//! it needs that connection again as soon as a reader waits for its next
-//! bytes ([`super::Entry::lend`]) — also while the seek's own client is
-//! not reading (a paused player), when nothing on the seek's request path
-//! runs. So the fetch is read by a task of its own
-//! (`crate::proxy::source`), which drops it when told here.
+//! How a fill takes back the connection it lent to a range's own upstream
+//! fetch (a viewer who skipped ahead): a fill that lent its host's only
+//! connection to a seek while nobody read it needs that connection again
+//! as soon as a reader waits for its next bytes ([`super::Entry::lend`]) —
+//! also while the seek's own client is not reading (a paused player), when
+//! nothing on the seek's request path runs. So the fetch is read by a task
+//! of its own (`crate::proxy::source`), which drops it when told here.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
