@@ -724,18 +724,6 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
     assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
 }
 
-/// Reads from `sock` into `body` until it holds `n` bytes; the connection
-/// must not close first.
-async fn read_until(sock: &mut tokio::net::TcpStream, body: &mut Vec<u8>, n: usize) {
-    use tokio::io::AsyncReadExt;
-    let mut tmp = vec![0; 64 << 10];
-    while body.len() < n {
-        let k = sock.read(&mut tmp).await.unwrap();
-        assert!(k > 0, "cut at {} of {n} bytes", body.len());
-        body.extend_from_slice(&tmp[..k]);
-    }
-}
-
 /// A viewer who seeks far into an episode from a hoster that allows one
 /// connection, which the cache's download holds, borrows that connection
 /// while nobody else reads the download, rather than wait for the download
@@ -761,7 +749,7 @@ async fn read_until(sock: &mut tokio::net::TcpStream, body: &mut Vec<u8>, n: usi
 ///   download to reach the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
@@ -772,10 +760,13 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     }
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
+             log_format asked escape=none '$uri \"$http_range\" if-range=$http_if_range etag=$sent_http_etag';\n\
+             types {{ video/mp4 mp4; }}\n\
              limit_conn_zone $binary_remote_addr zone=one:1m;\n\
              map $http_range $rate {{ \"bytes=0-\" 256k; default 1m; }}\n\
              server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             access_log {{dir}}/asked.log asked;\n\
              limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
             root = root.path().display(),
         )
@@ -788,20 +779,10 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
         let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: {range}\r\n\r\n");
         sock.write_all(req.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut tmp = vec![0; 16 << 10];
-        let body = loop {
-            if let Some(end) = find(&got, b"\r\n\r\n") {
-                if got.len() >= end + 4 + n {
-                    break end + 4;
-                }
-            }
-            let k = sock.read(&mut tmp).await.unwrap();
-            assert!(k > 0, "closed early: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&tmp[..k]);
-        };
-        let head = String::from_utf8_lossy(&got[..body]).to_string();
-        (sock, head, got.split_off(body))
+        let mut body = Vec::new();
+        let head = read_head(&mut sock, &mut body).await.expect("a header");
+        read_until(&mut sock, &mut body, n).await;
+        (sock, String::from_utf8_lossy(&head).to_string(), body)
     };
     let half = LEN / 2;
     let seek_range = "bytes=1048576-";
@@ -857,6 +838,13 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
         }
         assert_eq!(lines[2], format!("{uri}206 \"bytes={cut}-{}\" {}", LEN - 1, LEN - cut), "{name}: {lines:?}");
         assert!(!log.contains(" 509 "), "never two connections at once: {log}");
+        // The seek asked for the rest of its range as a resumption does:
+        // only if the file is still the one the download is bringing.
+        let asked = nginx.read("asked.log");
+        let seek = format!("{uri}\"bytes={half}-{}\" ", LEN - 1);
+        let seek = asked.lines().find_map(|l| l.strip_prefix(&seek)).unwrap_or_else(|| panic!("{asked}"));
+        let (if_range, etag) = seek.strip_prefix("if-range=").and_then(|l| l.split_once(" etag=")).unwrap();
+        assert!(etag.starts_with('"') && if_range == etag, "{name}: {seek}");
     }
     // A new viewer's first look at the file's end (an MP4's index) while a
     // seek has the connection: the download takes it back and lends it to

@@ -16,9 +16,8 @@ use tokio::sync::mpsc;
 use url::Url;
 
 use crate::cache::{AheadSlot, BodyFile, Entry, Head, Lease, Reader};
-use crate::headers::WireHeader;
 use crate::upstream::resume::Window;
-use crate::upstream::{BodyError, Request, Response};
+use crate::upstream::{Ask, BodyError, Request, Response};
 
 // The upstream variant is the common one: boxing it to even the sizes out
 // would cost an allocation per request.
@@ -310,11 +309,10 @@ impl Memory {
         if !borrow.state.client.gate().full_with_one(host) || !self.entry.lend(true) {
             return None;
         }
-        let mut req = borrow.req;
-        req.forwarded.retain(|h| h.name != http::header::RANGE);
-        let range = format!("bytes={pos}-{}", end - 1);
-        req.forwarded.push(WireHeader::conventional(&http::header::RANGE, "Range", range.parse().ok()?));
-        let up = match borrow.state.client.open(req).await {
+        // Asked as a resumption is: the rest of the range, if still the same file.
+        let if_range = Window::of(&self.head().header).ok()?.if_range;
+        let range = http::HeaderValue::from_str(&format!("bytes={pos}-{}", end - 1)).ok()?;
+        let up = match borrow.state.client.open_asking(borrow.req, Ask::Resume { range, if_range }).await {
             Ok(up) if up.header().status == http::StatusCode::PARTIAL_CONTENT => up,
             other => {
                 let why = other.as_ref().map_or_else(|e| e.to_string(), |r| r.header().status.as_u16().to_string());

@@ -12,6 +12,7 @@ mod response;
 pub mod resume;
 
 use std::borrow::Cow;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -184,14 +185,22 @@ impl Client {
     /// Opens the response for `req`, following redirects and falling back
     /// from HEAD to a ranged GET when the upstream refuses HEAD. Timed here
     /// (`anibridge_upstream_header_seconds`), where every caller passes: a
-    /// request going upstream alone and a cache fill alike.
-    pub async fn open(&self, mut req: Request) -> Result<Response, FetchError> {
+    /// request going upstream alone and a cache fill alike. (Not `async`
+    /// itself, so a request's future holds only the one of `open_asking`.)
+    pub fn open(&self, mut req: Request) -> impl Future<Output = Result<Response, FetchError>> + Send + '_ {
         let ask = if req.whole {
             req.method = Method::GET;
             Ask::Whole
         } else {
             Ask::Client
         };
+        self.open_asking(req, ask)
+    }
+
+    /// [`Client::open`] asking for `ask` in place of what `req` asks: a seek
+    /// answered from a cache fill that goes on upstream asks for the rest of
+    /// its range as a resumption does (`Range` and `If-Range`).
+    pub(crate) async fn open_asking(&self, req: Request, ask: Ask) -> Result<Response, FetchError> {
         let started = Instant::now();
         let ex = self.fetch(&req, ask, None).await?;
         if let Some(m) = &self.metrics {

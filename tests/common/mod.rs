@@ -227,7 +227,9 @@ impl Origin {
     }
 }
 
-async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+/// Reads from `sock` into `buf` until a header's end: the header, with the
+/// bytes after it left in `buf`; `None` if the connection ends first.
+pub async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
     loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
             let head = buf[..pos + 4].to_vec();
@@ -250,6 +252,17 @@ fn header_lines<'a>(lines: impl Iterator<Item = &'a str>) -> (Vec<String>, Vec<(
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), (k.trim().to_ascii_lowercase(), v.trim().to_string())))
         .unzip()
+}
+
+/// Reads body bytes from `sock` into `body` until it holds `n`; a
+/// connection that ends first fails the test.
+pub async fn read_until(sock: &mut TcpStream, body: &mut Vec<u8>, n: usize) {
+    let mut tmp = vec![0; 64 << 10];
+    while body.len() < n {
+        let k = sock.read(&mut tmp).await.unwrap();
+        assert!(k > 0, "cut at {} of {n} bytes", body.len());
+        body.extend_from_slice(&tmp[..k]);
+    }
 }
 
 pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
