@@ -819,6 +819,19 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
             read_until(&mut seek, &mut body, half as usize).await;
         }
         assert_body(&body, &pattern(half, half));
+        if !paused {
+            // The seek's bytes came from the hoster: the cache saved none of them.
+            drop(seek);
+            let done = || p.metric("anibridge_requests_total{route=\"relay\",status=\"206\"}") == 2.0;
+            for _ in 0..100 {
+                if done() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(done(), "both requests ended");
+            assert_eq!(p.metric("anibridge_cache_upstream_bytes_saved_total"), 0.0);
+        }
         let uri = format!("/{name} ");
         let rest = format!("-{}\" ", LEN - 1);
         // The download's continuation is its last line, logged once it is whole.

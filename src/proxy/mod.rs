@@ -65,8 +65,11 @@ pub struct Ctx {
     body_bytes: u64,
     /// Of them, bytes read from memory by a range that went upstream ahead
     /// of a fill and was handed over to it (a hit's or coalesced reader's
-    /// bytes are all from memory).
+    /// bytes are from memory but for `fetched_bytes`).
     memory_bytes: u64,
+    /// Of them, bytes from an upstream fetch of its own (a hit's or
+    /// coalesced reader's borrow, [`source::Source::fetched_bytes`]).
+    fetched_bytes: u64,
     attempts: u32,
     refreshed: bool,
     /// What the cache did (`None`: it is off).
@@ -93,6 +96,7 @@ impl ProxyHttp for Proxy {
             upstream_host: String::new(),
             body_bytes: 0,
             memory_bytes: 0,
+            fetched_bytes: 0,
             attempts: 0,
             refreshed: false,
             cache: None,
@@ -150,7 +154,7 @@ impl ProxyHttp for Proxy {
         m.count_request(ctx.route, ctx.route_index, status);
         m.bytes_relayed.inc_by(ctx.body_bytes);
         if matches!(ctx.cache, Some(CacheResult::Hit | CacheResult::Coalesced)) {
-            m.cache_saved.inc_by(ctx.body_bytes);
+            m.cache_saved.inc_by(ctx.body_bytes.saturating_sub(ctx.fetched_bytes));
         } else if ctx.memory_bytes > 0 {
             m.cache_saved.inc_by(ctx.memory_bytes);
         }

@@ -52,6 +52,13 @@ pub(super) async fn relay(
         };
         ctx.body_bytes += sent.load(Ordering::Relaxed);
         ctx.memory_bytes = resp.handed_over_bytes();
+        ctx.fetched_bytes = resp.fetched_bytes();
+        if ctx.fetched_bytes > 0 && ctx.upstream_host.is_empty() {
+            // A reader of a fill that borrowed its connection: its access
+            // line names the upstream that sent its bytes.
+            ctx.upstream_host = resp.url().host_str().unwrap_or_default().to_string();
+            ctx.upstream_status = resp.header().status.as_u16();
+        }
         ctx.resumed = resp.resumptions();
         pumped?;
     }

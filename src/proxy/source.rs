@@ -61,6 +61,8 @@ pub(super) struct Ahead {
     /// The next byte of the object the client needs, and the end of its range.
     pos: u64,
     end: u64,
+    /// Where the fetch started.
+    start: u64,
     chunk: usize,
     reader: Option<Reader>,
     /// Where the fill took over, once it did.
@@ -103,6 +105,7 @@ impl Ahead {
             entry: same.map(|_| entry),
             pos,
             end,
+            start: pos,
             chunk,
             reader: None,
             handed_at: None,
@@ -491,6 +494,16 @@ impl Source {
     pub fn handed_over_bytes(&self) -> u64 {
         match self {
             Source::Ahead(a) => a.handed_at.map_or(0, |at| a.pos - at),
+            _ => 0,
+        }
+    }
+
+    /// Body bytes a range fetched ahead of a fill got from its own fetch,
+    /// until it was handed over: for a seek that joined the fill and
+    /// borrowed its connection, what the cache did not save.
+    pub fn fetched_bytes(&self) -> u64 {
+        match self {
+            Source::Ahead(a) => a.handed_at.unwrap_or(a.pos) - a.start,
             _ => 0,
         }
     }
