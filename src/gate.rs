@@ -485,6 +485,12 @@ impl Gate {
         self.judge(host, |h, limit, _| h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()).unwrap_or(false)
     }
 
+    /// Whether `host` takes one request at a time (set or learned), however
+    /// many are in flight or waiting now.
+    pub fn one_at_a_time(&self, host: &str) -> bool {
+        self.judge(host, |_, limit, _| limit == Some(1)).unwrap_or(false)
+    }
+
     /// `judge` of `host`'s state, with the limit in force and the time
     /// now; `None` when nothing was ever sent to it.
     fn judge(&self, host: &str, judge: impl FnOnce(&mut Host, Option<u32>, Instant) -> bool) -> Option<bool> {
@@ -765,6 +771,24 @@ mod tests {
         assert!(unlimited.has_room("h"), "no limit");
         unlimited.answered(&held, StatusCode::TOO_MANY_REQUESTS, None);
         assert!(!unlimited.has_room("h"), "cooling down");
+    }
+
+    #[tokio::test]
+    async fn one_at_a_time_is_the_limit_whatever_is_in_flight() {
+        let g = gate(1, Duration::from_secs(5));
+        assert!(!g.one_at_a_time("h") && !g.full_with_one("h"), "a host never dialled");
+        let held = g.enter("h").await.unwrap();
+        assert!(g.one_at_a_time("h") && g.full_with_one("h"));
+        drop(held);
+        tokio::time::sleep(SETTLE * 2).await;
+        assert!(g.one_at_a_time("h") && !g.full_with_one("h"), "its one slot is free");
+        // Learned: a refusal with two in flight leaves one.
+        let unlimited = gate(0, Duration::from_secs(5));
+        let (a, b) = (unlimited.enter("h").await.unwrap(), unlimited.enter("h").await.unwrap());
+        assert!(!unlimited.one_at_a_time("h"));
+        unlimited.answered(&b, StatusCode::from_u16(509).unwrap(), None);
+        drop((a, b));
+        assert!(unlimited.one_at_a_time("h"));
     }
 
     #[tokio::test]

@@ -746,7 +746,10 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
 /// - a new viewer's first look at the file's end (an MP4's index) while a
 ///   seek has the connection is taken back and lent to it: nginx sends
 ///   the index on its own request, rather than it waiting for the
-///   download to reach the end.
+///   download to reach the end;
+/// - a seek right after a seek (Chromium closes the first request and at
+///   once asks further on, while the download is on its way back) borrows
+///   the connection too: nginx sends its range on its own request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download() {
     use tokio::io::AsyncWriteExt;
@@ -755,7 +758,7 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     }
     const LEN: u64 = 2 << 20;
     let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4", "c.mp4"] {
+    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4"] {
         std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
     }
     let (nginx, port) = nginx_on_a_free_port(|port| {
@@ -894,9 +897,32 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     assert!(seek_sent.is_some_and(|s| s < half), "the seek's request cut short: {got:?}");
     assert!(!log.contains(" 509 "), "never two connections at once: {log}");
 
+    // A player that seeks again (Chromium) closes its seek's request and at
+    // once asks further on: while the download is on its way back from the
+    // first seek, the second one borrows its connection too (it does not
+    // wait for the download to get there).
+    let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/d.mp4"));
+    let (first, _, _) = open(path.clone(), "bytes=0-", 64 << 10).await;
+    let (mut seek, _, mut body) = open(path.clone(), seek_range, 0).await;
+    drop(first);
+    read_until(&mut seek, &mut body, 100 << 10).await;
+    drop(seek);
+    let three = LEN * 3 / 4;
+    let range = format!("bytes={three}-");
+    let headers = [("Range", range.as_str())];
+    let again = get(p.addr(), "GET", &path, &headers);
+    let got = tokio::time::timeout(Duration::from_secs(30), again).await.expect("the second seek");
+    assert_eq!((got.status, got.complete), (206, true));
+    assert_body(&got.body, &pattern(three, LEN - three));
+    let asked = format!("/d.mp4 206 \"bytes={three}-{}\" {}", LEN - 1, LEN - three);
+    let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
+    let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("/d.mp4 ")).collect();
+    assert!(lines.contains(&asked.as_str()), "the second seek on its own request: {lines:?}");
+    assert!(!log.contains(" 509 "), "never two connections at once: {log}");
+
     // The downloads were stored whole: nothing more reaches nginx.
     let before = nginx.read("access.log").lines().count();
-    for name in ["a.mp4", "b.mp4", "c.mp4"] {
+    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4"] {
         let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/{name}"));
         let got = get(p.addr(), "GET", &path, &[]).await;
         assert_body(&got.body, &pattern(0, LEN));

@@ -97,10 +97,12 @@ impl Proxy {
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
-                            // Far ahead, at a host whose one connection the fill
-                            // holds: it may borrow it once it alone reads the fill.
+                            // Far ahead, at a host that allows one connection: it
+                            // may borrow the fill's once it alone reads the fill.
+                            // (Whether the fill holds it right now does not matter:
+                            // it may be on its way back from a seek that just left.)
                             let host = alone.url.host_str().unwrap_or_default();
-                            let borrow = (far && st.client.gate().full_with_one(host)).then(|| {
+                            let borrow = (far && st.client.gate().one_at_a_time(host)).then(|| {
                                 let mut req = alone.clone();
                                 self.forwarding(down, &mut req);
                                 Borrow { state: self.state.clone(), req }
