@@ -724,6 +724,21 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
     assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
 }
 
+/// Bounds a request that must not wait for a download held elsewhere, so
+/// that one held fails the test rather than hang it.
+const HANG: Duration = Duration::from_secs(30);
+
+/// Bytes `from..len` of a `len`-byte [`pattern`] file at `path`, asked on a
+/// connection of its own: a `206` with exactly those bytes, within [`HANG`]
+/// (`held`: what held it up if not).
+async fn rest_from(addr: std::net::SocketAddr, path: &str, from: u64, len: u64, held: &str) {
+    let range = format!("bytes={from}-");
+    let headers = [("Range", range.as_str())];
+    let got = tokio::time::timeout(HANG, get(addr, "GET", path, &headers)).await.expect(held);
+    assert_eq!((got.status, got.complete), (206, true), "{held}");
+    assert_body(&got.body, &pattern(from, len - from));
+}
+
 /// A viewer who seeks far into an episode from a hoster that allows one
 /// connection, which the cache's download holds, borrows that connection
 /// while nobody else reads the download, rather than wait for the download
@@ -804,18 +819,10 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
             // The seeker stops reading. Another seek further on is answered
             // (from the download, which it makes take its connection back),
             // and a new viewer from the start gets the whole file.
-            // (Bounded only so that a download held by the paused seek fails
-            // the test rather than hang it; each takes about 2 s.)
-            let hang = Duration::from_secs(30);
-            let three = LEN * 3 / 4;
-            let range = format!("bytes={three}-");
-            let headers = [("Range", range.as_str())];
-            let seek_on = get(p.addr(), "GET", &path, &headers);
-            let got = tokio::time::timeout(hang, seek_on).await.expect("the paused seek held the download");
-            assert_eq!((got.status, got.complete), (206, true), "{name}");
-            assert_body(&got.body, &pattern(three, LEN - three));
+            // (Each takes about 2 s.)
+            rest_from(p.addr(), &path, LEN * 3 / 4, LEN, "the paused seek held the download").await;
             let whole = get(p.addr(), "GET", &path, &[]);
-            let got = tokio::time::timeout(hang, whole).await.expect("the paused seek held the download");
+            let got = tokio::time::timeout(HANG, whole).await.expect("the paused seek held the download");
             assert_eq!((got.status, got.complete), (200, true), "{name}");
             assert_body(&got.body, &pattern(0, LEN));
             // Then the seeker reads on: the rest of its range comes from the download.
@@ -872,12 +879,8 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     drop(first);
     read_until(&mut seek, &mut body, 100 << 10).await;
     let index = LEN - 100_000;
+    rest_from(p.addr(), &path, index, LEN, "the seek held the download").await;
     let range = format!("bytes={index}-");
-    let headers = [("Range", range.as_str())];
-    let asked = get(p.addr(), "GET", &path, &headers);
-    let got = tokio::time::timeout(Duration::from_secs(30), asked).await.expect("the seek held the download");
-    assert_eq!((got.status, got.complete), (206, true));
-    assert_body(&got.body, &pattern(index, LEN - index));
     read_until(&mut seek, &mut body, half as usize).await;
     assert_body(&body, &pattern(half, half));
     // Each line: the range asked, and the bytes nginx sent.
@@ -908,12 +911,7 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     read_until(&mut seek, &mut body, 100 << 10).await;
     drop(seek);
     let three = LEN * 3 / 4;
-    let range = format!("bytes={three}-");
-    let headers = [("Range", range.as_str())];
-    let again = get(p.addr(), "GET", &path, &headers);
-    let got = tokio::time::timeout(Duration::from_secs(30), again).await.expect("the second seek");
-    assert_eq!((got.status, got.complete), (206, true));
-    assert_body(&got.body, &pattern(three, LEN - three));
+    rest_from(p.addr(), &path, three, LEN, "the second seek hung").await;
     let asked = format!("/d.mp4 206 \"bytes={three}-{}\" {}", LEN - 1, LEN - three);
     let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
     let lines: Vec<&str> = log.lines().filter(|l| l.starts_with("/d.mp4 ")).collect();
