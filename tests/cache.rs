@@ -497,10 +497,7 @@ async fn a_range_far_ahead_of_a_slow_fill_goes_upstream_alone_until_the_fill_has
         return;
     }
     const LEN: u64 = 4 << 20;
-    let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f.mp4"] {
-        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
-    }
+    let root = pattern_files(&["a.mp4", "b.mp4", "c.mp4", "d.mp4", "e.mp4", "f.mp4"], LEN);
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
             "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
@@ -664,8 +661,7 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
         return;
     }
     const LEN: u64 = 4 << 20;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("f.mp4"), pattern(0, LEN)).unwrap();
+    let root = pattern_files(&["f.mp4"], LEN);
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
             "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
@@ -772,10 +768,7 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
         return;
     }
     const LEN: u64 = 2 << 20;
-    let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4", "c.mp4", "d.mp4"] {
-        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
-    }
+    let root = pattern_files(&["a.mp4", "b.mp4", "c.mp4", "d.mp4"], LEN);
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
             "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
@@ -944,10 +937,7 @@ async fn a_seek_ahead_of_a_fill_that_slowed_after_a_burst_goes_upstream_alone() 
         return;
     }
     const LEN: u64 = 4 << 20;
-    let root = tempfile::tempdir().unwrap();
-    for name in ["a.mp4", "b.mp4"] {
-        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
-    }
+    let root = pattern_files(&["a.mp4", "b.mp4"], LEN);
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
             "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
@@ -994,8 +984,7 @@ async fn a_tail_fetched_ahead_of_a_fill_is_fetched_once_for_every_viewer() {
     }
     const LEN: u64 = 4 << 20;
     const TAIL: u64 = LEN - 300_000;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("e.mp4"), pattern(0, LEN)).unwrap();
+    let root = pattern_files(&["e.mp4"], LEN);
     let (nginx, origin) = nginx_hoster(
         root.path(),
         "video/mp4 mp4;",

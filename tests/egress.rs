@@ -165,8 +165,7 @@ async fn a_redirect_to_a_raw_file_name_is_followed() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("my file ä.mp4"), pattern(0, 100_000)).unwrap();
+    let root = pattern_files(&["my file ä.mp4"], 100_000);
     let (nginx, origin) = nginx_hoster(
         root.path(),
         "video/mp4 mp4;",

@@ -525,10 +525,7 @@ async fn viewers_who_joined_a_refused_fill_get_the_file_from_the_next_one() {
         return;
     }
     const LEN: u64 = 500_000;
-    let root = tempfile::tempdir().unwrap();
-    for name in ["ep.mp4", "head.mp4", "other.mp4"] {
-        std::fs::write(root.path().join(name), pattern(0, LEN)).unwrap();
-    }
+    let root = pattern_files(&["ep.mp4", "head.mp4", "other.mp4"], LEN);
     let (nginx, port) = process::nginx_on_a_free_port(|port| {
         format!(
             "limit_conn_zone $binary_remote_addr zone=one:1m;\n\

@@ -620,8 +620,7 @@ async fn a_head_refused_by_real_nginx_gets_the_headers_of_the_get() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("ep.mp4"), pattern(0, 5000)).unwrap();
+    let root = pattern_files(&["ep.mp4"], 5000);
     let (nginx, origin) = common::process::nginx_hoster(
         root.path(),
         "video/mp4 mp4;",

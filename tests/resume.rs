@@ -375,8 +375,7 @@ async fn a_real_nginx_hoster_that_drops_connections_is_resumed() {
         return;
     }
     const LEN: u64 = 3_000_000;
-    let root = tempfile::tempdir().unwrap();
-    std::fs::write(root.path().join("ep.mp4"), pattern(0, LEN)).unwrap();
+    let root = pattern_files(&["ep.mp4"], LEN);
     let (nginx, origin) = common::process::nginx_hoster(
         root.path(),
         "video/mp4 mp4;",

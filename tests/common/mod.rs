@@ -33,6 +33,16 @@ pub fn pattern(start: u64, len: u64) -> Vec<u8> {
     (start..start + len).map(pattern_byte).collect()
 }
 
+/// A new directory holding each of `names` as a `len`-byte [`pattern`]
+/// file, for a real server (nginx) to serve.
+pub fn pattern_files(names: &[&str], len: u64) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for name in names {
+        std::fs::write(root.path().join(name), pattern(0, len)).unwrap();
+    }
+    root
+}
+
 /// Compares bodies by length and hash (never prints megabytes).
 #[track_caller]
 pub fn assert_body(got: &[u8], want: &[u8]) {
