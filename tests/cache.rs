@@ -922,6 +922,66 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
 }
 
+/// A seek that finds another request waiting for the host's one
+/// connection (another file of the same hoster, queued behind the
+/// download) cannot borrow the connection then: that request is first in
+/// line. Once it has left the queue (`queue_timeout`, its `503`), the seek
+/// borrows it, rather than wait for the download to reach it (12 MiB into
+/// the file at 256 KiB/s: 48 s). nginx allows one connection (`509`)
+/// and logs the seek's range sent on its own request, and never a `509`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
+    use tokio::io::AsyncWriteExt;
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 16 << 20;
+    let root = pattern_files(&["e.mp4", "f.mp4"], LEN);
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
+             types {{ video/mp4 mp4; }}\n\
+             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             map $http_range $rate {{ \"bytes=0-\" 256k; default 4m; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
+            root = root.path().display(),
+        )
+    })
+    .await;
+    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 1s}").await;
+    let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
+    // The first viewer starts the download and reads a little of it.
+    let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: bytes=0-\r\n\r\n");
+    first.write_all(req.as_bytes()).await.unwrap();
+    let mut body = Vec::new();
+    read_head(&mut first, &mut body).await.expect("a header");
+    read_until(&mut first, &mut body, 64 << 10).await;
+    // Another file of the hoster waits for the connection the download holds.
+    let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/f.mp4"));
+    let queued = tokio::spawn({
+        let addr = p.addr();
+        async move { get(addr, "GET", &other, &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The viewer seeks 12 MiB in (ffmpeg's order: the seek is sent, then the
+    // first request closed), while that request is still in the queue.
+    let from = 12 << 20;
+    let seek = tokio::spawn({
+        let (addr, path) = (p.addr(), path.clone());
+        async move { rest_from(addr, &path, from, LEN, "the seek waited for the download").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first);
+    assert_eq!(queued.await.unwrap().status, 503, "the other file waited its queue_timeout");
+    seek.await.unwrap();
+    let asked = format!("/e.mp4 206 \"bytes={from}-{}\" {}", LEN - 1, LEN - from);
+    let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
+    assert!(log.lines().any(|l| l == asked), "the seek on its own request: {log}");
+    assert!(!log.contains(" 509 "), "never two connections at once: {log}");
+}
+
 /// Hosters send a burst and then a trickle (nginx's `limit_rate_after`).
 /// Such a fill's average pace is the burst's, but its bytes come at the
 /// trickle's: a seek 1 MiB ahead of it is seconds away, not under one, and

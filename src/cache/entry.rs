@@ -768,8 +768,9 @@ impl Entry {
 }
 
 /// How often a reader waiting far ahead of a fill that brings nothing
-/// looks again whether it is alone ([`Entry::there_or_alone`]).
-const LOOK_AGAIN: Duration = Duration::from_millis(200);
+/// looks again whether it is alone ([`Entry::there_or_alone`]), and one
+/// alone whether the host's connection can be lent to it now.
+pub const LOOK_AGAIN: Duration = Duration::from_millis(200);
 
 /// The seek a fill lent its connection to while nobody read it.
 #[derive(Default)]

@@ -47,7 +47,7 @@ use url::Url;
 
 pub use answer::{answerable_range, plan, shape, Plan};
 use entry::Charge;
-pub use entry::{is_fill_failure, AheadSlot, Entry, Head, Reader, Ready};
+pub use entry::{is_fill_failure, AheadSlot, Entry, Head, Reader, Ready, LOOK_AGAIN};
 pub use lease::Lease;
 use policy::Lifetimes;
 pub use sealed::BodyFile;

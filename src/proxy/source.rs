@@ -15,7 +15,7 @@ use pingora_http::ResponseHeader;
 use tokio::sync::mpsc;
 use url::Url;
 
-use crate::cache::{AheadSlot, BodyFile, Entry, Head, Lease, Reader};
+use crate::cache::{AheadSlot, BodyFile, Entry, Head, Lease, Reader, LOOK_AGAIN};
 use crate::upstream::resume::Window;
 use crate::upstream::{Ask, BodyError, Request, Response};
 
@@ -294,24 +294,31 @@ impl Memory {
     /// of the range is fetched upstream ([`Ahead`]) until the fill has
     /// its bytes or takes its connection back for a reader that waits for
     /// it. So a viewer seeking far into an episode does not wait for the
-    /// download to get there when nobody else watches it. Tried once;
+    /// download to get there when nobody else watches it. While another
+    /// request waits for the host (it is first in line) or the fill is
+    /// between connections, it looks again shortly; one fetch is tried;
     /// `None`: read on from the fill. (Its header went out already, from
     /// memory: the fetch must be of the same file, or it is not used.)
     async fn borrowed(&mut self) -> Option<Source> {
         let (pos, end) = self.reader.as_ref()?.left();
-        if pos >= end || !self.entry.there_or_alone(pos, super::respond::PATIENCE).await {
-            if self.entry.holds(pos) {
-                // The fill got there: nothing to borrow for any more.
-                self.borrow = None;
+        let slot = loop {
+            if pos >= end || !self.entry.there_or_alone(pos, super::respond::PATIENCE).await {
+                if self.entry.holds(pos) {
+                    // The fill got there: nothing to borrow for any more.
+                    self.borrow = None;
+                }
+                return None;
             }
-            return None;
-        }
+            let borrow = self.borrow.as_ref()?;
+            let host = borrow.req.url.host_str().unwrap_or_default();
+            if let Some(slot) = self.entry.ahead_slot() {
+                if borrow.state.client.gate().full_with_one(host) && self.entry.lend(true) {
+                    break slot;
+                }
+            }
+            tokio::time::sleep(LOOK_AGAIN).await;
+        };
         let borrow = self.borrow.take()?;
-        let host = borrow.req.url.host_str().unwrap_or_default();
-        let slot = self.entry.ahead_slot()?;
-        if !borrow.state.client.gate().full_with_one(host) || !self.entry.lend(true) {
-            return None;
-        }
         // Asked as a resumption is: the rest of the range, if still the same file.
         let if_range = Window::of(&self.head().header).ok()?.if_range;
         let range = http::HeaderValue::from_str(&format!("bytes={pos}-{}", end - 1)).ok()?;
