@@ -735,6 +735,25 @@ async fn rest_from(addr: std::net::SocketAddr, path: &str, from: u64, len: u64, 
     assert_body(&got.body, &pattern(from, len - from));
 }
 
+/// A GET of `range` on a connection of its own, left open: its header and
+/// at least its first `n` body bytes read (a viewer that reads on later,
+/// or never).
+async fn open_reading(
+    addr: std::net::SocketAddr,
+    path: String,
+    range: &str,
+    n: usize,
+) -> (tokio::net::TcpStream, String, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: {range}\r\n\r\n");
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut body = Vec::new();
+    let head = read_head(&mut sock, &mut body).await.expect("a header");
+    read_until(&mut sock, &mut body, n).await;
+    (sock, String::from_utf8_lossy(&head).to_string(), body)
+}
+
 /// A viewer who seeks far into an episode from a hoster that allows one
 /// connection, which the cache's download holds, borrows that connection
 /// while nobody else reads the download, rather than wait for the download
@@ -763,7 +782,6 @@ async fn rest_from(addr: std::net::SocketAddr, path: &str, from: u64, len: u64, 
 ///   the connection too: nginx sends its range on its own request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download() {
-    use tokio::io::AsyncWriteExt;
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
@@ -784,17 +802,7 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
     })
     .await;
     let p = proxy("{}\nupstream: {max_connections_per_host: 1}").await;
-    let addr = p.addr();
-    // A GET of `range` on its own connection, its header and first `n` body bytes read.
-    let open = |path: String, range: &'static str, n: usize| async move {
-        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: {range}\r\n\r\n");
-        sock.write_all(req.as_bytes()).await.unwrap();
-        let mut body = Vec::new();
-        let head = read_head(&mut sock, &mut body).await.expect("a header");
-        read_until(&mut sock, &mut body, n).await;
-        (sock, String::from_utf8_lossy(&head).to_string(), body)
-    };
+    let open = |path: String, range: &'static str, n: usize| open_reading(p.addr(), path, range, n);
     let half = LEN / 2;
     let seek_range = "bytes=1048576-";
     let cr = format!("content-range: bytes {half}-{}/{LEN}", LEN - 1);
@@ -931,7 +939,6 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
 /// and logs the seek's range sent on its own request, and never a `509`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
-    use tokio::io::AsyncWriteExt;
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
@@ -952,12 +959,7 @@ async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
     let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 1s}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
     // The first viewer starts the download and reads a little of it.
-    let mut first = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: proxy.test\r\nRange: bytes=0-\r\n\r\n");
-    first.write_all(req.as_bytes()).await.unwrap();
-    let mut body = Vec::new();
-    read_head(&mut first, &mut body).await.expect("a header");
-    read_until(&mut first, &mut body, 64 << 10).await;
+    let (first, _, _) = open_reading(p.addr(), path.clone(), "bytes=0-", 64 << 10).await;
     // Another file of the hoster waits for the connection the download holds.
     let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/f.mp4"));
     let queued = tokio::spawn({
