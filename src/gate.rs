@@ -21,6 +21,11 @@
 //!   both. Without a learned limit every waiter would go at once when
 //!   a cooldown ends and be refused again.
 //!
+//! - **Lending**: a slot's holder may lend it to another request to the
+//!   same host ([`Lent`]) and have it back when that request is done,
+//!   before anyone waiting in line: a download that lets its connection go
+//!   for a moment (an MP4's index read at the file's end) keeps its place.
+//!
 //! - **Settling**: a slot whose connection the proxy closed before its
 //!   body's end is given back [`SETTLE`] later. The hoster counts that
 //!   connection until it sees it close, and behind a relay (a load
@@ -297,6 +302,8 @@ pub struct Permit {
     /// Its body is being read: dropped so (its connection closed before
     /// the end), the slot is given back [`SETTLE`] later.
     mid_body: bool,
+    /// Borrowed: dropped, it goes back to its lender, not to the gate.
+    home: Option<Arc<Lent>>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -328,9 +335,18 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            // Back to its lender, with what it was doing (a connection closed
+            // mid-body settles before the lender uses the slot).
+            let back = Permit { gate: self.gate.clone(), host: self.host.clone(), mid_body: self.mid_body, home: None };
+            self.mid_body = false;
+            // (Its lender gone, it goes to the gate: dropped here.)
+            drop(home.given_back(back));
+            return;
+        }
         if std::mem::take(&mut self.mid_body) {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let settling = Permit { gate: self.gate.clone(), host: self.host.clone(), mid_body: false };
+                let settling = Permit { gate: self.gate.clone(), host: self.host.clone(), mid_body: false, home: None };
                 runtime.spawn(async move {
                     tokio::time::sleep(SETTLE).await;
                     drop(settling);
@@ -345,6 +361,156 @@ impl Drop for Permit {
                 next.notify_one();
             }
         }
+    }
+}
+
+/// A slot lent by its holder (a cache download that lets its connection
+/// go for a moment) to one other request to the same host: the borrower
+/// takes it ([`Lent::borrow`]) instead of waiting in line, and when the
+/// borrower lets it go it goes back to the holder ([`Lending::take_back`]),
+/// not to the gate — so a request that came to wait in line meanwhile does
+/// not take the slot from under the holder, which would then wait behind
+/// it (and a download could give up). The hoster still sees one
+/// connection at a time: the slot is one.
+#[derive(Default)]
+pub struct Lent {
+    state: Mutex<LentState>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct LentState {
+    /// Offered and not borrowed yet, or given back.
+    slot: Option<Permit>,
+    /// The borrower has it.
+    out: bool,
+    /// Borrowed once already: a second borrow gets nothing.
+    borrowed: bool,
+    /// The holder took it back, or will not lend it (it ended first): a
+    /// slot given back now goes to the gate.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lent")
+    }
+}
+
+impl Lent {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LentState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The holder lends `slot` (`None`: it had none to lend, and the
+    /// borrower asks the gate like any request). The slot is the holder's
+    /// again with [`Lending::take_back`], or the gate's if it never is.
+    pub fn offer(self: &Arc<Self>, slot: Option<Permit>) -> Lending {
+        let not_lent = {
+            let mut st = self.lock();
+            match slot {
+                Some(slot) if !st.closed => {
+                    st.slot = Some(slot);
+                    None
+                }
+                slot => {
+                    st.closed = true;
+                    slot
+                }
+            }
+        };
+        // (To the gate, outside the lock.)
+        drop(not_lent);
+        self.changed.notify_waiters();
+        Lending(self.clone())
+    }
+
+    /// The holder will not lend (it ended before it could): a borrower
+    /// waiting asks the gate instead.
+    pub fn close(&self) {
+        let slot = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.slot.take()
+        };
+        drop(slot);
+        self.changed.notify_waiters();
+    }
+
+    /// The slot offered for `host`, once, waiting for the holder to offer
+    /// it at most `wait`; `None`: it was not (the borrower then asks the
+    /// gate). A connection the holder closed mid-body settles first.
+    pub async fn borrow(self: &Arc<Self>, host: &str, wait: Duration) -> Option<Permit> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut changed = std::pin::pin!(self.changed.notified());
+            changed.as_mut().enable();
+            let taken = {
+                let mut st = self.lock();
+                if st.closed || st.borrowed || st.slot.as_ref().is_some_and(|s| s.host() != same_host(host)) {
+                    return None;
+                }
+                let taken = st.slot.take();
+                st.borrowed = taken.is_some();
+                st.out = taken.is_some();
+                taken
+            };
+            if let Some(mut slot) = taken {
+                slot.home = Some(self.clone());
+                slot.settle().await;
+                return Some(slot);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The borrower let `back` go: the holder's again, or (the holder gone
+    /// or no longer waiting for it) handed back to be dropped to the gate.
+    fn given_back(&self, back: Permit) -> Option<Permit> {
+        let mut st = self.lock();
+        st.out = false;
+        if st.closed {
+            return Some(back);
+        }
+        st.slot = Some(back);
+        drop(st);
+        self.changed.notify_waiters();
+        None
+    }
+}
+
+/// The holder's side of a [`Lent`] slot. Dropped without
+/// [`Lending::take_back`], the slot goes to the gate when it comes back.
+pub struct Lending(Arc<Lent>);
+
+impl Lending {
+    /// The slot back from its borrower, once the borrower let it go (or at
+    /// once if it never took it); waits at most `wait` for it, then gives
+    /// up on it (`None`: it goes to the gate when it comes back).
+    pub async fn take_back(self, wait: Duration) -> Option<Permit> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut changed = std::pin::pin!(self.0.changed.notified());
+            changed.as_mut().enable();
+            {
+                let mut st = self.0.lock();
+                if !st.out || st.closed {
+                    st.closed = true;
+                    return st.slot.take();
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+impl Drop for Lending {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 
@@ -433,7 +599,7 @@ impl Gate {
                         }
                     }
                     drop(hosts);
-                    return Ok(Permit { gate: self.clone(), host: name, mid_body: false });
+                    return Ok(Permit { gate: self.clone(), host: name, mid_body: false, home: None });
                 }
                 if let Some(left) = cooling {
                     if now + left > deadline {
@@ -480,9 +646,45 @@ impl Gate {
     /// Whether `host` is full with one request: its limit is one (set or
     /// learned), that one is in flight and nobody waits (a cooldown only
     /// delays whoever goes next). A cache fill that holds that slot may
-    /// lend it to a short range ahead of it ([`crate::cache::Entry::lend`]).
+    /// lend it to a range ahead of it ([`crate::cache::Entry::lend`],
+    /// [`Lent`]), and has it back before anyone who comes to wait in line
+    /// meanwhile. (With someone waiting, the one in flight may not be the
+    /// fill's: the fill itself may be the one waiting, between connections.)
     pub fn full_with_one(&self, host: &str) -> bool {
         self.judge(host, |h, limit, _| h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()).unwrap_or(false)
+    }
+
+    /// The slot `lent` to a request to `host` ([`Lent::borrow`]), waiting
+    /// for its holder to offer it at most the queue timeout; `None`: the
+    /// request waits at the gate like any other.
+    pub async fn borrow(&self, lent: Option<Arc<Lent>>, host: &str) -> Option<Permit> {
+        lent?.borrow(host, self.0.settings.queue_timeout).await
+    }
+
+    /// Whether `host` cools down now.
+    pub fn is_cooling(&self, host: &str) -> bool {
+        self.judge(host, |h, _, now| h.cooling(now).is_some()).unwrap_or(false)
+    }
+
+    /// A request that holds a slot at `permit`'s host already (a body
+    /// continued on a new connection, a slot lent back) asks again: it
+    /// waits out a cooldown the host is in (holding its slot) if the wait
+    /// ends within the queue timeout, else is refused, as one that waits
+    /// in line would be. Nothing is sent while a host cools down.
+    pub async fn cooled(&self, permit: &Permit) -> Result<(), Refused> {
+        let deadline = Instant::now() + self.0.settings.queue_timeout;
+        loop {
+            let left = self.judge(&permit.host, |h, _, now| {
+                h.cooling(now).map_or(Ok(None), |left| if now + left > deadline { Err(left) } else { Ok(Some(left)) })
+            });
+            match left {
+                Some(Ok(Some(left))) => tokio::time::sleep(left).await,
+                Some(Err(left)) => {
+                    return Err(self.refuse(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64)))
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Whether `host` takes one request at a time (set or learned), however
@@ -493,7 +695,7 @@ impl Gate {
 
     /// `judge` of `host`'s state, with the limit in force and the time
     /// now; `None` when nothing was ever sent to it.
-    fn judge(&self, host: &str, judge: impl FnOnce(&mut Host, Option<u32>, Instant) -> bool) -> Option<bool> {
+    fn judge<T>(&self, host: &str, judge: impl FnOnce(&mut Host, Option<u32>, Instant) -> T) -> Option<T> {
         let host = same_host(host);
         let configured = self.configured(host);
         let now = Instant::now();
@@ -808,6 +1010,98 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_millis(50), g.enter("h")).await;
         assert!(again.is_ok_and(|p| p.is_ok()), "the slot is free");
         assert_eq!(g.state("h").0, 0);
+    }
+
+    /// A download lends its slot to another request to its host (a file's
+    /// index) while a request for another file waits in line: the slot
+    /// comes back to the download when the borrower lets it go, not to the
+    /// one waiting, which gets it only when the download gives it up.
+    #[tokio::test(start_paused = true)]
+    async fn a_lent_slot_comes_back_to_its_holder_before_anyone_waiting() {
+        let g = gate(1, Duration::from_secs(60));
+        let mut holder = g.enter("h").await.unwrap();
+        holder.mid_body(true);
+        let waiting = tokio::spawn({
+            let g = g.clone();
+            async move { g.enter("h").await.map(|_| tokio::time::Instant::now()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(g.state("h"), (1, None, None, 1));
+        let lent = Arc::new(Lent::default());
+        let lending = lent.offer(Some(holder));
+        let t = tokio::time::Instant::now();
+        let borrowed = lent.borrow("h.", Duration::from_secs(1)).await.expect("offered");
+        assert_eq!(t.elapsed(), SETTLE, "the holder's connection, closed mid-body, settled first");
+        assert!(lent.borrow("h", Duration::from_secs(1)).await.is_none(), "borrowed once");
+        assert_eq!(g.state("h"), (1, None, None, 1), "one slot, still taken; the waiter still waits");
+        drop(borrowed);
+        let mut back = lending.take_back(Duration::from_secs(1)).await.expect("given back");
+        assert_eq!(g.state("h"), (1, None, None, 1), "the holder's again, not the waiter's");
+        back.settle().await;
+        assert_eq!(t.elapsed(), SETTLE, "a borrower that read its body to its end leaves nothing to settle");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiting.is_finished());
+        let released = tokio::time::Instant::now();
+        drop(back);
+        assert_eq!(waiting.await.unwrap().unwrap(), released, "the waiter goes when the holder is done");
+    }
+
+    /// A holder that had no slot to lend, or ends before it takes its slot
+    /// back, leaves nothing behind: the borrower asks the gate, and a slot
+    /// given back then goes to the gate.
+    #[tokio::test(start_paused = true)]
+    async fn a_lent_slot_nobody_takes_back_goes_to_the_gate() {
+        let g = gate(1, Duration::from_secs(60));
+        let lent = Arc::new(Lent::default());
+        let _lending = lent.offer(None);
+        assert!(lent.borrow("h", Duration::from_secs(1)).await.is_none(), "nothing offered: at once");
+        // Not offered yet: the borrower waits for it, then gives up.
+        let late = Arc::new(Lent::default());
+        let t = tokio::time::Instant::now();
+        assert!(late.borrow("h", Duration::from_secs(1)).await.is_none());
+        assert_eq!(t.elapsed(), Duration::from_secs(1));
+        // Offered for another host: not borrowed.
+        let other = Arc::new(Lent::default());
+        let _other = other.offer(Some(g.enter("h").await.unwrap()));
+        assert!(other.borrow("elsewhere", Duration::from_secs(1)).await.is_none());
+        drop((other, _other));
+        assert_eq!(g.state("h").0, 0, "the unborrowed slot went to the gate");
+        // The holder ends while the borrower has the slot.
+        let lent = Arc::new(Lent::default());
+        let lending = lent.offer(Some(g.enter("h").await.unwrap()));
+        let borrowed = lent.borrow("h", Duration::from_secs(1)).await.unwrap();
+        drop(lending);
+        assert_eq!(g.state("h").0, 1);
+        drop(borrowed);
+        assert_eq!(g.state("h").0, 0, "given back to the gate");
+        // The holder stops waiting for it: the same.
+        let lent = Arc::new(Lent::default());
+        let lending = lent.offer(Some(g.enter("h").await.unwrap()));
+        let borrowed = lent.borrow("h", Duration::from_secs(1)).await.unwrap();
+        assert!(lending.take_back(Duration::from_secs(1)).await.is_none());
+        drop(borrowed);
+        assert_eq!(g.state("h"), (0, None, None, 0));
+    }
+
+    /// A request that holds its slot already (a body continued, a slot
+    /// lent back) sends nothing during a cooldown: it waits it out if it
+    /// ends within the queue timeout, else it is refused.
+    #[tokio::test]
+    async fn a_held_slot_waits_out_a_cooldown_too() {
+        let g = gate(0, Duration::from_millis(1500));
+        let held = g.enter("h").await.unwrap();
+        assert_eq!(g.cooled(&held).await, Ok(()), "not cooling");
+        let other = g.enter("h").await.unwrap();
+        g.answered(&other, StatusCode::TOO_MANY_REQUESTS, Some(&HeaderValue::from_static("1")));
+        assert!(g.is_cooling("h"));
+        let started = Instant::now();
+        assert_eq!(g.cooled(&held).await, Ok(()));
+        assert!(started.elapsed() >= Duration::from_millis(900), "waited: {:?}", started.elapsed());
+        g.answered(&other, StatusCode::TOO_MANY_REQUESTS, Some(&HeaderValue::from_static("60")));
+        match g.cooled(&held).await {
+            Err(Refused::CoolingDown(s)) => assert!((59..=60).contains(&s), "{s}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -984,6 +984,80 @@ async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
     assert!(!log.contains(" 509 "), "never two connections at once: {log}");
 }
 
+/// The connection a download lent to a file's index (an MP4 whose index is
+/// at its end) comes back to the download when the index is read, even
+/// when another file of the same hoster waits for the host's one
+/// connection meanwhile: the download keeps its place at the host (a
+/// streaming body holds its slot until it ends), and that other request
+/// waits its `queue_timeout` and gets its `503`, as it would had nothing
+/// been lent. (Before, the lent connection went back through the host's
+/// queue: the other file took it, and the download's continuation waited
+/// behind it until it gave up; its viewer was cut and nothing was stored.)
+/// nginx allows one connection (`limit_conn 1`, `509`) and logs the
+/// download cut short, the index on its own request, the download's rest,
+/// never a `509`, and never the other file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lent_connection_comes_back_to_the_download_before_anyone_waiting() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 4 << 20;
+    const INDEX: u64 = 200_000;
+    let root = pattern_files(&["g.mp4", "h.mp4"], LEN);
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
+             types {{ video/mp4 mp4; }}\n\
+             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             map $http_range $rate {{ \"\" 256k; \"bytes={index}-\" 128k; default 1m; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
+            root = root.path().display(),
+            index = LEN - INDEX,
+        )
+    })
+    .await;
+    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 2s}").await;
+    let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/g.mp4"));
+    // A viewer plays the file from its start (the download), ...
+    let viewer = start_fill(&p, &path).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ... another opens it and reads its index first: the download lends
+    // it the connection (the index takes nginx about a second and a half).
+    let index = LEN - INDEX;
+    let indexed = tokio::spawn({
+        let (addr, path) = (p.addr(), path.clone());
+        async move { rest_from(addr, &path, index, LEN, "the index waited for the download").await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Meanwhile another file of the hoster asks for the host's connection.
+    let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/h.mp4"));
+    let queued = tokio::spawn({
+        let addr = p.addr();
+        async move { get(addr, "GET", &other, &[]).await }
+    });
+    indexed.await.unwrap();
+    let got = tokio::time::timeout(HANG, viewer).await.expect("the download hung").unwrap();
+    assert_eq!((got.status, got.complete), (206, true), "the download went on to its end");
+    assert_body(&got.body, &pattern(0, LEN));
+    assert_eq!(queued.await.unwrap().status, 503, "the other file waited its queue_timeout");
+
+    let rest = format!("-{}\" ", LEN - 1);
+    let log = nginx
+        .read_when("access.log", |l| l.lines().filter(|l| l.starts_with("/g.mp4 ") && l.contains(&rest)).count() == 2)
+        .await;
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let cut: u64 = lines[0].strip_prefix("/g.mp4 206 \"bytes=0-\" ").unwrap().parse().unwrap();
+    assert_eq!(lines[1], format!("/g.mp4 206 \"bytes={index}-\" {INDEX}"), "{lines:?}");
+    assert_eq!(lines[2], format!("/g.mp4 206 \"bytes={cut}-{}\" {}", LEN - 1, LEN - cut), "{lines:?}");
+    // Stored whole: nothing more reaches nginx.
+    let got = get(p.addr(), "GET", &path, &[]).await;
+    assert_body(&got.body, &pattern(0, LEN));
+    assert_eq!(nginx.read("access.log").lines().count(), 3);
+    assert_eq!(p.metric("anibridge_resume_attempts_total"), 0.0, "nothing failed");
+}
+
 /// Hosters send a burst and then a trickle (nginx's `limit_rate_after`).
 /// Such a fill's average pace is the burst's, but its bytes come at the
 /// trickle's: a seek 1 MiB ahead of it is seconds away, not under one, and

@@ -21,6 +21,7 @@ use super::lease::Lease;
 use super::pace::Pace;
 use super::sealed::BodyFile;
 use super::Key;
+use crate::gate::Lent;
 use crate::upstream::FetchError;
 
 /// How many of a body's first bytes an entry keeps beside the body: what
@@ -196,6 +197,10 @@ pub struct Entry {
     /// reader of the fill stalls — and, at a host whose limit was just
     /// raised, go beside it and be refused.
     lent: AtomicBool,
+    /// The slot itself, handed from the fill to the range it lent it to
+    /// and back ([`Lent`]): the fill has it back before any request that
+    /// waits in line at the host.
+    lent_slot: Mutex<Option<Arc<Lent>>>,
     /// The lend is to a seek while nobody read the fill, and ends as soon
     /// as a reader waits for the fill's next bytes ([`Entry::lend`]).
     reclaimable: AtomicBool,
@@ -274,6 +279,7 @@ impl Entry {
             lendable: AtomicBool::new(false),
             lend: tokio::sync::Notify::new(),
             lent: AtomicBool::new(false),
+            lent_slot: Mutex::default(),
             reclaimable: AtomicBool::new(false),
             wanted: tokio::sync::Notify::new(),
             claimed: AtomicBool::new(false),
@@ -387,8 +393,11 @@ impl Entry {
     /// Asks the fill to lend its connection's slot at the host to the
     /// range that holds the object's [`AheadSlot`], when the host allows
     /// one connection at a time and the fill holds it: the fill lets its
-    /// connection go, waits until that range is done, and continues its
-    /// body on a new connection from where it was. So a player reading an
+    /// connection go, hands its slot to the range's fetch (which takes it
+    /// with [`AheadSlot::lent`] rather than wait in line), waits until that
+    /// range is done, and continues its body on a new connection from
+    /// where it was, on the same slot — given back to it before anyone
+    /// who came to wait in line meanwhile. So a player reading an
     /// MP4's index at its end need not wait for the whole download from a
     /// hoster that allows one connection per address. `reclaimable`: a
     /// seek, lent the slot because nobody reads the fill ([`Entry::unread`]),
@@ -401,6 +410,7 @@ impl Entry {
         let can = self.lendable.load(Ordering::Acquire);
         if can {
             *self.borrower.lock().unwrap_or_else(|e| e.into_inner()) = Borrower::default();
+            *self.lent_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::default());
             self.claimed.store(false, Ordering::SeqCst);
             self.reclaimable.store(reclaimable, Ordering::SeqCst);
             self.lent.store(true, Ordering::Release);
@@ -486,9 +496,18 @@ impl Entry {
         self.lend.notified()
     }
 
+    /// Where the fill, asked to lend its slot, hands it to the range.
+    pub(super) fn lending(&self) -> Option<Arc<Lent>> {
+        self.lent_slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The fill is reading again after a lend (or has ended): ranges
     /// waiting to go ahead of it look again.
     pub(super) fn back(&self) {
+        // A slot never handed over (the fill ended first): the range asks the gate.
+        if let Some(slot) = self.lent_slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            slot.close();
+        }
         self.reclaimable.store(false, Ordering::SeqCst);
         self.claimed.store(false, Ordering::SeqCst);
         if self.lent.swap(false, Ordering::AcqRel) {
@@ -785,6 +804,17 @@ struct Borrower {
 /// Held while a range ahead of an entry's fill is fetched upstream alone
 /// ([`Entry::ahead_slot`]); given back when dropped.
 pub struct AheadSlot(Arc<Entry>);
+
+impl AheadSlot {
+    /// The host's slot the fill lends this range ([`Entry::lend`]), for
+    /// its fetch to borrow ([`crate::gate::Gate::borrow`]).
+    pub fn lent(&self) -> Option<Arc<Lent>> {
+        if !self.0.lent.load(Ordering::Acquire) {
+            return None;
+        }
+        self.0.lending()
+    }
+}
 
 impl Drop for AheadSlot {
     fn drop(&mut self) {

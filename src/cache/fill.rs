@@ -16,6 +16,11 @@ use super::policy::{self, Admission, Kind};
 use super::Cache;
 use crate::upstream::{BodyError, Client, FetchError, Request, Response};
 
+/// How long a fill waits for the slot it lent once the range it lent it
+/// to is done (its connection is being given back); then it waits at
+/// the gate like any request.
+const GIVEN_BACK: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(super) async fn run(
     cache: Cache,
     entry: Arc<Entry>,
@@ -176,11 +181,24 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                     break false;
                 }
                 None => {
-                    // Lent (`Entry::lend`): the connection goes, and the
-                    // body continues from here once the range is done (or,
-                    // lent to a seek, once a reader waits: `Entry::away`).
-                    resp.let_go().await;
+                    // Lent (`Entry::lend`): the connection goes, its slot
+                    // to the range, and the body continues from here on
+                    // that slot once the range is done with it (or, lent to
+                    // a seek, once a reader waits: `Entry::away`).
+                    let slot = resp.let_go().await;
+                    let lending = match entry.lending() {
+                        Some(lent) => Some(lent.offer(slot)),
+                        None => {
+                            drop(slot);
+                            None
+                        }
+                    };
                     entry.away().await;
+                    if let Some(lending) = lending {
+                        if let Some(slot) = lending.take_back(GIVEN_BACK).await {
+                            resp.hold(slot);
+                        }
+                    }
                     away = true;
                 }
             }

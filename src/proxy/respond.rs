@@ -3,6 +3,7 @@
 //! attempt ([`Proxy::fetch`]); then what the answer is ([`decide`]) and how
 //! it goes out ([`relay`], [`playlist`]).
 
+use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use super::source::{Ahead, Borrow, Memory, Source};
 use super::{playlist, Ctx, Proxy};
 use crate::cache::{self, AheadSlot, Found, Key, Ready, Want};
 use crate::metrics::CacheResult;
-use crate::upstream::{FetchError, Request, Response};
+use crate::upstream::{Client, FetchError, Request, Response};
 
 impl Proxy {
     /// Counts an attempt at answering the request (the second is `/strm/stream`'s retry).
@@ -84,7 +85,7 @@ impl Proxy {
                             let mut tries = 2;
                             let mut far = false;
                             while let Some(slot) = self.ahead_slot(down, alone, &entry, &mut far).await? {
-                                if let Some(up) = self.ahead_alone(down, ctx, alone).await? {
+                                if let Some(up) = self.ahead_alone(down, ctx, alone, slot.lent()).await? {
                                     return Ok(Ok(Ahead::of(up, entry, slot, chunk)));
                                 }
                                 drop(slot);
@@ -255,16 +256,21 @@ impl Proxy {
 
     /// A range far ahead of the fill it joined, sent upstream alone (a
     /// range memory cannot answer in time: relayed to this client only, as
-    /// any partial answer). `None` when the upstream fails it or does not
-    /// answer with those bytes (an error status, a refusal, the whole file
-    /// again): the request waits for the fill after all, which brings them.
+    /// any partial answer), on the host's slot the fill `lent` it, if it
+    /// did. `None` when the upstream fails it or does not answer with
+    /// those bytes (an error status, a refusal, the whole file again): the
+    /// request waits for the fill after all, which brings them.
     async fn ahead_alone(
         &self,
         down: &mut ServerSession,
         ctx: &mut Ctx,
         req: &Request,
+        lent: Option<Arc<crate::gate::Lent>>,
     ) -> Result<Option<Response>, Outcome> {
-        match self.open(down, ctx, req.clone()).await? {
+        let host = req.url.host_str().unwrap_or_default();
+        // (Boxed: rare, and what it holds would widen every request's future.)
+        let lent = Box::pin(self.state.client.gate().borrow(lent, host)).await;
+        match Box::pin(self.open_by(down, ctx, req.clone(), move |c, req| c.open_on(req, lent))).await? {
             Ok(Source::Upstream(resp)) if resp.header().status == http::StatusCode::PARTIAL_CONTENT => {
                 self.count_cache(ctx, CacheResult::Miss);
                 Ok(Some(resp))
@@ -288,18 +294,33 @@ impl Proxy {
 
     /// Opens the upstream response: one attempt, recorded for the log and
     /// metrics, given up when the client leaves.
-    pub(super) async fn open(
-        &self,
-        down: &mut ServerSession,
-        ctx: &mut Ctx,
+    pub(super) fn open<'a>(
+        &'a self,
+        down: &'a mut ServerSession,
+        ctx: &'a mut Ctx,
+        req: Request,
+    ) -> impl Future<Output = Result<Result<Source, FetchError>, Outcome>> + Send + 'a {
+        self.open_by(down, ctx, req, Client::open)
+    }
+
+    /// [`Proxy::open`] by `open` (which may hold what the common path
+    /// does not: a slot lent to the request).
+    async fn open_by<'a, F>(
+        &'a self,
+        down: &'a mut ServerSession,
+        ctx: &'a mut Ctx,
         mut req: Request,
-    ) -> Result<Result<Source, FetchError>, Outcome> {
+        open: impl FnOnce(&'a Client, Request) -> F,
+    ) -> Result<Result<Source, FetchError>, Outcome>
+    where
+        F: Future<Output = Result<Response, FetchError>> + Send + 'a,
+    {
         self.forwarding(down, &mut req);
         let access_log = log::log_enabled!(target: "access", log::Level::Info);
         if access_log {
             ctx.upstream_host = req.url.host_str().unwrap_or_default().to_string();
         }
-        let resp = match unless_client_leaves(down, pin!(self.state.client.open(req))).await? {
+        let resp = match unless_client_leaves(down, pin!(open(&self.state.client, req))).await? {
             Ok(resp) => resp,
             Err(e) => return Ok(Err(e)),
         };

@@ -322,7 +322,9 @@ impl Memory {
         // Asked as a resumption is: the rest of the range, if still the same file.
         let if_range = Window::of(&self.head().header).ok()?.if_range;
         let range = http::HeaderValue::from_str(&format!("bytes={pos}-{}", end - 1)).ok()?;
-        let up = match borrow.state.client.open_asking(borrow.req, Ask::Resume { range, if_range }).await {
+        let client = &borrow.state.client;
+        let lent = client.gate().borrow(slot.lent(), borrow.req.url.host_str().unwrap_or_default()).await;
+        let up = match client.open_asking_on(borrow.req, Ask::Resume { range, if_range }, lent).await {
             Ok(up) if up.header().status == http::StatusCode::PARTIAL_CONTENT => up,
             other => {
                 let why = other.as_ref().map_or_else(|e| e.to_string(), |r| r.header().status.as_u16().to_string());

@@ -49,6 +49,17 @@ pub struct Timeouts {
     pub write: Duration,
 }
 
+/// What [`Client::open`] asks for `req`: a playlist whole (as a `GET`),
+/// anything else as the client asked.
+fn asked(mut req: Request) -> (Request, Ask) {
+    if req.whole {
+        req.method = Method::GET;
+        (req, Ask::Whole)
+    } else {
+        (req, Ask::Client)
+    }
+}
+
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Redirect and error bodies up to this size are drained so the connection
@@ -187,26 +198,52 @@ impl Client {
     /// (`anibridge_upstream_header_seconds`), where every caller passes: a
     /// request going upstream alone and a cache fill alike. (Not `async`
     /// itself, so a request's future holds only the one of `open_asking`.)
-    pub fn open(&self, mut req: Request) -> impl Future<Output = Result<Response, FetchError>> + Send + '_ {
-        let ask = if req.whole {
-            req.method = Method::GET;
-            Ask::Whole
-        } else {
-            Ask::Client
-        };
+    pub fn open(&self, req: Request) -> impl Future<Output = Result<Response, FetchError>> + Send + '_ {
+        let (req, ask) = asked(req);
         self.open_asking(req, ask)
+    }
+
+    /// [`Client::open`] on `held`, a slot at the request's host it holds
+    /// already (lent to it: [`crate::gate::Lent`]), if any, instead of one
+    /// it waits for at the gate.
+    pub fn open_on(
+        &self,
+        req: Request,
+        held: Option<Permit>,
+    ) -> impl Future<Output = Result<Response, FetchError>> + Send + '_ {
+        let (req, ask) = asked(req);
+        self.open_asking_on(req, ask, held)
     }
 
     /// [`Client::open`] asking for `ask` in place of what `req` asks: a seek
     /// answered from a cache fill that goes on upstream asks for the rest of
     /// its range as a resumption does (`Range` and `If-Range`).
+    /// (Without a slot held: a parameter the common path never uses would
+    /// widen every request's future.)
     pub(crate) async fn open_asking(&self, req: Request, ask: Ask) -> Result<Response, FetchError> {
         let started = Instant::now();
         let ex = self.fetch(&req, ask, None).await?;
+        Ok(self.opened(started, ex, req))
+    }
+
+    /// [`Client::open_asking`] on `held`, if any ([`Client::open_on`]).
+    pub(crate) async fn open_asking_on(
+        &self,
+        req: Request,
+        ask: Ask,
+        held: Option<Permit>,
+    ) -> Result<Response, FetchError> {
+        let started = Instant::now();
+        let ex = self.fetch(&req, ask, held).await?;
+        Ok(self.opened(started, ex, req))
+    }
+
+    /// The response of `ex`, whose exchange began at `started` (timed).
+    fn opened(&self, started: Instant, ex: Exchange, req: Request) -> Response {
         if let Some(m) = &self.metrics {
             m.upstream_header_seconds.observe(started.elapsed().as_secs_f64());
         }
-        Ok(Response::new(self, ex, req, self.settings.resume_attempts))
+        Response::new(self, ex, req, self.settings.resume_attempts)
     }
 
     /// Fetches `req` asking for `ask`: each hop through its host's gate
@@ -233,6 +270,11 @@ impl Client {
                 // Released before waiting at the next host's gate.
                 drop(permit.take());
                 permit = Some(self.gate.enter(host).await.map_err(FetchError::Gate)?);
+            } else if self.gate.is_cooling(host) {
+                // A slot held already (a body continued, a slot lent by a
+                // cache download, or lent back to it) sends nothing while
+                // the host cools down either.
+                Box::pin(self.gate.cooled(permit.as_ref().expect("held"))).await.map_err(FetchError::Gate)?;
             }
             let permit_here = permit.as_ref().expect("entered above");
             let trusted = req.trusted.as_ref().is_some_and(|t| t.origin() == url.origin());

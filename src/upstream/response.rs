@@ -260,18 +260,26 @@ impl Response {
         self.recovery.window.clone().expect("computed above")
     }
 
-    /// Lets the connection and the host's slot go mid-body, for another
-    /// request to the host that allows one at a time ([`Response::resumable`]
-    /// said it may): the next read continues the body on a new connection,
-    /// as after a failure, without using up an attempt.
-    pub async fn let_go(&mut self) {
+    /// Lets the connection go mid-body, and hands its slot at the host out,
+    /// for another request to the host that allows one at a time
+    /// ([`Response::resumable`] said it may): the next read continues the
+    /// body on a new connection, as after a failure, without using up an
+    /// attempt — on the slot given back with [`Response::hold`], else on
+    /// one it waits for at the gate.
+    pub async fn let_go(&mut self) -> Option<Permit> {
         self.hang_up().await;
-        self.permit = None;
+        let slot = self.permit.take();
         // (A failure the last read met is mended as it would have been.)
         if self.recovery.failure.is_none() {
             self.recovery.attempts_left += 1;
             self.recovery.failure = Some(Error::explain(ErrorType::ConnectionClosed, LET_GO));
         }
+        slot
+    }
+
+    /// The slot [`Response::let_go`] handed out, back: the body continues on it.
+    pub fn hold(&mut self, slot: Permit) {
+        self.permit = Some(slot);
     }
 
     /// Mends the failure `e` of the current connection, or returns it.
