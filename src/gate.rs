@@ -95,6 +95,12 @@ impl Refused {
     /// Every [`Refused::label`] (the metrics start each at 0).
     pub const LABELS: [&'static str; 2] = ["busy", "cooling_down"];
 
+    /// Cooling down `left` more: in whole seconds, rounded up, at least one
+    /// (what `Retry-After` tells the client).
+    fn cooling_down(left: Duration) -> Refused {
+        Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64)
+    }
+
     /// The `reason` label of `anibridge_host_refused_total`.
     pub fn label(&self) -> &'static str {
         match self {
@@ -382,9 +388,8 @@ pub struct Lent {
 struct LentState {
     /// Offered and not borrowed yet, or given back.
     slot: Option<Permit>,
-    /// The borrower has it.
-    out: bool,
-    /// Borrowed once already: a second borrow gets nothing.
+    /// Borrowed once already: a second borrow gets nothing (and, while
+    /// `slot` is empty, the borrower has it).
     borrowed: bool,
     /// The holder took it back, or will not lend it (it ended first): a
     /// slot given back now goes to the gate.
@@ -452,7 +457,6 @@ impl Lent {
                 }
                 let taken = st.slot.take();
                 st.borrowed = taken.is_some();
-                st.out = taken.is_some();
                 taken
             };
             if let Some(mut slot) = taken {
@@ -470,7 +474,6 @@ impl Lent {
     /// or no longer waiting for it) handed back to be dropped to the gate.
     fn given_back(&self, back: Permit) -> Option<Permit> {
         let mut st = self.lock();
-        st.out = false;
         if st.closed {
             return Some(back);
         }
@@ -496,7 +499,8 @@ impl Lending {
             changed.as_mut().enable();
             {
                 let mut st = self.0.lock();
-                if !st.out || st.closed {
+                let out = st.borrowed && st.slot.is_none();
+                if !out || st.closed {
                     st.closed = true;
                     return st.slot.take();
                 }
@@ -604,7 +608,7 @@ impl Gate {
                 if let Some(left) = cooling {
                     if now + left > deadline {
                         drop(hosts);
-                        return Err(self.refuse(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64)));
+                        return Err(self.refuse(Refused::cooling_down(left)));
                     }
                 }
                 if now >= deadline {
@@ -663,7 +667,12 @@ impl Gate {
 
     /// Whether `host` cools down now.
     pub fn is_cooling(&self, host: &str) -> bool {
-        self.judge(host, |h, _, now| h.cooling(now).is_some()).unwrap_or(false)
+        self.cooling(host).is_some()
+    }
+
+    /// The cooldown `host` has left, if any.
+    fn cooling(&self, host: &str) -> Option<Duration> {
+        self.judge(host, |h, _, now| h.cooling(now)).flatten()
     }
 
     /// A request that holds a slot at `permit`'s host already (a body
@@ -673,18 +682,13 @@ impl Gate {
     /// in line would be. Nothing is sent while a host cools down.
     pub async fn cooled(&self, permit: &Permit) -> Result<(), Refused> {
         let deadline = Instant::now() + self.0.settings.queue_timeout;
-        loop {
-            let left = self.judge(&permit.host, |h, _, now| {
-                h.cooling(now).map_or(Ok(None), |left| if now + left > deadline { Err(left) } else { Ok(Some(left)) })
-            });
-            match left {
-                Some(Ok(Some(left))) => tokio::time::sleep(left).await,
-                Some(Err(left)) => {
-                    return Err(self.refuse(Refused::CoolingDown(left.as_secs_f64().ceil().max(1.0) as u64)))
-                }
-                _ => return Ok(()),
+        while let Some(left) = self.cooling(&permit.host) {
+            if Instant::now() + left > deadline {
+                return Err(self.refuse(Refused::cooling_down(left)));
             }
+            tokio::time::sleep(left).await;
         }
+        Ok(())
     }
 
     /// Whether `host` takes one request at a time (set or learned), however

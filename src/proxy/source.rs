@@ -323,7 +323,8 @@ impl Memory {
         let if_range = Window::of(&self.head().header).ok()?.if_range;
         let range = http::HeaderValue::from_str(&format!("bytes={pos}-{}", end - 1)).ok()?;
         let client = &borrow.state.client;
-        let lent = client.gate().borrow(slot.lent(), borrow.req.url.host_str().unwrap_or_default()).await;
+        let host = borrow.req.url.host_str().unwrap_or_default();
+        let lent = client.gate().borrow(slot.lent(), host).await;
         let up = match client.open_asking_on(borrow.req, Ask::Resume { range, if_range }, lent).await {
             Ok(up) if up.header().status == http::StatusCode::PARTIAL_CONTENT => up,
             other => {
