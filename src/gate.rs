@@ -648,14 +648,17 @@ impl Gate {
     }
 
     /// Whether `host` is full with one request: its limit is one (set or
-    /// learned), that one is in flight and nobody waits (a cooldown only
-    /// delays whoever goes next). A cache fill that holds that slot may
-    /// lend it to a range ahead of it ([`crate::cache::Entry::lend`],
-    /// [`Lent`]), and has it back before anyone who comes to wait in line
-    /// meanwhile. (With someone waiting, the one in flight may not be the
-    /// fill's: the fill itself may be the one waiting, between connections.)
-    pub fn full_with_one(&self, host: &str) -> bool {
-        self.judge(host, |h, limit, _| h.in_flight == 1 && limit == Some(1) && h.queue.is_empty()).unwrap_or(false)
+    /// learned) and that one is in flight (a cooldown only delays whoever
+    /// goes next). A cache fill that holds that slot may lend it to a range
+    /// ahead of it ([`crate::cache::Entry::lend`], [`Lent`]), and has it
+    /// back before anyone who waits in line. `held`: the fill holds its
+    /// slot in hand ([`crate::cache::Entry::holds_its_slot`]), so the one
+    /// in flight is the fill's, whoever waits. Otherwise only while nobody
+    /// waits: the one in flight may not be the fill's (the fill itself may
+    /// be the one waiting, between connections).
+    pub fn full_with_one(&self, host: &str, held: bool) -> bool {
+        self.judge(host, |h, limit, _| h.in_flight == 1 && limit == Some(1) && (held || h.queue.is_empty()))
+            .unwrap_or(false)
     }
 
     /// The slot `lent` to a request to `host` ([`Lent::borrow`]), waiting
@@ -982,12 +985,22 @@ mod tests {
     #[tokio::test]
     async fn one_at_a_time_is_the_limit_whatever_is_in_flight() {
         let g = gate(1, Duration::from_secs(5));
-        assert!(!g.one_at_a_time("h") && !g.full_with_one("h"), "a host never dialled");
+        assert!(!g.one_at_a_time("h") && !g.full_with_one("h", true), "a host never dialled");
         let held = g.enter("h").await.unwrap();
-        assert!(g.one_at_a_time("h") && g.full_with_one("h"));
+        assert!(g.one_at_a_time("h") && g.full_with_one("h", false) && g.full_with_one("h", true));
+        // Someone waits: the one in flight is a fill's only if it says it holds it.
+        let waiting = tokio::spawn({
+            let g = g.clone();
+            async move { g.enter("h").await.is_ok() }
+        });
+        while g.judge("h", |h, _, _| h.queue.is_empty()).unwrap() {
+            tokio::task::yield_now().await;
+        }
+        assert!(!g.full_with_one("h", false) && g.full_with_one("h", true));
         drop(held);
+        assert!(waiting.await.unwrap(), "the one waiting went next");
         tokio::time::sleep(SETTLE * 2).await;
-        assert!(g.one_at_a_time("h") && !g.full_with_one("h"), "its one slot is free");
+        assert!(g.one_at_a_time("h") && !g.full_with_one("h", true), "its one slot is free");
         // Learned: a refusal with two in flight leaves one.
         let unlimited = gate(0, Duration::from_secs(5));
         let (a, b) = (unlimited.enter("h").await.unwrap(), unlimited.enter("h").await.unwrap());

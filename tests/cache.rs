@@ -932,13 +932,16 @@ async fn a_seek_borrows_the_only_connection_while_nobody_else_reads_the_download
 
 /// A seek that finds another request waiting for the host's one
 /// connection (another file of the same hoster, queued behind the
-/// download) cannot borrow the connection then: that request is first in
-/// line. Once it has left the queue (`queue_timeout`, its `503`), the seek
-/// borrows it, rather than wait for the download to reach it (12 MiB into
-/// the file at 256 KiB/s: 48 s). nginx allows one connection (`509`)
-/// and logs the seek's range sent on its own request, and never a `509`.
+/// download) borrows the download's connection at once, rather than wait
+/// for the download to reach it (12 MiB into the file at 256 KiB/s: 48 s):
+/// the download holds that connection, and lends it to the seek and has
+/// it back, before that request's turn. That request waits its
+/// `queue_timeout` and gets its `503`, as it would had nothing been lent.
+/// (Before, the seek waited until that request had left the queue.)
+/// nginx allows one connection (`509`) and logs the seek's range sent on
+/// its own request, and never a `509`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
+async fn a_seek_borrows_the_connection_while_another_file_waits_for_the_host() {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
@@ -956,7 +959,7 @@ async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
         )
     })
     .await;
-    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 1s}").await;
+    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 5s}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
     // The first viewer starts the download and reads a little of it.
     let (first, _, _) = open_reading(p.addr(), path.clone(), "bytes=0-", 64 << 10).await;
@@ -976,8 +979,11 @@ async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(first);
-    assert_eq!(queued.await.unwrap().status, 503, "the other file waited its queue_timeout");
+    // The seek (4 MiB at 4 MiB/s) is done seconds before the other file's
+    // 5 s in the queue are up.
     seek.await.unwrap();
+    assert!(!queued.is_finished(), "the seek was answered while the other file still waited for the host");
+    assert_eq!(queued.await.unwrap().status, 503, "the other file waited its queue_timeout");
     let asked = format!("/e.mp4 206 \"bytes={from}-{}\" {}", LEN - 1, LEN - from);
     let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
     assert!(log.lines().any(|l| l == asked), "the seek on its own request: {log}");
@@ -998,11 +1004,29 @@ async fn a_seek_borrows_the_connection_once_nobody_waits_for_the_host() {
 /// never a `509`, and never the other file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lent_connection_comes_back_to_the_download_before_anyone_waiting() {
+    index_lent_beside_another_file(false).await;
+}
+
+/// The same, with the other file's request already waiting for the host
+/// when the index is asked for: the download lends its connection to the
+/// index at once (it holds it; that request's turn comes after the
+/// download's) and the index is read while the other file still waits.
+/// (Before, the index waited until that request had left the queue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_borrows_the_connection_while_another_file_waits_for_the_host() {
+    index_lent_beside_another_file(true).await;
+}
+
+/// A download of a 4 MiB file at 1 MiB/s from nginx allowing one
+/// connection, its index (its last 100 000 bytes, at 128 KiB/s) asked by a
+/// second viewer, and another file of the host asked for before the index
+/// (`other_first`) or after it.
+async fn index_lent_beside_another_file(other_first: bool) {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
     const LEN: u64 = 4 << 20;
-    const INDEX: u64 = 200_000;
+    const INDEX: u64 = 100_000;
     let root = pattern_files(&["g.mp4", "h.mp4"], LEN);
     let (nginx, port) = nginx_on_a_free_port(|port| {
         format!(
@@ -1017,26 +1041,33 @@ async fn a_lent_connection_comes_back_to_the_download_before_anyone_waiting() {
         )
     })
     .await;
-    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 2s}").await;
+    let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 3s}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/g.mp4"));
     // A viewer plays the file from its start (the download), ...
     let viewer = start_fill(&p, &path).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // ... another opens it and reads its index first: the download lends
-    // it the connection (the index takes nginx about a second and a half).
+    // ... another file of the hoster asks for the host's connection, and
+    // another viewer opens the file and reads its index first (in either
+    // order): the download lends the index its connection (the index
+    // takes nginx under a second).
+    let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/h.mp4"));
+    let ask_other = || {
+        let (addr, other) = (p.addr(), other.clone());
+        tokio::spawn(async move { get(addr, "GET", &other, &[]).await })
+    };
+    let mut queued = other_first.then(ask_other);
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let index = LEN - INDEX;
     let indexed = tokio::spawn({
         let (addr, path) = (p.addr(), path.clone());
         async move { rest_from(addr, &path, index, LEN, "the index waited for the download").await }
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    // Meanwhile another file of the hoster asks for the host's connection.
-    let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/h.mp4"));
-    let queued = tokio::spawn({
-        let addr = p.addr();
-        async move { get(addr, "GET", &other, &[]).await }
-    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = queued.get_or_insert_with(ask_other);
     indexed.await.unwrap();
+    if other_first {
+        assert!(!queued.is_finished(), "the index was read while the other file still waited for the host");
+    }
     let got = tokio::time::timeout(HANG, viewer).await.expect("the download hung").unwrap();
     assert_eq!((got.status, got.complete), (206, true), "the download went on to its end");
     assert_body(&got.body, &pattern(0, LEN));

@@ -191,6 +191,9 @@ pub struct Entry {
     /// it ([`Entry::lend`]): `lendable` while it may, `lend` its call.
     lendable: AtomicBool,
     lend: tokio::sync::Notify,
+    /// The fill holds its slot at the host in hand, and would hand that
+    /// very slot over if asked to lend now ([`Entry::holds_its_slot`]).
+    holding: AtomicBool,
     /// The fill lent its slot and is not reading again yet: no other range
     /// may go ahead meanwhile ([`Entry::ahead_slot`]), or the fill would
     /// wait for it too — a seek read at its client's pace, while every
@@ -277,6 +280,7 @@ impl Entry {
             ahead_done: tokio::sync::Notify::new(),
             pace: Mutex::default(),
             lendable: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
             lend: tokio::sync::Notify::new(),
             lent: AtomicBool::new(false),
             lent_slot: Mutex::default(),
@@ -419,6 +423,14 @@ impl Entry {
         can
     }
 
+    /// Whether the fill holds its slot at the host in hand (reading its
+    /// body on its own connection, not between connections): what it
+    /// lends is then its own slot, whoever waits in line at the host
+    /// ([`crate::gate::Gate::full_with_one`]).
+    pub fn holds_its_slot(&self) -> bool {
+        self.holding.load(Ordering::Acquire)
+    }
+
     /// Nobody reads the body as it is filled (its first viewer left, and
     /// no other came): a seek may borrow the fill's connection until
     /// someone does.
@@ -489,6 +501,11 @@ impl Entry {
     /// Whether the fill may be asked to lend its slot from now on.
     pub(super) fn set_lendable(&self, can: bool) {
         self.lendable.store(can, Ordering::Release);
+    }
+
+    /// Whether the fill holds its slot in hand from now on.
+    pub(super) fn set_holding(&self, holding: bool) {
+        self.holding.store(holding, Ordering::Release);
     }
 
     /// Done when the fill is asked to lend its slot.

@@ -156,6 +156,17 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
         // Lent its slot, and not reading again yet.
         let mut away = false;
         let complete = loop {
+            if resp.broken() {
+                // Mended before the read a lend may cancel: a continuation
+                // holds the body's slot, which a cancelled one would give
+                // to whoever waits in line at the host.
+                entry.set_holding(false);
+                if let Err(e) = resp.mend().await {
+                    failure = Some(e);
+                    break false;
+                }
+            }
+            entry.set_holding(resp.holds_slot());
             let read = tokio::select! {
                 biased;
                 () = entry.lend_asked() => None,
@@ -185,6 +196,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
                     // to the range, and the body continues from here on
                     // that slot once the range is done with it (or, lent to
                     // a seek, once a reader waits: `Entry::away`).
+                    entry.set_holding(false);
                     let slot = resp.let_go().await;
                     let lending = match entry.lending() {
                         Some(lent) => Some(lent.offer(slot)),
@@ -204,6 +216,7 @@ pub(super) async fn body(cache: Cache, entry: Arc<Entry>, mut resp: Response, st
             }
         };
         entry.set_lendable(false);
+        entry.set_holding(false);
         entry.back();
         complete
     };

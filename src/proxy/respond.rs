@@ -93,7 +93,7 @@ impl Proxy {
                                 // gate its limit of one: the fill may lend its slot now.
                                 tries -= 1;
                                 let host = alone.url.host_str().unwrap_or_default();
-                                if tries == 0 || !st.client.gate().full_with_one(host) {
+                                if tries == 0 || !st.client.gate().full_with_one(host, entry.holds_its_slot()) {
                                     break;
                                 }
                             }
@@ -247,7 +247,9 @@ impl Proxy {
                 // reader that waits for it.
                 let short = lent_for(entry, first);
                 let go = gate.has_room(host)
-                    || (gate.full_with_one(host) && (short || entry.unread()) && entry.lend(!short));
+                    || (gate.full_with_one(host, entry.holds_its_slot())
+                        && (short || entry.unread())
+                        && entry.lend(!short));
                 return Ok(go.then_some(slot));
             }
             let _ = unless_client_leaves(down, pin!(tokio::time::timeout(PATIENCE, done))).await?;

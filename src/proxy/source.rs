@@ -294,9 +294,10 @@ impl Memory {
     /// of the range is fetched upstream ([`Ahead`]) until the fill has
     /// its bytes or takes its connection back for a reader that waits for
     /// it. So a viewer seeking far into an episode does not wait for the
-    /// download to get there when nobody else watches it. While another
-    /// request waits for the host (it is first in line) or the fill is
-    /// between connections, it looks again shortly; one fetch is tried;
+    /// download to get there when nobody else watches it (another file's
+    /// request waiting for the host meanwhile waits on: the fill holds the
+    /// slot and has it back first). While the fill is between connections,
+    /// it looks again shortly; one fetch is tried;
     /// `None`: read on from the fill. (Its header went out already, from
     /// memory: the fetch must be of the same file, or it is not used.)
     async fn borrowed(&mut self) -> Option<Source> {
@@ -312,7 +313,8 @@ impl Memory {
             let borrow = self.borrow.as_ref()?;
             let host = borrow.req.url.host_str().unwrap_or_default();
             if let Some(slot) = self.entry.ahead_slot() {
-                if borrow.state.client.gate().full_with_one(host) && self.entry.lend(true) {
+                if borrow.state.client.gate().full_with_one(host, self.entry.holds_its_slot()) && self.entry.lend(true)
+                {
                     break slot;
                 }
             }

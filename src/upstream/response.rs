@@ -139,13 +139,7 @@ impl Response {
     /// this piece (a reader of the piece can tell it without a second
     /// borrow of the response).
     pub async fn read_counted(&mut self) -> pingora_error::Result<(Option<&[u8]>, u32)> {
-        if let Some(e) = self.recovery.failure.take() {
-            // Boxed: reconnecting is a large future that the read of every
-            // buffer (a future made per 64 KiB) must not carry along.
-            // Marked as the upstream's: a failure `recover` gave up on has
-            // had its log line (see `is_logged_body_failure`).
-            Box::pin(self.recover(e)).await.map_err(Error::into_up)?;
-        }
+        self.mend().await?;
         let resumed = self.recovery.resumed;
         match self.session.read_body_ref().await {
             Ok(Some(chunk)) => {
@@ -165,6 +159,35 @@ impl Response {
                 Ok((Some(&[]), resumed))
             }
         }
+    }
+
+    /// Whether the last read met a failure that the next one mends
+    /// ([`Response::mend`]).
+    pub fn broken(&self) -> bool {
+        self.recovery.failure.is_some()
+    }
+
+    /// Mends a failure the last read met (resumes on a new connection),
+    /// or returns it; nothing to do otherwise. [`Response::read`] does
+    /// this first; a reader that may cancel its read (a cache fill asked
+    /// to lend its slot) mends before it reads, so that a continuation,
+    /// which holds the body's slot at the host, is never cancelled with
+    /// it.
+    pub async fn mend(&mut self) -> pingora_error::Result<()> {
+        if let Some(e) = self.recovery.failure.take() {
+            // Boxed: reconnecting is a large future that the read of every
+            // buffer (a future made per 64 KiB) must not carry along.
+            // Marked as the upstream's: a failure `recover` gave up on has
+            // had its log line (see `is_logged_body_failure`).
+            Box::pin(self.recover(e)).await.map_err(Error::into_up)?;
+        }
+        Ok(())
+    }
+
+    /// Whether this body holds its slot at the host in hand (not given
+    /// out by [`Response::let_go`], nor lost between connections).
+    pub fn holds_slot(&self) -> bool {
+        self.permit.is_some()
     }
 
     /// The whole body after `prefix` (bytes already read from it), at most
