@@ -720,7 +720,20 @@ impl Gate {
         let started = {
             let mut hosts = self.lock();
             let Some(h) = hosts.get_mut(&permit.host) else { return };
-            h.answered(verdict, configured, self.0.settings.max_cooldown, Instant::now())
+            let now = Instant::now();
+            let started = h.answered(verdict, configured, self.0.settings.max_cooldown, now);
+            if verdict == Verdict::Success {
+                // A success may raise a learned limit: whoever is first in
+                // line goes now if that made room, not when a slot is next
+                // given back (or its wait runs out).
+                let limit = h.limit(configured, self.0.settings.quiet, now);
+                if h.cooling(now).is_none() && h.has_slot(limit) {
+                    if let Some(next) = h.queue.front() {
+                        next.notify_one();
+                    }
+                }
+            }
+            started
         };
         if let Some(cooldown) = started {
             log::warn!(
@@ -1061,6 +1074,30 @@ mod tests {
         let released = tokio::time::Instant::now();
         drop(back);
         assert_eq!(waiting.await.unwrap().unwrap(), released, "the waiter goes when the holder is done");
+    }
+
+    /// A success that raises a learned limit lets whoever is first in line
+    /// go at once, not when a slot is next given back or its wait runs out.
+    #[tokio::test(start_paused = true)]
+    async fn a_raised_learned_limit_lets_the_next_in_line_go_at_once() {
+        let g = gate(0, Duration::from_secs(10));
+        let (a, b) = (g.enter("h").await.unwrap(), g.enter("h").await.unwrap());
+        g.answered(&b, StatusCode::from_u16(509).unwrap(), None);
+        drop(b);
+        assert_eq!(g.state("h").1, Some(1), "learned: one at a time");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let waiting = tokio::spawn({
+            let g = g.clone();
+            async move { g.enter("h").await.map(|p| (tokio::time::Instant::now(), p)) }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(g.state("h"), (1, Some(1), None, 1), "waiting behind the one in flight");
+        let raised = tokio::time::Instant::now();
+        g.answered(&a, StatusCode::OK, None);
+        assert_eq!(g.state("h").1, Some(2), "one success at a limit of one raises it");
+        let (went, _second) = waiting.await.unwrap().unwrap();
+        assert_eq!(went, raised, "the next in line went when the limit rose");
+        drop(a);
     }
 
     /// A holder that had no slot to lend, or ends before it takes its slot

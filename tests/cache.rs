@@ -990,6 +990,61 @@ async fn a_seek_borrows_the_connection_while_another_file_waits_for_the_host() {
     assert!(!log.contains(" 509 "), "never two connections at once: {log}");
 }
 
+/// A seek far ahead of a download that comes while the host cools down
+/// cannot go upstream then: it waits for the download. Once the cooldown
+/// is over and its viewer alone reads the download, it goes upstream
+/// alone, on a slot of its own, rather than wait for the download to
+/// reach it (12 MiB into the file at 256 KiB/s: 48 s). (Before, whether it
+/// could ever leave the download was judged once, when it came, and only
+/// a host that allows one connection let it.) The cooldown: another
+/// request of the viewer's refused with `429` and `Retry-After: 2` while
+/// two more were in flight (the download, and another file the viewer
+/// stops reading), which teaches the gate a limit of two. nginx logs the
+/// `429`, then the seek's range on its own request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_that_came_during_a_cooldown_goes_upstream_alone_after_it() {
+    if tools::needs("nginx", "apt-get install nginx-light").is_none() {
+        return;
+    }
+    const LEN: u64 = 16 << 20;
+    let root = pattern_files(&["e.mp4"], LEN);
+    // Over the default `max_object_bytes`: relayed, its upstream request
+    // ends when its viewer leaves.
+    std::fs::write(root.path().join("f.mp4"), vec![7u8; 17 << 20]).unwrap();
+    let (nginx, port) = nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
+             types {{ video/mp4 mp4; }}\n\
+             map $http_range $rate {{ \"bytes=0-\" 256k; default 4m; }}\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate $rate; location = /busy.mp4 {{ add_header Retry-After 2 always; return 429; }} }}\n",
+            root = root.path().display(),
+        )
+    })
+    .await;
+    let p = proxy("{}").await;
+    let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
+    let (first, _, _) = open_reading(p.addr(), path.clone(), "bytes=0-", 64 << 10).await;
+    let other = relay_path("w.mp4", &format!("http://127.0.0.1:{port}/f.mp4"));
+    let (other, _, _) = open_reading(p.addr(), other, "bytes=0-", 64 << 10).await;
+    let busy = relay_path("b.mp4", &format!("http://127.0.0.1:{port}/busy.mp4"));
+    assert_eq!(get(p.addr(), "GET", &busy, &[]).await.status, 429);
+    drop(other);
+    let from = 12 << 20;
+    let seek = tokio::spawn({
+        let (addr, path) = (p.addr(), path.clone());
+        async move { rest_from(addr, &path, from, LEN, "the seek waited for the download").await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first);
+    seek.await.unwrap();
+    let asked = format!("/e.mp4 206 \"bytes={from}-{}\" {}", LEN - 1, LEN - from);
+    let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
+    assert!(log.lines().any(|l| l.starts_with("/busy.mp4 429 ")), "{log}");
+    assert!(log.lines().any(|l| l == asked), "the seek on its own request: {log}");
+    assert!(!log.contains("/e.mp4 206 \"bytes=0-\" "), "while the download went on (not lent): {log}");
+}
+
 /// The connection a download lent to a file's index (an MP4 whose index is
 /// at its end) comes back to the download when the index is read, even
 /// when another file of the same hoster waits for the host's one

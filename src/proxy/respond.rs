@@ -98,12 +98,13 @@ impl Proxy {
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
-                            // Far ahead, at a host that allows one connection: it
-                            // may borrow the fill's once it alone reads the fill.
-                            // (Whether the fill holds it right now does not matter:
-                            // it may be on its way back from a seek that just left.)
-                            let host = alone.url.host_str().unwrap_or_default();
-                            let borrow = (far && st.client.gate().one_at_a_time(host)).then(|| {
+                            // Far ahead: once it alone reads the fill, it goes
+                            // upstream alone when the host has room, or borrows the
+                            // fill's connection at a host that allows one. (Judged
+                            // then, not now: the fill may be on its way back from a
+                            // seek that just left, a cooldown may end, a limit the
+                            // host taught may change.)
+                            let borrow = far.then(|| {
                                 let mut req = alone.clone();
                                 self.forwarding(down, &mut req);
                                 Borrow { state: self.state.clone(), req }

@@ -261,9 +261,9 @@ pub(super) struct Memory {
     /// resumptions are this answer's too.
     filling: bool,
     /// A range far ahead of the fill that waits for it because the host
-    /// allows one connection, which the fill holds: what it needs to
-    /// borrow that connection once it alone reads the fill
-    /// ([`Memory::borrowed`]).
+    /// had no room for it (its one connection the fill's, a cooldown, a
+    /// full queue): what it needs to fetch its bytes itself once it alone
+    /// reads the fill ([`Memory::borrowed`]).
     borrow: Option<Box<Borrow>>,
 }
 
@@ -288,18 +288,19 @@ impl Memory {
         Memory { borrow: Some(Box::new(borrow)), ..self }
     }
 
-    /// A range waiting far ahead of the fill, at a host that allows one
-    /// connection, whose client now alone reads the fill (the viewer it
-    /// came after left): the fill lends it its connection, and the rest
-    /// of the range is fetched upstream ([`Ahead`]) until the fill has
-    /// its bytes or takes its connection back for a reader that waits for
-    /// it. So a viewer seeking far into an episode does not wait for the
-    /// download to get there when nobody else watches it (another file's
-    /// request waiting for the host meanwhile waits on: the fill holds the
-    /// slot and has it back first). While the fill is between connections,
-    /// it looks again shortly; one fetch is tried;
-    /// `None`: read on from the fill. (Its header went out already, from
-    /// memory: the fetch must be of the same file, or it is not used.)
+    /// A range waiting far ahead of the fill, whose client now alone reads
+    /// the fill (the viewer it came after left): the rest of the range is
+    /// fetched upstream ([`Ahead`]) — on a slot of its own once the host
+    /// has room (a cooldown over, a limit it taught raised), or, at a host
+    /// that allows one connection, on the one the fill lends it, until the
+    /// fill has its bytes or takes its connection back for a reader that
+    /// waits for it. So a viewer seeking far into an episode does not wait
+    /// for the download to get there when nobody else watches it (another
+    /// file's request waiting for the host meanwhile waits on: the fill
+    /// holds the slot and has it back first). Until then (a cooldown, the
+    /// fill between connections) it looks again shortly; one fetch is
+    /// tried; `None`: read on from the fill. (Its header went out already,
+    /// from memory: the fetch must be of the same file, or it is not used.)
     async fn borrowed(&mut self) -> Option<Source> {
         let (pos, end) = self.reader.as_ref()?.left();
         let slot = loop {
@@ -313,7 +314,9 @@ impl Memory {
             let borrow = self.borrow.as_ref()?;
             let host = borrow.req.url.host_str().unwrap_or_default();
             if let Some(slot) = self.entry.ahead_slot() {
-                if borrow.state.client.gate().full_with_one(host, self.entry.holds_its_slot()) && self.entry.lend(true)
+                let gate = borrow.state.client.gate();
+                if gate.has_room(host)
+                    || (gate.full_with_one(host, self.entry.holds_its_slot()) && self.entry.lend(true))
                 {
                     break slot;
                 }
