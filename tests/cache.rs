@@ -662,17 +662,11 @@ async fn a_fill_that_lent_its_slot_continues_before_another_range_goes_ahead() {
     }
     const LEN: u64 = 4 << 20;
     let root = pattern_files(&["f.mp4"], LEN);
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
-             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
-             map $http_range $rate {{ \"bytes=0-\" 256k; \"~-{last}$\" 1m; default 100k; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
-            root = root.path().display(),
-            last = LEN - 1
-        )
-    })
+    let (nginx, port) = rated_hoster(
+        root.path(),
+        &format!("\"bytes=0-\" 256k; \"~-{last}$\" 1m; default 100k;", last = LEN - 1),
+        ONE_CONNECTION,
+    )
     .await;
     let p = proxy("{}").await;
     let path = relay_path("f.mp4", &format!("http://127.0.0.1:{port}/f.mp4"));
@@ -734,6 +728,31 @@ async fn rest_from(addr: std::net::SocketAddr, path: &str, from: u64, len: u64, 
     assert_eq!((got.status, got.complete), (206, true), "{held}");
     assert_body(&got.body, &pattern(from, len - from));
 }
+
+/// nginx as a hoster of the files in `root`: each request sent at the
+/// rate `rates` maps its `Range` header to (the body of an nginx `map`
+/// block, e.g. `"bytes=0-" 256k; default 4m;`), with `server` added to
+/// its `server` block ([`ONE_CONNECTION`], a `location`...); its access
+/// log has one line per request, `$uri $status "$http_range"
+/// $body_bytes_sent`.
+async fn rated_hoster(root: &std::path::Path, rates: &str, server: &str) -> (common::process::Spawned, u16) {
+    nginx_on_a_free_port(|port| {
+        format!(
+            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
+             types {{ video/mp4 mp4; }}\n\
+             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
+             map $http_range $rate {{ {rates} }}\n\
+             server {{ listen 127.0.0.1:{port}; root {}; access_log {{dir}}/access.log hoster;\n\
+             limit_rate $rate; {server} }}\n",
+            root.display(),
+        )
+    })
+    .await
+}
+
+/// For [`rated_hoster`]: one connection per address, a second refused
+/// with `509`.
+const ONE_CONNECTION: &str = "limit_conn one 1; limit_conn_status 509;";
 
 /// A GET of `range` on a connection of its own, left open: its header and
 /// at least its first `n` body bytes read (a viewer that reads on later,
@@ -947,18 +966,7 @@ async fn a_seek_borrows_the_connection_while_another_file_waits_for_the_host() {
     }
     const LEN: u64 = 16 << 20;
     let root = pattern_files(&["e.mp4", "f.mp4"], LEN);
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
-             types {{ video/mp4 mp4; }}\n\
-             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
-             map $http_range $rate {{ \"bytes=0-\" 256k; default 4m; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
-            root = root.path().display(),
-        )
-    })
-    .await;
+    let (nginx, port) = rated_hoster(root.path(), "\"bytes=0-\" 256k; default 4m;", ONE_CONNECTION).await;
     let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 5s}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
     // The first viewer starts the download and reads a little of it.
@@ -1011,16 +1019,11 @@ async fn a_seek_that_came_during_a_cooldown_goes_upstream_alone_after_it() {
     // Over the default `max_object_bytes`: relayed, its upstream request
     // ends when its viewer leaves.
     std::fs::write(root.path().join("f.mp4"), vec![7u8; 17 << 20]).unwrap();
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
-             types {{ video/mp4 mp4; }}\n\
-             map $http_range $rate {{ \"bytes=0-\" 256k; default 4m; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-             limit_rate $rate; location = /busy.mp4 {{ add_header Retry-After 2 always; return 429; }} }}\n",
-            root = root.path().display(),
-        )
-    })
+    let (nginx, port) = rated_hoster(
+        root.path(),
+        "\"bytes=0-\" 256k; default 4m;",
+        "location = /busy.mp4 { add_header Retry-After 2 always; return 429; }",
+    )
     .await;
     let p = proxy("{}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/e.mp4"));
@@ -1083,18 +1086,11 @@ async fn index_lent_beside_another_file(other_first: bool) {
     const LEN: u64 = 4 << 20;
     const INDEX: u64 = 100_000;
     let root = pattern_files(&["g.mp4", "h.mp4"], LEN);
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\n\
-             types {{ video/mp4 mp4; }}\n\
-             limit_conn_zone $binary_remote_addr zone=one:1m;\n\
-             map $http_range $rate {{ \"\" 256k; \"bytes={index}-\" 128k; default 1m; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-             limit_rate $rate; limit_conn one 1; limit_conn_status 509; }}\n",
-            root = root.path().display(),
-            index = LEN - INDEX,
-        )
-    })
+    let (nginx, port) = rated_hoster(
+        root.path(),
+        &format!("\"\" 256k; \"bytes={index}-\" 128k; default 1m;", index = LEN - INDEX),
+        ONE_CONNECTION,
+    )
     .await;
     let p = proxy("{}\nupstream: {max_connections_per_host: 1, queue_timeout: 3s}").await;
     let path = relay_path("v.mp4", &format!("http://127.0.0.1:{port}/g.mp4"));
@@ -1160,16 +1156,7 @@ async fn a_seek_ahead_of_a_fill_that_slowed_after_a_burst_goes_upstream_alone() 
     }
     const LEN: u64 = 4 << 20;
     let root = pattern_files(&["a.mp4", "b.mp4"], LEN);
-    let (nginx, port) = nginx_on_a_free_port(|port| {
-        format!(
-            "log_format hoster '$uri $status \"$http_range\" $body_bytes_sent';\ntypes {{ video/mp4 mp4; }}\n\
-             map $http_range $rate {{ \"bytes=0-\" 256k; default 0; }}\n\
-             server {{ listen 127.0.0.1:{port}; root {root}; access_log {{dir}}/access.log hoster;\n\
-             limit_rate_after 1m; limit_rate $rate; }}\n",
-            root = root.path().display()
-        )
-    })
-    .await;
+    let (nginx, port) = rated_hoster(root.path(), "\"bytes=0-\" 256k; default 0;", "limit_rate_after 1m;").await;
     for (name, after) in [("a.mp4", Duration::from_secs(1)), ("b.mp4", Duration::ZERO)] {
         let p = proxy("{}").await;
         let path = relay_path(name, &format!("http://127.0.0.1:{port}/{name}"));
