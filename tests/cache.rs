@@ -1000,17 +1000,30 @@ async fn a_seek_borrows_the_connection_while_another_file_waits_for_the_host() {
 
 /// A seek far ahead of a download that comes while the host cools down
 /// cannot go upstream then: it waits for the download. Once the cooldown
-/// is over and its viewer alone reads the download, it goes upstream
-/// alone, on a slot of its own, rather than wait for the download to
-/// reach it (12 MiB into the file at 256 KiB/s: 48 s). (Before, whether it
-/// could ever leave the download was judged once, when it came, and only
-/// a host that allows one connection let it.) The cooldown: another
-/// request of the viewer's refused with `429` and `Retry-After: 2` while
-/// two more were in flight (the download, and another file the viewer
-/// stops reading), which teaches the gate a limit of two. nginx logs the
-/// `429`, then the seek's range on its own request.
+/// is over, it goes upstream alone, on a slot of its own, rather than wait
+/// for the download to reach it (12 MiB into the file at 256 KiB/s: 48 s).
+/// (Before, whether it could ever leave the download was judged once, when
+/// it came, and only a host that allows one connection let it, once its
+/// viewer alone read the download.) The cooldown: another request of the
+/// viewer's refused with `429` and `Retry-After: 2` while two more were
+/// in flight (the download, and another file the viewer stops reading),
+/// which teaches the gate a limit of two. nginx logs the `429`, then the
+/// seek's range on its own request, while the download goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seek_that_came_during_a_cooldown_goes_upstream_alone_after_it() {
+    seek_during_a_cooldown(true).await;
+}
+
+/// The same while the viewer the seek came after still reads the
+/// download: the seek, on a slot of its own, holds nobody up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seek_that_came_during_a_cooldown_goes_upstream_alone_beside_another_viewer() {
+    seek_during_a_cooldown(false).await;
+}
+
+/// A seek 12 MiB into a download during a 2 s cooldown, the viewer it
+/// came after leaving (`first_leaves`) or staying.
+async fn seek_during_a_cooldown(first_leaves: bool) {
     if tools::needs("nginx", "apt-get install nginx-light").is_none() {
         return;
     }
@@ -1039,13 +1052,14 @@ async fn a_seek_that_came_during_a_cooldown_goes_upstream_alone_after_it() {
         async move { rest_from(addr, &path, from, LEN, "the seek waited for the download").await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    drop(first);
+    let first = (!first_leaves).then_some(first);
     seek.await.unwrap();
     let asked = format!("/e.mp4 206 \"bytes={from}-{}\" {}", LEN - 1, LEN - from);
     let log = nginx.read_when("access.log", |l| l.contains(&asked)).await;
     assert!(log.lines().any(|l| l.starts_with("/busy.mp4 429 ")), "{log}");
     assert!(log.lines().any(|l| l == asked), "the seek on its own request: {log}");
     assert!(!log.contains("/e.mp4 206 \"bytes=0-\" "), "while the download went on (not lent): {log}");
+    drop(first);
 }
 
 /// The connection a download lent to a file's index (an MP4 whose index is

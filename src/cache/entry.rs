@@ -431,6 +431,16 @@ impl Entry {
         self.holding.load(Ordering::Acquire)
     }
 
+    /// One reader at most reads the body as it is filled (the one asking).
+    pub fn alone(&self) -> bool {
+        self.readers.load(Ordering::SeqCst) <= 1
+    }
+
+    /// The fill reads a body it could continue, and has not lent its slot.
+    fn could_lend(&self) -> bool {
+        self.lendable.load(Ordering::Acquire) && !self.lent.load(Ordering::Acquire)
+    }
+
     /// Nobody reads the body as it is filled (its first viewer left, and
     /// no other came): a seek may borrow the fill's connection until
     /// someone does.
@@ -439,19 +449,19 @@ impl Entry {
     }
 
     /// Waits until body byte `pos` is there or near (`false`: read it from
-    /// the fill), or until the fill could lend its slot to the one reader
-    /// waiting for it, `pos` being further than `patience` away (`true`):
-    /// a seek that came while another viewer read the fill (ffmpeg opens a
-    /// seek before it closes its previous request) and is now alone.
-    pub async fn there_or_alone(&self, pos: u64, patience: Duration) -> bool {
+    /// the fill), or, `pos` being further than `patience` away, until the
+    /// range may go upstream itself (`true`): its host has `room`, or the
+    /// fill could lend its slot to the one reader waiting for it — a seek
+    /// that came while another viewer read the fill (ffmpeg opens a seek
+    /// before it closes its previous request) and is now alone.
+    pub async fn there_or_alone(&self, pos: u64, patience: Duration, room: impl Fn() -> bool) -> bool {
         let mut rx = self.progress.subscribe();
         loop {
             let filling = matches!(*rx.borrow_and_update(), Progress::Filling(_));
             if !filling || self.holds(pos) || self.arrives_within(pos, patience) == Some(true) {
                 return false;
             }
-            let lendable = self.lendable.load(Ordering::Acquire) && !self.lent.load(Ordering::Acquire);
-            if lendable && self.readers.load(Ordering::SeqCst) <= 1 && !self.ahead.load(Ordering::Acquire) {
+            if !self.ahead.load(Ordering::Acquire) && ((self.alone() && self.could_lend()) || room()) {
                 return true;
             }
             let _waiting = Waiting::new(self);

@@ -303,20 +303,25 @@ impl Memory {
     /// from memory: the fetch must be of the same file, or it is not used.)
     async fn borrowed(&mut self) -> Option<Source> {
         let (pos, end) = self.reader.as_ref()?.left();
+        let borrow = self.borrow.as_ref()?;
+        let (gate, host) =
+            (borrow.state.client.gate().clone(), borrow.req.url.host_str().unwrap_or_default().to_string());
         let slot = loop {
-            if pos >= end || !self.entry.there_or_alone(pos, super::respond::PATIENCE).await {
+            let room = || gate.has_room(&host);
+            if pos >= end || !self.entry.there_or_alone(pos, super::respond::PATIENCE, room).await {
                 if self.entry.holds(pos) {
                     // The fill got there: nothing to borrow for any more.
                     self.borrow = None;
                 }
                 return None;
             }
-            let borrow = self.borrow.as_ref()?;
-            let host = borrow.req.url.host_str().unwrap_or_default();
             if let Some(slot) = self.entry.ahead_slot() {
-                let gate = borrow.state.client.gate();
-                if gate.has_room(host)
-                    || (gate.full_with_one(host, self.entry.holds_its_slot()) && self.entry.lend(true))
+                // Its own slot if the host has room; else the fill's, lent
+                // only to a reader alone (it holds the fill up).
+                if gate.has_room(&host)
+                    || (self.entry.alone()
+                        && gate.full_with_one(&host, self.entry.holds_its_slot())
+                        && self.entry.lend(true))
                 {
                     break slot;
                 }
