@@ -98,12 +98,12 @@ impl Proxy {
                                 }
                             }
                             self.count_cache(ctx, CacheResult::Coalesced);
-                            // Far ahead: once it alone reads the fill, it goes
-                            // upstream alone when the host has room, or borrows the
-                            // fill's connection at a host that allows one. (Judged
-                            // then, not now: the fill may be on its way back from a
-                            // seek that just left, a cooldown may end, a limit the
-                            // host taught may change.)
+                            // Far ahead: it goes upstream alone once the host has
+                            // room, or, at a host that allows one connection, borrows
+                            // the fill's once it alone reads the fill. (Judged then,
+                            // not now: the fill may be on its way back from a seek
+                            // that just left, a cooldown may end, a limit the host
+                            // taught may change.)
                             let borrow = far.then(|| {
                                 let mut req = alone.clone();
                                 self.forwarding(down, &mut req);

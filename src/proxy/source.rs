@@ -262,8 +262,8 @@ pub(super) struct Memory {
     filling: bool,
     /// A range far ahead of the fill that waits for it because the host
     /// had no room for it (its one connection the fill's, a cooldown, a
-    /// full queue): what it needs to fetch its bytes itself once it alone
-    /// reads the fill ([`Memory::borrowed`]).
+    /// full queue): what it needs to fetch its bytes itself later
+    /// ([`Memory::borrowed`]).
     borrow: Option<Box<Borrow>>,
 }
 
@@ -288,19 +288,19 @@ impl Memory {
         Memory { borrow: Some(Box::new(borrow)), ..self }
     }
 
-    /// A range waiting far ahead of the fill, whose client now alone reads
-    /// the fill (the viewer it came after left): the rest of the range is
-    /// fetched upstream ([`Ahead`]) — on a slot of its own once the host
-    /// has room (a cooldown over, a limit it taught raised), or, at a host
-    /// that allows one connection, on the one the fill lends it, until the
-    /// fill has its bytes or takes its connection back for a reader that
-    /// waits for it. So a viewer seeking far into an episode does not wait
-    /// for the download to get there when nobody else watches it (another
-    /// file's request waiting for the host meanwhile waits on: the fill
-    /// holds the slot and has it back first). Until then (a cooldown, the
-    /// fill between connections) it looks again shortly; one fetch is
-    /// tried; `None`: read on from the fill. (Its header went out already,
-    /// from memory: the fetch must be of the same file, or it is not used.)
+    /// A range waiting far ahead of the fill: the rest of the range is
+    /// fetched upstream ([`Ahead`]) — on a slot of its own as soon as the
+    /// host has room (a cooldown over, a limit it taught raised), or, at a
+    /// host that allows one connection, once its client alone reads the
+    /// fill (the viewer it came after left), on the one the fill lends it,
+    /// until the fill has its bytes or takes its connection back for a
+    /// reader that waits for it. So a viewer seeking far into an episode
+    /// does not wait for the download to get there (another file's request
+    /// waiting for the host meanwhile waits on: the fill holds the slot and
+    /// has it back first). Until then (a cooldown, the fill between
+    /// connections) it looks again shortly; one fetch is tried; `None`:
+    /// read on from the fill. (Its header went out already, from memory:
+    /// the fetch must be of the same file, or it is not used.)
     async fn borrowed(&mut self) -> Option<Source> {
         let (pos, end) = self.reader.as_ref()?.left();
         let borrow = self.borrow.as_ref()?;
