@@ -194,6 +194,13 @@ impl Host {
         limit.is_none_or(|l| self.in_flight < l)
     }
 
+    /// Lets the request first in line look again whether it may go.
+    fn wake_first(&self) {
+        if let Some(next) = self.queue.front() {
+            next.notify_one();
+        }
+    }
+
     /// The cooldown left at `now`, if any.
     pub fn cooling(&self, now: Instant) -> Option<Duration> {
         self.cooldown_until.filter(|until| *until > now).map(|until| until - now)
@@ -218,6 +225,10 @@ impl Host {
                     if self.successes >= l && below_refused {
                         self.successes = 0;
                         self.learned = Some(if configured > 0 { (l + 1).min(configured) } else { l + 1 });
+                        // Whoever is first in line looks now (it may fit),
+                        // not when a slot is next given back or its wait
+                        // runs out.
+                        self.wake_first();
                     }
                 }
                 None
@@ -363,9 +374,7 @@ impl Drop for Permit {
         let mut hosts = self.gate.lock();
         if let Some(h) = hosts.get_mut(&self.host) {
             h.in_flight = h.in_flight.saturating_sub(1);
-            if let Some(next) = h.queue.front() {
-                next.notify_one();
-            }
+            h.wake_first();
         }
     }
 }
@@ -539,9 +548,7 @@ impl Drop for Queued<'_> {
             let was_first = h.queue.front().is_some_and(|f| Arc::ptr_eq(f, &self.me));
             h.queue.retain(|w| !Arc::ptr_eq(w, &self.me));
             if was_first {
-                if let Some(next) = h.queue.front() {
-                    next.notify_one();
-                }
+                h.wake_first();
             }
         }
     }
@@ -596,10 +603,8 @@ impl Gate {
                         h.queue.pop_front();
                         q.served = true;
                         // The next in line may fit too.
-                        if let Some(next) = h.queue.front() {
-                            if h.has_slot(limit) {
-                                next.notify_one();
-                            }
+                        if h.has_slot(limit) {
+                            h.wake_first();
                         }
                     }
                     drop(hosts);
@@ -720,20 +725,7 @@ impl Gate {
         let started = {
             let mut hosts = self.lock();
             let Some(h) = hosts.get_mut(&permit.host) else { return };
-            let now = Instant::now();
-            let started = h.answered(verdict, configured, self.0.settings.max_cooldown, now);
-            if verdict == Verdict::Success {
-                // A success may raise a learned limit: whoever is first in
-                // line goes now if that made room, not when a slot is next
-                // given back (or its wait runs out).
-                let limit = h.limit(configured, self.0.settings.quiet, now);
-                if h.cooling(now).is_none() && h.has_slot(limit) {
-                    if let Some(next) = h.queue.front() {
-                        next.notify_one();
-                    }
-                }
-            }
-            started
+            h.answered(verdict, configured, self.0.settings.max_cooldown, Instant::now())
         };
         if let Some(cooldown) = started {
             log::warn!(
@@ -892,6 +884,16 @@ mod tests {
         Gate::new(Settings { per_host, queue_timeout: queue, ..Settings::default() }, None)
     }
 
+    /// A request for a slot at host `h` of `g`, in a task of its own: what
+    /// the gate answered, and when.
+    fn waiting_at(g: &Gate) -> tokio::task::JoinHandle<(Result<Permit, Refused>, tokio::time::Instant)> {
+        let g = g.clone();
+        tokio::spawn(async move {
+            let entered = g.enter("h").await;
+            (entered, tokio::time::Instant::now())
+        })
+    }
+
     #[tokio::test]
     async fn over_the_limit_requests_wait_in_order_then_give_up() {
         let g = gate(2, Duration::from_millis(300));
@@ -943,15 +945,13 @@ mod tests {
         let g = gate(1, Duration::from_secs(5));
         let mut cut = g.enter("h").await.unwrap();
         cut.mid_body(true);
-        let waiting = tokio::spawn({
-            let g = g.clone();
-            async move { (g.enter("h").await.unwrap(), tokio::time::Instant::now()) }
-        });
+        let waiting = waiting_at(&g);
         tokio::task::yield_now().await;
         let closed = tokio::time::Instant::now();
         drop(cut);
         assert_eq!(g.state("h").0, 1, "still counted");
-        let (mut next, entered) = waiting.await.unwrap();
+        let (next, entered) = waiting.await.unwrap();
+        let mut next = next.unwrap();
         assert_eq!(entered - closed, SETTLE, "the waiter went when it settled");
         // Read to its end: given back at once.
         next.mid_body(true);
@@ -1002,16 +1002,13 @@ mod tests {
         let held = g.enter("h").await.unwrap();
         assert!(g.one_at_a_time("h") && g.full_with_one("h", false) && g.full_with_one("h", true));
         // Someone waits: the one in flight is a fill's only if it says it holds it.
-        let waiting = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter("h").await.is_ok() }
-        });
+        let waiting = waiting_at(&g);
         while g.judge("h", |h, _, _| h.queue.is_empty()).unwrap() {
             tokio::task::yield_now().await;
         }
         assert!(!g.full_with_one("h", false) && g.full_with_one("h", true));
         drop(held);
-        assert!(waiting.await.unwrap(), "the one waiting went next");
+        assert!(waiting.await.unwrap().0.is_ok(), "the one waiting went next");
         tokio::time::sleep(SETTLE * 2).await;
         assert!(g.one_at_a_time("h") && !g.full_with_one("h", true), "its one slot is free");
         // Learned: a refusal with two in flight leaves one.
@@ -1027,10 +1024,7 @@ mod tests {
     async fn a_waiter_that_goes_away_leaves_the_queue() {
         let g = gate(1, Duration::from_secs(5));
         let held = g.enter("h").await.unwrap();
-        let waiting = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter("h").await.map(|_| ()) }
-        });
+        let waiting = waiting_at(&g);
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(g.state("h").3, 1);
         waiting.abort();
@@ -1051,10 +1045,7 @@ mod tests {
         let g = gate(1, Duration::from_secs(60));
         let mut holder = g.enter("h").await.unwrap();
         holder.mid_body(true);
-        let waiting = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter("h").await.map(|_| tokio::time::Instant::now()) }
-        });
+        let waiting = waiting_at(&g);
         tokio::task::yield_now().await;
         assert_eq!(g.state("h"), (1, None, None, 1));
         let lent = Arc::new(Lent::default());
@@ -1073,7 +1064,9 @@ mod tests {
         assert!(!waiting.is_finished());
         let released = tokio::time::Instant::now();
         drop(back);
-        assert_eq!(waiting.await.unwrap().unwrap(), released, "the waiter goes when the holder is done");
+        let (went, at) = waiting.await.unwrap();
+        went.unwrap();
+        assert_eq!(at, released, "the waiter goes when the holder is done");
     }
 
     /// A success that raises a learned limit lets whoever is first in line
@@ -1086,16 +1079,14 @@ mod tests {
         drop(b);
         assert_eq!(g.state("h").1, Some(1), "learned: one at a time");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let waiting = tokio::spawn({
-            let g = g.clone();
-            async move { g.enter("h").await.map(|p| (tokio::time::Instant::now(), p)) }
-        });
+        let waiting = waiting_at(&g);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(g.state("h"), (1, Some(1), None, 1), "waiting behind the one in flight");
         let raised = tokio::time::Instant::now();
         g.answered(&a, StatusCode::OK, None);
         assert_eq!(g.state("h").1, Some(2), "one success at a limit of one raises it");
-        let (went, _second) = waiting.await.unwrap().unwrap();
+        let (second, went) = waiting.await.unwrap();
+        let _second = second.unwrap();
         assert_eq!(went, raised, "the next in line went when the limit rose");
         drop(a);
     }
